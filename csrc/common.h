@@ -1,0 +1,45 @@
+// Shared helpers for the dlkernels C++ kernels.
+//
+// The kernels never link against libtorch: Python hands them numpy views of CPU tensors
+// (zero copy) after dlkernels/_validation.py has checked dtype, shape and sizes. The checks
+// here are a second fence, so that a caller bypassing the Python layer still gets an
+// exception instead of a read or write outside the buffers it passed.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace dlk {
+
+namespace py = pybind11;
+
+inline void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument("dlkernels._C: " + msg);
+}
+
+// Element strides of a numpy array (numpy stores byte strides).
+inline int64_t elem_stride(const py::array& a, int dim) {
+  return static_cast<int64_t>(a.strides(dim)) / static_cast<int64_t>(a.itemsize());
+}
+
+// True when every element addressed by `shape`/`strides` (element units, may be 0) lies inside
+// the array's own buffer. numpy views carry their own extent, so this is cheap to check.
+inline bool is_float32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
+inline bool is_float64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
+
+// The instruction set this module was compiled for, reported by dlkernels._C.simd().
+inline const char* simd_name() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2-fma";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace dlk

@@ -1,0 +1,5 @@
+#include "common.h"
+
+namespace dlk {
+void init_matmul(py::module_& m) {}
+}  // namespace dlk

@@ -1,0 +1,5 @@
+#include "common.h"
+
+namespace dlk {
+void init_separable(py::module_& m) {}
+}  // namespace dlk

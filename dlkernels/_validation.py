@@ -1,0 +1,92 @@
+"""Argument checks that every op runs before any kernel.
+
+Errors say what was expected and what came. The C++ kernels trust these checks (and repeat the
+cheap ones), so nothing reaches them that could make them read or write outside their buffers.
+Type problems raise TypeError, bad values or shapes ValueError, device problems RuntimeError.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# dtypes each backend computes in. Other dtypes are rejected, never silently converted.
+BACKEND_DTYPES = {
+    "cpp": (torch.float32, torch.float64),
+    "numba": (torch.float32, torch.float64),
+    "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+ACTIVATIONS = {
+    "linear": (None, "relu"),
+    "batchnorm": (None, "relu", "silu"),
+}
+
+
+def _fmt_dtypes(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(t, name: str, op: str, ndim: int | Sequence[int] | None = None) -> torch.Tensor:
+    """``t`` is a floating-point tensor (of one of the ranks ``ndim``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(f"{op}: {name} must have {want} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
+    return t
+
+
+def optional_tensor(t, name: str, op: str, ndim=None) -> torch.Tensor | None:
+    return None if t is None else tensor(t, name, op, ndim)
+
+
+def same_device_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """All of ``others`` (None skipped) live on ``ref``'s device and have its dtype."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                               "all tensors must be on one device")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; "
+                            "all tensors must have one dtype")
+
+
+def backend_dtype(op: str, backend: str, t: torch.Tensor) -> None:
+    allowed = BACKEND_DTYPES[backend]
+    if t.dtype not in allowed:
+        raise TypeError(f"{op}: backend {backend!r} computes in {_fmt_dtypes(allowed)}; got {t.dtype}")
+
+
+def activation(op: str, family: str, act) -> str:
+    """The activation as the op schema carries it: '' for none."""
+    allowed = ACTIVATIONS[family]
+    if act not in allowed:
+        raise ValueError(f"{op}: activation must be one of {list(allowed)}, got {act!r}")
+    return act or ""
+
+
+def shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
+
+
+def pair(op: str, name: str, v, *, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each at least ``minimum``, as a pair."""
+    if isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, int):
+        v = (v, v)
+    if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    if any(i < minimum for i in v):
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(v)}")
+    return int(v[0]), int(v[1])

@@ -1,0 +1,231 @@
+"""matmul and linear: public functions, torch.library ops, autograd and fake implementations.
+
+Kernel contract: every backend module ``dlkernels/matmul/<backend>_impl.py`` provides
+
+    mm(a, b, bias, bias_dim, activation) -> Tensor
+        a (M, K) or (B, M, K); b (K, N) or (B, K, N), the same rank and batch B. Any strides:
+        transposed views and a stride-0 (broadcast) batch come in as they are, never copied here.
+        bias: None, or a contiguous 1-D tensor of length N (bias_dim=1, one value per column) or
+        M (bias_dim=0, one per row). activation: "" or "relu" (after the bias; relu(nan) is nan).
+        Returns act(a @ b + bias) as a new contiguous (M, N) / (B, M, N) tensor.
+
+    bias_act_backward(grad_out, out, activation, bias_dim, need_bias) -> (grad_pre, grad_bias)
+        grad_out, out: contiguous (M, N) or (B, M, N). grad_pre = grad_out * (out > 0) for "relu",
+        grad_out otherwise; grad_bias = grad_pre summed over every dim but ``bias_dim`` of the last
+        two (None unless need_bias).
+
+Inputs arrive validated (_validation) with one dtype the backend computes in and one device.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .. import _validation as V
+from . import reference
+
+FAMILY = "matmul"
+
+
+def _kernels(backend: str, t: Tensor):
+    return _dispatch.kernels(FAMILY, backend, t.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and shapes shared by the real and the fake implementations
+# ---------------------------------------------------------------------------------------------
+def _check_matmul(a, b, backend: str) -> None:
+    op = "dlkernels.matmul"
+    V.tensor(a, "a", op)
+    V.tensor(b, "b", op)
+    V.same_device_dtype(op, "a", a, b=b)
+    V.backend_dtype(op, backend, a)
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"{op}: the op takes inputs of 2 or more dimensions, got {a.dim()} and {b.dim()}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"{op}: inner sizes differ: a is {tuple(a.shape)} (K={a.shape[-1]}), "
+                         f"b is {tuple(b.shape)} (K={b.shape[-2]})")
+    try:
+        torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"{op}: batch dimensions {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} "
+                         "do not broadcast") from None
+
+
+def _check_linear(x, w, bias, activation: str, backend: str) -> None:
+    op = "dlkernels.linear"
+    V.tensor(x, "input", op)
+    V.tensor(w, "weight", op, ndim=2)
+    V.optional_tensor(bias, "bias", op, ndim=1)
+    V.same_device_dtype(op, "input", x, weight=w, bias=bias)
+    V.backend_dtype(op, backend, x)
+    V.activation(op, "linear", activation or None)
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"{op}: input's last dimension must equal weight.shape[1]={w.shape[1]}, "
+                         f"got input of shape {tuple(x.shape)}")
+    if bias is not None:
+        V.shape(op, "bias", bias, (w.shape[0],), "out_features")
+
+
+def _matmul_shape(a: Tensor, b: Tensor) -> list[int]:
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return [*batch, a.shape[-2], b.shape[-1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# dlkernels::matmul
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("dlkernels::matmul", mutates_args=())
+def matmul_op(a: Tensor, b: Tensor, backend: str) -> Tensor:
+    _check_matmul(a, b, backend)
+    k = _kernels(backend, a)
+    m, kk, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if b.dim() == 2:
+        # The batch of a folds into M: one GEMM instead of a loop (the linear-layer case).
+        out = k.mm(a.reshape(-1, kk), b, None, 1, "")
+        return out.reshape(*a.shape[:-2], m, n)
+    shape = _matmul_shape(a, b)
+    batch = shape[:-2]
+    a3 = a.expand(*batch, m, kk).reshape(-1, m, kk)
+    b3 = b.expand(*batch, kk, n).reshape(-1, kk, n)
+    return k.mm(a3, b3, None, 1, "").reshape(shape)
+
+
+@matmul_op.register_fake
+def _(a, b, backend):
+    _check_matmul(a, b, backend)
+    return a.new_empty(_matmul_shape(a, b))
+
+
+def _matmul_setup(ctx, inputs, output):
+    a, b, backend = inputs
+    ctx.save_for_backward(a, b)
+    ctx.backend = backend
+
+
+def _matmul_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    mm = torch.ops.dlkernels.matmul
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = mm(grad, b.mT, ctx.backend).sum_to_size(a.shape)
+    if ctx.needs_input_grad[1]:
+        if b.dim() == 2:
+            # sum over a's batch inside the GEMM: (B*M, K)^T @ (B*M, N)
+            grad_b = mm(a.reshape(-1, a.shape[-1]).mT, grad.reshape(-1, grad.shape[-1]), ctx.backend)
+        else:
+            grad_b = mm(a.mT, grad, ctx.backend).sum_to_size(b.shape)
+    return grad_a, grad_b, None
+
+
+matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# dlkernels::linear and its epilogue backward
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("dlkernels::linear", mutates_args=())
+def linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str) -> Tensor:
+    _check_linear(input, weight, bias, activation, backend)
+    x2 = input.reshape(-1, input.shape[-1])
+    bias = None if bias is None else bias.contiguous()
+    out = _kernels(backend, input).mm(x2, weight.t(), bias, 1, activation)
+    return out.reshape(*input.shape[:-1], weight.shape[0])
+
+
+@linear_op.register_fake
+def _(input, weight, bias, activation, backend):
+    _check_linear(input, weight, bias, activation, backend)
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("dlkernels::bias_act_backward", mutates_args=())
+def bias_act_backward_op(grad_out: Tensor, out: Tensor, activation: str, bias_dim: int, need_bias: bool,
+                         backend: str) -> tuple[Tensor, Tensor]:
+    """(grad_pre, grad_bias); grad_bias is an empty tensor unless need_bias (op schemas have no
+    optional returns)."""
+    grad_out, out = grad_out.contiguous(), out.contiguous()
+    g, gb = _kernels(backend, grad_out).bias_act_backward(grad_out, out, activation, bias_dim, need_bias)
+    # custom ops may not return an alias of an input
+    return (g.clone() if g is grad_out else g), (gb if gb is not None else grad_out.new_empty(0))
+
+
+@bias_act_backward_op.register_fake
+def _(grad_out, out, activation, bias_dim, need_bias, backend):
+    gb = grad_out.new_empty(grad_out.shape[-2 + bias_dim] if need_bias else 0)
+    return torch.empty_like(grad_out, memory_format=torch.contiguous_format), gb
+
+
+def _linear_setup(ctx, inputs, output):
+    input, weight, bias, activation, backend = inputs
+    ctx.save_for_backward(input, weight, output if activation else None)
+    ctx.activation, ctx.backend, ctx.has_bias = activation, backend, bias is not None
+
+
+def _linear_backward(ctx, grad):
+    input, weight, out = ctx.saved_tensors
+    n_out = weight.shape[0]
+    g2 = grad.reshape(-1, n_out)
+    need_bias = ctx.has_bias and ctx.needs_input_grad[2]
+    grad_bias = None
+    if ctx.activation or need_bias:
+        o2 = out.reshape(-1, n_out) if out is not None else g2
+        g2, grad_bias = torch.ops.dlkernels.bias_act_backward(g2, o2, ctx.activation, 1, need_bias, ctx.backend)
+        grad_bias = grad_bias if need_bias else None
+    mm = torch.ops.dlkernels.matmul
+    grad_input = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_input = mm(g2, weight, ctx.backend).reshape(input.shape)
+    if ctx.needs_input_grad[1]:
+        grad_weight = mm(g2.t(), input.reshape(-1, input.shape[-1]), ctx.backend)
+    return grad_input, grad_weight, grad_bias, None, None
+
+
+linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------
+def _device_of(t) -> torch.device:
+    return t.device if isinstance(t, Tensor) else torch.device("cpu")
+
+
+def matmul(a: Tensor, b: Tensor, *, backend: str | None = None) -> Tensor:
+    """``torch.matmul(a, b)`` on dlkernels' kernels, batch dimensions broadcast as torch does.
+
+    1-D operands are promoted as torch promotes them (a: prepend 1; b: append 1) and the added
+    dimension is removed from the result.
+    """
+    name = _dispatch.resolve(FAMILY, backend, _device_of(a))
+    if name == "torch":
+        _check_matmul(a if a.dim() != 1 else a[None], b if b.dim() != 1 else b[:, None], name)
+        return reference.matmul(a, b)
+    if isinstance(a, Tensor) and a.dim() == 1:
+        return matmul(a.unsqueeze(0), b, backend=name).squeeze(-2)
+    if isinstance(b, Tensor) and b.dim() == 1:
+        return matmul(a, b.unsqueeze(-1), backend=name).squeeze(-1)
+    return torch.ops.dlkernels.matmul(a, b, name)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
+           backend: str | None = None) -> Tensor:
+    """``F.linear(input, weight, bias)`` (input ``(*, in)``, weight ``(out, in)``), then ``activation``
+    (None or "relu") fused into the GEMM's epilogue."""
+    name = _dispatch.resolve(FAMILY, backend, _device_of(input))
+    act = V.activation("dlkernels.linear", "linear", activation)
+    if name == "torch":
+        _check_linear(input, weight, bias, act, name)
+        return reference.linear(input, weight, bias, activation)
+    return torch.ops.dlkernels.linear(input, weight, bias, act, name)
+
+
+def flops_matmul(m: int, n: int, k: int, batch: int = 1) -> int:
+    """Floating-point operations of one (batched) GEMM, for benchmarks' FLOP/s."""
+    return 2 * m * n * k * batch
+
+
+__all__ = ["matmul", "linear", "flops_matmul"]

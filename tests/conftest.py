@@ -1,0 +1,32 @@
+"""Test set-up shared by every test file.
+
+Without CUDA, Triton kernels run on the CPU through Triton's interpreter, which must be switched
+on before triton is imported (torch may import it lazily, so this runs before anything else).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("DLKERNELS_TEST_CUDA") else "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import dlkernels  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+                      else "cpu")
+# Every non-reference backend that can run on DEVICE here.
+KERNEL_BACKENDS = [b for b in dlkernels.available_backends(DEVICE) if b != "torch"]
+
+
+def pytest_report_header(config):
+    return f"dlkernels: device {DEVICE}, backends {KERNEL_BACKENDS}, torch {torch.__version__}"
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
