@@ -1,0 +1,320 @@
+"""Triton kernels for matmul/linear (the contract is op.py's docstring).
+
+``mm`` is one tiled GEMM kernel: batch on grid axis 1, output tiles on axis 0 in grouped order,
+any strides (transposed views and stride-0 batches are read in place), bias and ReLU fused into
+the epilogue. On a GPU it is autotuned; under TRITON_INTERPRET=1 (CPU) it runs one fixed config,
+since tuning there would execute every config in the slow interpreter.
+``bias_act_backward`` is a two-level reduction: per-split partial bias sums (the ReLU mask is
+applied and grad_pre written in the same pass), then one small kernel that adds the splits.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import triton_interpreting
+
+_wrap_triton = getattr(getattr(torch, "library", None), "wrap_triton", None)
+
+# grid axes 1 and 2 are limited to 65535 programs on CUDA
+_MAX_GRID_YZ = 65535
+
+
+def _launch(kernel, grid):
+    """``kernel[grid]``, through torch.library.wrap_triton when this torch has it, so torch.compile
+    can trace the launch."""
+    return (_wrap_triton(kernel) if _wrap_triton is not None else kernel)[grid]
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM
+# ---------------------------------------------------------------------------------------------
+def _cfg(bm, bn, bk, stages, warps, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_stages=stages, num_warps=warps)
+
+
+# Hopper-sized tiles: the first five suit fp16/bf16 (and TF32 at BLOCK_K=32), the small ones cover
+# skinny problems and float64, whose 8-byte operands leave room for fewer stages in shared memory.
+_MM_CONFIGS = [
+    _cfg(128, 256, 64, 3, 8),
+    _cfg(128, 128, 64, 4, 8),
+    _cfg(128, 256, 32, 3, 8),
+    _cfg(64, 256, 32, 4, 4),
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(128, 64, 32, 4, 4),
+    _cfg(64, 128, 32, 4, 4),
+    _cfg(64, 64, 32, 3, 4),
+    _cfg(32, 64, 32, 5, 2),
+]
+
+# H100 has 228 KiB of shared memory per SM; leave room for the epilogue and the runtime.
+_SMEM_BUDGET = 200 * 1024
+
+
+def _prune_by_smem(configs, named_args, **kwargs):
+    """Drop configs whose pipelined A/B tiles cannot fit in shared memory for this dtype (float64
+    operands need twice float32's), instead of compiling them only to fail."""
+    elem = named_args["a_ptr"].element_size()
+    fits = [c for c in configs
+            if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elem * c.num_stages
+            <= _SMEM_BUDGET]
+    return fits or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"])
+                        * c.kwargs["BLOCK_K"] * c.num_stages)]
+
+
+@triton.jit
+def _mm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr,
+    M, N, K,
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_cb, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, BIAS_DIM: tl.constexpr, RELU: tl.constexpr,
+    ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_batch = tl.program_id(1).to(tl.int64)
+    # Grouped order: GROUP_M consecutive tile rows sweep the columns together, so the A rows and
+    # B columns they read are still in L2 when the neighbouring tiles need them.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows/columns past the edge wrap onto valid ones, so the A/B loads need a mask only along K;
+    # the wrapped results are never stored. int64 so that large matrices cannot overflow offsets.
+    offs_am = (offs_m % M).to(tl.int64)
+    offs_bn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + pid_batch * stride_ab + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + pid_batch * stride_bb + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_left = K - k0
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        if BIAS_DIM == 1:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(acc.dtype)[None, :]
+        else:
+            bias = tl.load(bias_ptr + offs_m, mask=offs_m < M, other=0.0)
+            acc += bias.to(acc.dtype)[:, None]
+    if RELU:
+        # where(acc < 0, ...) keeps NaN, as torch.relu does
+        acc = tl.where(acc < 0, 0.0, acc)
+
+    c_ptrs = (c_ptr + pid_batch * stride_cb + offs_m.to(tl.int64)[:, None] * stride_cm
+              + offs_n.to(tl.int64)[None, :] * stride_cn)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+_mm_kernel_tuned = triton.autotune(
+    configs=_MM_CONFIGS,
+    key=["M", "N", "K", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_by_smem},
+)(_mm_kernel)
+
+# The one config the interpreter runs: large enough tiles to keep the number of (slow, Python-level)
+# program instances down, small enough that edge masks are exercised by small test shapes.
+_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    # float16/bfloat16 products are exact in the fp32 accumulator; float64 has no TF32 analogue
+    return "ieee"
+
+
+def _as_3d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 3 else t.unsqueeze(0)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -> torch.Tensor:
+    batched = a.dim() == 3
+    a3, b3 = _as_3d(a), _as_3d(b)
+    nb, m, k = a3.shape
+    n = b3.shape[2]
+    c3 = torch.empty((nb, m, n), dtype=a.dtype, device=a.device)
+    out = c3 if batched else c3[0]
+    if m == 0 or n == 0 or nb == 0:
+        return out
+    has_bias = bias is not None
+    interpreting = triton_interpreting()
+    kernel = _mm_kernel if interpreting else _mm_kernel_tuned
+    meta = dict(HAS_BIAS=has_bias, BIAS_DIM=bias_dim, RELU=activation == "relu",
+                ACC_FP64=a.dtype == torch.float64, INPUT_PRECISION=_input_precision(a.dtype),
+                # The interpreter's tl.dot multiplies bfloat16 operands' raw bits as integers; their
+                # exact products in fp32 (ieee) give the same result. GPUs use bf16 tensor cores.
+                DOT_IN_FP32=interpreting and a.dtype == torch.bfloat16)
+    if interpreting:
+        meta.update(_INTERPRET_CONFIG)
+    for b0 in range(0, nb, _MAX_GRID_YZ):
+        b1 = min(nb, b0 + _MAX_GRID_YZ)
+        sa, sb, sc = a3[b0:b1], b3[b0:b1], c3[b0:b1]
+
+        def grid(meta_):
+            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), b1 - b0)
+
+        _launch(kernel, grid)(
+            sa, sb, sc, bias if has_bias else sc,
+            m, n, k,
+            sa.stride(0), sa.stride(1), sa.stride(2),
+            sb.stride(0), sb.stride(1), sb.stride(2),
+            sc.stride(0), sc.stride(1), sc.stride(2),
+            **meta,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# bias / activation backward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _relu_mask(g, o):
+    # the contract's grad_out * (out > 0): a NaN gradient stays NaN even where the output is <= 0
+    return g * (o > 0).to(g.dtype)
+
+
+@triton.jit
+def _relu_grad_kernel(g_ptr, o_ptr, gp_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(g_ptr + offs, mask=mask)
+    o = tl.load(o_ptr + offs, mask=mask)
+    tl.store(gp_ptr + offs, _relu_mask(g, o), mask=mask)
+
+
+@triton.jit
+def _bias_grad_partial_kernel(
+    g_ptr, o_ptr, gp_ptr, part_ptr,
+    M, N, L, TILES_R, tiles_per_split,
+    RELU: tl.constexpr, BIAS_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Partial sums of the (masked) gradient, viewed as R = B*M contiguous rows of N.
+
+    bias_dim 1: the program owns BLOCK_C columns and sums row tiles [t*BLOCK_R, ...) of its split.
+    bias_dim 0: the program owns BLOCK_R of the M rows and sums, over its split of the
+    (batch, column tile) pairs, the tiles of those rows; L is the length of the bias (N or M).
+    Each split writes its sums to part[split, :L]; tiles t of split s are s*tiles_per_split + i.
+    With RELU the masked gradient (grad_pre) is stored on the way.
+    """
+    pid_l = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    t_start = pid_s * tiles_per_split
+    t_end = min(t_start + tiles_per_split, TILES_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=part_ptr.dtype.element_ty)
+    for t in range(t_start, t_end):
+        if BIAS_DIM == 1:
+            rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
+            cols = pid_l * BLOCK_C + tl.arange(0, BLOCK_C)
+            mask = (rows[:, None] < M) & (cols[None, :] < N)
+        else:
+            n_ctiles = tl.cdiv(N, BLOCK_C)
+            batch = t // n_ctiles
+            m_rows = pid_l * BLOCK_R + tl.arange(0, BLOCK_R)
+            rows = batch * M + m_rows
+            cols = (t % n_ctiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+            mask = (m_rows[:, None] < M) & (cols[None, :] < N)
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        if RELU:
+            g = _relu_mask(g, tl.load(o_ptr + offs, mask=mask, other=0.0))
+            tl.store(gp_ptr + offs, g, mask=mask)
+        acc += g.to(acc.dtype)
+    if BIAS_DIM == 1:
+        idx = pid_l * BLOCK_C + tl.arange(0, BLOCK_C)
+        part = tl.sum(acc, axis=0)
+    else:
+        idx = pid_l * BLOCK_R + tl.arange(0, BLOCK_R)
+        part = tl.sum(acc, axis=1)
+    tl.store(part_ptr + pid_s * L + idx, part, mask=idx < L)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, S, L, BLOCK: tl.constexpr):
+    """out[l] = sum over s of part[s, l], in part's dtype, stored in out's dtype."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < L
+    acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
+    for s in range(0, S):
+        acc += tl.load(part_ptr + s * L + idx, mask=mask, other=0.0)
+    tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _target_programs(device_index) -> int:
+    """Enough programs for a few waves over the GPU's SMs (a handful under the interpreter, where
+    every program is a Python-level loop)."""
+    if triton_interpreting() or device_index is None:
+        return 4
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, activation: str, bias_dim: int,
+                      need_bias: bool):
+    relu = activation == "relu"
+    if not relu and not need_bias:
+        return grad_out, None
+    g3 = _as_3d(grad_out)
+    nb, m, n = g3.shape
+    grad_pre = torch.empty_like(grad_out) if relu else grad_out
+    numel = grad_out.numel()
+    if not need_bias:
+        block = 1024
+        _launch(_relu_grad_kernel, (triton.cdiv(numel, block),))(grad_out, out, grad_pre, numel, BLOCK=block)
+        return grad_pre, None
+
+    length = n if bias_dim == 1 else m
+    grad_bias = torch.empty(length, dtype=grad_out.dtype, device=grad_out.device)
+    if numel == 0:
+        # nothing to sum: the bias gradient is zero (no math, only a fill of the result)
+        return grad_pre, grad_bias.zero_()
+    # Tiles are 16 x 128 along the contiguous columns; for bias_dim 0 with narrow N the column tile
+    # shrinks so that row tiles are not mostly masked out.
+    block_c = min(128, triton.next_power_of_2(n))
+    block_r = max(16, 2048 // block_c) if bias_dim == 0 else 16
+    if bias_dim == 1:
+        n_l, tiles = triton.cdiv(n, block_c), triton.cdiv(nb * m, block_r)
+    else:
+        n_l, tiles = triton.cdiv(m, block_r), nb * triton.cdiv(n, block_c)
+    dev = grad_out.device.index if grad_out.is_cuda else None
+    splits = max(1, min(tiles, triton.cdiv(_target_programs(dev), n_l), _MAX_GRID_YZ))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, tiles_per_split)
+    # fp32 partial sums for fp16/bf16/fp32 gradients, fp64 for fp64
+    part_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    partial = torch.empty((splits, length), dtype=part_dtype, device=grad_out.device)
+    _launch(_bias_grad_partial_kernel, (n_l, splits))(
+        grad_out, out, grad_pre, partial,
+        nb * m if bias_dim == 1 else m, n, length, tiles, tiles_per_split,
+        RELU=relu, BIAS_DIM=bias_dim, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    block = 256
+    _launch(_sum_splits_kernel, (triton.cdiv(length, block),))(partial, grad_bias, splits, length, BLOCK=block)
+    return grad_pre, grad_bias
