@@ -1,5 +1,375 @@
-#include "common.h"
+// Depthwise conv2d: forward, backward-input and backward-weight (+ bias), direct convolution in
+// both contiguous layouts. NCHW vectorizes along W (a row of one channel), channels_last along C
+// (all channels of one pixel). Contract: dlkernels/depthwise/op.py.
+#include "depthwise.h"
 
 namespace dlk {
-void init_depthwise(py::module_& m) {}
+namespace {
+
+// Rows per task so that planes * blocks gives every thread several tasks even for small N*C.
+int64_t rows_per_task(int64_t planes, int64_t rows) {
+  const int64_t want = 4 * omp_get_max_threads();
+  if (planes >= want || rows <= 1) return std::max<int64_t>(rows, 1);
+  const int64_t blocks = std::min(rows, ceil_div(want, std::max<int64_t>(planes, 1)));
+  return ceil_div(rows, blocks);
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------------
+template <class T>
+void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) {
+  const int64_t K = g.kH * g.kW;
+  if (!cl) {
+    const auto row = dw_row_fn<T>(g);
+    const int64_t rb = rows_per_task(g.N * g.Cm, g.Ho), nb = ceil_div(g.Ho, rb);
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < g.N * g.Cm * nb; ++t) {
+      const int64_t plane = t / nb, blk = t % nb, n = plane / g.Cm, o = plane % g.Cm;
+      const T* xp = x + (n * g.C + o / g.m) * g.H * g.W;
+      T* yp = y + plane * g.Ho * g.Wo;
+      const T b = bias ? bias[o] : T(0);
+      for (int64_t i = blk * rb; i < std::min(g.Ho, (blk + 1) * rb); ++i) row(xp, w + o * K, b, yp + i * g.Wo, i, g);
+    }
+  } else {
+    const std::vector<T> wt = taps_major(w, g.Cm, K);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < g.N * g.Ho; ++r) {
+      const int64_t n = r / g.Ho, i = r % g.Ho;
+      const T* xn = x + n * g.H * g.W * g.C;
+      T* yr = y + r * g.Wo * g.Cm;
+      for (int64_t j = 0; j < g.Wo; ++j) dw_pixel_cl(xn, wt.data(), bias, yr + j * g.Cm, i, j, g);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward input, NCHW
+// ---------------------------------------------------------------------------------------------
+// Scatter form (any stride): every output gradient adds w * gy into the inputs its window read.
+// One task per input plane, so no two threads write the same plane.
+template <class T, int SW>
+void bwd_input_plane_scatter(const T* gy, const T* w, T* gxp, int64_t n, int64_t c, const DwGeom& g) {
+  const int64_t sW = SW ? SW : g.sW, K = g.kH * g.kW;
+  std::fill(gxp, gxp + g.H * g.W, T(0));
+  for (int64_t r = 0; r < g.m; ++r) {
+    const int64_t o = c * g.m + r;
+    const T* gyp = gy + (n * g.Cm + o) * g.Ho * g.Wo;
+    const T* wo = w + o * K;
+    for (int64_t i = 0; i < g.Ho; ++i) {
+      const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+      const T* gyr = gyp + i * g.Wo;
+      for (int64_t p = pr.lo; p < pr.hi; ++p) {
+        T* gxr = gxp + (i * g.sH - g.pT + p * g.dH) * g.W - g.pL;
+        auto border = [&](int64_t j) {
+          const TapRange qr = tap_range(j, sW, g.pL, g.dW, g.kW, g.W);
+          for (int64_t q = qr.lo; q < qr.hi; ++q) gxr[j * sW + q * g.dW] += wo[p * g.kW + q] * gyr[j];
+        };
+        for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
+        for (int64_t j = g.jin.hi; j < g.Wo; ++j) border(j);
+        for (int64_t q = 0; q < g.kW; ++q) {
+          const T wv = wo[p * g.kW + q];
+          T* dst = gxr + q * g.dW;
+#pragma omp simd
+          for (int64_t j = g.jin.lo; j < g.jin.hi; ++j) dst[j * sW] += wv * gyr[j];
+        }
+      }
+    }
+  }
+}
+
+// Stride 1: grad_x is the forward conv of grad_y with the kernel flipped and padding
+// (k-1)*d - pad, so it reuses the register-blocked forward row kernel (a gather, no stores per tap).
+template <class T>
+void bwd_input_nchw_stride1(const T* gy, const T* w, T* gx, const DwGeom& g) {
+  const int64_t K = g.kH * g.kW;
+  std::vector<T> wf(static_cast<size_t>(g.Cm * K));
+  for (int64_t o = 0; o < g.Cm; ++o)
+    for (int64_t t = 0; t < K; ++t) wf[o * K + t] = w[o * K + K - 1 - t];
+  DwGeom t = g;  // "input" = grad_y (Ho, Wo), "output" = grad_x (H, W)
+  t.H = g.Ho, t.W = g.Wo, t.Ho = g.H, t.Wo = g.W;
+  t.pT = (g.kH - 1) * g.dH - g.pT, t.pL = (g.kW - 1) * g.dW - g.pL;
+  t.jin = interior_range(t.Wo, 1, t.pL, t.dW, t.kW, t.W);
+  const int64_t rb = rows_per_task(g.N * g.C, g.H), nb = ceil_div(g.H, rb);
+#pragma omp parallel
+  {
+    std::vector<T> tmp(g.m > 1 ? g.W : 0);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < g.N * g.C * nb; ++task) {
+      const int64_t plane = task / nb, blk = task % nb, n = plane / g.C, c = plane % g.C;
+      T* gxp = gx + plane * g.H * g.W;
+      for (int64_t h = blk * rb; h < std::min(g.H, (blk + 1) * rb); ++h) {
+        T* out = gxp + h * g.W;
+        for (int64_t r = 0; r < g.m; ++r) {
+          const int64_t o = c * g.m + r;
+          const T* gyp = gy + (n * g.Cm + o) * g.Ho * g.Wo;
+          dw_row_nchw<T, 1>(gyp, wf.data() + o * K, T(0), r == 0 ? out : tmp.data(), h, t);
+          if (r > 0)
+#pragma omp simd
+            for (int64_t j = 0; j < g.W; ++j) out[j] += tmp[j];
+        }
+      }
+    }
+  }
+}
+
+template <class T>
+void bwd_input_nchw(const T* gy, const T* w, T* gx, const DwGeom& g) {
+  if (g.sH == 1 && g.sW == 1) return bwd_input_nchw_stride1(gy, w, gx, g);
+  auto plane_fn = g.sW == 2 ? bwd_input_plane_scatter<T, 2> : bwd_input_plane_scatter<T, 0>;
+#pragma omp parallel for schedule(static)
+  for (int64_t plane = 0; plane < g.N * g.C; ++plane)
+    plane_fn(gy, w, gx + plane * g.H * g.W, plane / g.C, plane % g.C, g);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward input, channels_last: a gather per input pixel over the (tap, output) pairs that read it
+// ---------------------------------------------------------------------------------------------
+struct TapOut {
+  int64_t tap, out;
+};
+
+// Taps p and output positions o with o*stride - pad + p*dil == in.
+inline void taps_reading(int64_t in, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t out_size,
+                         std::vector<TapOut>& list) {
+  list.clear();
+  for (int64_t p = 0; p < k; ++p) {
+    const int64_t t = in + pad - p * dil;
+    if (t < 0) break;
+    if (t % stride == 0 && t / stride < out_size) list.push_back({p, t / stride});
+  }
+}
+
+template <class T, bool UNIT_M, int LEN>
+inline void cl_gather_block(const T* gyn, const T* wt, T* dst, int64_t c0, int64_t len, const std::vector<TapOut>& pl,
+                            const std::vector<TapOut>& ql, const DwGeom& g) {
+  constexpr int CAP = LEN ? LEN : 128 / sizeof(T);
+  const int64_t n = LEN ? LEN : len;
+  T acc[CAP];
+  for (int64_t cc = 0; cc < n; ++cc) acc[cc] = 0;
+  for (const TapOut& p : pl)
+    for (const TapOut& q : ql) {
+      const T* gys = gyn + (p.out * g.Wo + q.out) * g.Cm;
+      const T* ws = wt + (p.tap * g.kW + q.tap) * g.Cm;
+      if constexpr (UNIT_M) {
+#pragma omp simd
+        for (int64_t cc = 0; cc < n; ++cc) acc[cc] += ws[c0 + cc] * gys[c0 + cc];
+      } else {
+        for (int64_t cc = 0; cc < n; ++cc)
+          for (int64_t r = 0; r < g.m; ++r) {
+            const int64_t o = (c0 + cc) * g.m + r;
+            acc[cc] += ws[o] * gys[o];
+          }
+      }
+    }
+  for (int64_t cc = 0; cc < n; ++cc) dst[c0 + cc] = acc[cc];
+}
+
+template <class T, bool UNIT_M>
+void cl_gather_pixel(const T* gyn, const T* wt, T* dst, const std::vector<TapOut>& pl, const std::vector<TapOut>& ql,
+                     const DwGeom& g) {
+  constexpr int CB = 128 / sizeof(T);
+  int64_t c = 0;
+  for (; c + CB <= g.C; c += CB) cl_gather_block<T, UNIT_M, CB>(gyn, wt, dst, c, CB, pl, ql, g);
+  if (c < g.C) cl_gather_block<T, UNIT_M, 0>(gyn, wt, dst, c, g.C - c, pl, ql, g);
+}
+
+template <class T>
+void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
+  const std::vector<T> wt = taps_major(w, g.Cm, g.kH * g.kW);
+  const auto pixel = g.m == 1 ? cl_gather_pixel<T, true> : cl_gather_pixel<T, false>;
+#pragma omp parallel
+  {
+    std::vector<TapOut> pl, ql;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < g.N * g.H; ++r) {
+      const int64_t n = r / g.H, h = r % g.H;
+      taps_reading(h, g.sH, g.pT, g.dH, g.kH, g.Ho, pl);
+      const T* gyn = gy + n * g.Ho * g.Wo * g.Cm;
+      for (int64_t wi = 0; wi < g.W; ++wi) {
+        taps_reading(wi, g.sW, g.pL, g.dW, g.kW, g.Wo, ql);
+        pixel(gyn, wt.data(), gx + (r * g.W + wi) * g.C, pl, ql, g);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward weight (+ bias): per-row sums in T, accumulated across rows and threads in double
+// ---------------------------------------------------------------------------------------------
+template <class T, int SW>
+void bwd_weight_plane(const T* gyp, const T* xp, double* gw_o, double* gb_o, const DwGeom& g) {
+  const int64_t sW = SW ? SW : g.sW;
+  for (int64_t i = 0; i < g.Ho; ++i) {
+    const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+    const T* gyr = gyp + i * g.Wo;
+    for (int64_t p = pr.lo; p < pr.hi; ++p) {
+      const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W - g.pL;
+      for (int64_t q = 0; q < g.kW; ++q) {
+        const T* xs = xr + q * g.dW;
+        T s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = g.jin.lo; j < g.jin.hi; ++j) s += gyr[j] * xs[j * sW];
+        auto border = [&](int64_t j) {
+          const int64_t iw = j * sW - g.pL + q * g.dW;
+          if (iw >= 0 && iw < g.W) s += gyr[j] * xs[j * sW];
+        };
+        for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
+        for (int64_t j = g.jin.hi; j < g.Wo; ++j) border(j);
+        gw_o[p * g.kW + q] += s;
+      }
+    }
+    if (gb_o) {
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < g.Wo; ++j) s += gyr[j];
+      *gb_o += s;
+    }
+  }
+}
+
+template <class T>
+void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
+  const int64_t K = g.kH * g.kW;
+  ThreadPartials<double> part(g.Cm * (K + 1));  // [o*K + tap], then [Cm*K + o] for the bias
+  const auto plane_fn = g.sW == 1 ? bwd_weight_plane<T, 1> : g.sW == 2 ? bwd_weight_plane<T, 2> : bwd_weight_plane<T, 0>;
+#pragma omp parallel for schedule(static)
+  for (int64_t plane = 0; plane < g.N * g.Cm; ++plane) {
+    const int64_t n = plane / g.Cm, o = plane % g.Cm;
+    double* acc = part.mine();
+    plane_fn(gy + plane * g.Ho * g.Wo, x + (n * g.C + o / g.m) * g.H * g.W, acc + o * K,
+             gb ? acc + g.Cm * K + o : nullptr, g);
+  }
+  for (int64_t k = 0; k < g.Cm * K; ++k) gw[k] = static_cast<T>(part.sum(k));
+  if (gb)
+    for (int64_t o = 0; o < g.Cm; ++o) gb[o] = static_cast<T>(part.sum(g.Cm * K + o));
+}
+
+template <class T>
+void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
+  const int64_t K = g.kH * g.kW, width = (K + 1) * g.Cm;  // [tap*Cm + o], then [K*Cm + o] for the bias
+  ThreadPartials<double> part(width);
+#pragma omp parallel
+  {
+    std::vector<T> row(static_cast<size_t>(width), T(0));
+    double* acc = part.mine();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < g.N * g.Ho; ++r) {
+      const int64_t n = r / g.Ho, i = r % g.Ho;
+      const T* xn = x + n * g.H * g.W * g.C;
+      const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+      for (int64_t j = 0; j < g.Wo; ++j) {
+        const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
+        const T* gys = gy + (r * g.Wo + j) * g.Cm;
+        for (int64_t p = pr.lo; p < pr.hi; ++p)
+          for (int64_t q = qr.lo; q < qr.hi; ++q) {
+            const T* px = xn + ((i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL + q * g.dW) * g.C;
+            T* ra = row.data() + (p * g.kW + q) * g.Cm;
+            if (g.m == 1) {
+#pragma omp simd
+              for (int64_t o = 0; o < g.Cm; ++o) ra[o] += gys[o] * px[o];
+            } else {
+              for (int64_t o = 0; o < g.Cm; ++o) ra[o] += gys[o] * px[o / g.m];
+            }
+          }
+        if (gb) {
+          T* rb = row.data() + K * g.Cm;
+#pragma omp simd
+          for (int64_t o = 0; o < g.Cm; ++o) rb[o] += gys[o];
+        }
+      }
+      for (int64_t k = 0; k < width; ++k) {
+        acc[k] += row[k];
+        row[k] = 0;
+      }
+    }
+  }
+  for (int64_t o = 0; o < g.Cm; ++o)
+    for (int64_t t = 0; t < K; ++t) gw[o * K + t] = static_cast<T>(part.sum(t * g.Cm + o));
+  if (gb)
+    for (int64_t o = 0; o < g.Cm; ++o) gb[o] = static_cast<T>(part.sum(K * g.Cm + o));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python entry points: shapes come from the arrays, layouts are checked before any access
+// ---------------------------------------------------------------------------------------------
+using Strides = std::vector<int64_t>;
+
+void py_fwd(const py::array& x, const py::array& w, const py::object& bias, py::array& y, int64_t sH, int64_t sW,
+            int64_t pT, int64_t pL, int64_t dH, int64_t dW, bool cl) {
+  require(x.ndim() == 4 && w.ndim() == 4 && y.ndim() == 4, "depthwise_fwd: 4-D x, weight and y expected");
+  const DwGeom g = make_geom(x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.shape(0), w.shape(2), w.shape(3),
+                             y.shape(2), y.shape(3), sH, sW, pT, pL, dH, dW);
+  dispatch_float(x, "depthwise_fwd", [&](auto tag) {
+    using T = decltype(tag);
+    check_dense<T>(x, "x", {g.N, g.C, g.H, g.W}, strides4(g.C, g.H, g.W, cl), false);
+    check_dense<T>(w, "weight", {g.Cm, 1, g.kH, g.kW}, {g.kH * g.kW, g.kH * g.kW, g.kW, 1}, false);
+    check_dense<T>(y, "y", {g.N, g.Cm, g.Ho, g.Wo}, strides4(g.Cm, g.Ho, g.Wo, cl), true);
+    const T* b = nullptr;
+    if (!bias.is_none()) {
+      py::array ba = bias.cast<py::array>();
+      check_dense<T>(ba, "bias", {g.Cm}, {1}, false);
+      b = cptr<T>(ba);
+    }
+    py::gil_scoped_release nogil;
+    fwd(cptr<T>(x), cptr<T>(w), b, mptr<T>(y), g, cl);
+  });
+}
+
+void py_bwd_input(const py::array& gy, const py::array& w, py::array& gx, int64_t sH, int64_t sW, int64_t pT,
+                  int64_t pL, int64_t dH, int64_t dW, bool cl) {
+  require(gy.ndim() == 4 && w.ndim() == 4 && gx.ndim() == 4, "depthwise_bwd_input: 4-D arrays expected");
+  const DwGeom g = make_geom(gx.shape(0), gx.shape(1), gx.shape(2), gx.shape(3), w.shape(0), w.shape(2),
+                             w.shape(3), gy.shape(2), gy.shape(3), sH, sW, pT, pL, dH, dW);
+  dispatch_float(gy, "depthwise_bwd_input", [&](auto tag) {
+    using T = decltype(tag);
+    check_dense<T>(gy, "grad_y", {g.N, g.Cm, g.Ho, g.Wo}, strides4(g.Cm, g.Ho, g.Wo, cl), false);
+    check_dense<T>(w, "weight", {g.Cm, 1, g.kH, g.kW}, {g.kH * g.kW, g.kH * g.kW, g.kW, 1}, false);
+    check_dense<T>(gx, "grad_x", {g.N, g.C, g.H, g.W}, strides4(g.C, g.H, g.W, cl), true);
+    py::gil_scoped_release nogil;
+    if (cl)
+      bwd_input_cl(cptr<T>(gy), cptr<T>(w), mptr<T>(gx), g);
+    else
+      bwd_input_nchw(cptr<T>(gy), cptr<T>(w), mptr<T>(gx), g);
+  });
+}
+
+void py_bwd_weight(const py::array& gy, const py::array& x, py::array& gw, const py::object& gb, int64_t sH,
+                   int64_t sW, int64_t pT, int64_t pL, int64_t dH, int64_t dW, bool cl) {
+  require(gy.ndim() == 4 && x.ndim() == 4 && gw.ndim() == 4, "depthwise_bwd_weight: 4-D arrays expected");
+  const DwGeom g = make_geom(x.shape(0), x.shape(1), x.shape(2), x.shape(3), gw.shape(0), gw.shape(2),
+                             gw.shape(3), gy.shape(2), gy.shape(3), sH, sW, pT, pL, dH, dW);
+  dispatch_float(x, "depthwise_bwd_weight", [&](auto tag) {
+    using T = decltype(tag);
+    check_dense<T>(gy, "grad_y", {g.N, g.Cm, g.Ho, g.Wo}, strides4(g.Cm, g.Ho, g.Wo, cl), false);
+    check_dense<T>(x, "x", {g.N, g.C, g.H, g.W}, strides4(g.C, g.H, g.W, cl), false);
+    check_dense<T>(gw, "grad_weight", {g.Cm, 1, g.kH, g.kW}, {g.kH * g.kW, g.kH * g.kW, g.kW, 1}, true);
+    T* b = nullptr;
+    py::array ba;
+    if (!gb.is_none()) {
+      ba = gb.cast<py::array>();
+      check_dense<T>(ba, "grad_bias", {g.Cm}, {1}, true);
+      b = mptr<T>(ba);
+    }
+    py::gil_scoped_release nogil;
+    if (cl)
+      bwd_weight_cl(cptr<T>(gy), cptr<T>(x), mptr<T>(gw), b, g);
+    else
+      bwd_weight_nchw(cptr<T>(gy), cptr<T>(x), mptr<T>(gw), b, g);
+  });
+}
+
+}  // namespace
+
+void init_depthwise(py::module_& m) {
+  using namespace pybind11::literals;
+  m.def("depthwise_fwd", &py_fwd, "x"_a, "weight"_a, "bias"_a.none(true), "y"_a, "sH"_a, "sW"_a, "pT"_a, "pL"_a,
+        "dH"_a, "dW"_a, "channels_last"_a, "y = depthwise_conv2d(x, weight) + bias, written into y");
+  m.def("depthwise_bwd_input", &py_bwd_input, "grad_y"_a, "weight"_a, "grad_x"_a, "sH"_a, "sW"_a, "pT"_a, "pL"_a,
+        "dH"_a, "dW"_a, "channels_last"_a, "grad_x of a depthwise conv, written into grad_x");
+  m.def("depthwise_bwd_weight", &py_bwd_weight, "grad_y"_a, "x"_a, "grad_weight"_a, "grad_bias"_a.none(true), "sH"_a,
+        "sW"_a, "pT"_a, "pL"_a, "dH"_a, "dW"_a, "channels_last"_a,
+        "grad_weight (and grad_bias unless None) of a depthwise conv, written into them");
+}
+
 }  // namespace dlk

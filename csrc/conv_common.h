@@ -1,0 +1,111 @@
+// Helpers shared by the depthwise, separable and batch-norm kernels: buffer checks for the
+// contiguous layouts they accept, dtype dispatch, the tap-range arithmetic of a strided, padded,
+// dilated window, and per-thread partial sums.
+#pragma once
+
+#include "common.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dlk {
+
+// Floor/ceil division that is right for negative numerators (C++ '/' truncates toward zero).
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+// Checks that `a` holds T, has exactly `shape`, and that its strides are `strides` on every dimension
+// of size > 1 (a size-1 dimension's stride never moves an index, so any value there is harmless).
+// The strides passed are those of a dense layout of `shape`, so every index the kernels form from
+// `shape` stays inside the buffer.
+template <class T>
+void check_dense(const py::array& a, const char* name, const std::vector<int64_t>& shape,
+                 const std::vector<int64_t>& strides, bool writable) {
+  std::string n(name);
+  require(a.dtype().is(py::dtype::of<T>()), n + ": dtype differs from the input's (float32 or float64 expected)");
+  require(a.ndim() == static_cast<py::ssize_t>(shape.size()),
+          n + ": expected " + std::to_string(shape.size()) + " dimensions, got " + std::to_string(a.ndim()));
+  for (size_t d = 0; d < shape.size(); ++d) {
+    require(a.shape(d) == shape[d], n + ": size of dimension " + std::to_string(d) + " is " +
+                                        std::to_string(a.shape(d)) + ", expected " + std::to_string(shape[d]));
+    require(shape[d] <= 1 || elem_stride(a, static_cast<int>(d)) == strides[d],
+            n + ": not laid out as expected (stride of dimension " + std::to_string(d) + ")");
+    require(a.strides(d) % a.itemsize() == 0, n + ": misaligned strides");
+  }
+  if (writable) require(a.writeable(), n + ": output array is read-only");
+}
+
+// Strides of an (N, C, H, W) tensor, NCHW-contiguous or channels_last-contiguous.
+inline std::vector<int64_t> strides4(int64_t C, int64_t H, int64_t W, bool channels_last) {
+  if (channels_last) return {H * W * C, 1, W * C, C};
+  return {C * H * W, H * W, W, 1};
+}
+
+// Strides of an (N, C, S) view: NCS-contiguous or channels-last (contiguous (N, S, C)).
+inline std::vector<int64_t> strides3(int64_t C, int64_t S, bool channels_last) {
+  if (channels_last) return {S * C, 1, C};
+  return {C * S, S, 1};
+}
+
+template <class T>
+const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
+template <class T>
+T* mptr(py::array& a) { return static_cast<T*>(a.mutable_data()); }
+
+// Calls f(T{}) with T = float or double, after the dtype of `a`.
+template <class F>
+auto dispatch_float(const py::array& a, const char* op, F&& f) {
+  if (is_float32(a)) return f(float{});
+  if (is_float64(a)) return f(double{});
+  throw std::invalid_argument(std::string("dlkernels._C.") + op + ": float32 or float64 expected");
+}
+
+// The window taps p in [lo, hi) of one output position that land inside [0, size):
+// input index = o*stride - pad + p*dil.
+struct TapRange {
+  int64_t lo, hi;
+};
+inline TapRange tap_range(int64_t o, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t size) {
+  int64_t base = o * stride - pad;
+  int64_t lo = std::max<int64_t>(0, ceil_div(-base, dil));
+  int64_t hi = std::min<int64_t>(k, floor_div(size - 1 - base, dil) + 1);
+  return {lo, std::max(lo, hi)};
+}
+
+// Output positions [lo, hi) along one axis whose whole window lies inside the input: the interior,
+// where the inner loops run without bounds checks.
+inline TapRange interior_range(int64_t out, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t size) {
+  int64_t lo = std::min<int64_t>(out, std::max<int64_t>(0, ceil_div(pad, stride)));
+  int64_t hi = floor_div(size - 1 - (k - 1) * dil + pad, stride) + 1;
+  hi = std::min<int64_t>(out, std::max<int64_t>(hi, lo));
+  return {lo, hi};
+}
+
+// One zeroed accumulator row per OpenMP thread; a reduction sums them at the end, so threads never
+// share a cache line that both write.
+template <class A>
+struct ThreadPartials {
+  int64_t width;
+  int threads;
+  std::vector<A> buf;
+  explicit ThreadPartials(int64_t w) : width(w), threads(omp_get_max_threads()), buf(static_cast<size_t>(w) * threads, A(0)) {}
+  A* mine() { return buf.data() + static_cast<size_t>(omp_get_thread_num()) * width; }
+  A sum(int64_t i) const {
+    A s = 0;
+    for (int t = 0; t < threads; ++t) s += buf[static_cast<size_t>(t) * width + i];
+    return s;
+  }
+};
+
+// Scalar checks of conv geometry shared by the depthwise and separable entry points.
+inline void check_conv_geometry(int64_t sH, int64_t sW, int64_t pT, int64_t pL, int64_t dH, int64_t dW) {
+  require(sH >= 1 && sW >= 1, "stride must be >= 1");
+  require(pT >= 0 && pL >= 0, "padding must be >= 0");
+  require(dH >= 1 && dW >= 1, "dilation must be >= 1");
+}
+
+}  // namespace dlk

@@ -1,0 +1,135 @@
+// Depthwise forward building blocks, shared by depthwise.cpp and the fused separable kernel:
+// one output row of one channel (NCHW) and all channels of one output pixel (channels_last).
+#pragma once
+
+#include "conv_common.h"
+
+namespace dlk {
+
+// Geometry of a depthwise conv: input (N, C, H, W), weight (C*m, 1, kH, kW), output (N, C*m, Ho, Wo).
+struct DwGeom {
+  int64_t N, C, H, W, m, Cm, kH, kW, Ho, Wo;
+  int64_t sH, sW, pT, pL, dH, dW;
+  TapRange jin;  // output columns whose whole window is inside the input
+};
+
+inline DwGeom make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cm, int64_t kH, int64_t kW,
+                        int64_t Ho, int64_t Wo, int64_t sH, int64_t sW, int64_t pT, int64_t pL, int64_t dH,
+                        int64_t dW) {
+  check_conv_geometry(sH, sW, pT, pL, dH, dW);
+  require(N >= 0 && C >= 1 && H >= 1 && W >= 1 && kH >= 1 && kW >= 1 && Ho >= 0 && Wo >= 0, "bad sizes");
+  require(Cm >= C && Cm % C == 0, "weight's output channels must be a multiple m >= 1 of the input channels");
+  DwGeom g{N, C, H, W, Cm / C, Cm, kH, kW, Ho, Wo, sH, sW, pT, pL, dH, dW, {0, 0}};
+  g.jin = interior_range(Wo, sW, pL, dW, kW, W);
+  return g;
+}
+
+// Register-blocked accumulation of LEN (compile time) or len (LEN == 0) consecutive outputs of one
+// row over the taps rows [pr.lo, pr.hi) x all kW columns; every tap is in bounds (interior columns).
+// SW > 0 fixes the column stride at compile time so that sW == 1 becomes contiguous vector loads.
+template <class T, int SW, int LEN>
+inline void dw_row_block(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, int64_t len, TapRange pr,
+                         const DwGeom& g) {
+  constexpr int CAP = LEN ? LEN : 128 / sizeof(T);
+  const int64_t n = LEN ? LEN : len;
+  const int64_t sW = SW ? SW : g.sW;
+  T acc[CAP];
+  for (int64_t jj = 0; jj < n; ++jj) acc[jj] = b;
+  for (int64_t p = pr.lo; p < pr.hi; ++p) {
+    const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W + j * sW - g.pL;
+    const T* wr = wo + p * g.kW;
+    for (int64_t q = 0; q < g.kW; ++q) {
+      const T wv = wr[q];
+      const T* xs = xr + q * g.dW;
+#pragma omp simd
+      for (int64_t jj = 0; jj < n; ++jj) acc[jj] += wv * xs[jj * sW];
+    }
+  }
+  for (int64_t jj = 0; jj < n; ++jj) out[jj] = acc[jj];
+}
+
+// Output row i of one channel: xp is that channel's input plane (H, W), wo its kH*kW taps, b its
+// bias, out the Wo outputs.
+template <class T, int SW>
+void dw_row_nchw(const T* xp, const T* wo, T b, T* out, int64_t i, const DwGeom& g) {
+  constexpr int JB = 128 / sizeof(T);  // four AVX2 registers of accumulators
+  const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+  auto border = [&](int64_t j) {
+    const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
+    T acc = b;
+    for (int64_t p = pr.lo; p < pr.hi; ++p) {
+      const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL;
+      for (int64_t q = qr.lo; q < qr.hi; ++q) acc += wo[p * g.kW + q] * xr[q * g.dW];
+    }
+    out[j] = acc;
+  };
+  for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
+  int64_t j = g.jin.lo;
+  for (; j + JB <= g.jin.hi; j += JB) dw_row_block<T, SW, JB>(xp, wo, b, out + j, i, j, JB, pr, g);
+  for (; j < g.jin.hi; j += JB)
+    dw_row_block<T, SW, 0>(xp, wo, b, out + j, i, j, std::min<int64_t>(JB, g.jin.hi - j), pr, g);
+  for (int64_t jb = g.jin.hi; jb < g.Wo; ++jb) border(jb);
+}
+
+// The row kernel for g's column stride: compile-time stride for the common 1 and 2.
+template <class T>
+using DwRowFn = void (*)(const T*, const T*, T, T*, int64_t, const DwGeom&);
+template <class T>
+DwRowFn<T> dw_row_fn(const DwGeom& g) {
+  if (g.sW == 1) return dw_row_nchw<T, 1>;
+  if (g.sW == 2) return dw_row_nchw<T, 2>;
+  return dw_row_nchw<T, 0>;
+}
+
+// (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector.
+template <class T>
+std::vector<T> taps_major(const T* w, int64_t Cm, int64_t K) {
+  std::vector<T> wt(static_cast<size_t>(Cm * K));
+  for (int64_t o = 0; o < Cm; ++o)
+    for (int64_t t = 0; t < K; ++t) wt[t * Cm + o] = w[o * K + t];
+  return wt;
+}
+
+// acc[0..n) += ws[0..n) * x[channel of output c0 + cc]; UNIT_M: multiplier 1, channel = c0 + cc.
+template <class T, bool UNIT_M, int LEN>
+inline void cl_taps_block(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t len, int64_t i,
+                          int64_t j, TapRange pr, TapRange qr, const DwGeom& g) {
+  constexpr int CAP = LEN ? LEN : 128 / sizeof(T);
+  const int64_t n = LEN ? LEN : len;
+  T acc[CAP];
+  for (int64_t cc = 0; cc < n; ++cc) acc[cc] = bias ? bias[c0 + cc] : T(0);
+  for (int64_t p = pr.lo; p < pr.hi; ++p) {
+    const int64_t ih = i * g.sH - g.pT + p * g.dH;
+    for (int64_t q = qr.lo; q < qr.hi; ++q) {
+      const int64_t iw = j * g.sW - g.pL + q * g.dW;
+      const T* px = xn + (ih * g.W + iw) * g.C;
+      const T* ws = wt + (p * g.kW + q) * g.Cm + c0;
+      if constexpr (UNIT_M) {
+        const T* xs = px + c0;
+#pragma omp simd
+        for (int64_t cc = 0; cc < n; ++cc) acc[cc] += ws[cc] * xs[cc];
+      } else {
+        for (int64_t cc = 0; cc < n; ++cc) acc[cc] += ws[cc] * px[(c0 + cc) / g.m];
+      }
+    }
+  }
+  for (int64_t cc = 0; cc < n; ++cc) dst[c0 + cc] = acc[cc];
+}
+
+// All C*m outputs of pixel (i, j) of image xn (H, W, C) into dst[0..C*m); wt from taps_major.
+template <class T>
+void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int64_t j, const DwGeom& g) {
+  constexpr int CB = 128 / sizeof(T);
+  const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+  const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
+  int64_t c = 0;
+  if (g.m == 1) {
+    for (; c + CB <= g.Cm; c += CB) cl_taps_block<T, true, CB>(xn, wt, bias, dst, c, CB, i, j, pr, qr, g);
+    if (c < g.Cm) cl_taps_block<T, true, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
+  } else {
+    for (; c + CB <= g.Cm; c += CB) cl_taps_block<T, false, CB>(xn, wt, bias, dst, c, CB, i, j, pr, qr, g);
+    if (c < g.Cm) cl_taps_block<T, false, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
+  }
+}
+
+}  // namespace dlk
