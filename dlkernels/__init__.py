@@ -5,7 +5,11 @@ The functions mirror torch.nn.functional; each takes ``backend=`` ("triton", "nu
 "torch" or None for automatic), see dlkernels/_dispatch.py.
 """
 from ._dispatch import available_backends, use_backend
+from .batchnorm import batch_norm_residual
+from .depthwise import depthwise_conv2d
 from .matmul import linear, matmul
+from .pointwise import pointwise_conv2d
+from .separable import separable_conv2d
 
 __version__ = "0.1.0"
 
@@ -14,4 +18,8 @@ __all__ = [
     "use_backend",
     "matmul",
     "linear",
+    "depthwise_conv2d",
+    "pointwise_conv2d",
+    "separable_conv2d",
+    "batch_norm_residual",
 ]

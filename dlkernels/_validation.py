@@ -90,3 +90,42 @@ def pair(op: str, name: str, v, *, minimum: int) -> tuple[int, int]:
     if any(i < minimum for i in v):
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(v)}")
     return int(v[0]), int(v[1])
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout an op keeps: channels_last when x is channels_last-contiguous (and not also
+    NCHW-contiguous, as tensors with size-1 dims can be), else NCHW (non-contiguous input is copied)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv2d_geometry(op: str, x: torch.Tensor, kernel_hw: Sequence[int], stride, padding, dilation):
+    """Checks stride/padding/dilation as F.conv2d does and returns
+    ``(stride, pad_begin, dilation, out_hw)``, each a pair. ``padding`` is an int, a pair, or
+    "same"/"valid"; "same" pads as torch does (the odd extra row/column goes after)."""
+    stride = pair(op, "stride", stride, minimum=1)
+    dilation = pair(op, "dilation", dilation, minimum=1)
+    in_hw = (x.shape[-2], x.shape[-1])
+    span = [dilation[i] * (kernel_hw[i] - 1) + 1 for i in range(2)]
+    if isinstance(padding, str):
+        if padding == "valid":
+            before = after = (0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{op}: padding='same' is not supported for strided convolutions "
+                                 f"(stride {stride}), as in torch")
+            total = [s - 1 for s in span]
+            before = (total[0] // 2, total[1] // 2)
+            after = (total[0] - before[0], total[1] - before[1])
+        else:
+            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+    else:
+        before = after = pair(op, "padding", padding, minimum=0)
+    padded = [in_hw[i] + before[i] + after[i] for i in range(2)]
+    if padded[0] < span[0] or padded[1] < span[1]:
+        raise ValueError(f"{op}: calculated padded input size per channel: ({padded[0]} x {padded[1]}); "
+                         f"kernel size (with dilation): ({span[0]} x {span[1]}); the kernel can't be "
+                         "greater than the padded input")
+    out_hw = tuple((padded[i] - span[i]) // stride[i] + 1 for i in range(2))
+    return stride, before, dilation, out_hw

@@ -30,3 +30,242 @@ float16/bfloat16/float32 inputs, float64 for float64. activation is "", "relu" o
 
 The op itself updates running_mean/running_var (a small per-channel step, once per call).
 """
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .. import _validation as V
+from . import reference
+
+FAMILY = "batchnorm"
+OP = "dlkernels.batch_norm_residual"
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(x, residual, running_mean, running_var, weight, bias, training: bool, activation: str,
+           backend: str) -> None:
+    V.tensor(x, "input", OP, ndim=(2, 3, 4))
+    V.optional_tensor(residual, "residual", OP)
+    V.same_device_dtype(OP, "input", x, residual=residual)
+    V.backend_dtype(OP, backend, x)
+    V.activation(OP, "batchnorm", activation or None)
+    c = x.shape[1]
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{OP}: residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is None:
+            continue
+        V.tensor(t, name, OP, ndim=1)
+        if t.device != x.device:
+            raise RuntimeError(f"{OP}: {name} is on {t.device} but input is on {x.device}")
+        V.shape(OP, name, t, (c,), f"one per channel, input has C={c}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{OP}: running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"{OP}: running_mean and running_var must be defined in evaluation mode")
+    if x.numel() == 0:
+        raise ValueError(f"{OP}: input is empty: {tuple(x.shape)}")
+    if training and x.numel() // c == 1:
+        raise ValueError(f"{OP}: expected more than 1 value per channel when training, got input size "
+                         f"{tuple(x.shape)}")
+
+
+def channels_last(x: Tensor) -> bool:
+    """Whether x is laid out channels-last: (N, H, W, C) or, for 3-D input, (N, L, C) in memory."""
+    if x.dim() == 4:
+        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 3:
+        n, c, l = x.shape
+        return not x.is_contiguous() and x.stride() == (l * c, 1, c)
+    return False
+
+
+def as_ncs(t: Tensor, cl: bool) -> Tensor:
+    """t as the contract's (N, C, S) view, channels-last when cl (copying only if t is laid out otherwise)."""
+    n, c = t.shape[0], t.shape[1]
+    s = t.numel() // (n * c)
+    if not cl:
+        return t.contiguous().view(n, c, s)
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last).view(n, c, s)
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def empty_ncs(x: Tensor, cl: bool) -> Tensor:
+    """A new tensor of x's shape in the layout as_ncs(x, cl) has (works on fake tensors too)."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    if cl:
+        return x.new_empty((n, s, c)).transpose(1, 2).view(x.shape)
+    return x.new_empty(x.shape)
+
+
+def _scale_shift(mean, invstd, weight, bias, sdtype):
+    scale = invstd if weight is None else weight.to(sdtype) * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(sdtype)
+    return scale.contiguous(), shift.contiguous()
+
+
+# The op users see, dlkernels::batch_norm_residual, declares its in-place update of the running
+# statistics in its schema. custom_op cannot give a mutating op an autograd formula, so it is a
+# CompositeImplicitAutograd op made of two: a functional op with autograd that computes the output and
+# the batch statistics (batch_norm_residual_functional), and a small mutating op that folds those
+# into the running statistics (update_running_stats). torch.compile functionalizes the latter.
+_lib = torch.library.Library("dlkernels", "FRAGMENT")
+_lib.define("batch_norm_residual(Tensor input, Tensor? residual, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+            "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, str activation, str backend) "
+            "-> Tensor")
+
+
+@torch.library.impl(_lib, "batch_norm_residual", "CompositeImplicitAutograd")
+def batch_norm_residual_op(input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
+                           activation, backend):
+    out, mean, var = torch.ops.dlkernels.batch_norm_residual_functional(
+        input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend)
+    if training and running_mean is not None:
+        count = input.numel() // input.shape[1]
+        torch.ops.dlkernels.update_running_stats(running_mean, running_var, mean, var, momentum, count)
+    return out
+
+
+@torch.library.custom_op("dlkernels::update_running_stats", mutates_args=("running_mean", "running_var"))
+def update_running_stats_op(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float,
+                            count: int) -> None:
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as PyTorch."""
+    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
+
+
+@update_running_stats_op.register_fake
+def _(running_mean, running_var, mean, var, momentum, count):
+    return None
+
+
+@torch.library.custom_op("dlkernels::batch_norm_residual_functional", mutates_args=())
+def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
+                                      running_var: Optional[Tensor], weight: Optional[Tensor],
+                                      bias: Optional[Tensor], training: bool, eps: float, activation: str,
+                                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, mean, var): the statistics that normalized the input (batch statistics in training, with
+    the biased variance; the running ones in evaluation)."""
+    _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
+    k = _dispatch.kernels(FAMILY, backend, input.device)
+    sdtype = stats_dtype(input.dtype)
+    cl = channels_last(input)
+    x3 = as_ncs(input, cl)
+    r3 = None if residual is None else as_ncs(residual, cl)
+    if training:
+        mean, var = k.bn_stats(x3)
+        mean, var = mean.to(sdtype), var.to(sdtype)
+    else:
+        mean, var = running_mean.to(sdtype).clone(), running_var.to(sdtype).clone()
+    scale, shift = _scale_shift(mean, torch.rsqrt(var + eps), weight, bias, sdtype)
+    y3 = k.bn_apply(x3, r3, scale, shift, activation)
+    return y3.view(input.shape), mean, var
+
+
+@batch_norm_residual_functional_op.register_fake
+def _(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend):
+    _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
+    sdtype = stats_dtype(input.dtype)
+    c = input.shape[1]
+    return empty_ncs(input, channels_last(input)), input.new_empty(c, dtype=sdtype), input.new_empty(c, dtype=sdtype)
+
+
+@torch.library.custom_op("dlkernels::batch_norm_residual_backward", mutates_args=())
+def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], input: Tensor,
+                                    residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                                    mean: Tensor, invstd: Tensor, training: bool, activation: str,
+                                    output_mask: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_residual, grad_weight, grad_bias); those not asked for are empty tensors.
+    ``out`` is needed for relu (its mask), ``residual`` for silu (to recompute the pre-activation)."""
+    k = _dispatch.kernels(FAMILY, backend, input.device)
+    sdtype = stats_dtype(input.dtype)
+    cl = channels_last(input)
+    x3 = as_ncs(input, cl)
+    g3 = as_ncs(grad_out, cl)
+    y3 = None if out is None else as_ncs(out, cl)
+    r3 = None if residual is None else as_ncs(residual, cl)
+    scale, shift = _scale_shift(mean, invstd, weight, bias, sdtype)
+    empty = input.new_empty(0)
+    need_x, need_r, need_w, need_b = output_mask
+    need_sums = (need_x and training) or need_w or need_b
+    if need_sums:
+        sum_dz, sum_dz_xhat = k.bn_backward_reduce(g3, y3, x3, r3, mean, invstd, scale, shift, activation)
+    grad_x = grad_r = empty
+    if need_x or need_r:
+        if training:
+            count = x3.shape[0] * x3.shape[2]
+            c_dz, c_xhat = (sum_dz / count).contiguous(), (sum_dz_xhat / count).contiguous()
+        else:
+            c_dz = c_xhat = torch.zeros_like(mean)
+        gx3, gr3 = k.bn_backward_apply(g3, y3, x3, r3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
+                                       bool(need_r))
+        grad_x = gx3.view(input.shape) if need_x else empty
+        grad_r = gr3.view(input.shape) if need_r else empty
+    grad_w = sum_dz_xhat.to(weight.dtype) if (need_w and weight is not None) else empty
+    grad_b = sum_dz.to(bias.dtype) if (need_b and bias is not None) else empty
+    return grad_x, grad_r, grad_w, grad_b
+
+
+@batch_norm_residual_backward_op.register_fake
+def _(grad_out, out, input, residual, weight, bias, mean, invstd, training, activation, output_mask, backend):
+    empty = input.new_empty(0)
+    need_x, need_r, need_w, need_b = output_mask
+    cl = channels_last(input)
+    return (empty_ncs(input, cl) if need_x else empty, empty_ncs(input, cl) if need_r else empty,
+            weight.new_empty(weight.shape) if (need_w and weight is not None) else empty,
+            bias.new_empty(bias.shape) if (need_b and bias is not None) else empty)
+
+
+def _setup(ctx, inputs, output):
+    input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend = inputs
+    out, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(input, out if activation == "relu" else None,
+                          residual if activation == "silu" else None, weight, bias, mean, var)
+    ctx.training, ctx.eps, ctx.activation, ctx.backend = training, eps, activation, backend
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    input, out, residual, weight, bias, mean, var = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], ctx.has_residual and needs[1], weight is not None and needs[4], bias is not None and needs[5]]
+    gx, gr, gw, gb = torch.ops.dlkernels.batch_norm_residual_backward(
+        grad_out, out, input, residual, weight, bias, mean, torch.rsqrt(var + ctx.eps), ctx.training,
+        ctx.activation, mask, ctx.backend)
+    return (gx if mask[0] else None, gr if mask[1] else None, None, None, gw if mask[2] else None,
+            gb if mask[3] else None, None, None, None, None)
+
+
+batch_norm_residual_functional_op.register_autograd(_backward, setup_context=_setup)
+
+
+def batch_norm_residual(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,
+                        running_var: Tensor | None, weight: Tensor | None = None, bias: Tensor | None = None,
+                        training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+                        activation: str | None = None, backend: str | None = None) -> Tensor:
+    """``act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``
+    in one fused pass (two in training: statistics, then the fused normalize-add-activate). ``residual``
+    may be None; ``activation`` is None, "relu" or "silu". Training updates the running statistics in
+    place as PyTorch does."""
+    V.tensor(input, "input", OP, ndim=(2, 3, 4))
+    name = _dispatch.resolve(FAMILY, backend, input.device)
+    act = V.activation(OP, "batchnorm", activation)
+    _check(input, residual, running_mean, running_var, weight, bias, training, act, name)
+    if name == "torch":
+        return reference.batch_norm_residual(input, residual, running_mean, running_var, weight, bias, training,
+                                             momentum, eps, activation)
+    return torch.ops.dlkernels.batch_norm_residual(input, residual, running_mean, running_var, weight, bias,
+                                                   bool(training), float(momentum), float(eps), act, name)

@@ -12,7 +12,9 @@ Kernel contract: every backend module ``dlkernels/depthwise/<backend>_impl.py`` 
         (taps outside the input read zero). Returns a new (N, C*m, Ho, Wo) tensor in x's memory format.
 
     depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation) -> grad_x
-        grad_y: (N, C*m, Ho, Wo) NCHW- or channels_last-contiguous; returns (N, C, H, W), in grad_y's format.
+        Called with a multiplier of 1 only: grad_y (N, C, Ho, Wo) NCHW- or channels_last-contiguous,
+        weight (C, 1, kH, kW) (the op splits m > 1 into m such calls and sums them, since C is not
+        known from grad_y and weight alone); returns (N, C, H, W), in grad_y's format.
 
     depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias) -> (grad_weight, grad_bias)
         grad_y and x in the same memory format; grad_weight (C*m, 1, kH, kW) contiguous,
@@ -21,3 +23,162 @@ Kernel contract: every backend module ``dlkernels/depthwise/<backend>_impl.py`` 
 Inputs arrive validated (_validation), in one dtype the backend computes in, on one device.
 Reductions accumulate in at least float32 (float64 for float64 inputs).
 """
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .. import _validation as V
+from . import reference
+
+FAMILY = "depthwise"
+OP = "dlkernels.depthwise_conv2d"
+
+
+def check_weights(op: str, x: Tensor, weight, bias, backend: str) -> None:
+    """x is (N, C, H, W); weight is (C*m, 1, kH, kW); bias is None or (C*m,). Shared with separable."""
+    V.tensor(x, "input", op, ndim=4)
+    V.tensor(weight, "weight", op, ndim=4)
+    V.optional_tensor(bias, "bias", op, ndim=1)
+    V.same_device_dtype(op, "input", x, weight=weight, bias=bias)
+    V.backend_dtype(op, backend, x)
+    c, co = x.shape[1], weight.shape[0]
+    if weight.shape[1] != 1 or co == 0 or co % max(c, 1) != 0 or c == 0:
+        raise ValueError(f"{op}: weight must have shape (C*m, 1, kH, kW) with C = input.shape[-3] = {c} "
+                         f"and a channel multiplier m >= 1, got {tuple(weight.shape)}")
+    if weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise ValueError(f"{op}: kernel size must be >= 1, got {tuple(weight.shape[2:])}")
+    if bias is not None:
+        V.shape(op, "bias", bias, (co,), "weight.shape[0]")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{op}: input has an empty dimension: {tuple(x.shape)}")
+
+
+def _out_shape(x: Tensor, weight: Tensor, out_hw) -> tuple[int, int, int, int]:
+    return (x.shape[0], weight.shape[0], out_hw[0], out_hw[1])
+
+
+def empty_like_format(x: Tensor, shape, fmt: torch.memory_format) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _canonical_strides(shape, fmt: torch.memory_format) -> tuple[int, ...]:
+    if fmt == torch.channels_last:  # as torch lays out a fresh channels_last tensor
+        n, c, h, w = shape
+        return (h * w * c, 1, w * c, c)
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """t with exactly the strides a fresh tensor of that format has (size-1 dims included), so the
+    real and the fake implementations agree; copies only when t is laid out otherwise."""
+    if t.stride() == _canonical_strides(t.shape, fmt):
+        return t
+    out = empty_like_format(t, t.shape, fmt)
+    out.copy_(t)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# dlkernels::depthwise_conv2d and its backward
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("dlkernels::depthwise_conv2d", mutates_args=())
+def depthwise_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
+                        pad: list[int], dilation: list[int], out_hw: list[int], backend: str) -> Tensor:
+    check_weights(OP, input, weight, bias, backend)
+    fmt = V.memory_format(input)
+    k = _dispatch.kernels(FAMILY, backend, input.device)
+    y = k.depthwise_fwd(in_format(input, fmt), weight.contiguous(), None if bias is None else bias.contiguous(),
+                        tuple(stride), tuple(pad), tuple(dilation), tuple(out_hw))
+    return in_format(y, fmt)
+
+
+@depthwise_conv2d_op.register_fake
+def _(input, weight, bias, stride, pad, dilation, out_hw, backend):
+    check_weights(OP, input, weight, bias, backend)
+    return empty_like_format(input, _out_shape(input, weight, out_hw), V.memory_format(input))
+
+
+@torch.library.custom_op("dlkernels::depthwise_conv2d_backward", mutates_args=())
+def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor, stride: list[int],
+                                 pad: list[int], dilation: list[int], output_mask: list[bool],
+                                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias); an output not asked for in output_mask is an empty tensor."""
+    fmt = V.memory_format(input)
+    x = in_format(input, fmt)
+    g = in_format(grad_out, fmt)
+    k = _dispatch.kernels(FAMILY, backend, input.device)
+    empty = input.new_empty(0)
+    grad_x = empty
+    if output_mask[0]:
+        c, m = x.shape[1], weight.shape[0] // x.shape[1]
+        geo = ((x.shape[2], x.shape[3]), tuple(stride), tuple(pad), tuple(dilation))
+        for j in range(m):  # output channel c*m + j reads input channel c
+            gj = g if m == 1 else in_format(g[:, j::m], fmt)
+            part = k.depthwise_bwd_input(gj, weight[j::m].contiguous(), *geo)
+            grad_x = part if j == 0 else grad_x.add_(part)
+        grad_x = in_format(grad_x, fmt)
+    grad_w = grad_b = empty
+    if output_mask[1] or output_mask[2]:
+        gw, gb = k.depthwise_bwd_weight(g, x, (weight.shape[2], weight.shape[3]), tuple(stride), tuple(pad),
+                                        tuple(dilation), bool(output_mask[2]))
+        grad_w = gw.contiguous() if output_mask[1] else empty
+        grad_b = gb if output_mask[2] else empty
+    return grad_x, grad_w, grad_b
+
+
+@depthwise_conv2d_backward_op.register_fake
+def _(grad_out, input, weight, stride, pad, dilation, output_mask, backend):
+    empty = input.new_empty(0)
+    gx = empty_like_format(input, input.shape, V.memory_format(input)) if output_mask[0] else empty
+    gw = weight.new_empty(weight.shape) if output_mask[1] else empty
+    gb = weight.new_empty(weight.shape[0]) if output_mask[2] else empty
+    return gx, gw, gb
+
+
+def _setup(ctx, inputs, output):
+    input, weight, bias, stride, pad, dilation, out_hw, backend = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.geometry = (stride, pad, dilation)
+    ctx.has_bias, ctx.backend = bias is not None, backend
+
+
+def _backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    stride, pad, dilation = ctx.geometry
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.dlkernels.depthwise_conv2d_backward(grad, input, weight, stride, pad, dilation,
+                                                              mask, ctx.backend)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+            None, None, None, None, None)
+
+
+depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# public function
+# ---------------------------------------------------------------------------------------------
+def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                     *, backend: str | None = None) -> Tensor:
+    """``F.conv2d(input, weight, bias, stride, padding, dilation, groups=C)`` with ``C = input.shape[-3]`` and
+    weight ``(C*m, 1, kH, kW)``. Input ``(N, C, H, W)`` or unbatched ``(C, H, W)``, NCHW or channels_last
+    (the output keeps the input's memory format); padding an int, a pair, "same" or "valid"."""
+    V.tensor(input, "input", OP, ndim=(3, 4))
+    if input.dim() == 3:
+        return depthwise_conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation,
+                                backend=backend).squeeze(0)
+    name = _dispatch.resolve(FAMILY, backend, input.device)
+    check_weights(OP, input, weight, bias, name)
+    geo = V.conv2d_geometry(OP, input, weight.shape[2:], stride, padding, dilation)
+    if name == "torch":
+        return reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
+    stride, pad, dilation, out_hw = (list(g) for g in geo)
+    return torch.ops.dlkernels.depthwise_conv2d(input, weight, bias, stride, pad, dilation, out_hw, name)

@@ -145,18 +145,18 @@ def _(input, weight, bias, activation, backend):
 @torch.library.custom_op("dlkernels::bias_act_backward", mutates_args=())
 def bias_act_backward_op(grad_out: Tensor, out: Tensor, activation: str, bias_dim: int, need_bias: bool,
                          backend: str) -> tuple[Tensor, Tensor]:
-    """(grad_pre, grad_bias); grad_bias is an empty tensor unless need_bias (op schemas have no
-    optional returns)."""
+    """(grad_pre, grad_bias). Op schemas have no optional returns: grad_pre is an empty tensor when
+    there is no activation (it would equal grad_out), grad_bias an empty tensor unless need_bias."""
     grad_out, out = grad_out.contiguous(), out.contiguous()
     g, gb = _kernels(backend, grad_out).bias_act_backward(grad_out, out, activation, bias_dim, need_bias)
-    # custom ops may not return an alias of an input
-    return (g.clone() if g is grad_out else g), (gb if gb is not None else grad_out.new_empty(0))
+    empty = grad_out.new_empty(0)
+    return (g if activation else empty), (gb if need_bias else empty)
 
 
 @bias_act_backward_op.register_fake
 def _(grad_out, out, activation, bias_dim, need_bias, backend):
-    gb = grad_out.new_empty(grad_out.shape[-2 + bias_dim] if need_bias else 0)
-    return torch.empty_like(grad_out, memory_format=torch.contiguous_format), gb
+    g = torch.empty_like(grad_out, memory_format=torch.contiguous_format) if activation else grad_out.new_empty(0)
+    return g, grad_out.new_empty(grad_out.shape[-2 + bias_dim] if need_bias else 0)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -173,7 +173,8 @@ def _linear_backward(ctx, grad):
     grad_bias = None
     if ctx.activation or need_bias:
         o2 = out.reshape(-1, n_out) if out is not None else g2
-        g2, grad_bias = torch.ops.dlkernels.bias_act_backward(g2, o2, ctx.activation, 1, need_bias, ctx.backend)
+        g_pre, grad_bias = torch.ops.dlkernels.bias_act_backward(g2, o2, ctx.activation, 1, need_bias, ctx.backend)
+        g2 = g_pre if ctx.activation else g2
         grad_bias = grad_bias if need_bias else None
     mm = torch.ops.dlkernels.matmul
     grad_input = grad_weight = None

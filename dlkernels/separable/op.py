@@ -13,3 +13,94 @@ Kernel contract: every backend module ``dlkernels/separable/<backend>_impl.py`` 
 Its backward recomputes the depthwise output and runs on the depthwise and matmul kernels of the
 same backend.
 """
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .. import _validation as V
+from ..depthwise.op import check_weights, empty_like_format, in_format
+from ..pointwise import op as pointwise
+from . import reference
+
+FAMILY = "separable"
+OP = "dlkernels.separable_conv2d"
+
+
+def _check(x, dw_weight, pw_weight, bias, backend: str) -> None:
+    check_weights(OP, x, dw_weight, None, backend)
+    V.tensor(pw_weight, "pointwise_weight", OP, ndim=4)
+    V.same_device_dtype(OP, "input", x, pointwise_weight=pw_weight)
+    pointwise.check(OP, x, pw_weight, bias, backend, in_channels=dw_weight.shape[0])
+
+
+@torch.library.custom_op("dlkernels::separable_conv2d", mutates_args=())
+def separable_conv2d_op(input: Tensor, depthwise_weight: Tensor, pointwise_weight: Tensor, bias: Optional[Tensor],
+                        stride: list[int], pad: list[int], dilation: list[int], out_hw: list[int],
+                        backend: str) -> Tensor:
+    _check(input, depthwise_weight, pointwise_weight, bias, backend)
+    fmt = V.memory_format(input)
+    k = _dispatch.kernels(FAMILY, backend, input.device)
+    y = k.separable_fwd(in_format(input, fmt), depthwise_weight.contiguous(),
+                        pointwise_weight.reshape(pointwise_weight.shape[0], -1).contiguous(),
+                        None if bias is None else bias.contiguous(),
+                        tuple(stride), tuple(pad), tuple(dilation), tuple(out_hw))
+    return in_format(y, fmt)
+
+
+@separable_conv2d_op.register_fake
+def _(input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, out_hw, backend):
+    _check(input, depthwise_weight, pointwise_weight, bias, backend)
+    shape = (input.shape[0], pointwise_weight.shape[0], out_hw[0], out_hw[1])
+    return empty_like_format(input, shape, V.memory_format(input))
+
+
+def _setup(ctx, inputs, output):
+    input, dw, pw, bias, stride, pad, dilation, out_hw, backend = inputs
+    ctx.save_for_backward(input, dw, pw)
+    ctx.geometry = (stride, pad, dilation, out_hw)
+    ctx.has_bias, ctx.backend = bias is not None, backend
+
+
+def _backward(ctx, grad):
+    # The depthwise output was never stored: recompute it, then back through the pointwise GEMM and
+    # the depthwise conv, all on the same backend's kernels.
+    input, dw, pw, = ctx.saved_tensors
+    stride, pad, dilation, out_hw = ctx.geometry
+    needs = ctx.needs_input_grad
+    mid = torch.ops.dlkernels.depthwise_conv2d(input, dw, None, stride, pad, dilation, out_hw, ctx.backend)
+    need_mid_grad = needs[0] or needs[1]
+    g_mid, g_pw, g_bias = pointwise.backward(grad, mid, pw.reshape(pw.shape[0], -1),
+                                             [need_mid_grad, needs[2], ctx.has_bias and needs[3]], ctx.backend)
+    g_in = g_dw = None
+    if need_mid_grad:
+        g_in, g_dw, _ = torch.ops.dlkernels.depthwise_conv2d_backward(
+            g_mid, input, dw, stride, pad, dilation, [needs[0], needs[1], False], ctx.backend)
+    return (g_in if needs[0] else None, g_dw if needs[1] else None,
+            g_pw.view(pw.shape) if g_pw is not None else None, g_bias,
+            None, None, None, None, None)
+
+
+separable_conv2d_op.register_autograd(_backward, setup_context=_setup)
+
+
+def separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwise_weight: Tensor, bias: Tensor | None = None,
+                     stride=1, padding=0, dilation=1, *, backend: str | None = None) -> Tensor:
+    """``F.conv2d(F.conv2d(input, depthwise_weight, None, stride, padding, dilation, groups=C),
+    pointwise_weight, bias)`` (Keras SeparableConv2D) in one fused kernel: depthwise weight
+    ``(C*m, 1, kH, kW)``, pointwise weight ``(O, C*m, 1, 1)``, bias ``(O,)``."""
+    V.tensor(input, "input", OP, ndim=(3, 4))
+    if input.dim() == 3:
+        return separable_conv2d(input.unsqueeze(0), depthwise_weight, pointwise_weight, bias, stride, padding,
+                                dilation, backend=backend).squeeze(0)
+    name = _dispatch.resolve(FAMILY, backend, input.device)
+    _check(input, depthwise_weight, pointwise_weight, bias, name)
+    geo = V.conv2d_geometry(OP, input, depthwise_weight.shape[2:], stride, padding, dilation)
+    if name == "torch":
+        return reference.separable_conv2d(input, depthwise_weight, pointwise_weight, bias, stride, padding, dilation)
+    stride, pad, dilation, out_hw = (list(g) for g in geo)
+    return torch.ops.dlkernels.separable_conv2d(input, depthwise_weight, pointwise_weight, bias, stride, pad,
+                                                dilation, out_hw, name)

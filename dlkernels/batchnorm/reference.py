@@ -1,0 +1,63 @@
+"""The torch reference for batch_norm_residual: what backend "torch" runs (PyTorch's unfused
+sequence), and the kernel contract of op.py written in PyTorch, for testing kernels."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def activate(z: Tensor, activation: str | None) -> Tensor:
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "silu":
+        return F.silu(z)
+    return z
+
+
+def batch_norm_residual(input, residual, running_mean, running_var, weight=None, bias=None, training=False,
+                        momentum=0.1, eps=1e-5, activation=None) -> Tensor:
+    z = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        z = z + residual
+    return activate(z, activation)
+
+
+def bn_stats(x3: Tensor):
+    var, mean = torch.var_mean(x3.double(), dim=(0, 2), correction=0)
+    dt = torch.float64 if x3.dtype == torch.float64 else torch.float32
+    return mean.to(dt), var.to(dt)
+
+
+def bn_apply(x3, residual3, scale, shift, activation):
+    z = x3 * scale[:, None] + shift[:, None]
+    if residual3 is not None:
+        z = z + residual3
+    return activate(z, activation).to(x3.dtype)
+
+
+def _dz(grad_y3, y3, x3, residual3, scale, shift, activation):
+    if activation == "relu":
+        return grad_y3 * (y3 > 0)
+    if activation == "silu":
+        z = x3 * scale[:, None] + shift[:, None]
+        if residual3 is not None:
+            z = z + residual3
+        s = torch.sigmoid(z)
+        return grad_y3 * s * (1 + z * (1 - s))
+    return grad_y3
+
+
+def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation):
+    dz = _dz(grad_y3.double(), None if y3 is None else y3.double(), x3.double(),
+             None if residual3 is None else residual3.double(), scale.double(), shift.double(), activation)
+    xhat = (x3.double() - mean.double()[:, None]) * invstd.double()[:, None]
+    return dz.sum(dim=(0, 2)).to(mean.dtype), (dz * xhat).sum(dim=(0, 2)).to(mean.dtype)
+
+
+def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
+                      need_grad_residual):
+    dz = _dz(grad_y3, y3, x3, residual3, scale, shift, activation)
+    xhat = (x3 - mean[:, None]) * invstd[:, None]
+    gx = scale[:, None] * (dz - c_dz[:, None] - xhat * c_xhat[:, None])
+    return gx.to(x3.dtype), (dz.to(x3.dtype, copy=True) if need_grad_residual else None)

@@ -1,0 +1,119 @@
+"""pointwise_conv2d: the 1x1 convolution, run on the matmul kernels (dlkernels/matmul/*_impl.py).
+
+No layout copies: a channels_last input (N, H, W, C in memory) is one (N*H*W, C) @ (C, O) GEMM whose
+(N*H*W, O) result is the channels_last output; an NCHW input is a batched (O, C) @ (C, H*W) GEMM with
+the weight broadcast over the batch (stride 0), whose result is the NCHW output. The bias rides in the
+GEMM epilogue (per column for channels_last, per row for NCHW).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .. import _validation as V
+from ..depthwise.op import empty_like_format
+from . import reference
+
+FAMILY = "matmul"  # the kernels it runs on, and the auto choice it follows
+OP = "dlkernels.pointwise_conv2d"
+
+
+def check(op: str, x, weight, bias, backend: str, in_channels: int | None = None) -> None:
+    V.tensor(x, "input", op, ndim=4)
+    V.tensor(weight, "weight", op, ndim=4)
+    V.optional_tensor(bias, "bias", op, ndim=1)
+    V.same_device_dtype(op, "input", x, weight=weight, bias=bias)
+    V.backend_dtype(op, backend, x)
+    c = x.shape[1] if in_channels is None else in_channels
+    if weight.shape[1] != c or weight.shape[2:] != (1, 1):
+        raise ValueError(f"{op}: weight must have shape (O, {c}, 1, 1) for {c} input channels, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        V.shape(op, "bias", bias, (weight.shape[0],), "weight.shape[0]")
+
+
+def forward(k, x: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
+    """The 1x1 conv of x (N, C, H, W) with w2 (O, C) on kernel module k, in x's memory format."""
+    n, c, h, w = x.shape
+    o = w2.shape[0]
+    bias = None if bias is None else bias.contiguous()
+    if V.memory_format(x) == torch.channels_last:
+        y = k.mm(x.permute(0, 2, 3, 1).reshape(-1, c), w2.t(), bias, 1, "")
+        return y.view(n, h, w, o).permute(0, 3, 1, 2)
+    x = x.contiguous()
+    y = k.mm(w2.expand(n, o, c), x.view(n, c, h * w), bias, 0, "")
+    return y.view(n, o, h, w)
+
+
+def backward(grad: Tensor, x: Tensor, w2: Tensor, mask, backend: str):
+    """(grad_x, grad_w2 (O, C), grad_bias) of forward, on dlkernels ops (so it traces and composes)."""
+    n, c, h, w = x.shape
+    o = w2.shape[0]
+    mm = torch.ops.dlkernels.matmul
+    gx = gw = gb = None
+    if V.memory_format(x) == torch.channels_last:
+        g2 = grad.permute(0, 2, 3, 1).reshape(-1, o)  # a view when grad is channels_last
+        x2 = x.permute(0, 2, 3, 1).reshape(-1, c)
+        if mask[0]:
+            gx = mm(g2, w2, backend).view(n, h, w, c).permute(0, 3, 1, 2)
+        if mask[1]:
+            gw = mm(g2.t(), x2, backend)
+        bias_dim = 1
+    else:
+        g2 = grad.reshape(n, o, h * w)
+        x3 = x.reshape(n, c, h * w)
+        if mask[0]:
+            gx = mm(w2.t().expand(n, c, o), g2, backend).view(n, c, h, w)
+        if mask[1]:
+            gw = mm(g2, x3.mT, backend).sum(0)
+        bias_dim = 0
+    if mask[2]:
+        _, gb = torch.ops.dlkernels.bias_act_backward(g2.contiguous(), g2, "", bias_dim, True, backend)
+    return gx, gw, gb
+
+
+@torch.library.custom_op("dlkernels::pointwise_conv2d", mutates_args=())
+def pointwise_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    check(OP, input, weight, bias, backend)
+    k = _dispatch.kernels(FAMILY, backend, input.device)
+    return forward(k, input, weight.reshape(weight.shape[0], -1), bias)
+
+
+@pointwise_conv2d_op.register_fake
+def _(input, weight, bias, backend):
+    check(OP, input, weight, bias, backend)
+    n, _, h, w = input.shape
+    return empty_like_format(input, (n, weight.shape[0], h, w), V.memory_format(input))
+
+
+def _setup(ctx, inputs, output):
+    input, weight, bias, backend = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.has_bias, ctx.backend = bias is not None, backend
+
+
+def _backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = backward(grad, input, weight.reshape(weight.shape[0], -1), mask, ctx.backend)
+    return gx, (gw.view(weight.shape) if gw is not None else None), gb, None
+
+
+pointwise_conv2d_op.register_autograd(_backward, setup_context=_setup)
+
+
+def pointwise_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                     backend: str | None = None) -> Tensor:
+    """``F.conv2d(input, weight, bias)`` for a 1x1 weight ``(O, C, 1, 1)``; input ``(N, C, H, W)`` or
+    ``(C, H, W)``, NCHW or channels_last (kept)."""
+    V.tensor(input, "input", OP, ndim=(3, 4))
+    if input.dim() == 3:
+        return pointwise_conv2d(input.unsqueeze(0), weight, bias, backend=backend).squeeze(0)
+    name = _dispatch.resolve(FAMILY, backend, input.device)
+    check(OP, input, weight, bias, name)
+    if name == "torch":
+        return reference.pointwise_conv2d(input, weight, bias)
+    return torch.ops.dlkernels.pointwise_conv2d(input, weight, bias, name)
