@@ -1,5 +1,661 @@
+// The GEMM behind dlk::gemm (gemm.h) and the matmul/linear kernels of dlkernels._C.
+//
+// BLIS structure: for each NC-wide column block of B and KC-deep slice of K, B is packed once into
+// NR-column panels (shared by all threads, about L3-sized); each MC-row block of A is packed into
+// MR-row panels (per thread, L2-sized); a register-blocked MR x NR micro-kernel then runs over the
+// packed panels, the B micro-panel staying in L1 while the A panels stream from L2. Packing reads
+// any strides, so transposed and broadcast operands cost nothing extra, and pads edges with zeros
+// so the micro-kernel always runs full tiles (edge tiles are stored through a masked scalar path).
+#include "gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <vector>
+
 #include "common.h"
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
 namespace dlk {
-void init_matmul(py::module_& m) {}
+namespace {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+template <class T>
+inline T relu_keep_nan(T x) {
+  return x < T(0) ? T(0) : x;
+}
+
+// What storing a C tile does besides writing the product.
+template <class T>
+struct Epilogue {
+  bool load;           // add C's current value (accumulate, or any K block after the first)
+  const T* bias_row;   // the bias of the tile's first row (bias_dim = 0, last K block), or nullptr
+  const T* bias_col;   // the bias of the tile's first column (bias_dim = 1, last K block), or nullptr
+  bool relu;           // last K block only
+};
+
+// Stores the top-left mv x nv corner of a computed tile (row stride ldt) into C through the
+// epilogue: the path of edge tiles and of the portable kernel. Same operation order as the SIMD
+// store, so a tile's values do not depend on whether it was an edge tile.
+template <class T>
+inline void store_tile(const T* tile, int64_t ldt, int mv, int nv, T* c, int64_t ldc, const Epilogue<T>& e) {
+  for (int r = 0; r < mv; ++r) {
+    T* cr = c + r * ldc;
+    const T* tr = tile + r * ldt;
+    for (int j = 0; j < nv; ++j) {
+      T x = tr[j];
+      if (e.load) x += cr[j];
+      if (e.bias_col) x += e.bias_col[j];
+      if (e.bias_row) x += e.bias_row[r];
+      if (e.relu) x = relu_keep_nan(x);
+      cr[j] = x;
+    }
+  }
+}
+
+// Portable micro-kernel: plain C++, compiled on every target.
+template <class T>
+struct PortableKernel {
+  static constexpr int MR = 4;
+  static constexpr int NR = 8;
+  static void run(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc, int mv, int nv,
+                  const Epilogue<T>& e) {
+    T acc[MR][NR] = {};
+    for (int64_t p = 0; p < kc; ++p, a += MR, b += NR)
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NR; ++j) acc[r][j] += a[r] * b[j];
+    store_tile(&acc[0][0], NR, mv, nv, c, ldc, e);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// SIMD micro-kernel, written once over a small vector wrapper
+// ---------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+#define DLK_GEMM_SIMD 1
+template <class T>
+struct Vec;
+template <>
+struct Vec<float> {
+  using V = __m512;
+  static constexpr int W = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  // only lanes with x < 0 become 0: NaN lanes compare false (ordered) and stay NaN
+  static V relu(V x) { return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, zero(), _CMP_LT_OQ), zero()); }
+};
+template <>
+struct Vec<double> {
+  using V = __m512d;
+  static constexpr int W = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, V x) { _mm512_storeu_pd(p, x); }
+  static V set1(double x) { return _mm512_set1_pd(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static V relu(V x) { return _mm512_mask_mov_pd(x, _mm512_cmp_pd_mask(x, zero(), _CMP_LT_OQ), zero()); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DLK_GEMM_SIMD 1
+template <class T>
+struct Vec;
+template <>
+struct Vec<float> {
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  // only lanes with x < 0 become 0: NaN lanes compare false (ordered) and stay NaN
+  static V relu(V x) { return _mm256_andnot_ps(_mm256_cmp_ps(x, zero(), _CMP_LT_OQ), x); }
+};
+template <>
+struct Vec<double> {
+  using V = __m256d;
+  static constexpr int W = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
+  static V set1(double x) { return _mm256_set1_pd(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static V relu(V x) { return _mm256_andnot_pd(_mm256_cmp_pd(x, zero(), _CMP_LT_OQ), x); }
+};
+#endif
+
+#ifdef DLK_GEMM_SIMD
+// MR_ rows x NV vectors of C held in registers: 6 x 2 uses 12 accumulators + 2 B vectors + 1
+// broadcast of the 16 AVX2 registers (the BLIS Haswell/Zen shape: 6x16 float, 6x8 double); on
+// AVX-512 the same shape is 6x32 / 6x16.
+template <class T, int MR_, int NV>
+struct SimdKernel {
+  using S = Vec<T>;
+  using V = typename S::V;
+  static constexpr int MR = MR_;
+  static constexpr int NR = NV * S::W;
+
+  static void run(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc, int mv, int nv,
+                  const Epilogue<T>& e) {
+    V acc[MR][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
+#pragma GCC unroll 4
+    for (int64_t p = 0; p < kc; ++p) {
+      V bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = S::load(b + v * S::W);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const V av = S::set1(a[r]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = S::fma(av, bv[v], acc[r][v]);
+      }
+      a += MR;
+      b += NR;
+    }
+    if (mv == MR && nv == NR) {
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        T* cr = c + r * ldc;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          V x = acc[r][v];
+          if (e.load) x = S::add(x, S::load(cr + v * S::W));
+          if (e.bias_col) x = S::add(x, S::load(e.bias_col + v * S::W));
+          if (e.bias_row) x = S::add(x, S::set1(e.bias_row[r]));
+          if (e.relu) x = S::relu(x);
+          S::store(cr + v * S::W, x);
+        }
+      }
+    } else {
+      alignas(64) T tile[MR * NR];
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) S::store(tile + r * NR + v * S::W, acc[r][v]);
+      store_tile(tile, NR, mv, nv, c, ldc, e);
+    }
+  }
+};
+template <class T>
+using FastKernel = SimdKernel<T, 6, 2>;
+#else
+template <class T>
+using FastKernel = PortableKernel<T>;
+#endif
+
+// Cache blocking. KC: an NR x KC micro-panel of B (16 KiB for 6x16 float) stays in the 32 KiB L1
+// beside the streaming A panel. MC: the MC x KC block of A (144 KiB) sits in a 512 KiB+ L2 with
+// room for B's panels and C. NC: the KC x NC block of B (4 MiB) is shared by the threads in L3.
+template <class T, class Kern>
+struct Blocking {
+  static constexpr int64_t KC = 256;
+  static constexpr int64_t MC = std::max<int64_t>(Kern::MR, (144 * 1024 / (KC * int64_t(sizeof(T)))) / Kern::MR * Kern::MR);
+  static constexpr int64_t NC =
+      std::max<int64_t>(Kern::NR, (4 * 1024 * 1024 / (KC * int64_t(sizeof(T)))) / Kern::NR * Kern::NR);
+};
+
+// Below this many multiply-adds a team's start-up costs more than the second thread saves.
+constexpr int64_t kMinParallelMacs = 64 * 64 * 64;
+
+// ---------------------------------------------------------------------------------------------
+// packing
+// ---------------------------------------------------------------------------------------------
+// mc x kc block of A -> ceil(mc / MR) panels, each kc steps of MR row values; rows past mc are 0.
+template <int MR, class T>
+void pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out) {
+  for (int64_t i = 0; i < mc; i += MR, out += kc * MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(MR, mc - i));
+    const T* ai = a + i * rs;
+    if (mr == MR) {
+      for (int64_t p = 0; p < kc; ++p)
+        for (int r = 0; r < MR; ++r) out[p * MR + r] = ai[r * rs + p * cs];
+    } else {
+      for (int64_t p = 0; p < kc; ++p)
+        for (int r = 0; r < MR; ++r) out[p * MR + r] = r < mr ? ai[r * rs + p * cs] : T(0);
+    }
+  }
+}
+
+// Panels [q0, q1) of the kc x nc block of B -> each kc steps of NR column values; columns past nc
+// are 0. Panel q lands at out + q * kc * NR.
+template <int NR, class T>
+void pack_b(int64_t q0, int64_t q1, int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t j = q * NR;
+    const int nr = static_cast<int>(std::min<int64_t>(NR, nc - j));
+    const T* bj = b + j * cs;
+    T* o = out + q * kc * NR;
+    if (nr == NR && cs == 1) {
+      for (int64_t p = 0; p < kc; ++p) std::memcpy(o + p * NR, bj + p * rs, sizeof(T) * NR);
+    } else if (nr == NR && rs == 1) {
+      // a transposed B: read each column contiguously
+      for (int c = 0; c < NR; ++c)
+        for (int64_t p = 0; p < kc; ++p) o[p * NR + c] = bj[c * cs + p];
+    } else {
+      for (int64_t p = 0; p < kc; ++p)
+        for (int c = 0; c < NR; ++c) o[p * NR + c] = c < nr ? bj[c * cs + p * rs] : T(0);
+    }
+  }
+}
+
+// Per-thread packing memory, kept between calls so a steady-state GEMM allocates nothing.
+template <class T>
+T* scratch(size_t count) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(count * sizeof(T)), 64));
+  if (buf.bytes < bytes) {
+    std::free(buf.p);
+    buf.p = std::aligned_alloc(64, bytes);
+    buf.bytes = buf.p ? bytes : 0;
+    if (!buf.p) throw std::bad_alloc();
+  }
+  return static_cast<T*>(buf.p);
+}
+
+template <class T>
+void gemm_no_k(int64_t M, int64_t N, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool accumulate) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* ci = C + i * ldc;
+    for (int64_t j = 0; j < N; ++j) {
+      T x = accumulate ? ci[j] : T(0);
+      if (bias) x += bias_dim == 1 ? bias[j] : bias[i];
+      ci[j] = relu ? relu_keep_nan(x) : x;
+    }
+  }
+}
+
+template <class T, class Kern>
+void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
+                 int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool parallel,
+                 bool accumulate) {
+  constexpr int MR = Kern::MR, NR = Kern::NR;
+  using Blk = Blocking<T, Kern>;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) return gemm_no_k(M, N, C, ldc, bias, bias_dim, relu, accumulate);
+
+  int nt = 1;
+  if (parallel && M * N * K >= kMinParallelMacs) nt = std::max(1, omp_get_max_threads());
+
+  // K split into equal slices (K = 300 gives 2 x 150, not 256 + 44).
+  const int64_t kc_max = ceil_div(K, ceil_div(K, Blk::KC));
+  const int64_t nc_max = std::min(Blk::NC, round_up(N, NR));
+  // M blocks: a multiple of the team size when there are enough, so no thread idles at the end.
+  int64_t n_ic = ceil_div(M, Blk::MC);
+  if (n_ic >= nt) n_ic = round_up(n_ic, nt);
+  const int64_t mc_max = round_up(ceil_div(M, n_ic), MR);
+  n_ic = ceil_div(M, mc_max);
+  // Too few M blocks for the team: split each block's N panels between threads too.
+  const int64_t nj = n_ic >= nt ? 1 : ceil_div(nt, n_ic);
+
+  const int64_t b_size = round_up(kc_max * nc_max, 16);
+  const int64_t a_size = round_up(mc_max * kc_max, 16);
+  T* const b_buf = scratch<T>(static_cast<size_t>(b_size + nt * a_size));
+
+  auto body = [&](int tid, int team) {
+    T* const a_buf = b_buf + b_size + tid * a_size;
+    for (int64_t jc = 0; jc < N; jc += nc_max) {
+      const int64_t nc = std::min(nc_max, N - jc);
+      const int64_t np = ceil_div(nc, NR);
+      for (int64_t pc = 0; pc < K; pc += kc_max) {
+        const int64_t kc = std::min(kc_max, K - pc);
+        const bool first = pc == 0, last = pc + kc >= K;
+        pack_b<NR>(np * tid / team, np * (tid + 1) / team, nc, kc, B + pc * rs_b + jc * cs_b, rs_b, cs_b, b_buf);
+        if (team > 1) {
+#pragma omp barrier
+        }
+        const int64_t nj_eff = std::min(nj, np);
+        const int64_t items = n_ic * nj_eff;
+        int64_t packed_ic = -1;
+        for (int64_t it = items * tid / team; it < items * (tid + 1) / team; ++it) {
+          const int64_t ic = it / nj_eff, jj = it % nj_eff;
+          const int64_t i0 = ic * mc_max, mc = std::min(mc_max, M - i0);
+          if (ic != packed_ic) {
+            pack_a<MR>(mc, kc, A + i0 * rs_a + pc * cs_a, rs_a, cs_a, a_buf);
+            packed_ic = ic;
+          }
+          for (int64_t q = np * jj / nj_eff; q < np * (jj + 1) / nj_eff; ++q) {
+            const int64_t j = q * NR;
+            const int nv = static_cast<int>(std::min<int64_t>(NR, nc - j));
+            for (int64_t ir = 0; ir < mc; ir += MR) {
+              const int mv = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+              Epilogue<T> e;
+              e.load = accumulate || !first;
+              e.bias_row = (last && bias && bias_dim == 0) ? bias + i0 + ir : nullptr;
+              e.bias_col = (last && bias && bias_dim == 1) ? bias + jc + j : nullptr;
+              e.relu = last && relu;
+              Kern::run(kc, a_buf + ir * kc, b_buf + q * kc * NR, C + (i0 + ir) * ldc + jc + j, ldc, mv, nv, e);
+            }
+          }
+        }
+        // B's buffer is repacked next: everyone must be done reading it.
+        if (team > 1) {
+#pragma omp barrier
+        }
+      }
+    }
+  };
+
+  if (nt == 1) {
+    body(0, 1);
+  } else {
+#pragma omp parallel num_threads(nt)
+    body(omp_get_thread_num(), omp_get_num_threads());
+  }
+}
+
+}  // namespace
+
+template <class T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
+          int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool parallel, bool accumulate) {
+  gemm_driver<T, FastKernel<T>>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, parallel,
+                                accumulate);
+}
+
+template <class T>
+void gemm_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B,
+                   int64_t rs_b, int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu,
+                   bool parallel, bool accumulate) {
+  gemm_driver<T, PortableKernel<T>>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, parallel,
+                                    accumulate);
+}
+
+template void gemm<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
+                          float*, int64_t, const float*, int, bool, bool, bool);
+template void gemm<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t, const double*, int64_t,
+                           int64_t, double*, int64_t, const double*, int, bool, bool, bool);
+template void gemm_portable<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t,
+                                   int64_t, float*, int64_t, const float*, int, bool, bool, bool);
+template void gemm_portable<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t, const double*,
+                                    int64_t, int64_t, double*, int64_t, const double*, int, bool, bool, bool);
+
+// ---------------------------------------------------------------------------------------------
+// batched matmul and the linear epilogue's backward, for dlkernels/matmul/cpp_impl.py
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+// Small matrices in a batch go one per thread (no team inside each GEMM); large ones use the
+// team inside each GEMM, where threads share the packed B in cache.
+constexpr int64_t kMaxMacsPerThreadGemm = 256 * 256 * 256;
+
+template <class T>
+void mm_batched(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int64_t sb_a, int64_t rs_a, int64_t cs_a,
+                const T* B, int64_t sb_b, int64_t rs_b, int64_t cs_b, T* C, const T* bias, int bias_dim, bool relu,
+                bool portable) {
+  auto* g = portable ? &gemm_portable<T> : &gemm<T>;
+  const int nt = omp_get_max_threads();
+  const bool by_batch = nt > 1 && batch >= nt && M * N * K <= kMaxMacsPerThreadGemm &&
+                        batch * M * N * std::max<int64_t>(K, 1) >= kMinParallelMacs;
+  if (!by_batch) {
+    for (int64_t i = 0; i < batch; ++i)
+      g(M, N, K, A + i * sb_a, rs_a, cs_a, B + i * sb_b, rs_b, cs_b, C + i * M * N, N, bias, bias_dim, relu, true,
+        false);
+    return;
+  }
+  std::exception_ptr error;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < batch; ++i) {
+    try {
+      g(M, N, K, A + i * sb_a, rs_a, cs_a, B + i * sb_b, rs_b, cs_b, C + i * M * N, N, bias, bias_dim, relu, false,
+        false);
+    } catch (...) {
+#pragma omp critical(dlk_mm_error)
+      error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// Sum of a contiguous row in double, in 8 independent lanes (vectorizable without reassociation,
+// and a blocked sum: each lane adds only n / 8 values).
+template <class T>
+inline double row_sum(const T* x, int64_t n) {
+  double lane[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; ++u) lane[u] += static_cast<double>(x[j + u]);
+  for (; j < n; ++j) lane[j & 7] += static_cast<double>(x[j]);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// grad_pre = grad_out * (out > 0) (written only when relu: otherwise grad_pre is grad_out itself)
+// and, when grad_bias is given, grad_pre's sums per column (bias_dim 1) or per row (bias_dim 0)
+// over the batch, accumulated in double. One pass over the data.
+template <class T>
+void bias_act_backward(int64_t batch, int64_t M, int64_t N, const T* go, const T* out, T* gp, T* gb, int bias_dim) {
+  const int64_t total = batch * M * N;
+  const bool par = total >= (int64_t(1) << 15);
+  auto mask_row = [&](int64_t off, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) gp[off + j] = go[off + j] * (out[off + j] > T(0) ? T(1) : T(0));
+  };
+  if (!gb) {
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t r = 0; r < batch * M; ++r) mask_row(r * N, N);
+    return;
+  }
+  const T* g = gp ? gp : go;  // the sums read grad_pre right after it is written, while in cache
+  if (bias_dim == 0) {
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t m = 0; m < M; ++m) {
+      double s = 0.0;
+      for (int64_t b = 0; b < batch; ++b) {
+        const int64_t off = (b * M + m) * N;
+        if (gp) mask_row(off, N);
+        s += row_sum(g + off, N);
+      }
+      gb[m] = static_cast<T>(s);
+    }
+    return;
+  }
+  // bias_dim 1: column sums over all batch * M rows. Each thread sums its rows in blocks of
+  // kRowBlock (double), adding each block's sums into its own total; totals are then combined in
+  // thread order.
+  constexpr int64_t kRowBlock = 128;
+  const int64_t rows = batch * M;
+  const int nt = par ? omp_get_max_threads() : 1;
+  std::vector<double> part(static_cast<size_t>(nt) * 2 * N, 0.0);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    double* tot = part.data() + static_cast<size_t>(tid) * 2 * N;
+    double* blk = tot + N;
+    const int64_t r0 = rows * tid / team, r1 = rows * (tid + 1) / team;
+    for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+      const int64_t re = std::min(r1, rb + kRowBlock);
+      std::fill(blk, blk + N, 0.0);
+      for (int64_t r = rb; r < re; ++r) {
+        if (gp) mask_row(r * N, N);
+        const T* gr = g + r * N;
+        for (int64_t j = 0; j < N; ++j) blk[j] += static_cast<double>(gr[j]);
+      }
+      for (int64_t j = 0; j < N; ++j) tot[j] += blk[j];
+    }
+  }
+  for (int64_t j = 0; j < N; ++j) {
+    double s = 0.0;
+    for (int t = 0; t < nt; ++t) s += part[static_cast<size_t>(t) * 2 * N + j];
+    gb[j] = static_cast<T>(s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// argument checks (a second fence behind dlkernels/_validation.py)
+// ---------------------------------------------------------------------------------------------
+template <class T>
+bool has_dtype(const py::array& a) {
+  return a.dtype().is(py::dtype::of<T>());
+}
+
+// Element strides, each non-negative and a whole number of elements.
+std::vector<int64_t> strides_of(const py::array& a, const char* name) {
+  std::vector<int64_t> s(a.ndim());
+  for (int d = 0; d < a.ndim(); ++d) {
+    require(a.strides(d) >= 0 && a.strides(d) % a.itemsize() == 0,
+            std::string(name) + " needs non-negative strides in whole elements");
+    s[d] = elem_stride(a, d);
+  }
+  return s;
+}
+
+// Byte range [first, last) that an array's elements span (empty arrays span nothing).
+std::pair<const char*, const char*> span_of(const py::array& a) {
+  const char* p = static_cast<const char*>(a.data());
+  if (a.size() == 0) return {p, p};
+  int64_t last = 0;
+  for (int d = 0; d < a.ndim(); ++d) last += (a.shape(d) - 1) * a.strides(d);
+  return {p, p + last + a.itemsize()};
+}
+
+bool overlaps(const py::array& x, const py::array& y) {
+  const auto a = span_of(x), b = span_of(y);
+  return a.first < b.second && b.first < a.second;
+}
+
+void check_output(const py::array& out, const char* name) {
+  require(out.writeable(), std::string(name) + " must be writeable");
+  require((out.flags() & py::array::c_style) != 0, std::string(name) + " must be C-contiguous");
+}
+
+template <class T>
+void mm_typed(const py::array& a, const py::array& b, const py::object& bias_obj, int bias_dim, bool relu,
+              py::array out, bool portable) {
+  const int nd = static_cast<int>(a.ndim());
+  require(nd == 2 || nd == 3, "mm: a must be 2-D or 3-D");
+  require(b.ndim() == nd && out.ndim() == nd, "mm: a, b and out must have the same rank");
+  require(has_dtype<T>(b) && has_dtype<T>(out), "mm: a, b and out must have one dtype");
+  const int o = nd - 2;
+  const int64_t batch = nd == 3 ? a.shape(0) : 1;
+  const int64_t M = a.shape(o), K = a.shape(o + 1), N = b.shape(o + 1);
+  require(b.shape(o) == K, "mm: inner sizes of a and b differ");
+  require(nd == 2 || (b.shape(0) == batch && out.shape(0) == batch), "mm: batch sizes differ");
+  require(out.shape(o) == M && out.shape(o + 1) == N, "mm: out must have shape (.., M, N)");
+  require(bias_dim == 0 || bias_dim == 1, "mm: bias_dim must be 0 or 1");
+  check_output(out, "mm: out");
+  require(!overlaps(out, a) && !overlaps(out, b), "mm: out must not overlap a or b");
+  const auto sa = strides_of(a, "mm: a"), sb = strides_of(b, "mm: b");
+  const T* bias = nullptr;
+  if (!bias_obj.is_none()) {
+    const auto bias_arr = bias_obj.cast<py::array>();
+    require(has_dtype<T>(bias_arr), "mm: bias must have the dtype of a");
+    require(bias_arr.ndim() == 1 && bias_arr.shape(0) == (bias_dim == 1 ? N : M),
+            "mm: bias must be 1-D of length N (bias_dim=1) or M (bias_dim=0)");
+    require(bias_arr.shape(0) <= 1 || bias_arr.strides(0) == bias_arr.itemsize(), "mm: bias must be contiguous");
+    bias = static_cast<const T*>(bias_arr.data());
+  }
+  const T* pa = static_cast<const T*>(a.data());
+  const T* pb = static_cast<const T*>(b.data());
+  T* pc = static_cast<T*>(out.mutable_data());
+  py::gil_scoped_release nogil;
+  mm_batched<T>(batch, M, N, K, pa, nd == 3 ? sa[0] : 0, sa[o], sa[o + 1], pb, nd == 3 ? sb[0] : 0, sb[o], sb[o + 1],
+                pc, bias, bias_dim, relu, portable);
+}
+
+// Outputs must be real numpy arrays: pybind11 would otherwise convert e.g. a list into a
+// temporary array and the results would be silently lost.
+py::array output_array(const py::object& obj, const char* name) {
+  require(py::isinstance<py::array>(obj), std::string(name) + " must be a numpy array");
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+void mm_entry(const py::array& a, const py::array& b, const py::object& bias, int bias_dim, bool relu,
+              py::array out, bool portable) {
+  if (has_dtype<float>(a)) return mm_typed<float>(a, b, bias, bias_dim, relu, out, portable);
+  if (has_dtype<double>(a)) return mm_typed<double>(a, b, bias, bias_dim, relu, out, portable);
+  require(false, "mm: dtype must be float32 or float64");
+}
+
+template <class T>
+void bias_act_backward_typed(const py::array& go, const py::array& out, bool relu, int bias_dim,
+                             const py::object& gp_obj, const py::object& gb_obj) {
+  const int nd = static_cast<int>(go.ndim());
+  require(nd == 2 || nd == 3, "bias_act_backward: grad_out must be 2-D or 3-D");
+  require(bias_dim == 0 || bias_dim == 1, "bias_act_backward: bias_dim must be 0 or 1");
+  require((go.flags() & py::array::c_style) != 0, "bias_act_backward: grad_out must be C-contiguous");
+  const int o = nd - 2;
+  const int64_t batch = nd == 3 ? go.shape(0) : 1, M = go.shape(o), N = go.shape(o + 1);
+  T* gp = nullptr;
+  if (relu) {
+    require(has_dtype<T>(out) && out.ndim() == nd && (out.flags() & py::array::c_style) != 0,
+            "bias_act_backward: out must be C-contiguous with grad_out's dtype and rank");
+    for (int d = 0; d < nd; ++d) require(out.shape(d) == go.shape(d), "bias_act_backward: out's shape differs");
+    require(!gp_obj.is_none(), "bias_act_backward: relu needs a grad_pre output");
+    auto gpa = output_array(gp_obj, "bias_act_backward: grad_pre");
+    require(has_dtype<T>(gpa) && gpa.ndim() == nd, "bias_act_backward: grad_pre must match grad_out");
+    for (int d = 0; d < nd; ++d) require(gpa.shape(d) == go.shape(d), "bias_act_backward: grad_pre's shape differs");
+    check_output(gpa, "bias_act_backward: grad_pre");
+    require(!overlaps(gpa, go) && !overlaps(gpa, out), "bias_act_backward: grad_pre must not overlap the inputs");
+    gp = static_cast<T*>(gpa.mutable_data());
+  }
+  T* gb = nullptr;
+  if (!gb_obj.is_none()) {
+    auto gba = output_array(gb_obj, "bias_act_backward: grad_bias");
+    require(has_dtype<T>(gba) && gba.ndim() == 1 && gba.shape(0) == (bias_dim == 1 ? N : M),
+            "bias_act_backward: grad_bias must be 1-D of length N (bias_dim=1) or M (bias_dim=0)");
+    check_output(gba, "bias_act_backward: grad_bias");
+    gb = static_cast<T*>(gba.mutable_data());
+  }
+  if (!gp && !gb) return;
+  const T* pgo = static_cast<const T*>(go.data());
+  const T* pout = relu ? static_cast<const T*>(out.data()) : nullptr;
+  py::gil_scoped_release nogil;
+  bias_act_backward<T>(batch, M, N, pgo, pout, gp, gb, bias_dim);
+}
+
+}  // namespace
+
+void init_matmul(py::module_& m) {
+  m.def(
+      "mm",
+      [](const py::array& a, const py::array& b, const py::object& bias, int bias_dim, bool relu,
+         const py::object& out) { mm_entry(a, b, bias, bias_dim, relu, output_array(out, "mm: out"), false);
+      },
+      py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("bias_dim"), py::arg("relu"), py::arg("out"),
+      "out[...] = act(a @ b + bias): a (M, K) or (B, M, K), b (K, N) or (B, K, N), any non-negative strides; "
+      "out C-contiguous (M, N) or (B, M, N); bias None or contiguous 1-D (N for bias_dim=1, M for bias_dim=0)");
+  m.def(
+      "mm_scalar_for_test",
+      [](const py::array& a, const py::array& b, const py::object& bias, int bias_dim, bool relu,
+         const py::object& out) { mm_entry(a, b, bias, bias_dim, relu, output_array(out, "mm: out"), true);
+      },
+      py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("bias_dim"), py::arg("relu"), py::arg("out"),
+      "mm through the portable scalar micro-kernel (the fallback of builds without AVX2/FMA), for tests");
+  m.def(
+      "bias_act_backward",
+      [](const py::array& grad_out, const py::array& out, bool relu, int bias_dim, const py::object& grad_pre,
+         const py::object& grad_bias) {
+        if (has_dtype<float>(grad_out))
+          return bias_act_backward_typed<float>(grad_out, out, relu, bias_dim, grad_pre, grad_bias);
+        if (has_dtype<double>(grad_out))
+          return bias_act_backward_typed<double>(grad_out, out, relu, bias_dim, grad_pre, grad_bias);
+        require(false, "bias_act_backward: dtype must be float32 or float64");
+      },
+      py::arg("grad_out"), py::arg("out"), py::arg("relu"), py::arg("bias_dim"), py::arg("grad_pre"),
+      py::arg("grad_bias"),
+      "grad_pre[...] = grad_out * (out > 0) (relu; grad_pre None otherwise) and grad_bias[...] = grad_pre "
+      "summed over all dims but bias_dim of the last two (grad_bias None to skip)");
+}
+
 }  // namespace dlk

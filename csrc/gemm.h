@@ -1,0 +1,55 @@
+// dlk::gemm: the project's CPU GEMM, callable from any kernel in csrc/ (defined in matmul.cpp,
+// instantiated for float and double).
+//
+//   C[i, j] = act( (accumulate ? C[i, j] : 0) + sum_k A[i, k] * B[k, j] + bias )
+//
+//   A element (i, k) is A[i * rs_a + k * cs_a]; B element (k, j) is B[k * rs_b + j * cs_b].
+//   Any non-negative strides, 0 included (a broadcast row or column), so a transposed operand is
+//   just swapped strides: both operands are packed into the micro-kernel's layout anyway.
+//   C is row-major with leading dimension ldc >= N (column stride 1) and must not overlap A or B.
+//   bias: nullptr, or N values (bias_dim = 1, one per column) or M values (bias_dim = 0, one per
+//   row). relu: max(x, 0) that keeps NaN (only x < 0 becomes 0), applied after the bias.
+//   Bias and relu are fused into the last K block's store: C is written once per K block.
+//   M, N or K may be 0 (K = 0 gives C = act((accumulate ? C : 0) + bias)).
+//
+// Threads: parallel = true runs an OpenMP team of omp_get_max_threads() threads over the M and N
+// blocks (one thread when the product is too small to pay for a team). parallel = false runs
+// entirely on the calling thread and uses no OpenMP construct at all, so it is safe to call from
+// inside the caller's own `omp parallel` region, one independent GEMM per thread: e.g. a fused
+// kernel that computes a cache-sized block of its intermediate and then multiplies it.
+//
+// Memory: packing buffers are per calling thread (thread_local, grown on demand and kept, so a
+// steady-state call allocates nothing): up to about 4.5 MiB per thread for large problems, a few
+// KiB for small ones. The functions are reentrant across threads.
+//
+// Errors: none are checked here (callers validate shapes and strides); a failed allocation of the
+// packing buffers throws std::bad_alloc before any thread is started.
+#pragma once
+
+#include <cstdint>
+
+namespace dlk {
+
+template <class T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
+          int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool parallel,
+          bool accumulate = false);
+
+// The same GEMM through the portable scalar micro-kernel (the fallback a build without AVX2/FMA or
+// AVX-512 uses for gemm); always compiled, so tests can run it on any machine.
+template <class T>
+void gemm_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B,
+                   int64_t rs_b, int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu,
+                   bool parallel, bool accumulate = false);
+
+extern template void gemm<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t,
+                                 int64_t, float*, int64_t, const float*, int, bool, bool, bool);
+extern template void gemm<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t, const double*,
+                                  int64_t, int64_t, double*, int64_t, const double*, int, bool, bool, bool);
+extern template void gemm_portable<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
+                                          int64_t, int64_t, float*, int64_t, const float*, int, bool, bool, bool);
+extern template void gemm_portable<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
+                                           const double*, int64_t, int64_t, double*, int64_t, const double*, int,
+                                           bool, bool, bool);
+
+}  // namespace dlk

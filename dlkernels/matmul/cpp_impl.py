@@ -1,0 +1,35 @@
+"""matmul/linear kernels of the C++ backend (csrc/matmul.cpp, a BLIS-style packed GEMM).
+
+Tensors go to C++ as zero-copy numpy views with their strides (transposed and stride-0 batch
+operands included); outputs are allocated here with torch.empty and filled in place.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _C
+
+
+def _np(t: Optional[Tensor]):
+    return None if t is None else t.detach().numpy()
+
+
+def mm(a: Tensor, b: Tensor, bias: Optional[Tensor], bias_dim: int, activation: str) -> Tensor:
+    out = torch.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype)
+    _C.mm(_np(a), _np(b), _np(bias), bias_dim, activation == "relu", out.numpy())
+    return out
+
+
+def bias_act_backward(grad_out: Tensor, out: Tensor, activation: str, bias_dim: int, need_bias: bool):
+    relu = activation == "relu"
+    grad_bias = grad_out.new_empty(grad_out.shape[-2 + bias_dim]) if need_bias else None
+    if not relu and not need_bias:
+        return grad_out, None
+    # without relu grad_pre is grad_out itself: only the bias sums are computed
+    grad_pre = torch.empty_like(grad_out, memory_format=torch.contiguous_format) if relu else grad_out
+    _C.bias_act_backward(_np(grad_out), _np(out), relu, bias_dim, grad_pre.numpy() if relu else None,
+                         _np(grad_bias))
+    return grad_pre, grad_bias
