@@ -306,7 +306,7 @@ def bias_array(bias: torch.Tensor | None, like: torch.Tensor) -> np.ndarray:
     return bias.detach().contiguous().numpy()
 
 
-def _geometry(stride, pad, dilation):
+def geometry(stride, pad, dilation):
     return (int(stride[0]), int(stride[1]), int(pad[0]), int(pad[1]), int(dilation[0]), int(dilation[1]))
 
 
@@ -316,7 +316,7 @@ def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
     Cm, _, kH, kW = weight.shape
     m = Cm // C
     Ho, Wo = int(out_hw[0]), int(out_hw[1])
-    geo = _geometry(stride, pad, dilation)
+    geo = geometry(stride, pad, dilation)
     b = bias_array(bias, x)
     if is_channels_last(x):
         y = torch.empty((N, Ho, Wo, Cm), dtype=x.dtype)
@@ -336,7 +336,7 @@ def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_chan
     H, W = int(in_hw[0]), int(in_hw[1])
     C = Cm if in_channels is None else int(in_channels)
     m = Cm // C
-    geo = _geometry(stride, pad, dilation)
+    geo = geometry(stride, pad, dilation)
     if is_channels_last(grad_y):
         gx = torch.empty((N, H, W, C), dtype=grad_y.dtype)
         _bwd_input_cl(nhwc_view(grad_y), taps_by_channel(weight), gx.numpy(), m, *geo, kW)
@@ -353,7 +353,7 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
     m = Cm // C
     kH, kW = int(kernel_hw[0]), int(kernel_hw[1])
     K = kH * kW
-    geo = _geometry(stride, pad, dilation)
+    geo = geometry(stride, pad, dilation)
     threads = numba.get_num_threads()
     if is_channels_last(grad_y):
         n_chunks = max(1, min(N * Ho, threads))
