@@ -1,0 +1,351 @@
+"""Triton kernels for depthwise conv2d (contract: dlkernels/depthwise/op.py).
+
+Every kernel addresses its tensors through (n, c, h, w) strides, so one kernel serves NCHW and
+channels_last. Outputs are fresh tensors in the canonical strides of their format; for those the
+flattened output pixel p = i * Wo + j sits at p * stride_w (stride_h == Wo * stride_w in both
+formats), which keeps the store's contiguity visible to the compiler (Triton specialises a stride
+equal to 1): along pixels for NCHW, along channels for channels_last.
+
+The block shapes follow the layout: channels_last wants wide channel blocks (the contiguous axis),
+NCHW wants long pixel runs and few channels, hence two autotune config lists per kernel.
+
+Under TRITON_INTERPRET=1 (CPU) no autotuning happens: each kernel runs one fixed small config.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _dispatch
+from .. import _validation as V
+
+INTERPRET = _dispatch.triton_interpreting()
+
+_wrap_triton = getattr(torch.library, "wrap_triton", None)
+
+
+def _cfg(num_warps: int = 4, num_stages: int = 2, **meta) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+class TunedKernel:
+    """A @triton.jit kernel launched through wrap_triton: autotuned over ``configs`` on a GPU, run
+    with the fixed ``interpret_meta`` under the interpreter (tuning there only multiplies the
+    already slow run time)."""
+
+    def __init__(self, fn, configs, key, interpret_meta, **autotune_kw):
+        if INTERPRET:
+            self.fn, self.meta = fn, dict(interpret_meta)
+        else:
+            self.fn, self.meta = triton.autotune(configs=configs, key=key, **autotune_kw)(fn), {}
+
+    def __call__(self, grid, *args, **kwargs):
+        launcher = _wrap_triton(self.fn) if _wrap_triton is not None else self.fn
+        return launcher[grid](*args, **kwargs, **self.meta)
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulator type: float64 for float64, else float32 (fp16/bf16 never accumulate in themselves)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return V.memory_format(t) == torch.channels_last
+
+
+def new_output(ref: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=ref.dtype, device=ref.device, memory_format=fmt)
+
+
+def pixel_stride(t: torch.Tensor) -> int:
+    """Stride of the flattened (h, w) pixel index of a canonical NCHW or channels_last tensor."""
+    return t.stride(3)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared device helper: a [BLOCK_P pixels x BLOCK_C channels] tile of the depthwise output
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
+            stride_xc, stride_xh, stride_xw, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+            KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
+            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sum over taps of weight[c, p, q] * x[c // M, i*sH - pT + p*dH, j*sW - pL + q*dW], in ACC.
+    Out-of-range taps, pixels and channels read zero. Also used by the fused separable kernel."""
+    x_chan = ((offs_c // M) * stride_xc)[None, :]
+    mask_c2 = mask_c[None, :]
+    w_row = w_ptr + offs_c * (KH * KW)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for p in tl.static_range(KH):
+        h = i * conv_sh - pad_h + p * dil_h
+        row_ok = mask_p & (h >= 0) & (h < H)
+        x_row = h * stride_xh
+        for q in tl.static_range(KW):
+            w = j * conv_sw - pad_w + q * dil_w
+            ok = row_ok & (w >= 0) & (w < W)
+            xv = tl.load(x_img + (x_row + w * stride_xw)[:, None] + x_chan,
+                         mask=ok[:, None] & mask_c2, other=0.0)
+            wv = tl.load(w_row + (p * KW + q), mask=mask_c, other=0.0)
+            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                   C_out, M, H, W, Ho, Wo,
+                   stride_xn, stride_xc, stride_xh, stride_xw,
+                   stride_yn, stride_yc, stride_yp,
+                   conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+                   KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < Ho * Wo
+    mask_c = offs_c < C_out
+    i = offs_p // Wo
+    j = offs_p % Wo
+    acc = dw_tile(x_ptr + n * stride_xn, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
+                  stride_xc, stride_xh, stride_xw, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+                  KH, KW, ACC, BLOCK_P, BLOCK_C)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
+    y_ptrs = y_ptr + n * stride_yn + (offs_p * stride_yp)[:, None] + (offs_c * stride_yc)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+
+
+# channels_last: channel blocks are the contiguous (vectorised) axis; NCHW: pixel runs.
+_FWD_CONFIGS_CL = [
+    _cfg(BLOCK_P=32, BLOCK_C=64), _cfg(BLOCK_P=64, BLOCK_C=64), _cfg(BLOCK_P=16, BLOCK_C=128),
+    _cfg(BLOCK_P=32, BLOCK_C=128, num_warps=8), _cfg(BLOCK_P=64, BLOCK_C=32),
+    _cfg(BLOCK_P=128, BLOCK_C=32, num_warps=8),
+]
+_FWD_CONFIGS_NCHW = [
+    _cfg(BLOCK_P=128, BLOCK_C=1), _cfg(BLOCK_P=256, BLOCK_C=1), _cfg(BLOCK_P=512, BLOCK_C=1, num_warps=8),
+    _cfg(BLOCK_P=128, BLOCK_C=2), _cfg(BLOCK_P=256, BLOCK_C=2, num_warps=8), _cfg(BLOCK_P=128, BLOCK_C=4),
+]
+_FWD_KEY = ["C_out", "M", "Ho", "Wo", "KH", "KW", "conv_sh", "conv_sw", "dil_h"]
+_dw_fwd_cl = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_CL, _FWD_KEY, dict(BLOCK_P=32, BLOCK_C=16))
+_dw_fwd_nchw = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_NCHW, _FWD_KEY, dict(BLOCK_P=64, BLOCK_C=2))
+
+
+def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
+    n, c, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    ho, wo = out_hw
+    cl = is_channels_last(x)
+    y = new_output(x, (n, c_out, ho, wo), cl)
+    kernel = _dw_fwd_cl if cl else _dw_fwd_nchw
+    grid = lambda META: (triton.cdiv(ho * wo, META["BLOCK_P"]), triton.cdiv(c_out, META["BLOCK_C"]), n)
+    kernel(grid, x, weight, bias if bias is not None else weight, y,
+           c_out, c_out // c, h, w, ho, wo,
+           *x.stride(), y.stride(0), y.stride(1), pixel_stride(y),
+           stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
+           KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype))
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: input gradient (gather form of the transposed conv, no atomics)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dw_bwd_input_kernel(gy_ptr, w_ptr, gx_ptr,
+                         C, M, H, W, Ho, Wo,
+                         stride_gn, stride_gc, stride_gh, stride_gw,
+                         stride_xn, stride_xc, stride_xp,
+                         pad_h, pad_w, dil_h, dil_w,
+                         SH: tl.constexpr, SW: tl.constexpr,
+                         KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # grad_x[n, c, h, w] = sum_{r < M, taps} weight[c*M + r, p, q] * grad_y[n, c*M + r, i, j]
+    # over the taps with i*SH = h + pT - p*dH (and likewise j) landing on an output pixel.
+    # The conv strides are constexpr so that the divisions below are shifts / vanish for 1 and 2.
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < H * W
+    mask_c = offs_c < C
+    mask_c2 = mask_c[None, :]
+    h = offs_p // W
+    w = offs_p % W
+    gy_img = gy_ptr + n * stride_gn
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for r in range(0, M):
+        o = offs_c * M + r
+        gy_chan = (o * stride_gc)[None, :]
+        w_row = w_ptr + o * (KH * KW)
+        for p in tl.static_range(KH):
+            th = h + pad_h - p * dil_h
+            i = th // SH
+            row_ok = mask_p & (th >= 0) & (i < Ho)
+            if SH > 1:
+                row_ok = row_ok & (th - i * SH == 0)
+            for q in tl.static_range(KW):
+                tw = w + pad_w - q * dil_w
+                j = tw // SW
+                ok = row_ok & (tw >= 0) & (j < Wo)
+                if SW > 1:
+                    ok = ok & (tw - j * SW == 0)
+                g = tl.load(gy_img + (i * stride_gh + j * stride_gw)[:, None] + gy_chan,
+                            mask=ok[:, None] & mask_c2, other=0.0)
+                wv = tl.load(w_row + (p * KW + q), mask=mask_c, other=0.0)
+                acc += g.to(ACC) * wv.to(ACC)[None, :]
+    gx_ptrs = gx_ptr + n * stride_xn + (offs_p * stride_xp)[:, None] + (offs_c * stride_xc)[None, :]
+    tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c2)
+
+
+_BWD_IN_KEY = ["C", "M", "H", "W", "KH", "KW", "SH", "SW"]
+_dw_bwd_input_cl = TunedKernel(_dw_bwd_input_kernel, _FWD_CONFIGS_CL, _BWD_IN_KEY, dict(BLOCK_P=32, BLOCK_C=16))
+_dw_bwd_input_nchw = TunedKernel(_dw_bwd_input_kernel, _FWD_CONFIGS_NCHW, _BWD_IN_KEY, dict(BLOCK_P=64, BLOCK_C=2))
+
+
+def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_channels=None):
+    """``in_channels`` (C): grad_y and weight only carry C*m, so without it the multiplier is taken
+    as 1 (the contract's signature does not pass C; see the family's op.py)."""
+    n, c_out, ho, wo = grad_y.shape
+    _, _, kh, kw = weight.shape
+    h, w = in_hw
+    c = c_out if in_channels is None else int(in_channels)
+    if c < 1 or c_out % c != 0:
+        raise ValueError(f"depthwise_bwd_input: {c_out} output channels are not a multiple of in_channels={c}")
+    m = c_out // c
+    cl = is_channels_last(grad_y)
+    gx = new_output(grad_y, (n, c, h, w), cl)
+    kernel = _dw_bwd_input_cl if cl else _dw_bwd_input_nchw
+    grid = lambda META: (triton.cdiv(h * w, META["BLOCK_P"]), triton.cdiv(c, META["BLOCK_C"]), n)
+    kernel(grid, grad_y, weight, gx,
+           c, m, h, w, ho, wo,
+           *grad_y.stride(), gx.stride(0), gx.stride(1), pixel_stride(gx),
+           pad[0], pad[1], dilation[0], dilation[1],
+           SH=stride[0], SW=stride[1], KH=kh, KW=kw, ACC=acc_dtype(grad_y.dtype))
+    return gx
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: weight (+ bias) gradient, a deterministic two-level reduction
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dw_bwd_weight_partial_kernel(gy_ptr, x_ptr, part_ptr,
+                                  C_out, M, H, W, Ho, Wo, TOTAL, CHUNK,
+                                  stride_gn, stride_gc, stride_gh, stride_gw,
+                                  stride_xn, stride_xc, stride_xh, stride_xw,
+                                  conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+                                  KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program (chunk, channel block) sums grad_y * x over its CHUNK of the flattened (n, i, j)
+    # output pixels for every tap, and writes part[chunk, c, tap] (tap == KH*KW: the bias sum).
+    # Taps are the outer loop so each tap's [BLOCK_P, BLOCK_C] accumulator is reduced across
+    # threads once per chunk, not once per pixel block; the grad_y re-reads hit L1/L2.
+    pid_k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C_out
+    mask_c2 = mask_c[None, :]
+    gy_chan = (offs_c * stride_gc)[None, :]
+    x_chan = ((offs_c // M) * stride_xc)[None, :]
+    start = pid_k * CHUNK
+    end = tl.minimum(start + CHUNK, TOTAL)
+    NCOL: tl.constexpr = KH * KW + HAS_BIAS
+    part_row = part_ptr + pid_k.to(tl.int64) * C_out * NCOL + offs_c * NCOL
+    for t in tl.static_range(KH * KW + HAS_BIAS):
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        for p0 in range(start, end, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < end
+            n = (offs_p // (Ho * Wo)).to(tl.int64)
+            rem = offs_p % (Ho * Wo)
+            i = rem // Wo
+            j = rem % Wo
+            g = tl.load(gy_ptr + (n * stride_gn + i * stride_gh + j * stride_gw)[:, None] + gy_chan,
+                        mask=mask_p[:, None] & mask_c2, other=0.0).to(ACC)
+            if t == KH * KW:
+                acc += g
+            else:
+                h = i * conv_sh - pad_h + (t // KW) * dil_h
+                w = j * conv_sw - pad_w + (t % KW) * dil_w
+                ok = mask_p & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                xv = tl.load(x_ptr + (n * stride_xn + h * stride_xh + w * stride_xw)[:, None] + x_chan,
+                             mask=ok[:, None] & mask_c2, other=0.0)
+                acc += g * xv.to(ACC)
+        tl.store(part_row + t, tl.sum(acc, axis=0), mask=mask_c)
+
+
+@triton.jit
+def _dw_bwd_weight_reduce_kernel(part_ptr, gw_ptr, gb_ptr, R, NUM_CHUNKS,
+                                 NTAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_R: tl.constexpr):
+    # Sums part[:, r] over the chunks in a fixed order (deterministic) and scatters column r =
+    # c * NCOL + tap into grad_weight[c, tap] or, for tap == NTAP, grad_bias[c].
+    NCOL: tl.constexpr = NTAP + HAS_BIAS
+    offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = offs < R
+    acc = tl.zeros([BLOCK_R], dtype=ACC)
+    ptrs = part_ptr + offs
+    for _ in range(0, NUM_CHUNKS):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += R  # pointer arithmetic is 64-bit: no int32 overflow of k * R
+    c = offs // NCOL
+    t = offs % NCOL
+    tl.store(gw_ptr + c * NTAP + t, acc.to(gw_ptr.dtype.element_ty), mask=mask & (t < NTAP))
+    if HAS_BIAS:
+        tl.store(gb_ptr + c, acc.to(gb_ptr.dtype.element_ty), mask=mask & (t == NTAP))
+
+
+_BWD_W_KEY = ["C_out", "M", "Ho", "Wo", "CHUNK", "KH", "KW", "conv_sh", "conv_sw"]
+_dw_bwd_weight_cl = TunedKernel(_dw_bwd_weight_partial_kernel, _FWD_CONFIGS_CL, _BWD_W_KEY,
+                                dict(BLOCK_P=32, BLOCK_C=16))
+_dw_bwd_weight_nchw = TunedKernel(_dw_bwd_weight_partial_kernel, _FWD_CONFIGS_NCHW, _BWD_W_KEY,
+                                  dict(BLOCK_P=64, BLOCK_C=2))
+_dw_bwd_weight_reduce = TunedKernel(_dw_bwd_weight_reduce_kernel,
+                                    [_cfg(BLOCK_R=256), _cfg(BLOCK_R=1024, num_warps=8)], ["R", "NUM_CHUNKS"],
+                                    dict(BLOCK_R=256))
+
+# pixels per reduction chunk: a multiple of every BLOCK_P above, so chunks never split a block
+_CHUNK_QUANTUM = 512
+
+
+def _num_chunks_target(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias):
+    n, c_out, ho, wo = grad_y.shape
+    _, c, h, w = x.shape
+    kh, kw = kernel_hw
+    total = n * ho * wo
+    # Enough chunks to fill the GPU together with the channel blocks, each a few blocks long; the
+    # channel-block count depends on the tuned BLOCK_C, so aim at the smallest (1 for NCHW).
+    cl = is_channels_last(x)
+    c_blocks_min = max(1, c_out // 128) if cl else c_out
+    want = max(1, triton.cdiv(_num_chunks_target(x.device), c_blocks_min))
+    chunk = max(_CHUNK_QUANTUM, triton.cdiv(triton.cdiv(total, want), _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
+    num_chunks = triton.cdiv(total, chunk)
+    ntap = kh * kw
+    ncol = ntap + int(need_bias)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part = torch.empty((num_chunks, c_out * ncol), dtype=acc, device=x.device)
+    kernel = _dw_bwd_weight_cl if cl else _dw_bwd_weight_nchw
+    grid = lambda META: (num_chunks, triton.cdiv(c_out, META["BLOCK_C"]))
+    kernel(grid, grad_y, x, part,
+           c_out, c_out // c, h, w, ho, wo, total, chunk,
+           *grad_y.stride(), *x.stride(),
+           stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
+           KH=kh, KW=kw, HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype))
+    gw = torch.empty((c_out, 1, kh, kw), dtype=x.dtype, device=x.device)
+    gb = torch.empty((c_out,), dtype=x.dtype, device=x.device) if need_bias else None
+    r = c_out * ncol
+    grid_r = lambda META: (triton.cdiv(r, META["BLOCK_R"]),)
+    _dw_bwd_weight_reduce(grid_r, part, gw, gb if gb is not None else gw, r, num_chunks,
+                          NTAP=ntap, HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype))
+    return gw, gb
