@@ -78,18 +78,30 @@ void bwd_input_plane_scatter(const T* gy, const T* w, T* gxp, int64_t n, int64_t
   }
 }
 
+// Stride 1: grad_y seen as the input of a forward conv whose output is grad_x.
+DwGeom flipped_geom(const DwGeom& g) {
+  DwGeom t = g;  // "input" = grad_y (Ho, Wo), "output" = grad_x (H, W)
+  t.H = g.Ho, t.W = g.Wo, t.Ho = g.H, t.Wo = g.W;
+  t.pT = (g.kH - 1) * g.dH - g.pT, t.pL = (g.kW - 1) * g.dW - g.pL;
+  t.jin = interior_range(t.Wo, 1, t.pL, t.dW, t.kW, t.W);
+  return t;
+}
+
+template <class T>
+std::vector<T> flipped_taps(const T* w, int64_t Cm, int64_t K) {
+  std::vector<T> wf(static_cast<size_t>(Cm * K));
+  for (int64_t o = 0; o < Cm; ++o)
+    for (int64_t t = 0; t < K; ++t) wf[o * K + t] = w[o * K + K - 1 - t];
+  return wf;
+}
+
 // Stride 1: grad_x is the forward conv of grad_y with the kernel flipped and padding
 // (k-1)*d - pad, so it reuses the register-blocked forward row kernel (a gather, no stores per tap).
 template <class T>
 void bwd_input_nchw_stride1(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t K = g.kH * g.kW;
-  std::vector<T> wf(static_cast<size_t>(g.Cm * K));
-  for (int64_t o = 0; o < g.Cm; ++o)
-    for (int64_t t = 0; t < K; ++t) wf[o * K + t] = w[o * K + K - 1 - t];
-  DwGeom t = g;  // "input" = grad_y (Ho, Wo), "output" = grad_x (H, W)
-  t.H = g.Ho, t.W = g.Wo, t.Ho = g.H, t.Wo = g.W;
-  t.pT = (g.kH - 1) * g.dH - g.pT, t.pL = (g.kW - 1) * g.dW - g.pL;
-  t.jin = interior_range(t.Wo, 1, t.pL, t.dW, t.kW, t.W);
+  const std::vector<T> wf = flipped_taps(w, g.Cm, K);
+  const DwGeom t = flipped_geom(g);
   const int64_t rb = rows_per_task(g.N * g.C, g.H), nb = ceil_div(g.H, rb);
 #pragma omp parallel
   {
@@ -176,7 +188,20 @@ void cl_gather_pixel(const T* gyn, const T* wt, T* dst, const std::vector<TapOut
 
 template <class T>
 void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
-  const std::vector<T> wt = taps_major(w, g.Cm, g.kH * g.kW);
+  const int64_t K = g.kH * g.kW;
+  if (g.sH == 1 && g.sW == 1 && g.m == 1) {
+    // Multiplier 1, stride 1: the forward pixel kernel on grad_y with the flipped kernel.
+    const DwGeom t = flipped_geom(g);
+    const std::vector<T> wt = taps_major(flipped_taps(w, g.Cm, K).data(), g.Cm, K);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < g.N * g.H; ++r) {
+      const int64_t n = r / g.H, h = r % g.H;
+      const T* gyn = gy + n * g.Ho * g.Wo * g.Cm;
+      for (int64_t wi = 0; wi < g.W; ++wi) dw_pixel_cl(gyn, wt.data(), (const T*)nullptr, gx + (r * g.W + wi) * g.C, h, wi, t);
+    }
+    return;
+  }
+  const std::vector<T> wt = taps_major(w, g.Cm, K);
   const auto pixel = g.m == 1 ? cl_gather_pixel<T, true> : cl_gather_pixel<T, false>;
 #pragma omp parallel
   {
