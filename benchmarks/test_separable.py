@@ -1,0 +1,7 @@
+"""Fused depthwise-separable convolution against the two-conv sequence (issue 4): every case of dlkernels/bench/cases.py for these ops, each contender checked against
+float64 and timed interleaved with PyTorch (see dlkernels/bench/plugin.py)."""
+BENCH_OPS = ("separable_conv2d",)
+
+
+def test_separable(bench_item):
+    bench_item()

@@ -1,0 +1,165 @@
+"""The machine a run measures on: its description, its allocator setting and its own limits.
+
+The limits (copy bandwidth, matmul FLOP/s) are measured at the start of every run, on the same
+machine, so each case's achieved GB/s or FLOP/s is stated as a fraction of what this machine did.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# glibc's mallopt parameters (malloc.h). Raised so that freed large buffers stay in the process:
+# by default every new op output is a fresh mmap whose page faults land inside the timed call
+# (eager relu(bn(x)+r) at 8x256x56x56 here: 24 ms default, 5.7 ms with these set).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_SETTINGS = {"M_MMAP_THRESHOLD": 1_000_000_000, "M_TRIM_THRESHOLD": 2**31 - 1, "M_TOP_PAD": 256 << 20}
+
+
+def configure_malloc() -> str:
+    """Apply MALLOC_SETTINGS to this process through mallopt(3); returns what was done, for the report.
+
+    mallopt at run time rather than the MALLOC_*_ environment variables: glibc (2.36 here) drops
+    MALLOC_MMAP_THRESHOLD_ values above 32 MiB without a word, and layer outputs are larger.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "default allocator (mallopt unavailable: not glibc)"
+    keys = {"M_MMAP_THRESHOLD": _M_MMAP_THRESHOLD, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD, "M_TOP_PAD": _M_TOP_PAD}
+    done = [f"{k}={v}" for k, v in MALLOC_SETTINGS.items() if mallopt(keys[k], v) == 1]
+    if len(done) != len(MALLOC_SETTINGS):
+        return f"glibc mallopt partly applied ({', '.join(done) or 'none'}); timings may include page faults"
+    return "glibc mallopt(" + ", ".join(done) + ") for every contender alike (large buffers reused, no page faults)"
+
+
+def llc_bytes() -> int:
+    """Last-level cache size from sysfs (CPU), or the GPU's L2 size."""
+    path = "/sys/devices/system/cpu/cpu0/cache/index3/size"
+    try:
+        text = open(path).read().strip()
+    except OSError:
+        return 32 << 20
+    m = re.fullmatch(r"(\d+)([KMG]?)", text)
+    if not m:
+        return 32 << 20
+    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(mod: str) -> str:
+    try:
+        return __import__(mod).__version__
+    except Exception:  # noqa: BLE001 - a missing or broken package is reported, not fatal
+        return "not installed"
+
+
+@dataclass
+class MachineInfo:
+    device: str                # "cpu" or "cuda"
+    device_name: str
+    cpu: str
+    cores: int
+    torch_threads: int
+    llc_bytes: int
+    versions: dict
+    date: str
+    allocator: str
+    fp32_matmul_precision: str
+    extra: dict = field(default_factory=dict)
+
+    def slug(self) -> str:
+        """Directory name under benchmarks/results/ for this machine."""
+        name = self.device_name if self.device == "cuda" else self.cpu
+        name = re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*$|\d+-Core", "", name)
+        return f"{self.device}-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe(device: torch.device, allocator: str) -> MachineInfo:
+    cuda = device.type == "cuda"
+    if cuda:
+        props = torch.cuda.get_device_properties(device)
+        name, llc = props.name, int(getattr(props, "L2_cache_size", 50 << 20))
+    else:
+        name, llc = cpu_name(), llc_bytes()
+    versions = {m: _version(m) for m in ("torch", "triton", "numba", "numpy")}
+    versions["python"] = platform.python_version()
+    if cuda:
+        versions["cuda"] = torch.version.cuda
+    return MachineInfo(
+        device=device.type, device_name=name, cpu=cpu_name(), cores=os.cpu_count() or 1,
+        torch_threads=torch.get_num_threads(), llc_bytes=llc, versions=versions,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        allocator=allocator if not cuda else "PyTorch CUDA caching allocator",
+        fp32_matmul_precision=torch.get_float32_matmul_precision(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# limits
+# ---------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Limits:
+    copy_bytes_per_s: float        # read + write bytes per second of a large torch copy
+    copy_size_bytes: int
+    matmul_flops: dict             # dtype name -> FLOP/s of a large torch.matmul
+    matmul_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_limits(device: torch.device, dtypes: list[torch.dtype], llc: int, quick: bool = False) -> Limits:
+    """A large copy (well past the last-level cache) and a large torch.matmul per dtype."""
+    nbytes = max(8 * llc, 256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = _median_time(lambda: dst.copy_(src), device, 5 if quick else 11)
+    del src, dst
+    n = 4096 if device.type == "cuda" else 2048
+    flops = {}
+    for dt in dict.fromkeys([torch.float32, *dtypes]):
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
+        tm = _median_time(lambda: torch.matmul(a, b), device, 3 if quick else 7)
+        flops[str(dt).removeprefix("torch.")] = 2 * n**3 / tm
+    return Limits(copy_bytes_per_s=2 * nbytes / t, copy_size_bytes=nbytes, matmul_flops=flops, matmul_size=n)
