@@ -1,0 +1,14 @@
+"""C++ kernel for the fused separable conv (csrc/separable.cpp): zero-copy numpy views in, the
+output allocated here in x's memory format and filled in place. Contract: dlkernels/separable/op.py."""
+from __future__ import annotations
+
+from .. import _C
+from ..depthwise.cpp_impl import is_channels_last, new_output, np_view
+
+
+def separable_fwd(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
+    cl = is_channels_last(x)
+    y = new_output(x, (x.shape[0], pw_weight.shape[0], *out_hw), cl)
+    _C.separable_fwd(np_view(x), np_view(dw_weight), np_view(pw_weight), np_view(bias), np_view(y),
+                     *stride, *pad, *dilation, cl)
+    return y
