@@ -89,7 +89,7 @@ def cell(rec: dict | None, eager: float | None) -> str:
     t = _median(rec)
     if t is None:
         return "ok (untimed)"
-    ratio = f" {eager / t:.2f}x" if eager and rec["contender"] != EAGER else ""
+    ratio = f" {eager / t:.3g}x" if eager and rec["contender"] != EAGER else ""
     return f"{_fmt_t(t)}{ratio} ±{_spread(rec) * 50:.0f}%"
 
 
@@ -120,7 +120,7 @@ def summary(rows: list[Row], conts: list[str]) -> list[list[str]]:
                            if c in r.recs and _median(r.recs[c]) and r.eager])
             bad = sum(x["status"] in ("FAILED", "error") for x in recs)
             na = sum(x["status"] == "unavailable" for x in recs)
-            txt = f"{gm:.2f}x" if gm else "-"
+            txt = f"{gm:.3g}x" if gm else "-"
             if bad:
                 txt += f", {bad} FAILED"
             if na:

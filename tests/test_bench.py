@@ -1,0 +1,112 @@
+"""The bench command itself: a tiny run writes the JSON, markdown and PNG files with the expected
+cases, and a backend that answers wrong makes the run fail loudly (shown FAILED, not timed).
+
+The kernels are stood in for by the torch reference (right answers) or by garbage (wrong ones),
+so these tests check the bench, not the kernels, and take seconds."""
+import json
+import types
+
+import pytest
+import torch
+
+import dlkernels
+from dlkernels import _dispatch
+from dlkernels.bench import cases, main
+from dlkernels.matmul import reference as mm_ref
+
+MATMUL_TINY = [c.id for c in cases.select("tiny", ["matmul"])]
+
+
+def _patch_kernels(monkeypatch, behaviour: dict):
+    """matmul kernels per backend: "right" (the torch reference), "wrong" (garbage), "missing"."""
+    real = _dispatch.kernels
+
+    def kernels(family, backend, device):
+        how = behaviour.get(backend) if family == "matmul" else None
+        if how is None:
+            return real(family, backend, device)
+        if how == "missing":
+            raise ModuleNotFoundError(f"No module named 'dlkernels.matmul.{backend}_impl'")
+        if how == "right":
+            return mm_ref
+        return types.SimpleNamespace(
+            mm=lambda a, b, bias, bias_dim, act: torch.full_like(mm_ref.mm(a, b, bias, bias_dim, act), 7.0),
+            bias_act_backward=mm_ref.bias_act_backward)
+    monkeypatch.setattr(_dispatch, "kernels", kernels)
+
+
+def _run(tmp_path, backends: str):
+    rc = main(["--preset", "tiny", "--ops", "matmul", "--compile", "none", "--backends", backends,
+               "--out", str(tmp_path), "--no-progress"])
+    return rc, json.loads((tmp_path / "benchmark.json").read_text())["dlkernels"]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backends():
+    if not {"numba", "cpp"} <= set(dlkernels.available_backends("cpu")):
+        pytest.skip("the bench's CPU contenders need numba and the C++ extension installed")
+
+
+def test_case_table_covers_every_op_and_preset():
+    ids = [c.id for c in cases.CASES]
+    assert len(ids) == len(set(ids))
+    for preset, tier in cases.PRESETS.items():
+        chosen = cases.select(preset)
+        assert all(c.tier <= tier for c in chosen)
+        ops = {c.op for c in chosen}
+        assert {"matmul", "linear", "depthwise_conv2d", "pointwise_conv2d", "separable_conv2d",
+                "batch_norm_residual"} <= ops, preset
+    for op in ("matmul", "linear", "depthwise_conv2d", "pointwise_conv2d", "separable_conv2d",
+               "batch_norm_residual"):
+        assert any(c.op == op and c.bound == "overhead" and c.tier == 0 for c in cases.CASES), op
+    # the layer shapes of the op issues are in the default preset, both passes and memory formats
+    default = {c.id for c in cases.select("default")}
+    assert "depthwise_conv2d-xception-middle-8x728x19x19k3s1-fwd+bwd-channels_last" in default
+    assert "batch_norm_residual-resnet50-stage1-32x256x56x56+resrelu-fwd+bwd-nchw-train" in default
+    assert "matmul-square-1024^3-fwd" in default
+
+
+def test_tiny_run_writes_report_with_expected_cases(tmp_path, monkeypatch):
+    _patch_kernels(monkeypatch, {"numba": "right", "cpp": "right"})
+    rc, meta = _run(tmp_path, "numba,cpp")
+    assert rc == 0
+    recs = {(r["case"], r["contender"]): r for r in meta["records"]}
+    assert set(recs) == {(c, who) for c in MATMUL_TINY for who in ("torch", "numba", "cpp")}
+    for r in recs.values():
+        assert r["status"] == "ok", r
+        assert r["max_err"] < 1e-5 and len(r["samples"]) >= 2 and all(s > 0 for s in r["samples"])
+    assert meta["limits"]["copy_bytes_per_s"] > 0 and meta["limits"]["matmul_flops"]["float32"] > 0
+    assert meta["machine"]["versions"]["torch"] == torch.__version__
+    # pytest-benchmark's own entries hold the interleaved samples
+    raw = json.loads((tmp_path / "benchmark.json").read_text())
+    assert len(raw["benchmarks"]) == len(recs)
+    md = (tmp_path / "report.md").read_text()
+    for cid in MATMUL_TINY:
+        assert cid in md
+    assert "copy bandwidth" in md and "torch 2" in md and "## Not timed" not in md
+    for png in ("speedup.png", "limits.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wrong_answer_fails_loudly_and_is_not_timed(tmp_path, monkeypatch, capsys):
+    _patch_kernels(monkeypatch, {"numba": "right", "cpp": "wrong"})
+    rc, meta = _run(tmp_path, "numba,cpp")
+    assert rc == 1
+    for r in meta["records"]:
+        if r["contender"] == "cpp":
+            assert r["status"] == "FAILED" and r["samples"] == [] and "tolerance" in r["reason"]
+        else:
+            assert r["status"] == "ok" and r["samples"]
+    assert "FAILED" in capsys.readouterr().err
+    md = (tmp_path / "report.md").read_text()
+    assert "**FAILED** cpp on" in md
+
+
+def test_missing_kernel_module_is_unavailable_and_run_goes_on(tmp_path, monkeypatch):
+    _patch_kernels(monkeypatch, {"numba": "missing", "cpp": "right"})
+    rc, meta = _run(tmp_path, "numba,cpp")
+    assert rc == 0
+    status = {(r["case"], r["contender"]): r["status"] for r in meta["records"]}
+    assert all(s == "unavailable" for (c, who), s in status.items() if who == "numba")
+    assert all(s == "ok" for (c, who), s in status.items() if who != "numba")
+    assert "n/a" in (tmp_path / "report.md").read_text()
