@@ -1,0 +1,108 @@
+"""Triton kernel for the fused separable conv2d forward (contract: dlkernels/separable/op.py).
+
+One program owns a [BLOCK_P output pixels x BLOCK_O output channels] tile of y. For each block of
+BLOCK_C depthwise channels it computes that slice of the depthwise output in registers (fp32, or
+fp64 for fp64; the shared ``dw_tile`` of the depthwise kernels), casts it to the input dtype, as
+the unfused pair of convs would round it, and feeds it to tl.dot against the matching
+[BLOCK_C x BLOCK_O] tile of pw_weight^T. The depthwise intermediate never reaches memory.
+Its backward runs on the depthwise and pointwise kernels (see op.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..depthwise.triton_impl import (INTERPRET, TunedKernel, _cfg, acc_dtype, dw_tile, is_channels_last,
+                                     new_output, pixel_stride)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: float32 follows torch.get_float32_matmul_precision() as torch's
+    matmul does ("highest": full fp32; "high"/"medium": TF32); other dtypes multiply exactly."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _bf16_dot_broken(dtype: torch.dtype) -> bool:
+    """Triton's interpreter (3.9) multiplies bf16 tl.dot operands as their raw uint16 bits
+    (np.matmul on the storage); there the kernel upcasts them to fp32 first, which gives the
+    same products as the bf16 MMA with fp32 accumulation."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+@triton.jit
+def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
+                          C_mid, O, M, H, W, Ho, Wo,
+                          stride_xn, stride_xc, stride_xh, stride_xw,
+                          stride_yn, stride_yc, stride_yp,
+                          conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+                          KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr):
+    # The O blocks of one pixel tile are consecutive program ids, so the x tile they all re-read
+    # for the depthwise part is still in L2. (Flattened on axis 0: axis 1 is capped at 65535.)
+    num_o_blocks = tl.cdiv(O, BLOCK_O)
+    pid = tl.program_id(0)
+    pid_o = pid % num_o_blocks
+    pid_p = pid // num_o_blocks
+    n = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_p = offs_p < Ho * Wo
+    mask_o = offs_o < O
+    i = offs_p // Wo
+    j = offs_p % Wo
+    x_img = x_ptr + n * stride_xn
+    acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=ACC)
+    for c0 in range(0, C_mid, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C_mid
+        # masked channels and pixels come out as exact zeros, so the padded rows/cols of the dot
+        # contribute nothing
+        mid = dw_tile(x_img, dw_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
+                      stride_xc, stride_xh, stride_xw, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+                      KH, KW, ACC, BLOCK_P, BLOCK_C)
+        pw = tl.load(pw_ptr + offs_o[None, :] * C_mid + offs_c[:, None],
+                     mask=mask_c[:, None] & mask_o[None, :], other=0.0)
+        a = mid.to(pw_ptr.dtype.element_ty)
+        if DOT_IN_FP32:  # bf16 under the interpreter: exact products of the rounded operands
+            a = a.to(tl.float32)
+            pw = pw.to(tl.float32)
+        acc = tl.dot(a, pw, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(ACC)[None, :]
+    y_ptrs = y_ptr + n * stride_yn + (offs_p * stride_yp)[:, None] + (offs_o * stride_yc)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_o[None, :])
+
+
+# tl.dot needs every block dim >= 16. Pixel-major tiles suit both layouts here: the stores are
+# contiguous along O for channels_last and along pixels for NCHW.
+_CONFIGS = [
+    _cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=2),
+    _cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=2),
+    _cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=128, num_warps=4, num_stages=2),
+    _cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=128, num_warps=8, num_stages=2),
+    _cfg(BLOCK_P=128, BLOCK_C=64, BLOCK_O=128, num_warps=8, num_stages=2),
+    _cfg(BLOCK_P=64, BLOCK_C=16, BLOCK_O=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_P=32, BLOCK_C=32, BLOCK_O=32, num_warps=4, num_stages=2),
+]
+_KEY = ["C_mid", "O", "M", "Ho", "Wo", "KH", "KW", "conv_sh", "conv_sw", "stride_xc"]
+_separable_fwd = TunedKernel(_separable_fwd_kernel, _CONFIGS, _KEY, dict(BLOCK_P=32, BLOCK_C=16, BLOCK_O=16))
+
+
+def separable_fwd(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
+    n, c, h, w = x.shape
+    c_mid, _, kh, kw = dw_weight.shape
+    o = pw_weight.shape[0]
+    ho, wo = out_hw
+    y = new_output(x, (n, o, ho, wo), is_channels_last(x))
+    grid = lambda META: (triton.cdiv(o, META["BLOCK_O"]) * triton.cdiv(ho * wo, META["BLOCK_P"]), n)
+    _separable_fwd(grid, x, dw_weight, pw_weight, bias if bias is not None else pw_weight, y,
+                   c_mid, o, c_mid // c, h, w, ho, wo,
+                   *x.stride(), y.stride(0), y.stride(1), pixel_stride(y),
+                   stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
+                   KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
+                   DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=_bf16_dot_broken(x.dtype))
+    return y
