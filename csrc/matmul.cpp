@@ -153,6 +153,12 @@ struct SimdKernel {
 
   static void run(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc, int mv, int nv,
                   const Epilogue<T>& e) {
+    // C's tile is read (K blocks after the first) and written after the loop: start its lines
+    // coming now, behind the FMAs.
+    for (int r = 0; r < mv; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + nv - 1), _MM_HINT_T0);
+    }
     V acc[MR][NV];
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
@@ -302,20 +308,28 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
   // K split into equal slices (K = 300 gives 2 x 150, not 256 + 44).
   const int64_t kc_max = ceil_div(K, ceil_div(K, Blk::KC));
   const int64_t nc_max = std::min(Blk::NC, round_up(N, NR));
-  // M blocks: a multiple of the team size when there are enough, so no thread idles at the end.
-  int64_t n_ic = ceil_div(M, Blk::MC);
-  if (n_ic >= nt) n_ic = round_up(n_ic, nt);
-  const int64_t mc_max = round_up(ceil_div(M, n_ic), MR);
-  n_ic = ceil_div(M, mc_max);
-  // Too few M blocks for the team: split each block's N panels between threads too.
-  const int64_t nj = n_ic >= nt ? 1 : ceil_div(nt, n_ic);
-
+  const int64_t mc_cap = std::min(Blk::MC, round_up(M, MR));
   const int64_t b_size = round_up(kc_max * nc_max, 16);
-  const int64_t a_size = round_up(mc_max * kc_max, 16);
+  const int64_t a_size = round_up(mc_cap * kc_max, 16);
   T* const b_buf = scratch<T>(static_cast<size_t>(b_size + nt * a_size));
 
   auto body = [&](int tid, int team) {
     T* const a_buf = b_buf + b_size + tid * a_size;
+    // The team as a tm x tn grid over (MR-row panels of C, NR-column panels of each NC block):
+    // the split with the least work for the busiest thread, an M split on ties (threads then
+    // share no A rows, so none packs A twice).
+    const int64_t mp = ceil_div(M, MR);
+    int tm = 1;
+    int64_t best = -1;
+    for (int d = team; d >= 1; --d) {
+      if (team % d) continue;
+      const int64_t work = ceil_div(mp, d) * ceil_div(ceil_div(nc_max, NR), team / d);
+      if (best < 0 || work < best) best = work, tm = d;
+    }
+    const int tn = team / tm, ti = tid / tn, tj = tid % tn;
+    const int64_t m0 = std::min(M, mp * ti / tm * MR), m1 = std::min(M, mp * (ti + 1) / tm * MR);
+    // this thread's rows in equal MC blocks (a multiple of MR each)
+    const int64_t mc_blk = m1 > m0 ? round_up(ceil_div(m1 - m0, ceil_div(m1 - m0, Blk::MC)), MR) : MR;
     for (int64_t jc = 0; jc < N; jc += nc_max) {
       const int64_t nc = std::min(nc_max, N - jc);
       const int64_t np = ceil_div(nc, NR);
@@ -326,17 +340,10 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
         if (team > 1) {
 #pragma omp barrier
         }
-        const int64_t nj_eff = std::min(nj, np);
-        const int64_t items = n_ic * nj_eff;
-        int64_t packed_ic = -1;
-        for (int64_t it = items * tid / team; it < items * (tid + 1) / team; ++it) {
-          const int64_t ic = it / nj_eff, jj = it % nj_eff;
-          const int64_t i0 = ic * mc_max, mc = std::min(mc_max, M - i0);
-          if (ic != packed_ic) {
-            pack_a<MR>(mc, kc, A + i0 * rs_a + pc * cs_a, rs_a, cs_a, a_buf);
-            packed_ic = ic;
-          }
-          for (int64_t q = np * jj / nj_eff; q < np * (jj + 1) / nj_eff; ++q) {
+        for (int64_t i0 = m0; i0 < m1; i0 += mc_blk) {
+          const int64_t mc = std::min(mc_blk, m1 - i0);
+          pack_a<MR>(mc, kc, A + i0 * rs_a + pc * cs_a, rs_a, cs_a, a_buf);
+          for (int64_t q = np * tj / tn; q < np * (tj + 1) / tn; ++q) {
             const int64_t j = q * NR;
             const int nv = static_cast<int>(std::min<int64_t>(NR, nc - j));
             for (int64_t ir = 0; ir < mc; ir += MR) {
