@@ -209,8 +209,8 @@ _dw_bwd_input_nchw = TunedKernel(_dw_bwd_input_kernel, _FWD_CONFIGS_NCHW, _BWD_I
 
 
 def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_channels=None):
-    """``in_channels`` (C): grad_y and weight only carry C*m, so without it the multiplier is taken
-    as 1 (the contract's signature does not pass C; see the family's op.py)."""
+    """The op calls this with a multiplier of 1 (C is not known from grad_y and weight alone, see
+    op.py); a caller that knows C may pass ``in_channels`` to handle m > 1 in one pass."""
     n, c_out, ho, wo = grad_y.shape
     _, _, kh, kw = weight.shape
     h, w = in_hw
@@ -327,7 +327,7 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
     # Enough chunks to fill the GPU together with the channel blocks, each a few blocks long; the
     # channel-block count depends on the tuned BLOCK_C, so aim at the smallest (1 for NCHW).
     cl = is_channels_last(x)
-    c_blocks_min = max(1, c_out // 128) if cl else c_out
+    c_blocks_min = triton.cdiv(c_out, 128) if cl else c_out
     want = max(1, triton.cdiv(_num_chunks_target(x.device), c_blocks_min))
     chunk = max(_CHUNK_QUANTUM, triton.cdiv(triton.cdiv(total, want), _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
     num_chunks = triton.cdiv(total, chunk)
