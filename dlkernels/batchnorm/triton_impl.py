@@ -1,0 +1,387 @@
+"""Triton kernels for batch_norm_residual (the contract is op.py's docstring).
+
+Every kernel walks x3 (N, C, S) in 3-D tiles [BLOCK_N, BLOCK_C, BLOCK_S] addressed through
+(stride_xn, stride_xc, stride_xs), so one kernel serves the NCS and the channels-last layout: the
+launcher only picks which tile axis is long (the contiguous one, S or C). residual3, grad_y3, y3
+and the outputs share x3's strides. Arithmetic runs in the statistics dtype (float32, or float64
+for float64 inputs), which is the dtype of the per-channel vectors.
+
+The two reductions (bn_stats, bn_backward_reduce) are two-level: grid axis 0 is a block of
+channels, axis 1 a split of the (N, S) tiles; each program writes its per-channel partial result
+and a second small kernel combines the splits, so the result does not depend on atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import triton_interpreting
+# the launch wrapper and the occupancy target are shared with the matmul family's Triton kernels
+from ..matmul.triton_impl import _MAX_GRID_YZ, _launch, _target_programs
+
+# Elements per tile: 16 per thread at 4 warps, enough loads in flight to stream HBM.
+_TILE = 2048
+_NUM_WARPS = 4
+# Longest run of channels along a channels-last row that one tile covers.
+_MAX_BLOCK_C_CONTIG = 128
+
+
+# ---------------------------------------------------------------------------------------------
+# shared device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
+          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets and mask of tile t of the (N, S) tiles, for channel block pid_c; and the channels."""
+    nb = t // n_sblocks
+    sb = t % n_sblocks
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = ((offs_n < N)[:, None, None] & (offs_c < C)[None, :, None]) & (offs_s < S)[None, None, :]
+    offs = (offs_n.to(tl.int64)[:, None, None] * stride_xn
+            + offs_c.to(tl.int64)[None, :, None] * stride_xc
+            + offs_s.to(tl.int64)[None, None, :] * stride_xs)
+    return offs, mask, offs_c
+
+
+@triton.jit
+def _channel(ptr, offs_c, C):
+    """A per-channel vector's values for the tile's channels, shaped to broadcast over the tile."""
+    return tl.load(ptr + offs_c, mask=offs_c < C, other=0.0)[None, :, None]
+
+
+@triton.jit
+def _load(ptr, offs, mask, ct):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(ct)
+
+
+@triton.jit
+def _pre_activation(x, r_ptr, offs, mask, scale, shift, HAS_RESIDUAL: tl.constexpr):
+    """z = x * scale + shift (+ residual), in the statistics dtype."""
+    z = x * scale + shift
+    if HAS_RESIDUAL:
+        z += _load(r_ptr, offs, mask, scale.dtype)
+    return z
+
+
+@triton.jit
+def _activate(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "relu":
+        # where(z < 0, ...) keeps NaN, as torch.relu does
+        z = tl.where(z < 0, 0.0, z)
+    elif ACTIVATION == "silu":
+        z = z / (1.0 + tl.exp(-z))
+    return z
+
+
+@triton.jit
+def _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale, shift,
+                         HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
+    """dz = grad_y * act'(z), and x, both in the statistics dtype."""
+    ct = scale.dtype
+    gy = _load(gy_ptr, offs, mask, ct)
+    x = _load(x_ptr, offs, mask, ct)
+    if ACTIVATION == "relu":
+        # compared after conversion: exact, and the interpreter cannot compare bfloat16 directly
+        dz = gy * (_load(y_ptr, offs, mask, ct) > 0).to(ct)
+    elif ACTIVATION == "silu":
+        z = _pre_activation(x, r_ptr, offs, mask, scale, shift, HAS_RESIDUAL)
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        dz = gy * (sig * (1.0 + z * (1.0 - sig)))
+    else:
+        dz = gy
+    return dz, x
+
+
+@triton.jit
+def _stats_shift(x_ptr, offs_c, C, stride_xc, ct):
+    """x[0, c, 0], the per-channel shift the statistics are accumulated around: data near it
+    subtract exactly (Sterbenz), so a mean far from zero costs no precision in the variance.
+    Infinite or NaN samples give shift 0 (they make the statistics inf/NaN anyway)."""
+    shift = _load(x_ptr, offs_c.to(tl.int64) * stride_xc, offs_c < C, ct)
+    return tl.where(shift - shift == 0, shift, 0.0)
+
+
+@triton.jit
+def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s merge of two (mean, M2, count) summaries; empty ones (count 0) are neutral."""
+    n = n_a + n_b
+    w_b = tl.where(n == 0, 0.0, n_b / tl.where(n == 0, 1.0, n))
+    delta = mean_b - mean_a
+    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _stats_partial_kernel(
+    x_ptr, part_mean_ptr, part_m2_ptr, part_n_ptr,
+    N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_tiles, tiles_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Welford over this split's tiles of x - shift[c]: every tile slot keeps its own running
+    (mean, M2, count), so the loop does no reductions; the slots are merged with Chan's formula
+    at the end and written (still shifted) to part_*[split, c]."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    ct = part_mean_ptr.dtype.element_ty
+    shift = _stats_shift(x_ptr, pid_c * BLOCK_C + tl.arange(0, BLOCK_C), C, stride_xc, ct)[None, :, None]
+    mean = tl.zeros((BLOCK_N, BLOCK_C, BLOCK_S), dtype=ct)
+    m2 = tl.zeros((BLOCK_N, BLOCK_C, BLOCK_S), dtype=ct)
+    cnt = tl.zeros((BLOCK_N, BLOCK_C, BLOCK_S), dtype=ct)
+    t_start = pid_s * tiles_per_split
+    t_end = min(t_start + tiles_per_split, n_tiles)
+    for t in range(t_start, t_end):
+        offs, mask, offs_c = _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
+                                   BLOCK_N, BLOCK_C, BLOCK_S)
+        x = _load(x_ptr, offs, mask, ct) - shift
+        cnt_new = cnt + mask.to(ct)
+        delta = x - mean
+        mean = tl.where(mask, mean + delta / tl.where(mask, cnt_new, 1.0), mean)
+        m2 = tl.where(mask, m2 + delta * (x - mean), m2)
+        cnt = cnt_new
+    mean, m2, cnt = tl.reduce((mean, m2, cnt), 2, _welford_combine)
+    mean, m2, cnt = tl.reduce((mean, m2, cnt), 0, _welford_combine)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    out = pid_s * C + offs_c
+    mask_c = offs_c < C
+    tl.store(part_mean_ptr + out, mean, mask=mask_c)
+    tl.store(part_m2_ptr + out, m2, mask=mask_c)
+    tl.store(part_n_ptr + out, cnt, mask=mask_c)
+
+
+@triton.jit
+def _stats_merge_kernel(x_ptr, part_mean_ptr, part_m2_ptr, part_n_ptr, mean_ptr, var_ptr, C, stride_xc,
+                        n_splits, BLOCK_C: tl.constexpr):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = offs_c < C
+    ct = mean_ptr.dtype.element_ty
+    mean = tl.zeros((BLOCK_C,), dtype=ct)
+    m2 = tl.zeros((BLOCK_C,), dtype=ct)
+    cnt = tl.zeros((BLOCK_C,), dtype=ct)
+    for s in range(0, n_splits):
+        mean_b = tl.load(part_mean_ptr + s * C + offs_c, mask=mask, other=0.0)
+        m2_b = tl.load(part_m2_ptr + s * C + offs_c, mask=mask, other=0.0)
+        n_b = tl.load(part_n_ptr + s * C + offs_c, mask=mask, other=0.0)
+        mean, m2, cnt = _welford_combine(mean, m2, cnt, mean_b, m2_b, n_b)
+    tl.store(mean_ptr + offs_c, mean + _stats_shift(x_ptr, offs_c, C, stride_xc, ct), mask=mask)
+    tl.store(var_ptr + offs_c, m2 / cnt, mask=mask)
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr, r_ptr, scale_ptr, shift_ptr, y_ptr,
+    N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_cblocks,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs, mask, offs_c = _tile(pid // n_cblocks, pid % n_cblocks, N, C, S, n_sblocks,
+                               stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_C, BLOCK_S)
+    scale = _channel(scale_ptr, offs_c, C)
+    z = _pre_activation(_load(x_ptr, offs, mask, scale.dtype), r_ptr, offs, mask, scale,
+                        _channel(shift_ptr, offs_c, C), HAS_RESIDUAL)
+    tl.store(y_ptr + offs, _activate(z, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_reduce_partial_kernel(
+    gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    part_dz_ptr, part_dzx_ptr,
+    N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_tiles, tiles_per_split,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Per-split sums of dz and dz * xhat, written to part_*[split, c]. xhat is formed per element
+    from the given mean, so large means do not cancel in sum(dz * x) - mean * sum(dz)."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mean = _channel(mean_ptr, offs_c, C)
+    invstd = _channel(invstd_ptr, offs_c, C)
+    scale = _channel(scale_ptr, offs_c, C)
+    shift = _channel(shift_ptr, offs_c, C)
+    acc_dz = tl.zeros((BLOCK_N, BLOCK_C, BLOCK_S), dtype=scale.dtype)
+    acc_dzx = tl.zeros((BLOCK_N, BLOCK_C, BLOCK_S), dtype=scale.dtype)
+    t_start = pid_s * tiles_per_split
+    t_end = min(t_start + tiles_per_split, n_tiles)
+    for t in range(t_start, t_end):
+        offs, mask, offs_c = _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
+                                   BLOCK_N, BLOCK_C, BLOCK_S)
+        dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale, shift,
+                                     HAS_RESIDUAL, ACTIVATION)
+        dz = tl.where(mask, dz, 0.0)
+        acc_dz += dz
+        acc_dzx += dz * ((x - mean) * invstd)
+    out = pid_s * C + offs_c
+    mask_c = offs_c < C
+    tl.store(part_dz_ptr + out, tl.sum(tl.sum(acc_dz, axis=2), axis=0), mask=mask_c)
+    tl.store(part_dzx_ptr + out, tl.sum(tl.sum(acc_dzx, axis=2), axis=0), mask=mask_c)
+
+
+@triton.jit
+def _sum_splits_kernel(part_a_ptr, part_b_ptr, out_a_ptr, out_b_ptr, C, n_splits, BLOCK_C: tl.constexpr):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = offs_c < C
+    acc_a = tl.zeros((BLOCK_C,), dtype=out_a_ptr.dtype.element_ty)
+    acc_b = tl.zeros((BLOCK_C,), dtype=out_b_ptr.dtype.element_ty)
+    for s in range(0, n_splits):
+        acc_a += tl.load(part_a_ptr + s * C + offs_c, mask=mask, other=0.0)
+        acc_b += tl.load(part_b_ptr + s * C + offs_c, mask=mask, other=0.0)
+    tl.store(out_a_ptr + offs_c, acc_a, mask=mask)
+    tl.store(out_b_ptr + offs_c, acc_b, mask=mask)
+
+
+@triton.jit
+def _backward_apply_kernel(
+    gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c_dz_ptr, c_xhat_ptr,
+    gx_ptr, gr_ptr,
+    N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_cblocks,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, NEED_GRAD_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs, mask, offs_c = _tile(pid // n_cblocks, pid % n_cblocks, N, C, S, n_sblocks,
+                               stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_C, BLOCK_S)
+    scale = _channel(scale_ptr, offs_c, C)
+    dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale,
+                                 _channel(shift_ptr, offs_c, C), HAS_RESIDUAL, ACTIVATION)
+    xhat = (x - _channel(mean_ptr, offs_c, C)) * _channel(invstd_ptr, offs_c, C)
+    gx = scale * (dz - _channel(c_dz_ptr, offs_c, C) - xhat * _channel(c_xhat_ptr, offs_c, C))
+    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    if NEED_GRAD_RESIDUAL:
+        tl.store(gr_ptr + offs, dz.to(gr_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+class _Geometry:
+    """Tile sizes and tile counts for one x3: the long tile axis is the contiguous one."""
+
+    def __init__(self, x3: torch.Tensor):
+        n, c, s = x3.shape
+        self.n, self.c, self.s = n, c, s
+        self.strides = x3.stride()
+        if self.strides[1] == 1 and c > 1:
+            # channels-last: a tile row is a run of channels, several (n, s) positions deep
+            bc = min(triton.next_power_of_2(c), _MAX_BLOCK_C_CONTIG)
+            bs = min(triton.next_power_of_2(s), max(1, _TILE // bc))
+        else:
+            # NCS: a tile row is a run of S; short S packs several channels into the tile
+            bs = min(triton.next_power_of_2(s), _TILE)
+            bc = min(triton.next_power_of_2(c), max(1, _TILE // bs))
+        bn = min(triton.next_power_of_2(n), max(1, _TILE // (bc * bs)))
+        self.blocks = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs)
+        self.n_sblocks = triton.cdiv(s, bs)
+        self.n_tiles = triton.cdiv(n, bn) * self.n_sblocks
+        self.n_cblocks = triton.cdiv(c, bc)
+
+    def dims(self):
+        return (self.n, self.c, self.s, *self.strides, self.n_sblocks)
+
+    def splits(self, device: torch.device) -> tuple[int, int]:
+        """(number of splits, tiles per split) for a two-level reduction."""
+        target = _target_programs(device.index if device.type == "cuda" else None)
+        splits = max(1, min(self.n_tiles, triton.cdiv(target, self.n_cblocks), _MAX_GRID_YZ))
+        per_split = triton.cdiv(self.n_tiles, splits)
+        return triton.cdiv(self.n_tiles, per_split), per_split
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _like_x(t, x3: torch.Tensor):
+    """t with x3's strides (the kernels address every tensor through x3's strides). The contract
+    gives them the same layout already; a size-1 dimension's stride is free, so compare the others."""
+    if t is None:
+        return None
+    if all(size == 1 or st == sx for size, st, sx in zip(x3.shape, t.stride(), x3.stride())):
+        return t
+    out = torch.empty_like(x3, dtype=t.dtype)
+    out.copy_(t)
+    return out
+
+
+def _new_like_x(x3: torch.Tensor) -> torch.Tensor:
+    # x3 is dense in either layout, so empty_like keeps its strides exactly
+    return torch.empty_like(x3)
+
+
+def bn_stats(x3: torch.Tensor):
+    geo = _Geometry(x3)
+    sdt = _stats_dtype(x3.dtype)
+    c = geo.c
+    mean = torch.empty(c, dtype=sdt, device=x3.device)
+    var = torch.empty(c, dtype=sdt, device=x3.device)
+    if c == 0:
+        return mean, var
+    if geo.n_tiles == 0:
+        # no elements: mean and variance are undefined, as in torch (0/0)
+        return mean.fill_(float("nan")), var.fill_(float("nan"))
+    n_splits, per_split = geo.splits(x3.device)
+    parts = torch.empty((3, n_splits, c), dtype=sdt, device=x3.device)
+    _launch(_stats_partial_kernel, (geo.n_cblocks, n_splits))(
+        x3, parts[0], parts[1], parts[2], *geo.dims(), geo.n_tiles, per_split,
+        **geo.blocks, num_warps=_NUM_WARPS)
+    block_c = 128
+    _launch(_stats_merge_kernel, (triton.cdiv(c, block_c),))(
+        x3, parts[0], parts[1], parts[2], mean, var, c, x3.stride(1), n_splits, BLOCK_C=block_c)
+    return mean, var
+
+
+def bn_apply(x3, residual3, scale, shift, activation):
+    geo = _Geometry(x3)
+    y3 = _new_like_x(x3)
+    if x3.numel() == 0:
+        return y3
+    has_res = residual3 is not None
+    residual3 = _like_x(residual3, x3)
+    _launch(_apply_kernel, (geo.n_tiles * geo.n_cblocks,))(
+        x3, residual3 if has_res else x3, scale, shift, y3, *geo.dims(), geo.n_cblocks,
+        HAS_RESIDUAL=has_res, ACTIVATION=activation, **geo.blocks, num_warps=_NUM_WARPS)
+    return y3
+
+
+def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation):
+    geo = _Geometry(x3)
+    c = geo.c
+    sum_dz = torch.zeros(c, dtype=scale.dtype, device=x3.device)
+    sum_dz_xhat = torch.zeros(c, dtype=scale.dtype, device=x3.device)
+    if c == 0 or geo.n_tiles == 0:
+        return sum_dz, sum_dz_xhat
+    has_res = residual3 is not None
+    grad_y3, y3, residual3 = (_like_x(t, x3) for t in (grad_y3, y3, residual3))
+    y3 = x3 if y3 is None else y3  # only "relu" reads y
+    n_splits, per_split = geo.splits(x3.device)
+    parts = torch.empty((2, n_splits, c), dtype=scale.dtype, device=x3.device)
+    _launch(_backward_reduce_partial_kernel, (geo.n_cblocks, n_splits))(
+        grad_y3, y3, x3, residual3 if has_res else x3, mean, invstd, scale, shift, parts[0], parts[1],
+        *geo.dims(), geo.n_tiles, per_split,
+        HAS_RESIDUAL=has_res, ACTIVATION=activation, **geo.blocks, num_warps=_NUM_WARPS)
+    block_c = 128
+    _launch(_sum_splits_kernel, (triton.cdiv(c, block_c),))(
+        parts[0], parts[1], sum_dz, sum_dz_xhat, c, n_splits, BLOCK_C=block_c)
+    return sum_dz, sum_dz_xhat
+
+
+def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_dz, c_xhat,
+                      activation, need_grad_residual):
+    geo = _Geometry(x3)
+    grad_x3 = _new_like_x(x3)
+    grad_r3 = _new_like_x(x3) if need_grad_residual else None
+    if x3.numel() == 0:
+        return grad_x3, grad_r3
+    has_res = residual3 is not None
+    grad_y3, y3, residual3 = (_like_x(t, x3) for t in (grad_y3, y3, residual3))
+    y3 = x3 if y3 is None else y3  # only "relu" reads y
+    _launch(_backward_apply_kernel, (geo.n_tiles * geo.n_cblocks,))(
+        grad_y3, y3, x3, residual3 if has_res else x3, mean, invstd, scale, shift, c_dz, c_xhat,
+        grad_x3, grad_r3 if need_grad_residual else grad_x3, *geo.dims(), geo.n_cblocks,
+        HAS_RESIDUAL=has_res, ACTIVATION=activation, NEED_GRAD_RESIDUAL=need_grad_residual,
+        **geo.blocks, num_warps=_NUM_WARPS)
+    return grad_x3, grad_r3
