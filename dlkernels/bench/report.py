@@ -206,7 +206,10 @@ def print_table(meta: dict) -> None:
             txt = cell(r.recs.get(c), r.eager)
             cells.append(f"[bold red]{txt}[/]" if txt.startswith(("FAILED", "ERROR")) else txt)
         t.add_row(r.case, r.dtype, *cells, f"{max(fr):.0%}" if fr else "-")
-    Console().print(t)
+    con = Console()
+    if not con.is_terminal:  # a log file: no wrapping of case ids into a column of fragments
+        con = Console(width=220)
+    con.print(t)
 
 
 def charts(meta: dict, out_dir: Path) -> list[str]:
