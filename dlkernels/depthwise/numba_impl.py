@@ -64,32 +64,61 @@ def _dw_row(xc, wk, b, i, j0, j1, out, sH, sW, pT, pL, dH, dW):
 
 
 @jit
-def _dw_pixel_cl(xn, wt, bias, i, j, out, m, sH, sW, pT, pL, dH, dW, kW):
-    """out[o] = bias[o] (0 if bias is empty) + sum_{p,q} wt[p*kW + q, o] * xn[ih, iw, o // m] for one
-    output pixel (i, j) of the (H, W, C) image xn; wt is the weight as (kH*kW, C*m)."""
+def _interior(step, pad, dil, k, n_in, lo, hi):
+    """The sub-range of output indices in [lo, hi) whose k taps all lie inside [0, n_in)."""
+    a = _tap_range(-pad, step, n_in, lo, hi)[0]
+    e = _tap_range((k - 1) * dil - pad, step, n_in, lo, hi)[1]
+    return a, max(a, e)
+
+
+@jit
+def _dw_row_cl(xn, wt, bias, i, j0, j1, out, m, sH, sW, pT, pL, dH, dW, kW):
+    """out[j - j0, o] = bias[o] (0 if bias is empty) + sum_{p,q} wt[p*kW + q, o] * xn[ih, iw, o // m] for
+    the output pixels (i, j), j in [j0, j1), of the (H, W, C) image xn; wt is the weight as (kH*kW, C*m).
+
+    The tap range of a pixel costs integer divisions, so it is computed only on the border: interior
+    pixels take all kW column taps.
+    """
     H, W, C = xn.shape
-    Cm = out.shape[0]
+    Cm = out.shape[1]
     kH = wt.shape[0] // kW
-    if bias.shape[0] != 0:
-        out[:] = bias
-    else:
-        out[:] = 0
     ih0 = i * sH - pT
-    iw0 = j * sW - pL
     p_lo, p_hi = _tap_range(ih0, dH, H, 0, kH)
-    q_lo, q_hi = _tap_range(iw0, dW, W, 0, kW)
-    for p in range(p_lo, p_hi):
-        for q in range(q_lo, q_hi):
-            xv = xn[ih0 + p * dH, iw0 + q * dW]
-            wv = wt[p * kW + q]
+    ja, je = _interior(sW, pL, dW, kW, W, j0, j1)
+    for j in range(j0, j1):
+        acc = out[j - j0]
+        if bias.shape[0] != 0:
+            acc[:] = bias
+        else:
+            acc[:] = 0
+        iw0 = j * sW - pL
+        if ja <= j < je:
+            q_lo, q_hi = 0, kW
+        else:
+            q_lo, q_hi = _tap_range(iw0, dW, W, 0, kW)
+        for p in range(p_lo, p_hi):
+            xr = xn[ih0 + p * dH]
+            wr = wt[p * kW:]
+            q = q_lo
             if m == 1:
-                for o in range(Cm):
-                    out[o] += wv[o] * xv[o]
-            else:
-                for c in range(C):
-                    xc = xv[c]
-                    for k in range(c * m, c * m + m):
-                        out[k] += wv[k] * xc
+                # three taps per pass over acc: one load and store of it per three FMAs, not per one
+                while q + 3 <= q_hi:
+                    x0, x1, x2 = xr[iw0 + q * dW], xr[iw0 + (q + 1) * dW], xr[iw0 + (q + 2) * dW]
+                    w0, w1, w2 = wr[q], wr[q + 1], wr[q + 2]
+                    for o in range(Cm):
+                        acc[o] += w0[o] * x0[o] + w1[o] * x1[o] + w2[o] * x2[o]
+                    q += 3
+            for q in range(q, q_hi):
+                xv = xr[iw0 + q * dW]
+                wv = wr[q]
+                if m == 1:
+                    for o in range(Cm):
+                        acc[o] += wv[o] * xv[o]
+                else:
+                    for c in range(C):
+                        xc = xv[c]
+                        for k in range(c * m, c * m + m):
+                            acc[k] += wv[k] * xc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,8 +143,7 @@ def _fwd_cl(x, wt, bias, y, m, sH, sW, pT, pL, dH, dW, kW):
     for r in prange(N * Ho):
         i = r % Ho
         n = r // Ho
-        for j in range(Wo):
-            _dw_pixel_cl(x[n], wt, bias, i, j, y[n, i, j], m, sH, sW, pT, pL, dH, dW, kW)
+        _dw_row_cl(x[n], wt, bias, i, 0, Wo, y[n, i], m, sH, sW, pT, pL, dH, dW, kW)
 
 
 # ---------------------------------------------------------------------------------------------

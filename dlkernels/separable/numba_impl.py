@@ -11,7 +11,7 @@ import torch
 from numba import prange
 
 from .._numba_common import jit, sync_threads
-from ..depthwise.numba_impl import (_dw_pixel_cl, _dw_row, geometry, bias_array, is_channels_last, nchw_view,
+from ..depthwise.numba_impl import (_dw_row_cl, _dw_row, geometry, bias_array, is_channels_last, nchw_view,
                                     nhwc_view, taps_by_channel)
 
 # bytes of the depthwise tile: big enough for long vector loops in the GEMM, small enough to stay
@@ -132,9 +132,13 @@ def _sep_fwd_cl(x, wt, pwt, bias, y, m, tile, sH, sW, pT, pL, dH, dW, kW):
         p0 = (r % n_tiles) * tile
         p1 = min(P, p0 + tile)
         buf = np.empty((p1 - p0, Cm), y.dtype)
-        for t in range(p1 - p0):
-            i = (p0 + t) // Wo
-            _dw_pixel_cl(x[n], wt, no_bias, i, p0 + t - i * Wo, buf[t], m, sH, sW, pT, pL, dH, dW, kW)
+        pp = p0
+        while pp < p1:
+            i = pp // Wo
+            j0 = pp - i * Wo
+            j1 = min(Wo, j0 + p1 - pp)
+            _dw_row_cl(x[n], wt, no_bias, i, j0, j1, buf[pp - p0:], m, sH, sW, pT, pL, dH, dW, kW)
+            pp += j1 - j0
         # in channels-last each pixel's O outputs are contiguous: rows are pixels, (Cm, O) weight
         _gemm_into(y[n].reshape(P, O), p0, 0, buf, pwt, bias, False)
 
