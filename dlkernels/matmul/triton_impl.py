@@ -143,11 +143,13 @@ _mm_kernel_tuned = triton.autotune(
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    # float16/bfloat16 products are exact in the fp32 accumulator; float64 has no TF32 analogue
-    return "ieee"
+def _input_precision(dtype: torch.dtype, dot_in_fp32: bool) -> str:
+    if dtype == torch.float64 or dot_in_fp32:
+        return "ieee"
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    # float16/bfloat16: Triton's default; their products are exact in the fp32 accumulator anyway
+    return "tf32"
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:
@@ -166,11 +168,12 @@ def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -
     has_bias = bias is not None
     interpreting = triton_interpreting()
     kernel = _mm_kernel if interpreting else _mm_kernel_tuned
+    # The interpreter's tl.dot multiplies bfloat16 operands' raw bits as integers; their exact
+    # products in fp32 (ieee) give the same result. GPUs use bf16 tensor cores.
+    dot_in_fp32 = interpreting and a.dtype == torch.bfloat16
     meta = dict(HAS_BIAS=has_bias, BIAS_DIM=bias_dim, RELU=activation == "relu",
-                ACC_FP64=a.dtype == torch.float64, INPUT_PRECISION=_input_precision(a.dtype),
-                # The interpreter's tl.dot multiplies bfloat16 operands' raw bits as integers; their
-                # exact products in fp32 (ieee) give the same result. GPUs use bf16 tensor cores.
-                DOT_IN_FP32=interpreting and a.dtype == torch.bfloat16)
+                ACC_FP64=a.dtype == torch.float64, INPUT_PRECISION=_input_precision(a.dtype, dot_in_fp32),
+                DOT_IN_FP32=dot_in_fp32)
     if interpreting:
         meta.update(_INTERPRET_CONFIG)
     for b0 in range(0, nb, _MAX_GRID_YZ):
