@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -84,6 +85,25 @@ inline TapRange interior_range(int64_t out, int64_t stride, int64_t pad, int64_t
   hi = std::min<int64_t>(out, std::max<int64_t>(hi, lo));
   return {lo, hi};
 }
+
+// A 32-byte vector of T (GCC vector extension: AVX registers under -march=native, split into
+// halves on older targets). Fixed-size blocks of accumulators written with it stay in registers
+// across runtime-length tap loops, which plain arrays do not reliably do.
+template <class T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int lanes = 32 / sizeof(T);
+};
+template <class T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class T>
+inline void vstore(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof v); }
+template <class T>
+inline typename Vec<T>::type vbroadcast(T x) { return typename Vec<T>::type{} + x; }
 
 // One zeroed accumulator row per OpenMP thread; a reduction sums them at the end, so threads never
 // share a cache line that both write.

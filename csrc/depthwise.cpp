@@ -253,17 +253,81 @@ void bwd_weight_plane(const T* gyp, const T* xp, double* gw_o, double* gb_o, con
   }
 }
 
+// Column stride 1: one vector accumulator per tap (and the bias) spans many rows, so the
+// horizontal sums are paid once per flush instead of once per row and tap. Lanes are flushed into
+// double every ~4096 elements to bound float rounding.
+template <class T>
+void bwd_weight_plane_s1(const T* gyp, const T* xp, double* gw_o, double* gb_o, const DwGeom& g,
+                         typename Vec<T>::type* acc) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t K = g.kH * g.kW, nvec = (g.jin.hi - g.jin.lo) / L, jv = g.jin.lo + nvec * L;
+  const int64_t flush_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(g.Wo, 1));
+  auto flush = [&]() {
+    for (int64_t k = 0; k <= K; ++k) {
+      double s = 0;
+      for (int l = 0; l < L; ++l) s += acc[k][l];
+      if (k < K) gw_o[k] += s;
+      else if (gb_o) *gb_o += s;
+      acc[k] = V{};
+    }
+  };
+  for (int64_t k = 0; k <= K; ++k) acc[k] = V{};
+  for (int64_t i = 0; i < g.Ho; ++i) {
+    const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+    const T* gyr = gyp + i * g.Wo;
+    for (int64_t p = pr.lo; p < pr.hi; ++p) {
+      const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W - g.pL;
+      for (int64_t q = 0; q < g.kW; ++q) {
+        const T* xs = xr + q * g.dW;
+        V a = acc[p * g.kW + q];
+        for (int64_t j = g.jin.lo; j < jv; j += L) a += vload(gyr + j) * vload(xs + j);
+        acc[p * g.kW + q] = a;
+        T s = 0;  // the columns outside whole vectors: interior tail, then both borders
+        for (int64_t j = jv; j < g.jin.hi; ++j) s += gyr[j] * xs[j];
+        auto border = [&](int64_t j) {
+          const int64_t iw = j - g.pL + q * g.dW;
+          if (iw >= 0 && iw < g.W) s += gyr[j] * xs[j];
+        };
+        for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
+        for (int64_t j = g.jin.hi; j < g.Wo; ++j) border(j);
+        gw_o[p * g.kW + q] += s;
+      }
+    }
+    if (gb_o) {
+      V a = acc[K];
+      int64_t j = 0;
+      for (; j + L <= g.Wo; j += L) a += vload(gyr + j);
+      acc[K] = a;
+      T s = 0;
+      for (; j < g.Wo; ++j) s += gyr[j];
+      *gb_o += s;
+    }
+    if ((i + 1) % flush_rows == 0) flush();
+  }
+  flush();
+}
+
 template <class T>
 void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
   const int64_t K = g.kH * g.kW;
   ThreadPartials<double> part(g.Cm * (K + 1));  // [o*K + tap], then [Cm*K + o] for the bias
-  const auto plane_fn = g.sW == 1 ? bwd_weight_plane<T, 1> : g.sW == 2 ? bwd_weight_plane<T, 2> : bwd_weight_plane<T, 0>;
-#pragma omp parallel for schedule(static)
-  for (int64_t plane = 0; plane < g.N * g.Cm; ++plane) {
-    const int64_t n = plane / g.Cm, o = plane % g.Cm;
-    double* acc = part.mine();
-    plane_fn(gy + plane * g.Ho * g.Wo, x + (n * g.C + o / g.m) * g.H * g.W, acc + o * K,
-             gb ? acc + g.Cm * K + o : nullptr, g);
+  const auto plane_fn = g.sW == 2 ? bwd_weight_plane<T, 2> : bwd_weight_plane<T, 0>;
+#pragma omp parallel
+  {
+    std::vector<typename Vec<T>::type> vacc(g.sW == 1 ? K + 1 : 0);
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < g.N * g.Cm; ++plane) {
+      const int64_t n = plane / g.Cm, o = plane % g.Cm;
+      double* acc = part.mine();
+      const T* gyp = gy + plane * g.Ho * g.Wo;
+      const T* xp = x + (n * g.C + o / g.m) * g.H * g.W;
+      double* gb_o = gb ? acc + g.Cm * K + o : nullptr;
+      if (g.sW == 1)
+        bwd_weight_plane_s1(gyp, xp, acc + o * K, gb_o, g, vacc.data());
+      else
+        plane_fn(gyp, xp, acc + o * K, gb_o, g);
+    }
   }
   for (int64_t k = 0; k < g.Cm * K; ++k) gw[k] = static_cast<T>(part.sum(k));
   if (gb)

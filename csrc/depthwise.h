@@ -27,6 +27,29 @@ inline DwGeom make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cm, 
 // Register-blocked accumulation of LEN (compile time) or len (LEN == 0) consecutive outputs of one
 // row over the taps rows [pr.lo, pr.hi) x all kW columns; every tap is in bounds (interior columns).
 // SW > 0 fixes the column stride at compile time so that sW == 1 becomes contiguous vector loads.
+// Contiguous (stride 1) full block: NV vectors of accumulators held in registers over all taps.
+template <class T, int NV>
+inline void dw_row_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, TapRange pr,
+                             const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = vbroadcast(b);
+  for (int64_t p = pr.lo; p < pr.hi; ++p) {
+    const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W + j - g.pL;
+    const T* wr = wo + p * g.kW;
+    for (int64_t q = 0; q < g.kW; ++q) {
+      const V wv = vbroadcast(wr[q]);
+      const T* xs = xr + q * g.dW;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] += wv * vload(xs + v * L);
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) vstore(out + v * L, acc[v]);
+}
+
 template <class T, int SW, int LEN>
 inline void dw_row_block(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, int64_t len, TapRange pr,
                          const DwGeom& g) {
@@ -65,6 +88,17 @@ void dw_row_nchw(const T* xp, const T* wo, T b, T* out, int64_t i, const DwGeom&
   };
   for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
   int64_t j = g.jin.lo;
+  if constexpr (SW == 1) {
+    constexpr int L = Vec<T>::lanes;
+    for (; j + 4 * L <= g.jin.hi; j += 4 * L) dw_row_block_vec<T, 4>(xp, wo, b, out + j, i, j, pr, g);
+    for (; j + L <= g.jin.hi; j += L) dw_row_block_vec<T, 1>(xp, wo, b, out + j, i, j, pr, g);
+    // The last partial vector: one full vector ending at the interior's end, rewriting a few
+    // outputs with the same values instead of a scalar tail.
+    if (j < g.jin.hi && g.jin.hi - g.jin.lo >= L) {
+      dw_row_block_vec<T, 1>(xp, wo, b, out + g.jin.hi - L, i, g.jin.hi - L, pr, g);
+      j = g.jin.hi;
+    }
+  }
   for (; j + JB <= g.jin.hi; j += JB) dw_row_block<T, SW, JB>(xp, wo, b, out + j, i, j, JB, pr, g);
   for (; j < g.jin.hi; j += JB)
     dw_row_block<T, SW, 0>(xp, wo, b, out + j, i, j, std::min<int64_t>(JB, g.jin.hi - j), pr, g);
@@ -116,6 +150,29 @@ inline void cl_taps_block(const T* xn, const T* wt, const T* bias, T* dst, int64
   for (int64_t cc = 0; cc < n; ++cc) dst[c0 + cc] = acc[cc];
 }
 
+// Multiplier 1, NV full vectors of channels c0.. held in registers over the valid taps.
+template <class T, int NV>
+inline void cl_taps_block_vec(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
+                              TapRange pr, TapRange qr, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = bias ? vload(bias + c0 + v * L) : V{};
+  for (int64_t p = pr.lo; p < pr.hi; ++p) {
+    const int64_t ih = i * g.sH - g.pT + p * g.dH;
+    for (int64_t q = qr.lo; q < qr.hi; ++q) {
+      const int64_t iw = j * g.sW - g.pL + q * g.dW;
+      const T* xs = xn + (ih * g.W + iw) * g.C + c0;
+      const T* ws = wt + (p * g.kW + q) * g.Cm + c0;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] += vload(ws + v * L) * vload(xs + v * L);
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) vstore(dst + c0 + v * L, acc[v]);
+}
+
 // All C*m outputs of pixel (i, j) of image xn (H, W, C) into dst[0..C*m); wt from taps_major.
 template <class T>
 void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int64_t j, const DwGeom& g) {
@@ -124,7 +181,9 @@ void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int
   const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
   int64_t c = 0;
   if (g.m == 1) {
-    for (; c + CB <= g.Cm; c += CB) cl_taps_block<T, true, CB>(xn, wt, bias, dst, c, CB, i, j, pr, qr, g);
+    constexpr int L = Vec<T>::lanes;
+    for (; c + 4 * L <= g.Cm; c += 4 * L) cl_taps_block_vec<T, 4>(xn, wt, bias, dst, c, i, j, pr, qr, g);
+    for (; c + L <= g.Cm; c += L) cl_taps_block_vec<T, 1>(xn, wt, bias, dst, c, i, j, pr, qr, g);
     if (c < g.Cm) cl_taps_block<T, true, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
   } else {
     for (; c + CB <= g.Cm; c += CB) cl_taps_block<T, false, CB>(xn, wt, bias, dst, c, CB, i, j, pr, qr, g);
