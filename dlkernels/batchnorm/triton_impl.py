@@ -168,7 +168,7 @@ def _stats_merge_kernel(x_ptr, part_mean_ptr, part_m2_ptr, part_n_ptr, mean_ptr,
         n_b = tl.load(part_n_ptr + s * C + offs_c, mask=mask, other=0.0)
         mean, m2, cnt = _welford_combine(mean, m2, cnt, mean_b, m2_b, n_b)
     tl.store(mean_ptr + offs_c, mean + _stats_shift(x_ptr, offs_c, C, stride_xc, ct), mask=mask)
-    tl.store(var_ptr + offs_c, m2 / cnt, mask=mask)
+    tl.store(var_ptr + offs_c, m2 / tl.where(mask, cnt, 1.0), mask=mask)
 
 
 @triton.jit
