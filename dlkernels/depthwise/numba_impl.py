@@ -6,7 +6,8 @@ writes its output once.
 NCHW kernels work on one image row at a time with the inner loop along W. For every tap the range
 of output columns whose input column lies inside the image is computed once (``_tap_range``), so
 the hot loop has no bounds checks: the border is just the part of the row outside that range.
-Channels-last kernels work on one pixel at a time with the inner loop along the contiguous C.
+Channels-last kernels work on one row of pixels at a time with the inner loop along the contiguous
+C; per-pixel tap ranges (integer divisions) are computed only on the border.
 
 Helpers taking a slice and looping from 0 (rather than indexing with a possibly negative offset)
 let LLVM prove the index non-negative, drop Numba's wraparound select and vectorize.
@@ -184,26 +185,43 @@ def _bwd_input_nchw(gy, w, gx, m, sH, sW, pT, pL, dH, dW):
                             gxs[t * sW] += wv * gys[t]
 
 
+@jit
+def _source_index(t, step, n_out):
+    """The output index u with u*step == t, or -1 when there is none in [0, n_out)."""
+    if t < 0 or t % step != 0 or t // step >= n_out:
+        return -1
+    return t // step
+
+
 @jit(parallel=True)
 def _bwd_input_cl(gy, wt, gx, m, sH, sW, pT, pL, dH, dW, kW):
     N, H, W, C = gx.shape
     Ho, Wo = gy.shape[1], gy.shape[2]
     kH = wt.shape[0] // kW
+    # which output column each (input column, tap) reads, once per call: keeps the integer
+    # divisions out of the per-pixel loop
+    src_j = np.empty((W, kW), np.int64)
+    for iw in range(W):
+        for q in range(kW):
+            src_j[iw, q] = _source_index(iw + pL - q * dW, sW, Wo)
     for r in prange(N * H):
         h = r % H
         n = r // H
+        src_i = np.empty(kH, np.int64)
+        for p in range(kH):
+            src_i[p] = _source_index(h + pT - p * dH, sH, Ho)
         for iw in range(W):
             acc = gx[n, h, iw]
             acc[:] = 0
             for p in range(kH):
-                ti = h + pT - p * dH
-                if ti < 0 or ti % sH != 0 or ti // sH >= Ho:
+                i = src_i[p]
+                if i < 0:
                     continue
                 for q in range(kW):
-                    tj = iw + pL - q * dW
-                    if tj < 0 or tj % sW != 0 or tj // sW >= Wo:
+                    j = src_j[iw, q]
+                    if j < 0:
                         continue
-                    gv = gy[n, ti // sH, tj // sW]
+                    gv = gy[n, i, j]
                     wv = wt[p * kW + q]
                     if m == 1:
                         for c in range(C):
@@ -271,6 +289,7 @@ def _bwd_weight_cl(gy, x, partial, m, sH, sW, pT, pL, dH, dW, kW):
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     kH = (K1 - 1) // kW
     rows = N * Ho
+    ja, je = _interior(sW, pL, dW, kW, W, 0, Wo)
     for t in prange(n_chunks):
         acc = partial[t]
         acc[:] = 0
@@ -288,7 +307,11 @@ def _bwd_weight_cl(gy, x, partial, m, sH, sW, pT, pL, dH, dW, kW):
                 for o in range(Cm):
                     bacc[o] += gv[o]
                 iw0 = j * sW - pL
-                q_lo, q_hi = _tap_range(iw0, dW, W, 0, kW)
+                # tap ranges (integer divisions) only for border pixels
+                if ja <= j < je:
+                    q_lo, q_hi = 0, kW
+                else:
+                    q_lo, q_hi = _tap_range(iw0, dW, W, 0, kW)
                 for p in range(p_lo, p_hi):
                     for q in range(q_lo, q_hi):
                         xv = x[n, ih0 + p * dH, iw0 + q * dW]
