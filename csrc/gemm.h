@@ -12,15 +12,16 @@
 //   Bias and relu are fused into the last K block's store: C is written once per K block.
 //   M, N or K may be 0 (K = 0 gives C = act((accumulate ? C : 0) + bias)).
 //
-// Threads: parallel = true runs an OpenMP team of omp_get_max_threads() threads over the M and N
-// blocks (one thread when the product is too small to pay for a team). parallel = false runs
+// Threads: parallel = true runs an OpenMP team of omp_get_max_threads() threads, each on its own
+// block of C (one thread when the product is too small to pay for a team). parallel = false runs
 // entirely on the calling thread and uses no OpenMP construct at all, so it is safe to call from
 // inside the caller's own `omp parallel` region, one independent GEMM per thread: e.g. a fused
 // kernel that computes a cache-sized block of its intermediate and then multiplies it.
 //
-// Memory: packing buffers are per calling thread (thread_local, grown on demand and kept, so a
-// steady-state call allocates nothing): up to about 4.5 MiB per thread for large problems, a few
-// KiB for small ones. The functions are reentrant across threads.
+// Memory: packing buffers belong to the calling thread (thread_local, grown on demand and kept, so
+// a steady-state call allocates nothing): up to about 4.3 MiB per thread of the team (parallel) or
+// for the caller alone (parallel = false) for large problems, a few KiB for small ones. The
+// functions are reentrant across threads.
 //
 // Errors: none are checked here (callers validate shapes and strides); a failed allocation of the
 // packing buffers throws std::bad_alloc before any thread is started.

@@ -1,11 +1,12 @@
 // The GEMM behind dlk::gemm (gemm.h) and the matmul/linear kernels of dlkernels._C.
 //
-// BLIS structure: for each NC-wide column block of B and KC-deep slice of K, B is packed once into
-// NR-column panels (shared by all threads, about L3-sized); each MC-row block of A is packed into
-// MR-row panels (per thread, L2-sized); a register-blocked MR x NR micro-kernel then runs over the
-// packed panels, the B micro-panel staying in L1 while the A panels stream from L2. Packing reads
-// any strides, so transposed and broadcast operands cost nothing extra, and pads edges with zeros
-// so the micro-kernel always runs full tiles (edge tiles are stored through a masked scalar path).
+// BLIS structure: for each NC-wide column block of B and KC-deep slice of K, B is packed into
+// NR-column panels (about L3-sized); each MC-row block of A is packed into MR-row panels (L2-sized);
+// a register-blocked MR x NR micro-kernel then runs over the packed panels, the B micro-panel
+// staying in L1 while the A panels stream from L2. Packing reads any strides, so transposed and
+// broadcast operands cost nothing extra, and pads edges with zeros so the micro-kernel always runs
+// full tiles (edge tiles are stored through a masked scalar path). Threads each take a block of C
+// (see gemm_driver).
 #include "gemm.h"
 
 #include <omp.h>
@@ -209,7 +210,7 @@ using FastKernel = PortableKernel<T>;
 
 // Cache blocking. KC: an NR x KC micro-panel of B (16 KiB for 6x16 float) stays in the 32 KiB L1
 // beside the streaming A panel. MC: the MC x KC block of A (144 KiB) sits in a 512 KiB+ L2 with
-// room for B's panels and C. NC: the KC x NC block of B (4 MiB) is shared by the threads in L3.
+// room for B's panels and C. NC: the KC x NC block of B (4 MiB per thread) stays in L3.
 template <class T, class Kern>
 struct Blocking {
   static constexpr int64_t KC = 256;
@@ -218,8 +219,9 @@ struct Blocking {
       std::max<int64_t>(Kern::NR, (4 * 1024 * 1024 / (KC * int64_t(sizeof(T)))) / Kern::NR * Kern::NR);
 };
 
-// Below this many multiply-adds a team's start-up costs more than the second thread saves.
-constexpr int64_t kMinParallelMacs = 64 * 64 * 64;
+// Below this many multiply-adds (~50 us on one core) a second thread saves less than waking it
+// can cost: a few us on a quiet machine, a whole scheduler time slice on a busy one.
+constexpr int64_t kMinParallelMacs = 128 * 128 * 128;
 
 // ---------------------------------------------------------------------------------------------
 // packing
@@ -293,83 +295,194 @@ void gemm_no_k(int64_t M, int64_t N, T* C, int64_t ldc, const T* bias, int bias_
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// skinny products (M <= 4, or N <= 4 by transposition): memory-bound, so no packing (which would
+// read B twice and, in MR x NR tiles, waste most FMAs on zero padding)
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kSkinny = 4;
+
+// sum_k a[k * sa] * b[k * sb] in 16 independent lanes: vectorizes without reassociating, and is a
+// blocked sum (each lane adds K / 16 products).
+template <class T>
+inline T dot(const T* a, int64_t sa, const T* b, int64_t sb, int64_t K) {
+  constexpr int L = 16;
+  T lane[L] = {};
+  int64_t k = 0;
+  if (sa == 1 && sb == 1) {
+    for (; k + L <= K; k += L)
+      for (int u = 0; u < L; ++u) lane[u] += a[k + u] * b[k + u];
+  } else {
+    for (; k + L <= K; k += L)
+      for (int u = 0; u < L; ++u) lane[u] += a[(k + u) * sa] * b[(k + u) * sb];
+  }
+  for (; k < K; ++k) lane[k % L] += a[k * sa] * b[k * sb];
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int u = 0; u < w; ++u) lane[u] += lane[u + w];
+  return lane[0];
+}
+
+template <class T>
+inline void store_one(T x, T* c, bool accumulate, const T* bias, bool relu) {
+  if (accumulate) x += *c;
+  if (bias) x += *bias;
+  *c = relu ? relu_keep_nan(x) : x;
+}
+
+// C (M x N, element (i, j) at C[i * rs_c + j * cs_c]) for M <= kSkinny.
+template <class T>
+void gemm_skinny(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
+                 int64_t cs_b, T* C, int64_t rs_c, int64_t cs_c, const T* bias, int bias_dim, bool relu,
+                 bool accumulate, bool parallel) {
+  auto bias_at = [&](int64_t i, int64_t j) -> const T* {
+    return bias ? (bias_dim == 1 ? bias + j : bias + i) : nullptr;
+  };
+  const bool par = parallel && M * N * K >= kMinParallelMacs && omp_get_max_threads() > 1;
+  if (cs_b == 1) {
+    // rows of B are contiguous: C's rows += A[i, k] * B[k, :], one L1-sized chunk of columns at a
+    // time, each row of B read once for all M rows of C
+    constexpr int64_t NJ = 4096 / sizeof(T);
+    const int64_t chunks = ceil_div(N, NJ);
+    auto chunk = [&](int64_t c) {
+      const int64_t j0 = c * NJ, nj = std::min(NJ, N - j0);
+      alignas(64) T acc[kSkinny][NJ];
+      for (int64_t i = 0; i < M; ++i) std::fill(acc[i], acc[i] + nj, T(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const T* bk = B + k * rs_b + j0;
+        for (int64_t i = 0; i < M; ++i) {
+          const T a = A[i * rs_a + k * cs_a];
+          T* ai = acc[i];
+          for (int64_t j = 0; j < nj; ++j) ai[j] += a * bk[j];
+        }
+      }
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < nj; ++j)
+          store_one(acc[i][j], C + i * rs_c + (j0 + j) * cs_c, accumulate, bias_at(i, j0 + j), relu);
+    };
+    if (par) {
+#pragma omp parallel for schedule(static)
+      for (int64_t c = 0; c < chunks; ++c) chunk(c);
+    } else {
+      for (int64_t c = 0; c < chunks; ++c) chunk(c);
+    }
+  } else {
+    // columns of B (the usual case: a transposed weight) are dot products with A's rows
+    auto column = [&](int64_t j) {
+      for (int64_t i = 0; i < M; ++i)
+        store_one(dot(A + i * rs_a, cs_a, B + j * cs_b, rs_b, K), C + i * rs_c + j * cs_c, accumulate,
+                  bias_at(i, j), relu);
+    };
+    if (par) {
+#pragma omp parallel for schedule(static)
+      for (int64_t j = 0; j < N; ++j) column(j);
+    } else {
+      for (int64_t j = 0; j < N; ++j) column(j);
+    }
+  }
+}
+
+// Packing-buffer sizes (elements) of one thread working on an at most M x N x K problem.
+template <class T, class Kern>
+struct Buffers {
+  int64_t kc, a_size, b_size;
+  Buffers(int64_t M, int64_t N, int64_t K) {
+    using Blk = Blocking<T, Kern>;
+    kc = ceil_div(K, ceil_div(K, Blk::KC));  // K in equal slices: 300 is 2 x 150, not 256 + 44
+    a_size = round_up(std::min(Blk::MC, round_up(M, Kern::MR)) * kc, 16);
+    b_size = round_up(std::min(Blk::NC, round_up(N, Kern::NR)) * kc, 16);
+  }
+};
+
+// The BLIS loops on the calling thread, with the caller's packing buffers.
+template <class T, class Kern>
+void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
+                 int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool accumulate,
+                 int64_t kc_max, T* a_buf, T* b_buf) {
+  constexpr int MR = Kern::MR, NR = Kern::NR;
+  using Blk = Blocking<T, Kern>;
+  const int64_t nc_max = std::min(Blk::NC, round_up(N, NR));
+  // equal MC blocks, each a multiple of MR
+  const int64_t mc_max = round_up(ceil_div(M, ceil_div(M, Blk::MC)), MR);
+  for (int64_t jc = 0; jc < N; jc += nc_max) {
+    const int64_t nc = std::min(nc_max, N - jc);
+    const int64_t np = ceil_div(nc, NR);
+    for (int64_t pc = 0; pc < K; pc += kc_max) {
+      const int64_t kc = std::min(kc_max, K - pc);
+      const bool first = pc == 0, last = pc + kc >= K;
+      pack_b<NR>(0, np, nc, kc, B + pc * rs_b + jc * cs_b, rs_b, cs_b, b_buf);
+      for (int64_t i0 = 0; i0 < M; i0 += mc_max) {
+        const int64_t mc = std::min(mc_max, M - i0);
+        pack_a<MR>(mc, kc, A + i0 * rs_a + pc * cs_a, rs_a, cs_a, a_buf);
+        for (int64_t q = 0; q < np; ++q) {
+          const int64_t j = q * NR;
+          const int nv = static_cast<int>(std::min<int64_t>(NR, nc - j));
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            const int mv = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+            Epilogue<T> e;
+            e.load = accumulate || !first;
+            e.bias_row = (last && bias && bias_dim == 0) ? bias + i0 + ir : nullptr;
+            e.bias_col = (last && bias && bias_dim == 1) ? bias + jc + j : nullptr;
+            e.relu = last && relu;
+            Kern::run(kc, a_buf + ir * kc, b_buf + q * kc * NR, C + (i0 + ir) * ldc + jc + j, ldc, mv, nv, e);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Threads: C is cut into a tm x tn grid of blocks (whole MR-row / NR-column panels, balanced to
+// one panel) and each thread runs the serial GEMM on its block with its own packing buffers. No
+// barrier anywhere, so a thread the OS delays (shared or oversubscribed cores) holds up nobody
+// until the end; the price, re-packing B tm times and A tn times, is O(K(M + N)) against the
+// O(MNK / threads) arithmetic.
 template <class T, class Kern>
 void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
                  int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool parallel,
                  bool accumulate) {
   constexpr int MR = Kern::MR, NR = Kern::NR;
-  using Blk = Blocking<T, Kern>;
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return gemm_no_k(M, N, C, ldc, bias, bias_dim, relu, accumulate);
+  if (M <= kSkinny)
+    return gemm_skinny(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, 1, bias, bias_dim, relu, accumulate,
+                       parallel);
+  if (N <= kSkinny)  // C^T = B^T A^T, bias dims swapped
+    return gemm_skinny(N, M, K, B, cs_b, rs_b, A, cs_a, rs_a, C, 1, ldc, bias, 1 - bias_dim, relu, accumulate,
+                       parallel);
 
   int nt = 1;
   if (parallel && M * N * K >= kMinParallelMacs) nt = std::max(1, omp_get_max_threads());
+  // Sized for the whole problem, so any team size (the runtime may give fewer threads) fits;
+  // only the pages a thread's block touches are ever faulted in.
+  const Buffers<T, Kern> buf(M, N, K);
+  const int64_t per_thread = buf.a_size + buf.b_size;
+  T* const scratch_all = scratch<T>(static_cast<size_t>(per_thread * nt));
+  if (nt == 1)
+    return gemm_serial<T, Kern>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, accumulate,
+                                buf.kc, scratch_all, scratch_all + buf.a_size);
 
-  // K split into equal slices (K = 300 gives 2 x 150, not 256 + 44).
-  const int64_t kc_max = ceil_div(K, ceil_div(K, Blk::KC));
-  const int64_t nc_max = std::min(Blk::NC, round_up(N, NR));
-  const int64_t mc_cap = std::min(Blk::MC, round_up(M, MR));
-  const int64_t b_size = round_up(kc_max * nc_max, 16);
-  const int64_t a_size = round_up(mc_cap * kc_max, 16);
-  T* const b_buf = scratch<T>(static_cast<size_t>(b_size + nt * a_size));
-
-  auto body = [&](int tid, int team) {
-    T* const a_buf = b_buf + b_size + tid * a_size;
-    // The team as a tm x tn grid over (MR-row panels of C, NR-column panels of each NC block):
-    // the split with the least work for the busiest thread, an M split on ties (threads then
-    // share no A rows, so none packs A twice).
-    const int64_t mp = ceil_div(M, MR);
+  const int64_t mp = ceil_div(M, MR), np = ceil_div(N, NR);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    // the grid whose busiest thread has the fewest tiles; an M split on ties (A is the operand
+    // re-read per column block, so splitting rows keeps each thread's A small)
     int tm = 1;
     int64_t best = -1;
     for (int d = team; d >= 1; --d) {
       if (team % d) continue;
-      const int64_t work = ceil_div(mp, d) * ceil_div(ceil_div(nc_max, NR), team / d);
-      if (best < 0 || work < best) best = work, tm = d;
+      const int64_t tiles = ceil_div(mp, d) * ceil_div(np, team / d);
+      if (best < 0 || tiles < best) best = tiles, tm = d;
     }
     const int tn = team / tm, ti = tid / tn, tj = tid % tn;
     const int64_t m0 = std::min(M, mp * ti / tm * MR), m1 = std::min(M, mp * (ti + 1) / tm * MR);
-    // this thread's rows in equal MC blocks (a multiple of MR each)
-    const int64_t mc_blk = m1 > m0 ? round_up(ceil_div(m1 - m0, ceil_div(m1 - m0, Blk::MC)), MR) : MR;
-    for (int64_t jc = 0; jc < N; jc += nc_max) {
-      const int64_t nc = std::min(nc_max, N - jc);
-      const int64_t np = ceil_div(nc, NR);
-      for (int64_t pc = 0; pc < K; pc += kc_max) {
-        const int64_t kc = std::min(kc_max, K - pc);
-        const bool first = pc == 0, last = pc + kc >= K;
-        pack_b<NR>(np * tid / team, np * (tid + 1) / team, nc, kc, B + pc * rs_b + jc * cs_b, rs_b, cs_b, b_buf);
-        if (team > 1) {
-#pragma omp barrier
-        }
-        for (int64_t i0 = m0; i0 < m1; i0 += mc_blk) {
-          const int64_t mc = std::min(mc_blk, m1 - i0);
-          pack_a<MR>(mc, kc, A + i0 * rs_a + pc * cs_a, rs_a, cs_a, a_buf);
-          for (int64_t q = np * tj / tn; q < np * (tj + 1) / tn; ++q) {
-            const int64_t j = q * NR;
-            const int nv = static_cast<int>(std::min<int64_t>(NR, nc - j));
-            for (int64_t ir = 0; ir < mc; ir += MR) {
-              const int mv = static_cast<int>(std::min<int64_t>(MR, mc - ir));
-              Epilogue<T> e;
-              e.load = accumulate || !first;
-              e.bias_row = (last && bias && bias_dim == 0) ? bias + i0 + ir : nullptr;
-              e.bias_col = (last && bias && bias_dim == 1) ? bias + jc + j : nullptr;
-              e.relu = last && relu;
-              Kern::run(kc, a_buf + ir * kc, b_buf + q * kc * NR, C + (i0 + ir) * ldc + jc + j, ldc, mv, nv, e);
-            }
-          }
-        }
-        // B's buffer is repacked next: everyone must be done reading it.
-        if (team > 1) {
-#pragma omp barrier
-        }
-      }
+    const int64_t n0 = std::min(N, np * tj / tn * NR), n1 = std::min(N, np * (tj + 1) / tn * NR);
+    if (m1 > m0 && n1 > n0) {
+      T* const mine = scratch_all + tid * per_thread;
+      const T* bias_blk = bias ? bias + (bias_dim == 1 ? n0 : m0) : nullptr;
+      gemm_serial<T, Kern>(m1 - m0, n1 - n0, K, A + m0 * rs_a, rs_a, cs_a, B + n0 * cs_b, rs_b, cs_b,
+                           C + m0 * ldc + n0, ldc, bias_blk, bias_dim, relu, accumulate, buf.kc, mine,
+                           mine + buf.a_size);
     }
-  };
-
-  if (nt == 1) {
-    body(0, 1);
-  } else {
-#pragma omp parallel num_threads(nt)
-    body(omp_get_thread_num(), omp_get_num_threads());
   }
 }
 
@@ -411,7 +524,7 @@ constexpr int64_t kMaxMacsPerThreadGemm = 256 * 256 * 256;
 template <class T>
 void mm_batched(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int64_t sb_a, int64_t rs_a, int64_t cs_a,
                 const T* B, int64_t sb_b, int64_t rs_b, int64_t cs_b, T* C, const T* bias, int bias_dim, bool relu,
-                bool portable) {
+                bool portable, bool accumulate) {
   auto* g = portable ? &gemm_portable<T> : &gemm<T>;
   const int nt = omp_get_max_threads();
   const bool by_batch = nt > 1 && batch >= nt && M * N * K <= kMaxMacsPerThreadGemm &&
@@ -419,7 +532,7 @@ void mm_batched(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int6
   if (!by_batch) {
     for (int64_t i = 0; i < batch; ++i)
       g(M, N, K, A + i * sb_a, rs_a, cs_a, B + i * sb_b, rs_b, cs_b, C + i * M * N, N, bias, bias_dim, relu, true,
-        false);
+        accumulate);
     return;
   }
   std::exception_ptr error;
@@ -427,7 +540,7 @@ void mm_batched(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int6
   for (int64_t i = 0; i < batch; ++i) {
     try {
       g(M, N, K, A + i * sb_a, rs_a, cs_a, B + i * sb_b, rs_b, cs_b, C + i * M * N, N, bias, bias_dim, relu, false,
-        false);
+        accumulate);
     } catch (...) {
 #pragma omp critical(dlk_mm_error)
       error = std::current_exception();
@@ -548,7 +661,7 @@ void check_output(const py::array& out, const char* name) {
 
 template <class T>
 void mm_typed(const py::array& a, const py::array& b, const py::object& bias_obj, int bias_dim, bool relu,
-              py::array out, bool portable) {
+              py::array out, bool portable, bool accumulate) {
   const int nd = static_cast<int>(a.ndim());
   require(nd == 2 || nd == 3, "mm: a must be 2-D or 3-D");
   require(b.ndim() == nd && out.ndim() == nd, "mm: a, b and out must have the same rank");
@@ -577,7 +690,7 @@ void mm_typed(const py::array& a, const py::array& b, const py::object& bias_obj
   T* pc = static_cast<T*>(out.mutable_data());
   py::gil_scoped_release nogil;
   mm_batched<T>(batch, M, N, K, pa, nd == 3 ? sa[0] : 0, sa[o], sa[o + 1], pb, nd == 3 ? sb[0] : 0, sb[o], sb[o + 1],
-                pc, bias, bias_dim, relu, portable);
+                pc, bias, bias_dim, relu, portable, accumulate);
 }
 
 // Outputs must be real numpy arrays: pybind11 would otherwise convert e.g. a list into a
@@ -588,9 +701,9 @@ py::array output_array(const py::object& obj, const char* name) {
 }
 
 void mm_entry(const py::array& a, const py::array& b, const py::object& bias, int bias_dim, bool relu,
-              py::array out, bool portable) {
-  if (has_dtype<float>(a)) return mm_typed<float>(a, b, bias, bias_dim, relu, out, portable);
-  if (has_dtype<double>(a)) return mm_typed<double>(a, b, bias, bias_dim, relu, out, portable);
+              py::array out, bool portable, bool accumulate) {
+  if (has_dtype<float>(a)) return mm_typed<float>(a, b, bias, bias_dim, relu, out, portable, accumulate);
+  if (has_dtype<double>(a)) return mm_typed<double>(a, b, bias, bias_dim, relu, out, portable, accumulate);
   require(false, "mm: dtype must be float32 or float64");
 }
 
@@ -637,17 +750,21 @@ void init_matmul(py::module_& m) {
   m.def(
       "mm",
       [](const py::array& a, const py::array& b, const py::object& bias, int bias_dim, bool relu,
-         const py::object& out) { mm_entry(a, b, bias, bias_dim, relu, output_array(out, "mm: out"), false);
+         const py::object& out, bool accumulate) {
+        mm_entry(a, b, bias, bias_dim, relu, output_array(out, "mm: out"), false, accumulate);
       },
       py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("bias_dim"), py::arg("relu"), py::arg("out"),
-      "out[...] = act(a @ b + bias): a (M, K) or (B, M, K), b (K, N) or (B, K, N), any non-negative strides; "
-      "out C-contiguous (M, N) or (B, M, N); bias None or contiguous 1-D (N for bias_dim=1, M for bias_dim=0)");
+      py::arg("accumulate") = false,
+      "out[...] = act((out if accumulate else 0) + a @ b + bias): a (M, K) or (B, M, K), b (K, N) or "
+      "(B, K, N), any non-negative strides; out C-contiguous (M, N) or (B, M, N); bias None or contiguous 1-D (N for bias_dim=1, M for bias_dim=0)");
   m.def(
       "mm_scalar_for_test",
       [](const py::array& a, const py::array& b, const py::object& bias, int bias_dim, bool relu,
-         const py::object& out) { mm_entry(a, b, bias, bias_dim, relu, output_array(out, "mm: out"), true);
+         const py::object& out, bool accumulate) {
+        mm_entry(a, b, bias, bias_dim, relu, output_array(out, "mm: out"), true, accumulate);
       },
       py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("bias_dim"), py::arg("relu"), py::arg("out"),
+      py::arg("accumulate") = false,
       "mm through the portable scalar micro-kernel (the fallback of builds without AVX2/FMA), for tests");
   m.def(
       "bias_act_backward",
