@@ -21,15 +21,17 @@ template <class T>
 void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) {
   const int64_t K = g.kH * g.kW;
   if (!cl) {
-    const auto row = dw_row_fn<T>(g);
     const int64_t rb = rows_per_task(g.N * g.Cm, g.Ho), nb = ceil_div(g.Ho, rb);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < g.N * g.Cm * nb; ++t) {
-      const int64_t plane = t / nb, blk = t % nb, n = plane / g.Cm, o = plane % g.Cm;
-      const T* xp = x + (n * g.C + o / g.m) * g.H * g.W;
-      T* yp = y + plane * g.Ho * g.Wo;
-      const T b = bias ? bias[o] : T(0);
-      for (int64_t i = blk * rb; i < std::min(g.Ho, (blk + 1) * rb); ++i) row(xp, w + o * K, b, yp + i * g.Wo, i, g);
+#pragma omp parallel
+    {
+      std::vector<T> buf;
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < g.N * g.Cm * nb; ++t) {
+        const int64_t plane = t / nb, blk = t % nb, n = plane / g.Cm, o = plane % g.Cm;
+        const int64_t i0 = blk * rb, i1 = std::min(g.Ho, i0 + rb);
+        const T* xp = x + (n * g.C + o / g.m) * g.H * g.W;
+        dw_rows_padded(xp, w + o * K, bias ? bias[o] : T(0), y + plane * g.Ho * g.Wo + i0 * g.Wo, i0, i1, g, buf);
+      }
     }
   } else {
     const std::vector<T> wt = taps_major(w, g.Cm, K);
@@ -105,21 +107,19 @@ void bwd_input_nchw_stride1(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t rb = rows_per_task(g.N * g.C, g.H), nb = ceil_div(g.H, rb);
 #pragma omp parallel
   {
-    std::vector<T> tmp(g.m > 1 ? g.W : 0);
+    std::vector<T> buf, tmp(g.m > 1 ? rb * g.W : 0);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < g.N * g.C * nb; ++task) {
       const int64_t plane = task / nb, blk = task % nb, n = plane / g.C, c = plane % g.C;
-      T* gxp = gx + plane * g.H * g.W;
-      for (int64_t h = blk * rb; h < std::min(g.H, (blk + 1) * rb); ++h) {
-        T* out = gxp + h * g.W;
-        for (int64_t r = 0; r < g.m; ++r) {
-          const int64_t o = c * g.m + r;
-          const T* gyp = gy + (n * g.Cm + o) * g.Ho * g.Wo;
-          dw_row_nchw<T, 1>(gyp, wf.data() + o * K, T(0), r == 0 ? out : tmp.data(), h, t);
-          if (r > 0)
+      const int64_t h0 = blk * rb, h1 = std::min(g.H, h0 + rb);
+      T* out = gx + plane * g.H * g.W + h0 * g.W;
+      for (int64_t r = 0; r < g.m; ++r) {
+        const int64_t o = c * g.m + r;
+        const T* gyp = gy + (n * g.Cm + o) * g.Ho * g.Wo;
+        dw_rows_padded(gyp, wf.data() + o * K, T(0), r == 0 ? out : tmp.data(), h0, h1, t, buf);
+        if (r > 0)
 #pragma omp simd
-            for (int64_t j = 0; j < g.W; ++j) out[j] += tmp[j];
-        }
+          for (int64_t j = 0; j < (h1 - h0) * g.W; ++j) out[j] += tmp[j];
       }
     }
   }

@@ -115,6 +115,37 @@ DwRowFn<T> dw_row_fn(const DwGeom& g) {
   return dw_row_nchw<T, 0>;
 }
 
+// Output rows [i0, i1) of one channel, written at out (row stride Wo). The input rows they read are
+// first copied, zero-padded, into buf (a thread's scratch, L1/L2-sized for a row block), so that
+// every output column is interior: the vector row kernel covers the whole row, borders included,
+// and no bounds checks run. Negative padding (crop) works the same way.
+template <class T>
+void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i1, const DwGeom& g,
+                    std::vector<T>& buf) {
+  if (i1 <= i0) return;
+  DwGeom t = g;
+  t.H = (i1 - 1 - i0) * g.sH + (g.kH - 1) * g.dH + 1;
+  t.W = (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1;
+  t.pT = t.pL = 0;
+  t.jin = {0, g.Wo};
+  buf.resize(static_cast<size_t>(t.H * t.W));
+  const int64_t r0 = i0 * g.sH - g.pT;  // input row of buf's row 0
+  const int64_t c_lo = std::min(t.W, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(t.W, g.W + g.pL));
+  for (int64_t r = 0; r < t.H; ++r) {
+    T* dst = buf.data() + r * t.W;
+    const int64_t ih = r0 + r;
+    if (ih < 0 || ih >= g.H) {
+      std::fill(dst, dst + t.W, T(0));
+      continue;
+    }
+    std::fill(dst, dst + c_lo, T(0));
+    std::copy(xp + ih * g.W + (c_lo - g.pL), xp + ih * g.W + (c_hi - g.pL), dst + c_lo);
+    std::fill(dst + c_hi, dst + t.W, T(0));
+  }
+  const auto row = dw_row_fn<T>(t);
+  for (int64_t i = i0; i < i1; ++i) row(buf.data(), wo, b, out + (i - i0) * g.Wo, i - i0, t);
+}
+
 // (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector.
 template <class T>
 std::vector<T> taps_major(const T* w, int64_t Cm, int64_t K) {

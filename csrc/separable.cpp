@@ -23,16 +23,15 @@ void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t
   const int64_t K = g.kH * g.kW, HWo = g.Ho * g.Wo;
   const int64_t rows = std::max<int64_t>(1, block_pixels(g.N * HWo, g.Cm, sizeof(T)) / std::max<int64_t>(g.Wo, 1));
   const int64_t nb = ceil_div(g.Ho, rows);
-  const auto row = dw_row_fn<T>(g);
 #pragma omp parallel
   {
-    std::vector<T> buf(static_cast<size_t>(g.Cm * std::min(rows, g.Ho) * g.Wo));
+    std::vector<T> buf(static_cast<size_t>(g.Cm * std::min(rows, g.Ho) * g.Wo)), pad;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < g.N * nb; ++t) {
       const int64_t n = t / nb, i0 = (t % nb) * rows, i1 = std::min(g.Ho, i0 + rows), P = (i1 - i0) * g.Wo;
       for (int64_t o = 0; o < g.Cm; ++o) {
         const T* xp = x + (n * g.C + o / g.m) * g.H * g.W;
-        for (int64_t i = i0; i < i1; ++i) row(xp, dw + o * K, T(0), buf.data() + o * P + (i - i0) * g.Wo, i, g);
+        dw_rows_padded(xp, dw + o * K, T(0), buf.data() + o * P, i0, i1, g, pad);
       }
       // y[n, :, i0:i1, :] (O x P, row stride Ho*Wo) = pw (O x Cm) @ buf (Cm x P)
       gemm<T>(O, P, g.Cm, pw, g.Cm, 1, buf.data(), P, 1, y + n * O * HWo + i0 * g.Wo, HWo, bias, 0, false, false);
