@@ -259,6 +259,11 @@ def _backward_apply_kernel(
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
+def _np2(v: int) -> int:
+    # at least 1, so that an empty tensor still gets a valid geometry
+    return triton.next_power_of_2(max(1, v))
+
+
 class _Geometry:
     """Tile sizes and tile counts for one x3: the long tile axis is the contiguous one."""
 
@@ -268,13 +273,13 @@ class _Geometry:
         self.strides = x3.stride()
         if self.strides[1] == 1 and c > 1:
             # channels-last: a tile row is a run of channels, several (n, s) positions deep
-            bc = min(triton.next_power_of_2(c), _MAX_BLOCK_C_CONTIG)
-            bs = min(triton.next_power_of_2(s), max(1, _TILE // bc))
+            bc = min(_np2(c), _MAX_BLOCK_C_CONTIG)
+            bs = min(_np2(s), max(1, _TILE // bc))
         else:
             # NCS: a tile row is a run of S; short S packs several channels into the tile
-            bs = min(triton.next_power_of_2(s), _TILE)
-            bc = min(triton.next_power_of_2(c), max(1, _TILE // bs))
-        bn = min(triton.next_power_of_2(n), max(1, _TILE // (bc * bs)))
+            bs = min(_np2(s), _TILE)
+            bc = min(_np2(c), max(1, _TILE // bs))
+        bn = min(_np2(n), max(1, _TILE // (bc * bs)))
         self.blocks = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs)
         self.n_sblocks = triton.cdiv(s, bs)
         self.n_tiles = triton.cdiv(n, bn) * self.n_sblocks

@@ -290,7 +290,9 @@ def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, activation: str
     numel = grad_out.numel()
     if not need_bias:
         block = 1024
-        _launch(_relu_grad_kernel, (triton.cdiv(numel, block),))(grad_out, out, grad_pre, numel, BLOCK=block)
+        if numel:
+            _launch(_relu_grad_kernel, (triton.cdiv(numel, block),))(
+                grad_out, out, grad_pre, numel, BLOCK=block)
         return grad_pre, None
 
     length = n if bias_dim == 1 else m
