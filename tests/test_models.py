@@ -1,0 +1,144 @@
+"""dlkernels.models: each reference model against its pure-PyTorch twin (same weights, float64):
+outputs, gradients and running statistics on every backend; torchvision's ResNet names and sizes;
+torch.compile(fullgraph=True) equal to eager."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlkernels import models
+from dlkernels.models.mini_xception import max_pool_same
+from conftest import KERNEL_BACKENDS
+
+ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
+# torch.compile traces the ops' fake implementations: the interpreted Triton kernels cannot run
+# under it (see NOTES.md), the CPU backends and "torch" can.
+COMPILE_BACKENDS = ["torch", *[b for b in KERNEL_BACKENDS if b in ("cpp", "numba")][:1]]
+
+# tiny configurations: the architecture of each model, at widths the suite runs in seconds
+TINY = {
+    "mini_xception": (lambda **kw: models.mini_xception(5, 2, widths=(4, 8, 8), **kw), (3, 2, 12, 12)),
+    "resnet18": (lambda **kw: models.resnet18(4, width=4, **kw), (2, 3, 20, 20)),
+    "resnet50": (lambda **kw: models.resnet50(3, width=2, in_channels=1, **kw), (2, 1, 20, 20)),
+    "mlp": (lambda **kw: models.mlp(12, [8, 8, 6], 5, **kw), (6, 3, 4)),
+}
+
+
+def _pair(name, backend):
+    make, shape = TINY[name]
+    torch.manual_seed(0)
+    ours = make(backend=backend).double()
+    twin = make(reference=True).double()
+    assert list(ours.state_dict()) == list(twin.state_dict())
+    with torch.no_grad():  # non-trivial BN statistics and affine parameters
+        for m in ours.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    twin.load_state_dict(ours.state_dict())
+    return ours, twin, torch.randn(*shape, dtype=torch.float64)
+
+
+def _step(model, x, seed):
+    torch.manual_seed(seed)  # the same dropout mask in both models
+    y = model(x)
+    F.cross_entropy(y, torch.arange(len(x)) % y.shape[1]).backward()
+    return y
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_model_matches_torch_twin(any_backend, name):
+    ours, twin, x = _pair(name, any_backend)
+    for mode in (True, False):
+        ours.train(mode)
+        twin.train(mode)
+        ya, yb = _step(ours, x, 1), _step(twin, x, 1)
+        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-10)
+        for (n, pa), pb in zip(ours.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-7, atol=1e-9, msg=f"{mode}: {n}")
+        for (n, sa), sb in zip(ours.state_dict().items(), twin.state_dict().values()):
+            torch.testing.assert_close(sa, sb, rtol=1e-10, atol=1e-12, msg=n)
+        ours.zero_grad()
+        twin.zero_grad()
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def any_backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize("builder,params,last", [
+    (models.resnet18, 11_689_512, "layer4.1.bn2.num_batches_tracked"),
+    (models.resnet34, 21_797_672, "layer4.2.bn2.num_batches_tracked"),
+    (models.resnet50, 25_557_032, "layer4.2.bn3.num_batches_tracked"),
+])
+def test_resnet_has_torchvisions_names_and_sizes(builder, params, last):
+    model = builder(1000)
+    keys = list(model.state_dict())
+    # torchvision's order: stem, the four stages, fc; shortcut as downsample.0 (conv) / .1 (BN)
+    assert keys[:6] == ["conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+                        "bn1.num_batches_tracked"]
+    assert keys[-3:] == [last, "fc.weight", "fc.bias"]
+    assert "layer2.0.downsample.0.weight" in keys and "layer2.0.downsample.1.running_var" in keys
+    assert "layer1.0.downsample.0.weight" in keys if builder is models.resnet50 else \
+        "layer1.0.downsample.0.weight" not in keys
+    assert sum(p.numel() for p in model.parameters()) == params
+    twin = builder(1000, reference=True)
+    twin.load_state_dict(model.state_dict())
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_mini_xception_architecture():
+    model = models.mini_xception(10, 1)
+    assert [b.sep2.pointwise.out_channels for b in model.blocks] == [32, 64, 128, 256, 512]
+    assert model.stem.kernel_size == (5, 5) and model.stem.out_channels == 32 and model.stem.bias is None
+    assert model.dropout.p == 0.5 and model.fc.in_features == 512
+    with torch.no_grad(), __import__("dlkernels").use_backend("torch"):
+        model.eval()
+        feats = model.blocks(model.stem(torch.randn(2, 1, 32, 32)))
+    assert feats.shape == (2, 512, 1, 1)  # 32 -> 28 (5x5 valid) -> 14, 7, 4, 2, 1
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 7, 8])
+def test_max_pool_same_is_keras_same_padding(size):
+    x = torch.randn(2, 3, size, size + 1, dtype=torch.float64)
+    y = max_pool_same(x)
+    assert y.shape[-2:] == (-(-size // 2), -(-(size + 1) // 2))
+    # Keras pads the extra row/column after the input: window i covers rows 2i .. 2i+2
+    for i in range(y.shape[-2]):
+        for j in range(y.shape[-1]):
+            win = x[..., 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            torch.testing.assert_close(y[..., i, j], win.amax(dim=(-2, -1)))
+
+
+def test_mlp_residual_only_at_equal_widths():
+    model = models.mlp(12, [8, 8, 6], 5)
+    assert [fc.out_features for fc in model.fcs] == [8, 8, 6]
+    assert model.fcs[0].bias is None and model.head.bias is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+@pytest.mark.parametrize("name", list(TINY))
+def test_compile_fullgraph_matches_eager(backend, name):
+    torch._dynamo.reset()
+    ours, _, x = _pair(name, backend)
+    compiled = torch.compile(ours, fullgraph=True)
+    for mode in (False, True):
+        ours.train(mode)
+        with torch.no_grad():
+            torch.manual_seed(2)
+            eager = ours(x)
+            state = {k: v.clone() for k, v in ours.state_dict().items()}
+            torch.manual_seed(2)
+            out = compiled(x)
+        # dropout draws from another RNG stream when compiled: compare the train-mode outputs of
+        # models without dropout only
+        if not (mode and name == "mini_xception"):
+            torch.testing.assert_close(out, eager, rtol=1e-9, atol=1e-10)
+        assert out.shape == eager.shape and torch.isfinite(out).all()
+        if mode:  # the compiled training step updates the running statistics as eager does
+            for k, v in ours.state_dict().items():
+                if k.endswith("num_batches_tracked"):
+                    assert int(v) == int(state[k]) + 1, k
