@@ -123,8 +123,12 @@ def _unavailable_msg(name: str, device_type: str | None) -> str:
     return f"dlkernels: backend {name!r} is not available{where}: {why}. Available{where}: {have}"
 
 
+@torch.compiler.assume_constant_result
 def resolve(family: str, backend: str | None, device: torch.device) -> str:
-    """The backend that runs an op of ``family`` on tensors of ``device``."""
+    """The backend that runs an op of ``family`` on tensors of ``device``.
+
+    Under torch.compile the choice is made once, when the function is traced (a constant of the graph).
+    """
     name = backend or _scoped.get() or os.environ.get("DLKERNELS_BACKEND") or "auto"
     dtype = device.type
     if name == "auto":

@@ -37,7 +37,7 @@ def tensor(t, name: str, op: str, ndim: int | Sequence[int] | None = None) -> to
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
-            want = " or ".join(str(d) for d in allowed)
+            want = " or ".join(filter(None, [", ".join(str(d) for d in allowed[:-1]), str(allowed[-1])]))
             raise ValueError(f"{op}: {name} must have {want} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
     return t
 

@@ -1,0 +1,47 @@
+"""Comparison helpers shared by the op tests."""
+from __future__ import annotations
+
+import torch
+
+# Tolerance relative to the largest reference magnitude. float32: accumulation order differs from
+# the float64 reference by ~sqrt(K) ulps for K-term sums (K up to a few hundred here), so 2e-5
+# relative to the tensor's scale; float16/bfloat16 (Triton only): their own epsilons.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, what: str = "",
+                 factor: float = 1.0) -> None:
+    """actual (computed in dtype) against expected (computed in float64 from the same inputs)."""
+    dtype = dtype or actual.dtype
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    assert torch.equal(nan_a, nan_e), f"{what}: NaN positions differ"
+    a, e = a.masked_fill(nan_a, 0), e.masked_fill(nan_e, 0)
+    scale = max(e.abs().max().item() if e.numel() else 0.0, 1e-30)
+    err = (a - e).abs().max().item() if e.numel() else 0.0
+    tol = TOL[dtype] * factor * max(scale, 1.0 if dtype != torch.float64 else scale)
+    assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.3e} (reference scale {scale:.3e}, {dtype})"
+
+
+def grads(out: torch.Tensor, inputs, grad_out: torch.Tensor):
+    """Gradients of out w.r.t. the inputs that require grad (None for the others)."""
+    req = [t for t in inputs if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(out, req, grad_out, allow_unused=True))
+    return [next(got) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+def leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+    return t.detach().requires_grad_(requires_grad)
+
+
+def as64(t):
+    """A float64 leaf copy of t (same strides) for the reference computation."""
+    return None if t is None else leaf(t.detach().double(), t.requires_grad)
+
+
+DTYPES_CPU = [torch.float32, torch.float64]
+
+
+def dtypes_for(backend: str):
+    return DTYPES_CPU + ([torch.float16, torch.bfloat16] if backend == "triton" else [])

@@ -1,0 +1,182 @@
+"""batch_norm_residual on every backend against PyTorch's unfused act(F.batch_norm(x) + r):
+outputs, all gradients and running statistics over ranks, layouts, residual, activations, training
+and evaluation; large means, size-1 channels; gradcheck, opcheck, torch.compile, bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlkernels
+from conftest import DEVICE, KERNEL_BACKENDS
+from dlkernels.batchnorm.reference import batch_norm_residual as reference
+from helpers import as64, assert_close, grads, leaf
+
+# name -> (shape, channels_last): the three ranks, both layouts, odd sizes
+LAYOUTS = {
+    "2d": ((7, 5), False),
+    "3d": ((3, 5, 11), False),
+    "3d_cl": ((3, 5, 11), True),
+    "4d": ((2, 5, 7, 3), False),
+    "4d_cl": ((2, 5, 7, 3), True),
+}
+
+
+def _make(shape, channels_last, dtype, mean=0.5, std=2.0):
+    x = torch.randn(shape, device=DEVICE, dtype=torch.float64) * std + mean
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.transpose(1, 2).contiguous().transpose(1, 2)
+    return leaf(x)
+
+
+def _stats(c, dtype):
+    return torch.randn(c, device=DEVICE).to(dtype) * 0.3, (torch.rand(c, device=DEVICE) + 0.5).to(dtype)
+
+
+def _run_both(backend, x, r, w, b, rm, rv, training, act, steps=1, momentum=0.1):
+    """Runs dlkernels and the float64 reference `steps` times; returns outputs, grads, running stats."""
+    c = x.shape[1]
+    rm64, rv64 = (None, None) if rm is None else (rm.double().clone(), rv.double().clone())
+    for _ in range(steps):
+        out = dlkernels.batch_norm_residual(x, r, rm, rv, w, b, training, momentum, 1e-5, activation=act,
+                                            backend=backend)
+        ins64 = [as64(t) for t in (x, r, w, b)]
+        ref = reference(ins64[0], ins64[1], rm64, rv64, ins64[2], ins64[3], training, momentum, 1e-5, act)
+    g = torch.randn_like(ref)
+    got = grads(out, [x, r, w, b], g.to(x.dtype))
+    exp = grads(ref, ins64, g)
+    assert c == ref.shape[1]
+    return out, ref, got, exp, (rm, rv, rm64, rv64)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu"], ids=str)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "plain"])
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_backward_running_stats(backend, dtype, layout, with_residual, activation, training):
+    shape, cl = LAYOUTS[layout]
+    c = shape[1]
+    x = _make(shape, cl, dtype)
+    r = _make(shape, cl, dtype, mean=0.0, std=1.0) if with_residual else None
+    w, b = leaf(torch.randn(c, device=DEVICE).to(dtype)), leaf(torch.randn(c, device=DEVICE).to(dtype))
+    rm, rv = _stats(c, dtype)
+    out, ref, got, exp, (rm, rv, rm64, rv64) = _run_both(backend, x, r, w, b, rm, rv, training, activation,
+                                                         steps=3 if training else 1)
+    assert_close(out, ref, what="output")
+    if cl and x.dim() == 4:
+        assert out.is_contiguous(memory_format=torch.channels_last), "output keeps channels_last"
+    for g, e, name in zip(got, exp, ["input", "residual", "weight", "bias"]):
+        if e is not None:
+            assert_close(g, e, dtype, f"grad {name}", factor=4)  # reductions of N*S terms
+    assert_close(rm, rm64, dtype, "running_mean")
+    assert_close(rv, rv64, dtype, "running_var")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_large_mean_tiny_variance(backend, dtype):
+    # 1e4 + N(0, 1e-2): a naive E[x^2] - E[x]^2 in float32 loses every digit of the variance
+    shape = (4, 3, 13, 9)
+    x = leaf((torch.randn(shape, device=DEVICE, dtype=torch.float64) * 1e-2 + 1e4).to(dtype))
+    r = leaf(torch.randn(shape, device=DEVICE).to(dtype))
+    rm, rv = torch.zeros(3, device=DEVICE, dtype=dtype), torch.ones(3, device=DEVICE, dtype=dtype)
+    out, ref, got, exp, (rm, rv, rm64, rv64) = _run_both(backend, x, r, None, None, rm, rv, True, "relu")
+    # float32 holds 1e4 to ~1e-3 absolute: the normalized output is exact to that quantization of x
+    assert_close(out, ref, what="output", factor=1 if dtype == torch.float64 else 100)
+    assert_close(rv, rv64, dtype, "running_var", factor=1 if dtype == torch.float64 else 100)
+
+
+def test_one_value_per_channel(backend):
+    x = torch.randn(1, 4, 1, 1, device=DEVICE)
+    rm, rv = _stats(4, torch.float32)
+    out = dlkernels.batch_norm_residual(x, None, rm, rv, training=False, activation="relu", backend=backend)
+    assert_close(out, reference(x.double(), None, rm.double(), rv.double(), activation="relu"), what="eval N*S=1")
+    with pytest.raises(ValueError, match="more than 1 value per channel when training"):
+        dlkernels.batch_norm_residual(x, None, rm, rv, training=True, backend=backend)
+
+
+def test_single_channel_and_no_running_stats(backend):
+    x = leaf(torch.randn(6, 1, 5, device=DEVICE, dtype=torch.float64))
+    out = dlkernels.batch_norm_residual(x, None, None, None, training=True, activation="silu", backend=backend)
+    ref = reference(as64(x), None, None, None, training=True, activation="silu")
+    assert_close(out, ref, what="C=1")
+    (gx,) = grads(out, [x], torch.ones_like(out))
+    (ex,) = grads(ref, [as64(x)], torch.ones_like(ref))
+    assert_close(gx, ex, what="grad C=1")
+
+
+def test_relu_keeps_nan(backend):
+    x = torch.randn(4, 3, 5, device=DEVICE)
+    r = torch.randn(4, 3, 5, device=DEVICE)
+    r[1, 2, 3] = float("nan")
+    rm, rv = _stats(3, torch.float32)
+    out = dlkernels.batch_norm_residual(x, r, rm, rv, activation="relu", backend=backend)
+    assert torch.isnan(out[1, 2, 3]) and torch.isnan(out).sum() == 1
+
+
+def test_gradcheck(backend):
+    f64 = dict(device=DEVICE, dtype=torch.float64)
+    for act, cl in (("relu", False), ("silu", True), (None, False)):
+        x = _make((3, 4, 3, 2), cl, torch.float64)
+        r = _make((3, 4, 3, 2), cl, torch.float64)
+        w, b = leaf(torch.randn(4, **f64)), leaf(torch.randn(4, **f64))
+        for training in (True, False):
+            rm, rv = _stats(4, torch.float64)
+            assert torch.autograd.gradcheck(
+                lambda x, r, w, b: dlkernels.batch_norm_residual(x, r, rm.clone(), rv.clone(), w, b, training,
+                                                                 activation=act, backend=backend), (x, r, w, b))
+
+
+def test_opcheck(backend):
+    for cl in (False, True):
+        x = _make((2, 3, 4, 5), cl, torch.float32)
+        r = _make((2, 3, 4, 5), cl, torch.float32)
+        w, b = leaf(torch.randn(3, device=DEVICE)), leaf(torch.randn(3, device=DEVICE))
+        for training in (True, False):
+            rm, rv = _stats(3, torch.float32)
+            torch.library.opcheck(torch.ops.dlkernels.batch_norm_residual.default,
+                                  (x, r, rm, rv, w, b, training, 0.1, 1e-5, "relu", backend))
+            torch.library.opcheck(torch.ops.dlkernels.batch_norm_residual_functional.default,
+                                  (x, None, rm, rv, w, None, training, 1e-5, "silu", backend))
+
+
+def test_compile_fullgraph_updates_running_stats(backend):
+    def block(x, r, rm, rv, w, b):
+        return dlkernels.batch_norm_residual(x, r, rm, rv, w, b, True, 0.1, 1e-5, activation="relu", backend=backend)
+
+    x = torch.randn(4, 3, 5, 5, device=DEVICE)
+    r = torch.randn_like(x)
+    w, b = leaf(torch.rand(3, device=DEVICE) + 0.5), leaf(torch.randn(3, device=DEVICE))
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, r, rm, rv, w, b)
+    rm64, rv64 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    ref = reference(x.double(), r.double(), rm64, rv64, w.double(), b.double(), True, 0.1, 1e-5, "relu")
+    assert_close(out, ref, torch.float32, "compiled")
+    assert_close(rm, rm64, torch.float32, "compiled running_mean")
+    assert_close(rv, rv64, torch.float32, "compiled running_var")
+    out.sum().backward()
+    assert w.grad is not None
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["torch"])
+def test_bad_inputs(backend_name):
+    x = torch.randn(2, 3, 4, 4)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    f = dlkernels.batch_norm_residual
+    with pytest.raises(ValueError, match="running_mean must have shape"):
+        f(x, None, torch.zeros(4), torch.ones(4), backend=backend_name)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        f(x, None, rm, rv, torch.ones(5), backend=backend_name)
+    with pytest.raises(ValueError, match="residual must have the input's shape"):
+        f(x, torch.randn(2, 3, 4, 5), rm, rv, backend=backend_name)
+    with pytest.raises(TypeError, match="one dtype"):
+        f(x, x.double(), rm, rv, backend=backend_name)
+    with pytest.raises(RuntimeError, match="one device"):
+        f(x, torch.randn(2, 3, 4, 4, device="meta"), rm, rv, backend=backend_name)
+    with pytest.raises(TypeError, match="floating-point"):
+        f(x.long(), None, rm, rv, backend=backend_name)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        f(x, None, rm, rv, activation="gelu", backend=backend_name)
+    with pytest.raises(ValueError, match="must be defined in evaluation mode"):
+        f(x, None, None, None, training=False, backend=backend_name)
+    with pytest.raises(ValueError, match="2, 3 or 4 dimensions"):
+        f(torch.randn(5), None, None, None, training=True, backend=backend_name)

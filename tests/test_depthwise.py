@@ -1,0 +1,146 @@
+"""depthwise_conv2d on every backend against F.conv2d(groups=C) in float64: forward and every
+gradient over kernel sizes, strides, paddings, dilations, multipliers, odd sizes and layouts;
+gradcheck, opcheck, torch.compile, and bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlkernels
+from conftest import DEVICE, KERNEL_BACKENDS
+from helpers import as64, assert_close, grads, leaf
+
+# (N, C, H, W, kernel, stride, padding, dilation, multiplier)
+CASES = [
+    (2, 3, 9, 7, 3, 1, 1, 1, 1),
+    (1, 4, 8, 8, 3, 2, 1, 1, 1),
+    (2, 5, 11, 13, 5, 1, 2, 1, 1),
+    (1, 2, 13, 11, 7, 3, 3, 1, 1),
+    (2, 3, 6, 5, 2, 1, 0, 1, 1),            # even kernel
+    (1, 3, 7, 7, 1, 1, 0, 1, 2),            # 1x1, multiplier 2
+    (2, 2, 10, 9, (3, 5), (1, 2), (1, 2), 1, 1),  # non-square kernel, stride pair, padding pair
+    (1, 3, 12, 11, 3, 1, 2, 2, 1),          # dilation 2
+    (1, 2, 13, 13, 3, 2, 3, 3, 3),          # dilation 3, multiplier 3
+    (2, 4, 7, 5, 3, 1, "same", 1, 1),
+    (1, 3, 8, 6, 4, 1, "same", 2, 2),       # even kernel, asymmetric "same"
+    (1, 2, 9, 7, 3, 2, "valid", 1, 1),
+    (3, 1, 1, 1, 1, 1, 0, 1, 1),            # H = W = 1, C = 1
+    (1, 3, 1, 17, 3, 1, 1, 1, 1),           # H = 1 with padding
+    (2, 1, 17, 1, (1, 3), 1, (0, 1), 1, 2),  # W = 1
+    (1, 2, 5, 5, 3, 3, 0, 1, 1),            # stride equal to kernel
+    (1, 17, 19, 23, 3, 1, 1, 1, 1),         # prime channels and sizes
+]
+
+
+def _ids(c):
+    return "n{}c{}_{}x{}_k{}_s{}_p{}_d{}_m{}".format(*c).replace(" ", "")
+
+
+def _inputs(case, dtype, channels_last, bias=True):
+    n, c, h, w, k, s, p, d, m = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, c, h, w, device=DEVICE).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c * m, 1, kh, kw, device=DEVICE).to(dtype) / (kh * kw) ** 0.5
+    b = torch.randn(c * m, device=DEVICE).to(dtype) if bias else None
+    return leaf(x), leaf(weight), (leaf(b) if bias else None), dict(stride=s, padding=p, dilation=d)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_backward(backend, dtype, case, channels_last):
+    x, w, b, kw = _inputs(case, dtype, channels_last)
+    out = dlkernels.depthwise_conv2d(x, w, b, backend=backend, **kw)
+    x64, w64, b64 = as64(x), as64(w), as64(b)
+    ref = F.conv2d(x64, w64, b64, groups=x.shape[1], **kw)
+    assert_close(out, ref, what="forward")
+    fmt = torch.channels_last if channels_last and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 else None
+    if fmt is not None:
+        assert out.is_contiguous(memory_format=fmt), "output must keep the channels_last input's format"
+    g = torch.randn_like(ref)
+    for got, exp, name in zip(grads(out, [x, w, b], g.to(dtype)), grads(ref, [x64, w64, b64], g), "xwb"):
+        assert_close(got, exp, dtype, f"grad {name}")
+
+
+def test_no_bias_unbatched_and_non_contiguous(backend):
+    x = torch.randn(2, 6, 12, 10, device=DEVICE)[:, ::2, 1:, ::-1 if False else 1]  # channel-strided view
+    x = leaf(x[:, :, :, 1:9])
+    w = leaf(torch.randn(3, 1, 3, 3, device=DEVICE))
+    out = dlkernels.depthwise_conv2d(x, w, None, 1, 1, backend=backend)
+    ref = F.conv2d(as64(x), as64(w), None, 1, 1, groups=3)
+    assert_close(out, ref, what="non-contiguous")
+    gx, gw = grads(out, [x, w], torch.ones_like(out))
+    rx, rw = grads(F.conv2d(as64(x), as64(w), None, 1, 1, groups=3), [as64(x), as64(w)], torch.ones_like(ref))
+    assert gx is not None and gw is not None
+    u = torch.randn(3, 7, 5, device=DEVICE)
+    assert_close(dlkernels.depthwise_conv2d(u, w.detach(), padding=1, backend=backend),
+                 F.conv2d(u.double(), w.detach().double(), padding=1, groups=3), what="unbatched")
+
+
+def test_gradcheck(backend):
+    x = leaf(torch.randn(2, 2, 5, 6, device=DEVICE, dtype=torch.float64))
+    w = leaf(torch.randn(4, 1, 3, 2, device=DEVICE, dtype=torch.float64))
+    b = leaf(torch.randn(4, device=DEVICE, dtype=torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: dlkernels.depthwise_conv2d(x, w, b, (2, 1), (1, 0), (1, 2), backend=backend), (x, w, b))
+    xc = leaf(x.detach().contiguous(memory_format=torch.channels_last))
+    assert torch.autograd.gradcheck(lambda x, w: dlkernels.depthwise_conv2d(x, w, None, 1, "same", backend=backend),
+                                    (xc, w))
+
+
+def test_opcheck(backend):
+    for cl in (False, True):
+        x = torch.randn(2, 3, 7, 6, device=DEVICE)
+        x = leaf(x.contiguous(memory_format=torch.channels_last) if cl else x)
+        w, b = leaf(torch.randn(6, 1, 3, 3, device=DEVICE)), leaf(torch.randn(6, device=DEVICE))
+        torch.library.opcheck(torch.ops.dlkernels.depthwise_conv2d.default,
+                              (x, w, b, [2, 1], [1, 1], [1, 1], [4, 6], backend))
+        g = torch.randn(2, 6, 4, 6, device=DEVICE)
+        torch.library.opcheck(torch.ops.dlkernels.depthwise_conv2d_backward.default,
+                              (g, x.detach(), w.detach(), [2, 1], [1, 1], [1, 1], [True, True, True], backend))
+
+
+def test_compile_fullgraph(backend):
+    def block(x, w, b):
+        return torch.relu(dlkernels.depthwise_conv2d(x, w, b, 1, 1, backend=backend))
+
+    x = torch.randn(2, 4, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w, b = leaf(torch.randn(4, 1, 3, 3, device=DEVICE)), leaf(torch.randn(4, device=DEVICE))
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, w, b)
+    assert_close(out, block(x.double(), w.double(), b.double()), torch.float32, "compiled")
+    out.sum().backward()
+    assert w.grad is not None
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["torch"])
+def test_bad_inputs(backend_name):
+    x = torch.randn(2, 3, 8, 8)
+    w = torch.randn(3, 1, 3, 3)
+    f = dlkernels.depthwise_conv2d
+    with pytest.raises(ValueError, match=r"\(C\*m, 1, kH, kW\)"):
+        f(x, torch.randn(3, 3, 3, 3), backend=backend_name)
+    with pytest.raises(ValueError, match=r"C = input.shape\[-3\] = 3"):
+        f(x, torch.randn(4, 1, 3, 3), backend=backend_name)  # channel mismatch
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        f(x, w, stride=0, backend=backend_name)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        f(x, w, stride=(1, -1), backend=backend_name)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        f(x, w, padding=-1, backend=backend_name)
+    with pytest.raises(ValueError, match="dilation must be >= 1"):
+        f(x, w, dilation=0, backend=backend_name)
+    with pytest.raises(TypeError, match="floating-point"):
+        f(x.to(torch.int32), w.to(torch.int32), backend=backend_name)
+    with pytest.raises(ValueError, match="kernel can't be greater"):
+        f(torch.randn(1, 3, 2, 2), w, backend=backend_name)
+    with pytest.raises(ValueError, match="'same' is not supported for strided"):
+        f(x, w, stride=2, padding="same", backend=backend_name)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        f(x, w, torch.randn(4), backend=backend_name)
+    with pytest.raises(ValueError, match="3 or 4 dimensions"):
+        f(torch.randn(8, 8), w, backend=backend_name)
+    with pytest.raises(TypeError, match="one dtype"):
+        f(x, w.double(), backend=backend_name)
+    with pytest.raises(ValueError, match="padding must be 'same', 'valid'"):
+        f(x, w, padding="full", backend=backend_name)

@@ -1,0 +1,74 @@
+"""Backend choice: keyword > use_backend > DLKERNELS_BACKEND > auto, and clear errors."""
+import pytest
+import torch
+
+import dlkernels
+from dlkernels import _dispatch
+from conftest import KERNEL_BACKENDS
+
+
+def test_available_backends_lists_torch_and_cpu_kernels():
+    have = dlkernels.available_backends("cpu")
+    assert "torch" in have
+    assert {"numba", "cpp"} <= set(have)  # the project installs both
+    assert set(have) <= set(_dispatch.BACKENDS)
+
+
+def test_precedence(monkeypatch):
+    dev = torch.device("cpu")
+    monkeypatch.setenv("DLKERNELS_BACKEND", "numba")
+    assert _dispatch.resolve("matmul", None, dev) == "numba"
+    with dlkernels.use_backend("torch"):
+        assert _dispatch.resolve("matmul", None, dev) == "torch"
+        assert _dispatch.resolve("matmul", "cpp", dev) == "cpp"
+        with dlkernels.use_backend("auto"):
+            assert _dispatch.resolve("matmul", None, dev) == "numba"  # auto in a block: env again
+    monkeypatch.delenv("DLKERNELS_BACKEND")
+    assert _dispatch.resolve("matmul", None, dev) == _dispatch.CPU_AUTO["matmul"]
+
+
+def test_auto_on_cpu_is_a_cpu_kernel_backend(monkeypatch):
+    monkeypatch.delenv("DLKERNELS_BACKEND", raising=False)
+    for family in ("matmul", "depthwise", "separable", "batchnorm"):
+        assert _dispatch.resolve(family, None, torch.device("cpu")) in ("numba", "cpp")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        dlkernels.matmul(torch.randn(2, 2), torch.randn(2, 2), backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with dlkernels.use_backend("mkl"):
+            pass
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*Available for cpu tensors"):
+        dlkernels.matmul(torch.randn(2, 2), torch.randn(2, 2), backend="triton")
+
+
+def test_cpu_backend_on_other_device_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="runs on CPU tensors only"):
+        _dispatch.resolve("matmul", "numba", torch.device("cuda"))
+
+
+def test_ops_refuse_torch_backend_name():
+    with pytest.raises(ValueError, match="backend 'torch' is PyTorch's own ops"):
+        torch.ops.dlkernels.matmul(torch.randn(2, 2), torch.randn(2, 2), "torch")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_every_op_family_has_kernels_for_every_backend(backend):
+    for family in ("matmul", "depthwise", "separable", "batchnorm"):
+        mod = _dispatch.kernels(family, backend, torch.device("cpu"))
+        assert mod.__name__ == f"dlkernels.{family}.{backend}_impl"
+
+
+def test_torch_backend_is_pytorch():
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    assert torch.equal(dlkernels.matmul(a, b, backend="torch"), torch.matmul(a, b))
+
+
+def test_compiled_c_extension_reports_isa():
+    from dlkernels import _C
+    assert _C.simd() in ("avx512", "avx2-fma", "scalar")

@@ -1,0 +1,167 @@
+"""matmul and linear on every backend against torch in float64: forward, every gradient, odd and
+transposed shapes, broadcasting, gradcheck, opcheck, torch.compile, and bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlkernels
+from conftest import DEVICE, KERNEL_BACKENDS
+from helpers import as64, assert_close, grads, leaf
+
+# (a shape, b shape): 1, primes, non-multiples of any block, batched and broadcast
+SHAPES = [
+    ((1, 1), (1, 1)),
+    ((7, 13), (13, 5)),
+    ((17, 1), (1, 31)),
+    ((64, 97), (97, 33)),
+    ((129, 37), (37, 70)),
+    ((3, 5, 7), (3, 7, 4)),
+    ((2, 3, 5, 7), (3, 7, 4)),      # broadcast batch
+    ((5, 7), (2, 7, 4)),            # 2-D a, batched b
+    ((2, 1, 6, 11), (1, 3, 11, 2)),  # both broadcast
+    ((4, 9, 23), (23, 6)),          # batch folds into M
+]
+
+
+def _rand(shape, dtype, transposed=False):
+    if transposed and len(shape) >= 2:  # same values, column-major storage
+        return torch.randn(*shape[:-2], shape[-1], shape[-2], device=DEVICE).to(dtype).mT
+    return torch.randn(shape, device=DEVICE).to(dtype)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contig", "transposed"])
+@pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}".replace(" ", ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matmul_forward_backward(backend, dtype, shapes, transposed):
+    a = leaf(_rand(shapes[0], dtype, transposed))
+    b = leaf(_rand(shapes[1], dtype, transposed))
+    out = dlkernels.matmul(a, b, backend=backend)
+    ref = torch.matmul(as64(a), as64(b))
+    assert out.dtype == dtype
+    assert_close(out, ref, what="matmul")
+    g = torch.randn_like(ref)
+    ga, gb = grads(out, [a, b], g.to(dtype))
+    a64, b64 = as64(a), as64(b)
+    ra, rb = grads(torch.matmul(a64, b64), [a64, b64], g)
+    assert_close(ga, ra, dtype, "grad a")
+    assert_close(gb, rb, dtype, "grad b")
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
+def test_matmul_low_precision(backend):
+    # float16/bfloat16 are Triton-only; the CPU backends reject them (test_cpu_backends_reject_half)
+    for dtype in (torch.float16, torch.bfloat16):
+        a, b = _rand((33, 40), dtype), _rand((40, 17), dtype)
+        assert_close(dlkernels.matmul(a, b, backend=backend), a.double() @ b.double(), dtype, "matmul lowp")
+
+
+def test_matmul_non_contiguous_slices(backend):
+    a = torch.randn(20, 30, device=DEVICE)[::2, 1::3]       # (10, 10) with strides (60, 3)
+    b = torch.randn(10, 40, device=DEVICE)[:, ::4]          # (10, 10) with strides (40, 4)
+    assert_close(dlkernels.matmul(a, b, backend=backend), a.double() @ b.double(), what="strided")
+    ab = torch.randn(3, 1, 10, 10, device=DEVICE).expand(3, 2, 10, 10)  # stride-0 batch
+    assert_close(dlkernels.matmul(ab, b, backend=backend), ab.double() @ b.double(), what="expanded")
+
+
+def test_matmul_one_dim(backend):
+    a, b, v = torch.randn(5, 7, device=DEVICE), torch.randn(2, 7, 3, device=DEVICE), torch.randn(7, device=DEVICE)
+    assert_close(dlkernels.matmul(a, v, backend=backend), a.double() @ v.double(), what="matrix @ vector")
+    assert_close(dlkernels.matmul(v, b, backend=backend), v.double() @ b.double(), what="vector @ batch")
+    with pytest.raises(ValueError, match="2 or more dimensions"):
+        torch.ops.dlkernels.matmul(v, a.t(), backend)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("in_shape", [(1, 1), (13, 29), (2, 5, 29), (3, 1, 4, 29)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_linear(backend, dtype, in_shape, with_bias, activation):
+    k = in_shape[-1]
+    x = leaf(torch.randn(in_shape, device=DEVICE).to(dtype))
+    w = leaf(torch.randn(11, k, device=DEVICE).to(dtype) / k ** 0.5)
+    b = leaf(torch.randn(11, device=DEVICE).to(dtype)) if with_bias else None
+    out = dlkernels.linear(x, w, b, activation=activation, backend=backend)
+    x64, w64, b64 = as64(x), as64(w), as64(b)
+    ref = F.linear(x64, w64, b64)
+    ref = torch.relu(ref) if activation else ref
+    assert_close(out, ref, what="linear")
+    g = torch.randn_like(ref)
+    for got, exp, name in zip(grads(out, [x, w, b], g.to(dtype)), grads(ref, [x64, w64, b64], g), ["x", "w", "b"]):
+        if exp is not None:
+            assert_close(got, exp, dtype, f"grad {name}")
+
+
+def test_linear_relu_keeps_nan(backend):
+    x = torch.randn(4, 6, device=DEVICE)
+    x[1, 2] = float("nan")
+    w = torch.randn(5, 6, device=DEVICE)
+    out = dlkernels.linear(x, w, activation="relu", backend=backend)
+    ref = torch.relu(F.linear(x.double(), w.double()))
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+    assert_close(out, ref, what="relu nan")
+
+
+def test_gradcheck(backend):
+    a = leaf(torch.randn(3, 4, 5, device=DEVICE, dtype=torch.float64))
+    b = leaf(torch.randn(5, 2, device=DEVICE, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda a, b: dlkernels.matmul(a, b, backend=backend), (a, b))
+    x = leaf(torch.randn(2, 3, 5, device=DEVICE, dtype=torch.float64))
+    w = leaf(torch.randn(4, 5, device=DEVICE, dtype=torch.float64))
+    bias = leaf(torch.randn(4, device=DEVICE, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda x, w, b: dlkernels.linear(x, w, b, activation="relu", backend=backend),
+                                    (x, w, bias))
+
+
+def test_opcheck(backend):
+    a = leaf(torch.randn(2, 5, 7, device=DEVICE))
+    b = leaf(torch.randn(7, 3, device=DEVICE))
+    torch.library.opcheck(torch.ops.dlkernels.matmul.default, (a, b, backend))
+    x, w, bias = leaf(torch.randn(6, 7, device=DEVICE)), leaf(torch.randn(3, 7, device=DEVICE)), \
+        leaf(torch.randn(3, device=DEVICE))
+    torch.library.opcheck(torch.ops.dlkernels.linear.default, (x, w, bias, "relu", backend))
+    torch.library.opcheck(torch.ops.dlkernels.linear.default, (x, w, None, "", backend))
+
+
+def test_compile_fullgraph(backend):
+    def mlp(x, w1, b1, w2):
+        return dlkernels.matmul(dlkernels.linear(x, w1, b1, activation="relu", backend=backend), w2, backend=backend)
+
+    x = torch.randn(8, 16, device=DEVICE)
+    w1, b1, w2 = (leaf(torch.randn(s, device=DEVICE)) for s in [(32, 16), (32,), (32, 4)])
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+    out = compiled(x, w1, b1, w2)
+    assert_close(out, mlp(x.double(), w1.double(), b1.double(), w2.double()), torch.float32, "compiled")
+    out.sum().backward()
+    assert w1.grad is not None and torch.isfinite(w1.grad).all()
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["torch"])
+def test_bad_inputs(backend_name):
+    a, b = torch.randn(3, 4), torch.randn(5, 6)
+    with pytest.raises(ValueError, match="inner sizes"):
+        dlkernels.matmul(a, b, backend=backend_name)
+    with pytest.raises(TypeError, match="floating-point"):
+        dlkernels.matmul(torch.ones(3, 4, dtype=torch.int64), torch.ones(4, 2, dtype=torch.int64), backend=backend_name)
+    with pytest.raises(TypeError, match="one dtype"):
+        dlkernels.matmul(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64), backend=backend_name)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        dlkernels.matmul(torch.randn(2, 3, 4), torch.randn(3, 4, 2), backend=backend_name)
+    with pytest.raises(ValueError, match="weight.shape"):
+        dlkernels.linear(torch.randn(3, 4), torch.randn(2, 5), backend=backend_name)
+    with pytest.raises(ValueError, match="2 dimensions"):
+        dlkernels.linear(torch.randn(3, 4), torch.randn(2, 3, 4), backend=backend_name)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        dlkernels.linear(torch.randn(3, 4), torch.randn(2, 4), torch.randn(3), backend=backend_name)
+    with pytest.raises(ValueError, match="activation"):
+        dlkernels.linear(torch.randn(3, 4), torch.randn(2, 4), activation="gelu", backend=backend_name)
+
+
+@pytest.mark.parametrize("backend_name", [b for b in ("numba", "cpp") if b in KERNEL_BACKENDS])
+def test_cpu_backends_reject_half(backend_name):
+    with pytest.raises(TypeError, match="computes in float32, float64"):
+        dlkernels.matmul(torch.randn(3, 4).half(), torch.randn(4, 2).half(), backend=backend_name)
+
+
+def test_mixed_devices(backend):
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.dlkernels.matmul(torch.randn(3, 4), torch.randn(4, 2, device="meta"), backend)

@@ -1,0 +1,136 @@
+"""pointwise_conv2d and the fused separable_conv2d on every backend against torch's convs in
+float64: forward, every gradient, layouts, odd sizes; gradcheck, opcheck, torch.compile, bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlkernels
+from conftest import DEVICE, KERNEL_BACKENDS
+from helpers import as64, assert_close, grads, leaf
+
+
+def _x(shape, dtype, channels_last):
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    return leaf(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+
+
+# (N, C, H, W, O)
+PW_CASES = [(2, 3, 5, 7, 4), (1, 1, 1, 1, 1), (3, 17, 4, 3, 13), (1, 32, 9, 11, 40)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", PW_CASES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_pointwise(backend, dtype, with_bias, case, channels_last):
+    n, c, h, w, o = case
+    x = _x((n, c, h, w), dtype, channels_last)
+    wt = leaf(torch.randn(o, c, 1, 1, device=DEVICE).to(dtype) / c ** 0.5)
+    b = leaf(torch.randn(o, device=DEVICE).to(dtype)) if with_bias else None
+    out = dlkernels.pointwise_conv2d(x, wt, b, backend=backend)
+    x64, w64, b64 = as64(x), as64(wt), as64(b)
+    ref = F.conv2d(x64, w64, b64)
+    assert_close(out, ref, what="pointwise")
+    if channels_last and c > 1 and h * w > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(ref)
+    for got, exp, name in zip(grads(out, [x, wt, b], g.to(dtype)), grads(ref, [x64, w64, b64], g), "xwb"):
+        if exp is not None:
+            assert_close(got, exp, dtype, f"grad {name}")
+
+
+# (N, C, H, W, kernel, stride, padding, dilation, multiplier, O)
+SEP_CASES = [
+    (2, 3, 9, 7, 3, 1, 1, 1, 1, 5),
+    (1, 4, 8, 8, 3, 2, "valid", 1, 1, 6),
+    (2, 2, 11, 13, 5, 1, "same", 1, 2, 3),
+    (1, 5, 7, 6, (3, 2), (2, 1), (1, 0), (1, 2), 1, 7),
+    (1, 1, 1, 1, 1, 1, 0, 1, 1, 1),
+    (1, 3, 13, 11, 3, 3, 2, 3, 3, 17),
+    (2, 20, 6, 5, 3, 1, 1, 1, 1, 33),  # channels and outputs past one 16-wide block
+]
+
+
+def _sep_ids(c):
+    return "n{}c{}_{}x{}_k{}_s{}_p{}_d{}_m{}_o{}".format(*c).replace(" ", "")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", SEP_CASES, ids=_sep_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_separable(backend, dtype, case, channels_last):
+    n, c, h, w, k, s, p, d, m, o = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = _x((n, c, h, w), dtype, channels_last)
+    dw = leaf(torch.randn(c * m, 1, kh, kw, device=DEVICE).to(dtype) / (kh * kw) ** 0.5)
+    pw = leaf(torch.randn(o, c * m, 1, 1, device=DEVICE).to(dtype) / (c * m) ** 0.5)
+    b = leaf(torch.randn(o, device=DEVICE).to(dtype))
+    out = dlkernels.separable_conv2d(x, dw, pw, b, s, p, d, backend=backend)
+    ins64 = [as64(t) for t in (x, dw, pw, b)]
+    ref = F.conv2d(F.conv2d(ins64[0], ins64[1], None, s, p, d, groups=c), ins64[2], ins64[3])
+    assert_close(out, ref, what="separable")
+    if channels_last and c > 1 and h * w > 1 and out.shape[2] * out.shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(ref)
+    for got, exp, name in zip(grads(out, [x, dw, pw, b], g.to(dtype)), grads(ref, ins64, g), ["x", "dw", "pw", "b"]):
+        assert_close(got, exp, dtype, f"grad {name}")
+
+
+def test_separable_unbatched_no_bias(backend):
+    x = torch.randn(3, 6, 5, device=DEVICE)
+    dw, pw = torch.randn(3, 1, 3, 3, device=DEVICE), torch.randn(4, 3, 1, 1, device=DEVICE)
+    out = dlkernels.separable_conv2d(x, dw, pw, None, 1, 1, backend=backend)
+    ref = F.conv2d(F.conv2d(x.double(), dw.double(), None, 1, 1, groups=3), pw.double())
+    assert_close(out, ref, what="unbatched")
+
+
+def test_gradcheck(backend):
+    f64 = dict(device=DEVICE, dtype=torch.float64)
+    x = leaf(torch.randn(2, 3, 5, 4, **f64))
+    dw, pw, b = leaf(torch.randn(6, 1, 3, 3, **f64)), leaf(torch.randn(4, 6, 1, 1, **f64)), leaf(torch.randn(4, **f64))
+    assert torch.autograd.gradcheck(
+        lambda x, dw, pw, b: dlkernels.separable_conv2d(x, dw, pw, b, 2, 1, backend=backend), (x, dw, pw, b))
+    xc = leaf(x.detach().contiguous(memory_format=torch.channels_last))
+    assert torch.autograd.gradcheck(lambda x, w, b: dlkernels.pointwise_conv2d(x, w, b, backend=backend),
+                                    (xc, leaf(torch.randn(5, 3, 1, 1, **f64)), leaf(torch.randn(5, **f64))))
+
+
+def test_opcheck(backend):
+    for cl in (False, True):
+        x = _x((2, 3, 6, 5), torch.float32, cl)
+        dw, pw, b = leaf(torch.randn(3, 1, 3, 3, device=DEVICE)), leaf(torch.randn(4, 3, 1, 1, device=DEVICE)), \
+            leaf(torch.randn(4, device=DEVICE))
+        torch.library.opcheck(torch.ops.dlkernels.separable_conv2d.default,
+                              (x, dw, pw, b, [1, 1], [1, 1], [1, 1], [6, 5], backend))
+        torch.library.opcheck(torch.ops.dlkernels.pointwise_conv2d.default, (x, pw, b, backend))
+
+
+def test_compile_fullgraph(backend):
+    def block(x, dw, pw, b):
+        return torch.relu(dlkernels.separable_conv2d(x, dw, pw, b, 1, 1, backend=backend))
+
+    x = torch.randn(2, 4, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    dw, pw, b = leaf(torch.randn(4, 1, 3, 3, device=DEVICE)), leaf(torch.randn(8, 4, 1, 1, device=DEVICE)), \
+        leaf(torch.randn(8, device=DEVICE))
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, dw, pw, b)
+    assert_close(out, block(x.double(), dw.double(), pw.double(), b.double()), torch.float32, "compiled")
+    out.sum().backward()
+    assert dw.grad is not None and pw.grad is not None
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["torch"])
+def test_bad_inputs(backend_name):
+    x = torch.randn(2, 3, 8, 8)
+    dw, pw = torch.randn(3, 1, 3, 3), torch.randn(4, 3, 1, 1)
+    with pytest.raises(ValueError, match=r"weight must have shape \(O, 3, 1, 1\)"):
+        dlkernels.separable_conv2d(x, dw, torch.randn(4, 5, 1, 1), backend=backend_name)
+    with pytest.raises(ValueError, match=r"weight must have shape \(O, 3, 1, 1\)"):
+        dlkernels.pointwise_conv2d(x, torch.randn(4, 3, 3, 3), backend=backend_name)
+    with pytest.raises(ValueError, match=r"\(C\*m, 1, kH, kW\)"):
+        dlkernels.separable_conv2d(x, torch.randn(2, 1, 3, 3), pw, backend=backend_name)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        dlkernels.separable_conv2d(x, dw, pw, stride=0, backend=backend_name)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        dlkernels.separable_conv2d(x, dw, pw, torch.randn(3), backend=backend_name)
+    with pytest.raises(TypeError, match="floating-point"):
+        dlkernels.pointwise_conv2d(x.long(), pw.long(), backend=backend_name)
