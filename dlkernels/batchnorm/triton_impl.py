@@ -113,6 +113,18 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
 
 
+@triton.jit
+def _welford_merge_axis(mean, m2, cnt, axis: tl.constexpr):
+    """All (mean, M2, count) summaries along ``axis`` merged at once: the total mean is the
+    count-weighted mean, and M2 gains each part's count * (its mean - total mean)^2. Plain sums,
+    cheaper than a tuple tl.reduce (and far faster in the interpreter, which runs a custom combine
+    function element by element)."""
+    n = tl.sum(cnt, axis)
+    mean_all = tl.sum(cnt * mean, axis) / tl.where(n == 0, 1.0, n)
+    d = mean - tl.expand_dims(mean_all, axis)
+    return mean_all, tl.sum(m2 + cnt * d * d, axis), n
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +135,7 @@ def _stats_partial_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Welford over this split's tiles of x - shift[c]: every tile slot keeps its own running
-    (mean, M2, count), so the loop does no reductions; the slots are merged with Chan's formula
+    (mean, M2, count), so the loop does no reductions; the slots are merged
     at the end and written (still shifted) to part_*[split, c]."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -143,8 +155,8 @@ def _stats_partial_kernel(
         mean = tl.where(mask, mean + delta / tl.where(mask, cnt_new, 1.0), mean)
         m2 = tl.where(mask, m2 + delta * (x - mean), m2)
         cnt = cnt_new
-    mean, m2, cnt = tl.reduce((mean, m2, cnt), 2, _welford_combine)
-    mean, m2, cnt = tl.reduce((mean, m2, cnt), 0, _welford_combine)
+    mean, m2, cnt = _welford_merge_axis(mean, m2, cnt, 2)
+    mean, m2, cnt = _welford_merge_axis(mean, m2, cnt, 0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     out = pid_s * C + offs_c
     mask_c = offs_c < C
