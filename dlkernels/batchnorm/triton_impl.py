@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreting
 # the launch wrapper and the occupancy target are shared with the matmul family's Triton kernels
 from ..matmul.triton_impl import _MAX_GRID_YZ, _launch, _target_programs
 
