@@ -518,7 +518,8 @@ template void gemm_portable<double>(int64_t, int64_t, int64_t, const double*, in
 namespace {
 
 // Small matrices in a batch go one per thread (no team inside each GEMM); large ones use the
-// team inside each GEMM, where threads share the packed B in cache.
+// team inside each GEMM, whose threads then share the operands' cache lines in L3 and split
+// evenly however many matrices there are.
 constexpr int64_t kMaxMacsPerThreadGemm = 256 * 256 * 256;
 
 template <class T>
@@ -527,8 +528,12 @@ void mm_batched(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int6
                 bool portable, bool accumulate) {
   auto* g = portable ? &gemm_portable<T> : &gemm<T>;
   const int nt = omp_get_max_threads();
-  const bool by_batch = nt > 1 && batch >= nt && M * N * K <= kMaxMacsPerThreadGemm &&
-                        batch * M * N * std::max<int64_t>(K, 1) >= kMinParallelMacs;
+  const int64_t macs = M * N * std::max<int64_t>(K, 1);
+  // one matrix per thread when that splits evenly enough (3 matrices on 2 threads would leave
+  // one thread idle a third of the time) or when a single matrix is too small for a team
+  const bool balanced = batch % nt == 0 || batch >= 4 * nt || macs < kMinParallelMacs;
+  const bool by_batch = nt > 1 && batch >= nt && macs <= kMaxMacsPerThreadGemm && balanced &&
+                        batch * macs >= kMinParallelMacs;
   if (!by_batch) {
     for (int64_t i = 0; i < batch; ++i)
       g(M, N, K, A + i * sb_a, rs_a, cs_a, B + i * sb_b, rs_b, cs_b, C + i * M * N, N, bias, bias_dim, relu, true,
