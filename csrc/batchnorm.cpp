@@ -5,6 +5,7 @@
 #include "conv_common.h"
 
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 namespace dlk {
@@ -41,11 +42,38 @@ void dispatch_act(Act act, bool has_res, F&& f) {
   }
 }
 
+// exp that vectorizes inside the kernels' simd loops (a libm call does not): Cephes' expf
+// reduction and polynomial, ~1 ulp. Branch- and select-free on purpose (GCC keeps compares that
+// may trap as branches, which stops vectorization): the input is clamped to the finite range, so
+// exp(+-large) saturates at ~3.4e38 / ~1.2e-38 instead of inf / 0; NaN propagates. double keeps
+// std::exp.
+#define DLK_INLINE inline __attribute__((always_inline))
+
+DLK_INLINE float vexp(float x) {
+  const float xc = std::min(std::max(x, -87.3365447504f), 88.3762626647949f);
+  constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
+  const float fx = (xc * 1.44269504088896341f + round_magic) - round_magic;
+  const float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float p;
+  std::memcpy(&p, &bits, sizeof p);
+  return y * p;
+}
+DLK_INLINE double vexp(double x) { return std::exp(x); }
+
 template <class T>
-inline T sigmoid(T z) { return T(1) / (T(1) + std::exp(-z)); }
+DLK_INLINE T sigmoid(T z) { return T(1) / (T(1) + vexp(-z)); }
 
 template <Act A, class T>
-inline T activate(T z) {
+DLK_INLINE T activate(T z) {
   if constexpr (A == Act::Relu) return z < T(0) ? T(0) : z;  // keeps NaN, as torch.relu
   else if constexpr (A == Act::Silu) return z * sigmoid(z);
   else return z;
@@ -54,7 +82,7 @@ inline T activate(T z) {
 // grad of act at z = x*scale + shift + residual; relu masks with the saved output y as PyTorch's
 // threshold_backward does (y <= 0 -> 0, so a NaN output passes its gradient through).
 template <Act A, class T>
-inline T act_grad(T gy, T y, T z) {
+DLK_INLINE T act_grad(T gy, T y, T z) {
   if constexpr (A == Act::Relu) return y <= T(0) ? T(0) : gy;
   else if constexpr (A == Act::Silu) {
     const T s = sigmoid(z);
@@ -75,13 +103,28 @@ void channel_sums2(const Bn3& d, F f, double* sum_a, double* sum_b) {
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t nc = t / chunks, k = t % chunks, c = nc % d.C;
       const int64_t base = nc * d.S, s0 = k * RUN, s1 = std::min(d.S, s0 + RUN);
-      T sa = 0, sb = 0;
-#pragma omp simd reduction(+ : sa, sb)
-      for (int64_t s = s0; s < s1; ++s) {
+      // Lane-wise partial sums (independent adds vectorize without reassociating a reduction).
+      constexpr int BL = 64;
+      T pa[BL] = {}, pb[BL] = {};
+      int64_t s = s0;
+      for (; s + BL <= s1; s += BL)
+#pragma omp simd
+        for (int k = 0; k < BL; ++k) {
+          T a, b;
+          f(base + s + k, c, a, b);
+          pa[k] += a;
+          pb[k] += b;
+        }
+      for (int k = 0; s < s1; ++s, ++k) {
         T a, b;
         f(base + s, c, a, b);
-        sa += a;
-        sb += b;
+        pa[k] += a;
+        pb[k] += b;
+      }
+      T sa = 0, sb = 0;
+      for (int k = 0; k < BL; ++k) {
+        sa += pa[k];
+        sb += pb[k];
       }
       double* acc = part.mine();
       acc[c] += sa;
@@ -247,7 +290,7 @@ BwdInputs<T> bwd_inputs(const py::array& gy3, const py::object& y3, const py::ar
 }
 
 template <Act A, bool RES, class T>
-inline T dz_at(const BwdInputs<T>& b, int64_t i, int64_t c) {
+DLK_INLINE T dz_at(const BwdInputs<T>& b, int64_t i, int64_t c) {
   T z = 0;
   if constexpr (A == Act::Silu) {
     z = b.x[i] * b.scale[c] + b.shift[c];
