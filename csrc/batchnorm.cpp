@@ -52,7 +52,8 @@ void dispatch_act(Act act, bool has_res, F&& f) {
 DLK_INLINE float vexp(float x) {
   const float xc = std::min(std::max(x, -87.3365447504f), 88.3762626647949f);
   constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
-  const float fx = (xc * 1.44269504088896341f + round_magic) - round_magic;
+  const float t = xc * 1.44269504088896341f + round_magic;
+  const float fx = t - round_magic;
   const float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
   const float z = r * r;
   float y = 1.9875691500e-4f;
@@ -62,7 +63,10 @@ DLK_INLINE float vexp(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  int32_t tb, mb;  // t's low mantissa bits hold the integer fx: 2^fx is built without a float->int conversion
+  std::memcpy(&tb, &t, sizeof tb);
+  std::memcpy(&mb, &round_magic, sizeof mb);
+  const int32_t bits = (tb - mb + 127) << 23;
   float p;
   std::memcpy(&p, &bits, sizeof p);
   return y * p;
