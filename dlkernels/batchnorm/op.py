@@ -197,12 +197,11 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
     y3 = None if out is None else as_ncs(out, cl)
     r3 = None if residual is None else as_ncs(residual, cl)
     scale, shift = _scale_shift(mean, invstd, weight, bias, sdtype)
-    empty = input.new_empty(0)
     need_x, need_r, need_w, need_b = output_mask
     need_sums = (need_x and training) or need_w or need_b
     if need_sums:
         sum_dz, sum_dz_xhat = k.bn_backward_reduce(g3, y3, x3, r3, mean, invstd, scale, shift, activation)
-    grad_x = grad_r = empty
+    grad_x, grad_r = input.new_empty(0), input.new_empty(0)
     if need_x or need_r:
         if training:
             count = x3.shape[0] * x3.shape[2]
@@ -211,21 +210,21 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
             c_dz = c_xhat = torch.zeros_like(mean)
         gx3, gr3 = k.bn_backward_apply(g3, y3, x3, r3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
                                        bool(need_r))
-        grad_x = gx3.view(input.shape) if need_x else empty
-        grad_r = gr3.view(input.shape) if need_r else empty
-    grad_w = sum_dz_xhat.to(weight.dtype) if (need_w and weight is not None) else empty
-    grad_b = sum_dz.to(bias.dtype) if (need_b and bias is not None) else empty
+        grad_x = gx3.view(input.shape) if need_x else input.new_empty(0)
+        grad_r = gr3.view(input.shape) if need_r else input.new_empty(0)
+    grad_w = sum_dz_xhat.to(weight.dtype, copy=True) if (need_w and weight is not None) else input.new_empty(0)
+    grad_b = sum_dz.to(bias.dtype, copy=True) if (need_b and bias is not None) else input.new_empty(0)
     return grad_x, grad_r, grad_w, grad_b
 
 
 @batch_norm_residual_backward_op.register_fake
 def _(grad_out, out, input, residual, weight, bias, mean, invstd, training, activation, output_mask, backend):
-    empty = input.new_empty(0)
     need_x, need_r, need_w, need_b = output_mask
     cl = channels_last(input)
-    return (empty_ncs(input, cl) if need_x else empty, empty_ncs(input, cl) if need_r else empty,
-            weight.new_empty(weight.shape) if (need_w and weight is not None) else empty,
-            bias.new_empty(bias.shape) if (need_b and bias is not None) else empty)
+    return (empty_ncs(input, cl) if need_x else input.new_empty(0),
+            empty_ncs(input, cl) if need_r else input.new_empty(0),
+            weight.new_empty(weight.shape) if (need_w and weight is not None) else input.new_empty(0),
+            bias.new_empty(bias.shape) if (need_b and bias is not None) else input.new_empty(0))
 
 
 def _setup(ctx, inputs, output):

@@ -115,8 +115,7 @@ def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor
     x = in_format(input, fmt)
     g = in_format(grad_out, fmt)
     k = _dispatch.kernels(FAMILY, backend, input.device)
-    empty = input.new_empty(0)
-    grad_x = empty
+    grad_x = input.new_empty(0)
     if output_mask[0]:
         c, m = x.shape[1], weight.shape[0] // x.shape[1]
         geo = ((x.shape[2], x.shape[3]), tuple(stride), tuple(pad), tuple(dilation))
@@ -125,12 +124,12 @@ def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor
             part = k.depthwise_bwd_input(gj, weight[j::m].contiguous(), *geo)
             grad_x = part if j == 0 else grad_x.add_(part)
         grad_x = in_format(grad_x, fmt)
-    grad_w = grad_b = empty
+    grad_w, grad_b = input.new_empty(0), input.new_empty(0)
     if output_mask[1] or output_mask[2]:
         gw, gb = k.depthwise_bwd_weight(g, x, (weight.shape[2], weight.shape[3]), tuple(stride), tuple(pad),
                                         tuple(dilation), bool(output_mask[2]))
-        grad_w = gw.contiguous() if output_mask[1] else empty
-        grad_b = gb if output_mask[2] else empty
+        grad_w = gw.contiguous() if output_mask[1] else input.new_empty(0)
+        grad_b = gb if output_mask[2] else input.new_empty(0)
         if output_mask[1] and output_mask[2] and grad_b.untyped_storage().data_ptr() == \
                 grad_w.untyped_storage().data_ptr():
             grad_b = grad_b.clone()  # a kernel may return both from one buffer; op outputs must not alias
@@ -139,10 +138,9 @@ def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor
 
 @depthwise_conv2d_backward_op.register_fake
 def _(grad_out, input, weight, stride, pad, dilation, output_mask, backend):
-    empty = input.new_empty(0)
-    gx = empty_like_format(input, input.shape, V.memory_format(input)) if output_mask[0] else empty
-    gw = weight.new_empty(weight.shape) if output_mask[1] else empty
-    gb = weight.new_empty(weight.shape[0]) if output_mask[2] else empty
+    gx = empty_like_format(input, input.shape, V.memory_format(input)) if output_mask[0] else input.new_empty(0)
+    gw = weight.new_empty(weight.shape) if output_mask[1] else input.new_empty(0)
+    gb = weight.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
     return gx, gw, gb
 
 

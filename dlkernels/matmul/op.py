@@ -149,8 +149,7 @@ def bias_act_backward_op(grad_out: Tensor, out: Tensor, activation: str, bias_di
     there is no activation (it would equal grad_out), grad_bias an empty tensor unless need_bias."""
     grad_out, out = grad_out.contiguous(), out.contiguous()
     g, gb = _kernels(backend, grad_out).bias_act_backward(grad_out, out, activation, bias_dim, need_bias)
-    empty = grad_out.new_empty(0)
-    return (g if activation else empty), (gb if need_bias else empty)
+    return (g if activation else grad_out.new_empty(0)), (gb if need_bias else grad_out.new_empty(0))
 
 
 @bias_act_backward_op.register_fake
