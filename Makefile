@@ -13,8 +13,9 @@ CPU_STAMP := $(VENV)/.stamp-cpu-$(CPU_ID)
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 
 # Large buffers stay in the process instead of going back to the OS after each op (page faults
-# would otherwise dominate every CPU timing, torch's included); the bench sets the same itself.
-BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=268435456
+# would otherwise dominate every CPU timing, torch's included). glibc ignores an mmap threshold
+# above 32 MiB, hence 33554432; the bench also sets these with mallopt() in its own process.
+BENCH_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=268435456
 
 .PHONY: test bench setup build clean
 

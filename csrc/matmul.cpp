@@ -566,7 +566,8 @@ inline double row_sum(const T* x, int64_t n) {
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-// g = go * (out > 0) exactly as torch computes it (a NaN or inf gradient times 0 stays NaN). GCC
+// g = (out <= 0) ? 0 : go, exactly as torch's threshold_backward (a NaN output passes its gradient,
+// a masked NaN gradient gives 0). GCC
 // keeps a float compare in a loop as a branch under its default -ftrapping-math (5x slower on a
 // random sign pattern: mispredicted half the time); without trapping math it becomes a vector
 // compare + multiply. Only this function is compiled so (no other semantics change).
@@ -577,10 +578,10 @@ inline double row_sum(const T* x, int64_t n) {
 #endif
 template <class T>
 DLK_NO_TRAPPING_MATH void relu_mask(const T* __restrict go, const T* __restrict out, T* __restrict g, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) g[j] = go[j] * static_cast<T>(out[j] > T(0));
+  for (int64_t j = 0; j < n; ++j) g[j] = out[j] <= T(0) ? T(0) : go[j];
 }
 
-// grad_pre = grad_out * (out > 0) (written only when relu: otherwise grad_pre is grad_out itself)
+// grad_pre = (out <= 0) ? 0 : grad_out (written only when relu: otherwise grad_pre is grad_out itself)
 // and, when grad_bias is given, grad_pre's sums per column (bias_dim 1) or per row (bias_dim 0)
 // over the batch, accumulated in double. One pass over the data.
 template <class T>
@@ -795,7 +796,7 @@ void init_matmul(py::module_& m) {
       },
       py::arg("grad_out"), py::arg("out"), py::arg("relu"), py::arg("bias_dim"), py::arg("grad_pre"),
       py::arg("grad_bias"),
-      "grad_pre[...] = grad_out * (out > 0) (relu; grad_pre None otherwise) and grad_bias[...] = grad_pre "
+      "grad_pre[...] = (out <= 0 ? 0 : grad_out) (relu; grad_pre None otherwise) and grad_bias[...] = grad_pre "
       "summed over all dims but bias_dim of the last two (grad_bias None to skip)");
 }
 

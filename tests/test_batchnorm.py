@@ -198,3 +198,17 @@ def test_bad_inputs(backend_name):
         f(x, None, None, None, training=False, backend=backend_name)
     with pytest.raises(ValueError, match="2, 3 or 4 dimensions"):
         f(torch.randn(5), None, None, None, training=True, backend=backend_name)
+
+
+def test_relu_backward_matches_torch_on_nan(backend):
+    x = torch.randn(3, 2, 4, device=DEVICE, dtype=torch.float64)
+    x[0, 0, 1] = float("nan")  # NaN statistics for channel 0: its outputs are NaN and pass gradients
+    g = torch.randn_like(x)
+    g[1, 1, :] = float("nan")  # NaN gradients where channel 1's output is <= 0 become 0
+    xs = [leaf(x.clone()), leaf(x.clone())]
+    out = dlkernels.batch_norm_residual(xs[0], None, None, None, training=True, activation="relu", backend=backend)
+    ref = reference(xs[1], None, None, None, training=True, activation="relu")
+    (ga,) = grads(out, [xs[0]], g)
+    (gb,) = grads(ref, [xs[1]], g)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isnan(ga), torch.isnan(gb))

@@ -165,3 +165,17 @@ def test_cpu_backends_reject_half(backend_name):
 def test_mixed_devices(backend):
     with pytest.raises(RuntimeError, match="one device"):
         torch.ops.dlkernels.matmul(torch.randn(3, 4), torch.randn(4, 2, device="meta"), backend)
+
+
+def test_relu_backward_matches_torch_on_nan(backend):
+    # torch's relu backward: 0 where the output is <= 0 (even for a NaN gradient); a NaN output
+    # passes its gradient through
+    x = torch.tensor([[float("nan"), -1.0, 2.0, 0.5]], device=DEVICE, dtype=torch.float64)
+    w = leaf(torch.eye(4, device=DEVICE, dtype=torch.float64))
+    g = torch.tensor([[1.0, float("nan"), 1.0, 3.0]], device=DEVICE, dtype=torch.float64)
+    w_ref = leaf(w.detach().clone())
+    (gw,) = grads(dlkernels.linear(x, w, activation="relu", backend=backend), [w], g)
+    (gr,) = grads(torch.relu(F.linear(x, w_ref)), [w_ref], g)
+    gx_pre, _ = torch.ops.dlkernels.bias_act_backward(g, torch.relu(x), "relu", 1, False, backend)
+    assert torch.equal(torch.isnan(gx_pre), torch.isnan(torch.where(torch.relu(x) <= 0, 0, g)))
+    assert torch.equal(torch.isnan(gw), torch.isnan(gr))

@@ -42,10 +42,10 @@ def _act(z, act, zero):
 
 @jit(inline="always")
 def _dz(g, y, x, r, has_r, scale, shift, act, zero):
-    """grad_y * act'(z): relu from the output's mask (as torch's grad * (y > 0): a masked inf/nan
-    gradient still gives nan), silu from the recomputed pre-activation."""
+    """grad_y * act'(z): relu from the output's mask (as torch's threshold_backward: y <= 0 gives 0,
+    a NaN output passes its gradient), silu from the recomputed pre-activation."""
     if act == 1:
-        return g if y > zero else g * zero
+        return zero if y <= zero else g
     if act == 2:
         z = _pre(x, r, has_r, scale, shift)
         s = 1 / (1 + math.exp(-z))

@@ -18,7 +18,7 @@ float16/bfloat16/float32 inputs, float64 for float64. activation is "", "relu" o
 
     bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation)
             -> (sum_dz, sum_dz_xhat)
-        dz = grad_y * act'(z) with z = x*scale[c] + shift[c] + residual (relu: the mask y > 0,
+        dz = grad_y * act'(z) with z = x*scale[c] + shift[c] + residual (relu: 0 where y <= 0,
         read from the output; silu: recomputed z; none: grad_y). xhat = (x - mean[c]) * invstd[c].
         Per-channel sums over N and S, in the statistics dtype.
 

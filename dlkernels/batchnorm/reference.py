@@ -38,7 +38,7 @@ def bn_apply(x3, residual3, scale, shift, activation):
 
 def _dz(grad_y3, y3, x3, residual3, scale, shift, activation):
     if activation == "relu":
-        return grad_y3 * (y3 > 0)
+        return torch.where(y3 <= 0, 0, grad_y3)
     if activation == "silu":
         z = x3 * scale[:, None] + shift[:, None]
         if residual3 is not None:

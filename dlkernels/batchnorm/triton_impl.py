@@ -84,7 +84,7 @@ def _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale, shift,
     x = _load(x_ptr, offs, mask, ct)
     if ACTIVATION == "relu":
         # compared after conversion: exact, and the interpreter cannot compare bfloat16 directly
-        dz = gy * (_load(y_ptr, offs, mask, ct) > 0).to(ct)
+        dz = tl.where(_load(y_ptr, offs, mask, ct) <= 0, tl.zeros_like(gy), gy)
     elif ACTIVATION == "silu":
         z = _pre_activation(x, r_ptr, offs, mask, scale, shift, HAS_RESIDUAL)
         sig = 1.0 / (1.0 + tl.exp(-z))

@@ -171,8 +171,8 @@ def _bias_act_backward_cols(g, o, relu, need_bias, gp, gb):
             for j in range(cols):
                 v = g[r, j]
                 if relu:
-                    # grad * (out > 0), as torch: a masked inf/nan gradient still gives nan
-                    v = v if o[r, j] > 0 else v * 0
+                    # as torch's threshold_backward: out <= 0 -> 0 (a NaN output passes its gradient)
+                    v = 0.0 if o[r, j] <= 0 else v
                     gp[r, j] = v
                 if need_bias:
                     part[ch, j] += v
@@ -194,7 +194,7 @@ def _bias_act_backward_rows(g, o, relu, need_bias, gp, gb):
             for j in range(cols):
                 v = g[b, i, j]
                 if relu:
-                    v = v if o[b, i, j] > 0 else v * 0
+                    v = 0.0 if o[b, i, j] <= 0 else v
                     gp[b, i, j] = v
                 s += v
         if need_bias:

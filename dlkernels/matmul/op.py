@@ -10,8 +10,9 @@ Kernel contract: every backend module ``dlkernels/matmul/<backend>_impl.py`` pro
         Returns act(a @ b + bias) as a new contiguous (M, N) / (B, M, N) tensor.
 
     bias_act_backward(grad_out, out, activation, bias_dim, need_bias) -> (grad_pre, grad_bias)
-        grad_out, out: contiguous (M, N) or (B, M, N). grad_pre = grad_out * (out > 0) for "relu",
-        grad_out otherwise; grad_bias = grad_pre summed over every dim but ``bias_dim`` of the last
+        grad_out, out: contiguous (M, N) or (B, M, N). grad_pre: for "relu", 0 where out <= 0 and
+        grad_out elsewhere (torch.relu's backward: a NaN output passes its gradient), grad_out
+        otherwise; grad_bias = grad_pre summed over every dim but ``bias_dim`` of the last
         two (None unless need_bias).
 
 Inputs arrive validated (_validation) with one dtype the backend computes in and one device.

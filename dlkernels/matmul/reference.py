@@ -24,7 +24,7 @@ def mm(a: Tensor, b: Tensor, bias: Tensor | None, bias_dim: int, activation: str
 
 
 def bias_act_backward(grad_out: Tensor, out: Tensor, activation: str, bias_dim: int, need_bias: bool):
-    g = grad_out * (out > 0) if activation == "relu" else grad_out
+    g = torch.where(out <= 0, 0, grad_out) if activation == "relu" else grad_out
     gb = None
     if need_bias:
         dims = [d for d in range(g.dim()) if d != g.dim() - 2 + bias_dim]

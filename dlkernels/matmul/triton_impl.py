@@ -199,8 +199,8 @@ def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _relu_mask(g, o):
-    # the contract's grad_out * (out > 0): a NaN gradient stays NaN even where the output is <= 0
-    return g * (o > 0).to(g.dtype)
+    # as torch's threshold_backward: out <= 0 gives 0 (even for a NaN gradient); a NaN output passes
+    return tl.where(o <= 0, tl.zeros_like(g), g)
 
 
 @triton.jit
