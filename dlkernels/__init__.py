@@ -11,6 +11,9 @@ from .matmul import linear, matmul
 from .pointwise import pointwise_conv2d
 from .separable import separable_conv2d
 
+from . import models, nn  # noqa: E402  (modules and models are built on the functions above)
+from .convert import ConversionReport, convert  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -22,4 +25,8 @@ __all__ = [
     "pointwise_conv2d",
     "separable_conv2d",
     "batch_norm_residual",
+    "nn",
+    "models",
+    "convert",
+    "ConversionReport",
 ]

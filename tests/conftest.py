@@ -10,12 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("DLKERNELS_TEST_
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import dlkernels  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-                      else "cpu")
-# Every non-reference backend that can run on DEVICE here.
-KERNEL_BACKENDS = [b for b in dlkernels.available_backends(DEVICE) if b != "torch"]
+from helpers import DEVICE, KERNEL_BACKENDS  # noqa: E402
 
 
 def pytest_report_header(config):

@@ -1,7 +1,19 @@
-"""Comparison helpers shared by the op tests."""
+"""What the tests share: the device and backends under test, and comparison helpers.
+
+(Imported as ``helpers``, not from conftest: a nested pytest run, as the bench test does, or a
+spawned DDP worker can leave another directory's conftest under that module name.)"""
 from __future__ import annotations
 
+import os
+
 import torch
+
+import dlkernels
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+                      else "cpu")
+# Every non-reference backend that can run on DEVICE here.
+KERNEL_BACKENDS = [b for b in dlkernels.available_backends(DEVICE) if b != "torch"]
 
 # Tolerance relative to the largest reference magnitude. float32: accumulation order differs from
 # the float64 reference by ~sqrt(K) ulps for K-term sums (K up to a few hundred here), so 2e-5

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import dlkernels
-from conftest import DEVICE, KERNEL_BACKENDS
 from dlkernels.batchnorm.reference import batch_norm_residual as reference
-from helpers import TOL, as64, assert_close, grads, leaf
+from helpers import DEVICE, KERNEL_BACKENDS, TOL, as64, assert_close, grads, leaf
 
 # name -> (shape, channels_last): the three ranks, both layouts, odd sizes
 LAYOUTS = {
@@ -212,3 +211,20 @@ def test_relu_backward_matches_torch_on_nan(backend):
     (gb,) = grads(ref, [xs[1]], g)
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.equal(torch.isnan(ga), torch.isnan(gb))
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["3d", "4d_cl"])
+def test_low_precision(backend, dtype, layout):
+    # Triton only: float32 statistics; output and grads are one rounding of an fp32 result
+    shape, cl = LAYOUTS[layout]
+    x, r = _make(shape, cl, dtype), _make(shape, cl, dtype, mean=0.0, std=1.0)
+    w, b = leaf(torch.randn(5, device=DEVICE)), leaf(torch.randn(5, device=DEVICE))
+    rm, rv = _stats(5, torch.float32)
+    out, ref, got, exp, (rm, rv, rm64, rv64) = _run_both(backend, x, r, w, b, rm, rv, True, "silu")
+    assert out.dtype == dtype
+    assert_close(out, ref, what="output", factor=2)
+    for g, e, name in zip(got, exp, ["input", "residual", "weight", "bias"]):
+        assert_close(g, e, dtype, f"grad {name}", factor=8)
+    assert_close(rm, rm64, torch.float32, "running_mean", factor=100)  # mean of bf16-rounded inputs

@@ -8,7 +8,7 @@ from torch import nn
 
 from dlkernels import nn as dnn
 from dlkernels.convert import convert
-from conftest import KERNEL_BACKENDS
+from helpers import KERNEL_BACKENDS
 
 
 class TVBasicBlock(nn.Module):

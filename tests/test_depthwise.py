@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dlkernels
-from conftest import DEVICE, KERNEL_BACKENDS
-from helpers import as64, assert_close, grads, leaf
+from helpers import DEVICE, KERNEL_BACKENDS, as64, assert_close, grads, leaf
 
 # (N, C, H, W, kernel, stride, padding, dilation, multiplier)
 CASES = [
@@ -144,3 +143,19 @@ def test_bad_inputs(backend_name):
         f(x, w.double(), backend=backend_name)
     with pytest.raises(ValueError, match="padding must be 'same', 'valid'"):
         f(x, w, padding="full", backend=backend_name)
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_low_precision(backend, dtype, channels_last):
+    # Triton only (the CPU backends reject 16-bit types): fp32 accumulation, one rounding of the output
+    x, w, b, kw = _inputs((2, 5, 9, 7, 3, 2, 1, 1, 2), dtype, channels_last)
+    out = dlkernels.depthwise_conv2d(x, w, b, backend=backend, **kw)
+    x64, w64, b64 = as64(x), as64(w), as64(b)
+    ref = F.conv2d(x64, w64, b64, groups=5, **kw)
+    assert out.dtype == dtype
+    assert_close(out, ref, what="forward")
+    g = torch.randn_like(ref)
+    for got, exp, name in zip(grads(out, [x, w, b], g.to(dtype)), grads(ref, [x64, w64, b64], g), "xwb"):
+        assert_close(got, exp, dtype, f"grad {name}", factor=4)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import dlkernels
+from helpers import KERNEL_BACKENDS
 from dlkernels import _dispatch
-from conftest import KERNEL_BACKENDS
 
 
 def test_available_backends_lists_torch_and_cpu_kernels():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import dlkernels
 from dlkernels import models
-from conftest import KERNEL_BACKENDS
+from helpers import KERNEL_BACKENDS
 
 WORLD = 2
 BACKEND = next((b for b in KERNEL_BACKENDS if b in ("cpp", "numba")), "torch")

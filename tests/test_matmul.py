@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import dlkernels
-from conftest import DEVICE, KERNEL_BACKENDS
-from helpers import as64, assert_close, grads, leaf
+from helpers import DEVICE, KERNEL_BACKENDS, as64, assert_close, grads, leaf
 
 # (a shape, b shape): 1, primes, non-multiples of any block, batched and broadcast
 SHAPES = [

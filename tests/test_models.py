@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from dlkernels import models
 from dlkernels.models.mini_xception import max_pool_same
-from conftest import KERNEL_BACKENDS
+from helpers import KERNEL_BACKENDS
 
 ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
 # torch.compile traces the ops' fake implementations: the interpreted Triton kernels cannot run
@@ -106,10 +106,16 @@ def test_max_pool_same_is_keras_same_padding(size):
     x = torch.randn(2, 3, size, size + 1, dtype=torch.float64)
     y = max_pool_same(x)
     assert y.shape[-2:] == (-(-size // 2), -(-(size + 1) // 2))
-    # Keras pads the extra row/column after the input: window i covers rows 2i .. 2i+2
+    # TensorFlow/Keras "same": total padding (out-1)*stride + k - size, total // 2 of it before the
+    # input and the rest (the odd one) after, so window i starts at row 2i - total // 2
+    def before(n):
+        return max((-(-n // 2) - 1) * 2 + 3 - n, 0) // 2
+
+    top, left = before(size), before(size + 1)
     for i in range(y.shape[-2]):
         for j in range(y.shape[-1]):
-            win = x[..., 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            r0, c0 = max(2 * i - top, 0), max(2 * j - left, 0)
+            win = x[..., r0:2 * i - top + 3, c0:2 * j - left + 3]
             torch.testing.assert_close(y[..., i, j], win.amax(dim=(-2, -1)))
 
 

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dlkernels
+from helpers import KERNEL_BACKENDS
 from dlkernels import _dispatch
 from dlkernels import nn as dnn
-from conftest import KERNEL_BACKENDS
 
 ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
 

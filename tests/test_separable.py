@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import dlkernels
-from conftest import DEVICE, KERNEL_BACKENDS
-from helpers import as64, assert_close, grads, leaf
+from helpers import DEVICE, KERNEL_BACKENDS, as64, assert_close, grads, leaf
 
 
 def _x(shape, dtype, channels_last):
@@ -134,3 +133,18 @@ def test_bad_inputs(backend_name):
         dlkernels.separable_conv2d(x, dw, pw, torch.randn(3), backend=backend_name)
     with pytest.raises(TypeError, match="floating-point"):
         dlkernels.pointwise_conv2d(x.long(), pw.long(), backend=backend_name)
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision(backend, dtype):
+    # Triton only: the depthwise tile is rounded to the input dtype before tl.dot (as the two-conv
+    # sequence rounds its intermediate), so two roundings: twice the one-rounding tolerance
+    x = _x((2, 20, 6, 5), dtype, True)
+    dw = torch.randn(20, 1, 3, 3, device=DEVICE).to(dtype) / 3
+    pw = torch.randn(17, 20, 1, 1, device=DEVICE).to(dtype) / 20 ** 0.5
+    b = torch.randn(17, device=DEVICE).to(dtype)
+    out = dlkernels.separable_conv2d(x, dw, pw, b, 1, 1, backend=backend)
+    ref = F.conv2d(F.conv2d(x.double(), dw.double(), None, 1, 1, groups=20), pw.double(), b.double())
+    assert out.dtype == dtype
+    assert_close(out, ref, what="separable", factor=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,11 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     if raw.exists():
         raw.unlink()
     pytest_argv = [str(SUITE), "--benchmark-only", f"--benchmark-json={raw}", "--benchmark-quiet",
-                   "-p", "no:cacheprovider", "-qq", "-s", "-o", "addopts=", f"--rootdir={REPO}",
+                   "-p", "no:cacheprovider", "-p", "no:xdist", "-qq", "-s", "-o", "addopts=", f"--rootdir={REPO}",
                    f"--bench-preset={preset}", f"--bench-device={device.type}", f"--bench-compile={args.compile}",
                    f"--bench-ops={args.ops}", f"--bench-backends={args.backends}", f"--bench-dtypes={args.dtypes}",
                    *([] if args.no_progress else ["--bench-progress"]), *args.pytest_args]
-    rc = pytest.main(pytest_argv)
+    # pytest-benchmark turns itself off inside an xdist worker (PYTEST_XDIST_WORKER), as when this
+    # runs from the test suite under -n: the nested session is not distributed, so hide it
+    worker = os.environ.pop("PYTEST_XDIST_WORKER", None)
+    try:
+        rc = pytest.main(pytest_argv)
+    finally:
+        if worker is not None:
+            os.environ["PYTEST_XDIST_WORKER"] = worker
     if not raw.exists():
         print(f"dlkernels bench: pytest exited {rc} without results", file=sys.stderr)
         return int(rc) or 1
