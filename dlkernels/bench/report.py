@@ -177,7 +177,7 @@ def markdown(meta: dict, charts: list[str]) -> str:
                         + [_fmt_t(fl) if fl else "-", f"{max(fr):.0%}" if fr else "-",
                            f"{max(errs):.1e}" if errs else "-"])
         if body:
-            out += ["", f"## {g}", "", _md_table(["case", "dtype", *conts, "floor", "limit", "max err"], body)]
+            out += ["", f"## {g}", "", _md_table(["case", "dtype", *conts, "floor", "limit", "rel err"], body)]
     over = [r for r in rows if r.bound == "overhead"]
     if over:
         out += ["", "## Per-call overhead (tiny shapes: Python, dispatch and launch cost)", "",
