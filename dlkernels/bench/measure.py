@@ -25,7 +25,11 @@ EAGER, COMPILED = "torch", "torch.compile"
 
 # Max error allowed, relative to the reference's largest magnitude; a contender may also be as far
 # off as 4x eager PyTorch's own error (long reductions in low precision).
-BASE_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# Norm-wise relative error allowed against float64. float32 gets 1e-3: a training pass through BN +
+# ReLU in float32 is ~2e-4 off in every implementation (torch.compile's too: the ReLU masks of
+# pre-activations within rounding of 0), while a wrong kernel is off by O(1).
+BASE_TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+EAGER_FACTOR = 8  # ... or this many times PyTorch eager's own error on the case, if larger
 
 
 @dataclass
@@ -253,7 +257,7 @@ def measure_case(case: Case, dtype: torch.dtype, device: torch.device, contender
         del got
         if name == EAGER:
             eager_err = err if math.isfinite(err) else 0.0
-        tol = max(BASE_TOL.get(dtype, 1e-4), 4 * eager_err)
+        tol = max(BASE_TOL.get(dtype, 1e-3), EAGER_FACTOR * eager_err)
         ok = err <= tol
         res.outcomes[name] = Outcome(name, "ok" if ok else "FAILED",
                                      "" if ok else f"relative error {err:.3g} > tolerance {tol:.3g}", err, tol)
