@@ -241,7 +241,7 @@ def _build_model(case: Case, dtype, device, gen) -> Problem:
         raise Unavailable(f"dlkernels.models.{case.params['ctor']} does not exist yet")
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     model = ctor(*case.params["args"]).to(device=device, dtype=dtype)
-    model.train()
+    model.train(case.mode != "eval")  # inference cases run the model in eval mode, without grad
     for mod in model.modules():  # a step must be repeatable to be compared: no dropout masks
         if isinstance(mod, torch.nn.Dropout):
             mod.eval()
@@ -364,6 +364,15 @@ def _table() -> list[Case]:
               args=(10,), input=(8, 3, 64, 64)))
     add(_case("model", "resnet50", "8x3x224x224->1000", "fwd+bwd", 3, "channels_last", ctor="resnet50",
               args=(1000,), input=(8, 3, 224, 224)))
+    add(_case("model", "resnet34", "8x3x64x64->10", "fwd+bwd", 3, "channels_last", ctor="resnet34",
+              args=(10,), input=(8, 3, 64, 64)))
+    # and inference (eval mode, forward only)
+    add(_case("model", "mlp", "digits 256x64->128->10", "fwd", 1, "-", "eval", ctor="mlp", args=(64, 128, 10),
+              input=(256, 64)))
+    add(_case("model", "mini_xception", "8x1x48x48->7", "fwd", 1, "channels_last", "eval", ctor="mini_xception",
+              args=(7, 1), input=(8, 1, 48, 48)))
+    add(_case("model", "resnet18", "8x3x64x64->10", "fwd", 2, "channels_last", "eval", ctor="resnet18",
+              args=(10,), input=(8, 3, 64, 64)))
     return cases
 
 
