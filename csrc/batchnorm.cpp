@@ -8,11 +8,6 @@
 #include <cstring>
 #include <type_traits>
 
-#include <unistd.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-
 namespace dlk {
 namespace {
 
@@ -277,73 +272,39 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
   }
 }
 
-// Outputs larger than the last-level cache are written with non-temporal stores: a plain store
-// first reads the line it fills (read-for-ownership), 1.33-1.5x the DRAM traffic of these streaming
-// kernels, and an output that large would be evicted before its consumer reads it anyway.
-inline bool stream_outputs(int64_t bytes) {
-  static const long llc = [] {
-    const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return v > 0 ? v : 32L << 20;
-  }();
-  return bytes > llc;
-}
-
-// dst[0, n) = src[0, n) with streaming stores (plain ones for the unaligned head and the tail).
-template <class T>
-DLK_INLINE void stream_run(T* dst, const T* src, int64_t n) {
-  int64_t k = 0;
-#ifdef __AVX2__
-  constexpr int64_t W = 32 / sizeof(T);
-  for (; k < n && (reinterpret_cast<uintptr_t>(dst + k) & 31); ++k) dst[k] = src[k];
-  for (; k + W <= n; k += W) {
-    if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(dst + k, _mm256_loadu_ps(src + k));
-    else _mm256_stream_pd(dst + k, _mm256_loadu_pd(src + k));
-  }
-#endif
-  for (; k < n; ++k) dst[k] = src[k];
-}
-
-// Runs f(i, c, wk, o0, o1, j) for every element (flat offset i, channel c), vectorized along the
-// contiguous axis; f writes its outputs to o0[j] (and o1[j]). Those point into out0 / out1 directly,
-// or, when nt, into per-thread run buffers that are then streamed out (see stream_outputs).
+// Runs f(i, c, wk) for every element (flat offset i, channel c), vectorized along the contiguous axis.
 template <class T, class P, class F>
-void channel_map(const Bn3& d, P pre, F f, T* out0, T* out1, bool nt) {
-  const int64_t run = d.cl ? d.C : std::min(d.S, RUN);
+void channel_map(const Bn3& d, P pre, F f) {
+  if (!d.cl) {
+    const int64_t chunks = ceil_div(d.S, RUN);
 #pragma omp parallel
-  {
-    std::vector<T> wbuf(run), t0buf(nt ? run : 0), t1buf(nt && out1 ? run : 0);
-    T* w = wbuf.data();
-    auto do_run = [&](int64_t i0, int64_t c, int64_t len) {
-      pre(i0, c, len, w);
-      T* o0 = nt ? t0buf.data() : out0 + i0;
-      T* o1 = out1 ? (nt ? t1buf.data() : out1 + i0) : nullptr;
-      if (c >= 0) {
-#pragma omp simd
-        for (int64_t s = 0; s < len; ++s) f(i0 + s, c, w[s], o0, o1, s);
-      } else {
-#pragma omp simd
-        for (int64_t k = 0; k < len; ++k) f(i0 + k, k, w[k], o0, o1, k);
-      }
-      if (nt) {
-        stream_run(out0 + i0, o0, len);
-        if (out1) stream_run(out1 + i0, o1, len);
-      }
-    };
-    if (!d.cl) {
-      const int64_t chunks = ceil_div(d.S, RUN);
+    {
+      std::vector<T> wbuf(RUN);
+      T* w = wbuf.data();
 #pragma omp for schedule(static)
-      for (int64_t nc = 0; nc < d.N * d.C; ++nc)
+      for (int64_t nc = 0; nc < d.N * d.C; ++nc) {
+        const int64_t c = nc % d.C, base = nc * d.S;
         for (int64_t k = 0; k < chunks; ++k) {
-          const int64_t s0 = k * RUN;
-          do_run(nc * d.S + s0, nc % d.C, std::min(d.S - s0, RUN));
+          const int64_t s0 = k * RUN, len = std::min(d.S - s0, RUN), i0 = base + s0;
+          pre(i0, c, len, w);
+#pragma omp simd
+          for (int64_t s = 0; s < len; ++s) f(i0 + s, c, w[s]);
         }
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < d.N * d.S; ++r) do_run(r * d.C, int64_t(-1), d.C);
+      }
     }
-#ifdef __AVX2__
-    if (nt) _mm_sfence();  // streaming stores are weakly ordered: drain before the threads join
-#endif
+  } else {
+#pragma omp parallel
+    {
+      std::vector<T> wbuf(d.C);
+      T* w = wbuf.data();
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < d.N * d.S; ++r) {
+        const int64_t i0 = r * d.C;
+        pre(i0, int64_t(-1), d.C, w);
+#pragma omp simd
+        for (int64_t c = 0; c < d.C; ++c) f(i0 + c, c, w[c]);
+      }
+    }
   }
 }
 
@@ -426,16 +387,15 @@ void py_apply(const py::array& x3, const py::object& res3, const py::array& scal
     dispatch_act(act, r != nullptr, [&](auto A, auto R) {
       constexpr Act AV = decltype(A)::value;
       constexpr bool RV = decltype(R)::value;
-      auto f = [=](int64_t i, int64_t c, T sig, T* o, T*, int64_t j) {
+      auto f = [=](int64_t i, int64_t c, T sig) {
         T z = x[i] * sc[c] + sh[c];
         if constexpr (RV) z += r[i];
-        o[j] = activate<AV>(z, sig);
+        y[i] = activate<AV>(z, sig);
       };
-      const bool nt = stream_outputs(d.N * d.C * d.S * int64_t(sizeof(T)));
       if constexpr (AV == Act::Silu)
-        channel_map<T>(d, SiluPrep<false, RV, T>{x, sc, sh, r}, f, y, nullptr, nt);
+        channel_map<T>(d, SiluPrep<false, RV, T>{x, sc, sh, r}, f);
       else
-        channel_map<T>(d, NoPrep{}, f, y, nullptr, nt);
+        channel_map<T>(d, NoPrep{}, f);
     });
   });
 }
@@ -526,18 +486,17 @@ void py_bwd_apply(const py::array& gy3, const py::object& y3, const py::array& x
       constexpr Act AV = decltype(A)::value;
       constexpr bool RV = decltype(R)::value;
       with_bwd_prep<AV, RV>(b, [&](auto pre) {
-        const bool nt = stream_outputs(d.N * d.C * d.S * int64_t(sizeof(T)) * (gr ? 2 : 1));
         if (gr)
-          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk, T* o0, T* o1, int64_t j) {
+          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk) {
             const T dz = dz_at<AV, RV>(b, i, wk);
-            o0[j] = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
-            o1[j] = dz;
-          }, gx, gr, nt);
+            gx[i] = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
+            gr[i] = dz;
+          });
         else
-          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk, T* o0, T*, int64_t j) {
+          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk) {
             const T dz = dz_at<AV, RV>(b, i, wk);
-            o0[j] = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
-          }, gx, nullptr, nt);
+            gx[i] = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
+          });
       });
     });
   });
