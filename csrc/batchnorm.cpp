@@ -130,7 +130,7 @@ void silu_run(T* w, int64_t n) {
   silu_inplace<GRAD, T>(w, n);
 }
 
-// silu_prep<GRAD>(x, scale, shift, r): the runs' prologue for silu (see channel_map): fills w with
+// SiluPrep<GRAD, RES, T>{x, scale, shift, r}: the runs' prologue for silu (see channel_map): fills w with
 // z = x * scale[c] + shift[c] (+ r) for the run, then turns it into sigmoid(z) or silu'(z).
 template <bool GRAD, bool RES, class T>
 struct SiluPrep {
