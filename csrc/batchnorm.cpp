@@ -42,104 +42,205 @@ void dispatch_act(Act act, bool has_res, F&& f) {
   }
 }
 
-// exp that vectorizes inside the kernels' simd loops (a libm call does not): Cephes' expf
-// reduction and polynomial, ~1 ulp. Branch- and select-free on purpose (GCC keeps compares that
-// may trap as branches, which stops vectorization): the input is clamped to the finite range, so
-// exp(+-large) saturates at ~3.4e38 / ~1.2e-38 instead of inf / 0; NaN propagates. double keeps
-// std::exp.
 #define DLK_INLINE inline __attribute__((always_inline))
 
-DLK_INLINE float vexp(float x) {
-  const float xc = std::min(std::max(x, -87.3365447504f), 88.3762626647949f);
-  constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
-  const float t = xc * 1.44269504088896341f + round_magic;
-  const float fx = t - round_magic;
-  const float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
-  const float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  int32_t tb, mb;  // t's low mantissa bits hold the integer fx: 2^fx is built without a float->int conversion
-  std::memcpy(&tb, &t, sizeof tb);
-  std::memcpy(&mb, &round_magic, sizeof mb);
-  const int32_t bits = (tb - mb + 127) << 23;
-  float p;
-  std::memcpy(&p, &bits, sizeof p);
-  return y * p;
-}
-DLK_INLINE double vexp(double x) { return std::exp(x); }
+// SiLU's sigmoid is computed run by run into a small per-thread buffer (SiluPrep below), in explicit
+// 8-wide vectors: the kernels' element loops rely on auto-vectorization, which GCC gave up on for an
+// inlined exp in the LTO build (the silu kernels ran scalar, ~10x slower than relu). The vectors use
+// GCC's vector extension, so they need neither LTO nor `omp simd` to stay vectorized.
+#if defined(__AVX2__) && defined(__GNUC__)
+#define DLK_VEC_EXP 1
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
 
-template <class T>
-DLK_INLINE T sigmoid(T z) { return T(1) / (T(1) + vexp(-z)); }
+DLK_INLINE v8f splat(float c) { return v8f{c, c, c, c, c, c, c, c}; }
+
+// expf for 8 lanes: Cephes' reduction and polynomial (~1 ulp), overflowing to +inf above
+// ln(FLT_MAX) as expf does (so silu(-inf) = -inf / inf = nan and silu's gradient at +-inf is nan,
+// as in PyTorch) and returning 0 below -86 (true results < 4.5e-38; exactness there does not matter
+// for 1 / (1 + exp(-z))). NaN propagates through every step.
+DLK_INLINE v8f vexp8(v8f x) {
+  const v8f lo = splat(-86.0f), hi = splat(88.7228390f);  // ln(FLT_MAX) = 88.72283906
+  v8f xc = x < lo ? lo : x;  // selects, not min/max: a NaN lane stays NaN (the compare is false)
+  xc = xc > hi ? hi : xc;
+  const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting rounds to an integer
+  const v8f t = xc * splat(1.44269504088896341f) + magic;
+  const v8f fx = t - magic;
+  const v8f r = xc - fx * splat(0.693359375f) + fx * splat(2.12194440e-4f);
+  const v8f z = r * r;
+  v8f y = splat(1.9875691500e-4f);
+  y = y * r + splat(1.3981999507e-3f);
+  y = y * r + splat(8.3334519073e-3f);
+  y = y * r + splat(4.1665795894e-2f);
+  y = y * r + splat(1.6666665459e-1f);
+  y = y * r + splat(5.0000001201e-1f);
+  y = y * z + r + splat(1.0f);
+  // 2^(fx - 1) from t's low mantissa bits (fx in [-124, 128]), times 2 at the end: 2^128 itself is
+  // not a float, exp(88.7) is
+  const v8i bits = (((v8i)t - (v8i)magic) + 126) << 23;
+  v8f e = (y * (v8f)bits) * splat(2.0f);
+  e = x > hi ? splat(__builtin_inff()) : e;
+  return x < lo ? splat(0.0f) : e;
+}
+
+template <bool GRAD>
+DLK_INLINE v8f silu_v(v8f z) {
+  const v8f one = splat(1.0f);
+  const v8f s = one / (one + vexp8(-z));
+  if constexpr (GRAD) return s * (one + z * (one - s));
+  else return s;
+}
+
+// w[k] <- sigmoid(w[k]) (GRAD false) or silu'(w[k]) = s * (1 + z * (1 - s)) (GRAD true), in place.
+template <bool GRAD>
+void silu_inplace(float* w, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    v8f z;
+    std::memcpy(&z, w + k, sizeof z);
+    z = silu_v<GRAD>(z);
+    std::memcpy(w + k, &z, sizeof z);
+  }
+  if (k < n) {  // the tail through a zero-padded vector: the same arithmetic as the full vectors
+    float buf[8] = {};
+    std::memcpy(buf, w + k, (n - k) * sizeof(float));
+    v8f z;
+    std::memcpy(&z, buf, sizeof z);
+    z = silu_v<GRAD>(z);
+    std::memcpy(buf, &z, sizeof z);
+    std::memcpy(w + k, buf, (n - k) * sizeof(float));
+  }
+}
+#endif
+
+// Scalar path (double, or a build without AVX2): libm's exp, which overflows to inf as torch's does.
+template <bool GRAD, class T>
+void silu_inplace(T* w, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const T z = w[k], s = T(1) / (T(1) + std::exp(-z));
+    w[k] = GRAD ? s * (T(1) + z * (T(1) - s)) : s;
+  }
+}
+
+template <bool GRAD, class T>
+void silu_run(T* w, int64_t n) {
+#ifdef DLK_VEC_EXP
+  if constexpr (std::is_same_v<T, float>) return silu_inplace<GRAD>(w, n);
+#endif
+  silu_inplace<GRAD, T>(w, n);
+}
+
+// SiluPrep<GRAD, RES, T>{x, scale, shift, r}: the runs' prologue for silu (see channel_map): fills w with
+// z = x * scale[c] + shift[c] (+ r) for the run, then turns it into sigmoid(z) or silu'(z).
+template <bool GRAD, bool RES, class T>
+struct SiluPrep {
+  const T *x, *sc, *sh, *r;
+  void operator()(int64_t i0, int64_t c, int64_t len, T* w) const {
+    if (c >= 0) {  // NCS: one channel
+      const T a = sc[c], b = sh[c];
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) {
+        T z = x[i0 + k] * a + b;
+        if constexpr (RES) z += r[i0 + k];
+        w[k] = z;
+      }
+    } else {  // channels-last row: element k is channel k
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) {
+        T z = x[i0 + k] * sc[k] + sh[k];
+        if constexpr (RES) z += r[i0 + k];
+        w[k] = z;
+      }
+    }
+    silu_run<GRAD>(w, len);
+  }
+};
+
+struct NoPrep {
+  template <class T>
+  void operator()(int64_t, int64_t, int64_t, T*) const {}
+};
 
 template <Act A, class T>
-DLK_INLINE T activate(T z) {
+DLK_INLINE T activate(T z, T sig) {
   if constexpr (A == Act::Relu) return z < T(0) ? T(0) : z;  // keeps NaN, as torch.relu
-  else if constexpr (A == Act::Silu) return z * sigmoid(z);
+  else if constexpr (A == Act::Silu) return z * sig;             // sig: sigmoid(z) from SiluPrep
   else return z;
 }
 
 // grad of act at z = x*scale + shift + residual; relu masks with the saved output y as PyTorch's
-// threshold_backward does (y <= 0 -> 0, so a NaN output passes its gradient through).
+// threshold_backward does (y <= 0 -> 0, so a NaN output passes its gradient through); silu's
+// derivative comes precomputed from SiluPrep<true>.
 template <Act A, class T>
-DLK_INLINE T act_grad(T gy, T y, T z) {
+DLK_INLINE T act_grad(T gy, T y, T dsilu) {
   if constexpr (A == Act::Relu) return y <= T(0) ? T(0) : gy;
-  else if constexpr (A == Act::Silu) {
-    const T s = sigmoid(z);
-    return gy * s * (T(1) + z * (T(1) - s));
-  } else return gy;
+  else if constexpr (A == Act::Silu) return gy * dsilu;
+  else return gy;
 }
 
-// Per-channel sums of two per-element values: f(i, c, a, b) sets a and b for the element at flat
+// Both loops below visit the elements in contiguous runs: NCS, up to RUN elements of one channel;
+// channels-last, one row of C channels. Before a run, pre(i0, c, len, w) may fill the per-thread
+// buffer w[0, len) (c: the run's channel, or -1 for a channels-last row, whose element k is channel
+// k); the element functor then gets w[k] (silu's sigmoid; NoPrep leaves w unused and the load dead).
+constexpr int64_t RUN = 2048;
+
+// Per-channel sums of two per-element values: f(i, c, wk, a, b) sets a and b for the element at flat
 // offset i in channel c. Short runs are summed in T (vectorized), runs are accumulated per thread in
 // double, threads merged at the end in a fixed order: accurate for large N*S and deterministic.
-template <class T, class F>
-void channel_sums2(const Bn3& d, F f, double* sum_a, double* sum_b) {
-  constexpr int64_t RUN = 2048;  // elements (NCS) or rows (channels-last) summed in T at a time
-  ThreadPartials<double> part(2 * d.C);
+template <class T, class P, class F>
+void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
+  // Each thread's 2C partials padded to whole cache lines (plus one), so the two threads' blocks never
+  // share a line.
+  const int64_t width = (2 * d.C + 7) / 8 * 8 + 8;
+  ThreadPartials<double> part(width);
   if (!d.cl) {
     const int64_t chunks = ceil_div(d.S, RUN), tasks = d.N * d.C * chunks;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t nc = t / chunks, k = t % chunks, c = nc % d.C;
-      const int64_t base = nc * d.S, s0 = k * RUN, s1 = std::min(d.S, s0 + RUN);
-      // Lane-wise partial sums (independent adds vectorize without reassociating a reduction).
-      constexpr int BL = 64;
-      T pa[BL] = {}, pb[BL] = {};
-      int64_t s = s0;
-      for (; s + BL <= s1; s += BL)
+#pragma omp parallel
+    {
+      std::vector<T> wbuf(RUN);
+      T* w = wbuf.data();
+      double* acc = part.mine();
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t nc = t / chunks, k = t % chunks, c = nc % d.C;
+        const int64_t base = nc * d.S, s0 = k * RUN, s1 = std::min(d.S, s0 + RUN);
+        pre(base + s0, c, s1 - s0, w);
+        // Lane-wise partial sums (independent adds vectorize without reassociating a reduction).
+        constexpr int BL = 64;
+        T pa[BL] = {}, pb[BL] = {};
+        int64_t s = s0;
+        for (; s + BL <= s1; s += BL)
 #pragma omp simd
-        for (int k = 0; k < BL; ++k) {
+          for (int k = 0; k < BL; ++k) {
+            T a, b;
+            f(base + s + k, c, w[s - s0 + k], a, b);
+            pa[k] += a;
+            pb[k] += b;
+          }
+        for (int k = 0; s < s1; ++s, ++k) {
           T a, b;
-          f(base + s + k, c, a, b);
+          f(base + s, c, w[s - s0], a, b);
           pa[k] += a;
           pb[k] += b;
         }
-      for (int k = 0; s < s1; ++s, ++k) {
-        T a, b;
-        f(base + s, c, a, b);
-        pa[k] += a;
-        pb[k] += b;
+        T sa = 0, sb = 0;
+        for (int k = 0; k < BL; ++k) {
+          sa += pa[k];
+          sb += pb[k];
+        }
+        acc[c] += sa;
+        acc[d.C + c] += sb;
       }
-      T sa = 0, sb = 0;
-      for (int k = 0; k < BL; ++k) {
-        sa += pa[k];
-        sb += pb[k];
-      }
-      double* acc = part.mine();
-      acc[c] += sa;
-      acc[d.C + c] += sb;
     }
   } else {
+    // Each thread takes one contiguous range of rows and streams it, holding the C per-channel
+    // partials of the current block in T (L1-resident: block lengths keep ~64K values per block).
     const int64_t rows = d.N * d.S, rb = std::max<int64_t>(1, std::min<int64_t>(RUN, 65536 / d.C + 1));
     const int64_t blocks = ceil_div(rows, rb);
 #pragma omp parallel
     {
-      std::vector<T> ra(d.C), rbuf(d.C);
+      std::vector<T> ra(d.C), rbuf(d.C), wbuf(d.C);
+      T* w = wbuf.data();
       double* acc = part.mine();
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -148,10 +249,12 @@ void channel_sums2(const Bn3& d, F f, double* sum_a, double* sum_b) {
         T* pa = ra.data();
         T* pb = rbuf.data();
         for (int64_t r = blk * rb; r < std::min(rows, (blk + 1) * rb); ++r) {
+          const int64_t i0 = r * d.C;
+          pre(i0, int64_t(-1), d.C, w);
 #pragma omp simd
           for (int64_t c = 0; c < d.C; ++c) {
             T a, b;
-            f(r * d.C + c, c, a, b);
+            f(i0 + c, c, w[c], a, b);
             pa[c] += a;
             pb[c] += b;
           }
@@ -169,21 +272,38 @@ void channel_sums2(const Bn3& d, F f, double* sum_a, double* sum_b) {
   }
 }
 
-// Runs f(i, c) for every element (flat offset i, channel c), vectorized along the contiguous axis.
-template <class F>
-void channel_map(const Bn3& d, F f) {
+// Runs f(i, c, wk) for every element (flat offset i, channel c), vectorized along the contiguous axis.
+template <class T, class P, class F>
+void channel_map(const Bn3& d, P pre, F f) {
   if (!d.cl) {
-#pragma omp parallel for schedule(static)
-    for (int64_t nc = 0; nc < d.N * d.C; ++nc) {
-      const int64_t c = nc % d.C, base = nc * d.S;
+    const int64_t chunks = ceil_div(d.S, RUN);
+#pragma omp parallel
+    {
+      std::vector<T> wbuf(RUN);
+      T* w = wbuf.data();
+#pragma omp for schedule(static)
+      for (int64_t nc = 0; nc < d.N * d.C; ++nc) {
+        const int64_t c = nc % d.C, base = nc * d.S;
+        for (int64_t k = 0; k < chunks; ++k) {
+          const int64_t s0 = k * RUN, len = std::min(d.S - s0, RUN), i0 = base + s0;
+          pre(i0, c, len, w);
 #pragma omp simd
-      for (int64_t s = 0; s < d.S; ++s) f(base + s, c);
+          for (int64_t s = 0; s < len; ++s) f(i0 + s, c, w[s]);
+        }
+      }
     }
   } else {
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < d.N * d.S; ++r) {
+#pragma omp parallel
+    {
+      std::vector<T> wbuf(d.C);
+      T* w = wbuf.data();
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < d.N * d.S; ++r) {
+        const int64_t i0 = r * d.C;
+        pre(i0, int64_t(-1), d.C, w);
 #pragma omp simd
-      for (int64_t c = 0; c < d.C; ++c) f(r * d.C + c, c);
+        for (int64_t c = 0; c < d.C; ++c) f(i0 + c, c, w[c]);
+      }
     }
   }
 }
@@ -239,7 +359,7 @@ void py_stats(const py::array& x3, py::array& mean, py::array& var, bool cl) {
       for (int64_t c = 0; c < d.C; ++c) shift[c] = x[d.cl ? c : c * d.S];
     const T* K = shift.data();
     std::vector<double> sa(d.C), sb(d.C);
-    channel_sums2<T>(d, [=](int64_t i, int64_t c, T& a, T& b) {
+    channel_sums2<T>(d, NoPrep{}, [=](int64_t i, int64_t c, T, T& a, T& b) {
       a = x[i] - K[c];
       b = a * a;
     }, sa.data(), sb.data());
@@ -267,11 +387,15 @@ void py_apply(const py::array& x3, const py::object& res3, const py::array& scal
     dispatch_act(act, r != nullptr, [&](auto A, auto R) {
       constexpr Act AV = decltype(A)::value;
       constexpr bool RV = decltype(R)::value;
-      channel_map(d, [=](int64_t i, int64_t c) {
+      auto f = [=](int64_t i, int64_t c, T sig) {
         T z = x[i] * sc[c] + sh[c];
         if constexpr (RV) z += r[i];
-        y[i] = activate<AV>(z);
-      });
+        y[i] = activate<AV>(z, sig);
+      };
+      if constexpr (AV == Act::Silu)
+        channel_map<T>(d, SiluPrep<false, RV, T>{x, sc, sh, r}, f);
+      else
+        channel_map<T>(d, NoPrep{}, f);
     });
   });
 }
@@ -294,13 +418,17 @@ BwdInputs<T> bwd_inputs(const py::array& gy3, const py::object& y3, const py::ar
 }
 
 template <Act A, bool RES, class T>
-DLK_INLINE T dz_at(const BwdInputs<T>& b, int64_t i, int64_t c) {
-  T z = 0;
-  if constexpr (A == Act::Silu) {
-    z = b.x[i] * b.scale[c] + b.shift[c];
-    if constexpr (RES) z += b.r[i];
-  }
-  return act_grad<A>(b.gy[i], A == Act::Relu ? b.y[i] : T(0), z);
+DLK_INLINE T dz_at(const BwdInputs<T>& b, int64_t i, T dsilu) {
+  return act_grad<A>(b.gy[i], A == Act::Relu ? b.y[i] : T(0), dsilu);
+}
+
+// Runs loop(pre) with silu's derivative prologue for silu, NoPrep otherwise.
+template <Act A, bool RES, class T, class L>
+DLK_INLINE void with_bwd_prep(const BwdInputs<T>& b, L loop) {
+  if constexpr (A == Act::Silu)
+    loop(SiluPrep<true, RES, T>{b.x, b.scale, b.shift, b.r});
+  else
+    loop(NoPrep{});
 }
 
 void py_bwd_reduce(const py::array& gy3, const py::object& y3, const py::array& x3, const py::object& res3,
@@ -318,10 +446,12 @@ void py_bwd_reduce(const py::array& gy3, const py::object& y3, const py::array& 
     dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
       constexpr Act AV = decltype(A)::value;
       constexpr bool RV = decltype(R)::value;
-      channel_sums2<T>(d, [=](int64_t i, int64_t c, T& a, T& s) {
-        a = dz_at<AV, RV>(b, i, c);
-        s = a * (b.x[i] - b.mean[c]);
-      }, sa.data(), sb.data());
+      with_bwd_prep<AV, RV>(b, [&](auto pre) {
+        channel_sums2<T>(d, pre, [=](int64_t i, int64_t c, T wk, T& a, T& s) {
+          a = dz_at<AV, RV>(b, i, wk);
+          s = a * (b.x[i] - b.mean[c]);
+        }, sa.data(), sb.data());
+      });
     });
     for (int64_t c = 0; c < d.C; ++c) {
       o_dz[c] = static_cast<T>(sa[c]);
@@ -355,17 +485,19 @@ void py_bwd_apply(const py::array& gy3, const py::object& y3, const py::array& x
     dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
       constexpr Act AV = decltype(A)::value;
       constexpr bool RV = decltype(R)::value;
-      if (gr)
-        channel_map(d, [=](int64_t i, int64_t c) {
-          const T dz = dz_at<AV, RV>(b, i, c);
-          gx[i] = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
-          gr[i] = dz;
-        });
-      else
-        channel_map(d, [=](int64_t i, int64_t c) {
-          const T dz = dz_at<AV, RV>(b, i, c);
-          gx[i] = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
-        });
+      with_bwd_prep<AV, RV>(b, [&](auto pre) {
+        if (gr)
+          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk) {
+            const T dz = dz_at<AV, RV>(b, i, wk);
+            gx[i] = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
+            gr[i] = dz;
+          });
+        else
+          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk) {
+            const T dz = dz_at<AV, RV>(b, i, wk);
+            gx[i] = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
+          });
+      });
     });
   });
 }
