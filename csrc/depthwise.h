@@ -115,6 +115,65 @@ DwRowFn<T> dw_row_fn(const DwGeom& g) {
   return dw_row_nchw<T, 0>;
 }
 
+// NR output rows x NV vectors of consecutive columns (column stride 1), every tap in bounds. The
+// NR*NV accumulators are independent chains: a single row's one or two vectors (the 10- and
+// 19-wide planes of Xception) would otherwise be a chain of kH*kW dependent FMAs, latency-bound.
+template <class T, int NR, int NV>
+inline void dw_rows_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = vbroadcast(b);
+  const T* x0 = xp + (i * g.sH - g.pT) * g.W + j - g.pL;
+  const int64_t rs = g.sH * g.W;  // input distance between consecutive output rows
+  for (int64_t p = 0; p < g.kH; ++p) {
+    const T* xr = x0 + p * g.dH * g.W;
+    const T* wr = wo + p * g.kW;
+    for (int64_t q = 0; q < g.kW; ++q) {
+      const V wv = vbroadcast(wr[q]);
+      const T* xs = xr + q * g.dW;
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] += wv * vload(xs + r * rs + v * L);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(out + r * g.Wo + v * L, acc[r][v]);
+}
+
+// NR whole output rows i.. (column stride 1, every column interior): two-vector blocks, one-vector
+// blocks, then one vector ending at the row's end that rewrites a few outputs with equal values.
+template <class T, int NR>
+inline void dw_rows_group_s1(const T* xp, const T* wo, T b, T* out, int64_t i, const DwGeom& g) {
+  constexpr int L = Vec<T>::lanes;
+  int64_t j = 0;
+  for (; j + 2 * L <= g.Wo; j += 2 * L) dw_rows_block_vec<T, NR, 2>(xp, wo, b, out + j, i, j, g);
+  for (; j + L <= g.Wo; j += L) dw_rows_block_vec<T, NR, 1>(xp, wo, b, out + j, i, j, g);
+  if (j < g.Wo) dw_rows_block_vec<T, NR, 1>(xp, wo, b, out + g.Wo - L, i, g.Wo - L, g);
+}
+
+// Output rows [0, rows) of g (no padding needed: every tap of every output is in bounds), written
+// at out with row stride Wo. Column stride 1 and rows at least one vector wide take the multi-row
+// register blocks; anything else the per-row kernel.
+template <class T>
+void dw_rows_interior(const T* xp, const T* wo, T b, T* out, int64_t rows, const DwGeom& g) {
+  if (g.sW == 1 && g.Wo >= Vec<T>::lanes) {
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) dw_rows_group_s1<T, 4>(xp, wo, b, out + i * g.Wo, i, g);
+    for (; i + 2 <= rows; i += 2) dw_rows_group_s1<T, 2>(xp, wo, b, out + i * g.Wo, i, g);
+    for (; i < rows; ++i) dw_rows_group_s1<T, 1>(xp, wo, b, out + i * g.Wo, i, g);
+    return;
+  }
+  const auto row = dw_row_fn<T>(g);
+  for (int64_t i = 0; i < rows; ++i) row(xp, wo, b, out + i * g.Wo, i, g);
+}
+
 // Output rows [i0, i1) of one channel, written at out (row stride Wo). The input rows they read are
 // first copied, zero-padded, into buf (a thread's scratch, L1/L2-sized for a row block), so that
 // every output column is interior: the vector row kernel covers the whole row, borders included,
@@ -142,8 +201,7 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
     std::copy(xp + ih * g.W + (c_lo - g.pL), xp + ih * g.W + (c_hi - g.pL), dst + c_lo);
     std::fill(dst + c_hi, dst + t.W, T(0));
   }
-  const auto row = dw_row_fn<T>(t);
-  for (int64_t i = i0; i < i1; ++i) row(buf.data(), wo, b, out + (i - i0) * g.Wo, i - i0, t);
+  dw_rows_interior(buf.data(), wo, b, out, i1 - i0, t);
 }
 
 // (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector.
