@@ -40,7 +40,7 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
       const int64_t n = r / g.Ho, i = r % g.Ho;
       const T* xn = x + n * g.H * g.W * g.C;
       T* yr = y + r * g.Wo * g.Cm;
-      for (int64_t j = 0; j < g.Wo; ++j) dw_pixel_cl(xn, wt.data(), bias, yr + j * g.Cm, i, j, g);
+      dw_row_cl(xn, wt.data(), bias, yr, i, g);
     }
   }
 }
@@ -197,7 +197,7 @@ void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
     for (int64_t r = 0; r < g.N * g.H; ++r) {
       const int64_t n = r / g.H, h = r % g.H;
       const T* gyn = gy + n * g.Ho * g.Wo * g.Cm;
-      for (int64_t wi = 0; wi < g.W; ++wi) dw_pixel_cl(gyn, wt.data(), (const T*)nullptr, gx + (r * g.W + wi) * g.C, h, wi, t);
+      dw_row_cl(gyn, wt.data(), (const T*)nullptr, gx + r * g.W * g.C, h, t);
     }
     return;
   }

@@ -280,4 +280,118 @@ void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int
   }
 }
 
+// Multiplier 1: NJ interior output pixels j.. (all kW column taps in bounds) x NV vectors of
+// channels c0... Each tap's weight vector is loaded once for NJ pixels, so the loads per FMA drop
+// from 2 (weight + input, one pixel at a time) to 1 + 1/NJ: the one-pixel kernel is load-bound.
+template <class T, int NJ, int NV>
+inline void cl_pixels_block_vec(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
+                                TapRange pr, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NJ][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? vload(bias + c0 + v * L) : V{};
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
+  }
+  const int64_t ps = g.sW * g.C;  // input distance between consecutive output pixels
+  for (int64_t p = pr.lo; p < pr.hi; ++p) {
+    const int64_t ih = i * g.sH - g.pT + p * g.dH;
+    const T* xr = xn + (ih * g.W + j * g.sW - g.pL) * g.C + c0;
+    const T* wr = wt + p * g.kW * g.Cm + c0;
+    for (int64_t q = 0; q < g.kW; ++q) {
+      const T* xs = xr + q * g.dW * g.C;
+      const T* ws = wr + q * g.Cm;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V wv = vload(ws + v * L);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj) acc[jj][v] += wv * vload(xs + jj * ps + v * L);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
+}
+
+// Same block for column stride 1 and dilation 1 with KW (compile time) column taps: pixel jj's
+// tap q reads input column j + jj + q, so each input vector of a window row is loaded once and
+// feeds every (pixel, tap) pair that reads it, with the row's KW weight vectors in registers:
+// (KW + NJ + KW - 1) * NV loads per NJ * KW * NV FMAs instead of about one load per FMA.
+template <class T, int NJ, int NV, int KW>
+inline void cl_pixels_block_s1(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
+                               TapRange pr, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NJ][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? vload(bias + c0 + v * L) : V{};
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
+  }
+  for (int64_t p = pr.lo; p < pr.hi; ++p) {
+    const int64_t ih = i * g.sH - g.pT + p * g.dH;
+    const T* xr = xn + (ih * g.W + j - g.pL) * g.C + c0;
+    const T* wr = wt + p * KW * g.Cm + c0;
+    V wv[KW][NV];
+#pragma GCC unroll 8
+    for (int q = 0; q < KW; ++q)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
+#pragma GCC unroll 16
+    for (int u = 0; u < NJ + KW - 1; ++u) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V xv = vload(xr + u * g.C + v * L);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj)
+          if (u - jj >= 0 && u - jj < KW) acc[jj][v] += wv[u - jj][v] * xv;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
+}
+
+// NJ interior pixels j.. of row i, all channels (multiplier 1): vector blocks, then the channel
+// tail (< one vector) per pixel.
+template <class T, int NJ>
+inline void cl_pixels_group(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, int64_t j, TapRange pr,
+                            const DwGeom& g) {
+  constexpr int L = Vec<T>::lanes;
+  T* dst = yr + j * g.Cm;
+  int64_t c = 0;
+  if (g.sW == 1 && g.dW == 1 && g.kW == 3) {
+    for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_s1<T, NJ, 2, 3>(xn, wt, bias, dst, c, i, j, pr, g);
+  } else if (g.sW == 1 && g.dW == 1 && g.kW == 5) {
+    for (; c + L <= g.Cm; c += L) cl_pixels_block_s1<T, NJ, 1, 5>(xn, wt, bias, dst, c, i, j, pr, g);
+  }
+  for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_vec<T, NJ, 2>(xn, wt, bias, dst, c, i, j, pr, g);
+  for (; c + L <= g.Cm; c += L) cl_pixels_block_vec<T, NJ, 1>(xn, wt, bias, dst, c, i, j, pr, g);
+  if (c < g.Cm) {
+    const TapRange qr{0, g.kW};
+    for (int64_t jj = 0; jj < NJ; ++jj)
+      cl_taps_block<T, true, 0>(xn, wt, bias, dst + jj * g.Cm, c, g.Cm - c, i, j + jj, pr, qr, g);
+  }
+}
+
+// Output row i of image xn (H, W, C), all pixels, into yr (Wo x C*m); wt from taps_major. The
+// interior columns go four pixels at a time (multiplier 1), the borders and the rest one by one.
+template <class T>
+void dw_row_cl(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, const DwGeom& g) {
+  int64_t j = 0;
+  if (g.m == 1) {
+    const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+    for (; j < g.jin.lo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
+    for (; j + 4 <= g.jin.hi; j += 4) cl_pixels_group<T, 4>(xn, wt, bias, yr, i, j, pr, g);
+  }
+  for (; j < g.Wo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
+}
+
 }  // namespace dlk
