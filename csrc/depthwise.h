@@ -119,7 +119,8 @@ DwRowFn<T> dw_row_fn(const DwGeom& g) {
 // NR*NV accumulators are independent chains: a single row's one or two vectors (the 10- and
 // 19-wide planes of Xception) would otherwise be a chain of kH*kW dependent FMAs, latency-bound.
 template <class T, int NR, int NV>
-inline void dw_rows_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, const DwGeom& g) {
+inline void dw_rows_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, const DwGeom& g,
+                              const int64_t* qoff) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   V acc[NR][NV];
@@ -134,7 +135,7 @@ inline void dw_rows_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, 
     const T* wr = wo + p * g.kW;
     for (int64_t q = 0; q < g.kW; ++q) {
       const V wv = vbroadcast(wr[q]);
-      const T* xs = xr + q * g.dW;
+      const T* xs = xr + qoff[q];
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 8
@@ -147,49 +148,71 @@ inline void dw_rows_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, 
     for (int v = 0; v < NV; ++v) vstore(out + r * g.Wo + v * L, acc[r][v]);
 }
 
-// NR whole output rows i.. (column stride 1, every column interior): two-vector blocks, one-vector
-// blocks, then one vector ending at the row's end that rewrites a few outputs with equal values.
+// NR whole output rows i.. (every column interior): two-vector blocks, one-vector blocks, then one
+// vector ending at the row's end that rewrites a few outputs with equal values.
 template <class T, int NR>
-inline void dw_rows_group_s1(const T* xp, const T* wo, T b, T* out, int64_t i, const DwGeom& g) {
+inline void dw_rows_group(const T* xp, const T* wo, T b, T* out, int64_t i, const DwGeom& g, const int64_t* qoff) {
   constexpr int L = Vec<T>::lanes;
   int64_t j = 0;
-  for (; j + 2 * L <= g.Wo; j += 2 * L) dw_rows_block_vec<T, NR, 2>(xp, wo, b, out + j, i, j, g);
-  for (; j + L <= g.Wo; j += L) dw_rows_block_vec<T, NR, 1>(xp, wo, b, out + j, i, j, g);
-  if (j < g.Wo) dw_rows_block_vec<T, NR, 1>(xp, wo, b, out + g.Wo - L, i, g.Wo - L, g);
+  for (; j + 2 * L <= g.Wo; j += 2 * L) dw_rows_block_vec<T, NR, 2>(xp, wo, b, out + j, i, j, g, qoff);
+  for (; j + L <= g.Wo; j += L) dw_rows_block_vec<T, NR, 1>(xp, wo, b, out + j, i, j, g, qoff);
+  if (j < g.Wo) dw_rows_block_vec<T, NR, 1>(xp, wo, b, out + g.Wo - L, i, g.Wo - L, g, qoff);
 }
 
-// Output rows [0, rows) of g (no padding needed: every tap of every output is in bounds), written
-// at out with row stride Wo. Column stride 1 and rows at least one vector wide take the multi-row
-// register blocks; anything else the per-row kernel.
+// Output rows [0, rows) of g from a staged buffer xp (row stride g.W, no padding: every tap of
+// every output is in bounds) where output column j's tap q reads xp's column j + qoff[q]
+// (consecutive outputs read consecutive elements, whatever the column stride), written at out
+// with row stride Wo. Rows of at least one vector take the multi-row register blocks.
 template <class T>
-void dw_rows_interior(const T* xp, const T* wo, T b, T* out, int64_t rows, const DwGeom& g) {
-  if (g.sW == 1 && g.Wo >= Vec<T>::lanes) {
+void dw_rows_interior(const T* xp, const T* wo, T b, T* out, int64_t rows, const DwGeom& g, const int64_t* qoff) {
+  if (g.Wo >= Vec<T>::lanes) {
     int64_t i = 0;
-    for (; i + 4 <= rows; i += 4) dw_rows_group_s1<T, 4>(xp, wo, b, out + i * g.Wo, i, g);
-    for (; i + 2 <= rows; i += 2) dw_rows_group_s1<T, 2>(xp, wo, b, out + i * g.Wo, i, g);
-    for (; i < rows; ++i) dw_rows_group_s1<T, 1>(xp, wo, b, out + i * g.Wo, i, g);
+    // Rows narrower than two vectors get one-vector blocks only: eight rows give them the eight
+    // independent FMA chains two FMA units of latency 4 need.
+    if (g.Wo < 2 * Vec<T>::lanes)
+      for (; i + 8 <= rows; i += 8) dw_rows_group<T, 8>(xp, wo, b, out + i * g.Wo, i, g, qoff);
+    for (; i + 4 <= rows; i += 4) dw_rows_group<T, 4>(xp, wo, b, out + i * g.Wo, i, g, qoff);
+    for (; i + 2 <= rows; i += 2) dw_rows_group<T, 2>(xp, wo, b, out + i * g.Wo, i, g, qoff);
+    for (; i < rows; ++i) dw_rows_group<T, 1>(xp, wo, b, out + i * g.Wo, i, g, qoff);
     return;
   }
-  const auto row = dw_row_fn<T>(g);
-  for (int64_t i = 0; i < rows; ++i) row(xp, wo, b, out + i * g.Wo, i, g);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      T acc = b;
+      for (int64_t p = 0; p < g.kH; ++p) {
+        const T* xr = xp + (i * g.sH + p * g.dH) * g.W + j;
+        for (int64_t q = 0; q < g.kW; ++q) acc += wo[p * g.kW + q] * xr[qoff[q]];
+      }
+      out[i * g.Wo + j] = acc;
+    }
 }
 
 // Output rows [i0, i1) of one channel, written at out (row stride Wo). The input rows they read are
 // first copied, zero-padded, into buf (a thread's scratch, L1/L2-sized for a row block), so that
 // every output column is interior: the vector row kernel covers the whole row, borders included,
-// and no bounds checks run. Negative padding (crop) works the same way.
+// and no bounds checks run. Negative padding (crop) works the same way. With column stride s > 1
+// each staged row is split into s phases (columns c = s*k + r go to segment r, position k): output
+// j's tap q then reads phase (q*dW) % s at position j + (q*dW) / s, so consecutive outputs read
+// consecutive elements and the same contiguous vector kernel serves every stride.
 template <class T>
 void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i1, const DwGeom& g,
                     std::vector<T>& buf) {
   if (i1 <= i0) return;
   DwGeom t = g;
   t.H = (i1 - 1 - i0) * g.sH + (g.kH - 1) * g.dH + 1;
-  t.W = (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1;
+  const int64_t tw = (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1;  // padded columns read
+  const int64_t seg = ceil_div(tw, g.sW);                         // one phase's length
+  t.W = seg * g.sW;
   t.pT = t.pL = 0;
   t.jin = {0, g.Wo};
-  buf.resize(static_cast<size_t>(t.H * t.W));
+  int64_t qoff_small[16];
+  std::vector<int64_t> qoff_big(g.kW > 16 ? g.kW : 0);
+  int64_t* qoff = g.kW > 16 ? qoff_big.data() : qoff_small;
+  for (int64_t q = 0; q < g.kW; ++q) qoff[q] = (q * g.dW) % g.sW * seg + (q * g.dW) / g.sW;
+  buf.resize(static_cast<size_t>(t.H * t.W + (g.sW > 1 ? tw : 0)));
+  T* row = buf.data() + t.H * t.W;  // staging for one row before the phase split
   const int64_t r0 = i0 * g.sH - g.pT;  // input row of buf's row 0
-  const int64_t c_lo = std::min(t.W, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(t.W, g.W + g.pL));
+  const int64_t c_lo = std::min(tw, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(tw, g.W + g.pL));
   for (int64_t r = 0; r < t.H; ++r) {
     T* dst = buf.data() + r * t.W;
     const int64_t ih = r0 + r;
@@ -197,11 +220,17 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
       std::fill(dst, dst + t.W, T(0));
       continue;
     }
-    std::fill(dst, dst + c_lo, T(0));
-    std::copy(xp + ih * g.W + (c_lo - g.pL), xp + ih * g.W + (c_hi - g.pL), dst + c_lo);
-    std::fill(dst + c_hi, dst + t.W, T(0));
+    T* d = g.sW > 1 ? row : dst;
+    std::fill(d, d + c_lo, T(0));
+    std::copy(xp + ih * g.W + (c_lo - g.pL), xp + ih * g.W + (c_hi - g.pL), d + c_lo);
+    std::fill(d + c_hi, d + tw, T(0));
+    if (g.sW > 1) {
+      std::fill(dst, dst + t.W, T(0));  // the phases' unused tails
+      for (int64_t ph = 0; ph < g.sW; ++ph)
+        for (int64_t k = 0, c = ph; c < tw; ++k, c += g.sW) dst[ph * seg + k] = row[c];
+    }
   }
-  dw_rows_interior(buf.data(), wo, b, out, i1 - i0, t);
+  dw_rows_interior(buf.data(), wo, b, out, i1 - i0, t, qoff);
 }
 
 // (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector.
