@@ -187,6 +187,20 @@ void dw_rows_interior(const T* xp, const T* wo, T b, T* out, int64_t rows, const
     }
 }
 
+// d[0, n) = src[c] for c in [lo, hi), zero elsewhere, in inline vector loops: staged rows are short
+// (10-40 columns in Xception's exit/middle flows) and one memset/memmove/memset call each cost
+// more than the copy itself. The attribute keeps GCC from turning the loops back into those calls.
+template <class T>
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) inline void stage_row(T* d, const T* src, int64_t lo,
+                                                                                  int64_t hi, int64_t n) {
+  constexpr int L = Vec<T>::lanes;
+  for (int64_t c = 0; c < lo; ++c) d[c] = T(0);
+  int64_t c = lo;
+  for (; c + L <= hi; c += L) vstore(d + c, vload(src + c));
+  for (; c < hi; ++c) d[c] = src[c];
+  for (c = hi; c < n; ++c) d[c] = T(0);
+}
+
 // Output rows [i0, i1) of one channel, written at out (row stride Wo). The input rows they read are
 // first copied, zero-padded, into buf (a thread's scratch, L1/L2-sized for a row block), so that
 // every output column is interior: the vector row kernel covers the whole row, borders included,
@@ -201,14 +215,15 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
   DwGeom t = g;
   t.H = (i1 - 1 - i0) * g.sH + (g.kH - 1) * g.dH + 1;
   const int64_t tw = (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1;  // padded columns read
-  const int64_t seg = ceil_div(tw, g.sW);                         // one phase's length
+  const int64_t seg = g.sW == 1 ? tw : ceil_div(tw, g.sW);        // one phase's length
   t.W = seg * g.sW;
   t.pT = t.pL = 0;
   t.jin = {0, g.Wo};
   int64_t qoff_small[16];
   std::vector<int64_t> qoff_big(g.kW > 16 ? g.kW : 0);
   int64_t* qoff = g.kW > 16 ? qoff_big.data() : qoff_small;
-  for (int64_t q = 0; q < g.kW; ++q) qoff[q] = (q * g.dW) % g.sW * seg + (q * g.dW) / g.sW;
+  for (int64_t q = 0; q < g.kW; ++q)  // (no division for stride 1: it costs per plane on 10x10 planes)
+    qoff[q] = g.sW == 1 ? q * g.dW : (q * g.dW) % g.sW * seg + (q * g.dW) / g.sW;
   buf.resize(static_cast<size_t>(t.H * t.W + (g.sW > 1 ? tw : 0)));
   T* row = buf.data() + t.H * t.W;  // staging for one row before the phase split
   const int64_t r0 = i0 * g.sH - g.pT;  // input row of buf's row 0
@@ -221,9 +236,7 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
       continue;
     }
     T* d = g.sW > 1 ? row : dst;
-    std::fill(d, d + c_lo, T(0));
-    std::copy(xp + ih * g.W + (c_lo - g.pL), xp + ih * g.W + (c_hi - g.pL), d + c_lo);
-    std::fill(d + c_hi, d + tw, T(0));
+    stage_row(d, xp + ih * g.W - g.pL, c_lo, c_hi, tw);
     if (g.sW > 1) {
       std::fill(dst, dst + t.W, T(0));  // the phases' unused tails
       for (int64_t ph = 0; ph < g.sW; ++ph)
