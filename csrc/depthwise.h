@@ -431,7 +431,20 @@ void dw_row_cl(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, const 
   if (g.m == 1) {
     const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
     for (; j < g.jin.lo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
-    for (; j + 4 <= g.jin.hi; j += 4) cl_pixels_group<T, 4>(xn, wt, bias, yr, i, j, pr, g);
+    // The input row that output row i + 1 reads first (the rows before it are already in cache
+    // from this row's windows): prefetched one pixel group ahead, since on large planes the
+    // hardware prefetcher trails the kH row streams.
+    const int64_t ih_next = (i + 1) * g.sH - g.pT + (g.kH - 1) * g.dH;
+    const bool pf = ih_next >= 0 && ih_next < g.H;
+    const T* xnext = xn + ih_next * g.W * g.C;
+    for (; j + 4 <= g.jin.hi; j += 4) {
+      if (pf) {
+        const int64_t c0 = std::max<int64_t>(0, (j + 4) * g.sW - g.pL) * g.C;
+        const int64_t c1 = std::min<int64_t>(g.W, (j + 8) * g.sW - g.pL) * g.C;
+        for (int64_t e = c0; e < c1; e += 64 / sizeof(T)) __builtin_prefetch(xnext + e);
+      }
+      cl_pixels_group<T, 4>(xn, wt, bias, yr, i, j, pr, g);
+    }
   }
   for (; j < g.Wo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
 }
