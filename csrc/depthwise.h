@@ -437,6 +437,16 @@ void dw_row_cl(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, const 
     const int64_t ih_next = (i + 1) * g.sH - g.pT + (g.kH - 1) * g.dH;
     const bool pf = ih_next >= 0 && ih_next < g.H;
     const T* xnext = xn + ih_next * g.W * g.C;
+    // kW 5 blocks hold one channel vector (five weight vectors in registers): eight pixels give
+    // them eight independent FMA chains.
+    if (g.sW == 1 && g.dW == 1 && g.kW == 5)
+      for (; j + 8 <= g.jin.hi; j += 8) {
+        if (pf) {
+          const int64_t c0 = std::max<int64_t>(0, j + 8 - g.pL) * g.C, c1 = std::min<int64_t>(g.W, j + 16 - g.pL) * g.C;
+          for (int64_t e = c0; e < c1; e += 64 / sizeof(T)) __builtin_prefetch(xnext + e);
+        }
+        cl_pixels_group<T, 8>(xn, wt, bias, yr, i, j, pr, g);
+      }
     for (; j + 4 <= g.jin.hi; j += 4) {
       if (pf) {
         const int64_t c0 = std::max<int64_t>(0, (j + 4) * g.sW - g.pL) * g.C;
