@@ -1,5 +1,6 @@
 // Depthwise forward building blocks, shared by depthwise.cpp and the fused separable kernel:
-// one output row of one channel (NCHW) and all channels of one output pixel (channels_last).
+// output rows of one channel from a staged plane (NCHW) and output rows / pixels across all
+// channels (channels_last).
 #pragma once
 
 #include "conv_common.h"
@@ -22,97 +23,6 @@ inline DwGeom make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cm, 
   DwGeom g{N, C, H, W, Cm / C, Cm, kH, kW, Ho, Wo, sH, sW, pT, pL, dH, dW, {0, 0}};
   g.jin = interior_range(Wo, sW, pL, dW, kW, W);
   return g;
-}
-
-// Register-blocked accumulation of LEN (compile time) or len (LEN == 0) consecutive outputs of one
-// row over the taps rows [pr.lo, pr.hi) x all kW columns; every tap is in bounds (interior columns).
-// SW > 0 fixes the column stride at compile time so that sW == 1 becomes contiguous vector loads.
-// Contiguous (stride 1) full block: NV vectors of accumulators held in registers over all taps.
-template <class T, int NV>
-inline void dw_row_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, TapRange pr,
-                             const DwGeom& g) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  V acc[NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) acc[v] = vbroadcast(b);
-  for (int64_t p = pr.lo; p < pr.hi; ++p) {
-    const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W + j - g.pL;
-    const T* wr = wo + p * g.kW;
-    for (int64_t q = 0; q < g.kW; ++q) {
-      const V wv = vbroadcast(wr[q]);
-      const T* xs = xr + q * g.dW;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[v] += wv * vload(xs + v * L);
-    }
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) vstore(out + v * L, acc[v]);
-}
-
-template <class T, int SW, int LEN>
-inline void dw_row_block(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, int64_t len, TapRange pr,
-                         const DwGeom& g) {
-  constexpr int CAP = LEN ? LEN : 128 / sizeof(T);
-  const int64_t n = LEN ? LEN : len;
-  const int64_t sW = SW ? SW : g.sW;
-  T acc[CAP];
-  for (int64_t jj = 0; jj < n; ++jj) acc[jj] = b;
-  for (int64_t p = pr.lo; p < pr.hi; ++p) {
-    const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W + j * sW - g.pL;
-    const T* wr = wo + p * g.kW;
-    for (int64_t q = 0; q < g.kW; ++q) {
-      const T wv = wr[q];
-      const T* xs = xr + q * g.dW;
-#pragma omp simd
-      for (int64_t jj = 0; jj < n; ++jj) acc[jj] += wv * xs[jj * sW];
-    }
-  }
-  for (int64_t jj = 0; jj < n; ++jj) out[jj] = acc[jj];
-}
-
-// Output row i of one channel: xp is that channel's input plane (H, W), wo its kH*kW taps, b its
-// bias, out the Wo outputs.
-template <class T, int SW>
-void dw_row_nchw(const T* xp, const T* wo, T b, T* out, int64_t i, const DwGeom& g) {
-  constexpr int JB = 128 / sizeof(T);  // four AVX2 registers of accumulators
-  const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
-  auto border = [&](int64_t j) {
-    const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
-    T acc = b;
-    for (int64_t p = pr.lo; p < pr.hi; ++p) {
-      const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL;
-      for (int64_t q = qr.lo; q < qr.hi; ++q) acc += wo[p * g.kW + q] * xr[q * g.dW];
-    }
-    out[j] = acc;
-  };
-  for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
-  int64_t j = g.jin.lo;
-  if constexpr (SW == 1) {
-    constexpr int L = Vec<T>::lanes;
-    for (; j + 4 * L <= g.jin.hi; j += 4 * L) dw_row_block_vec<T, 4>(xp, wo, b, out + j, i, j, pr, g);
-    for (; j + L <= g.jin.hi; j += L) dw_row_block_vec<T, 1>(xp, wo, b, out + j, i, j, pr, g);
-    // The last partial vector: one full vector ending at the interior's end, rewriting a few
-    // outputs with the same values instead of a scalar tail.
-    if (j < g.jin.hi && g.jin.hi - g.jin.lo >= L) {
-      dw_row_block_vec<T, 1>(xp, wo, b, out + g.jin.hi - L, i, g.jin.hi - L, pr, g);
-      j = g.jin.hi;
-    }
-  }
-  for (; j + JB <= g.jin.hi; j += JB) dw_row_block<T, SW, JB>(xp, wo, b, out + j, i, j, JB, pr, g);
-  for (; j < g.jin.hi; j += JB)
-    dw_row_block<T, SW, 0>(xp, wo, b, out + j, i, j, std::min<int64_t>(JB, g.jin.hi - j), pr, g);
-  for (int64_t jb = g.jin.hi; jb < g.Wo; ++jb) border(jb);
-}
-
-// The row kernel for g's column stride: compile-time stride for the common 1 and 2.
-template <class T>
-using DwRowFn = void (*)(const T*, const T*, T, T*, int64_t, const DwGeom&);
-template <class T>
-DwRowFn<T> dw_row_fn(const DwGeom& g) {
-  if (g.sW == 1) return dw_row_nchw<T, 1>;
-  if (g.sW == 2) return dw_row_nchw<T, 2>;
-  return dw_row_nchw<T, 0>;
 }
 
 // NR output rows x NV vectors of consecutive columns (column stride 1), every tap in bounds. The
