@@ -1,5 +1,6 @@
 // Depthwise forward building blocks, shared by depthwise.cpp and the fused separable kernel:
-// one output row of one channel (NCHW) and all channels of one output pixel (channels_last).
+// output rows of one channel from a staged plane (NCHW) and output rows / pixels across all
+// channels (channels_last).
 #pragma once
 
 #include "conv_common.h"
@@ -24,113 +25,119 @@ inline DwGeom make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cm, 
   return g;
 }
 
-// Register-blocked accumulation of LEN (compile time) or len (LEN == 0) consecutive outputs of one
-// row over the taps rows [pr.lo, pr.hi) x all kW columns; every tap is in bounds (interior columns).
-// SW > 0 fixes the column stride at compile time so that sW == 1 becomes contiguous vector loads.
-// Contiguous (stride 1) full block: NV vectors of accumulators held in registers over all taps.
-template <class T, int NV>
-inline void dw_row_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, TapRange pr,
-                             const DwGeom& g) {
+// NR output rows x NV vectors of consecutive columns (column stride 1), every tap in bounds. The
+// NR*NV accumulators are independent chains: a single row's one or two vectors (the 10- and
+// 19-wide planes of Xception) would otherwise be a chain of kH*kW dependent FMAs, latency-bound.
+template <class T, int NR, int NV>
+inline void dw_rows_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, const DwGeom& g,
+                              const int64_t* qoff) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
-  V acc[NV];
+  V acc[NR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) acc[v] = vbroadcast(b);
-  for (int64_t p = pr.lo; p < pr.hi; ++p) {
-    const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W + j - g.pL;
+    for (int v = 0; v < NV; ++v) acc[r][v] = vbroadcast(b);
+  const T* x0 = xp + (i * g.sH - g.pT) * g.W + j - g.pL;
+  const int64_t rs = g.sH * g.W;  // input distance between consecutive output rows
+  for (int64_t p = 0; p < g.kH; ++p) {
+    const T* xr = x0 + p * g.dH * g.W;
     const T* wr = wo + p * g.kW;
     for (int64_t q = 0; q < g.kW; ++q) {
       const V wv = vbroadcast(wr[q]);
-      const T* xs = xr + q * g.dW;
+      const T* xs = xr + qoff[q];
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[v] += wv * vload(xs + v * L);
+        for (int v = 0; v < NV; ++v) acc[r][v] += wv * vload(xs + r * rs + v * L);
     }
   }
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) vstore(out + v * L, acc[v]);
+    for (int v = 0; v < NV; ++v) vstore(out + r * g.Wo + v * L, acc[r][v]);
 }
 
-template <class T, int SW, int LEN>
-inline void dw_row_block(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, int64_t len, TapRange pr,
-                         const DwGeom& g) {
-  constexpr int CAP = LEN ? LEN : 128 / sizeof(T);
-  const int64_t n = LEN ? LEN : len;
-  const int64_t sW = SW ? SW : g.sW;
-  T acc[CAP];
-  for (int64_t jj = 0; jj < n; ++jj) acc[jj] = b;
-  for (int64_t p = pr.lo; p < pr.hi; ++p) {
-    const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W + j * sW - g.pL;
-    const T* wr = wo + p * g.kW;
-    for (int64_t q = 0; q < g.kW; ++q) {
-      const T wv = wr[q];
-      const T* xs = xr + q * g.dW;
-#pragma omp simd
-      for (int64_t jj = 0; jj < n; ++jj) acc[jj] += wv * xs[jj * sW];
-    }
-  }
-  for (int64_t jj = 0; jj < n; ++jj) out[jj] = acc[jj];
+// NR whole output rows i.. (every column interior): two-vector blocks, one-vector blocks, then one
+// vector ending at the row's end that rewrites a few outputs with equal values.
+template <class T, int NR>
+inline void dw_rows_group(const T* xp, const T* wo, T b, T* out, int64_t i, const DwGeom& g, const int64_t* qoff) {
+  constexpr int L = Vec<T>::lanes;
+  int64_t j = 0;
+  for (; j + 2 * L <= g.Wo; j += 2 * L) dw_rows_block_vec<T, NR, 2>(xp, wo, b, out + j, i, j, g, qoff);
+  for (; j + L <= g.Wo; j += L) dw_rows_block_vec<T, NR, 1>(xp, wo, b, out + j, i, j, g, qoff);
+  if (j < g.Wo) dw_rows_block_vec<T, NR, 1>(xp, wo, b, out + g.Wo - L, i, g.Wo - L, g, qoff);
 }
 
-// Output row i of one channel: xp is that channel's input plane (H, W), wo its kH*kW taps, b its
-// bias, out the Wo outputs.
-template <class T, int SW>
-void dw_row_nchw(const T* xp, const T* wo, T b, T* out, int64_t i, const DwGeom& g) {
-  constexpr int JB = 128 / sizeof(T);  // four AVX2 registers of accumulators
-  const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
-  auto border = [&](int64_t j) {
-    const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
-    T acc = b;
-    for (int64_t p = pr.lo; p < pr.hi; ++p) {
-      const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL;
-      for (int64_t q = qr.lo; q < qr.hi; ++q) acc += wo[p * g.kW + q] * xr[q * g.dW];
-    }
-    out[j] = acc;
-  };
-  for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
-  int64_t j = g.jin.lo;
-  if constexpr (SW == 1) {
-    constexpr int L = Vec<T>::lanes;
-    for (; j + 4 * L <= g.jin.hi; j += 4 * L) dw_row_block_vec<T, 4>(xp, wo, b, out + j, i, j, pr, g);
-    for (; j + L <= g.jin.hi; j += L) dw_row_block_vec<T, 1>(xp, wo, b, out + j, i, j, pr, g);
-    // The last partial vector: one full vector ending at the interior's end, rewriting a few
-    // outputs with the same values instead of a scalar tail.
-    if (j < g.jin.hi && g.jin.hi - g.jin.lo >= L) {
-      dw_row_block_vec<T, 1>(xp, wo, b, out + g.jin.hi - L, i, g.jin.hi - L, pr, g);
-      j = g.jin.hi;
-    }
-  }
-  for (; j + JB <= g.jin.hi; j += JB) dw_row_block<T, SW, JB>(xp, wo, b, out + j, i, j, JB, pr, g);
-  for (; j < g.jin.hi; j += JB)
-    dw_row_block<T, SW, 0>(xp, wo, b, out + j, i, j, std::min<int64_t>(JB, g.jin.hi - j), pr, g);
-  for (int64_t jb = g.jin.hi; jb < g.Wo; ++jb) border(jb);
-}
-
-// The row kernel for g's column stride: compile-time stride for the common 1 and 2.
+// Output rows [0, rows) of g from a staged buffer xp (row stride g.W, no padding: every tap of
+// every output is in bounds) where output column j's tap q reads xp's column j + qoff[q]
+// (consecutive outputs read consecutive elements, whatever the column stride), written at out
+// with row stride Wo. Rows of at least one vector take the multi-row register blocks.
 template <class T>
-using DwRowFn = void (*)(const T*, const T*, T, T*, int64_t, const DwGeom&);
+void dw_rows_interior(const T* xp, const T* wo, T b, T* out, int64_t rows, const DwGeom& g, const int64_t* qoff) {
+  if (g.Wo >= Vec<T>::lanes) {
+    int64_t i = 0;
+    // Rows narrower than two vectors get one-vector blocks only: eight rows give them the eight
+    // independent FMA chains two FMA units of latency 4 need.
+    if (g.Wo < 2 * Vec<T>::lanes)
+      for (; i + 8 <= rows; i += 8) dw_rows_group<T, 8>(xp, wo, b, out + i * g.Wo, i, g, qoff);
+    for (; i + 4 <= rows; i += 4) dw_rows_group<T, 4>(xp, wo, b, out + i * g.Wo, i, g, qoff);
+    for (; i + 2 <= rows; i += 2) dw_rows_group<T, 2>(xp, wo, b, out + i * g.Wo, i, g, qoff);
+    for (; i < rows; ++i) dw_rows_group<T, 1>(xp, wo, b, out + i * g.Wo, i, g, qoff);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      T acc = b;
+      for (int64_t p = 0; p < g.kH; ++p) {
+        const T* xr = xp + (i * g.sH + p * g.dH) * g.W + j;
+        for (int64_t q = 0; q < g.kW; ++q) acc += wo[p * g.kW + q] * xr[qoff[q]];
+      }
+      out[i * g.Wo + j] = acc;
+    }
+}
+
+// d[0, n) = src[c] for c in [lo, hi), zero elsewhere, in inline vector loops: staged rows are short
+// (10-40 columns in Xception's exit/middle flows) and one memset/memmove/memset call each cost
+// more than the copy itself. The attribute keeps GCC from turning the loops back into those calls.
 template <class T>
-DwRowFn<T> dw_row_fn(const DwGeom& g) {
-  if (g.sW == 1) return dw_row_nchw<T, 1>;
-  if (g.sW == 2) return dw_row_nchw<T, 2>;
-  return dw_row_nchw<T, 0>;
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) inline void stage_row(T* d, const T* src, int64_t lo,
+                                                                                  int64_t hi, int64_t n) {
+  constexpr int L = Vec<T>::lanes;
+  for (int64_t c = 0; c < lo; ++c) d[c] = T(0);
+  int64_t c = lo;
+  for (; c + L <= hi; c += L) vstore(d + c, vload(src + c));
+  for (; c < hi; ++c) d[c] = src[c];
+  for (c = hi; c < n; ++c) d[c] = T(0);
 }
 
 // Output rows [i0, i1) of one channel, written at out (row stride Wo). The input rows they read are
 // first copied, zero-padded, into buf (a thread's scratch, L1/L2-sized for a row block), so that
 // every output column is interior: the vector row kernel covers the whole row, borders included,
-// and no bounds checks run. Negative padding (crop) works the same way.
+// and no bounds checks run. Negative padding (crop) works the same way. With column stride s > 1
+// each staged row is split into s phases (columns c = s*k + r go to segment r, position k): output
+// j's tap q then reads phase (q*dW) % s at position j + (q*dW) / s, so consecutive outputs read
+// consecutive elements and the same contiguous vector kernel serves every stride.
 template <class T>
 void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i1, const DwGeom& g,
                     std::vector<T>& buf) {
   if (i1 <= i0) return;
   DwGeom t = g;
   t.H = (i1 - 1 - i0) * g.sH + (g.kH - 1) * g.dH + 1;
-  t.W = (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1;
+  const int64_t tw = (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1;  // padded columns read
+  const int64_t seg = g.sW == 1 ? tw : ceil_div(tw, g.sW);        // one phase's length
+  t.W = seg * g.sW;
   t.pT = t.pL = 0;
   t.jin = {0, g.Wo};
-  buf.resize(static_cast<size_t>(t.H * t.W));
+  int64_t qoff_small[16];
+  std::vector<int64_t> qoff_big(g.kW > 16 ? g.kW : 0);
+  int64_t* qoff = g.kW > 16 ? qoff_big.data() : qoff_small;
+  for (int64_t q = 0; q < g.kW; ++q)  // (no division for stride 1: it costs per plane on 10x10 planes)
+    qoff[q] = g.sW == 1 ? q * g.dW : (q * g.dW) % g.sW * seg + (q * g.dW) / g.sW;
+  buf.resize(static_cast<size_t>(t.H * t.W + (g.sW > 1 ? tw : 0)));
+  T* row = buf.data() + t.H * t.W;  // staging for one row before the phase split
   const int64_t r0 = i0 * g.sH - g.pT;  // input row of buf's row 0
-  const int64_t c_lo = std::min(t.W, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(t.W, g.W + g.pL));
+  const int64_t c_lo = std::min(tw, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(tw, g.W + g.pL));
   for (int64_t r = 0; r < t.H; ++r) {
     T* dst = buf.data() + r * t.W;
     const int64_t ih = r0 + r;
@@ -138,12 +145,15 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
       std::fill(dst, dst + t.W, T(0));
       continue;
     }
-    std::fill(dst, dst + c_lo, T(0));
-    std::copy(xp + ih * g.W + (c_lo - g.pL), xp + ih * g.W + (c_hi - g.pL), dst + c_lo);
-    std::fill(dst + c_hi, dst + t.W, T(0));
+    T* d = g.sW > 1 ? row : dst;
+    stage_row(d, xp + ih * g.W - g.pL, c_lo, c_hi, tw);
+    if (g.sW > 1) {
+      std::fill(dst, dst + t.W, T(0));  // the phases' unused tails
+      for (int64_t ph = 0; ph < g.sW; ++ph)
+        for (int64_t k = 0, c = ph; c < tw; ++k, c += g.sW) dst[ph * seg + k] = row[c];
+    }
   }
-  const auto row = dw_row_fn<T>(t);
-  for (int64_t i = i0; i < i1; ++i) row(buf.data(), wo, b, out + (i - i0) * g.Wo, i - i0, t);
+  dw_rows_interior(buf.data(), wo, b, out, i1 - i0, t, qoff);
 }
 
 // (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector.
@@ -220,6 +230,143 @@ void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int
     for (; c + CB <= g.Cm; c += CB) cl_taps_block<T, false, CB>(xn, wt, bias, dst, c, CB, i, j, pr, qr, g);
     if (c < g.Cm) cl_taps_block<T, false, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
   }
+}
+
+// Multiplier 1: NJ interior output pixels j.. (all kW column taps in bounds) x NV vectors of
+// channels c0... Each tap's weight vector is loaded once for NJ pixels, so the loads per FMA drop
+// from 2 (weight + input, one pixel at a time) to 1 + 1/NJ: the one-pixel kernel is load-bound.
+template <class T, int NJ, int NV>
+inline void cl_pixels_block_vec(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
+                                TapRange pr, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NJ][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? vload(bias + c0 + v * L) : V{};
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
+  }
+  const int64_t ps = g.sW * g.C;  // input distance between consecutive output pixels
+  for (int64_t p = pr.lo; p < pr.hi; ++p) {
+    const int64_t ih = i * g.sH - g.pT + p * g.dH;
+    const T* xr = xn + (ih * g.W + j * g.sW - g.pL) * g.C + c0;
+    const T* wr = wt + p * g.kW * g.Cm + c0;
+    for (int64_t q = 0; q < g.kW; ++q) {
+      const T* xs = xr + q * g.dW * g.C;
+      const T* ws = wr + q * g.Cm;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V wv = vload(ws + v * L);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj) acc[jj][v] += wv * vload(xs + jj * ps + v * L);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
+}
+
+// Same block for column stride 1 and dilation 1 with KW (compile time) column taps: pixel jj's
+// tap q reads input column j + jj + q, so each input vector of a window row is loaded once and
+// feeds every (pixel, tap) pair that reads it, with the row's KW weight vectors in registers:
+// (KW + NJ + KW - 1) * NV loads per NJ * KW * NV FMAs instead of about one load per FMA.
+template <class T, int NJ, int NV, int KW>
+inline void cl_pixels_block_s1(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
+                               TapRange pr, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NJ][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? vload(bias + c0 + v * L) : V{};
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
+  }
+  for (int64_t p = pr.lo; p < pr.hi; ++p) {
+    const int64_t ih = i * g.sH - g.pT + p * g.dH;
+    const T* xr = xn + (ih * g.W + j - g.pL) * g.C + c0;
+    const T* wr = wt + p * KW * g.Cm + c0;
+    V wv[KW][NV];
+#pragma GCC unroll 8
+    for (int q = 0; q < KW; ++q)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
+#pragma GCC unroll 16
+    for (int u = 0; u < NJ + KW - 1; ++u) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V xv = vload(xr + u * g.C + v * L);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj)
+          if (u - jj >= 0 && u - jj < KW) acc[jj][v] += wv[u - jj][v] * xv;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
+}
+
+// NJ interior pixels j.. of row i, all channels (multiplier 1): vector blocks, then the channel
+// tail (< one vector) per pixel.
+template <class T, int NJ>
+inline void cl_pixels_group(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, int64_t j, TapRange pr,
+                            const DwGeom& g) {
+  constexpr int L = Vec<T>::lanes;
+  T* dst = yr + j * g.Cm;
+  int64_t c = 0;
+  if (g.sW == 1 && g.dW == 1 && g.kW == 3) {
+    for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_s1<T, NJ, 2, 3>(xn, wt, bias, dst, c, i, j, pr, g);
+  } else if (g.sW == 1 && g.dW == 1 && g.kW == 5) {
+    for (; c + L <= g.Cm; c += L) cl_pixels_block_s1<T, NJ, 1, 5>(xn, wt, bias, dst, c, i, j, pr, g);
+  }
+  for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_vec<T, NJ, 2>(xn, wt, bias, dst, c, i, j, pr, g);
+  for (; c + L <= g.Cm; c += L) cl_pixels_block_vec<T, NJ, 1>(xn, wt, bias, dst, c, i, j, pr, g);
+  if (c < g.Cm) {
+    const TapRange qr{0, g.kW};
+    for (int64_t jj = 0; jj < NJ; ++jj)
+      cl_taps_block<T, true, 0>(xn, wt, bias, dst + jj * g.Cm, c, g.Cm - c, i, j + jj, pr, qr, g);
+  }
+}
+
+// Output row i of image xn (H, W, C), all pixels, into yr (Wo x C*m); wt from taps_major. The
+// interior columns go four pixels at a time (multiplier 1), the borders and the rest one by one.
+template <class T>
+void dw_row_cl(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, const DwGeom& g) {
+  int64_t j = 0;
+  if (g.m == 1) {
+    const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+    for (; j < g.jin.lo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
+    // The input row that output row i + 1 reads first (the rows before it are already in cache
+    // from this row's windows): prefetched one pixel group ahead, since on large planes the
+    // hardware prefetcher trails the kH row streams.
+    const int64_t ih_next = (i + 1) * g.sH - g.pT + (g.kH - 1) * g.dH;
+    const bool pf = ih_next >= 0 && ih_next < g.H;
+    const T* xnext = xn + ih_next * g.W * g.C;
+    // kW 5 blocks hold one channel vector (five weight vectors in registers): eight pixels give
+    // them eight independent FMA chains.
+    if (g.sW == 1 && g.dW == 1 && g.kW == 5)
+      for (; j + 8 <= g.jin.hi; j += 8) {
+        if (pf) {
+          const int64_t c0 = std::max<int64_t>(0, j + 8 - g.pL) * g.C, c1 = std::min<int64_t>(g.W, j + 16 - g.pL) * g.C;
+          for (int64_t e = c0; e < c1; e += 64 / sizeof(T)) __builtin_prefetch(xnext + e);
+        }
+        cl_pixels_group<T, 8>(xn, wt, bias, yr, i, j, pr, g);
+      }
+    for (; j + 4 <= g.jin.hi; j += 4) {
+      if (pf) {
+        const int64_t c0 = std::max<int64_t>(0, (j + 4) * g.sW - g.pL) * g.C;
+        const int64_t c1 = std::min<int64_t>(g.W, (j + 8) * g.sW - g.pL) * g.C;
+        for (int64_t e = c0; e < c1; e += 64 / sizeof(T)) __builtin_prefetch(xnext + e);
+      }
+      cl_pixels_group<T, 4>(xn, wt, bias, yr, i, j, pr, g);
+    }
+  }
+  for (; j < g.Wo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
 }
 
 }  // namespace dlk
