@@ -8,19 +8,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import nn as dnn
-
-
-def _act(y: Tensor, activation: str | None) -> Tensor:
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "silu":
-        return F.silu(y)
-    return y
+from ..batchnorm.reference import activate as _act  # the one definition of the activations
 
 
 class _TorchBatchNormResidual:
