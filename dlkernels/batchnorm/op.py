@@ -212,8 +212,8 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
                                        bool(need_r))
         grad_x = gx3.view(input.shape) if need_x else input.new_empty(0)
         grad_r = gr3.view(input.shape) if need_r else input.new_empty(0)
-    grad_w = sum_dz_xhat.to(weight.dtype, copy=True) if (need_w and weight is not None) else input.new_empty(0)
-    grad_b = sum_dz.to(bias.dtype, copy=True) if (need_b and bias is not None) else input.new_empty(0)
+    grad_w = sum_dz_xhat.to(weight.dtype) if (need_w and weight is not None) else input.new_empty(0)
+    grad_b = sum_dz.to(bias.dtype) if (need_b and bias is not None) else input.new_empty(0)
     return grad_x, grad_r, grad_w, grad_b
 
 

@@ -419,5 +419,6 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
         sums = partial.reshape(N, Cm, n_blocks, K + 1).sum(axis=(0, 2))
     sums = torch.from_numpy(np.ascontiguousarray(sums)).to(grad_y.dtype)
     grad_weight = sums[:, :K].reshape(Cm, 1, kH, kW).contiguous()
-    grad_bias = sums[:, K].contiguous() if need_bias else None
+    # a copy, never a view of sums: with one channel the weight grad above is a view of it too
+    grad_bias = sums[:, K].clone() if need_bias else None
     return grad_weight, grad_bias

@@ -130,9 +130,6 @@ def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor
                                         tuple(dilation), bool(output_mask[2]))
         grad_w = gw.contiguous() if output_mask[1] else input.new_empty(0)
         grad_b = gb if output_mask[2] else input.new_empty(0)
-        if output_mask[1] and output_mask[2] and grad_b.untyped_storage().data_ptr() == \
-                grad_w.untyped_storage().data_ptr():
-            grad_b = grad_b.clone()  # a kernel may return both from one buffer; op outputs must not alias
     return grad_x, grad_w, grad_b
 
 

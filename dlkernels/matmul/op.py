@@ -161,7 +161,8 @@ def bias_act_backward_op(grad_out: Tensor, out: Tensor, activation: str, bias_di
                          backend: str) -> tuple[Tensor, Tensor]:
     """(grad_pre, grad_bias). Op schemas have no optional returns: grad_pre is an empty tensor when
     there is no activation (it would equal grad_out), grad_bias an empty tensor unless need_bias."""
-    grad_out, out = grad_out.contiguous(), out.contiguous()
+    grad_out = grad_out.contiguous()
+    out = out.contiguous() if activation else grad_out  # read only for the relu mask: no copy otherwise
     g, gb = _kernels(backend, grad_out).bias_act_backward(grad_out, out, activation, bias_dim, need_bias)
     return (g if activation else grad_out.new_empty(0)), (gb if need_bias else grad_out.new_empty(0))
 

@@ -71,7 +71,7 @@ def backward(grad: Tensor, x: Tensor, w2: Tensor, mask, backend: str):
             gw = mm(g2, x3.mT, backend).sum(0)
         bias_dim = 0
     if mask[2]:
-        _, gb = torch.ops.dlkernels.bias_act_backward(g2.contiguous(), g2, "", bias_dim, True, backend)
+        _, gb = torch.ops.dlkernels.bias_act_backward(g2, g2, "", bias_dim, True, backend)
     return gx, gw, gb
 
 
