@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _dispatch, _registration
 from .. import _validation as V
 from . import reference
 
@@ -117,11 +117,11 @@ def _scale_shift(mean, invstd, weight, bias, sdtype):
 
 
 # The op users see, dlkernels::batch_norm_residual, declares its in-place update of the running
-# statistics in its schema. custom_op cannot give a mutating op an autograd formula, so it is a
+# statistics in its schema. torch.library.register_autograd cannot give a mutating op an autograd formula, so it is a
 # CompositeImplicitAutograd op made of two: a functional op with autograd that computes the output and
 # the batch statistics (batch_norm_residual_functional), and a small mutating op that folds those
 # into the running statistics (update_running_stats). torch.compile functionalizes the latter.
-_lib = torch.library.Library("dlkernels", "FRAGMENT")
+_lib = _registration.library()
 _lib.define("batch_norm_residual(Tensor input, Tensor? residual, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
             "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, str activation, str backend) "
             "-> Tensor")
@@ -138,7 +138,7 @@ def batch_norm_residual_op(input, residual, running_mean, running_var, weight, b
     return out
 
 
-@torch.library.custom_op("dlkernels::update_running_stats", mutates_args=("running_mean", "running_var"))
+@_registration.custom_op("dlkernels::update_running_stats", mutates_args=("running_mean", "running_var"))
 def update_running_stats_op(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float,
                             count: int) -> None:
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as PyTorch."""
@@ -151,7 +151,7 @@ def _(running_mean, running_var, mean, var, momentum, count):
     return None
 
 
-@torch.library.custom_op("dlkernels::batch_norm_residual_functional", mutates_args=())
+@_registration.custom_op("dlkernels::batch_norm_residual_functional", mutates_args=())
 def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
                                       running_var: Optional[Tensor], weight: Optional[Tensor],
                                       bias: Optional[Tensor], training: bool, eps: float, activation: str,
@@ -182,7 +182,7 @@ def _(input, residual, running_mean, running_var, weight, bias, training, eps, a
     return empty_ncs(input, channels_last(input)), input.new_empty(c, dtype=sdtype), input.new_empty(c, dtype=sdtype)
 
 
-@torch.library.custom_op("dlkernels::batch_norm_residual_backward", mutates_args=())
+@_registration.custom_op("dlkernels::batch_norm_residual_backward", mutates_args=())
 def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], input: Tensor,
                                     residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                                     mean: Tensor, invstd: Tensor, training: bool, activation: str,

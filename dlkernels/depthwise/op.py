@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _dispatch, _registration
 from .. import _validation as V
 from . import reference
 
@@ -89,7 +89,7 @@ def in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # dlkernels::depthwise_conv2d and its backward
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("dlkernels::depthwise_conv2d", mutates_args=())
+@_registration.custom_op("dlkernels::depthwise_conv2d", mutates_args=())
 def depthwise_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
                         pad: list[int], dilation: list[int], out_hw: list[int], backend: str) -> Tensor:
     check_weights(OP, input, weight, bias, backend)
@@ -106,7 +106,7 @@ def _(input, weight, bias, stride, pad, dilation, out_hw, backend):
     return empty_like_format(input, _out_shape(input, weight, out_hw), V.memory_format(input))
 
 
-@torch.library.custom_op("dlkernels::depthwise_conv2d_backward", mutates_args=())
+@_registration.custom_op("dlkernels::depthwise_conv2d_backward", mutates_args=())
 def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor, stride: list[int],
                                  pad: list[int], dilation: list[int], output_mask: list[bool],
                                  backend: str) -> tuple[Tensor, Tensor, Tensor]:

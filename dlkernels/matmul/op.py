@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _dispatch, _registration
 from .. import _validation as V
 from . import reference
 
@@ -92,7 +92,7 @@ def _matmul_shape(a: Tensor, b: Tensor) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # dlkernels::matmul
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("dlkernels::matmul", mutates_args=())
+@_registration.custom_op("dlkernels::matmul", mutates_args=())
 def matmul_op(a: Tensor, b: Tensor, backend: str) -> Tensor:
     _check_matmul(a, b, backend)
     k = _kernels(backend, a)
@@ -141,7 +141,7 @@ matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
 # ---------------------------------------------------------------------------------------------
 # dlkernels::linear and its epilogue backward
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("dlkernels::linear", mutates_args=())
+@_registration.custom_op("dlkernels::linear", mutates_args=())
 def linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str) -> Tensor:
     _check_linear(input, weight, bias, activation, backend)
     x2 = input.reshape(-1, input.shape[-1])
@@ -156,7 +156,7 @@ def _(input, weight, bias, activation, backend):
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("dlkernels::bias_act_backward", mutates_args=())
+@_registration.custom_op("dlkernels::bias_act_backward", mutates_args=())
 def bias_act_backward_op(grad_out: Tensor, out: Tensor, activation: str, bias_dim: int, need_bias: bool,
                          backend: str) -> tuple[Tensor, Tensor]:
     """(grad_pre, grad_bias). Op schemas have no optional returns: grad_pre is an empty tensor when

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _dispatch, _registration
 from .. import _validation as V
 from ..depthwise.op import empty_like_format
 from . import reference
@@ -75,7 +75,7 @@ def backward(grad: Tensor, x: Tensor, w2: Tensor, mask, backend: str):
     return gx, gw, gb
 
 
-@torch.library.custom_op("dlkernels::pointwise_conv2d", mutates_args=())
+@_registration.custom_op("dlkernels::pointwise_conv2d", mutates_args=())
 def pointwise_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     check(OP, input, weight, bias, backend)
     k = _dispatch.kernels(FAMILY, backend, input.device)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _dispatch, _registration
 from .. import _validation as V
 from ..depthwise.op import check_weights, empty_like_format, in_format
 from ..pointwise import op as pointwise
@@ -37,7 +37,7 @@ def _check(x, dw_weight, pw_weight, bias, backend: str) -> None:
     pointwise.check(OP, x, pw_weight, bias, backend, in_channels=dw_weight.shape[0])
 
 
-@torch.library.custom_op("dlkernels::separable_conv2d", mutates_args=())
+@_registration.custom_op("dlkernels::separable_conv2d", mutates_args=())
 def separable_conv2d_op(input: Tensor, depthwise_weight: Tensor, pointwise_weight: Tensor, bias: Optional[Tensor],
                         stride: list[int], pad: list[int], dilation: list[int], out_hw: list[int],
                         backend: str) -> Tensor:
