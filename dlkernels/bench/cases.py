@@ -13,6 +13,7 @@ Tiers: 0 tiny shapes (per-call overhead and a smoke test of every path), 1 ``--q
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -45,6 +46,7 @@ class Problem:
     flops: int
     grad_args: tuple = ()
     state_args: tuple = ()
+    tol: float = 0.0  # a case's own tolerance floor, where the dtype's base one cannot hold (say why)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Case:
     op: str          # public dlkernels function, or "model"
     layer: str       # where the shape comes from
     shape: str       # the shape, for people
-    passes: str      # "fwd" or "fwd+bwd"
+    passes: str      # "fwd", "fwd+bwd", or TRAIN_STEP for a model's whole training step
     layout: str      # "nchw", "channels_last" or "-"
     mode: str        # "eval", "train" or "-"
     tier: int
@@ -232,8 +234,27 @@ def _build_batchnorm(case: Case, dtype, device, gen) -> Problem:
 
 
 # ---------------------------------------------------------------------------------------------
-# reference models: one training step (forward + backward of every parameter)
+# reference models: one training step (forward, cross-entropy, backward, SGD step), or inference
 # ---------------------------------------------------------------------------------------------
+TRAIN_STEP = "fwd+bwd+sgd"
+_optimizers: "weakref.WeakKeyDictionary[torch.nn.Module, torch.optim.Optimizer]" = weakref.WeakKeyDictionary()
+
+
+def train_step(model: torch.nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, ...]:
+    """One step as a training loop runs it: forward, loss, backward, SGD with momentum (one optimizer
+    per model, kept across calls like a real loop's). Returns the loss and the updated parameters,
+    which the accuracy check compares with the float64 step."""
+    opt = _optimizers.get(model)
+    if opt is None:
+        opt = _optimizers[model] = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    with torch.enable_grad():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+    opt.step()
+    return (loss.detach(), *(p.detach() for p in model.parameters()))
+
+
 def _build_model(case: Case, dtype, device, gen) -> Problem:
     models = getattr(dlkernels, "models", None)
     ctor = getattr(models, case.params["ctor"], None) if models is not None else None
@@ -249,6 +270,27 @@ def _build_model(case: Case, dtype, device, gen) -> Problem:
     if case.layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    nparams = sum(p.numel() for p in model.parameters())
+    param_bytes = nparams * torch.empty((), dtype=dtype).element_size()
+
+    if case.passes == TRAIN_STEP:
+        target = torch.randint(0, case.params["classes"], (x.shape[0],), generator=gen).to(device)
+
+        def eager(model, x, target):
+            with dlkernels.use_backend("torch"):
+                return train_step(model, x, target)
+
+        def dl(be, model, x, target):
+            with dlkernels.use_backend(be):
+                return train_step(model, x, target)
+
+        # state_args=(0,): every contender's accuracy check steps its own copy of the same model.
+        # tol: a whole network has discrete choices (max-pool argmax, ReLU masks) that flip at near-ties
+        # under float32 rounding in any implementation: one flipped max-pool window of 62k in
+        # mini_xception moved every earlier gradient by 2e-3 norm-wise (measured; eager float32 happened
+        # to flip none). A wrong kernel still gives O(1) errors.
+        return Problem([model, x, target], eager, dl, param_bytes, 0, state_args=(0,),
+                       tol=1e-2 if dtype != torch.float64 else 0.0)
 
     def eager(model, x):
         with dlkernels.use_backend("torch"):
@@ -258,8 +300,7 @@ def _build_model(case: Case, dtype, device, gen) -> Problem:
         with dlkernels.use_backend(be):
             return model(x)
 
-    nparams = sum(p.numel() for p in model.parameters())
-    return Problem([model, x], eager, dl, nparams * torch.empty((), dtype=dtype).element_size(), 0, grad_args=())
+    return Problem([model, x], eager, dl, param_bytes, 0, grad_args=())
 
 
 BUILDERS = {"matmul": _build_matmul, "linear": _build_linear, "depthwise_conv2d": _build_depthwise,
@@ -355,17 +396,17 @@ def _table() -> list[Case]:
         add(_case("batch_norm_residual", "resnet50-stage1", "32x256x56x56+silu", "fwd+bwd", 3, layout, "train",
                   n=32, c=256, hw=56, activation="silu", residual=False))
 
-    # reference models, one training step
-    add(_case("model", "mlp", "digits 256x64->128->10", "fwd+bwd", 1, ctor="mlp", args=(64, 128, 10),
-              input=(256, 64)))
-    add(_case("model", "mini_xception", "8x1x48x48->7", "fwd+bwd", 1, "channels_last", ctor="mini_xception",
-              args=(7, 1), input=(8, 1, 48, 48)))
-    add(_case("model", "resnet18", "8x3x64x64->10", "fwd+bwd", 2, "channels_last", ctor="resnet18",
-              args=(10,), input=(8, 3, 64, 64)))
-    add(_case("model", "resnet50", "8x3x224x224->1000", "fwd+bwd", 3, "channels_last", ctor="resnet50",
-              args=(1000,), input=(8, 3, 224, 224)))
-    add(_case("model", "resnet34", "8x3x64x64->10", "fwd+bwd", 3, "channels_last", ctor="resnet34",
-              args=(10,), input=(8, 3, 64, 64)))
+    # reference models, one training step (forward, loss, backward, optimizer)
+    add(_case("model", "mlp", "digits 256x64->128->10", TRAIN_STEP, 1, "-", "train", ctor="mlp",
+              args=(64, 128, 10), classes=10, input=(256, 64)))
+    add(_case("model", "mini_xception", "8x1x48x48->7", TRAIN_STEP, 1, "channels_last", "train",
+              ctor="mini_xception", args=(7, 1), classes=7, input=(8, 1, 48, 48)))
+    add(_case("model", "resnet18", "8x3x64x64->10", TRAIN_STEP, 2, "channels_last", "train", ctor="resnet18",
+              args=(10,), classes=10, input=(8, 3, 64, 64)))
+    add(_case("model", "resnet50", "8x3x224x224->1000", TRAIN_STEP, 3, "channels_last", "train", ctor="resnet50",
+              args=(1000,), classes=1000, input=(8, 3, 224, 224)))
+    add(_case("model", "resnet34", "8x3x64x64->10", TRAIN_STEP, 3, "channels_last", "train", ctor="resnet34",
+              args=(10,), classes=10, input=(8, 3, 64, 64)))
     # and inference (eval mode, forward only)
     add(_case("model", "mlp", "digits 256x64->128->10", "fwd", 1, "-", "eval", ctor="mlp", args=(64, 128, 10),
               input=(256, 64)))
@@ -394,7 +435,7 @@ def to_float64(args: list) -> list:
     for a in args:
         if isinstance(a, torch.nn.Module):
             out.append(copy.deepcopy(a).double())
-        elif isinstance(a, Tensor):
+        elif isinstance(a, Tensor) and a.is_floating_point():  # class labels stay integers
             out.append(a.detach().double().contiguous(memory_format=format_of(a)))
         else:
             out.append(a)
@@ -407,6 +448,8 @@ def format_of(t: Tensor):
 
 
 def clone_args(args: list, state: tuple) -> list:
-    """Fresh copies of the mutated args, so every contender starts from the same state."""
-    return [a.clone() if i in state and isinstance(a, Tensor) else a for i, a in enumerate(args)]
+    """Fresh copies of the mutated args (a model a training step updates included), so every
+    contender starts from the same state."""
+    return [(copy.deepcopy(a) if isinstance(a, torch.nn.Module) else a.clone()) if i in state else a
+            for i, a in enumerate(args)]
 

@@ -235,7 +235,7 @@ def _meta(st: State) -> dict:
                    if st.device.type == "cuda" else "time.perf_counter, inputs rotated past the LLC for "
                    "memory-bound cases", "interleaved": True},
         "tolerance": {"base": {str(k).removeprefix("torch."): v for k, v in _tols().items()},
-                      "rule": "||x - ref||_2 / ||ref||_2 against float64 (worst over outputs, gradients, running stats), allowed max(base, 8 x eager's)"},
+                      "rule": "||x - ref||_2 / ||ref||_2 against float64 (worst over outputs, gradients, running stats), allowed max(base, 8 x eager's, the case's own floor: 1e-2 for a model's float32 training step, where one max-pool or ReLU near-tie flips)"},
         "records": st.records,
     }
 
