@@ -73,6 +73,20 @@ def _interior(step, pad, dil, k, n_in, lo, hi):
 
 
 @jit
+def _acc_bcast(acc, a, xv, C, m):
+    """acc[o] += a[o] * xv[o // m] for o < C*m: output channel o reads input channel o // m
+    (m == 1: one contiguous loop the compiler vectorizes)."""
+    if m == 1:
+        for o in range(C):
+            acc[o] += a[o] * xv[o]
+    else:
+        for c in range(C):
+            xc = xv[c]
+            for k in range(c * m, c * m + m):
+                acc[k] += a[k] * xc
+
+
+@jit
 def _dw_row_cl(xn, wt, bias, i, j0, j1, out, m, sH, sW, pT, pL, dH, dW, kW):
     """out[j - j0, o] = bias[o] (0 if bias is empty) + sum_{p,q} wt[p*kW + q, o] * xn[ih, iw, o // m] for
     the output pixels (i, j), j in [j0, j1), of the (H, W, C) image xn; wt is the weight as (kH*kW, C*m).
@@ -110,16 +124,7 @@ def _dw_row_cl(xn, wt, bias, i, j0, j1, out, m, sH, sW, pT, pL, dH, dW, kW):
                         acc[o] += w0[o] * x0[o] + w1[o] * x1[o] + w2[o] * x2[o]
                     q += 3
             for q in range(q, q_hi):
-                xv = xr[iw0 + q * dW]
-                wv = wr[q]
-                if m == 1:
-                    for o in range(Cm):
-                        acc[o] += wv[o] * xv[o]
-                else:
-                    for c in range(C):
-                        xc = xv[c]
-                        for k in range(c * m, c * m + m):
-                            acc[k] += wv[k] * xc
+                _acc_bcast(acc, wr[q], xr[iw0 + q * dW], C, m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,16 +319,7 @@ def _bwd_weight_cl(gy, x, partial, m, sH, sW, pT, pL, dH, dW, kW):
                     q_lo, q_hi = _tap_range(iw0, dW, W, 0, kW)
                 for p in range(p_lo, p_hi):
                     for q in range(q_lo, q_hi):
-                        xv = x[n, ih0 + p * dH, iw0 + q * dW]
-                        ra = row_acc[p * kW + q]
-                        if m == 1:
-                            for o in range(Cm):
-                                ra[o] += gv[o] * xv[o]
-                        else:
-                            for c in range(C):
-                                xc = xv[c]
-                                for k in range(c * m, c * m + m):
-                                    ra[k] += gv[k] * xc
+                        _acc_bcast(row_acc[p * kW + q], gv, x[n, ih0 + p * dH, iw0 + q * dW], C, m)
             for a in range(K1):
                 for o in range(Cm):
                     acc[a, o] += row_acc[a, o]
