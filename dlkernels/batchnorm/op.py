@@ -66,7 +66,7 @@ def _check(x, residual, running_mean, running_var, weight, bias, training: bool,
         V.tensor(t, name, OP, ndim=1)
         if t.device != x.device:
             raise RuntimeError(f"{OP}: {name} is on {t.device} but input is on {x.device}")
-        V.shape(OP, name, t, (c,), f"one per channel, input has C={c}")
+        V.shape(OP, name, t, (c,), "one per channel of the input")
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{OP}: running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
@@ -262,8 +262,8 @@ def batch_norm_residual(input: Tensor, residual: Tensor | None, running_mean: Te
     V.tensor(input, "input", OP, ndim=(2, 3, 4))
     name = _dispatch.resolve(FAMILY, backend, input.device)
     act = V.activation(OP, "batchnorm", activation)
-    _check(input, residual, running_mean, running_var, weight, bias, training, act, name)
-    if name == "torch":
+    if name == "torch":  # the custom op checks its arguments itself
+        _check(input, residual, running_mean, running_var, weight, bias, training, act, name)
         return reference.batch_norm_residual(input, residual, running_mean, running_var, weight, bias, training,
                                              momentum, eps, activation)
     return torch.ops.dlkernels.batch_norm_residual(input, residual, running_mean, running_var, weight, bias,
