@@ -4,10 +4,8 @@
 // Contract: dlkernels/batchnorm/op.py.
 #include "conv_common.h"
 
-#include <immintrin.h>
-#include <unistd.h>
+#include <sys/mman.h>
 
-#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -276,51 +274,12 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
   }
 }
 
-// Output stores of the map passes. When a pass's arrays together exceed the last-level cache its
-// outputs cannot stay cached for the next consumer anyway, so each block of outputs is computed into
-// an L1 staging buffer and written with non-temporal stores: they skip the read-for-ownership of
-// every output line, i.e. a quarter to a third of the pass's memory traffic.
-inline int64_t llc_bytes() {
-  static const int64_t v = [] {
-    const long s = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return s > 0 ? static_cast<int64_t>(s) : int64_t(32) << 20;
-  }();
-  return v;
-}
-
-template <class T>
-bool stream_outputs(const Bn3& d, int arrays) {
-  return d.N * d.C * d.S * static_cast<int64_t>(sizeof(T)) * arrays > llc_bytes();
-}
-
-// dst[0, n) = src[0, n), streaming the 32-byte aligned middle past the cache.
-template <class T>
-void stream_copy(T* dst, const T* src, int64_t n) {
-#if defined(__AVX__)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    constexpr int64_t V = 32 / sizeof(T);
-    int64_t k = 0;
-    for (; k < n && (reinterpret_cast<uintptr_t>(dst + k) & 31); ++k) dst[k] = src[k];
-    for (; k + V <= n; k += V) {
-      if constexpr (std::is_same_v<T, float>)
-        _mm256_stream_ps(dst + k, _mm256_loadu_ps(src + k));
-      else
-        _mm256_stream_pd(dst + k, _mm256_loadu_pd(src + k));
-    }
-    for (; k < n; ++k) dst[k] = src[k];
-    return;
-  }
-#endif
-  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
-}
-
-// Runs f(i, c, wk, o, j) for every element (flat offset i, channel c), vectorized along the contiguous
-// axis; f writes its outputs to o[q][j]: o is dst and j == i, or, when stream, o is a staging block
-// (j the position in it) that is then streamed to dst. The elements go in blocks of about RUN
-// consecutive flat offsets: in NCS a block spans as many planes as fit, so small planes (7x7) cost no
-// per-plane task or store overhead; in channels-last a block is whole rows.
-template <class T, size_t NO, class P, class F>
-void channel_map(const Bn3& d, std::array<T*, NO> dst, bool stream, P pre, F f) {
+// Runs f(i, c, wk) for every element (flat offset i, channel c), vectorized along the contiguous axis.
+// The work is split in blocks of about RUN consecutive flat offsets: in NCS a block spans as many
+// planes as fit, so that small planes (7x7) are not one scheduling unit each; in channels-last a
+// block is whole rows.
+template <class T, class P, class F>
+void channel_map(const Bn3& d, P pre, F f) {
   const int64_t total = d.N * d.C * d.S;
   if (total == 0) return;
   const int64_t rb = d.cl ? std::max<int64_t>(1, RUN / std::max<int64_t>(d.C, 1)) : 0;  // rows per block
@@ -329,36 +288,26 @@ void channel_map(const Bn3& d, std::array<T*, NO> dst, bool stream, P pre, F f) 
 #pragma omp parallel
   {
     std::vector<T> wbuf(d.cl ? d.C : RUN);
-    std::vector<T> sbuf(stream ? NO * blen : 0);
     T* w = wbuf.data();
-    std::array<T*, NO> o = dst;
-    if (stream)
-      for (size_t q = 0; q < NO; ++q) o[q] = sbuf.data() + q * blen;
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t b0 = blk * blen, b1 = std::min(total, b0 + blen);
-      const int64_t j0 = stream ? b0 : 0;  // j = i - j0
       if (!d.cl) {
         for (int64_t i0 = b0; i0 < b1;) {
           const int64_t nc = i0 / d.S, c = nc % d.C, len = std::min(b1, (nc + 1) * d.S) - i0;
           pre(i0, c, len, w);
 #pragma omp simd
-          for (int64_t s = 0; s < len; ++s) f(i0 + s, c, w[s], o, i0 + s - j0);
+          for (int64_t s = 0; s < len; ++s) f(i0 + s, c, w[s]);
           i0 += len;
         }
       } else {
         for (int64_t i0 = b0; i0 < b1; i0 += d.C) {
           pre(i0, int64_t(-1), d.C, w);
 #pragma omp simd
-          for (int64_t c = 0; c < d.C; ++c) f(i0 + c, c, w[c], o, i0 + c - j0);
+          for (int64_t c = 0; c < d.C; ++c) f(i0 + c, c, w[c]);
         }
       }
-      if (stream)
-        for (size_t q = 0; q < NO; ++q) stream_copy(dst[q] + b0, o[q], b1 - b0);
     }
-#if defined(__AVX__)
-    if (stream) _mm_sfence();  // order this thread's streaming stores before the pass is seen as done
-#endif
   }
 }
 
@@ -379,9 +328,25 @@ template <class T>
 const T* in3_opt(const py::object& a, const char* name, const Bn3& d) {
   return a.is_none() ? nullptr : in3<T>(a.cast<py::array>(), name, d);
 }
+// A fresh output this large has its own mmap (glibc serves 32 MiB and more that way by default), so
+// the pass's first writes fault it in 4 KiB page by page: ~70-130 ms of faults for a 103 MB output
+// against ~10 ms for the pass itself on the 2-core Zen3. Transparent huge pages (THP in "madvise"
+// mode there) for the 2 MiB-aligned interior cut that to ~50 faults. Advisory, and confined to whole
+// pages inside the buffer; smaller outputs mostly reuse already-mapped heap memory.
+void advise_huge_pages(void* p, int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr int64_t kMinBytes = int64_t(32) << 20;
+  if (bytes < kMinBytes) return;
+  const uintptr_t H = uintptr_t(1) << 21, p0 = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t a = (p0 + H - 1) & ~(H - 1), e = (p0 + static_cast<uintptr_t>(bytes)) & ~(H - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#endif
+}
+
 template <class T>
 T* out3(py::array& a, const char* name, const Bn3& d) {
   check_dense<T>(a, name, {d.N, d.C, d.S}, strides3(d.C, d.S, d.cl), true);
+  advise_huge_pages(mptr<T>(a), d.N * d.C * d.S * static_cast<int64_t>(sizeof(T)));
   return mptr<T>(a);
 }
 template <class T>
@@ -441,16 +406,15 @@ void py_apply(const py::array& x3, const py::object& res3, const py::array& scal
     dispatch_act(act, r != nullptr, [&](auto A, auto R) {
       constexpr Act AV = decltype(A)::value;
       constexpr bool RV = decltype(R)::value;
-      auto f = [=](int64_t i, int64_t c, T sig, std::array<T*, 1> o, int64_t j) {
+      auto f = [=](int64_t i, int64_t c, T sig) {
         T z = x[i] * sc[c] + sh[c];
         if constexpr (RV) z += r[i];
-        o[0][j] = activate<AV>(z, sig);
+        y[i] = activate<AV>(z, sig);
       };
-      const bool st = stream_outputs<T>(d, 2 + RV);
       if constexpr (AV == Act::Silu)
-        channel_map<T>(d, std::array<T*, 1>{y}, st, SiluPrep<false, RV, T>{x, sc, sh, r}, f);
+        channel_map<T>(d, SiluPrep<false, RV, T>{x, sc, sh, r}, f);
       else
-        channel_map<T>(d, std::array<T*, 1>{y}, st, NoPrep{}, f);
+        channel_map<T>(d, NoPrep{}, f);
     });
   });
 }
@@ -540,24 +504,18 @@ void py_bwd_apply(const py::array& gy3, const py::object& y3, const py::array& x
     dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
       constexpr Act AV = decltype(A)::value;
       constexpr bool RV = decltype(R)::value;
-      // inputs: grad_y, x, y for relu, residual for silu
-      const int ins = 2 + (AV == Act::Relu) + (AV == Act::Silu && RV);
       with_bwd_prep<AV, RV>(b, [&](auto pre) {
         auto grad_x = [=](int64_t i, int64_t c, T dz) {
           return b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
         };
         if (gr)
-          channel_map<T>(d, std::array<T*, 2>{gx, gr}, stream_outputs<T>(d, ins + 2), pre,
-                         [=](int64_t i, int64_t c, T wk, std::array<T*, 2> o, int64_t j) {
-                           const T dz = dz_at<AV, RV>(b, i, wk);
-                           o[0][j] = grad_x(i, c, dz);
-                           o[1][j] = dz;
-                         });
+          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk) {
+            const T dz = dz_at<AV, RV>(b, i, wk);
+            gx[i] = grad_x(i, c, dz);
+            gr[i] = dz;
+          });
         else
-          channel_map<T>(d, std::array<T*, 1>{gx}, stream_outputs<T>(d, ins + 1), pre,
-                         [=](int64_t i, int64_t c, T wk, std::array<T*, 1> o, int64_t j) {
-                           o[0][j] = grad_x(i, c, dz_at<AV, RV>(b, i, wk));
-                         });
+          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk) { gx[i] = grad_x(i, c, dz_at<AV, RV>(b, i, wk)); });
       });
     });
   });
