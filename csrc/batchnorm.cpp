@@ -186,6 +186,29 @@ DLK_INLINE T act_grad(T gy, T y, T dsilu) {
 // k); the element functor then gets w[k] (silu's sigmoid; NoPrep leaves w unused and the load dead).
 constexpr int64_t RUN = 2048;
 
+// Calls seg(i0, c, len) for the runs within one plane (channel c) that make up NCS block blk, the
+// flat offsets [blk * RUN, (blk + 1) * RUN) clipped to the array: a block spans as many planes as fit,
+// so that small planes (7x7) are not one scheduling unit each.
+template <class G>
+DLK_INLINE void ncs_segments(const Bn3& d, int64_t blk, G seg) {
+  const int64_t b0 = blk * RUN, b1 = std::min(d.N * d.C * d.S, b0 + RUN);
+  int64_t c = (b0 / d.S) % d.C, end = (b0 / d.S + 1) * d.S;
+  for (int64_t i0 = b0; i0 < b1; end += d.S) {
+    const int64_t len = std::min(b1, end) - i0;
+    seg(i0, c, len);
+    i0 += len;
+    if (++c == d.C) c = 0;
+  }
+}
+
+// Sum of the BL lanes in a fixed tree order (the first halvings vectorize).
+template <int BL, class T>
+DLK_INLINE T fold_lanes(T* p) {
+  for (int h = BL / 2; h >= 1; h /= 2)
+    for (int k = 0; k < h; ++k) p[k] += p[k + h];
+  return p[0];
+}
+
 // Per-channel sums of two per-element values: f(i, c, wk, a, b) sets a and b for the element at flat
 // offset i in channel c. Short runs are summed in T (vectorized), runs are accumulated per thread in
 // double, threads merged at the end in a fixed order: accurate for large N*S and deterministic.
@@ -196,43 +219,40 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
   const int64_t width = (2 * d.C + 7) / 8 * 8 + 8;
   ThreadPartials<double> part(width);
   if (!d.cl) {
-    const int64_t chunks = ceil_div(d.S, RUN), tasks = d.N * d.C * chunks;
+    const int64_t blocks = ceil_div(d.N * d.C * d.S, RUN);
 #pragma omp parallel
     {
       std::vector<T> wbuf(RUN);
       T* w = wbuf.data();
       double* acc = part.mine();
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t nc = t / chunks, k = t % chunks, c = nc % d.C;
-        const int64_t base = nc * d.S, s0 = k * RUN, s1 = std::min(d.S, s0 + RUN);
-        pre(base + s0, c, s1 - s0, w);
-        // Lane-wise partial sums (independent adds vectorize without reassociating a reduction).
-        constexpr int BL = 64;
-        T pa[BL] = {}, pb[BL] = {};
-        int64_t s = s0;
-        for (; s + BL <= s1; s += BL)
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) {
+          pre(i0, c, len, w);
+          // Lane-wise partial sums (independent adds vectorize without reassociating a reduction);
+          // 32 lanes: enough independent vector adds, few to clear and fold for a 7x7 plane.
+          constexpr int BL = 32;
+          T pa[BL] = {}, pb[BL] = {};
+          int64_t s = 0;
+          for (; s + BL <= len; s += BL)
 #pragma omp simd
-          for (int k = 0; k < BL; ++k) {
+            for (int k = 0; k < BL; ++k) {
+              T a, b;
+              f(i0 + s + k, c, w[s + k], a, b);
+              pa[k] += a;
+              pb[k] += b;
+            }
+          const int rem = static_cast<int>(len - s);
+#pragma omp simd
+          for (int k = 0; k < rem; ++k) {
             T a, b;
-            f(base + s + k, c, w[s - s0 + k], a, b);
+            f(i0 + s + k, c, w[s + k], a, b);
             pa[k] += a;
             pb[k] += b;
           }
-        for (int k = 0; s < s1; ++s, ++k) {
-          T a, b;
-          f(base + s, c, w[s - s0], a, b);
-          pa[k] += a;
-          pb[k] += b;
-        }
-        T sa = 0, sb = 0;
-        for (int k = 0; k < BL; ++k) {
-          sa += pa[k];
-          sb += pb[k];
-        }
-        acc[c] += sa;
-        acc[d.C + c] += sb;
-      }
+          acc[c] += fold_lanes<BL>(pa);
+          acc[d.C + c] += fold_lanes<BL>(pb);
+        });
     }
   } else {
     // Each thread takes one contiguous range of rows and streams it, holding the C per-channel
@@ -282,26 +302,22 @@ template <class T, class P, class F>
 void channel_map(const Bn3& d, P pre, F f) {
   const int64_t total = d.N * d.C * d.S;
   if (total == 0) return;
-  const int64_t rb = d.cl ? std::max<int64_t>(1, RUN / std::max<int64_t>(d.C, 1)) : 0;  // rows per block
-  const int64_t blen = d.cl ? rb * d.C : RUN;
-  const int64_t blocks = ceil_div(total, blen);
+  const int64_t rb = d.cl ? std::max<int64_t>(1, RUN / d.C) : 0;  // channels-last: rows per block
+  const int64_t blocks = ceil_div(total, d.cl ? rb * d.C : RUN);
 #pragma omp parallel
   {
     std::vector<T> wbuf(d.cl ? d.C : RUN);
     T* w = wbuf.data();
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t b0 = blk * blen, b1 = std::min(total, b0 + blen);
       if (!d.cl) {
-        for (int64_t i0 = b0; i0 < b1;) {
-          const int64_t nc = i0 / d.S, c = nc % d.C, len = std::min(b1, (nc + 1) * d.S) - i0;
+        ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) {
           pre(i0, c, len, w);
 #pragma omp simd
           for (int64_t s = 0; s < len; ++s) f(i0 + s, c, w[s]);
-          i0 += len;
-        }
+        });
       } else {
-        for (int64_t i0 = b0; i0 < b1; i0 += d.C) {
+        for (int64_t i0 = blk * rb * d.C; i0 < std::min(total, (blk + 1) * rb * d.C); i0 += d.C) {
           pre(i0, int64_t(-1), d.C, w);
 #pragma omp simd
           for (int64_t c = 0; c < d.C; ++c) f(i0 + c, c, w[c]);
