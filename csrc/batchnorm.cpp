@@ -4,6 +4,8 @@
 // Contract: dlkernels/batchnorm/op.py.
 #include "conv_common.h"
 
+#include <sys/mman.h>
+
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -184,6 +186,29 @@ DLK_INLINE T act_grad(T gy, T y, T dsilu) {
 // k); the element functor then gets w[k] (silu's sigmoid; NoPrep leaves w unused and the load dead).
 constexpr int64_t RUN = 2048;
 
+// Calls seg(i0, c, len) for the runs within one plane (channel c) that make up NCS block blk, the
+// flat offsets [blk * RUN, (blk + 1) * RUN) clipped to the array: a block spans as many planes as fit,
+// so that small planes (7x7) are not one scheduling unit each.
+template <class G>
+DLK_INLINE void ncs_segments(const Bn3& d, int64_t blk, G seg) {
+  const int64_t b0 = blk * RUN, b1 = std::min(d.N * d.C * d.S, b0 + RUN);
+  int64_t c = (b0 / d.S) % d.C, end = (b0 / d.S + 1) * d.S;
+  for (int64_t i0 = b0; i0 < b1; end += d.S) {
+    const int64_t len = std::min(b1, end) - i0;
+    seg(i0, c, len);
+    i0 += len;
+    if (++c == d.C) c = 0;
+  }
+}
+
+// Sum of the BL lanes in a fixed tree order (the first halvings vectorize).
+template <int BL, class T>
+DLK_INLINE T fold_lanes(T* p) {
+  for (int h = BL / 2; h >= 1; h /= 2)
+    for (int k = 0; k < h; ++k) p[k] += p[k + h];
+  return p[0];
+}
+
 // Per-channel sums of two per-element values: f(i, c, wk, a, b) sets a and b for the element at flat
 // offset i in channel c. Short runs are summed in T (vectorized), runs are accumulated per thread in
 // double, threads merged at the end in a fixed order: accurate for large N*S and deterministic.
@@ -194,43 +219,40 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
   const int64_t width = (2 * d.C + 7) / 8 * 8 + 8;
   ThreadPartials<double> part(width);
   if (!d.cl) {
-    const int64_t chunks = ceil_div(d.S, RUN), tasks = d.N * d.C * chunks;
+    const int64_t blocks = ceil_div(d.N * d.C * d.S, RUN);
 #pragma omp parallel
     {
       std::vector<T> wbuf(RUN);
       T* w = wbuf.data();
       double* acc = part.mine();
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t nc = t / chunks, k = t % chunks, c = nc % d.C;
-        const int64_t base = nc * d.S, s0 = k * RUN, s1 = std::min(d.S, s0 + RUN);
-        pre(base + s0, c, s1 - s0, w);
-        // Lane-wise partial sums (independent adds vectorize without reassociating a reduction).
-        constexpr int BL = 64;
-        T pa[BL] = {}, pb[BL] = {};
-        int64_t s = s0;
-        for (; s + BL <= s1; s += BL)
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) {
+          pre(i0, c, len, w);
+          // Lane-wise partial sums (independent adds vectorize without reassociating a reduction);
+          // 32 lanes: enough independent vector adds, few to clear and fold for a 7x7 plane.
+          constexpr int BL = 32;
+          T pa[BL] = {}, pb[BL] = {};
+          int64_t s = 0;
+          for (; s + BL <= len; s += BL)
 #pragma omp simd
-          for (int k = 0; k < BL; ++k) {
+            for (int k = 0; k < BL; ++k) {
+              T a, b;
+              f(i0 + s + k, c, w[s + k], a, b);
+              pa[k] += a;
+              pb[k] += b;
+            }
+          const int rem = static_cast<int>(len - s);
+#pragma omp simd
+          for (int k = 0; k < rem; ++k) {
             T a, b;
-            f(base + s + k, c, w[s - s0 + k], a, b);
+            f(i0 + s + k, c, w[s + k], a, b);
             pa[k] += a;
             pb[k] += b;
           }
-        for (int k = 0; s < s1; ++s, ++k) {
-          T a, b;
-          f(base + s, c, w[s - s0], a, b);
-          pa[k] += a;
-          pb[k] += b;
-        }
-        T sa = 0, sb = 0;
-        for (int k = 0; k < BL; ++k) {
-          sa += pa[k];
-          sb += pb[k];
-        }
-        acc[c] += sa;
-        acc[d.C + c] += sb;
-      }
+          acc[c] += fold_lanes<BL>(pa);
+          acc[d.C + c] += fold_lanes<BL>(pb);
+        });
     }
   } else {
     // Each thread takes one contiguous range of rows and streams it, holding the C per-channel
@@ -273,36 +295,33 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
 }
 
 // Runs f(i, c, wk) for every element (flat offset i, channel c), vectorized along the contiguous axis.
+// The work is split in blocks of about RUN consecutive flat offsets: in NCS a block spans as many
+// planes as fit, so that small planes (7x7) are not one scheduling unit each; in channels-last a
+// block is whole rows.
 template <class T, class P, class F>
 void channel_map(const Bn3& d, P pre, F f) {
-  if (!d.cl) {
-    const int64_t chunks = ceil_div(d.S, RUN);
+  const int64_t total = d.N * d.C * d.S;
+  if (total == 0) return;
+  const int64_t rb = d.cl ? std::max<int64_t>(1, RUN / d.C) : 0;  // channels-last: rows per block
+  const int64_t blocks = ceil_div(total, d.cl ? rb * d.C : RUN);
 #pragma omp parallel
-    {
-      std::vector<T> wbuf(RUN);
-      T* w = wbuf.data();
+  {
+    std::vector<T> wbuf(d.cl ? d.C : RUN);
+    T* w = wbuf.data();
 #pragma omp for schedule(static)
-      for (int64_t nc = 0; nc < d.N * d.C; ++nc) {
-        const int64_t c = nc % d.C, base = nc * d.S;
-        for (int64_t k = 0; k < chunks; ++k) {
-          const int64_t s0 = k * RUN, len = std::min(d.S - s0, RUN), i0 = base + s0;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      if (!d.cl) {
+        ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) {
           pre(i0, c, len, w);
 #pragma omp simd
           for (int64_t s = 0; s < len; ++s) f(i0 + s, c, w[s]);
-        }
-      }
-    }
-  } else {
-#pragma omp parallel
-    {
-      std::vector<T> wbuf(d.C);
-      T* w = wbuf.data();
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < d.N * d.S; ++r) {
-        const int64_t i0 = r * d.C;
-        pre(i0, int64_t(-1), d.C, w);
+        });
+      } else {
+        for (int64_t i0 = blk * rb * d.C; i0 < std::min(total, (blk + 1) * rb * d.C); i0 += d.C) {
+          pre(i0, int64_t(-1), d.C, w);
 #pragma omp simd
-        for (int64_t c = 0; c < d.C; ++c) f(i0 + c, c, w[c]);
+          for (int64_t c = 0; c < d.C; ++c) f(i0 + c, c, w[c]);
+        }
       }
     }
   }
@@ -325,9 +344,25 @@ template <class T>
 const T* in3_opt(const py::object& a, const char* name, const Bn3& d) {
   return a.is_none() ? nullptr : in3<T>(a.cast<py::array>(), name, d);
 }
+// A fresh output this large has its own mmap (glibc serves 32 MiB and more that way by default), so
+// the pass's first writes fault it in 4 KiB page by page: ~70-130 ms of faults for a 103 MB output
+// against ~10 ms for the pass itself on the 2-core Zen3. Transparent huge pages (THP in "madvise"
+// mode there) for the 2 MiB-aligned interior cut that to ~50 faults. Advisory, and confined to whole
+// pages inside the buffer; smaller outputs mostly reuse already-mapped heap memory.
+void advise_huge_pages(void* p, int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr int64_t kMinBytes = int64_t(32) << 20;
+  if (bytes < kMinBytes) return;
+  const uintptr_t H = uintptr_t(1) << 21, p0 = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t a = (p0 + H - 1) & ~(H - 1), e = (p0 + static_cast<uintptr_t>(bytes)) & ~(H - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#endif
+}
+
 template <class T>
 T* out3(py::array& a, const char* name, const Bn3& d) {
   check_dense<T>(a, name, {d.N, d.C, d.S}, strides3(d.C, d.S, d.cl), true);
+  advise_huge_pages(mptr<T>(a), d.N * d.C * d.S * static_cast<int64_t>(sizeof(T)));
   return mptr<T>(a);
 }
 template <class T>
@@ -486,17 +521,17 @@ void py_bwd_apply(const py::array& gy3, const py::object& y3, const py::array& x
       constexpr Act AV = decltype(A)::value;
       constexpr bool RV = decltype(R)::value;
       with_bwd_prep<AV, RV>(b, [&](auto pre) {
+        auto grad_x = [=](int64_t i, int64_t c, T dz) {
+          return b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
+        };
         if (gr)
           channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk) {
             const T dz = dz_at<AV, RV>(b, i, wk);
-            gx[i] = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
+            gx[i] = grad_x(i, c, dz);
             gr[i] = dz;
           });
         else
-          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk) {
-            const T dz = dz_at<AV, RV>(b, i, wk);
-            gx[i] = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
-          });
+          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk) { gx[i] = grad_x(i, c, dz_at<AV, RV>(b, i, wk)); });
       });
     });
   });
