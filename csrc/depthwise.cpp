@@ -49,35 +49,73 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
 // ---------------------------------------------------------------------------------------------
 // backward input, NCHW
 // ---------------------------------------------------------------------------------------------
-// Scatter form (any stride): every output gradient adds w * gy into the inputs its window read.
-// One task per input plane, so no two threads write the same plane.
+// Taps p and output positions o with o*stride - pad + p*dil == in.
+struct TapOut {
+  int64_t tap, out;
+};
+
+inline void taps_reading(int64_t in, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t out_size,
+                         std::vector<TapOut>& list) {
+  list.clear();
+  for (int64_t p = 0; p < k; ++p) {
+    const int64_t t = in + pad - p * dil;
+    if (t < 0) break;
+    if (t % stride == 0 && t / stride < out_size) list.push_back({p, t / stride});
+  }
+}
+
+// Column tap q of a stride > 1 conv seen from grad_x: input column jj is read by q from output
+// column (jj + pL - q*dW) / sW when that divides, i.e. only by the columns of one phase
+// jj = phase + sW*t, and those read output columns t + off, consecutive in t. [lo, hi) are the t
+// whose output column exists.
+struct ColTap {
+  int64_t q, phase, off, lo, hi;
+};
+
+std::vector<ColTap> col_taps(const DwGeom& g) {
+  std::vector<ColTap> v;
+  for (int64_t q = 0; q < g.kW; ++q) {
+    const int64_t e = g.pL - q * g.dW;
+    const int64_t ph = ((-e) % g.sW + g.sW) % g.sW;
+    if (ph >= g.W) continue;
+    const int64_t off = (ph + e) / g.sW;  // exact: ph + e is a multiple of sW
+    const int64_t len = ceil_div(g.W - ph, g.sW);
+    const int64_t lo = std::max<int64_t>(0, -off), hi = std::min(len, g.Wo - off);
+    if (lo < hi) v.push_back({q, ph, off, lo, hi});
+  }
+  return v;
+}
+
+// Stride > 1, one grad_x plane as a gather, row by row: each row sums, per (row tap, column tap)
+// that reads it, one contiguous run of a grad_y row into one phase of a phase-split row buffer ph
+// (column phase + sW*t at ph[phase*seg + t]), which is then interleaved into grad_x. No stores
+// land in grad_x more than once and no scatter crosses rows, so planes are independent tasks.
 template <class T, int SW>
-void bwd_input_plane_scatter(const T* gy, const T* w, T* gxp, int64_t n, int64_t c, const DwGeom& g) {
-  const int64_t sW = SW ? SW : g.sW, K = g.kH * g.kW;
-  std::fill(gxp, gxp + g.H * g.W, T(0));
-  for (int64_t r = 0; r < g.m; ++r) {
-    const int64_t o = c * g.m + r;
-    const T* gyp = gy + (n * g.Cm + o) * g.Ho * g.Wo;
-    const T* wo = w + o * K;
-    for (int64_t i = 0; i < g.Ho; ++i) {
-      const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
-      const T* gyr = gyp + i * g.Wo;
-      for (int64_t p = pr.lo; p < pr.hi; ++p) {
-        T* gxr = gxp + (i * g.sH - g.pT + p * g.dH) * g.W - g.pL;
-        auto border = [&](int64_t j) {
-          const TapRange qr = tap_range(j, sW, g.pL, g.dW, g.kW, g.W);
-          for (int64_t q = qr.lo; q < qr.hi; ++q) gxr[j * sW + q * g.dW] += wo[p * g.kW + q] * gyr[j];
-        };
-        for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
-        for (int64_t j = g.jin.hi; j < g.Wo; ++j) border(j);
-        for (int64_t q = 0; q < g.kW; ++q) {
-          const T wv = wo[p * g.kW + q];
-          T* dst = gxr + q * g.dW;
+void bwd_input_plane_gather(const T* gy, const T* w, T* gxp, int64_t n, int64_t c, const DwGeom& g,
+                            const std::vector<ColTap>& cols, std::vector<TapOut>& rows, T* ph) {
+  const int64_t sW = SW ? SW : g.sW, K = g.kH * g.kW, seg = ceil_div(g.W, sW), whole = g.W / sW;
+  for (int64_t i = 0; i < g.H; ++i) {
+    taps_reading(i, g.sH, g.pT, g.dH, g.kH, g.Ho, rows);
+    std::fill(ph, ph + sW * seg, T(0));
+    for (int64_t r = 0; r < g.m; ++r) {
+      const int64_t o = c * g.m + r;
+      const T* gyp = gy + (n * g.Cm + o) * g.Ho * g.Wo;
+      const T* wo = w + o * K;
+      for (const TapOut& p : rows) {
+        const T* gyr = gyp + p.out * g.Wo;
+        for (const ColTap& q : cols) {
+          const T wv = wo[p.tap * g.kW + q.q];
+          T* d = ph + q.phase * seg;
+          const int64_t off = q.off;
 #pragma omp simd
-          for (int64_t j = g.jin.lo; j < g.jin.hi; ++j) dst[j * sW] += wv * gyr[j];
+          for (int64_t t = q.lo; t < q.hi; ++t) d[t] += wv * gyr[t + off];
         }
       }
     }
+    T* gxr = gxp + i * g.W;
+    for (int64_t t = 0; t < whole; ++t)
+      for (int64_t r = 0; r < sW; ++r) gxr[t * sW + r] = ph[r * seg + t];
+    for (int64_t r = 0; whole * sW + r < g.W; ++r) gxr[whole * sW + r] = ph[r * seg + whole];
   }
 }
 
@@ -129,30 +167,21 @@ void bwd_input_nchw_stride1(const T* gy, const T* w, T* gx, const DwGeom& g) {
 template <class T>
 void bwd_input_nchw(const T* gy, const T* w, T* gx, const DwGeom& g) {
   if (g.sH == 1 && g.sW == 1) return bwd_input_nchw_stride1(gy, w, gx, g);
-  auto plane_fn = g.sW == 2 ? bwd_input_plane_scatter<T, 2> : bwd_input_plane_scatter<T, 0>;
-#pragma omp parallel for schedule(static)
-  for (int64_t plane = 0; plane < g.N * g.C; ++plane)
-    plane_fn(gy, w, gx + plane * g.H * g.W, plane / g.C, plane % g.C, g);
+  const auto plane_fn = g.sW == 2 ? bwd_input_plane_gather<T, 2> : bwd_input_plane_gather<T, 0>;
+  const std::vector<ColTap> cols = col_taps(g);
+#pragma omp parallel
+  {
+    std::vector<TapOut> rows;
+    std::vector<T> ph(static_cast<size_t>(g.sW * ceil_div(g.W, g.sW)));
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < g.N * g.C; ++plane)
+      plane_fn(gy, w, gx + plane * g.H * g.W, plane / g.C, plane % g.C, g, cols, rows, ph.data());
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // backward input, channels_last: a gather per input pixel over the (tap, output) pairs that read it
 // ---------------------------------------------------------------------------------------------
-struct TapOut {
-  int64_t tap, out;
-};
-
-// Taps p and output positions o with o*stride - pad + p*dil == in.
-inline void taps_reading(int64_t in, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t out_size,
-                         std::vector<TapOut>& list) {
-  list.clear();
-  for (int64_t p = 0; p < k; ++p) {
-    const int64_t t = in + pad - p * dil;
-    if (t < 0) break;
-    if (t % stride == 0 && t / stride < out_size) list.push_back({p, t / stride});
-  }
-}
-
 template <class T, bool UNIT_M, int LEN>
 inline void cl_gather_block(const T* gyn, const T* wt, T* dst, int64_t c0, int64_t len, const std::vector<TapOut>& pl,
                             const std::vector<TapOut>& ql, const DwGeom& g) {
