@@ -252,10 +252,11 @@ void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
 // ---------------------------------------------------------------------------------------------
 // backward weight (+ bias): per-row sums in T, accumulated across rows and threads in double
 // ---------------------------------------------------------------------------------------------
+// Exact form, output rows [i0, i1) of one plane: only the (output, tap) pairs inside the input.
 template <class T, int SW>
-void bwd_weight_plane(const T* gyp, const T* xp, double* gw_o, double* gb_o, const DwGeom& g) {
+void bwd_weight_rows(const T* gyp, const T* xp, double* gw_o, double* gb_o, int64_t i0, int64_t i1, const DwGeom& g) {
   const int64_t sW = SW ? SW : g.sW;
-  for (int64_t i = 0; i < g.Ho; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
     const T* gyr = gyp + i * g.Wo;
     for (int64_t p = pr.lo; p < pr.hi; ++p) {
@@ -283,80 +284,140 @@ void bwd_weight_plane(const T* gyp, const T* xp, double* gw_o, double* gb_o, con
   }
 }
 
-// Column stride 1: one vector accumulator per tap (and the bias) spans many rows, so the
-// horizontal sums are paid once per flush instead of once per row and tap. Lanes are flushed into
-// double every ~4096 elements to bound float rounding.
-template <class T>
-void bwd_weight_plane_s1(const T* gyp, const T* xp, double* gw_o, double* gb_o, const DwGeom& g,
-                         typename Vec<T>::type* acc) {
+// out[t] += sum_f G[f] * X[offs[t] + f] over f < n (a multiple of the vector width) for NT taps,
+// and *bias += sum_f G[f] when BIAS: G is read once for all the taps, one register chain each.
+template <class T, int NT, bool BIAS>
+inline void flat_dots(const T* G, const T* X, const int64_t* offs, int64_t n, double* out, double* bias) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
-  const int64_t K = g.kH * g.kW, nvec = (g.jin.hi - g.jin.lo) / L, jv = g.jin.lo + nvec * L;
-  const int64_t flush_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(g.Wo, 1));
-  auto flush = [&]() {
-    for (int64_t k = 0; k <= K; ++k) {
-      double s = 0;
-      for (int l = 0; l < L; ++l) s += acc[k][l];
-      if (k < K) gw_o[k] += s;
-      else if (gb_o) *gb_o += s;
-      acc[k] = V{};
-    }
-  };
-  for (int64_t k = 0; k <= K; ++k) acc[k] = V{};
-  for (int64_t i = 0; i < g.Ho; ++i) {
-    const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
-    const T* gyr = gyp + i * g.Wo;
-    for (int64_t p = pr.lo; p < pr.hi; ++p) {
-      const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W - g.pL;
-      for (int64_t q = 0; q < g.kW; ++q) {
-        const T* xs = xr + q * g.dW;
-        V a = acc[p * g.kW + q];
-        for (int64_t j = g.jin.lo; j < jv; j += L) a += vload(gyr + j) * vload(xs + j);
-        acc[p * g.kW + q] = a;
-        T s = 0;  // the columns outside whole vectors: interior tail, then both borders
-        for (int64_t j = jv; j < g.jin.hi; ++j) s += gyr[j] * xs[j];
-        auto border = [&](int64_t j) {
-          const int64_t iw = j - g.pL + q * g.dW;
-          if (iw >= 0 && iw < g.W) s += gyr[j] * xs[j];
-        };
-        for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
-        for (int64_t j = g.jin.hi; j < g.Wo; ++j) border(j);
-        gw_o[p * g.kW + q] += s;
-      }
-    }
-    if (gb_o) {
-      V a = acc[K];
-      int64_t j = 0;
-      for (; j + L <= g.Wo; j += L) a += vload(gyr + j);
-      acc[K] = a;
-      T s = 0;
-      for (; j < g.Wo; ++j) s += gyr[j];
-      *gb_o += s;
-    }
-    if ((i + 1) % flush_rows == 0) flush();
+  V acc[NT + 1];
+#pragma GCC unroll 16
+  for (int t = 0; t <= NT; ++t) acc[t] = V{};
+  for (int64_t f = 0; f < n; f += L) {
+    const V gv = vload(G + f);
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) acc[t] += gv * vload(X + offs[t] + f);
+    if (BIAS) acc[NT] += gv;
   }
-  flush();
+  for (int t = 0; t <= NT; ++t) {
+    double s = 0;
+    for (int l = 0; l < L; ++l) s += acc[t][l];
+    if (t < NT) out[t] += s;
+    else if (BIAS) *bias += s;
+  }
+}
+
+template <class T, bool BIAS>
+void flat_dots_n(const T* G, const T* X, const int64_t* offs, int64_t n, double* out, double* bias, int64_t nt) {
+  switch (nt) {
+    case 1: return flat_dots<T, 1, BIAS>(G, X, offs, n, out, bias);
+    case 2: return flat_dots<T, 2, BIAS>(G, X, offs, n, out, bias);
+    case 3: return flat_dots<T, 3, BIAS>(G, X, offs, n, out, bias);
+    case 4: return flat_dots<T, 4, BIAS>(G, X, offs, n, out, bias);
+    case 5: return flat_dots<T, 5, BIAS>(G, X, offs, n, out, bias);
+    case 6: return flat_dots<T, 6, BIAS>(G, X, offs, n, out, bias);
+    case 7: return flat_dots<T, 7, BIAS>(G, X, offs, n, out, bias);
+    default: return flat_dots<T, 8, BIAS>(G, X, offs, n, out, bias);
+  }
+}
+
+// Staged form of the weight gradient, any stride and dilation. A block of grad_y rows is copied
+// with row stride Wp = Wo + ((kW-1)*dW)/sW (zeros after column Wo), and the input rows it reads
+// are copied, zero-padded, into sH*sW phase planes of the same row stride (phase (a, b) holds
+// input (r*sH + a - pT, c*sW + b - pL) at (r, c)). Tap (p, q) then reads phase
+// ((p*dH) % sH, (q*dW) % sW) shifted by ((p*dH)/sH) rows and ((q*dW)/sW) columns, and its sum over
+// the block is one flat dot product of two contiguous arrays: no borders, no per-row tails, which
+// on 10x10 or 19x19 planes cost more than the products. The zero columns of grad_y meet real
+// inputs that the tap does not read, so a block whose copies hold a NaN or an infinity (0 * inf)
+// is redone by the exact form, keeping torch's NaN propagation.
+template <class T>
+struct WeightStage {
+  int64_t rb, Wp, rx, PB, n_max;
+  std::vector<int64_t> offs;
+  explicit WeightStage(const DwGeom& g) {
+    constexpr int L = Vec<T>::lanes;
+    Wp = g.Wo + ((g.kW - 1) * g.dW) / g.sW;
+    rx = ((g.kH - 1) * g.dH) / g.sH;
+    rb = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 4096 / Wp));  // lanes sum <= 512 terms per flush
+    n_max = ceil_div(rb * Wp, L) * L;
+    PB = (rb + rx + 1) * Wp + L;
+    for (int64_t p = 0; p < g.kH; ++p)
+      for (int64_t q = 0; q < g.kW; ++q)
+        offs.push_back((((p * g.dH) % g.sH) * g.sW + (q * g.dW) % g.sW) * PB + ((p * g.dH) / g.sH) * Wp +
+                       (q * g.dW) / g.sW);
+  }
+};
+
+template <class T>
+bool all_finite(const T* a, int64_t n) {
+  T z = 0;
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < n; ++i) z += a[i] - a[i];
+  return z == 0;
+}
+
+template <class T>
+void bwd_weight_plane_staged(const T* gyp, const T* xp, double* gw_o, double* gb_o, const DwGeom& g,
+                             const WeightStage<T>& st, T* G, T* X) {
+  const int64_t K = g.kH * g.kW, Wp = st.Wp;
+  const int64_t c_lo = std::min(Wp, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(Wp, g.W + g.pL));
+  for (int64_t i0 = 0; i0 < g.Ho; i0 += st.rb) {
+    const int64_t i1 = std::min(g.Ho, i0 + st.rb), nr = i1 - i0;
+    const int64_t n = ceil_div(nr * Wp, Vec<T>::lanes) * Vec<T>::lanes;
+    for (int64_t i = 0; i < nr; ++i) stage_row(G + i * Wp, gyp + (i0 + i) * g.Wo, 0, g.Wo, Wp);
+    std::fill(G + nr * Wp, G + n, T(0));
+    const int64_t xrows = nr + st.rx;
+    for (int64_t a = 0; a < g.sH; ++a)
+      for (int64_t b = 0; b < g.sW; ++b) {
+        T* Xab = X + (a * g.sW + b) * st.PB;
+        for (int64_t u = 0; u < xrows; ++u) {
+          T* d = Xab + u * Wp;
+          const int64_t ih = (i0 + u) * g.sH + a - g.pT;
+          if (ih < 0 || ih >= g.H) {
+            std::fill(d, d + Wp, T(0));
+          } else if (g.sW == 1) {
+            stage_row(d, xp + ih * g.W - g.pL, c_lo, c_hi, Wp);
+          } else {
+            for (int64_t v = 0; v < Wp; ++v) {
+              const int64_t iw = v * g.sW + b - g.pL;
+              d[v] = iw >= 0 && iw < g.W ? xp[ih * g.W + iw] : T(0);
+            }
+          }
+        }
+        std::fill(Xab + xrows * Wp, Xab + st.PB, T(0));
+      }
+    if (!all_finite(G, nr * Wp) || !all_finite(X, g.sH * g.sW * st.PB)) {
+      if (g.sW == 2)
+        bwd_weight_rows<T, 2>(gyp, xp, gw_o, gb_o, i0, i1, g);
+      else
+        bwd_weight_rows<T, 0>(gyp, xp, gw_o, gb_o, i0, i1, g);
+      continue;
+    }
+    for (int64_t t0 = 0; t0 < K; t0 += 8) {
+      const int64_t nt = std::min<int64_t>(8, K - t0);
+      if (t0 == 0 && gb_o)
+        flat_dots_n<T, true>(G, X, st.offs.data() + t0, n, gw_o + t0, gb_o, nt);
+      else
+        flat_dots_n<T, false>(G, X, st.offs.data() + t0, n, gw_o + t0, nullptr, nt);
+    }
+  }
 }
 
 template <class T>
 void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
   const int64_t K = g.kH * g.kW;
   ThreadPartials<double> part(g.Cm * (K + 1));  // [o*K + tap], then [Cm*K + o] for the bias
-  const auto plane_fn = g.sW == 2 ? bwd_weight_plane<T, 2> : bwd_weight_plane<T, 0>;
+  const WeightStage<T> st(g);
 #pragma omp parallel
   {
-    std::vector<typename Vec<T>::type> vacc(g.sW == 1 ? K + 1 : 0);
+    std::vector<T> G(static_cast<size_t>(st.n_max)), X(static_cast<size_t>(g.sH * g.sW * st.PB));
 #pragma omp for schedule(static)
     for (int64_t plane = 0; plane < g.N * g.Cm; ++plane) {
       const int64_t n = plane / g.Cm, o = plane % g.Cm;
       double* acc = part.mine();
       const T* gyp = gy + plane * g.Ho * g.Wo;
       const T* xp = x + (n * g.C + o / g.m) * g.H * g.W;
-      double* gb_o = gb ? acc + g.Cm * K + o : nullptr;
-      if (g.sW == 1)
-        bwd_weight_plane_s1(gyp, xp, acc + o * K, gb_o, g, vacc.data());
-      else
-        plane_fn(gyp, xp, acc + o * K, gb_o, g);
+      bwd_weight_plane_staged(gyp, xp, acc + o * K, gb ? acc + g.Cm * K + o : nullptr, g, st, G.data(), X.data());
     }
   }
   for (int64_t k = 0; k < g.Cm * K; ++k) gw[k] = static_cast<T>(part.sum(k));
