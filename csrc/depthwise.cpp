@@ -216,6 +216,55 @@ void cl_gather_pixel(const T* gyn, const T* wt, T* dst, const std::vector<TapOut
   if (c < g.C) cl_gather_block<T, UNIT_M, 0>(gyn, wt, dst, c, g.C - c, pl, ql, g);
 }
 
+// Multiplier 1: NJ grad_x pixels wi, wi + sW, ... of one column phase that share their column
+// taps (ql), pixel jj reading output column q.out + jj, x NV channel vectors from c0. A tap's
+// weight vectors are loaded once for the NJ pixels: 1 + 1/NJ loads per FMA instead of 2.
+template <class T, int NJ, int NV>
+inline void cl_gather_pixels_vec(const T* gyn, const T* wt, T* dst, int64_t c0, const std::vector<TapOut>& pl,
+                                 const std::vector<TapOut>& ql, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NJ][NV];
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[jj][v] = V{};
+  for (const TapOut& p : pl)
+    for (const TapOut& q : ql) {
+      const T* gys = gyn + (p.out * g.Wo + q.out) * g.Cm + c0;
+      const T* ws = wt + (p.tap * g.kW + q.tap) * g.Cm + c0;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V wv = vload(ws + v * L);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj) acc[jj][v] += wv * vload(gys + jj * g.Cm + v * L);
+      }
+    }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.sW * g.C + c0 + v * L, acc[jj][v]);
+}
+
+template <class T, int NJ>
+void cl_gather_pixels(const T* gyn, const T* wt, T* dst, const std::vector<TapOut>& pl, const std::vector<TapOut>& ql,
+                      const DwGeom& g) {
+  constexpr int L = Vec<T>::lanes;
+  int64_t c = 0;
+  for (; c + 2 * L <= g.C; c += 2 * L) cl_gather_pixels_vec<T, NJ, 2>(gyn, wt, dst, c, pl, ql, g);
+  for (; c + L <= g.C; c += L) cl_gather_pixels_vec<T, NJ, 1>(gyn, wt, dst, c, pl, ql, g);
+  if (c < g.C)
+    for (int jj = 0; jj < NJ; ++jj)
+      cl_gather_block<T, true, 0>(gyn + jj * g.Cm, wt, dst + jj * g.sW * g.C, c, g.C - c, pl, ql, g);
+}
+
+inline bool same_taps(const std::vector<TapOut>& a, const std::vector<TapOut>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t k = 0; k < a.size(); ++k)
+    if (a[k].tap != b[k].tap) return false;
+  return true;
+}
+
 template <class T>
 void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t K = g.kH * g.kW;
@@ -235,15 +284,37 @@ void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const auto pixel = g.m == 1 ? cl_gather_pixel<T, true> : cl_gather_pixel<T, false>;
 #pragma omp parallel
   {
-    std::vector<TapOut> pl, ql;
+    std::vector<TapOut> pl, ql, qe;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < g.N * g.H; ++r) {
       const int64_t n = r / g.H, h = r % g.H;
       taps_reading(h, g.sH, g.pT, g.dH, g.kH, g.Ho, pl);
       const T* gyn = gy + n * g.Ho * g.Wo * g.Cm;
-      for (int64_t wi = 0; wi < g.W; ++wi) {
-        taps_reading(wi, g.sW, g.pL, g.dW, g.kW, g.Wo, ql);
-        pixel(gyn, wt.data(), gx + (r * g.W + wi) * g.C, pl, ql, g);
+      T* gxr = gx + r * g.W * g.C;
+      if (g.m == 1) {
+        // Column by phase: four pixels wi, wi + sW, .. at once where the first and the last take
+        // the same taps (then so do those between, and their output columns are consecutive).
+        constexpr int NJ = 4;
+        for (int64_t b = 0; b < std::min(g.sW, g.W); ++b)
+          for (int64_t wi = b; wi < g.W;) {
+            taps_reading(wi, g.sW, g.pL, g.dW, g.kW, g.Wo, ql);
+            const int64_t last = wi + (NJ - 1) * g.sW;
+            if (last < g.W) {
+              taps_reading(last, g.sW, g.pL, g.dW, g.kW, g.Wo, qe);
+              if (same_taps(ql, qe)) {
+                cl_gather_pixels<T, NJ>(gyn, wt.data(), gxr + wi * g.C, pl, ql, g);
+                wi += NJ * g.sW;
+                continue;
+              }
+            }
+            pixel(gyn, wt.data(), gxr + wi * g.C, pl, ql, g);
+            wi += g.sW;
+          }
+      } else {
+        for (int64_t wi = 0; wi < g.W; ++wi) {
+          taps_reading(wi, g.sW, g.pL, g.dW, g.kW, g.Wo, ql);
+          pixel(gyn, wt.data(), gxr + wi * g.C, pl, ql, g);
+        }
       }
     }
   }
@@ -393,8 +464,9 @@ void bwd_weight_plane_staged(const T* gyp, const T* xp, double* gw_o, double* gb
         bwd_weight_rows<T, 0>(gyp, xp, gw_o, gb_o, i0, i1, g);
       continue;
     }
-    for (int64_t t0 = 0; t0 < K; t0 += 8) {
-      const int64_t nt = std::min<int64_t>(8, K - t0);
+    const int64_t group = ceil_div(K, ceil_div(K, 8));  // 9 taps as 5 + 4, not 8 + a lone 1
+    for (int64_t t0 = 0; t0 < K; t0 += group) {
+      const int64_t nt = std::min<int64_t>(group, K - t0);
       if (t0 == 0 && gb_o)
         flat_dots_n<T, true>(G, X, st.offs.data() + t0, n, gw_o + t0, gb_o, nt);
       else
