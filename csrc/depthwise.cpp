@@ -49,35 +49,73 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
 // ---------------------------------------------------------------------------------------------
 // backward input, NCHW
 // ---------------------------------------------------------------------------------------------
-// Scatter form (any stride): every output gradient adds w * gy into the inputs its window read.
-// One task per input plane, so no two threads write the same plane.
+// Taps p and output positions o with o*stride - pad + p*dil == in.
+struct TapOut {
+  int64_t tap, out;
+};
+
+inline void taps_reading(int64_t in, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t out_size,
+                         std::vector<TapOut>& list) {
+  list.clear();
+  for (int64_t p = 0; p < k; ++p) {
+    const int64_t t = in + pad - p * dil;
+    if (t < 0) break;
+    if (t % stride == 0 && t / stride < out_size) list.push_back({p, t / stride});
+  }
+}
+
+// Column tap q of a stride > 1 conv seen from grad_x: input column jj is read by q from output
+// column (jj + pL - q*dW) / sW when that divides, i.e. only by the columns of one phase
+// jj = phase + sW*t, and those read output columns t + off, consecutive in t. [lo, hi) are the t
+// whose output column exists.
+struct ColTap {
+  int64_t q, phase, off, lo, hi;
+};
+
+std::vector<ColTap> col_taps(const DwGeom& g) {
+  std::vector<ColTap> v;
+  for (int64_t q = 0; q < g.kW; ++q) {
+    const int64_t e = g.pL - q * g.dW;
+    const int64_t ph = ((-e) % g.sW + g.sW) % g.sW;
+    if (ph >= g.W) continue;
+    const int64_t off = (ph + e) / g.sW;  // exact: ph + e is a multiple of sW
+    const int64_t len = ceil_div(g.W - ph, g.sW);
+    const int64_t lo = std::max<int64_t>(0, -off), hi = std::min(len, g.Wo - off);
+    if (lo < hi) v.push_back({q, ph, off, lo, hi});
+  }
+  return v;
+}
+
+// Stride > 1, one grad_x plane as a gather, row by row: each row sums, per (row tap, column tap)
+// that reads it, one contiguous run of a grad_y row into one phase of a phase-split row buffer ph
+// (column phase + sW*t at ph[phase*seg + t]), which is then interleaved into grad_x. No stores
+// land in grad_x more than once and no scatter crosses rows, so planes are independent tasks.
 template <class T, int SW>
-void bwd_input_plane_scatter(const T* gy, const T* w, T* gxp, int64_t n, int64_t c, const DwGeom& g) {
-  const int64_t sW = SW ? SW : g.sW, K = g.kH * g.kW;
-  std::fill(gxp, gxp + g.H * g.W, T(0));
-  for (int64_t r = 0; r < g.m; ++r) {
-    const int64_t o = c * g.m + r;
-    const T* gyp = gy + (n * g.Cm + o) * g.Ho * g.Wo;
-    const T* wo = w + o * K;
-    for (int64_t i = 0; i < g.Ho; ++i) {
-      const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
-      const T* gyr = gyp + i * g.Wo;
-      for (int64_t p = pr.lo; p < pr.hi; ++p) {
-        T* gxr = gxp + (i * g.sH - g.pT + p * g.dH) * g.W - g.pL;
-        auto border = [&](int64_t j) {
-          const TapRange qr = tap_range(j, sW, g.pL, g.dW, g.kW, g.W);
-          for (int64_t q = qr.lo; q < qr.hi; ++q) gxr[j * sW + q * g.dW] += wo[p * g.kW + q] * gyr[j];
-        };
-        for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
-        for (int64_t j = g.jin.hi; j < g.Wo; ++j) border(j);
-        for (int64_t q = 0; q < g.kW; ++q) {
-          const T wv = wo[p * g.kW + q];
-          T* dst = gxr + q * g.dW;
+void bwd_input_plane_gather(const T* gy, const T* w, T* gxp, int64_t n, int64_t c, const DwGeom& g,
+                            const std::vector<ColTap>& cols, std::vector<TapOut>& rows, T* ph) {
+  const int64_t sW = SW ? SW : g.sW, K = g.kH * g.kW, seg = ceil_div(g.W, sW), whole = g.W / sW;
+  for (int64_t i = 0; i < g.H; ++i) {
+    taps_reading(i, g.sH, g.pT, g.dH, g.kH, g.Ho, rows);
+    std::fill(ph, ph + sW * seg, T(0));
+    for (int64_t r = 0; r < g.m; ++r) {
+      const int64_t o = c * g.m + r;
+      const T* gyp = gy + (n * g.Cm + o) * g.Ho * g.Wo;
+      const T* wo = w + o * K;
+      for (const TapOut& p : rows) {
+        const T* gyr = gyp + p.out * g.Wo;
+        for (const ColTap& q : cols) {
+          const T wv = wo[p.tap * g.kW + q.q];
+          T* d = ph + q.phase * seg;
+          const int64_t off = q.off;
 #pragma omp simd
-          for (int64_t j = g.jin.lo; j < g.jin.hi; ++j) dst[j * sW] += wv * gyr[j];
+          for (int64_t t = q.lo; t < q.hi; ++t) d[t] += wv * gyr[t + off];
         }
       }
     }
+    T* gxr = gxp + i * g.W;
+    for (int64_t t = 0; t < whole; ++t)
+      for (int64_t r = 0; r < sW; ++r) gxr[t * sW + r] = ph[r * seg + t];
+    for (int64_t r = 0; whole * sW + r < g.W; ++r) gxr[whole * sW + r] = ph[r * seg + whole];
   }
 }
 
@@ -129,30 +167,21 @@ void bwd_input_nchw_stride1(const T* gy, const T* w, T* gx, const DwGeom& g) {
 template <class T>
 void bwd_input_nchw(const T* gy, const T* w, T* gx, const DwGeom& g) {
   if (g.sH == 1 && g.sW == 1) return bwd_input_nchw_stride1(gy, w, gx, g);
-  auto plane_fn = g.sW == 2 ? bwd_input_plane_scatter<T, 2> : bwd_input_plane_scatter<T, 0>;
-#pragma omp parallel for schedule(static)
-  for (int64_t plane = 0; plane < g.N * g.C; ++plane)
-    plane_fn(gy, w, gx + plane * g.H * g.W, plane / g.C, plane % g.C, g);
+  const auto plane_fn = g.sW == 2 ? bwd_input_plane_gather<T, 2> : bwd_input_plane_gather<T, 0>;
+  const std::vector<ColTap> cols = col_taps(g);
+#pragma omp parallel
+  {
+    std::vector<TapOut> rows;
+    std::vector<T> ph(static_cast<size_t>(g.sW * ceil_div(g.W, g.sW)));
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < g.N * g.C; ++plane)
+      plane_fn(gy, w, gx + plane * g.H * g.W, plane / g.C, plane % g.C, g, cols, rows, ph.data());
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // backward input, channels_last: a gather per input pixel over the (tap, output) pairs that read it
 // ---------------------------------------------------------------------------------------------
-struct TapOut {
-  int64_t tap, out;
-};
-
-// Taps p and output positions o with o*stride - pad + p*dil == in.
-inline void taps_reading(int64_t in, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t out_size,
-                         std::vector<TapOut>& list) {
-  list.clear();
-  for (int64_t p = 0; p < k; ++p) {
-    const int64_t t = in + pad - p * dil;
-    if (t < 0) break;
-    if (t % stride == 0 && t / stride < out_size) list.push_back({p, t / stride});
-  }
-}
-
 template <class T, bool UNIT_M, int LEN>
 inline void cl_gather_block(const T* gyn, const T* wt, T* dst, int64_t c0, int64_t len, const std::vector<TapOut>& pl,
                             const std::vector<TapOut>& ql, const DwGeom& g) {
@@ -187,6 +216,55 @@ void cl_gather_pixel(const T* gyn, const T* wt, T* dst, const std::vector<TapOut
   if (c < g.C) cl_gather_block<T, UNIT_M, 0>(gyn, wt, dst, c, g.C - c, pl, ql, g);
 }
 
+// Multiplier 1: NJ grad_x pixels wi, wi + sW, ... of one column phase that share their column
+// taps (ql), pixel jj reading output column q.out + jj, x NV channel vectors from c0. A tap's
+// weight vectors are loaded once for the NJ pixels: 1 + 1/NJ loads per FMA instead of 2.
+template <class T, int NJ, int NV>
+inline void cl_gather_pixels_vec(const T* gyn, const T* wt, T* dst, int64_t c0, const std::vector<TapOut>& pl,
+                                 const std::vector<TapOut>& ql, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NJ][NV];
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[jj][v] = V{};
+  for (const TapOut& p : pl)
+    for (const TapOut& q : ql) {
+      const T* gys = gyn + (p.out * g.Wo + q.out) * g.Cm + c0;
+      const T* ws = wt + (p.tap * g.kW + q.tap) * g.Cm + c0;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V wv = vload(ws + v * L);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj) acc[jj][v] += wv * vload(gys + jj * g.Cm + v * L);
+      }
+    }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.sW * g.C + c0 + v * L, acc[jj][v]);
+}
+
+template <class T, int NJ>
+void cl_gather_pixels(const T* gyn, const T* wt, T* dst, const std::vector<TapOut>& pl, const std::vector<TapOut>& ql,
+                      const DwGeom& g) {
+  constexpr int L = Vec<T>::lanes;
+  int64_t c = 0;
+  for (; c + 2 * L <= g.C; c += 2 * L) cl_gather_pixels_vec<T, NJ, 2>(gyn, wt, dst, c, pl, ql, g);
+  for (; c + L <= g.C; c += L) cl_gather_pixels_vec<T, NJ, 1>(gyn, wt, dst, c, pl, ql, g);
+  if (c < g.C)
+    for (int jj = 0; jj < NJ; ++jj)
+      cl_gather_block<T, true, 0>(gyn + jj * g.Cm, wt, dst + jj * g.sW * g.C, c, g.C - c, pl, ql, g);
+}
+
+inline bool same_taps(const std::vector<TapOut>& a, const std::vector<TapOut>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t k = 0; k < a.size(); ++k)
+    if (a[k].tap != b[k].tap) return false;
+  return true;
+}
+
 template <class T>
 void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t K = g.kH * g.kW;
@@ -206,15 +284,37 @@ void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const auto pixel = g.m == 1 ? cl_gather_pixel<T, true> : cl_gather_pixel<T, false>;
 #pragma omp parallel
   {
-    std::vector<TapOut> pl, ql;
+    std::vector<TapOut> pl, ql, qe;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < g.N * g.H; ++r) {
       const int64_t n = r / g.H, h = r % g.H;
       taps_reading(h, g.sH, g.pT, g.dH, g.kH, g.Ho, pl);
       const T* gyn = gy + n * g.Ho * g.Wo * g.Cm;
-      for (int64_t wi = 0; wi < g.W; ++wi) {
-        taps_reading(wi, g.sW, g.pL, g.dW, g.kW, g.Wo, ql);
-        pixel(gyn, wt.data(), gx + (r * g.W + wi) * g.C, pl, ql, g);
+      T* gxr = gx + r * g.W * g.C;
+      if (g.m == 1) {
+        // Column by phase: four pixels wi, wi + sW, .. at once where the first and the last take
+        // the same taps (then so do those between, and their output columns are consecutive).
+        constexpr int NJ = 4;
+        for (int64_t b = 0; b < std::min(g.sW, g.W); ++b)
+          for (int64_t wi = b; wi < g.W;) {
+            taps_reading(wi, g.sW, g.pL, g.dW, g.kW, g.Wo, ql);
+            const int64_t last = wi + (NJ - 1) * g.sW;
+            if (last < g.W) {
+              taps_reading(last, g.sW, g.pL, g.dW, g.kW, g.Wo, qe);
+              if (same_taps(ql, qe)) {
+                cl_gather_pixels<T, NJ>(gyn, wt.data(), gxr + wi * g.C, pl, ql, g);
+                wi += NJ * g.sW;
+                continue;
+              }
+            }
+            pixel(gyn, wt.data(), gxr + wi * g.C, pl, ql, g);
+            wi += g.sW;
+          }
+      } else {
+        for (int64_t wi = 0; wi < g.W; ++wi) {
+          taps_reading(wi, g.sW, g.pL, g.dW, g.kW, g.Wo, ql);
+          pixel(gyn, wt.data(), gxr + wi * g.C, pl, ql, g);
+        }
       }
     }
   }
@@ -223,10 +323,11 @@ void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
 // ---------------------------------------------------------------------------------------------
 // backward weight (+ bias): per-row sums in T, accumulated across rows and threads in double
 // ---------------------------------------------------------------------------------------------
+// Exact form, output rows [i0, i1) of one plane: only the (output, tap) pairs inside the input.
 template <class T, int SW>
-void bwd_weight_plane(const T* gyp, const T* xp, double* gw_o, double* gb_o, const DwGeom& g) {
+void bwd_weight_rows(const T* gyp, const T* xp, double* gw_o, double* gb_o, int64_t i0, int64_t i1, const DwGeom& g) {
   const int64_t sW = SW ? SW : g.sW;
-  for (int64_t i = 0; i < g.Ho; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
     const T* gyr = gyp + i * g.Wo;
     for (int64_t p = pr.lo; p < pr.hi; ++p) {
@@ -254,80 +355,152 @@ void bwd_weight_plane(const T* gyp, const T* xp, double* gw_o, double* gb_o, con
   }
 }
 
-// Column stride 1: one vector accumulator per tap (and the bias) spans many rows, so the
-// horizontal sums are paid once per flush instead of once per row and tap. Lanes are flushed into
-// double every ~4096 elements to bound float rounding.
-template <class T>
-void bwd_weight_plane_s1(const T* gyp, const T* xp, double* gw_o, double* gb_o, const DwGeom& g,
-                         typename Vec<T>::type* acc) {
+// out[t] += sum_f G[f] * X[offs[t] + f] over f < n (a multiple of the vector width) for NT taps,
+// and *bias += sum_f G[f] when BIAS: G is read once for all the taps, one register chain each.
+template <class T, int NT, bool BIAS>
+inline void flat_dots(const T* G, const T* X, const int64_t* offs, int64_t n, double* out, double* bias) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
-  const int64_t K = g.kH * g.kW, nvec = (g.jin.hi - g.jin.lo) / L, jv = g.jin.lo + nvec * L;
-  const int64_t flush_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(g.Wo, 1));
-  auto flush = [&]() {
-    for (int64_t k = 0; k <= K; ++k) {
-      double s = 0;
-      for (int l = 0; l < L; ++l) s += acc[k][l];
-      if (k < K) gw_o[k] += s;
-      else if (gb_o) *gb_o += s;
-      acc[k] = V{};
-    }
-  };
-  for (int64_t k = 0; k <= K; ++k) acc[k] = V{};
-  for (int64_t i = 0; i < g.Ho; ++i) {
-    const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
-    const T* gyr = gyp + i * g.Wo;
-    for (int64_t p = pr.lo; p < pr.hi; ++p) {
-      const T* xr = xp + (i * g.sH - g.pT + p * g.dH) * g.W - g.pL;
-      for (int64_t q = 0; q < g.kW; ++q) {
-        const T* xs = xr + q * g.dW;
-        V a = acc[p * g.kW + q];
-        for (int64_t j = g.jin.lo; j < jv; j += L) a += vload(gyr + j) * vload(xs + j);
-        acc[p * g.kW + q] = a;
-        T s = 0;  // the columns outside whole vectors: interior tail, then both borders
-        for (int64_t j = jv; j < g.jin.hi; ++j) s += gyr[j] * xs[j];
-        auto border = [&](int64_t j) {
-          const int64_t iw = j - g.pL + q * g.dW;
-          if (iw >= 0 && iw < g.W) s += gyr[j] * xs[j];
-        };
-        for (int64_t j = 0; j < g.jin.lo; ++j) border(j);
-        for (int64_t j = g.jin.hi; j < g.Wo; ++j) border(j);
-        gw_o[p * g.kW + q] += s;
-      }
-    }
-    if (gb_o) {
-      V a = acc[K];
-      int64_t j = 0;
-      for (; j + L <= g.Wo; j += L) a += vload(gyr + j);
-      acc[K] = a;
-      T s = 0;
-      for (; j < g.Wo; ++j) s += gyr[j];
-      *gb_o += s;
-    }
-    if ((i + 1) % flush_rows == 0) flush();
+  V acc[NT + 1];
+#pragma GCC unroll 16
+  for (int t = 0; t <= NT; ++t) acc[t] = V{};
+  for (int64_t f = 0; f < n; f += L) {
+    const V gv = vload(G + f);
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) acc[t] += gv * vload(X + offs[t] + f);
+    if (BIAS) acc[NT] += gv;
   }
-  flush();
+  // Lanes summed pairwise in T (a tree of log2(L) vector adds, not L dependent scalar adds in
+  // double: on 10x10 planes these sums are a sizable part of the work), the block total in double.
+#pragma GCC unroll 16
+  for (int t = 0; t <= NT; ++t) {
+    V a = acc[t];
+    T lane[L];
+    vstore(lane, a);
+    for (int h = L / 2; h >= 1; h /= 2)
+      for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+    if (t < NT) out[t] += lane[0];
+    else if (BIAS) *bias += lane[0];
+  }
+}
+
+template <class T, bool BIAS>
+void flat_dots_n(const T* G, const T* X, const int64_t* offs, int64_t n, double* out, double* bias, int64_t nt) {
+  switch (nt) {
+    case 1: return flat_dots<T, 1, BIAS>(G, X, offs, n, out, bias);
+    case 2: return flat_dots<T, 2, BIAS>(G, X, offs, n, out, bias);
+    case 3: return flat_dots<T, 3, BIAS>(G, X, offs, n, out, bias);
+    case 4: return flat_dots<T, 4, BIAS>(G, X, offs, n, out, bias);
+    case 5: return flat_dots<T, 5, BIAS>(G, X, offs, n, out, bias);
+    case 6: return flat_dots<T, 6, BIAS>(G, X, offs, n, out, bias);
+    case 7: return flat_dots<T, 7, BIAS>(G, X, offs, n, out, bias);
+    default: return flat_dots<T, 8, BIAS>(G, X, offs, n, out, bias);
+  }
+}
+
+// Staged form of the weight gradient, any stride and dilation. A block of grad_y rows is copied
+// with row stride Wp = Wo + ((kW-1)*dW)/sW (zeros after column Wo), and the input rows it reads
+// are copied, zero-padded, into sH*sW phase planes of the same row stride (phase (a, b) holds
+// input (r*sH + a - pT, c*sW + b - pL) at (r, c)). Tap (p, q) then reads phase
+// ((p*dH) % sH, (q*dW) % sW) shifted by ((p*dH)/sH) rows and ((q*dW)/sW) columns, and its sum over
+// the block is one flat dot product of two contiguous arrays: no borders, no per-row tails, which
+// on 10x10 or 19x19 planes cost more than the products. The zero columns of grad_y meet real
+// inputs that the tap does not read, so a block whose copies hold a NaN or an infinity (0 * inf)
+// is redone by the exact form, keeping torch's NaN propagation.
+template <class T>
+struct WeightStage {
+  int64_t rb, Wp, rx, PB, n_max;
+  std::vector<int64_t> offs;
+  explicit WeightStage(const DwGeom& g) {
+    constexpr int L = Vec<T>::lanes;
+    Wp = g.Wo + ((g.kW - 1) * g.dW) / g.sW;
+    rx = ((g.kH - 1) * g.dH) / g.sH;
+    rb = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 4096 / Wp));  // lanes sum <= 512 terms per flush
+    n_max = ceil_div(rb * Wp, L) * L;
+    PB = (rb + rx + 1) * Wp + L;
+    for (int64_t p = 0; p < g.kH; ++p)
+      for (int64_t q = 0; q < g.kW; ++q)
+        offs.push_back((((p * g.dH) % g.sH) * g.sW + (q * g.dW) % g.sW) * PB + ((p * g.dH) / g.sH) * Wp +
+                       (q * g.dW) / g.sW);
+  }
+};
+
+template <class T>
+bool all_finite(const T* a, int64_t n) {
+  T z = 0;
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < n; ++i) z += a[i] - a[i];
+  return z == 0;
+}
+
+template <class T>
+void bwd_weight_plane_staged(const T* gyp, const T* xp, double* gw_o, double* gb_o, const DwGeom& g,
+                             const WeightStage<T>& st, T* G, T* X) {
+  const int64_t K = g.kH * g.kW, Wp = st.Wp;
+  const int64_t c_lo = std::min(Wp, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(Wp, g.W + g.pL));
+  for (int64_t i0 = 0; i0 < g.Ho; i0 += st.rb) {
+    const int64_t i1 = std::min(g.Ho, i0 + st.rb), nr = i1 - i0;
+    const int64_t n = ceil_div(nr * Wp, Vec<T>::lanes) * Vec<T>::lanes;
+    for (int64_t i = 0; i < nr; ++i) stage_row(G + i * Wp, gyp + (i0 + i) * g.Wo, 0, g.Wo, Wp);
+    std::fill(G + nr * Wp, G + n, T(0));
+    const int64_t xrows = nr + st.rx;
+    for (int64_t a = 0; a < g.sH; ++a)
+      for (int64_t b = 0; b < g.sW; ++b) {
+        T* Xab = X + (a * g.sW + b) * st.PB;
+        for (int64_t u = 0; u < xrows; ++u) {
+          T* d = Xab + u * Wp;
+          const int64_t ih = (i0 + u) * g.sH + a - g.pT;
+          if (ih < 0 || ih >= g.H) {
+            std::fill(d, d + Wp, T(0));
+          } else if (g.sW == 1) {
+            stage_row(d, xp + ih * g.W - g.pL, c_lo, c_hi, Wp);
+          } else {  // columns v with 0 <= v*sW + b - pL < W, zeros around them
+            const int64_t v_lo = std::min(Wp, std::max<int64_t>(0, ceil_div(g.pL - b, g.sW)));
+            const int64_t v_hi = std::max(v_lo, std::min(Wp, floor_div(g.W - 1 + g.pL - b, g.sW) + 1));
+            const T* src = xp + ih * g.W + b - g.pL;
+            std::fill(d, d + v_lo, T(0));
+            if (g.sW == 2)
+              for (int64_t v = v_lo; v < v_hi; ++v) d[v] = src[2 * v];
+            else
+              for (int64_t v = v_lo; v < v_hi; ++v) d[v] = src[v * g.sW];
+            std::fill(d + v_hi, d + Wp, T(0));
+          }
+        }
+        std::fill(Xab + xrows * Wp, Xab + st.PB, T(0));
+      }
+    if (!all_finite(G, nr * Wp) || !all_finite(X, g.sH * g.sW * st.PB)) {
+      if (g.sW == 2)
+        bwd_weight_rows<T, 2>(gyp, xp, gw_o, gb_o, i0, i1, g);
+      else
+        bwd_weight_rows<T, 0>(gyp, xp, gw_o, gb_o, i0, i1, g);
+      continue;
+    }
+    const int64_t group = ceil_div(K, ceil_div(K, 8));  // 9 taps as 5 + 4, not 8 + a lone 1
+    for (int64_t t0 = 0; t0 < K; t0 += group) {
+      const int64_t nt = std::min<int64_t>(group, K - t0);
+      if (t0 == 0 && gb_o)
+        flat_dots_n<T, true>(G, X, st.offs.data() + t0, n, gw_o + t0, gb_o, nt);
+      else
+        flat_dots_n<T, false>(G, X, st.offs.data() + t0, n, gw_o + t0, nullptr, nt);
+    }
+  }
 }
 
 template <class T>
 void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
   const int64_t K = g.kH * g.kW;
   ThreadPartials<double> part(g.Cm * (K + 1));  // [o*K + tap], then [Cm*K + o] for the bias
-  const auto plane_fn = g.sW == 2 ? bwd_weight_plane<T, 2> : bwd_weight_plane<T, 0>;
+  const WeightStage<T> st(g);
 #pragma omp parallel
   {
-    std::vector<typename Vec<T>::type> vacc(g.sW == 1 ? K + 1 : 0);
+    std::vector<T> G(static_cast<size_t>(st.n_max)), X(static_cast<size_t>(g.sH * g.sW * st.PB));
 #pragma omp for schedule(static)
     for (int64_t plane = 0; plane < g.N * g.Cm; ++plane) {
       const int64_t n = plane / g.Cm, o = plane % g.Cm;
       double* acc = part.mine();
       const T* gyp = gy + plane * g.Ho * g.Wo;
       const T* xp = x + (n * g.C + o / g.m) * g.H * g.W;
-      double* gb_o = gb ? acc + g.Cm * K + o : nullptr;
-      if (g.sW == 1)
-        bwd_weight_plane_s1(gyp, xp, acc + o * K, gb_o, g, vacc.data());
-      else
-        plane_fn(gyp, xp, acc + o * K, gb_o, g);
+      bwd_weight_plane_staged(gyp, xp, acc + o * K, gb ? acc + g.Cm * K + o : nullptr, g, st, G.data(), X.data());
     }
   }
   for (int64_t k = 0; k < g.Cm * K; ++k) gw[k] = static_cast<T>(part.sum(k));
