@@ -220,7 +220,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
   ThreadPartials<double> part(width);
   if (!d.cl) {
     const int64_t blocks = ceil_div(d.N * d.C * d.S, RUN);
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(d.N * d.C * d.S))
     {
       std::vector<T> wbuf(RUN);
       T* w = wbuf.data();
@@ -259,7 +259,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
     // partials of the current block in T (L1-resident: block lengths keep ~64K values per block).
     const int64_t rows = d.N * d.S, rb = std::max<int64_t>(1, std::min<int64_t>(RUN, 65536 / d.C + 1));
     const int64_t blocks = ceil_div(rows, rb);
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(d.N * d.C * d.S))
     {
       std::vector<T> ra(d.C), rbuf(d.C), wbuf(d.C);
       T* w = wbuf.data();
@@ -304,7 +304,7 @@ void channel_map(const Bn3& d, P pre, F f) {
   if (total == 0) return;
   const int64_t rb = d.cl ? std::max<int64_t>(1, RUN / d.C) : 0;  // channels-last: rows per block
   const int64_t blocks = ceil_div(total, d.cl ? rb * d.C : RUN);
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(total))
   {
     std::vector<T> wbuf(d.cl ? d.C : RUN);
     T* w = wbuf.data();

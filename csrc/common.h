@@ -26,10 +26,13 @@ inline int64_t elem_stride(const py::array& a, int dim) {
   return static_cast<int64_t>(a.strides(dim)) / static_cast<int64_t>(a.itemsize());
 }
 
-// True when every element addressed by `shape`/`strides` (element units, may be 0) lies inside
-// the array's own buffer. numpy views carry their own extent, so this is cheap to check.
 inline bool is_float32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
 inline bool is_float64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
+
+// Whether a pass over `elements` values is worth a parallel region: starting and joining the
+// OpenMP team costs microseconds quiet and milliseconds on a loaded machine (threads that lost
+// their core), more than a small layer's whole pass. Use as `#pragma omp parallel if (...)`.
+inline bool worth_threads(int64_t elements) { return elements >= (int64_t{1} << 15); }
 
 // The instruction set this module was compiled for, reported by dlkernels._C.simd().
 inline const char* simd_name() {
