@@ -14,13 +14,18 @@ namespace {
 
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Output rows per task: the depthwise block (rows x Wo pixels x C*m channels) stays well inside L2
-// beside the GEMM's packed panels, and there are enough tasks to balance the threads.
-int64_t block_rows(const DwGeom& g, size_t elem) {
-  constexpr int64_t BUF_BYTES = 192 * 1024;
-  const int64_t row = std::max<int64_t>(1, g.Wo * g.Cm * static_cast<int64_t>(elem));
+// Output rows per task. The pixel operand's packed K slice (pixels x kc) must stay in L2 beside
+// the weight's panels; beyond that, more pixels per task mean fewer passes over the packed weight
+// (it streams from L3 once per task and slice) and, for NCHW, less padding of the last NR-pixel
+// panel: so the block is sized by the slice, not by the whole depthwise block (pixels x C*m, which
+// only goes through L3 once). Capped so the thread buffer stays small, and enough tasks to balance
+// the threads.
+int64_t block_rows(const DwGeom& g, int64_t kc, size_t elem) {
+  constexpr int64_t SLICE_BYTES = 192 * 1024;
+  constexpr int64_t MID_BYTES = 1024 * 1024;
+  const int64_t px = std::max<int64_t>(1, g.Wo) * static_cast<int64_t>(elem);
   const int64_t balanced = g.N * g.Ho / (4 * omp_get_max_threads());
-  return std::max<int64_t>(1, std::min({BUF_BYTES / row, balanced, g.Ho}));
+  return std::max<int64_t>(1, std::min({SLICE_BYTES / (px * kc), MID_BYTES / (px * g.Cm), balanced, g.Ho}));
 }
 
 // The K (= C*m) slices of the GEMM: equal slices of at most the GEMM's kc, as dlk::gemm cuts them.
@@ -36,7 +41,7 @@ void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t
   const GemmBlocking bl = gemm_blocking<T>();
   const Slices ks(g.Cm, bl.kc);
   const int64_t taps = g.kH * g.kW, HWo = g.Ho * g.Wo, Mp = round_up(O, bl.mr);
-  const int64_t rows = block_rows(g, sizeof(T)), nb = ceil_div(g.Ho, rows), pmax = rows * g.Wo;
+  const int64_t rows = block_rows(g, ks.kc, sizeof(T)), nb = ceil_div(g.Ho, rows), pmax = rows * g.Wo;
   std::vector<T> a(static_cast<size_t>(Mp * g.Cm));  // K slice pc at a + pc * Mp
 #pragma omp parallel
   {
@@ -67,7 +72,7 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
   const GemmBlocking bl = gemm_blocking<T>();
   const Slices ks(g.Cm, bl.kc);
   const int64_t HWo = g.Ho * g.Wo, Np = round_up(O, bl.nr);
-  const int64_t rows = block_rows(g, sizeof(T)), nb = ceil_div(g.Ho, rows), pmax = rows * g.Wo;
+  const int64_t rows = block_rows(g, ks.kc, sizeof(T)), nb = ceil_div(g.Ho, rows), pmax = rows * g.Wo;
   const std::vector<T> wt = taps_major(dw, g.Cm, g.kH * g.kW);
   std::vector<T> b(static_cast<size_t>(Np * g.Cm));  // K slice pc at b + pc * Np
 #pragma omp parallel
