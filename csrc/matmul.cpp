@@ -533,14 +533,16 @@ void gemm_pack_b(int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* 
 template <class T>
 void gemm_macro(int64_t mc, int64_t nc, int64_t kc, const T* a_packed, const T* b_packed, T* c, int64_t ldc,
                 bool load, const T* bias_row, const T* bias_col) {
-  if (mc > 0 && nc > 0) macro_kernel<T, FastKernel<T>>(mc, nc, kc, a_packed, b_packed, c, ldc, load, bias_row, bias_col, false);
+  if (mc > 0 && nc > 0)
+    macro_kernel<T, FastKernel<T>>(mc, nc, kc, a_packed, b_packed, c, ldc, load, bias_row, bias_col, false);
 }
 
 #define DLK_GEMM_BLOCKS(T)                                                                                      \
   template GemmBlocking gemm_blocking<T>();                                                                     \
   template void gemm_pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*);                               \
   template void gemm_pack_b<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*);                               \
-  template void gemm_macro<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, int64_t, bool, const T*, const T*);
+  template void gemm_macro<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, int64_t, bool, const T*,       \
+                              const T*);
 DLK_GEMM_BLOCKS(float)
 DLK_GEMM_BLOCKS(double)
 #undef DLK_GEMM_BLOCKS

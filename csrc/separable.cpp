@@ -14,17 +14,26 @@ namespace {
 
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// Below this many multiply-adds (~50 us on one core) a second thread costs more than it saves: a
+// few us to wake on a quiet machine, a whole scheduler slice at the barriers on a busy one.
+constexpr int64_t kMinParallelMacs = 128 * 128 * 128;
+
+int team_size(const DwGeom& g, int64_t O) {
+  const int64_t macs = g.N * g.Ho * g.Wo * g.Cm * (g.kH * g.kW + O);
+  return macs < kMinParallelMacs ? 1 : omp_get_max_threads();
+}
+
 // Output rows per task. The pixel operand's packed K slice (pixels x kc) must stay in L2 beside
 // the weight's panels; beyond that, more pixels per task mean fewer passes over the packed weight
 // (it streams from L3 once per task and slice) and, for NCHW, less padding of the last NR-pixel
 // panel: so the block is sized by the slice, not by the whole depthwise block (pixels x C*m, which
 // only goes through L3 once). Capped so the thread buffer stays small, and enough tasks to balance
 // the threads.
-int64_t block_rows(const DwGeom& g, int64_t kc, size_t elem) {
+int64_t block_rows(const DwGeom& g, int64_t kc, size_t elem, int threads) {
   constexpr int64_t SLICE_BYTES = 192 * 1024;
   constexpr int64_t MID_BYTES = 1024 * 1024;
   const int64_t px = std::max<int64_t>(1, g.Wo) * static_cast<int64_t>(elem);
-  const int64_t balanced = g.N * g.Ho / (4 * omp_get_max_threads());
+  const int64_t balanced = threads > 1 ? g.N * g.Ho / (4 * threads) : g.Ho;
   return std::max<int64_t>(1, std::min({SLICE_BYTES / (px * kc), MID_BYTES / (px * g.Cm), balanced, g.Ho}));
 }
 
@@ -41,9 +50,10 @@ void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t
   const GemmBlocking bl = gemm_blocking<T>();
   const Slices ks(g.Cm, bl.kc);
   const int64_t taps = g.kH * g.kW, HWo = g.Ho * g.Wo, Mp = round_up(O, bl.mr);
-  const int64_t rows = block_rows(g, ks.kc, sizeof(T)), nb = ceil_div(g.Ho, rows), pmax = rows * g.Wo;
+  const int nt = team_size(g, O);
+  const int64_t rows = block_rows(g, ks.kc, sizeof(T), nt), nb = ceil_div(g.Ho, rows), pmax = rows * g.Wo;
   std::vector<T> a(static_cast<size_t>(Mp * g.Cm));  // K slice pc at a + pc * Mp
-#pragma omp parallel
+#pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
     for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_a(O, ks.len(pc), pw + pc, g.Cm, 1, a.data() + pc * Mp);
@@ -72,10 +82,11 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
   const GemmBlocking bl = gemm_blocking<T>();
   const Slices ks(g.Cm, bl.kc);
   const int64_t HWo = g.Ho * g.Wo, Np = round_up(O, bl.nr);
-  const int64_t rows = block_rows(g, ks.kc, sizeof(T)), nb = ceil_div(g.Ho, rows), pmax = rows * g.Wo;
+  const int nt = team_size(g, O);
+  const int64_t rows = block_rows(g, ks.kc, sizeof(T), nt), nb = ceil_div(g.Ho, rows), pmax = rows * g.Wo;
   const std::vector<T> wt = taps_major(dw, g.Cm, g.kH * g.kW);
   std::vector<T> b(static_cast<size_t>(Np * g.Cm));  // K slice pc at b + pc * Np
-#pragma omp parallel
+#pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
     for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_b(O, ks.len(pc), pw + pc, 1, g.Cm, b.data() + pc * Np);
@@ -84,7 +95,8 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
     for (int64_t t = 0; t < g.N * nb; ++t) {
       const int64_t n = t / nb, i0 = (t % nb) * rows, i1 = std::min(g.Ho, i0 + rows), P = (i1 - i0) * g.Wo;
       const T* xn = x + n * g.H * g.W * g.C;
-      for (int64_t i = i0; i < i1; ++i) dw_row_cl(xn, wt.data(), (const T*)nullptr, mid.data() + (i - i0) * g.Wo * g.Cm, i, g);
+      for (int64_t i = i0; i < i1; ++i)
+        dw_row_cl(xn, wt.data(), (const T*)nullptr, mid.data() + (i - i0) * g.Wo * g.Cm, i, g);
       T* yb = y + (n * HWo + i0 * g.Wo) * O;
       for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) {
         const int64_t kc = ks.len(pc);
