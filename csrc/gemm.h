@@ -53,4 +53,29 @@ extern template void gemm_portable<double>(int64_t, int64_t, int64_t, const doub
                                            const double*, int64_t, int64_t, double*, int64_t, const double*, int,
                                            bool, bool, bool);
 
+// Building blocks for a fused kernel that produces one GEMM operand itself, block by block (e.g.
+// the fused separable conv computes its depthwise output where gemm would pack A), with the same
+// micro-kernel as gemm, on the calling thread (no OpenMP inside):
+//   gemm_blocking: the micro-kernel tile (mr x nr) and the cache blocking (kc deep K slices, mc
+//     rows of A per L2 block) gemm uses.
+//   gemm_pack_a: an mc x kc block of A (element (i, k) at a[i * rs + k * cs]) -> ceil(mc / mr)
+//     panels of kc x mr, rows past mc zero; ceil(mc / mr) * mr * kc values. A block's rows i0..
+//     (i0 a multiple of mr) start at out + i0 * kc.
+//   gemm_pack_b: a kc x nc block of B -> ceil(nc / nr) panels of kc x nr, columns past nc zero;
+//     ceil(nc / nr) * nr * kc values. Columns j0.. (j0 a multiple of nr) start at out + j0 * kc.
+//   gemm_macro: C block (mc x nc at c, row stride ldc) = (load ? C : 0) + A_packed @ B_packed
+//     (+ bias_row[i] per row, + bias_col[j] per column, where not nullptr).
+struct GemmBlocking {
+  int64_t mr, nr, kc, mc;
+};
+template <class T>
+GemmBlocking gemm_blocking();
+template <class T>
+void gemm_pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out);
+template <class T>
+void gemm_pack_b(int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out);
+template <class T>
+void gemm_macro(int64_t mc, int64_t nc, int64_t kc, const T* a_packed, const T* b_packed, T* c, int64_t ldc,
+                bool load, const T* bias_row, const T* bias_col);
+
 }  // namespace dlk

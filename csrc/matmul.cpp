@@ -392,6 +392,27 @@ struct Buffers {
   }
 };
 
+// The mc x nc block of C at c from packed A panels (ceil(mc / MR) of kc x MR) and packed B panels
+// (ceil(nc / NR) of kc x NR): each B micro-panel stays in L1 while every A panel streams past it.
+// bias_row / bias_col: the block's first row / column bias, or nullptr.
+template <class T, class Kern>
+inline void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool load,
+                         const T* bias_row, const T* bias_col, bool relu) {
+  constexpr int MR = Kern::MR, NR = Kern::NR;
+  for (int64_t q = 0, j = 0; j < nc; ++q, j += NR) {
+    const int nv = static_cast<int>(std::min<int64_t>(NR, nc - j));
+    for (int64_t ir = 0; ir < mc; ir += MR) {
+      const int mv = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+      Epilogue<T> e;
+      e.load = load;
+      e.bias_row = bias_row ? bias_row + ir : nullptr;
+      e.bias_col = bias_col ? bias_col + j : nullptr;
+      e.relu = relu;
+      Kern::run(kc, a + ir * kc, b + q * kc * NR, c + ir * ldc + j, ldc, mv, nv, e);
+    }
+  }
+}
+
 // The BLIS loops on the calling thread, with the caller's packing buffers.
 template <class T, class Kern>
 void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
@@ -412,19 +433,9 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
       for (int64_t i0 = 0; i0 < M; i0 += mc_max) {
         const int64_t mc = std::min(mc_max, M - i0);
         pack_a<MR>(mc, kc, A + i0 * rs_a + pc * cs_a, rs_a, cs_a, a_buf);
-        for (int64_t q = 0; q < np; ++q) {
-          const int64_t j = q * NR;
-          const int nv = static_cast<int>(std::min<int64_t>(NR, nc - j));
-          for (int64_t ir = 0; ir < mc; ir += MR) {
-            const int mv = static_cast<int>(std::min<int64_t>(MR, mc - ir));
-            Epilogue<T> e;
-            e.load = accumulate || !first;
-            e.bias_row = (last && bias && bias_dim == 0) ? bias + i0 + ir : nullptr;
-            e.bias_col = (last && bias && bias_dim == 1) ? bias + jc + j : nullptr;
-            e.relu = last && relu;
-            Kern::run(kc, a_buf + ir * kc, b_buf + q * kc * NR, C + (i0 + ir) * ldc + jc + j, ldc, mv, nv, e);
-          }
-        }
+        macro_kernel<T, Kern>(mc, nc, kc, a_buf, b_buf, C + i0 * ldc + jc, ldc, accumulate || !first,
+                              (last && bias && bias_dim == 0) ? bias + i0 : nullptr,
+                              (last && bias && bias_dim == 1) ? bias + jc : nullptr, last && relu);
       }
     }
   }
@@ -502,6 +513,39 @@ void gemm_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, in
   gemm_driver<T, PortableKernel<T>>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, parallel,
                                     accumulate);
 }
+
+template <class T>
+GemmBlocking gemm_blocking() {
+  using Blk = Blocking<T, FastKernel<T>>;
+  return {FastKernel<T>::MR, FastKernel<T>::NR, Blk::KC, Blk::MC};
+}
+
+template <class T>
+void gemm_pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out) {
+  pack_a<FastKernel<T>::MR>(mc, kc, a, rs, cs, out);
+}
+
+template <class T>
+void gemm_pack_b(int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out) {
+  pack_b<FastKernel<T>::NR>(0, ceil_div(nc, FastKernel<T>::NR), nc, kc, b, rs, cs, out);
+}
+
+template <class T>
+void gemm_macro(int64_t mc, int64_t nc, int64_t kc, const T* a_packed, const T* b_packed, T* c, int64_t ldc,
+                bool load, const T* bias_row, const T* bias_col) {
+  if (mc > 0 && nc > 0)
+    macro_kernel<T, FastKernel<T>>(mc, nc, kc, a_packed, b_packed, c, ldc, load, bias_row, bias_col, false);
+}
+
+#define DLK_GEMM_BLOCKS(T)                                                                                      \
+  template GemmBlocking gemm_blocking<T>();                                                                     \
+  template void gemm_pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*);                               \
+  template void gemm_pack_b<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*);                               \
+  template void gemm_macro<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, int64_t, bool, const T*,       \
+                              const T*);
+DLK_GEMM_BLOCKS(float)
+DLK_GEMM_BLOCKS(double)
+#undef DLK_GEMM_BLOCKS
 
 template void gemm<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
                           float*, int64_t, const float*, int, bool, bool, bool);
