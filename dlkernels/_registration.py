@@ -29,6 +29,7 @@ class Op:
         _lib.define(name + torch.library.infer_schema(fn, mutates_args=tuple(mutates_args)))
         _lib.impl(name, fn, "CompositeExplicitAutograd")
         self.default = getattr(getattr(torch.ops, NAMESPACE), name).default
+        self.impl = fn  # the Python kernel itself (what the dispatcher calls below autograd)
         self.__doc__ = fn.__doc__
 
     def __call__(self, *args):

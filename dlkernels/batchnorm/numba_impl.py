@@ -182,8 +182,9 @@ def _backward_apply_cl(g, y, x, r, has_r, mean, invstd, scale, shift, c_dz, c_xh
 # the contract
 # -------------------------------------------------------------------------------------------------
 def _is_cl(x3) -> bool:
-    # Ambiguous strides (C == 1 or S == 1) are contiguous either way: read them as NCS.
-    return not x3.is_contiguous()
+    # Ambiguous strides (C == 1 or S == 1) are contiguous either way; S == 1 ((N, C) input) runs on the
+    # channels-last kernels, vectorized along C, rather than as N*C one-element planes.
+    return x3.shape[2] == 1 or not x3.is_contiguous()
 
 
 def _arr(t, cl: bool) -> np.ndarray:
