@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default="", help="comma-separated dtypes (default: float32)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when present, else cpu)")
     p.add_argument("--compile", default="auto", choices=("auto", "all", "none"),
-                   help="torch.compile contender: auto (separable and batch norm), all or none")
+                   help="torch.compile contender: auto (separable, batch norm and the models), all or none")
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<machine>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("pytest_args", nargs="*", help="passed to pytest after --, e.g. -- -k depthwise")

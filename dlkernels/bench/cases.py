@@ -308,7 +308,7 @@ BUILDERS = {"matmul": _build_matmul, "linear": _build_linear, "depthwise_conv2d"
             "batch_norm_residual": _build_batchnorm, "model": _build_model}
 BOUND = {"matmul": "compute", "linear": "compute", "depthwise_conv2d": "memory", "pointwise_conv2d": "compute",
          "separable_conv2d": "compute", "batch_norm_residual": "memory", "model": "compute"}
-COMPILE = {"separable_conv2d", "batch_norm_residual"}
+COMPILE = {"separable_conv2d", "batch_norm_residual", "model"}
 
 
 def _case(op, layer, shape, passes, tier, layout="-", mode="-", bound=None, **params) -> Case:

@@ -66,7 +66,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-dtypes", default="", help="comma-separated dtypes (default: float32)")
     g.addoption("--bench-device", default="", help="cpu or cuda (default: cuda when present)")
     g.addoption("--bench-compile", default="auto", choices=("auto", "all", "none"),
-                help="torch.compile contender: auto (ops where fusion is the point), all, none")
+                help="torch.compile contender: auto (ops where fusion is the point, and the models), all, none")
     g.addoption("--bench-progress", action="store_true", help="a progress bar (the CLI sets it)")
 
 
@@ -93,7 +93,7 @@ class State:
     def contenders(self, case: C.Case) -> list[str]:
         names = [EAGER]
         use_compile = self.compile == "all" or (self.compile == "auto" and case.compile)
-        if use_compile and case.bound != "overhead" and case.op != "model":
+        if use_compile and case.bound != "overhead":
             names.append(COMPILED)
         return names + self.kernel_backends
 
