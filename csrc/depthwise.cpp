@@ -36,12 +36,29 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
     }
   } else {
     const std::vector<T> wt = taps_major(w, g.Cm, K);
+    if (g.m == 1) {
+      // Each thread takes one contiguous run of output rows, so that consecutive rows share the
+      // staged input rows of its ring (see ClRowRing).
+#pragma omp parallel
+      {
+        const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num(), rows = g.N * g.Ho;
+        const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
+        ClRowRing<T> ring(g);
+        std::vector<const T*> win(static_cast<size_t>(g.kH));
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t n = r / g.Ho, i = r - n * g.Ho;
+          ring.rows_for(x + n * g.H * g.W * g.C, n, i, win.data());
+          cl_staged_row(win.data(), wt.data(), bias, y + r * g.Wo * g.Cm, g);
+        }
+      }
+    } else {
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < g.N * g.Ho; ++r) {
-      const int64_t n = r / g.Ho, i = r % g.Ho;
-      const T* xn = x + n * g.H * g.W * g.C;
-      T* yr = y + r * g.Wo * g.Cm;
-      dw_row_cl(xn, wt.data(), bias, yr, i, g);
+      for (int64_t r = 0; r < g.N * g.Ho; ++r) {
+        const int64_t n = r / g.Ho, i = r % g.Ho;
+        const T* xn = x + n * g.H * g.W * g.C;
+        T* yr = y + r * g.Wo * g.Cm;
+        dw_row_cl(xn, wt.data(), bias, yr, i, g);
+      }
     }
   }
 }
