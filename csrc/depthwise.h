@@ -232,12 +232,190 @@ void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int
   }
 }
 
-// Output row i of image xn (H, W, C), all pixels one by one, into yr (Wo x C*m); wt from
-// taps_major. Multiplier 1 takes the staged path (cl_staged_row) instead.
+// Multiplier 1: NJ interior output pixels j.. (all kW column taps in bounds) x NV vectors of
+// channels c0... Each tap's weight vector is loaded once for NJ pixels, so the loads per FMA drop
+// from 2 (weight + input, one pixel at a time) to 1 + 1/NJ: the one-pixel kernel is load-bound.
+template <class T, int NJ, int NV>
+inline void cl_pixels_block_vec(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
+                                TapRange pr, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NJ][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? vload(bias + c0 + v * L) : V{};
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
+  }
+  const int64_t ps = g.sW * g.C;  // input distance between consecutive output pixels
+  for (int64_t p = pr.lo; p < pr.hi; ++p) {
+    const int64_t ih = i * g.sH - g.pT + p * g.dH;
+    const T* xr = xn + (ih * g.W + j * g.sW - g.pL) * g.C + c0;
+    const T* wr = wt + p * g.kW * g.Cm + c0;
+    for (int64_t q = 0; q < g.kW; ++q) {
+      const T* xs = xr + q * g.dW * g.C;
+      const T* ws = wr + q * g.Cm;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V wv = vload(ws + v * L);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj) acc[jj][v] += wv * vload(xs + jj * ps + v * L);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
+}
+
+// Same block for dilation 1 with KW column taps and column stride SW known at compile time: pixel
+// jj's tap q reads input column SW*jj + q of the block, so each input vector of a window row is
+// loaded once and feeds every (pixel, tap) pair that reads it, with the row's KW weight vectors in
+// registers: ((NJ - 1) * SW + KW + KW) * NV loads per NJ * KW * NV FMAs instead of about one load
+// per FMA. Stride 2 steps the input pointer by two pixels per output: no gather, no phase split.
+// EDGE: some of the block's input columns lie in the left/right padding and are skipped, so the
+// border pixels take the same register block as the interior (on a 10-wide plane they are a fifth
+// of the pixels, and the one-pixel kernel does one weight + one input load per FMA).
+template <class T, int NJ, int NV, int KW, int SW, bool EDGE>
+inline void cl_pixels_block_reg(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
+                                TapRange pr, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  constexpr int U = (NJ - 1) * SW + KW;  // input columns the block reads
+  V acc[NJ][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? vload(bias + c0 + v * L) : V{};
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
+  }
+  const int64_t iw0 = j * SW - g.pL;  // input column of the block's column u = 0
+  for (int64_t p = pr.lo; p < pr.hi; ++p) {
+    const int64_t ih = i * g.sH - g.pT + p * g.dH;
+    const T* xrow = xn + ih * g.W * g.C + c0;
+    const T* wr = wt + p * KW * g.Cm + c0;
+    V wv[KW][NV];
+#pragma GCC unroll 8
+    for (int q = 0; q < KW; ++q)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
+#pragma GCC unroll 32
+    for (int u = 0; u < U; ++u) {
+      if (EDGE && (iw0 + u < 0 || iw0 + u >= g.W)) continue;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V xv = vload(xrow + (iw0 + u) * g.C + v * L);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj)
+          if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
+}
+
+// Whether cl_pixels_block_reg serves g (multiplier 1 is the caller's check).
+inline bool cl_reg_geometry(const DwGeom& g) { return g.dW == 1 && (g.kW == 3 || g.kW == 5) && (g.sW == 1 || g.sW == 2); }
+
+// NJ pixels j.. of row i, all channels (multiplier 1): vector blocks, then the channel tail (< one
+// vector) per pixel. Without EDGE every pixel is interior; EDGE needs cl_reg_geometry(g).
+template <class T, int NJ, bool EDGE>
+inline void cl_pixels_group(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, int64_t j, TapRange pr,
+                            const DwGeom& g) {
+  constexpr int L = Vec<T>::lanes;
+  T* dst = yr + j * g.Cm;
+  int64_t c = 0;
+  // Direct calls (not through a pointer) so that the blocks inline into the channel loops.
+  if (g.dW == 1 && g.kW == 3 && g.sW == 1) {
+    for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_reg<T, NJ, 2, 3, 1, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
+  } else if (g.dW == 1 && g.kW == 3 && g.sW == 2) {
+    for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_reg<T, NJ, 2, 3, 2, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
+  } else if (g.dW == 1 && g.kW == 5 && g.sW == 1) {
+    for (; c + L <= g.Cm; c += L) cl_pixels_block_reg<T, NJ, 1, 5, 1, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
+  } else if (g.dW == 1 && g.kW == 5 && g.sW == 2) {
+    for (; c + L <= g.Cm; c += L) cl_pixels_block_reg<T, NJ, 1, 5, 2, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
+  }
+  if (c == g.Cm) return;
+  if (EDGE) {
+    for (int64_t jj = 0; jj < NJ; ++jj) {
+      const TapRange qr = tap_range(j + jj, g.sW, g.pL, g.dW, g.kW, g.W);
+      int64_t cc = c;
+      for (; cc + L <= g.Cm; cc += L)
+        cl_taps_block_vec<T, 1>(xn, wt, bias, dst + jj * g.Cm, cc, i, j + jj, pr, qr, g);
+      if (cc < g.Cm) cl_taps_block<T, true, 0>(xn, wt, bias, dst + jj * g.Cm, cc, g.Cm - cc, i, j + jj, pr, qr, g);
+    }
+    return;
+  }
+  for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_vec<T, NJ, 2>(xn, wt, bias, dst, c, i, j, pr, g);
+  for (; c + L <= g.Cm; c += L) cl_pixels_block_vec<T, NJ, 1>(xn, wt, bias, dst, c, i, j, pr, g);
+  if (c < g.Cm) {
+    const TapRange qr{0, g.kW};
+    for (int64_t jj = 0; jj < NJ; ++jj)
+      cl_taps_block<T, true, 0>(xn, wt, bias, dst + jj * g.Cm, c, g.Cm - c, i, j + jj, pr, qr, g);
+  }
+}
+
+// The input rows that output row i + 1 reads and row i does not (its last min(sH, kH) window rows;
+// the earlier ones are in cache from this row's windows), output columns [j0, j1): issued one pixel
+// group ahead, since on large planes the hardware prefetcher trails the kH row streams; at row
+// stride 2 both fresh rows. (A lookahead of 16 pixels or of a whole row measured no different.)
+template <class T>
+inline void cl_prefetch_next_row(const T* xn, int64_t i, int64_t j0, int64_t j1, const DwGeom& g) {
+  const int64_t c0 = std::max<int64_t>(0, j0 * g.sW - g.pL) * g.C;
+  const int64_t c1 = std::min<int64_t>(g.W, j1 * g.sW - g.pL) * g.C;
+  for (int64_t p = g.kH - std::min(g.sH, g.kH); p < g.kH; ++p) {
+    const int64_t ih = (i + 1) * g.sH - g.pT + p * g.dH;
+    if (ih < 0 || ih >= g.H) continue;
+    const T* xrow = xn + ih * g.W * g.C;
+    for (int64_t e = c0; e < c1; e += 64 / sizeof(T)) __builtin_prefetch(xrow + e);
+  }
+}
+
+// Row i in blocks of NJ pixels (NJ <= g.Wo), borders included (cl_reg_geometry, multiplier 1). A last
+// partial block is moved back to end at the row's end: it recomputes a few pixels with the same
+// values rather than dropping to the one-pixel kernel.
+template <class T, int NJ>
+void cl_row_blocks(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, TapRange pr, const DwGeom& g) {
+  auto group = [&](int64_t j) {
+    cl_prefetch_next_row(xn, i, j + NJ, j + 2 * NJ, g);
+    if (j < g.jin.lo || j + NJ > g.jin.hi)
+      cl_pixels_group<T, NJ, true>(xn, wt, bias, yr, i, j, pr, g);
+    else
+      cl_pixels_group<T, NJ, false>(xn, wt, bias, yr, i, j, pr, g);
+  };
+  int64_t j = 0;
+  for (; j + NJ <= g.Wo; j += NJ) group(j);
+  if (j < g.Wo) group(g.Wo - NJ);
+}
+
+// Output row i of image xn (H, W, C), all pixels, into yr (Wo x C*m); wt from taps_major. With
+// multiplier 1 the pixels go in register blocks (four or eight pixels), otherwise and on rows too
+// narrow for a block one by one.
 template <class T>
 void dw_row_cl(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, const DwGeom& g) {
-  for (int64_t j = 0; j < g.Wo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
+  int64_t j = 0;
+  if (g.m == 1) {
+    const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+    if (cl_reg_geometry(g)) {
+      // kW 5 blocks hold one channel vector (five weight vectors in registers): eight pixels give
+      // them eight independent FMA chains.
+      if (g.kW == 5 && g.Wo >= 8) return cl_row_blocks<T, 8>(xn, wt, bias, yr, i, pr, g);
+      if (g.Wo >= 4) return cl_row_blocks<T, 4>(xn, wt, bias, yr, i, pr, g);
+    } else {
+      for (; j < g.jin.lo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
+      for (; j + 4 <= g.jin.hi; j += 4) {
+        cl_prefetch_next_row(xn, i, j + 4, j + 8, g);
+        cl_pixels_group<T, 4, false>(xn, wt, bias, yr, i, j, pr, g);
+      }
+    }
+  }
+  for (; j < g.Wo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
 }
+
 
 // ---- channels_last forward from staged rows (multiplier 1) ----
 // Each input row an output row reads is first copied, zero-padded, into a thread's ring of rows

@@ -62,6 +62,23 @@ def test_forward_backward(backend, dtype, case, channels_last):
         assert_close(got, exp, dtype, f"grad {name}")
 
 
+# Triton's interpreter would take minutes on this size; on CUDA Triton runs it too.
+LARGE_BACKENDS = [b for b in KERNEL_BACKENDS if b != "triton" or DEVICE.type == "cuda"]
+
+
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+@pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (5, 1, (2, 0)), (3, 2, 0)], ids=["k3s1", "k5s1p20", "k3s2"])
+def test_channels_last_large_input(backend, k, stride, pad):
+    """Inputs of 8 MiB and more take the C++ forward's staged-row path (the small shapes above take
+    the direct one): 37 channels (vector tails), a width not a multiple of any pixel block."""
+    x = torch.randn(2, 37, 181, 157, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(37, 1, k, k, device=DEVICE) / k, torch.randn(37, device=DEVICE)
+    out = dlkernels.depthwise_conv2d(x, w, b, stride, pad, backend=backend)
+    ref = F.conv2d(x.double(), w.double(), b.double(), stride, pad, groups=37)
+    assert_close(out, ref, torch.float32, "forward")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_no_bias_unbatched_and_non_contiguous(backend):
     x = leaf(torch.randn(2, 6, 12, 10, device=DEVICE)[:, ::2, 1:, 1:9])  # channel- and row-strided view
     w = leaf(torch.randn(3, 1, 3, 3, device=DEVICE))
