@@ -277,9 +277,10 @@ inline void cl_pixels_block_vec(const T* xn, const T* wt, const T* bias, T* dst,
 // EDGE: some of the block's input columns lie in the left/right padding and are skipped, so the
 // border pixels take the same register block as the interior (on a 10-wide plane they are a fifth
 // of the pixels, and the one-pixel kernel does one weight + one input load per FMA).
-template <class T, int NJ, int NV, int KW, int SW, bool EDGE>
-inline void cl_pixels_block_reg(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
-                                TapRange pr, const DwGeom& g) {
+template <class T, int NJ, int NV, int KW, int SW, bool EDGE, class Row>
+inline void cl_block_reg(Row row, int64_t p_lo, int64_t p_hi, int64_t col0, const T* wt, const T* bias, T* dst,
+                         int64_t c0, const DwGeom& g) {
+  // row(p): window row p at its column 0; the block's column u is column col0 + u of it.
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   constexpr int U = (NJ - 1) * SW + KW;  // input columns the block reads
@@ -290,10 +291,8 @@ inline void cl_pixels_block_reg(const T* xn, const T* wt, const T* bias, T* dst,
 #pragma GCC unroll 8
     for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
   }
-  const int64_t iw0 = j * SW - g.pL;  // input column of the block's column u = 0
-  for (int64_t p = pr.lo; p < pr.hi; ++p) {
-    const int64_t ih = i * g.sH - g.pT + p * g.dH;
-    const T* xrow = xn + ih * g.W * g.C + c0;
+  for (int64_t p = p_lo; p < p_hi; ++p) {
+    const T* xrow = row(p) + c0;
     const T* wr = wt + p * KW * g.Cm + c0;
     V wv[KW][NV];
 #pragma GCC unroll 8
@@ -302,10 +301,10 @@ inline void cl_pixels_block_reg(const T* xn, const T* wt, const T* bias, T* dst,
       for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
 #pragma GCC unroll 32
     for (int u = 0; u < U; ++u) {
-      if (EDGE && (iw0 + u < 0 || iw0 + u >= g.W)) continue;
+      if (EDGE && (col0 + u < 0 || col0 + u >= g.W)) continue;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
-        const V xv = vload(xrow + (iw0 + u) * g.C + v * L);
+        const V xv = vload(xrow + (col0 + u) * g.C + v * L);
 #pragma GCC unroll 8
         for (int jj = 0; jj < NJ; ++jj)
           if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
@@ -316,6 +315,15 @@ inline void cl_pixels_block_reg(const T* xn, const T* wt, const T* bias, T* dst,
   for (int jj = 0; jj < NJ; ++jj)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
+}
+
+// The block on the image itself: output row i, pixels j.., window rows pr.
+template <class T, int NJ, int NV, int KW, int SW, bool EDGE>
+inline void cl_pixels_block_reg(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
+                                TapRange pr, const DwGeom& g) {
+  const int64_t ih0 = i * g.sH - g.pT;  // rows pr index inside the image: pointers formed only for those
+  cl_block_reg<T, NJ, NV, KW, SW, EDGE>([&](int64_t p) { return xn + (ih0 + p * g.dH) * g.W * g.C; }, pr.lo,
+                                        pr.hi, j * SW - g.pL, wt, bias, dst, c0, g);
 }
 
 // Whether cl_pixels_block_reg serves g (multiplier 1 is the caller's check).
@@ -428,46 +436,12 @@ void dw_row_cl(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, const 
 // Padded columns an output row reads.
 inline int64_t cl_staged_width(const DwGeom& g) { return (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1; }
 
-// Same register block as NCHW's dw_rows_block_vec, transposed: NJ pixels j.. x NV channel vectors
-// c0.., dilation 1, KW column taps and column stride SW known at compile time. Pixel jj's tap q
-// reads block column SW*jj + q, so each input vector of a window row is loaded once and feeds
-// every (pixel, tap) pair that reads it, with the row's KW weight vectors in registers.
+// The register block (cl_block_reg) on staged rows: rows[p] is window row p at padded column 0,
+// every column in bounds.
 template <class T, int NJ, int NV, int KW, int SW>
 inline void cl_staged_block(const T* const* rows, const T* wt, const T* bias, T* dst, int64_t c0, int64_t j,
                             const DwGeom& g) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  constexpr int U = (NJ - 1) * SW + KW;  // input columns the block reads
-  V acc[NJ][NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    const V b = bias ? vload(bias + c0 + v * L) : V{};
-#pragma GCC unroll 8
-    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
-  }
-  for (int64_t p = 0; p < g.kH; ++p) {
-    const T* xrow = rows[p] + j * SW * g.C + c0;
-    const T* wr = wt + p * KW * g.Cm + c0;
-    V wv[KW][NV];
-#pragma GCC unroll 8
-    for (int q = 0; q < KW; ++q)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
-#pragma GCC unroll 32
-    for (int u = 0; u < U; ++u) {
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const V xv = vload(xrow + u * g.C + v * L);
-#pragma GCC unroll 8
-        for (int jj = 0; jj < NJ; ++jj)
-          if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int jj = 0; jj < NJ; ++jj)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
+  cl_block_reg<T, NJ, NV, KW, SW, false>([&](int64_t p) { return rows[p]; }, 0, g.kH, j * SW, wt, bias, dst, c0, g);
 }
 
 // Channels [c0, Cm) of pixel j, any geometry: one vector at a time, then the scalar tail.
