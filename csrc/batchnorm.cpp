@@ -233,23 +233,18 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
           // 32 lanes: enough independent vector adds, few to clear and fold for a 7x7 plane.
           constexpr int BL = 32;
           T pa[BL] = {}, pb[BL] = {};
-          int64_t s = 0;
-          for (; s + BL <= len; s += BL)
+          auto lanes = [&](int64_t s, int n) {  // inlined: n is the constant BL in the main loop
 #pragma omp simd
-            for (int k = 0; k < BL; ++k) {
+            for (int k = 0; k < n; ++k) {
               T a, b;
               f(i0 + s + k, c, w[s + k], a, b);
               pa[k] += a;
               pb[k] += b;
             }
-          const int rem = static_cast<int>(len - s);
-#pragma omp simd
-          for (int k = 0; k < rem; ++k) {
-            T a, b;
-            f(i0 + s + k, c, w[s + k], a, b);
-            pa[k] += a;
-            pb[k] += b;
-          }
+          };
+          int64_t s = 0;
+          for (; s + BL <= len; s += BL) lanes(s, BL);
+          lanes(s, static_cast<int>(len - s));
           acc[c] += fold_lanes<BL>(pa);
           acc[d.C + c] += fold_lanes<BL>(pb);
         });
