@@ -19,6 +19,7 @@ import torch
 from numba import prange
 
 from .._numba_common import dummy, jit, pjit, sync_threads
+from .op import reads_channels_last as _is_cl
 
 _ACT = {"": 0, "relu": 1, "silu": 2}
 SPLIT = 16384  # values per task along a long NCS row (so few, huge channels still use every thread)
@@ -181,12 +182,6 @@ def _backward_apply_cl(g, y, x, r, has_r, mean, invstd, scale, shift, c_dz, c_xh
 # -------------------------------------------------------------------------------------------------
 # the contract
 # -------------------------------------------------------------------------------------------------
-def _is_cl(x3) -> bool:
-    # Ambiguous strides (C == 1 or S == 1) are contiguous either way; S == 1 ((N, C) input) runs on the
-    # channels-last kernels, vectorized along C, rather than as N*C one-element planes.
-    return x3.shape[2] == 1 or not x3.is_contiguous()
-
-
 def _arr(t, cl: bool) -> np.ndarray:
     """The C-contiguous numpy view the kernels index: (N, C, S), or (N, S, C) when channels-last."""
     t = t.detach()

@@ -88,6 +88,13 @@ def channels_last(x: Tensor) -> bool:
     return False
 
 
+def reads_channels_last(x3: Tensor) -> bool:
+    """How a backend reads a contract (N, C, S) view: channels-last unless NCS-contiguous. Views with
+    S == 1 or C == 1 are both layouts at once; S == 1 ((N, C) input: N rows of C contiguous channels)
+    is read channels-last, vectorized along C, ~50x faster than as N*C one-element planes."""
+    return x3.shape[2] == 1 or not x3.is_contiguous()
+
+
 def as_ncs(t: Tensor, cl: bool) -> Tensor:
     """t as the contract's (N, C, S) view, channels-last when cl (copying only if t is laid out otherwise)."""
     n, c = t.shape[0], t.shape[1]
