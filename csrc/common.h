@@ -34,6 +34,10 @@ inline bool is_float64(const py::array& a) { return a.dtype().is(py::dtype::of<d
 // their core), more than a small layer's whole pass. Use as `#pragma omp parallel if (...)`.
 inline bool worth_threads(int64_t elements) { return elements >= (int64_t{1} << 15); }
 
+// The same for compute-bound work (GEMMs, the fused separable conv): below this many multiply-adds
+// (~50 us on one core) a second thread saves less than waking it can cost.
+constexpr int64_t kMinParallelMacs = 128 * 128 * 128;
+
 // The instruction set this module was compiled for, reported by dlkernels._C.simd().
 inline const char* simd_name() {
 #if defined(__AVX512F__)

@@ -219,10 +219,6 @@ struct Blocking {
       std::max<int64_t>(Kern::NR, (4 * 1024 * 1024 / (KC * int64_t(sizeof(T)))) / Kern::NR * Kern::NR);
 };
 
-// Below this many multiply-adds (~50 us on one core) a second thread saves less than waking it
-// can cost: a few us on a quiet machine, a whole scheduler time slice on a busy one.
-constexpr int64_t kMinParallelMacs = 128 * 128 * 128;
-
 // ---------------------------------------------------------------------------------------------
 // packing
 // ---------------------------------------------------------------------------------------------

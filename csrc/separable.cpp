@@ -14,10 +14,6 @@ namespace {
 
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Below this many multiply-adds (~50 us on one core) a second thread costs more than it saves: a
-// few us to wake on a quiet machine, a whole scheduler slice at the barriers on a busy one.
-constexpr int64_t kMinParallelMacs = 128 * 128 * 128;
-
 int team_size(const DwGeom& g, int64_t O) {
   const int64_t macs = g.N * g.Ho * g.Wo * g.Cm * (g.kH * g.kW + O);
   return macs < kMinParallelMacs ? 1 : omp_get_max_threads();
