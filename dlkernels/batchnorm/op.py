@@ -16,11 +16,14 @@ float16/bfloat16/float32 inputs, float64 for float64. activation is "", "relu" o
         layout. Training and evaluation both run it (the op folds weight, bias and the statistics
         into scale and shift).
 
-    bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation)
-            -> (sum_dz, sum_dz_xhat)
+    bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation, write_dz)
+            -> (sum_dz, sum_dz_xhat, dz3)
         dz = grad_y * act'(z) with z = x*scale[c] + shift[c] + residual (relu: 0 where y <= 0,
         read from the output; silu: recomputed z; none: grad_y). xhat = (x - mean[c]) * invstd[c].
-        Per-channel sums over N and S, in the statistics dtype.
+        Per-channel sums over N and S, in the statistics dtype. dz3: when write_dz, dz itself, a new
+        tensor in x3's layout and dtype (else None). The op asks for it when grad_residual (= dz) is
+        wanted with an activation: the apply pass then reads dz and x (bn_backward_apply with
+        activation "") instead of grad_y, y (or residual) and x, one tensor fewer to stream.
 
     bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_dz, c_xhat,
                       activation, need_grad_residual) -> (grad_x3, grad_residual3)
@@ -206,9 +209,15 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
     scale, shift = _scale_shift(mean, invstd, weight, bias, sdtype)
     need_x, need_r, need_w, need_b = output_mask
     need_sums = (need_x and training) or need_w or need_b
+    # grad_residual = dz is an output anyway: the reduce pass, which forms dz, writes it (see the contract)
+    dz3 = None
     if need_sums:
-        sum_dz, sum_dz_xhat = k.bn_backward_reduce(g3, y3, x3, r3, mean, invstd, scale, shift, activation)
+        sum_dz, sum_dz_xhat, dz3 = k.bn_backward_reduce(g3, y3, x3, r3, mean, invstd, scale, shift, activation,
+                                                        bool(need_r) and activation != "")
     grad_x, grad_r = input.new_empty(0), input.new_empty(0)
+    if dz3 is not None:
+        grad_r = dz3.view(input.shape)
+        g3, y3, r3, activation, need_r = dz3, None, None, "", False
     if need_x or need_r:
         if training:
             count = x3.shape[0] * x3.shape[2]
@@ -218,7 +227,8 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
         gx3, gr3 = k.bn_backward_apply(g3, y3, x3, r3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
                                        bool(need_r))
         grad_x = gx3.view(input.shape) if need_x else input.new_empty(0)
-        grad_r = gr3.view(input.shape) if need_r else input.new_empty(0)
+        if need_r:
+            grad_r = gr3.view(input.shape)
     grad_w = sum_dz_xhat.to(weight.dtype) if (need_w and weight is not None) else input.new_empty(0)
     grad_b = sum_dz.to(bias.dtype) if (need_b and bias is not None) else input.new_empty(0)
     return grad_x, grad_r, grad_w, grad_b
@@ -247,11 +257,17 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     input, out, residual, weight, bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    mask = [needs[0], ctx.has_residual and needs[1], weight is not None and needs[4], bias is not None and needs[5]]
+    need_r = ctx.has_residual and needs[1]
+    # Without an activation grad_residual is grad_out itself (as for eager's add): handing it back
+    # costs nothing, where the op (which may not return an alias of its input) would copy it.
+    mask = [needs[0], need_r and ctx.activation != "", weight is not None and needs[4],
+            bias is not None and needs[5]]
     gx, gr, gw, gb = torch.ops.dlkernels.batch_norm_residual_backward(
         grad_out, out, input, residual, weight, bias, mean, torch.rsqrt(var + ctx.eps), ctx.training,
         ctx.activation, mask, ctx.backend)
-    return (gx if mask[0] else None, gr if mask[1] else None, None, None, gw if mask[2] else None,
+    if need_r and not mask[1]:
+        gr = grad_out
+    return (gx if mask[0] else None, gr if need_r else None, None, None, gw if mask[2] else None,
             gb if mask[3] else None, None, None, None, None)
 
 
