@@ -20,9 +20,10 @@ def bn_stats(x3):
     return mean, var
 
 
-def bn_apply(x3, residual3, scale, shift, activation):
+def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
     y3 = torch.empty_like(x3)
-    _C.bn_apply(_np(x3), _np(residual3), _np(scale), _np(shift), activation or "", _np(y3), _channels_last(x3))
+    _C.bn_apply(_np(x3), _np(residual3), _np(mean), _np(var), _np(weight), _np(bias), eps, activation or "", _np(y3),
+                _channels_last(x3))
     return y3
 
 

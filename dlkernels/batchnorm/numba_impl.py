@@ -19,6 +19,7 @@ import torch
 from numba import prange
 
 from .._numba_common import dummy, jit, pjit, sync_threads
+from .op import fold_scale_shift
 from .op import reads_channels_last as _is_cl
 
 _ACT = {"": 0, "relu": 1, "silu": 2}
@@ -248,7 +249,8 @@ def bn_stats(x3):
     return torch.from_numpy(mean).to(sdtype), torch.from_numpy(var).to(sdtype)
 
 
-def bn_apply(x3, residual3, scale, shift, activation):
+def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
+    scale, shift = fold_scale_shift(mean, var, weight, bias, eps)
     sync_threads()
     cl = _is_cl(x3)
     x = _arr(x3, cl)

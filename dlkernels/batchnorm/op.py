@@ -11,10 +11,11 @@ float16/bfloat16/float32 inputs, float64 for float64. activation is "", "relu" o
         per-channel mean and biased variance over N and S, in one read of x, accurate for large
         means and large N*S (Welford / shifted sums merged in a two-level reduction).
 
-    bn_apply(x3, residual3, scale, shift, activation) -> y3
-        y = act(x * scale[c] + shift[c] + residual) (residual3 may be None); a new tensor in x3's
-        layout. Training and evaluation both run it (the op folds weight, bias and the statistics
-        into scale and shift).
+    bn_apply(x3, residual3, mean, var, weight, bias, eps, activation) -> y3
+        y = act(x * scale[c] + shift[c] + residual) with scale, shift = fold_scale_shift(mean, var,
+        weight, bias, eps) (residual3, weight and bias may be None; weight and bias in the statistics
+        dtype too); a new tensor in x3's layout. Training (batch statistics) and evaluation (running
+        ones) both run it; the fold is the kernel's, so a call costs no extra tensor ops.
 
     bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation, write_dz)
             -> (sum_dz, sum_dz_xhat, dz3)
@@ -118,6 +119,11 @@ def empty_ncs(x: Tensor, cl: bool) -> Tensor:
     return x.new_empty(x.shape)
 
 
+def fold_scale_shift(mean, var, weight, bias, eps):
+    """(scale, shift) of bn_apply's contract, for backends that fold in PyTorch."""
+    return _scale_shift(mean, torch.rsqrt(var + eps), weight, bias, mean.dtype)
+
+
 def _scale_shift(mean, invstd, weight, bias, sdtype):
     scale = invstd if weight is None else weight.to(sdtype) * invstd
     shift = -mean * scale
@@ -166,8 +172,9 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
                                       running_var: Optional[Tensor], weight: Optional[Tensor],
                                       bias: Optional[Tensor], training: bool, eps: float, activation: str,
                                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, mean, var): the statistics that normalized the input (batch statistics in training, with
-    the biased variance; the running ones in evaluation)."""
+    """(out, mean, var): in training the batch statistics that normalized the input (biased variance);
+    in evaluation empty tensors: the running statistics, inputs already, are what the backward uses
+    (no copies of them per call)."""
     _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
     k = _dispatch.kernels(FAMILY, backend, input.device)
     sdtype = stats_dtype(input.dtype)
@@ -177,18 +184,26 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
     if training:
         mean, var = k.bn_stats(x3)
         mean, var = mean.to(sdtype), var.to(sdtype)
-    else:
-        mean, var = running_mean.to(sdtype).clone(), running_var.to(sdtype).clone()
-    scale, shift = _scale_shift(mean, torch.rsqrt(var + eps), weight, bias, sdtype)
-    y3 = k.bn_apply(x3, r3, scale, shift, activation)
-    return y3.view(input.shape), mean, var
+        y3 = k.bn_apply(x3, r3, mean, var, _to(weight, sdtype), _to(bias, sdtype), eps, activation)
+        return y3.view(input.shape), mean, var
+    y3 = k.bn_apply(x3, r3, _to(running_mean, sdtype), _to(running_var, sdtype), _to(weight, sdtype),
+                    _to(bias, sdtype), eps, activation)
+    return y3.view(input.shape), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype)
+
+
+def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A per-channel vector as the kernels take it: contiguous, in the statistics dtype. Not a no-op
+    aten.to when it is already: opcheck's schema check rejects an op that returns its input."""
+    if t is None:
+        return None
+    return (t if t.dtype == dtype else t.to(dtype)).contiguous()
 
 
 @batch_norm_residual_functional_op.register_fake
 def _(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend):
     _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
     sdtype = stats_dtype(input.dtype)
-    c = input.shape[1]
+    c = input.shape[1] if training else 0
     return empty_ncs(input, channels_last(input)), input.new_empty(c, dtype=sdtype), input.new_empty(c, dtype=sdtype)
 
 
@@ -248,6 +263,9 @@ def _setup(ctx, inputs, output):
     input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend = inputs
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
+    if not training:  # the statistics that normalized the input (the op returned empty ones)
+        sdtype = stats_dtype(input.dtype)
+        mean, var = _to(running_mean, sdtype), _to(running_var, sdtype)
     ctx.save_for_backward(input, out if activation == "relu" else None,
                           residual if activation == "silu" else None, weight, bias, mean, var)
     ctx.training, ctx.eps, ctx.activation, ctx.backend = training, eps, activation, backend

@@ -29,7 +29,10 @@ def bn_stats(x3: Tensor):
     return mean.to(dt), var.to(dt)
 
 
-def bn_apply(x3, residual3, scale, shift, activation):
+def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight * invstd
+    shift = -mean * scale if bias is None else bias - mean * scale
     z = x3 * scale[:, None] + shift[:, None]
     if residual3 is not None:
         z = z + residual3

@@ -18,6 +18,7 @@ import triton.language as tl
 
 # the launch wrapper and the occupancy target are shared with the matmul family's Triton kernels
 from ..matmul.triton_impl import _MAX_GRID_YZ, _launch, _target_programs
+from .op import fold_scale_shift
 
 # Elements per tile: 16 per thread at 4 warps, enough loads in flight to stream HBM.
 _TILE = 2048
@@ -353,7 +354,8 @@ def bn_stats(x3: torch.Tensor):
     return mean, var
 
 
-def bn_apply(x3, residual3, scale, shift, activation):
+def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
+    scale, shift = fold_scale_shift(mean, var, weight, bias, eps)
     geo = _Geometry(x3)
     y3 = _new_like_x(x3)
     if x3.numel() == 0:
