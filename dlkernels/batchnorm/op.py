@@ -307,5 +307,9 @@ def batch_norm_residual(input: Tensor, residual: Tensor | None, running_mean: Te
         _check(input, residual, running_mean, running_var, weight, bias, training, act, name)
         return reference.batch_norm_residual(input, residual, running_mean, running_var, weight, bias, training,
                                              momentum, eps, activation)
+    if not training:
+        # nothing to update: the functional op is the whole op, one dispatcher layer (~10 us) fewer
+        return torch.ops.dlkernels.batch_norm_residual_functional(input, residual, running_mean, running_var, weight,
+                                                                  bias, False, float(eps), act, name)[0]
     return torch.ops.dlkernels.batch_norm_residual(input, residual, running_mean, running_var, weight, bias,
-                                                   bool(training), float(momentum), float(eps), act, name)
+                                                   True, float(momentum), float(eps), act, name)
