@@ -366,6 +366,10 @@ const T* vec(const py::array& a, const char* name, const Bn3& d) {
   return cptr<T>(a);
 }
 template <class T>
+const T* vec_opt(const py::object& a, const char* name, const Bn3& d) {
+  return a.is_none() ? nullptr : vec<T>(a.cast<py::array>(), name, d);
+}
+template <class T>
 T* out_vec(py::array& a, const char* name, const Bn3& d) {
   check_dense<T>(a, name, {d.C}, {1}, true);
   return mptr<T>(a);
@@ -402,18 +406,31 @@ void py_stats(const py::array& x3, py::array& mean, py::array& var, bool cl) {
   });
 }
 
-void py_apply(const py::array& x3, const py::object& res3, const py::array& scale, const py::array& shift,
-              const std::string& activation, py::array& y3, bool cl) {
+void py_apply(const py::array& x3, const py::object& res3, const py::array& mean, const py::array& var,
+              const py::object& weight, const py::object& bias, double eps, const std::string& activation,
+              py::array& y3, bool cl) {
   const Bn3 d = dims_of(x3, cl);
   const Act act = parse_act(activation);
   dispatch_float(x3, "bn_apply", [&](auto tag) {
     using T = decltype(tag);
     const T* x = in3<T>(x3, "x3", d);
     const T* r = in3_opt<T>(res3, "residual3", d);
-    const T* sc = vec<T>(scale, "scale", d);
-    const T* sh = vec<T>(shift, "shift", d);
+    const T* mu = vec<T>(mean, "mean", d);
+    const T* vr = vec<T>(var, "var", d);
+    const T* wt = vec_opt<T>(weight, "weight", d);
+    const T* bs = vec_opt<T>(bias, "bias", d);
     T* y = out3<T>(y3, "y3", d);
     py::gil_scoped_release nogil;
+    // The fold here rather than in Python: there it was 8-10 tiny torch ops, ~50 us a call, more than
+    // the whole pass on a small layer. Same order of operations as op._scale_shift (the backward's).
+    std::vector<T> scv(d.C), shv(d.C);
+    for (int64_t c = 0; c < d.C; ++c) {
+      const T invstd = T(1) / std::sqrt(vr[c] + static_cast<T>(eps));
+      scv[c] = wt ? wt[c] * invstd : invstd;
+      shv[c] = -mu[c] * scv[c] + (bs ? bs[c] : T(0));
+    }
+    const T* sc = scv.data();
+    const T* sh = shv.data();
     dispatch_act(act, r != nullptr, [&](auto A, auto R) {
       constexpr Act AV = decltype(A)::value;
       constexpr bool RV = decltype(R)::value;
@@ -463,7 +480,8 @@ DLK_INLINE void with_bwd_prep(const BwdInputs<T>& b, L loop) {
 
 void py_bwd_reduce(const py::array& gy3, const py::object& y3, const py::array& x3, const py::object& res3,
                    const py::array& mean, const py::array& invstd, const py::array& scale, const py::array& shift,
-                   const std::string& activation, py::array& sum_dz, py::array& sum_dz_xhat, bool cl) {
+                   const std::string& activation, py::array& sum_dz, py::array& sum_dz_xhat, const py::object& dz3,
+                   bool cl) {
   const Bn3 d = dims_of(x3, cl);
   const Act act = parse_act(activation);
   dispatch_float(x3, "bn_backward_reduce", [&](auto tag) {
@@ -471,16 +489,30 @@ void py_bwd_reduce(const py::array& gy3, const py::object& y3, const py::array& 
     const BwdInputs<T> b = bwd_inputs<T>(gy3, y3, x3, res3, mean, invstd, scale, shift, act, d);
     T* o_dz = out_vec<T>(sum_dz, "sum_dz", d);
     T* o_dzx = out_vec<T>(sum_dz_xhat, "sum_dz_xhat", d);
+    T* dzo = nullptr;
+    py::array dza;
+    if (!dz3.is_none()) {
+      dza = dz3.cast<py::array>();
+      dzo = out3<T>(dza, "dz3", d);
+    }
     py::gil_scoped_release nogil;
     std::vector<double> sa(d.C), sb(d.C);
     dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
       constexpr Act AV = decltype(A)::value;
       constexpr bool RV = decltype(R)::value;
       with_bwd_prep<AV, RV>(b, [&](auto pre) {
-        channel_sums2<T>(d, pre, [=](int64_t i, int64_t c, T wk, T& a, T& s) {
-          a = dz_at<AV, RV>(b, i, wk);
-          s = a * (b.x[i] - b.mean[c]);
-        }, sa.data(), sb.data());
+        auto sums = [&](auto W) {
+          constexpr bool WV = decltype(W)::value;
+          channel_sums2<T>(d, pre, [=](int64_t i, int64_t c, T wk, T& a, T& s) {
+            a = dz_at<AV, RV>(b, i, wk);
+            if constexpr (WV) dzo[i] = a;
+            s = a * (b.x[i] - b.mean[c]);
+          }, sa.data(), sb.data());
+        };
+        if (dzo)
+          sums(std::true_type{});
+        else
+          sums(std::false_type{});
       });
     });
     for (int64_t c = 0; c < d.C; ++c) {
@@ -538,11 +570,12 @@ void init_batchnorm(py::module_& m) {
   using namespace pybind11::literals;
   m.def("bn_stats", &py_stats, "x3"_a, "mean"_a, "var"_a, "channels_last"_a,
         "per-channel mean and biased variance of x3 (N, C, S), written into mean and var");
-  m.def("bn_apply", &py_apply, "x3"_a, "residual3"_a.none(true), "scale"_a, "shift"_a, "activation"_a, "y3"_a,
-        "channels_last"_a, "y3 = act(x3 * scale[c] + shift[c] + residual3)");
+  m.def("bn_apply", &py_apply, "x3"_a, "residual3"_a.none(true), "mean"_a, "var"_a, "weight"_a.none(true),
+        "bias"_a.none(true), "eps"_a, "activation"_a, "y3"_a, "channels_last"_a,
+        "y3 = act((x3 - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] + residual3)");
   m.def("bn_backward_reduce", &py_bwd_reduce, "grad_y3"_a, "y3"_a.none(true), "x3"_a, "residual3"_a.none(true),
-        "mean"_a, "invstd"_a, "scale"_a, "shift"_a, "activation"_a, "sum_dz"_a, "sum_dz_xhat"_a, "channels_last"_a,
-        "per-channel sums of dz and dz * xhat");
+        "mean"_a, "invstd"_a, "scale"_a, "shift"_a, "activation"_a, "sum_dz"_a, "sum_dz_xhat"_a,
+        "dz3"_a.none(true), "channels_last"_a, "per-channel sums of dz and dz * xhat (and dz itself into dz3 unless None)");
   m.def("bn_backward_apply", &py_bwd_apply, "grad_y3"_a, "y3"_a.none(true), "x3"_a, "residual3"_a.none(true),
         "mean"_a, "invstd"_a, "scale"_a, "shift"_a, "c_dz"_a, "c_xhat"_a, "activation"_a, "grad_x3"_a,
         "grad_residual3"_a.none(true), "channels_last"_a, "grad_x3 (and grad_residual3 unless None)");

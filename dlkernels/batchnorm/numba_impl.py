@@ -19,6 +19,7 @@ import torch
 from numba import prange
 
 from .._numba_common import dummy, jit, pjit, sync_threads
+from .op import fold_scale_shift
 from .op import reads_channels_last as _is_cl
 
 _ACT = {"": 0, "relu": 1, "silu": 2}
@@ -58,8 +59,8 @@ def _dz(g, y, x, r, has_r, scale, shift, act, zero):
 # reductions: parts[..., 0] = sum of a, parts[..., 1] = sum of a * (x - center), a = x - center or dz
 # -------------------------------------------------------------------------------------------------
 @pjit
-def _reduce_ncs(x, r, has_r, g, y, center, scale, shift, backward, act, nsplit, parts):
-    """x, r, g, y: (N, C, S); parts: (N, C, nsplit, 2) float64."""
+def _reduce_ncs(x, r, has_r, g, y, center, scale, shift, backward, act, write_dz, dzo, nsplit, parts):
+    """x, r, g, y, dzo: (N, C, S); parts: (N, C, nsplit, 2) float64. dzo receives dz when write_dz."""
     nn, cc, ss = x.shape
     zero = np.zeros(1, x.dtype)[0]
     for t in prange(nn * cc * nsplit):
@@ -76,6 +77,8 @@ def _reduce_ncs(x, r, has_r, g, y, center, scale, shift, backward, act, nsplit, 
             sh = shift[c]
             for s in range(s0, s1):
                 d = _dz(g[n, c, s], y[n, c, s], x[n, c, s], r[n, c, s], has_r, sc, sh, act, zero)
+                if write_dz:
+                    dzo[n, c, s] = d
                 sa += d
                 sb += d * (x[n, c, s] - k)
         else:
@@ -88,8 +91,9 @@ def _reduce_ncs(x, r, has_r, g, y, center, scale, shift, backward, act, nsplit, 
 
 
 @pjit
-def _reduce_cl(x, r, has_r, g, y, center, scale, shift, backward, act, parts):
-    """x, r, g, y: (N, S, C) contiguous; parts: (nchunk, C, 2) float64, one task per chunk of rows."""
+def _reduce_cl(x, r, has_r, g, y, center, scale, shift, backward, act, write_dz, dzo, parts):
+    """x, r, g, y, dzo: (N, S, C) contiguous; parts: (nchunk, C, 2) float64, one task per chunk of rows.
+    dzo receives dz when write_dz."""
     nn, ss, cc = x.shape
     rows = nn * ss
     nchunk = parts.shape[0]
@@ -103,6 +107,8 @@ def _reduce_cl(x, r, has_r, g, y, center, scale, shift, backward, act, parts):
             if backward:
                 for c in range(cc):
                     d = _dz(g[n, s, c], y[n, s, c], x[n, s, c], r[n, s, c], has_r, scale[c], shift[c], act, zero)
+                    if write_dz:
+                        dzo[n, s, c] = d
                     sa[c] += d
                     sb[c] += d * (x[n, s, c] - center[c])
             else:
@@ -206,8 +212,9 @@ def _vec(t) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def _reduce(g3, y3, x3, residual3, center, scale, shift, backward, activation):
-    """Per-channel float64 (sum of a, sum of a * (x - center)) over N and S."""
+def _reduce(g3, y3, x3, residual3, center, scale, shift, backward, activation, dz_out=None):
+    """Per-channel float64 (sum of a, sum of a * (x - center)) over N and S; dz into the kernel view
+    dz_out unless None."""
     sync_threads()
     cl = _is_cl(x3)
     x = _arr(x3, cl)
@@ -215,7 +222,8 @@ def _reduce(g3, y3, x3, residual3, center, scale, shift, backward, activation):
     g = x if g3 is None else _arr(g3, cl)
     y = x if y3 is None else _arr(y3, cl)
     n, c, s = x3.shape
-    args = (x, r, residual3 is not None, g, y, center, scale, shift, backward, _ACT[activation])
+    args = (x, r, residual3 is not None, g, y, center, scale, shift, backward, _ACT[activation],
+            dz_out is not None, x if dz_out is None else dz_out)  # x: a placeholder never written
     if cl:
         nchunk = max(1, min(n * s, (n * s * c) // CL_CHUNK_VALUES, 256))
         parts = np.empty((nchunk, c, 2))
@@ -241,7 +249,8 @@ def bn_stats(x3):
     return torch.from_numpy(mean).to(sdtype), torch.from_numpy(var).to(sdtype)
 
 
-def bn_apply(x3, residual3, scale, shift, activation):
+def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
+    scale, shift = fold_scale_shift(mean, var, weight, bias, eps)
     sync_threads()
     cl = _is_cl(x3)
     x = _arr(x3, cl)
@@ -255,12 +264,13 @@ def bn_apply(x3, residual3, scale, shift, activation):
     return out
 
 
-def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation):
+def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation, write_dz):
+    dz3, dzo = _new(x3, _is_cl(x3)) if write_dz else (None, None)
     sums = _reduce(grad_y3, y3 if activation == "relu" else None, x3, residual3,
-                   _vec(mean).astype(np.float64), _vec(scale), _vec(shift), True, activation)
+                   _vec(mean).astype(np.float64), _vec(scale), _vec(shift), True, activation, dzo)
     sum_dz = torch.from_numpy(sums[:, 0]).to(mean.dtype)
     sum_dz_xhat = (torch.from_numpy(sums[:, 1]) * invstd.detach().to(torch.float64)).to(mean.dtype)
-    return sum_dz, sum_dz_xhat
+    return sum_dz, sum_dz_xhat, dz3
 
 
 def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_dz, c_xhat, activation,

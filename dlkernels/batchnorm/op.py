@@ -11,16 +11,20 @@ float16/bfloat16/float32 inputs, float64 for float64. activation is "", "relu" o
         per-channel mean and biased variance over N and S, in one read of x, accurate for large
         means and large N*S (Welford / shifted sums merged in a two-level reduction).
 
-    bn_apply(x3, residual3, scale, shift, activation) -> y3
-        y = act(x * scale[c] + shift[c] + residual) (residual3 may be None); a new tensor in x3's
-        layout. Training and evaluation both run it (the op folds weight, bias and the statistics
-        into scale and shift).
+    bn_apply(x3, residual3, mean, var, weight, bias, eps, activation) -> y3
+        y = act(x * scale[c] + shift[c] + residual) with scale, shift = fold_scale_shift(mean, var,
+        weight, bias, eps) (residual3, weight and bias may be None; weight and bias in the statistics
+        dtype too); a new tensor in x3's layout. Training (batch statistics) and evaluation (running
+        ones) both run it; the fold is the kernel's, so a call costs no extra tensor ops.
 
-    bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation)
-            -> (sum_dz, sum_dz_xhat)
+    bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation, write_dz)
+            -> (sum_dz, sum_dz_xhat, dz3)
         dz = grad_y * act'(z) with z = x*scale[c] + shift[c] + residual (relu: 0 where y <= 0,
         read from the output; silu: recomputed z; none: grad_y). xhat = (x - mean[c]) * invstd[c].
-        Per-channel sums over N and S, in the statistics dtype.
+        Per-channel sums over N and S, in the statistics dtype. dz3: when write_dz, dz itself, a new
+        tensor in x3's layout and dtype (else None). The op asks for it when grad_residual (= dz) is
+        wanted with an activation: the apply pass then reads dz and x (bn_backward_apply with
+        activation "") instead of grad_y, y (or residual) and x, one tensor fewer to stream.
 
     bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_dz, c_xhat,
                       activation, need_grad_residual) -> (grad_x3, grad_residual3)
@@ -115,6 +119,11 @@ def empty_ncs(x: Tensor, cl: bool) -> Tensor:
     return x.new_empty(x.shape)
 
 
+def fold_scale_shift(mean, var, weight, bias, eps):
+    """(scale, shift) of bn_apply's contract, for backends that fold in PyTorch."""
+    return _scale_shift(mean, torch.rsqrt(var + eps), weight, bias, mean.dtype)
+
+
 def _scale_shift(mean, invstd, weight, bias, sdtype):
     scale = invstd if weight is None else weight.to(sdtype) * invstd
     shift = -mean * scale
@@ -163,8 +172,9 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
                                       running_var: Optional[Tensor], weight: Optional[Tensor],
                                       bias: Optional[Tensor], training: bool, eps: float, activation: str,
                                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, mean, var): the statistics that normalized the input (batch statistics in training, with
-    the biased variance; the running ones in evaluation)."""
+    """(out, mean, var): in training the batch statistics that normalized the input (biased variance);
+    in evaluation empty tensors: the running statistics, inputs already, are what the backward uses
+    (no copies of them per call)."""
     _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
     k = _dispatch.kernels(FAMILY, backend, input.device)
     sdtype = stats_dtype(input.dtype)
@@ -174,18 +184,26 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
     if training:
         mean, var = k.bn_stats(x3)
         mean, var = mean.to(sdtype), var.to(sdtype)
-    else:
-        mean, var = running_mean.to(sdtype).clone(), running_var.to(sdtype).clone()
-    scale, shift = _scale_shift(mean, torch.rsqrt(var + eps), weight, bias, sdtype)
-    y3 = k.bn_apply(x3, r3, scale, shift, activation)
-    return y3.view(input.shape), mean, var
+        y3 = k.bn_apply(x3, r3, mean, var, _to(weight, sdtype), _to(bias, sdtype), eps, activation)
+        return y3.view(input.shape), mean, var
+    y3 = k.bn_apply(x3, r3, _to(running_mean, sdtype), _to(running_var, sdtype), _to(weight, sdtype),
+                    _to(bias, sdtype), eps, activation)
+    return y3.view(input.shape), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype)
+
+
+def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A per-channel vector as the kernels take it: contiguous, in the statistics dtype. Not a no-op
+    aten.to when it is already: opcheck's schema check rejects an op that returns its input."""
+    if t is None:
+        return None
+    return (t if t.dtype == dtype else t.to(dtype)).contiguous()
 
 
 @batch_norm_residual_functional_op.register_fake
 def _(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend):
     _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
     sdtype = stats_dtype(input.dtype)
-    c = input.shape[1]
+    c = input.shape[1] if training else 0
     return empty_ncs(input, channels_last(input)), input.new_empty(c, dtype=sdtype), input.new_empty(c, dtype=sdtype)
 
 
@@ -206,9 +224,15 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
     scale, shift = _scale_shift(mean, invstd, weight, bias, sdtype)
     need_x, need_r, need_w, need_b = output_mask
     need_sums = (need_x and training) or need_w or need_b
+    # grad_residual = dz is an output anyway: the reduce pass, which forms dz, writes it (see the contract)
+    dz3 = None
     if need_sums:
-        sum_dz, sum_dz_xhat = k.bn_backward_reduce(g3, y3, x3, r3, mean, invstd, scale, shift, activation)
+        sum_dz, sum_dz_xhat, dz3 = k.bn_backward_reduce(g3, y3, x3, r3, mean, invstd, scale, shift, activation,
+                                                        bool(need_r) and activation != "")
     grad_x, grad_r = input.new_empty(0), input.new_empty(0)
+    if dz3 is not None:
+        grad_r = dz3.view(input.shape)
+        g3, y3, r3, activation, need_r = dz3, None, None, "", False
     if need_x or need_r:
         if training:
             count = x3.shape[0] * x3.shape[2]
@@ -218,7 +242,8 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
         gx3, gr3 = k.bn_backward_apply(g3, y3, x3, r3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
                                        bool(need_r))
         grad_x = gx3.view(input.shape) if need_x else input.new_empty(0)
-        grad_r = gr3.view(input.shape) if need_r else input.new_empty(0)
+        if need_r:
+            grad_r = gr3.view(input.shape)
     grad_w = sum_dz_xhat.to(weight.dtype) if (need_w and weight is not None) else input.new_empty(0)
     grad_b = sum_dz.to(bias.dtype) if (need_b and bias is not None) else input.new_empty(0)
     return grad_x, grad_r, grad_w, grad_b
@@ -238,6 +263,9 @@ def _setup(ctx, inputs, output):
     input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend = inputs
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
+    if not training:  # the statistics that normalized the input (the op returned empty ones)
+        sdtype = stats_dtype(input.dtype)
+        mean, var = _to(running_mean, sdtype), _to(running_var, sdtype)
     ctx.save_for_backward(input, out if activation == "relu" else None,
                           residual if activation == "silu" else None, weight, bias, mean, var)
     ctx.training, ctx.eps, ctx.activation, ctx.backend = training, eps, activation, backend
@@ -247,11 +275,17 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     input, out, residual, weight, bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    mask = [needs[0], ctx.has_residual and needs[1], weight is not None and needs[4], bias is not None and needs[5]]
+    need_r = ctx.has_residual and needs[1]
+    # Without an activation grad_residual is grad_out itself (as for eager's add): handing it back
+    # costs nothing, where the op (which may not return an alias of its input) would copy it.
+    mask = [needs[0], need_r and ctx.activation != "", weight is not None and needs[4],
+            bias is not None and needs[5]]
     gx, gr, gw, gb = torch.ops.dlkernels.batch_norm_residual_backward(
         grad_out, out, input, residual, weight, bias, mean, torch.rsqrt(var + ctx.eps), ctx.training,
         ctx.activation, mask, ctx.backend)
-    return (gx if mask[0] else None, gr if mask[1] else None, None, None, gw if mask[2] else None,
+    if need_r and not mask[1]:
+        gr = grad_out
+    return (gx if mask[0] else None, gr if need_r else None, None, None, gw if mask[2] else None,
             gb if mask[3] else None, None, None, None, None)
 
 
@@ -273,5 +307,9 @@ def batch_norm_residual(input: Tensor, residual: Tensor | None, running_mean: Te
         _check(input, residual, running_mean, running_var, weight, bias, training, act, name)
         return reference.batch_norm_residual(input, residual, running_mean, running_var, weight, bias, training,
                                              momentum, eps, activation)
+    if not training:
+        # nothing to update: the functional op is the whole op, one dispatcher layer (~10 us) fewer
+        return torch.ops.dlkernels.batch_norm_residual_functional(input, residual, running_mean, running_var, weight,
+                                                                  bias, False, float(eps), act, name)[0]
     return torch.ops.dlkernels.batch_norm_residual(input, residual, running_mean, running_var, weight, bias,
-                                                   bool(training), float(momentum), float(eps), act, name)
+                                                   True, float(momentum), float(eps), act, name)

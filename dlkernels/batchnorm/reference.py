@@ -29,7 +29,10 @@ def bn_stats(x3: Tensor):
     return mean.to(dt), var.to(dt)
 
 
-def bn_apply(x3, residual3, scale, shift, activation):
+def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight * invstd
+    shift = -mean * scale if bias is None else bias - mean * scale
     z = x3 * scale[:, None] + shift[:, None]
     if residual3 is not None:
         z = z + residual3
@@ -48,11 +51,12 @@ def _dz(grad_y3, y3, x3, residual3, scale, shift, activation):
     return grad_y3
 
 
-def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation):
+def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation, write_dz):
     dz = _dz(grad_y3.double(), None if y3 is None else y3.double(), x3.double(),
              None if residual3 is None else residual3.double(), scale.double(), shift.double(), activation)
     xhat = (x3.double() - mean.double()[:, None]) * invstd.double()[:, None]
-    return dz.sum(dim=(0, 2)).to(mean.dtype), (dz * xhat).sum(dim=(0, 2)).to(mean.dtype)
+    return (dz.sum(dim=(0, 2)).to(mean.dtype), (dz * xhat).sum(dim=(0, 2)).to(mean.dtype),
+            dz.to(x3.dtype) if write_dz else None)
 
 
 def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_dz, c_xhat, activation,

@@ -18,6 +18,7 @@ import triton.language as tl
 
 # the launch wrapper and the occupancy target are shared with the matmul family's Triton kernels
 from ..matmul.triton_impl import _MAX_GRID_YZ, _launch, _target_programs
+from .op import fold_scale_shift
 
 # Elements per tile: 16 per thread at 4 warps, enough loads in flight to stream HBM.
 _TILE = 2048
@@ -201,13 +202,14 @@ def _apply_kernel(
 @triton.jit
 def _backward_reduce_partial_kernel(
     gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
-    part_dz_ptr, part_dzx_ptr,
+    part_dz_ptr, part_dzx_ptr, dz_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_tiles, tiles_per_split,
-    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, WRITE_DZ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Per-split sums of dz and dz * xhat, written to part_*[split, c]. xhat is formed per element
-    from the given mean, so large means do not cancel in sum(dz * x) - mean * sum(dz)."""
+    from the given mean, so large means do not cancel in sum(dz * x) - mean * sum(dz). dz itself
+    goes to dz_ptr when WRITE_DZ."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -225,6 +227,8 @@ def _backward_reduce_partial_kernel(
         dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale, shift,
                                      HAS_RESIDUAL, ACTIVATION)
         dz = tl.where(mask, dz, 0.0)
+        if WRITE_DZ:
+            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         acc_dz += dz
         acc_dzx += dz * ((x - mean) * invstd)
     out = pid_s * C + offs_c
@@ -350,7 +354,8 @@ def bn_stats(x3: torch.Tensor):
     return mean, var
 
 
-def bn_apply(x3, residual3, scale, shift, activation):
+def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
+    scale, shift = fold_scale_shift(mean, var, weight, bias, eps)
     geo = _Geometry(x3)
     y3 = _new_like_x(x3)
     if x3.numel() == 0:
@@ -363,13 +368,14 @@ def bn_apply(x3, residual3, scale, shift, activation):
     return y3
 
 
-def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation):
+def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation, write_dz):
     geo = _Geometry(x3)
     c = geo.c
     sum_dz = torch.zeros(c, dtype=scale.dtype, device=x3.device)
     sum_dz_xhat = torch.zeros(c, dtype=scale.dtype, device=x3.device)
+    dz3 = _new_like_x(x3) if write_dz else None
     if c == 0 or geo.n_tiles == 0:
-        return sum_dz, sum_dz_xhat
+        return sum_dz, sum_dz_xhat, dz3
     has_res = residual3 is not None
     grad_y3, y3, residual3 = (_like_x(t, x3) for t in (grad_y3, y3, residual3))
     y3 = x3 if y3 is None else y3  # only "relu" reads y
@@ -377,12 +383,13 @@ def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, a
     parts = torch.empty((2, n_splits, c), dtype=scale.dtype, device=x3.device)
     _launch(_backward_reduce_partial_kernel, (geo.n_cblocks, n_splits))(
         grad_y3, y3, x3, residual3 if has_res else x3, mean, invstd, scale, shift, parts[0], parts[1],
-        *geo.dims(), geo.n_tiles, per_split,
-        HAS_RESIDUAL=has_res, ACTIVATION=activation, **geo.blocks, num_warps=_NUM_WARPS)
+        parts[0] if dz3 is None else dz3, *geo.dims(), geo.n_tiles, per_split,
+        HAS_RESIDUAL=has_res, ACTIVATION=activation, WRITE_DZ=dz3 is not None, **geo.blocks,
+        num_warps=_NUM_WARPS)
     block_c = 128
     _launch(_sum_splits_kernel, (triton.cdiv(c, block_c),))(
         parts[0], parts[1], sum_dz, sum_dz_xhat, c, n_splits, BLOCK_C=block_c)
-    return sum_dz, sum_dz_xhat
+    return sum_dz, sum_dz_xhat, dz3
 
 
 def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_dz, c_xhat,
