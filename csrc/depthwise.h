@@ -278,9 +278,10 @@ inline void cl_pixels_block_vec(const T* xn, const T* wt, const T* bias, T* dst,
 // border pixels take the same register block as the interior (on a 10-wide plane they are a fifth
 // of the pixels, and the one-pixel kernel does one weight + one input load per FMA).
 template <class T, int NJ, int NV, int KW, int SW, bool EDGE, class Row>
-inline void cl_block_reg(Row row, int64_t p_lo, int64_t p_hi, int64_t col0, const T* wt, const T* bias, T* dst,
-                         int64_t c0, const DwGeom& g) {
-  // row(p): window row p at its column 0; the block's column u is column col0 + u of it.
+inline void cl_block_reg(Row row, int64_t ps, int64_t p_lo, int64_t p_hi, int64_t col0, const T* wt, const T* bias,
+                         T* dst, int64_t c0, const DwGeom& g) {
+  // row(p): window row p at its column 0, pixels ps elements apart; the block's column u is
+  // column col0 + u of it.
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   constexpr int U = (NJ - 1) * SW + KW;  // input columns the block reads
@@ -292,7 +293,7 @@ inline void cl_block_reg(Row row, int64_t p_lo, int64_t p_hi, int64_t col0, cons
     for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
   }
   for (int64_t p = p_lo; p < p_hi; ++p) {
-    const T* xrow = row(p) + c0;
+    const T* xs = row(p) + col0 * ps + c0;  // formed only when dereferenced (EDGE: col0 may be < 0)
     const T* wr = wt + p * KW * g.Cm + c0;
     V wv[KW][NV];
 #pragma GCC unroll 8
@@ -301,14 +302,19 @@ inline void cl_block_reg(Row row, int64_t p_lo, int64_t p_hi, int64_t col0, cons
       for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
 #pragma GCC unroll 32
     for (int u = 0; u < U; ++u) {
-      if (EDGE && (col0 + u < 0 || col0 + u >= g.W)) continue;
+      if (!EDGE || (col0 + u >= 0 && col0 + u < g.W)) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const V xv = vload(xrow + (col0 + u) * g.C + v * L);
+        for (int v = 0; v < NV; ++v) {
+          const V xv = vload(xs + v * L);
 #pragma GCC unroll 8
-        for (int jj = 0; jj < NJ; ++jj)
-          if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
+          for (int jj = 0; jj < NJ; ++jj)
+            if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
+        }
       }
+      // One pointer stepped by a pixel: without the empty asm GCC precomputes the U column
+      // offsets u*C as loop invariants, which spill (16 GPRs) and turn every load into two.
+      xs += ps;
+      asm("" : "+r"(xs));
     }
   }
 #pragma GCC unroll 8
@@ -322,8 +328,8 @@ template <class T, int NJ, int NV, int KW, int SW, bool EDGE>
 inline void cl_pixels_block_reg(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
                                 TapRange pr, const DwGeom& g) {
   const int64_t ih0 = i * g.sH - g.pT;  // rows pr index inside the image: pointers formed only for those
-  cl_block_reg<T, NJ, NV, KW, SW, EDGE>([&](int64_t p) { return xn + (ih0 + p * g.dH) * g.W * g.C; }, pr.lo,
-                                        pr.hi, j * SW - g.pL, wt, bias, dst, c0, g);
+  cl_block_reg<T, NJ, NV, KW, SW, EDGE>([&](int64_t p) { return xn + (ih0 + p * g.dH) * g.W * g.C; }, g.C,
+                                        pr.lo, pr.hi, j * SW - g.pL, wt, bias, dst, c0, g);
 }
 
 // Whether cl_pixels_block_reg serves g (multiplier 1 is the caller's check).
@@ -338,10 +344,11 @@ inline void cl_pixels_group(const T* xn, const T* wt, const T* bias, T* yr, int6
   T* dst = yr + j * g.Cm;
   int64_t c = 0;
   // Direct calls (not through a pointer) so that the blocks inline into the channel loops.
+  constexpr int NV3 = NJ >= 8 ? 1 : 2;
   if (g.dW == 1 && g.kW == 3 && g.sW == 1) {
-    for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_reg<T, NJ, 2, 3, 1, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
+    for (; c + NV3 * L <= g.Cm; c += NV3 * L) cl_pixels_block_reg<T, NJ, NV3, 3, 1, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
   } else if (g.dW == 1 && g.kW == 3 && g.sW == 2) {
-    for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_reg<T, NJ, 2, 3, 2, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
+    for (; c + NV3 * L <= g.Cm; c += NV3 * L) cl_pixels_block_reg<T, NJ, NV3, 3, 2, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
   } else if (g.dW == 1 && g.kW == 5 && g.sW == 1) {
     for (; c + L <= g.Cm; c += L) cl_pixels_block_reg<T, NJ, 1, 5, 1, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
   } else if (g.dW == 1 && g.kW == 5 && g.sW == 2) {
@@ -411,7 +418,7 @@ void dw_row_cl(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, const 
     if (cl_reg_geometry(g)) {
       // kW 5 blocks hold one channel vector (five weight vectors in registers): eight pixels give
       // them eight independent FMA chains.
-      if (g.kW == 5 && g.Wo >= 8) return cl_row_blocks<T, 8>(xn, wt, bias, yr, i, pr, g);
+      if (g.Wo >= 8) return cl_row_blocks<T, 8>(xn, wt, bias, yr, i, pr, g);
       if (g.Wo >= 4) return cl_row_blocks<T, 4>(xn, wt, bias, yr, i, pr, g);
     } else {
       for (; j < g.jin.lo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
@@ -431,23 +438,36 @@ void dw_row_cl(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, const 
 // blocks below walk kH rows x a few pixels x 64 B per channel block at once, a permuted pattern
 // the hardware prefetchers lose (single thread ~8 GB/s on a 38 MB input vs ~15 for oneDNN). The
 // padding columns/rows are real zeros, so every block is interior: no border code in the loop.
-// rows[p] is window row p of the output row, at padded column 0 (input column -pL).
+// rows[p] is window row p of the output row, at padded column 0 (input column -pL), its pixels ps
+// elements apart (cl_ring_pixel_stride).
 
 // Padded columns an output row reads.
 inline int64_t cl_staged_width(const DwGeom& g) { return (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1; }
 
+// Pixel stride of a staged row: C rounded up to whole cache lines, and to an odd number of them. A
+// block reads one channel vector of kH x ~10 pixels; at a stride that is a multiple of 4 KiB
+// (1024 float channels, Xception's exit flow) those all fall in one L1 set (8 ways) and every load
+// went to L2: 7.8 GFLOP/s against 30+ at other widths, one thread, hot cache.
+template <class T>
+int64_t cl_ring_pixel_stride(int64_t C) {
+  constexpr int64_t E = 64 / sizeof(T);  // elements per cache line
+  const int64_t lines = ceil_div(C, E);
+  return (lines | 1) * E;
+}
+
 // The register block (cl_block_reg) on staged rows: rows[p] is window row p at padded column 0,
 // every column in bounds.
 template <class T, int NJ, int NV, int KW, int SW>
-inline void cl_staged_block(const T* const* rows, const T* wt, const T* bias, T* dst, int64_t c0, int64_t j,
-                            const DwGeom& g) {
-  cl_block_reg<T, NJ, NV, KW, SW, false>([&](int64_t p) { return rows[p]; }, 0, g.kH, j * SW, wt, bias, dst, c0, g);
+inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const T* bias, T* dst, int64_t c0,
+                            int64_t j, const DwGeom& g) {
+  cl_block_reg<T, NJ, NV, KW, SW, false>([&](int64_t p) { return rows[p]; }, ps, 0, g.kH, j * SW, wt, bias, dst, c0,
+                                         g);
 }
 
 // Channels [c0, Cm) of pixel j, any geometry: one vector at a time, then the scalar tail.
 template <class T>
-inline void cl_staged_pixel(const T* const* rows, const T* wt, const T* bias, T* dst, int64_t c0, int64_t j,
-                            const DwGeom& g) {
+inline void cl_staged_pixel(const T* const* rows, int64_t ps, const T* wt, const T* bias, T* dst, int64_t c0,
+                            int64_t j, const DwGeom& g) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   int64_t c = c0;
@@ -455,50 +475,125 @@ inline void cl_staged_pixel(const T* const* rows, const T* wt, const T* bias, T*
     V acc = bias ? vload(bias + c) : V{};
     for (int64_t p = 0; p < g.kH; ++p)
       for (int64_t q = 0; q < g.kW; ++q)
-        acc += vload(wt + (p * g.kW + q) * g.Cm + c) * vload(rows[p] + (j * g.sW + q * g.dW) * g.C + c);
+        acc += vload(wt + (p * g.kW + q) * g.Cm + c) * vload(rows[p] + (j * g.sW + q * g.dW) * ps + c);
     vstore(dst + c, acc);
   }
   for (; c < g.Cm; ++c) {
     T acc = bias ? bias[c] : T(0);
     for (int64_t p = 0; p < g.kH; ++p)
-      for (int64_t q = 0; q < g.kW; ++q) acc += wt[(p * g.kW + q) * g.Cm + c] * rows[p][(j * g.sW + q * g.dW) * g.C + c];
+      for (int64_t q = 0; q < g.kW; ++q) acc += wt[(p * g.kW + q) * g.Cm + c] * rows[p][(j * g.sW + q * g.dW) * ps + c];
     dst[c] = acc;
   }
 }
 
 // A whole output row in blocks of NJ pixels (Wo >= NJ); a last partial block is moved back to end
-// at the row's end, recomputing a few pixels with equal values.
+// at the row's end, recomputing a few pixels with equal values. Output row i of image xn: the
+// input rows the next output row stages are prefetched a block ahead, so that the ring's copy of
+// them reads L2 while DRAM streams behind this row's arithmetic (the copy alone from DRAM ran at
+// half the copy bandwidth per thread, and nothing overlapped it).
 template <class T, int NJ, int NV, int KW, int SW>
-void cl_staged_row_blocks(const T* const* rows, const T* wt, const T* bias, T* yr, const DwGeom& g) {
+void cl_staged_row_blocks(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
+                          const DwGeom& g) {
   constexpr int CB = NV * Vec<T>::lanes;
   auto group = [&](int64_t j) {
+    cl_prefetch_next_row(xn, i, j, j + NJ < g.Wo ? j + NJ : g.Wo + g.kW * g.dW, g);  // (the last group: up to W)
     T* dst = yr + j * g.Cm;
     int64_t c = 0;
-    for (; c + CB <= g.Cm; c += CB) cl_staged_block<T, NJ, NV, KW, SW>(rows, wt, bias, dst, c, j, g);
+    for (; c + CB <= g.Cm; c += CB) cl_staged_block<T, NJ, NV, KW, SW>(rows, ps, wt, bias, dst, c, j, g);
     if (c < g.Cm)
-      for (int64_t jj = 0; jj < NJ; ++jj) cl_staged_pixel(rows, wt, bias, dst + jj * g.Cm, c, j + jj, g);
+      for (int64_t jj = 0; jj < NJ; ++jj) cl_staged_pixel(rows, ps, wt, bias, dst + jj * g.Cm, c, j + jj, g);
   };
   int64_t j = 0;
   for (; j + NJ <= g.Wo; j += NJ) group(j);
   if (j < g.Wo) group(g.Wo - NJ);
 }
 
+// 3x3 windows (dilation 1 along the row, column stride SW): one channel vector c of output pixels
+// [j0, j1) (j1 - j0 >= 4) of one output row, four pixels at a time, with all nine weight vectors held
+// in registers for the whole run (9 weights + 4 accumulators + 1 input of 16 registers). The
+// per-block loads of the window-row blocks above (weights, bias, the block's setup) cost as much
+// as the 3x3 arithmetic itself: one thread, hot cache, they ran at ~40 GFLOP/s on 3x3 against ~57
+// on 5x5, whose blocks do 25 taps per setup.
+template <class T, int SW>
+inline void cl_sweep3(const T* const* rows, int64_t ps, const T* wt, const T* bias, T* yr, int64_t c, int64_t j0,
+                      int64_t j1, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int NJ = 4, U = (NJ - 1) * SW + 3;  // pixels per block, input columns a block reads
+  V w[3][3];
+#pragma GCC unroll 3
+  for (int p = 0; p < 3; ++p)
+#pragma GCC unroll 3
+    for (int q = 0; q < 3; ++q) w[p][q] = vload(wt + (p * 3 + q) * g.Cm + c);
+  auto block = [&](int64_t j) {
+    V acc[NJ];
+    const V b = bias ? vload(bias + c) : V{};
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) acc[jj] = b;
+#pragma GCC unroll 3
+    for (int p = 0; p < 3; ++p) {
+      const T* xs = rows[p] + j * SW * ps + c;
+#pragma GCC unroll 16
+      for (int u = 0; u < U; ++u) {
+        V xv = vload(xs);
+        asm("" : "+x"(xv));
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj)
+          if (u - SW * jj >= 0 && u - SW * jj < 3) acc[jj] += w[p][u - SW * jj] * xv;
+        xs += ps;
+        asm("" : "+r"(xs));  // (as in cl_block_reg: keeps the column offsets from spilling)
+      }
+    }
+    T* dst = yr + j * g.Cm + c;
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) vstore(dst + jj * g.Cm, acc[jj]);
+  };
+  int64_t j = j0;
+  for (; j + NJ <= j1; j += NJ) block(j);
+  if (j < j1) block(j1 - NJ);  // recomputes a few pixels with equal values
+}
+
+// A whole output row of a 3x3 window (cl_sweep3; Wo >= 4) in runs of 32 pixels, each run swept
+// once per channel vector: a run's kH x ~34 input pixels stay in L1 across its channel vectors,
+// and the next output row's fresh input rows are prefetched run by run (see cl_staged_row_blocks).
+template <class T, int SW>
+void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias,
+                          T* yr, const DwGeom& g) {
+  constexpr int64_t JC = 32;
+  constexpr int L = Vec<T>::lanes;
+  for (int64_t j0 = 0; j0 < g.Wo;) {
+    const int64_t j1 = g.Wo - (j0 + JC) < 4 ? g.Wo : j0 + JC;  // no run shorter than a block
+    cl_prefetch_next_row(xn, i, j0, j1 < g.Wo ? j1 : g.Wo + g.kW * g.dW, g);
+    int64_t c = 0;
+    for (; c + L <= g.Cm; c += L) cl_sweep3<T, SW>(rows, ps, wt, bias, yr, c, j0, j1, g);
+    if (c < g.Cm)
+      for (int64_t j = j0; j < j1; ++j) cl_staged_pixel(rows, ps, wt, bias, yr + j * g.Cm, c, j, g);
+    j0 = j1;
+  }
+}
+
 // One output row (Wo x Cm) from staged rows, multiplier 1. kW 5 blocks hold one channel vector
 // (five weight vectors in registers): eight pixels give them eight independent FMA chains.
 template <class T>
-void cl_staged_row(const T* const* rows, const T* wt, const T* bias, T* yr, const DwGeom& g) {
+void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
+                   const DwGeom& g) {
   if (g.dW == 1 && g.Wo >= 4) {
+    if (g.kH == 3 && g.kW == 3 && g.sW == 1) return cl_staged_row_sweep3<T, 1>(rows, ps, xn, i, wt, bias, yr, g);
+    if (g.kH == 3 && g.kW == 3 && g.sW == 2) return cl_staged_row_sweep3<T, 2>(rows, ps, xn, i, wt, bias, yr, g);
     const bool w8 = g.Wo >= 8;
-    if (g.kW == 3 && g.sW == 1) return cl_staged_row_blocks<T, 4, 2, 3, 1>(rows, wt, bias, yr, g);
-    if (g.kW == 3 && g.sW == 2) return cl_staged_row_blocks<T, 4, 2, 3, 2>(rows, wt, bias, yr, g);
+    if (g.kW == 3 && g.sW == 1)
+      return w8 ? cl_staged_row_blocks<T, 8, 1, 3, 1>(rows, ps, xn, i, wt, bias, yr, g)
+                : cl_staged_row_blocks<T, 4, 2, 3, 1>(rows, ps, xn, i, wt, bias, yr, g);
+    if (g.kW == 3 && g.sW == 2)
+      return w8 ? cl_staged_row_blocks<T, 8, 1, 3, 2>(rows, ps, xn, i, wt, bias, yr, g)
+                : cl_staged_row_blocks<T, 4, 2, 3, 2>(rows, ps, xn, i, wt, bias, yr, g);
     if (g.kW == 5 && g.sW == 1)
-      return w8 ? cl_staged_row_blocks<T, 8, 1, 5, 1>(rows, wt, bias, yr, g)
-                : cl_staged_row_blocks<T, 4, 1, 5, 1>(rows, wt, bias, yr, g);
+      return w8 ? cl_staged_row_blocks<T, 8, 1, 5, 1>(rows, ps, xn, i, wt, bias, yr, g)
+                : cl_staged_row_blocks<T, 4, 1, 5, 1>(rows, ps, xn, i, wt, bias, yr, g);
     if (g.kW == 5 && g.sW == 2)
-      return w8 ? cl_staged_row_blocks<T, 8, 1, 5, 2>(rows, wt, bias, yr, g)
-                : cl_staged_row_blocks<T, 4, 1, 5, 2>(rows, wt, bias, yr, g);
+      return w8 ? cl_staged_row_blocks<T, 8, 1, 5, 2>(rows, ps, xn, i, wt, bias, yr, g)
+                : cl_staged_row_blocks<T, 4, 1, 5, 2>(rows, ps, xn, i, wt, bias, yr, g);
   }
-  for (int64_t j = 0; j < g.Wo; ++j) cl_staged_pixel(rows, wt, bias, yr + j * g.Cm, 0, j, g);
+  for (int64_t j = 0; j < g.Wo; ++j) cl_staged_pixel(rows, ps, wt, bias, yr + j * g.Cm, 0, j, g);
 }
 
 // A thread's ring of staged, zero-padded input rows of one image (channels_last), plus a zero row
@@ -508,17 +603,20 @@ void cl_staged_row(const T* const* rows, const T* wt, const T* bias, T* yr, cons
 template <class T>
 struct ClRowRing {
   const DwGeom& g;
-  int64_t Wp, R, n = -1;
-  std::vector<T> buf;
+  int64_t Wp, ps, R, n = -1;  // padded width, pixel stride (cl_ring_pixel_stride), slots
+  std::vector<T> mem;
+  T* buf;  // mem's first cache-line boundary: with ps whole lines, no vector load splits a line
   std::vector<int64_t> tag;  // input row held by each slot, -1 none
   ClRowRing(const DwGeom& g_)
-      : g(g_), Wp(cl_staged_width(g_)), R((g_.kH - 1) * g_.dH + 1),
-        buf(static_cast<size_t>((R + 1) * Wp * g_.C), T(0)), tag(static_cast<size_t>(R), -1) {}
+      : g(g_), Wp(cl_staged_width(g_)), ps(cl_ring_pixel_stride<T>(g_.C)), R((g_.kH - 1) * g_.dH + 1),
+        mem(static_cast<size_t>((R + 1) * Wp * ps + 64 / sizeof(T)), T(0)),
+        buf(mem.data() + (64 - reinterpret_cast<uintptr_t>(mem.data()) % 64) % 64 / sizeof(T)),
+        tag(static_cast<size_t>(R), -1) {}
 
   // Window row pointers of output row i of image n (whose input starts at xn).
   void rows_for(const T* xn, int64_t n_, int64_t i, const T** rows) {
     if (n_ != n) std::fill(tag.begin(), tag.end(), -1), n = n_;
-    const T* zero = buf.data() + R * Wp * g.C;
+    const T* zero = buf + R * Wp * ps;
     const int64_t c_lo = std::min(Wp, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(Wp, g.W + g.pL));
     for (int64_t p = 0; p < g.kH; ++p) {
       const int64_t ih = i * g.sH - g.pT + p * g.dH;
@@ -527,13 +625,18 @@ struct ClRowRing {
         continue;
       }
       const int64_t s = ih % R;
-      T* d = buf.data() + s * Wp * g.C;
+      T* d = buf + s * Wp * ps;
       if (tag[s] != ih) {
         // Only the padding columns are zeroed (the slot's zero columns never change, but a
-        // cropped row (negative pL) may leave none), then one sequential copy of the row.
-        std::fill(d, d + c_lo * g.C, T(0));
-        std::memcpy(d + c_lo * g.C, xn + (ih * g.W + c_lo - g.pL) * g.C, sizeof(T) * (c_hi - c_lo) * g.C);
-        std::fill(d + c_hi * g.C, d + Wp * g.C, T(0));
+        // cropped row (negative pL) may leave none), then a sequential copy of the row, pixel by
+        // pixel when the ring's stride differs (the channels past C are never read).
+        std::fill(d, d + c_lo * ps, T(0));
+        const T* src = xn + (ih * g.W + c_lo - g.pL) * g.C;
+        if (ps == g.C)
+          std::memcpy(d + c_lo * ps, src, sizeof(T) * (c_hi - c_lo) * g.C);
+        else
+          for (int64_t c = c_lo; c < c_hi; ++c) std::memcpy(d + c * ps, src + (c - c_lo) * g.C, sizeof(T) * g.C);
+        std::fill(d + c_hi * ps, d + Wp * ps, T(0));
         tag[s] = ih;
       }
       rows[p] = d;
