@@ -21,6 +21,28 @@ inline bool dw_parallel(const DwGeom& g) { return worth_threads(g.N * g.Cm * g.H
 // ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
+// Channels_last forward, multiplier 1, wt from taps_major. Each thread takes one contiguous run of
+// output rows, so that consecutive rows share the staged input rows of its ring (see ClRowRing).
+// Staging pays where the input streams from DRAM, which the row kernels would read in a scattered
+// order (kH rows x pixels x 64 B), and, since the ring's pixel stride avoids L1 set conflicts, on
+// cache-resident inputs too (one thread, hot: 8-25% faster at 128-728 channels, 3x at 1024).
+template <class T>
+void fwd_cl_staged(const T* x, const T* wt, const T* bias, T* y, const DwGeom& g) {
+#pragma omp parallel if (dw_parallel(g))
+  {
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num(), rows = g.N * g.Ho;
+    const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
+    ClRowRing<T> ring(g);
+    std::vector<const T*> win(static_cast<size_t>(g.kH));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.Ho, i = r - n * g.Ho;
+      const T* xn = x + n * g.H * g.W * g.C;
+      ring.rows_for(xn, n, i, win.data());
+      cl_staged_row(win.data(), ring.ps, xn, i, wt, bias, y + r * g.Wo * g.Cm, g);
+    }
+  }
+}
+
 template <class T>
 void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) {
   const int64_t K = g.kH * g.kW;
@@ -41,24 +63,7 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
   } else {
     const std::vector<T> wt = taps_major(w, g.Cm, K);
     if (g.m == 1) {
-      // Each thread takes one contiguous run of output rows, so that consecutive rows share the
-      // staged input rows of its ring (see ClRowRing). Staging pays where the input streams from
-      // DRAM, which the row kernels would read in a scattered order (kH rows x pixels x 64 B), and,
-      // since the ring's pixel stride avoids L1 set conflicts, on cache-resident inputs too
-      // (measured one thread, hot: 8-25% faster at 128-728 channels, 3x at 1024).
-#pragma omp parallel if (dw_parallel(g))
-      {
-        const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num(), rows = g.N * g.Ho;
-        const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
-        ClRowRing<T> ring(g);
-        std::vector<const T*> win(static_cast<size_t>(g.kH));
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t n = r / g.Ho, i = r - n * g.Ho;
-          const T* xn = x + n * g.H * g.W * g.C;
-          ring.rows_for(xn, n, i, win.data());
-          cl_staged_row(win.data(), ring.ps, xn, i, wt.data(), bias, y + r * g.Wo * g.Cm, g);
-        }
-      }
+      fwd_cl_staged(x, wt.data(), bias, y, g);
     } else {
 #pragma omp parallel for schedule(static) if (dw_parallel(g))
       for (int64_t r = 0; r < g.N * g.Ho; ++r) {
@@ -294,16 +299,9 @@ template <class T>
 void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t K = g.kH * g.kW;
   if (g.sH == 1 && g.sW == 1 && g.m == 1) {
-    // Multiplier 1, stride 1: the forward pixel kernel on grad_y with the flipped kernel.
-    const DwGeom t = flipped_geom(g);
+    // Multiplier 1, stride 1: the forward on grad_y with the flipped kernel.
     const std::vector<T> wt = taps_major(flipped_taps(w, g.Cm, K).data(), g.Cm, K);
-#pragma omp parallel for schedule(static) if (dw_parallel(g))
-    for (int64_t r = 0; r < g.N * g.H; ++r) {
-      const int64_t n = r / g.H, h = r % g.H;
-      const T* gyn = gy + n * g.Ho * g.Wo * g.Cm;
-      dw_row_cl(gyn, wt.data(), (const T*)nullptr, gx + r * g.W * g.C, h, t);
-    }
-    return;
+    return fwd_cl_staged(gy, wt.data(), (const T*)nullptr, gx, flipped_geom(g));
   }
   const std::vector<T> wt = taps_major(w, g.Cm, K);
   const auto pixel = g.m == 1 ? cl_gather_pixel<T, true> : cl_gather_pixel<T, false>;
