@@ -70,7 +70,7 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
         const int64_t n = r / g.Ho, i = r % g.Ho;
         const T* xn = x + n * g.H * g.W * g.C;
         T* yr = y + r * g.Wo * g.Cm;
-        dw_row_cl(xn, wt.data(), bias, yr, i, g);
+        for (int64_t j = 0; j < g.Wo; ++j) dw_pixel_cl(xn, wt.data(), bias, yr + j * g.Cm, i, j, g);
       }
     }
   }

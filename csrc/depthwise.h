@@ -165,8 +165,8 @@ std::vector<T> taps_major(const T* w, int64_t Cm, int64_t K) {
   return wt;
 }
 
-// acc[0..n) += ws[0..n) * x[channel of output c0 + cc]; UNIT_M: multiplier 1, channel = c0 + cc.
-template <class T, bool UNIT_M, int LEN>
+// acc[0..n) += ws[0..n) * x[channel of output c0 + cc] over the taps of pixel (i, j) inside the image.
+template <class T, int LEN>
 inline void cl_taps_block(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t len, int64_t i,
                           int64_t j, TapRange pr, TapRange qr, const DwGeom& g) {
   constexpr int CAP = LEN ? LEN : 128 / sizeof(T);
@@ -179,205 +179,27 @@ inline void cl_taps_block(const T* xn, const T* wt, const T* bias, T* dst, int64
       const int64_t iw = j * g.sW - g.pL + q * g.dW;
       const T* px = xn + (ih * g.W + iw) * g.C;
       const T* ws = wt + (p * g.kW + q) * g.Cm + c0;
-      if constexpr (UNIT_M) {
-        const T* xs = px + c0;
-#pragma omp simd
-        for (int64_t cc = 0; cc < n; ++cc) acc[cc] += ws[cc] * xs[cc];
-      } else {
-        for (int64_t cc = 0; cc < n; ++cc) acc[cc] += ws[cc] * px[(c0 + cc) / g.m];
-      }
+      for (int64_t cc = 0; cc < n; ++cc) acc[cc] += ws[cc] * px[(c0 + cc) / g.m];
     }
   }
   for (int64_t cc = 0; cc < n; ++cc) dst[c0 + cc] = acc[cc];
 }
 
-// Multiplier 1, NV full vectors of channels c0.. held in registers over the valid taps.
-template <class T, int NV>
-inline void cl_taps_block_vec(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
-                              TapRange pr, TapRange qr, const DwGeom& g) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  V acc[NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) acc[v] = bias ? vload(bias + c0 + v * L) : V{};
-  for (int64_t p = pr.lo; p < pr.hi; ++p) {
-    const int64_t ih = i * g.sH - g.pT + p * g.dH;
-    for (int64_t q = qr.lo; q < qr.hi; ++q) {
-      const int64_t iw = j * g.sW - g.pL + q * g.dW;
-      const T* xs = xn + (ih * g.W + iw) * g.C + c0;
-      const T* ws = wt + (p * g.kW + q) * g.Cm + c0;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[v] += vload(ws + v * L) * vload(xs + v * L);
-    }
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) vstore(dst + c0 + v * L, acc[v]);
-}
-
-// All C*m outputs of pixel (i, j) of image xn (H, W, C) into dst[0..C*m); wt from taps_major.
+// All C*m outputs of pixel (i, j) of image xn (H, W, C) into dst[0..C*m), any multiplier; wt from
+// taps_major. (Multiplier 1 takes the staged rows below; this serves m > 1.)
 template <class T>
 void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int64_t j, const DwGeom& g) {
   constexpr int CB = 128 / sizeof(T);
   const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
   const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
   int64_t c = 0;
-  if (g.m == 1) {
-    constexpr int L = Vec<T>::lanes;
-    for (; c + 4 * L <= g.Cm; c += 4 * L) cl_taps_block_vec<T, 4>(xn, wt, bias, dst, c, i, j, pr, qr, g);
-    for (; c + L <= g.Cm; c += L) cl_taps_block_vec<T, 1>(xn, wt, bias, dst, c, i, j, pr, qr, g);
-    if (c < g.Cm) cl_taps_block<T, true, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
-  } else {
-    for (; c + CB <= g.Cm; c += CB) cl_taps_block<T, false, CB>(xn, wt, bias, dst, c, CB, i, j, pr, qr, g);
-    if (c < g.Cm) cl_taps_block<T, false, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
-  }
+  for (; c + CB <= g.Cm; c += CB) cl_taps_block<T, CB>(xn, wt, bias, dst, c, CB, i, j, pr, qr, g);
+  if (c < g.Cm) cl_taps_block<T, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
 }
 
-// Multiplier 1: NJ interior output pixels j.. (all kW column taps in bounds) x NV vectors of
-// channels c0... Each tap's weight vector is loaded once for NJ pixels, so the loads per FMA drop
-// from 2 (weight + input, one pixel at a time) to 1 + 1/NJ: the one-pixel kernel is load-bound.
-template <class T, int NJ, int NV>
-inline void cl_pixels_block_vec(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
-                                TapRange pr, const DwGeom& g) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  V acc[NJ][NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    const V b = bias ? vload(bias + c0 + v * L) : V{};
-#pragma GCC unroll 8
-    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
-  }
-  const int64_t ps = g.sW * g.C;  // input distance between consecutive output pixels
-  for (int64_t p = pr.lo; p < pr.hi; ++p) {
-    const int64_t ih = i * g.sH - g.pT + p * g.dH;
-    const T* xr = xn + (ih * g.W + j * g.sW - g.pL) * g.C + c0;
-    const T* wr = wt + p * g.kW * g.Cm + c0;
-    for (int64_t q = 0; q < g.kW; ++q) {
-      const T* xs = xr + q * g.dW * g.C;
-      const T* ws = wr + q * g.Cm;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const V wv = vload(ws + v * L);
-#pragma GCC unroll 8
-        for (int jj = 0; jj < NJ; ++jj) acc[jj][v] += wv * vload(xs + jj * ps + v * L);
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int jj = 0; jj < NJ; ++jj)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
-}
-
-// Same block for dilation 1 with KW column taps and column stride SW known at compile time: pixel
-// jj's tap q reads input column SW*jj + q of the block, so each input vector of a window row is
-// loaded once and feeds every (pixel, tap) pair that reads it, with the row's KW weight vectors in
-// registers: ((NJ - 1) * SW + KW + KW) * NV loads per NJ * KW * NV FMAs instead of about one load
-// per FMA. Stride 2 steps the input pointer by two pixels per output: no gather, no phase split.
-// EDGE: some of the block's input columns lie in the left/right padding and are skipped, so the
-// border pixels take the same register block as the interior (on a 10-wide plane they are a fifth
-// of the pixels, and the one-pixel kernel does one weight + one input load per FMA).
-template <class T, int NJ, int NV, int KW, int SW, bool EDGE, class Row>
-inline void cl_block_reg(Row row, int64_t ps, int64_t p_lo, int64_t p_hi, int64_t col0, const T* wt, const T* bias,
-                         T* dst, int64_t c0, const DwGeom& g) {
-  // row(p): window row p at its column 0, pixels ps elements apart; the block's column u is
-  // column col0 + u of it.
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  constexpr int U = (NJ - 1) * SW + KW;  // input columns the block reads
-  V acc[NJ][NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    const V b = bias ? vload(bias + c0 + v * L) : V{};
-#pragma GCC unroll 8
-    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
-  }
-  for (int64_t p = p_lo; p < p_hi; ++p) {
-    const T* xs = row(p) + col0 * ps + c0;  // formed only when dereferenced (EDGE: col0 may be < 0)
-    const T* wr = wt + p * KW * g.Cm + c0;
-    V wv[KW][NV];
-#pragma GCC unroll 8
-    for (int q = 0; q < KW; ++q)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
-#pragma GCC unroll 32
-    for (int u = 0; u < U; ++u) {
-      if (!EDGE || (col0 + u >= 0 && col0 + u < g.W)) {
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) {
-          const V xv = vload(xs + v * L);
-#pragma GCC unroll 8
-          for (int jj = 0; jj < NJ; ++jj)
-            if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
-        }
-      }
-      // One pointer stepped by a pixel: without the empty asm GCC precomputes the U column
-      // offsets u*C as loop invariants, which spill (16 GPRs) and turn every load into two.
-      xs += ps;
-      asm("" : "+r"(xs));
-    }
-  }
-#pragma GCC unroll 8
-  for (int jj = 0; jj < NJ; ++jj)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
-}
-
-// The block on the image itself: output row i, pixels j.., window rows pr.
-template <class T, int NJ, int NV, int KW, int SW, bool EDGE>
-inline void cl_pixels_block_reg(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
-                                TapRange pr, const DwGeom& g) {
-  const int64_t ih0 = i * g.sH - g.pT;  // rows pr index inside the image: pointers formed only for those
-  cl_block_reg<T, NJ, NV, KW, SW, EDGE>([&](int64_t p) { return xn + (ih0 + p * g.dH) * g.W * g.C; }, g.C,
-                                        pr.lo, pr.hi, j * SW - g.pL, wt, bias, dst, c0, g);
-}
-
-// Whether cl_pixels_block_reg serves g (multiplier 1 is the caller's check).
-inline bool cl_reg_geometry(const DwGeom& g) { return g.dW == 1 && (g.kW == 3 || g.kW == 5) && (g.sW == 1 || g.sW == 2); }
-
-// NJ pixels j.. of row i, all channels (multiplier 1): vector blocks, then the channel tail (< one
-// vector) per pixel. Without EDGE every pixel is interior; EDGE needs cl_reg_geometry(g).
-template <class T, int NJ, bool EDGE>
-inline void cl_pixels_group(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, int64_t j, TapRange pr,
-                            const DwGeom& g) {
-  constexpr int L = Vec<T>::lanes;
-  T* dst = yr + j * g.Cm;
-  int64_t c = 0;
-  // Direct calls (not through a pointer) so that the blocks inline into the channel loops.
-  constexpr int NV3 = NJ >= 8 ? 1 : 2;
-  if (g.dW == 1 && g.kW == 3 && g.sW == 1) {
-    for (; c + NV3 * L <= g.Cm; c += NV3 * L) cl_pixels_block_reg<T, NJ, NV3, 3, 1, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
-  } else if (g.dW == 1 && g.kW == 3 && g.sW == 2) {
-    for (; c + NV3 * L <= g.Cm; c += NV3 * L) cl_pixels_block_reg<T, NJ, NV3, 3, 2, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
-  } else if (g.dW == 1 && g.kW == 5 && g.sW == 1) {
-    for (; c + L <= g.Cm; c += L) cl_pixels_block_reg<T, NJ, 1, 5, 1, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
-  } else if (g.dW == 1 && g.kW == 5 && g.sW == 2) {
-    for (; c + L <= g.Cm; c += L) cl_pixels_block_reg<T, NJ, 1, 5, 2, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
-  }
-  if (c == g.Cm) return;
-  if (EDGE) {
-    for (int64_t jj = 0; jj < NJ; ++jj) {
-      const TapRange qr = tap_range(j + jj, g.sW, g.pL, g.dW, g.kW, g.W);
-      int64_t cc = c;
-      for (; cc + L <= g.Cm; cc += L)
-        cl_taps_block_vec<T, 1>(xn, wt, bias, dst + jj * g.Cm, cc, i, j + jj, pr, qr, g);
-      if (cc < g.Cm) cl_taps_block<T, true, 0>(xn, wt, bias, dst + jj * g.Cm, cc, g.Cm - cc, i, j + jj, pr, qr, g);
-    }
-    return;
-  }
-  for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_vec<T, NJ, 2>(xn, wt, bias, dst, c, i, j, pr, g);
-  for (; c + L <= g.Cm; c += L) cl_pixels_block_vec<T, NJ, 1>(xn, wt, bias, dst, c, i, j, pr, g);
-  if (c < g.Cm) {
-    const TapRange qr{0, g.kW};
-    for (int64_t jj = 0; jj < NJ; ++jj)
-      cl_taps_block<T, true, 0>(xn, wt, bias, dst + jj * g.Cm, c, g.Cm - c, i, j + jj, pr, qr, g);
-  }
-}
-
-// The input rows that output row i + 1 reads and row i does not (its last min(sH, kH) window rows;
-// the earlier ones are in cache from this row's windows), output columns [j0, j1): issued one pixel
-// group ahead, since on large planes the hardware prefetcher trails the kH row streams; at row
-// stride 2 both fresh rows. (A lookahead of 16 pixels or of a whole row measured no different.)
+// The input rows that output row i + 1 reads and row i does not (its last min(sH, kH) window rows),
+// under output columns [j0, j1): issued while row i is computed, run by run, so that the ring's
+// copy of them for row i + 1 reads cache while DRAM streams behind this row's arithmetic.
 template <class T>
 inline void cl_prefetch_next_row(const T* xn, int64_t i, int64_t j0, int64_t j1, const DwGeom& g) {
   const int64_t c0 = std::max<int64_t>(0, j0 * g.sW - g.pL) * g.C;
@@ -389,48 +211,6 @@ inline void cl_prefetch_next_row(const T* xn, int64_t i, int64_t j0, int64_t j1,
     for (int64_t e = c0; e < c1; e += 64 / sizeof(T)) __builtin_prefetch(xrow + e);
   }
 }
-
-// Row i in blocks of NJ pixels (NJ <= g.Wo), borders included (cl_reg_geometry, multiplier 1). A last
-// partial block is moved back to end at the row's end: it recomputes a few pixels with the same
-// values rather than dropping to the one-pixel kernel.
-template <class T, int NJ>
-void cl_row_blocks(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, TapRange pr, const DwGeom& g) {
-  auto group = [&](int64_t j) {
-    cl_prefetch_next_row(xn, i, j + NJ, j + 2 * NJ, g);
-    if (j < g.jin.lo || j + NJ > g.jin.hi)
-      cl_pixels_group<T, NJ, true>(xn, wt, bias, yr, i, j, pr, g);
-    else
-      cl_pixels_group<T, NJ, false>(xn, wt, bias, yr, i, j, pr, g);
-  };
-  int64_t j = 0;
-  for (; j + NJ <= g.Wo; j += NJ) group(j);
-  if (j < g.Wo) group(g.Wo - NJ);
-}
-
-// Output row i of image xn (H, W, C), all pixels, into yr (Wo x C*m); wt from taps_major. With
-// multiplier 1 the pixels go in register blocks (four or eight pixels), otherwise and on rows too
-// narrow for a block one by one.
-template <class T>
-void dw_row_cl(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, const DwGeom& g) {
-  int64_t j = 0;
-  if (g.m == 1) {
-    const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
-    if (cl_reg_geometry(g)) {
-      // kW 5 blocks hold one channel vector (five weight vectors in registers): eight pixels give
-      // them eight independent FMA chains.
-      if (g.Wo >= 8) return cl_row_blocks<T, 8>(xn, wt, bias, yr, i, pr, g);
-      if (g.Wo >= 4) return cl_row_blocks<T, 4>(xn, wt, bias, yr, i, pr, g);
-    } else {
-      for (; j < g.jin.lo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
-      for (; j + 4 <= g.jin.hi; j += 4) {
-        cl_prefetch_next_row(xn, i, j + 4, j + 8, g);
-        cl_pixels_group<T, 4, false>(xn, wt, bias, yr, i, j, pr, g);
-      }
-    }
-  }
-  for (; j < g.Wo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
-}
-
 
 // ---- channels_last forward from staged rows (multiplier 1) ----
 // Each input row an output row reads is first copied, zero-padded, into a thread's ring of rows
@@ -455,13 +235,51 @@ int64_t cl_ring_pixel_stride(int64_t C) {
   return (lines | 1) * E;
 }
 
-// The register block (cl_block_reg) on staged rows: rows[p] is window row p at padded column 0,
-// every column in bounds.
+// NJ output pixels j.. x NV vectors of channels c0.. from staged rows (dilation 1 along the row, KW
+// column taps and column stride SW known at compile time): pixel jj's tap q reads staged column
+// SW*(j + jj) + q, so each input vector of a window row is loaded once and feeds every (pixel, tap)
+// pair that reads it, with the row's KW weight vectors in registers: ((NJ - 1) * SW + KW + KW) * NV
+// loads per NJ * KW * NV FMAs instead of about one load per FMA.
 template <class T, int NJ, int NV, int KW, int SW>
 inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const T* bias, T* dst, int64_t c0,
                             int64_t j, const DwGeom& g) {
-  cl_block_reg<T, NJ, NV, KW, SW, false>([&](int64_t p) { return rows[p]; }, ps, 0, g.kH, j * SW, wt, bias, dst, c0,
-                                         g);
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  constexpr int U = (NJ - 1) * SW + KW;  // input columns the block reads
+  V acc[NJ][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? vload(bias + c0 + v * L) : V{};
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
+  }
+  for (int64_t p = 0; p < g.kH; ++p) {
+    const T* xs = rows[p] + j * SW * ps + c0;
+    const T* wr = wt + p * KW * g.Cm + c0;
+    V wv[KW][NV];
+#pragma GCC unroll 8
+    for (int q = 0; q < KW; ++q)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
+#pragma GCC unroll 32
+    for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V xv = vload(xs + v * L);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj)
+          if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
+      }
+      // One pointer stepped by a pixel: without the empty asm GCC precomputes the U column
+      // offsets u*ps as loop invariants, which spill (16 GPRs) and turn every load into two.
+      xs += ps;
+      asm("" : "+r"(xs));
+    }
+  }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
 }
 
 // Channels [c0, Cm) of pixel j, any geometry: one vector at a time, then the scalar tail.
@@ -540,7 +358,7 @@ inline void cl_sweep3(const T* const* rows, int64_t ps, const T* wt, const T* bi
         for (int jj = 0; jj < NJ; ++jj)
           if (u - SW * jj >= 0 && u - SW * jj < 3) acc[jj] += w[p][u - SW * jj] * xv;
         xs += ps;
-        asm("" : "+r"(xs));  // (as in cl_block_reg: keeps the column offsets from spilling)
+        asm("" : "+r"(xs));  // (as in cl_staged_block: keeps the column offsets from spilling)
       }
     }
     T* dst = yr + j * g.Cm + c;
