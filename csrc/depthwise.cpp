@@ -3,6 +3,8 @@
 // (all channels of one pixel). Contract: dlkernels/depthwise/op.py.
 #include "depthwise.h"
 
+#include <memory>
+
 namespace dlk {
 namespace {
 
@@ -21,6 +23,28 @@ inline bool dw_parallel(const DwGeom& g) { return worth_threads(g.N * g.Cm * g.H
 // ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
+// Channels_last forward, multiplier 1, wt from taps_major. Each thread takes one contiguous run of
+// output rows, so that consecutive rows share the staged input rows of its ring (see ClRowRing).
+// Staging pays where the input streams from DRAM, which the row kernels would read in a scattered
+// order (kH rows x pixels x 64 B), and, since the ring's pixel stride avoids L1 set conflicts, on
+// cache-resident inputs too (one thread, hot: 8-25% faster at 128-728 channels, 3x at 1024).
+template <class T>
+void fwd_cl_staged(const T* x, const T* wt, const T* bias, T* y, const DwGeom& g) {
+#pragma omp parallel if (dw_parallel(g))
+  {
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num(), rows = g.N * g.Ho;
+    const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
+    ClRowRing<T> ring(g);
+    std::vector<const T*> win(static_cast<size_t>(g.kH));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.Ho, i = r - n * g.Ho;
+      const T* xn = x + n * g.H * g.W * g.C;
+      ring.rows_for(xn, n, i, win.data());
+      cl_staged_row(win.data(), ring.ps, xn, i, wt, bias, y + r * g.Wo * g.Cm, g);
+    }
+  }
+}
+
 template <class T>
 void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) {
   const int64_t K = g.kH * g.kW;
@@ -40,32 +64,15 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
     }
   } else {
     const std::vector<T> wt = taps_major(w, g.Cm, K);
-    const bool big = g.N * g.H * g.W * g.C * static_cast<int64_t>(sizeof(T)) >= (int64_t{8} << 20);
-    if (g.m == 1 && (g.sH > 1 || big)) {
-      // Each thread takes one contiguous run of output rows, so that consecutive rows share the
-      // staged input rows of its ring (see ClRowRing). Staging pays where the input streams from
-      // DRAM, which the row kernels read in a scattered order (kH rows x pixels x 64 B): measured on
-      // the bench (Zen3, 2 threads), 1.1-1.4x faster for row stride 2 and for inputs of 14-38 MB,
-      // but 1.45x slower at 8x1024x10x10 (3.3 MB, cache-resident: the copy is pure extra work).
-#pragma omp parallel if (dw_parallel(g))
-      {
-        const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num(), rows = g.N * g.Ho;
-        const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
-        ClRowRing<T> ring(g);
-        std::vector<const T*> win(static_cast<size_t>(g.kH));
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t n = r / g.Ho, i = r - n * g.Ho;
-          ring.rows_for(x + n * g.H * g.W * g.C, n, i, win.data());
-          cl_staged_row(win.data(), wt.data(), bias, y + r * g.Wo * g.Cm, g);
-        }
-      }
+    if (g.m == 1) {
+      fwd_cl_staged(x, wt.data(), bias, y, g);
     } else {
 #pragma omp parallel for schedule(static) if (dw_parallel(g))
       for (int64_t r = 0; r < g.N * g.Ho; ++r) {
         const int64_t n = r / g.Ho, i = r % g.Ho;
         const T* xn = x + n * g.H * g.W * g.C;
         T* yr = y + r * g.Wo * g.Cm;
-        dw_row_cl(xn, wt.data(), bias, yr, i, g);
+        for (int64_t j = 0; j < g.Wo; ++j) dw_pixel_cl(xn, wt.data(), bias, yr + j * g.Cm, i, j, g);
       }
     }
   }
@@ -294,16 +301,9 @@ template <class T>
 void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t K = g.kH * g.kW;
   if (g.sH == 1 && g.sW == 1 && g.m == 1) {
-    // Multiplier 1, stride 1: the forward pixel kernel on grad_y with the flipped kernel.
-    const DwGeom t = flipped_geom(g);
+    // Multiplier 1, stride 1: the forward on grad_y with the flipped kernel.
     const std::vector<T> wt = taps_major(flipped_taps(w, g.Cm, K).data(), g.Cm, K);
-#pragma omp parallel for schedule(static) if (dw_parallel(g))
-    for (int64_t r = 0; r < g.N * g.H; ++r) {
-      const int64_t n = r / g.H, h = r % g.H;
-      const T* gyn = gy + n * g.Ho * g.Wo * g.Cm;
-      dw_row_cl(gyn, wt.data(), (const T*)nullptr, gx + r * g.W * g.C, h, t);
-    }
-    return;
+    return fwd_cl_staged(gy, wt.data(), (const T*)nullptr, gx, flipped_geom(g));
   }
   const std::vector<T> wt = taps_major(w, g.Cm, K);
   const auto pixel = g.m == 1 ? cl_gather_pixel<T, true> : cl_gather_pixel<T, false>;
@@ -533,38 +533,164 @@ void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
     for (int64_t o = 0; o < g.Cm; ++o) gb[o] = static_cast<T>(part.sum(g.Cm * K + o));
 }
 
+// Channels_last weight/bias gradient of output row i (image xn, grad_y row gyr), channels [o0, o1),
+// any geometry and multiplier, exact: only the taps inside the image. Adds into row[t*Cm + o]
+// (tap t) and, with `bias`, row[K*Cm + o].
+template <class T>
+void wgrad_row_cl_exact(const T* gyr, const T* xn, int64_t i, T* row, int64_t o0, int64_t o1, bool bias,
+                        const DwGeom& g) {
+  const int64_t K = g.kH * g.kW;
+  const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+  for (int64_t j = 0; j < g.Wo; ++j) {
+    const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
+    const T* gys = gyr + j * g.Cm;
+    for (int64_t p = pr.lo; p < pr.hi; ++p)
+      for (int64_t q = qr.lo; q < qr.hi; ++q) {
+        const T* px = xn + ((i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL + q * g.dW) * g.C;
+        T* ra = row + (p * g.kW + q) * g.Cm;
+        if (g.m == 1) {
+#pragma omp simd
+          for (int64_t o = o0; o < o1; ++o) ra[o] += gys[o] * px[o];
+        } else {
+          for (int64_t o = o0; o < o1; ++o) ra[o] += gys[o] * px[o / g.m];
+        }
+      }
+    if (bias) {
+      T* rb = row + K * g.Cm;
+#pragma omp simd
+      for (int64_t o = o0; o < o1; ++o) rb[o] += gys[o];
+    }
+  }
+}
+
+// Tap sums of one channel vector c over output pixels [j0, j1) of a row, from staged rows (see
+// wgrad_row_cl_staged), added into row; returns the sum of s - s over the sums (NaN unless all
+// finite). KH 3: the whole 3 x KW window at once (one grad_y load per 3*KW FMAs, 3*KW chains);
+// KH 0: window row by window row, two pixel phases for 2*KW independent chains.
+template <class T, int KH, int KW>
+inline typename Vec<T>::type wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, int64_t c, int64_t j0,
+                                       int64_t j1, bool bias, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  const int64_t K = g.kH * KW, sp = g.sW * ps;  // staged distance between consecutive pixels' windows
+  V chk{};
+  auto flush = [&](int64_t p, const V* sums) {
+#pragma GCC unroll 8
+    for (int q = 0; q < KW; ++q) {
+      chk += sums[q] - sums[q];
+      T* ra = row + (p * KW + q) * g.Cm + c;
+      vstore(ra, vload(ra) + sums[q]);
+    }
+  };
+  V accb{};
+  if constexpr (KH == 3) {
+    V acc[3][KW] = {};
+    const T* gs = gyr + j0 * g.Cm + c;
+    const T *x0 = rows[0] + j0 * sp + c, *x1 = rows[1] + j0 * sp + c, *x2 = rows[2] + j0 * sp + c;
+    for (int64_t j = j0; j < j1; ++j, gs += g.Cm, x0 += sp, x1 += sp, x2 += sp) {
+      const V gv = vload(gs);
+      accb += gv;
+#pragma GCC unroll 8
+      for (int q = 0; q < KW; ++q) {
+        acc[0][q] += gv * vload(x0 + q * ps);
+        acc[1][q] += gv * vload(x1 + q * ps);
+        acc[2][q] += gv * vload(x2 + q * ps);
+      }
+    }
+    for (int p = 0; p < 3; ++p) flush(p, acc[p]);
+  } else {
+    for (int64_t p = 0; p < g.kH; ++p) {
+      V acc[2][KW] = {}, sums[KW];
+      const T* gs = gyr + j0 * g.Cm + c;
+      const T* xs = rows[p] + j0 * sp + c;
+      int64_t j = j0;
+      for (; j + 2 <= j1; j += 2, xs += 2 * sp, gs += 2 * g.Cm)
+#pragma GCC unroll 2
+        for (int e = 0; e < 2; ++e) {
+          const V gv = vload(gs + e * g.Cm);
+          if (p == 0) accb += gv;
+#pragma GCC unroll 8
+          for (int q = 0; q < KW; ++q) acc[e][q] += gv * vload(xs + e * sp + q * ps);
+        }
+      if (j < j1) {
+        const V gv = vload(gs);
+        if (p == 0) accb += gv;
+#pragma GCC unroll 8
+        for (int q = 0; q < KW; ++q) acc[0][q] += gv * vload(xs + q * ps);
+      }
+#pragma GCC unroll 8
+      for (int q = 0; q < KW; ++q) sums[q] = acc[0][q] + acc[1][q];
+      flush(p, sums);
+    }
+  }
+  if (bias) {
+    T* rb = row + K * g.Cm + c;
+    vstore(rb, vload(rb) + accb);
+  }
+  return chk;
+}
+
+// The same for multiplier 1 from staged, zero-padded input rows (ClRowRing; window row p at
+// rows[p], pixels ps apart), KW column taps at dilation 1: per channel vector the tap sums stay in
+// registers over a run of 32 pixels (the run's input lines stay in L1 for the next channel
+// vector, which reads their other half), where the exact kernel above loads and stores its
+// accumulator row around every FMA. Padding taps multiply staged zeros, which differs from
+// skipping them only when grad_y holds Inf/NaN (0 * Inf): a channel vector whose sums come out
+// non-finite is redone exactly.
+template <class T, int KW>
+void wgrad_row_cl_staged(const T* const* rows, int64_t ps, const T* gyr, const T* xn, int64_t i, T* row, bool bias,
+                         const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  constexpr int64_t JC = 32;
+  const int64_t K = g.kH * g.kW, cv = g.Cm / L * L;  // channels in whole vectors
+  std::vector<char> bad(static_cast<size_t>(cv / L), 0);
+  for (int64_t j0 = 0; j0 < g.Wo; j0 += JC) {
+    const int64_t j1 = std::min(g.Wo, j0 + JC);
+    for (int64_t c = 0; c < cv; c += L) {
+      const V chk = g.kH == 3 ? wgrad_run<T, 3, KW>(rows, ps, gyr, row, c, j0, j1, bias, g)
+                              : wgrad_run<T, 0, KW>(rows, ps, gyr, row, c, j0, j1, bias, g);
+      for (int l = 0; l < L; ++l) bad[c / L] |= !(chk[l] == 0);
+    }
+  }
+  for (int64_t c = 0; c < cv; c += L)
+    if (bad[c / L]) {  // undo this vector's sums, then the exact kernel
+      for (int64_t t = 0; t <= K; ++t)
+        if (t < K || bias) std::fill(row + t * g.Cm + c, row + t * g.Cm + c + L, T(0));
+      wgrad_row_cl_exact(gyr, xn, i, row, c, c + L, bias, g);
+    }
+  if (cv < g.Cm) wgrad_row_cl_exact(gyr, xn, i, row, cv, g.Cm, bias, g);
+}
+
 template <class T>
 void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
   const int64_t K = g.kH * g.kW, width = (K + 1) * g.Cm;  // [tap*Cm + o], then [K*Cm + o] for the bias
+  // The staged kernel where the exact one's accumulator row (K x Cm) outgrows a quarter of L1, or
+  // for 5-wide windows; below that the exact kernel's contiguous channel loops were as fast or
+  // faster (one thread, N=2: 1.2-1.7x for 5x5 and 728-1024 channels; 0.9x at 128 channels 75x75).
+  const bool staged = g.m == 1 && g.dW == 1 && (g.kW == 5 || (g.kW == 3 && K * g.Cm * sizeof(T) > 8192));
   ThreadPartials<double> part(width);
 #pragma omp parallel if (dw_parallel(g))
   {
+    // A thread's contiguous run of output rows (consecutive rows share staged input rows); each
+    // row's sums are flushed into the thread's double partials.
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num(), rows = g.N * g.Ho;
+    const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
     std::vector<T> row(static_cast<size_t>(width), T(0));
+    std::unique_ptr<ClRowRing<T>> ring(staged ? new ClRowRing<T>(g) : nullptr);
+    std::vector<const T*> win(static_cast<size_t>(g.kH));
     double* acc = part.mine();
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < g.N * g.Ho; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.Ho, i = r % g.Ho;
       const T* xn = x + n * g.H * g.W * g.C;
-      const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
-      for (int64_t j = 0; j < g.Wo; ++j) {
-        const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
-        const T* gys = gy + (r * g.Wo + j) * g.Cm;
-        for (int64_t p = pr.lo; p < pr.hi; ++p)
-          for (int64_t q = qr.lo; q < qr.hi; ++q) {
-            const T* px = xn + ((i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL + q * g.dW) * g.C;
-            T* ra = row.data() + (p * g.kW + q) * g.Cm;
-            if (g.m == 1) {
-#pragma omp simd
-              for (int64_t o = 0; o < g.Cm; ++o) ra[o] += gys[o] * px[o];
-            } else {
-              for (int64_t o = 0; o < g.Cm; ++o) ra[o] += gys[o] * px[o / g.m];
-            }
-          }
-        if (gb) {
-          T* rb = row.data() + K * g.Cm;
-#pragma omp simd
-          for (int64_t o = 0; o < g.Cm; ++o) rb[o] += gys[o];
-        }
+      const T* gyr = gy + r * g.Wo * g.Cm;
+      if (staged) {
+        ring->rows_for(xn, n, i, win.data());
+        if (g.kW == 3)
+          wgrad_row_cl_staged<T, 3>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g);
+        else
+          wgrad_row_cl_staged<T, 5>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g);
+      } else {
+        wgrad_row_cl_exact(gyr, xn, i, row.data(), 0, g.Cm, gb != nullptr, g);
       }
       for (int64_t k = 0; k < width; ++k) {
         acc[k] += row[k];

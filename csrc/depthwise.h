@@ -165,8 +165,8 @@ std::vector<T> taps_major(const T* w, int64_t Cm, int64_t K) {
   return wt;
 }
 
-// acc[0..n) += ws[0..n) * x[channel of output c0 + cc]; UNIT_M: multiplier 1, channel = c0 + cc.
-template <class T, bool UNIT_M, int LEN>
+// acc[0..n) += ws[0..n) * x[channel of output c0 + cc] over the taps of pixel (i, j) inside the image.
+template <class T, int LEN>
 inline void cl_taps_block(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t len, int64_t i,
                           int64_t j, TapRange pr, TapRange qr, const DwGeom& g) {
   constexpr int CAP = LEN ? LEN : 128 / sizeof(T);
@@ -179,198 +179,27 @@ inline void cl_taps_block(const T* xn, const T* wt, const T* bias, T* dst, int64
       const int64_t iw = j * g.sW - g.pL + q * g.dW;
       const T* px = xn + (ih * g.W + iw) * g.C;
       const T* ws = wt + (p * g.kW + q) * g.Cm + c0;
-      if constexpr (UNIT_M) {
-        const T* xs = px + c0;
-#pragma omp simd
-        for (int64_t cc = 0; cc < n; ++cc) acc[cc] += ws[cc] * xs[cc];
-      } else {
-        for (int64_t cc = 0; cc < n; ++cc) acc[cc] += ws[cc] * px[(c0 + cc) / g.m];
-      }
+      for (int64_t cc = 0; cc < n; ++cc) acc[cc] += ws[cc] * px[(c0 + cc) / g.m];
     }
   }
   for (int64_t cc = 0; cc < n; ++cc) dst[c0 + cc] = acc[cc];
 }
 
-// Multiplier 1, NV full vectors of channels c0.. held in registers over the valid taps.
-template <class T, int NV>
-inline void cl_taps_block_vec(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
-                              TapRange pr, TapRange qr, const DwGeom& g) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  V acc[NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) acc[v] = bias ? vload(bias + c0 + v * L) : V{};
-  for (int64_t p = pr.lo; p < pr.hi; ++p) {
-    const int64_t ih = i * g.sH - g.pT + p * g.dH;
-    for (int64_t q = qr.lo; q < qr.hi; ++q) {
-      const int64_t iw = j * g.sW - g.pL + q * g.dW;
-      const T* xs = xn + (ih * g.W + iw) * g.C + c0;
-      const T* ws = wt + (p * g.kW + q) * g.Cm + c0;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[v] += vload(ws + v * L) * vload(xs + v * L);
-    }
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) vstore(dst + c0 + v * L, acc[v]);
-}
-
-// All C*m outputs of pixel (i, j) of image xn (H, W, C) into dst[0..C*m); wt from taps_major.
+// All C*m outputs of pixel (i, j) of image xn (H, W, C) into dst[0..C*m), any multiplier; wt from
+// taps_major. (Multiplier 1 takes the staged rows below; this serves m > 1.)
 template <class T>
 void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int64_t j, const DwGeom& g) {
   constexpr int CB = 128 / sizeof(T);
   const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
   const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
   int64_t c = 0;
-  if (g.m == 1) {
-    constexpr int L = Vec<T>::lanes;
-    for (; c + 4 * L <= g.Cm; c += 4 * L) cl_taps_block_vec<T, 4>(xn, wt, bias, dst, c, i, j, pr, qr, g);
-    for (; c + L <= g.Cm; c += L) cl_taps_block_vec<T, 1>(xn, wt, bias, dst, c, i, j, pr, qr, g);
-    if (c < g.Cm) cl_taps_block<T, true, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
-  } else {
-    for (; c + CB <= g.Cm; c += CB) cl_taps_block<T, false, CB>(xn, wt, bias, dst, c, CB, i, j, pr, qr, g);
-    if (c < g.Cm) cl_taps_block<T, false, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
-  }
+  for (; c + CB <= g.Cm; c += CB) cl_taps_block<T, CB>(xn, wt, bias, dst, c, CB, i, j, pr, qr, g);
+  if (c < g.Cm) cl_taps_block<T, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
 }
 
-// Multiplier 1: NJ interior output pixels j.. (all kW column taps in bounds) x NV vectors of
-// channels c0... Each tap's weight vector is loaded once for NJ pixels, so the loads per FMA drop
-// from 2 (weight + input, one pixel at a time) to 1 + 1/NJ: the one-pixel kernel is load-bound.
-template <class T, int NJ, int NV>
-inline void cl_pixels_block_vec(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
-                                TapRange pr, const DwGeom& g) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  V acc[NJ][NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    const V b = bias ? vload(bias + c0 + v * L) : V{};
-#pragma GCC unroll 8
-    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
-  }
-  const int64_t ps = g.sW * g.C;  // input distance between consecutive output pixels
-  for (int64_t p = pr.lo; p < pr.hi; ++p) {
-    const int64_t ih = i * g.sH - g.pT + p * g.dH;
-    const T* xr = xn + (ih * g.W + j * g.sW - g.pL) * g.C + c0;
-    const T* wr = wt + p * g.kW * g.Cm + c0;
-    for (int64_t q = 0; q < g.kW; ++q) {
-      const T* xs = xr + q * g.dW * g.C;
-      const T* ws = wr + q * g.Cm;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const V wv = vload(ws + v * L);
-#pragma GCC unroll 8
-        for (int jj = 0; jj < NJ; ++jj) acc[jj][v] += wv * vload(xs + jj * ps + v * L);
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int jj = 0; jj < NJ; ++jj)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
-}
-
-// Same block for dilation 1 with KW column taps and column stride SW known at compile time: pixel
-// jj's tap q reads input column SW*jj + q of the block, so each input vector of a window row is
-// loaded once and feeds every (pixel, tap) pair that reads it, with the row's KW weight vectors in
-// registers: ((NJ - 1) * SW + KW + KW) * NV loads per NJ * KW * NV FMAs instead of about one load
-// per FMA. Stride 2 steps the input pointer by two pixels per output: no gather, no phase split.
-// EDGE: some of the block's input columns lie in the left/right padding and are skipped, so the
-// border pixels take the same register block as the interior (on a 10-wide plane they are a fifth
-// of the pixels, and the one-pixel kernel does one weight + one input load per FMA).
-template <class T, int NJ, int NV, int KW, int SW, bool EDGE, class Row>
-inline void cl_block_reg(Row row, int64_t p_lo, int64_t p_hi, int64_t col0, const T* wt, const T* bias, T* dst,
-                         int64_t c0, const DwGeom& g) {
-  // row(p): window row p at its column 0; the block's column u is column col0 + u of it.
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  constexpr int U = (NJ - 1) * SW + KW;  // input columns the block reads
-  V acc[NJ][NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    const V b = bias ? vload(bias + c0 + v * L) : V{};
-#pragma GCC unroll 8
-    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
-  }
-  for (int64_t p = p_lo; p < p_hi; ++p) {
-    const T* xrow = row(p) + c0;
-    const T* wr = wt + p * KW * g.Cm + c0;
-    V wv[KW][NV];
-#pragma GCC unroll 8
-    for (int q = 0; q < KW; ++q)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
-#pragma GCC unroll 32
-    for (int u = 0; u < U; ++u) {
-      if (EDGE && (col0 + u < 0 || col0 + u >= g.W)) continue;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const V xv = vload(xrow + (col0 + u) * g.C + v * L);
-#pragma GCC unroll 8
-        for (int jj = 0; jj < NJ; ++jj)
-          if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int jj = 0; jj < NJ; ++jj)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
-}
-
-// The block on the image itself: output row i, pixels j.., window rows pr.
-template <class T, int NJ, int NV, int KW, int SW, bool EDGE>
-inline void cl_pixels_block_reg(const T* xn, const T* wt, const T* bias, T* dst, int64_t c0, int64_t i, int64_t j,
-                                TapRange pr, const DwGeom& g) {
-  const int64_t ih0 = i * g.sH - g.pT;  // rows pr index inside the image: pointers formed only for those
-  cl_block_reg<T, NJ, NV, KW, SW, EDGE>([&](int64_t p) { return xn + (ih0 + p * g.dH) * g.W * g.C; }, pr.lo,
-                                        pr.hi, j * SW - g.pL, wt, bias, dst, c0, g);
-}
-
-// Whether cl_pixels_block_reg serves g (multiplier 1 is the caller's check).
-inline bool cl_reg_geometry(const DwGeom& g) { return g.dW == 1 && (g.kW == 3 || g.kW == 5) && (g.sW == 1 || g.sW == 2); }
-
-// NJ pixels j.. of row i, all channels (multiplier 1): vector blocks, then the channel tail (< one
-// vector) per pixel. Without EDGE every pixel is interior; EDGE needs cl_reg_geometry(g).
-template <class T, int NJ, bool EDGE>
-inline void cl_pixels_group(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, int64_t j, TapRange pr,
-                            const DwGeom& g) {
-  constexpr int L = Vec<T>::lanes;
-  T* dst = yr + j * g.Cm;
-  int64_t c = 0;
-  // Direct calls (not through a pointer) so that the blocks inline into the channel loops.
-  if (g.dW == 1 && g.kW == 3 && g.sW == 1) {
-    for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_reg<T, NJ, 2, 3, 1, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
-  } else if (g.dW == 1 && g.kW == 3 && g.sW == 2) {
-    for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_reg<T, NJ, 2, 3, 2, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
-  } else if (g.dW == 1 && g.kW == 5 && g.sW == 1) {
-    for (; c + L <= g.Cm; c += L) cl_pixels_block_reg<T, NJ, 1, 5, 1, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
-  } else if (g.dW == 1 && g.kW == 5 && g.sW == 2) {
-    for (; c + L <= g.Cm; c += L) cl_pixels_block_reg<T, NJ, 1, 5, 2, EDGE>(xn, wt, bias, dst, c, i, j, pr, g);
-  }
-  if (c == g.Cm) return;
-  if (EDGE) {
-    for (int64_t jj = 0; jj < NJ; ++jj) {
-      const TapRange qr = tap_range(j + jj, g.sW, g.pL, g.dW, g.kW, g.W);
-      int64_t cc = c;
-      for (; cc + L <= g.Cm; cc += L)
-        cl_taps_block_vec<T, 1>(xn, wt, bias, dst + jj * g.Cm, cc, i, j + jj, pr, qr, g);
-      if (cc < g.Cm) cl_taps_block<T, true, 0>(xn, wt, bias, dst + jj * g.Cm, cc, g.Cm - cc, i, j + jj, pr, qr, g);
-    }
-    return;
-  }
-  for (; c + 2 * L <= g.Cm; c += 2 * L) cl_pixels_block_vec<T, NJ, 2>(xn, wt, bias, dst, c, i, j, pr, g);
-  for (; c + L <= g.Cm; c += L) cl_pixels_block_vec<T, NJ, 1>(xn, wt, bias, dst, c, i, j, pr, g);
-  if (c < g.Cm) {
-    const TapRange qr{0, g.kW};
-    for (int64_t jj = 0; jj < NJ; ++jj)
-      cl_taps_block<T, true, 0>(xn, wt, bias, dst + jj * g.Cm, c, g.Cm - c, i, j + jj, pr, qr, g);
-  }
-}
-
-// The input rows that output row i + 1 reads and row i does not (its last min(sH, kH) window rows;
-// the earlier ones are in cache from this row's windows), output columns [j0, j1): issued one pixel
-// group ahead, since on large planes the hardware prefetcher trails the kH row streams; at row
-// stride 2 both fresh rows. (A lookahead of 16 pixels or of a whole row measured no different.)
+// The input rows that output row i + 1 reads and row i does not (its last min(sH, kH) window rows),
+// under output columns [j0, j1): issued while row i is computed, run by run, so that the ring's
+// copy of them for row i + 1 reads cache while DRAM streams behind this row's arithmetic.
 template <class T>
 inline void cl_prefetch_next_row(const T* xn, int64_t i, int64_t j0, int64_t j1, const DwGeom& g) {
   const int64_t c0 = std::max<int64_t>(0, j0 * g.sW - g.pL) * g.C;
@@ -383,71 +212,80 @@ inline void cl_prefetch_next_row(const T* xn, int64_t i, int64_t j0, int64_t j1,
   }
 }
 
-// Row i in blocks of NJ pixels (NJ <= g.Wo), borders included (cl_reg_geometry, multiplier 1). A last
-// partial block is moved back to end at the row's end: it recomputes a few pixels with the same
-// values rather than dropping to the one-pixel kernel.
-template <class T, int NJ>
-void cl_row_blocks(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, TapRange pr, const DwGeom& g) {
-  auto group = [&](int64_t j) {
-    cl_prefetch_next_row(xn, i, j + NJ, j + 2 * NJ, g);
-    if (j < g.jin.lo || j + NJ > g.jin.hi)
-      cl_pixels_group<T, NJ, true>(xn, wt, bias, yr, i, j, pr, g);
-    else
-      cl_pixels_group<T, NJ, false>(xn, wt, bias, yr, i, j, pr, g);
-  };
-  int64_t j = 0;
-  for (; j + NJ <= g.Wo; j += NJ) group(j);
-  if (j < g.Wo) group(g.Wo - NJ);
-}
-
-// Output row i of image xn (H, W, C), all pixels, into yr (Wo x C*m); wt from taps_major. With
-// multiplier 1 the pixels go in register blocks (four or eight pixels), otherwise and on rows too
-// narrow for a block one by one.
-template <class T>
-void dw_row_cl(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, const DwGeom& g) {
-  int64_t j = 0;
-  if (g.m == 1) {
-    const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
-    if (cl_reg_geometry(g)) {
-      // kW 5 blocks hold one channel vector (five weight vectors in registers): eight pixels give
-      // them eight independent FMA chains.
-      if (g.kW == 5 && g.Wo >= 8) return cl_row_blocks<T, 8>(xn, wt, bias, yr, i, pr, g);
-      if (g.Wo >= 4) return cl_row_blocks<T, 4>(xn, wt, bias, yr, i, pr, g);
-    } else {
-      for (; j < g.jin.lo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
-      for (; j + 4 <= g.jin.hi; j += 4) {
-        cl_prefetch_next_row(xn, i, j + 4, j + 8, g);
-        cl_pixels_group<T, 4, false>(xn, wt, bias, yr, i, j, pr, g);
-      }
-    }
-  }
-  for (; j < g.Wo; ++j) dw_pixel_cl(xn, wt, bias, yr + j * g.Cm, i, j, g);
-}
-
-
 // ---- channels_last forward from staged rows (multiplier 1) ----
 // Each input row an output row reads is first copied, zero-padded, into a thread's ring of rows
 // (ClRowRing): a plain sequential copy streams from DRAM at full bandwidth, while the register
 // blocks below walk kH rows x a few pixels x 64 B per channel block at once, a permuted pattern
 // the hardware prefetchers lose (single thread ~8 GB/s on a 38 MB input vs ~15 for oneDNN). The
 // padding columns/rows are real zeros, so every block is interior: no border code in the loop.
-// rows[p] is window row p of the output row, at padded column 0 (input column -pL).
+// rows[p] is window row p of the output row, at padded column 0 (input column -pL), its pixels ps
+// elements apart (cl_ring_pixel_stride).
 
 // Padded columns an output row reads.
 inline int64_t cl_staged_width(const DwGeom& g) { return (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1; }
 
-// The register block (cl_block_reg) on staged rows: rows[p] is window row p at padded column 0,
-// every column in bounds.
+// Pixel stride of a staged row: C rounded up to whole cache lines, and to an odd number of them. A
+// block reads one channel vector of kH x ~10 pixels; at a stride that is a multiple of 4 KiB
+// (1024 float channels, Xception's exit flow) those all fall in one L1 set (8 ways) and every load
+// went to L2: 7.8 GFLOP/s against 30+ at other widths, one thread, hot cache.
+template <class T>
+int64_t cl_ring_pixel_stride(int64_t C) {
+  constexpr int64_t E = 64 / sizeof(T);  // elements per cache line
+  const int64_t lines = ceil_div(C, E);
+  return (lines | 1) * E;
+}
+
+// NJ output pixels j.. x NV vectors of channels c0.. from staged rows (dilation 1 along the row, KW
+// column taps and column stride SW known at compile time): pixel jj's tap q reads staged column
+// SW*(j + jj) + q, so each input vector of a window row is loaded once and feeds every (pixel, tap)
+// pair that reads it, with the row's KW weight vectors in registers: ((NJ - 1) * SW + KW + KW) * NV
+// loads per NJ * KW * NV FMAs instead of about one load per FMA.
 template <class T, int NJ, int NV, int KW, int SW>
-inline void cl_staged_block(const T* const* rows, const T* wt, const T* bias, T* dst, int64_t c0, int64_t j,
-                            const DwGeom& g) {
-  cl_block_reg<T, NJ, NV, KW, SW, false>([&](int64_t p) { return rows[p]; }, 0, g.kH, j * SW, wt, bias, dst, c0, g);
+inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const T* bias, T* dst, int64_t c0,
+                            int64_t j, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  constexpr int U = (NJ - 1) * SW + KW;  // input columns the block reads
+  V acc[NJ][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? vload(bias + c0 + v * L) : V{};
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
+  }
+  for (int64_t p = 0; p < g.kH; ++p) {
+    const T* xs = rows[p] + j * SW * ps + c0;
+    const T* wr = wt + p * KW * g.Cm + c0;
+    V wv[KW][NV];
+#pragma GCC unroll 8
+    for (int q = 0; q < KW; ++q)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
+#pragma GCC unroll 32
+    for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V xv = vload(xs + v * L);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj)
+          if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
+      }
+      // One pointer stepped by a pixel: without the empty asm GCC precomputes the U column
+      // offsets u*ps as loop invariants, which spill (16 GPRs) and turn every load into two.
+      xs += ps;
+      asm("" : "+r"(xs));
+    }
+  }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(dst + jj * g.Cm + c0 + v * L, acc[jj][v]);
 }
 
 // Channels [c0, Cm) of pixel j, any geometry: one vector at a time, then the scalar tail.
 template <class T>
-inline void cl_staged_pixel(const T* const* rows, const T* wt, const T* bias, T* dst, int64_t c0, int64_t j,
-                            const DwGeom& g) {
+inline void cl_staged_pixel(const T* const* rows, int64_t ps, const T* wt, const T* bias, T* dst, int64_t c0,
+                            int64_t j, const DwGeom& g) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   int64_t c = c0;
@@ -455,50 +293,125 @@ inline void cl_staged_pixel(const T* const* rows, const T* wt, const T* bias, T*
     V acc = bias ? vload(bias + c) : V{};
     for (int64_t p = 0; p < g.kH; ++p)
       for (int64_t q = 0; q < g.kW; ++q)
-        acc += vload(wt + (p * g.kW + q) * g.Cm + c) * vload(rows[p] + (j * g.sW + q * g.dW) * g.C + c);
+        acc += vload(wt + (p * g.kW + q) * g.Cm + c) * vload(rows[p] + (j * g.sW + q * g.dW) * ps + c);
     vstore(dst + c, acc);
   }
   for (; c < g.Cm; ++c) {
     T acc = bias ? bias[c] : T(0);
     for (int64_t p = 0; p < g.kH; ++p)
-      for (int64_t q = 0; q < g.kW; ++q) acc += wt[(p * g.kW + q) * g.Cm + c] * rows[p][(j * g.sW + q * g.dW) * g.C + c];
+      for (int64_t q = 0; q < g.kW; ++q) acc += wt[(p * g.kW + q) * g.Cm + c] * rows[p][(j * g.sW + q * g.dW) * ps + c];
     dst[c] = acc;
   }
 }
 
 // A whole output row in blocks of NJ pixels (Wo >= NJ); a last partial block is moved back to end
-// at the row's end, recomputing a few pixels with equal values.
+// at the row's end, recomputing a few pixels with equal values. Output row i of image xn: the
+// input rows the next output row stages are prefetched a block ahead, so that the ring's copy of
+// them reads L2 while DRAM streams behind this row's arithmetic (the copy alone from DRAM ran at
+// half the copy bandwidth per thread, and nothing overlapped it).
 template <class T, int NJ, int NV, int KW, int SW>
-void cl_staged_row_blocks(const T* const* rows, const T* wt, const T* bias, T* yr, const DwGeom& g) {
+void cl_staged_row_blocks(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
+                          const DwGeom& g) {
   constexpr int CB = NV * Vec<T>::lanes;
   auto group = [&](int64_t j) {
+    cl_prefetch_next_row(xn, i, j, j + NJ < g.Wo ? j + NJ : g.Wo + g.kW * g.dW, g);  // (the last group: up to W)
     T* dst = yr + j * g.Cm;
     int64_t c = 0;
-    for (; c + CB <= g.Cm; c += CB) cl_staged_block<T, NJ, NV, KW, SW>(rows, wt, bias, dst, c, j, g);
+    for (; c + CB <= g.Cm; c += CB) cl_staged_block<T, NJ, NV, KW, SW>(rows, ps, wt, bias, dst, c, j, g);
     if (c < g.Cm)
-      for (int64_t jj = 0; jj < NJ; ++jj) cl_staged_pixel(rows, wt, bias, dst + jj * g.Cm, c, j + jj, g);
+      for (int64_t jj = 0; jj < NJ; ++jj) cl_staged_pixel(rows, ps, wt, bias, dst + jj * g.Cm, c, j + jj, g);
   };
   int64_t j = 0;
   for (; j + NJ <= g.Wo; j += NJ) group(j);
   if (j < g.Wo) group(g.Wo - NJ);
 }
 
+// 3x3 windows (dilation 1 along the row, column stride SW): one channel vector c of output pixels
+// [j0, j1) (j1 - j0 >= 4) of one output row, four pixels at a time, with all nine weight vectors held
+// in registers for the whole run (9 weights + 4 accumulators + 1 input of 16 registers). The
+// per-block loads of the window-row blocks above (weights, bias, the block's setup) cost as much
+// as the 3x3 arithmetic itself: one thread, hot cache, they ran at ~40 GFLOP/s on 3x3 against ~57
+// on 5x5, whose blocks do 25 taps per setup.
+template <class T, int SW>
+inline void cl_sweep3(const T* const* rows, int64_t ps, const T* wt, const T* bias, T* yr, int64_t c, int64_t j0,
+                      int64_t j1, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int NJ = 4, U = (NJ - 1) * SW + 3;  // pixels per block, input columns a block reads
+  V w[3][3];
+#pragma GCC unroll 3
+  for (int p = 0; p < 3; ++p)
+#pragma GCC unroll 3
+    for (int q = 0; q < 3; ++q) w[p][q] = vload(wt + (p * 3 + q) * g.Cm + c);
+  auto block = [&](int64_t j) {
+    V acc[NJ];
+    const V b = bias ? vload(bias + c) : V{};
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) acc[jj] = b;
+#pragma GCC unroll 3
+    for (int p = 0; p < 3; ++p) {
+      const T* xs = rows[p] + j * SW * ps + c;
+#pragma GCC unroll 16
+      for (int u = 0; u < U; ++u) {
+        V xv = vload(xs);
+        asm("" : "+x"(xv));  // one load feeding up to three FMAs, not one folded load per FMA
+#pragma GCC unroll 8
+        for (int jj = 0; jj < NJ; ++jj)
+          if (u - SW * jj >= 0 && u - SW * jj < 3) acc[jj] += w[p][u - SW * jj] * xv;
+        xs += ps;
+        asm("" : "+r"(xs));  // (as in cl_staged_block: keeps the column offsets from spilling)
+      }
+    }
+    T* dst = yr + j * g.Cm + c;
+#pragma GCC unroll 8
+    for (int jj = 0; jj < NJ; ++jj) vstore(dst + jj * g.Cm, acc[jj]);
+  };
+  int64_t j = j0;
+  for (; j + NJ <= j1; j += NJ) block(j);
+  if (j < j1) block(j1 - NJ);  // recomputes a few pixels with equal values
+}
+
+// A whole output row of a 3x3 window (cl_sweep3; Wo >= 4) in runs of 32 pixels, each run swept
+// once per channel vector: a run's kH x ~34 input pixels stay in L1 across its channel vectors,
+// and the next output row's fresh input rows are prefetched run by run (see cl_staged_row_blocks).
+template <class T, int SW>
+void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias,
+                          T* yr, const DwGeom& g) {
+  constexpr int64_t JC = 32;
+  constexpr int L = Vec<T>::lanes;
+  for (int64_t j0 = 0; j0 < g.Wo;) {
+    const int64_t j1 = g.Wo - (j0 + JC) < 4 ? g.Wo : j0 + JC;  // no run shorter than a block
+    cl_prefetch_next_row(xn, i, j0, j1 < g.Wo ? j1 : g.Wo + g.kW * g.dW, g);
+    int64_t c = 0;
+    for (; c + L <= g.Cm; c += L) cl_sweep3<T, SW>(rows, ps, wt, bias, yr, c, j0, j1, g);
+    if (c < g.Cm)
+      for (int64_t j = j0; j < j1; ++j) cl_staged_pixel(rows, ps, wt, bias, yr + j * g.Cm, c, j, g);
+    j0 = j1;
+  }
+}
+
 // One output row (Wo x Cm) from staged rows, multiplier 1. kW 5 blocks hold one channel vector
 // (five weight vectors in registers): eight pixels give them eight independent FMA chains.
 template <class T>
-void cl_staged_row(const T* const* rows, const T* wt, const T* bias, T* yr, const DwGeom& g) {
+void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
+                   const DwGeom& g) {
   if (g.dW == 1 && g.Wo >= 4) {
+    if (g.kH == 3 && g.kW == 3 && g.sW == 1) return cl_staged_row_sweep3<T, 1>(rows, ps, xn, i, wt, bias, yr, g);
+    if (g.kH == 3 && g.kW == 3 && g.sW == 2) return cl_staged_row_sweep3<T, 2>(rows, ps, xn, i, wt, bias, yr, g);
     const bool w8 = g.Wo >= 8;
-    if (g.kW == 3 && g.sW == 1) return cl_staged_row_blocks<T, 4, 2, 3, 1>(rows, wt, bias, yr, g);
-    if (g.kW == 3 && g.sW == 2) return cl_staged_row_blocks<T, 4, 2, 3, 2>(rows, wt, bias, yr, g);
+    if (g.kW == 3 && g.sW == 1)
+      return w8 ? cl_staged_row_blocks<T, 8, 1, 3, 1>(rows, ps, xn, i, wt, bias, yr, g)
+                : cl_staged_row_blocks<T, 4, 2, 3, 1>(rows, ps, xn, i, wt, bias, yr, g);
+    if (g.kW == 3 && g.sW == 2)
+      return w8 ? cl_staged_row_blocks<T, 8, 1, 3, 2>(rows, ps, xn, i, wt, bias, yr, g)
+                : cl_staged_row_blocks<T, 4, 2, 3, 2>(rows, ps, xn, i, wt, bias, yr, g);
     if (g.kW == 5 && g.sW == 1)
-      return w8 ? cl_staged_row_blocks<T, 8, 1, 5, 1>(rows, wt, bias, yr, g)
-                : cl_staged_row_blocks<T, 4, 1, 5, 1>(rows, wt, bias, yr, g);
+      return w8 ? cl_staged_row_blocks<T, 8, 1, 5, 1>(rows, ps, xn, i, wt, bias, yr, g)
+                : cl_staged_row_blocks<T, 4, 1, 5, 1>(rows, ps, xn, i, wt, bias, yr, g);
     if (g.kW == 5 && g.sW == 2)
-      return w8 ? cl_staged_row_blocks<T, 8, 1, 5, 2>(rows, wt, bias, yr, g)
-                : cl_staged_row_blocks<T, 4, 1, 5, 2>(rows, wt, bias, yr, g);
+      return w8 ? cl_staged_row_blocks<T, 8, 1, 5, 2>(rows, ps, xn, i, wt, bias, yr, g)
+                : cl_staged_row_blocks<T, 4, 1, 5, 2>(rows, ps, xn, i, wt, bias, yr, g);
   }
-  for (int64_t j = 0; j < g.Wo; ++j) cl_staged_pixel(rows, wt, bias, yr + j * g.Cm, 0, j, g);
+  for (int64_t j = 0; j < g.Wo; ++j) cl_staged_pixel(rows, ps, wt, bias, yr + j * g.Cm, 0, j, g);
 }
 
 // A thread's ring of staged, zero-padded input rows of one image (channels_last), plus a zero row
@@ -508,17 +421,20 @@ void cl_staged_row(const T* const* rows, const T* wt, const T* bias, T* yr, cons
 template <class T>
 struct ClRowRing {
   const DwGeom& g;
-  int64_t Wp, R, n = -1;
-  std::vector<T> buf;
+  int64_t Wp, ps, R, n = -1;  // padded width, pixel stride (cl_ring_pixel_stride), slots
+  std::vector<T> mem;
+  T* buf;  // mem's first cache-line boundary: with ps whole lines, no vector load splits a line
   std::vector<int64_t> tag;  // input row held by each slot, -1 none
   ClRowRing(const DwGeom& g_)
-      : g(g_), Wp(cl_staged_width(g_)), R((g_.kH - 1) * g_.dH + 1),
-        buf(static_cast<size_t>((R + 1) * Wp * g_.C), T(0)), tag(static_cast<size_t>(R), -1) {}
+      : g(g_), Wp(cl_staged_width(g_)), ps(cl_ring_pixel_stride<T>(g_.C)), R((g_.kH - 1) * g_.dH + 1),
+        mem(static_cast<size_t>((R + 1) * Wp * ps + 64 / sizeof(T)), T(0)),
+        buf(mem.data() + (64 - reinterpret_cast<uintptr_t>(mem.data()) % 64) % 64 / sizeof(T)),
+        tag(static_cast<size_t>(R), -1) {}
 
   // Window row pointers of output row i of image n (whose input starts at xn).
   void rows_for(const T* xn, int64_t n_, int64_t i, const T** rows) {
     if (n_ != n) std::fill(tag.begin(), tag.end(), -1), n = n_;
-    const T* zero = buf.data() + R * Wp * g.C;
+    const T* zero = buf + R * Wp * ps;
     const int64_t c_lo = std::min(Wp, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(Wp, g.W + g.pL));
     for (int64_t p = 0; p < g.kH; ++p) {
       const int64_t ih = i * g.sH - g.pT + p * g.dH;
@@ -527,13 +443,18 @@ struct ClRowRing {
         continue;
       }
       const int64_t s = ih % R;
-      T* d = buf.data() + s * Wp * g.C;
+      T* d = buf + s * Wp * ps;
       if (tag[s] != ih) {
         // Only the padding columns are zeroed (the slot's zero columns never change, but a
-        // cropped row (negative pL) may leave none), then one sequential copy of the row.
-        std::fill(d, d + c_lo * g.C, T(0));
-        std::memcpy(d + c_lo * g.C, xn + (ih * g.W + c_lo - g.pL) * g.C, sizeof(T) * (c_hi - c_lo) * g.C);
-        std::fill(d + c_hi * g.C, d + Wp * g.C, T(0));
+        // cropped row (negative pL) may leave none), then a sequential copy of the row, pixel by
+        // pixel when the ring's stride differs (the channels past C are never read).
+        std::fill(d, d + c_lo * ps, T(0));
+        const T* src = xn + (ih * g.W + c_lo - g.pL) * g.C;
+        if (ps == g.C)
+          std::memcpy(d + c_lo * ps, src, sizeof(T) * (c_hi - c_lo) * g.C);
+        else
+          for (int64_t c = c_lo; c < c_hi; ++c) std::memcpy(d + c * ps, src + (c - c_lo) * g.C, sizeof(T) * g.C);
+        std::fill(d + c_hi * ps, d + Wp * ps, T(0));
         tag[s] = ih;
       }
       rows[p] = d;

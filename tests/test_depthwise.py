@@ -27,6 +27,7 @@ CASES = [
     (2, 1, 17, 1, (1, 3), 1, (0, 1), 1, 2),  # W = 1
     (1, 2, 5, 5, 3, 3, 0, 1, 1),            # stride equal to kernel
     (1, 17, 19, 23, 3, 1, 1, 1, 1),         # prime channels and sizes
+    (1, 263, 7, 6, 3, 1, 1, 1, 1),          # wide channels (C++ channels_last weight grad: staged rows)
 ]
 
 
@@ -69,8 +70,8 @@ LARGE_BACKENDS = [b for b in KERNEL_BACKENDS if b != "triton" or DEVICE.type == 
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
 @pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (5, 1, (2, 0)), (3, 2, 0)], ids=["k3s1", "k5s1p20", "k3s2"])
 def test_channels_last_large_input(backend, k, stride, pad):
-    """Inputs of 8 MiB and more take the C++ forward's staged-row path (the small shapes above take
-    the direct one): 37 channels (vector tails), a width not a multiple of any pixel block."""
+    """A large input (8 MiB): rows of several 32-pixel runs, the next row prefetched across images
+    in the C++ forward; 37 channels (vector tails), a width not a multiple of any pixel block."""
     x = torch.randn(2, 37, 181, 157, device=DEVICE).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(37, 1, k, k, device=DEVICE) / k, torch.randn(37, device=DEVICE)
     out = dlkernels.depthwise_conv2d(x, w, b, stride, pad, backend=backend)
