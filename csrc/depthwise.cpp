@@ -28,7 +28,7 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
     const int64_t rb = rows_per_task(g.N * g.Cm, g.Ho), nb = ceil_div(g.Ho, rb);
 #pragma omp parallel if (dw_parallel(g))
     {
-      std::vector<T> buf;
+      DwScratch<T> buf;
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < g.N * g.Cm * nb; ++t) {
         // (divisions skipped where they are trivial: they cost on planes of 100 outputs)
@@ -171,7 +171,8 @@ void bwd_input_nchw_stride1(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t rb = rows_per_task(g.N * g.C, g.H), nb = ceil_div(g.H, rb);
 #pragma omp parallel if (dw_parallel(g))
   {
-    std::vector<T> buf, tmp(g.m > 1 ? rb * g.W : 0);
+    DwScratch<T> buf;
+    std::vector<T> tmp(g.m > 1 ? rb * g.W : 0);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < g.N * g.C * nb; ++task) {
       const int64_t plane = task / nb, blk = task % nb, n = plane / g.C, c = plane % g.C;
