@@ -3,6 +3,8 @@
 // (all channels of one pixel). Contract: dlkernels/depthwise/op.py.
 #include "depthwise.h"
 
+#include <tuple>
+
 namespace dlk {
 namespace {
 
@@ -190,9 +192,90 @@ void bwd_input_nchw_stride1(const T* gy, const T* w, T* gx, const DwGeom& g) {
   }
 }
 
+// Stride > 1, multiplier 1, by phases of grad_x: rows ih = r*sH + a and columns iw = c*sW + b
+// receive only the taps (p, q) with (a + pT - p*dH) % sH == 0 and (b + pL - q*dW) % sW == 0, from
+// grad_y(r + e_p, c + f_q) where e_p = (a + pT - p*dH) / sH and f_q = (b + pL - q*dW) / sW. So each
+// phase is a stride-1 correlation of grad_y with its own taps: grad_y is staged once per plane with
+// zero margins for the extreme offsets (rows u <-> grad_y row u + e_min, columns v <-> v + f_min),
+// every phase runs the forward row kernel on that buffer with its taps' offsets, and the phases are
+// interleaved into grad_x's rows. Each grad_x element is written once, with no bounds checks.
+struct BwdPhases {
+  int64_t e_min, f_min, Rg, Wg, Rmax, Cmax, K;
+  std::vector<int64_t> order, offs, start;  // taps by phase a*sW + b: [start[ph], start[ph + 1])
+
+  explicit BwdPhases(const DwGeom& g) : K(g.kH * g.kW) {
+    auto phase = [](int64_t pad, int64_t t, int64_t s) {  // (phase, offset) of tap position t
+      const int64_t a = ((t - pad) % s + s) % s;
+      return std::pair<int64_t, int64_t>{a, (a + pad - t) / s};
+    };
+    std::vector<int64_t> pa(g.kH), pe(g.kH), qb(g.kW), qf(g.kW);
+    for (int64_t p = 0; p < g.kH; ++p) std::tie(pa[p], pe[p]) = phase(g.pT, p * g.dH, g.sH);
+    for (int64_t q = 0; q < g.kW; ++q) std::tie(qb[q], qf[q]) = phase(g.pL, q * g.dW, g.sW);
+    e_min = *std::min_element(pe.begin(), pe.end()), f_min = *std::min_element(qf.begin(), qf.end());
+    Rmax = ceil_div(g.H, g.sH), Cmax = ceil_div(g.W, g.sW);
+    Rg = Rmax + *std::max_element(pe.begin(), pe.end()) - e_min;
+    Wg = Cmax + *std::max_element(qf.begin(), qf.end()) - f_min;
+    for (int64_t ph = 0; ph < g.sH * g.sW; ++ph) {
+      start.push_back(static_cast<int64_t>(order.size()));
+      for (int64_t p = 0; p < g.kH; ++p)
+        for (int64_t q = 0; q < g.kW; ++q)
+          if (pa[p] * g.sW + qb[q] == ph) {
+            order.push_back(p * g.kW + q);
+            offs.push_back((pe[p] - e_min) * Wg + qf[q] - f_min);
+          }
+    }
+    start.push_back(K);
+  }
+};
+
+template <class T>
+void bwd_input_nchw_phased(const T* gy, const T* w, T* gx, const DwGeom& g) {
+  const BwdPhases bp(g);
+  // Weights in phase order per channel, so that a phase's taps are one contiguous run.
+  std::vector<T> wp(static_cast<size_t>(g.C * bp.K));
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t k = 0; k < bp.K; ++k) wp[c * bp.K + k] = w[c * bp.K + bp.order[k]];
+  const int64_t stage = bp.Rg * bp.Wg + 64;  // + the flat form's over-read
+  // grad_y columns some grad_x element reads (padding wider than the kernel leaves some unread)
+  const int64_t ow_lo = std::max<int64_t>(0, bp.f_min), ow_hi = std::max(ow_lo, std::min(g.Wo, bp.f_min + bp.Wg));
+#pragma omp parallel if (dw_parallel(g))
+  {
+    // Zero margins once: every plane has the same layout and copies only its data rows.
+    std::vector<T> X(static_cast<size_t>(stage), T(0)), F(static_cast<size_t>(flat_size(bp.Wg)));
+    std::vector<T> P(static_cast<size_t>(g.sW * bp.Rmax * bp.Cmax));
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < g.N * g.C; ++plane) {
+      const T* gyp = gy + plane * g.Ho * g.Wo;
+      for (int64_t u = std::max<int64_t>(0, -bp.e_min); u < std::min(bp.Rg, g.Ho - bp.e_min); ++u)
+        copy_row(X.data() + u * bp.Wg + ow_lo - bp.f_min, gyp + (u + bp.e_min) * g.Wo + ow_lo, ow_hi - ow_lo);
+      const T* wc = wp.data() + (plane % g.C) * bp.K;
+      T* gxp = gx + plane * g.H * g.W;
+      for (int64_t a = 0; a < std::min(g.sH, g.H); ++a) {
+        const int64_t R = ceil_div(g.H - a, g.sH);
+        for (int64_t b = 0; b < std::min(g.sW, g.W); ++b) {
+          const int64_t ph = a * g.sW + b, t0 = bp.start[ph], C = ceil_div(g.W - b, g.sW);
+          dw_rows_staged(X.data(), bp.Wg, bp.offs.data() + t0, bp.start[ph + 1] - t0, wc + t0, T(0),
+                         P.data() + b * bp.Rmax * bp.Cmax, R, C, F.data());
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          T* d = gxp + (r * g.sH + a) * g.W;
+          if (g.sW == 2) {
+            merge_even_odd(P.data() + r * bp.Cmax, P.data() + bp.Rmax * bp.Cmax + r * (g.W / 2), d,
+                           ceil_div(g.W, 2), g.W / 2);
+          } else {
+            for (int64_t iw = 0; iw < g.W; ++iw)
+              d[iw] = P[(iw % g.sW) * bp.Rmax * bp.Cmax + r * ceil_div(g.W - iw % g.sW, g.sW) + iw / g.sW];
+          }
+        }
+      }
+    }
+  }
+}
+
 template <class T>
 void bwd_input_nchw(const T* gy, const T* w, T* gx, const DwGeom& g) {
   if (g.sH == 1 && g.sW == 1) return bwd_input_nchw_stride1(gy, w, gx, g);
+  if (g.m == 1) return bwd_input_nchw_phased(gy, w, gx, g);
   const auto plane_fn = g.sW == 2 ? bwd_input_plane_gather<T, 2> : bwd_input_plane_gather<T, 0>;
   const std::vector<ColTap> cols = col_taps(g);
 #pragma omp parallel if (dw_parallel(g))

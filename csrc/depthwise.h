@@ -87,6 +87,30 @@ inline void split_even_odd(const T* s, T* e, T* o, int64_t n) {
   for (; v < n; ++v) e[v] = s[2 * v], o[v] = s[2 * v + 1];
 }
 
+// d[2c] = e[c] for c < ne, d[2c + 1] = o[c] for c < no (ne - no is 0 or 1): the inverse of
+// split_even_odd, interleaving the two column phases of a stride-2 row.
+template <class T>
+inline void merge_even_odd(const T* e, const T* o, T* d, int64_t ne, int64_t no) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  using I = decltype(V{} < V{});
+  I lo, hi;
+  for (int l = 0; l < L; ++l) lo[l] = l / 2 + (l % 2) * L, hi[l] = L / 2 + l / 2 + (l % 2) * L;
+  int64_t c = 0;
+  for (; c + L <= no; c += L) {
+    const V a = vload(e + c), b = vload(o + c);
+    vstore(d + 2 * c, __builtin_shuffle(a, b, lo));
+    vstore(d + 2 * c + L, __builtin_shuffle(a, b, hi));
+  }
+  for (; c < no; ++c) d[2 * c] = e[c], d[2 * c + 1] = o[c];
+  if (c < ne) d[2 * c] = e[c];
+}
+
+// Output rows per chunk of dw_rows_staged's flat form for staged rows of Wp columns (an L1-sized
+// result), and the scratch that chunk needs.
+inline int64_t flat_rows(int64_t Wp) { return std::max<int64_t>(1, 512 / Wp); }
+inline int64_t flat_size(int64_t Wp) { return flat_rows(Wp) * Wp + 64; }
+
 // Layout of the staged input of output rows [i0, i0 + rows) of one NCHW plane: sH*sW phase planes,
 // phase (a, b) holding input (u*sH + a + i0*sH - pT, v*sW + b - pL) at u*Wp + v, zeros in the padding.
 // Output (i, j)'s tap (p, q) then reads phase ((p*dH) % sH, (q*dW) % sW) at (i + (p*dH)/sH)*Wp +
@@ -94,7 +118,7 @@ inline void split_even_odd(const T* s, T* e, T* o, int64_t n) {
 // consecutive outputs of a row read consecutive elements. The Wp - Wo columns past each row's
 // outputs let the whole block be read as one flat row of rows*Wp outputs.
 struct DwStage {
-  int64_t Wp, PR, PB, nph, pad_end, tmp, rc, flat;
+  int64_t Wp, PR, PB, nph, pad_end, tmp, flat;
   int64_t offs_small[32];
   std::vector<int64_t> offs_big;
   const int64_t* offs;
@@ -108,8 +132,7 @@ struct DwStage {
     // A flat block's last vector reads up to Wp - Wo + L - 1 elements past the last phase plane.
     pad_end = Wp + L;
     tmp = g.sW > 1 ? g.sW * Wp : 0;
-    rc = std::max<int64_t>(1, std::min(rows, 512 / Wp));  // rows per flat chunk: an L1-sized result
-    flat = rc * Wp + L;
+    flat = flat_size(Wp);
     const int64_t K = g.kH * g.kW;
     if (K > 32) offs_big.resize(static_cast<size_t>(K));
     int64_t* o = K > 32 ? offs_big.data() : offs_small;
@@ -186,16 +209,19 @@ void dw_stage(const T* xp, int64_t i0, const DwGeom& g, const DwStage& st, DwScr
     }
 }
 
-// Output rows [0, rows) from the staged block X, written at out (row stride Wo). Rows of at least
+// Output rows [0, rows) from a staged block X of row stride Wp, output (i, j) = b + sum over taps t
+// of wo[t] * X[offs[t] + i*Wp + j] (every read in bounds, including up to L - 1 elements past the
+// last row's output Wo - 1 for the flat form), written at out (row stride Wo); F: flat_size(Wp)
+// scratch. Rows of at least
 // four vectors go straight to out in blocks of rows x two vectors (a last partial vector moved back
 // to end at the row's end); narrower rows are computed as one flat row of rc*Wp outputs per
 // chunk (the Wp - Wo garbage columns cost less than the partial vectors and the one-vector blocks
 // of 10- to 19-wide rows) into F, whose rows are then copied out.
 template <class T>
-void dw_rows_staged(const T* X, const DwStage& st, const T* wo, T b, T* out, int64_t rows, const DwGeom& g, T* F) {
+void dw_rows_staged(const T* X, int64_t Wp, const int64_t* offs, int64_t K, const T* wo, T b, T* out, int64_t rows,
+                    int64_t Wo, T* F) {
   constexpr int L = Vec<T>::lanes;
-  const int64_t K = g.kH * g.kW, Wp = st.Wp, Wo = g.Wo;
-  const int64_t* offs = st.offs;
+  const int64_t rc = flat_rows(Wp);
   if (Wo >= 4 * L) {
     auto group = [&](auto nr, int64_t i) {
       constexpr int NR = decltype(nr)::value;
@@ -212,8 +238,8 @@ void dw_rows_staged(const T* X, const DwStage& st, const T* wo, T b, T* out, int
     for (; i < rows; ++i) group(std::integral_constant<int, 1>{}, i);
     return;
   }
-  for (int64_t i0 = 0; i0 < rows; i0 += st.rc) {
-    const int64_t nr = std::min(st.rc, rows - i0), n = ceil_div(nr * Wp - (Wp - Wo), L) * L;
+  for (int64_t i0 = 0; i0 < rows; i0 += rc) {
+    const int64_t nr = std::min(rc, rows - i0), n = ceil_div(nr * Wp - (Wp - Wo), L) * L;
     const T* Xi = X + i0 * Wp;
     int64_t f = 0;
     for (; f + 8 * L <= n; f += 8 * L) dw_block<T, 1, 8>(Xi + f, offs, K, wo, b, F + f, 0, 0);
@@ -234,7 +260,8 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
   if (i1 <= i0 || g.Wo == 0) return;
   const DwStage st(g, i1 - i0);
   dw_stage(xp, i0, g, st, sc);
-  dw_rows_staged(sc.buf.data(), st, wo, b, out, i1 - i0, g, sc.buf.data() + st.size() - st.flat);
+  dw_rows_staged(sc.buf.data(), st.Wp, st.offs, g.kH * g.kW, wo, b, out, i1 - i0, g.Wo,
+                 sc.buf.data() + st.size() - st.flat);
 }
 
 // (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector.
