@@ -118,12 +118,11 @@ inline int64_t flat_size(int64_t Wp) { return flat_rows(Wp) * Wp + 64; }
 // consecutive outputs of a row read consecutive elements. The Wp - Wo columns past each row's
 // outputs let the whole block be read as one flat row of rows*Wp outputs.
 struct DwStage {
-  int64_t Wp, PR, PB, nph, pad_end, tmp, flat;
-  int64_t offs_small[32];
-  std::vector<int64_t> offs_big;
-  const int64_t* offs;
+  int64_t rows = -1, Wp, PR, PB, nph, pad_end, tmp, flat;
+  std::vector<int64_t> offs;
 
-  DwStage(const DwGeom& g, int64_t rows) {
+  DwStage() = default;
+  DwStage(const DwGeom& g, int64_t rows_) : rows(rows_) {
     constexpr int64_t L = 64;  // >= any Vec<T>::lanes
     Wp = g.Wo + ((g.kW - 1) * g.dW) / g.sW;
     PR = rows + ((g.kH - 1) * g.dH) / g.sH;
@@ -133,17 +132,12 @@ struct DwStage {
     pad_end = Wp + L;
     tmp = g.sW > 1 ? g.sW * Wp : 0;
     flat = flat_size(Wp);
-    const int64_t K = g.kH * g.kW;
-    if (K > 32) offs_big.resize(static_cast<size_t>(K));
-    int64_t* o = K > 32 ? offs_big.data() : offs_small;
     for (int64_t p = 0; p < g.kH; ++p)
       for (int64_t q = 0; q < g.kW; ++q) {
-        // (no divisions at stride 1: they cost per plane on 10x10 planes)
-        const int64_t ph = g.sH == 1 ? p * g.dH : p * g.dH / g.sH, qh = g.sW == 1 ? q * g.dW : q * g.dW / g.sW;
+        const int64_t ph = p * g.dH / g.sH, qh = q * g.dW / g.sW;
         const int64_t a = p * g.dH - ph * g.sH, b = q * g.dW - qh * g.sW;
-        o[p * g.kW + q] = (a * g.sW + b) * PB + ph * Wp + qh;
+        offs.push_back((a * g.sW + b) * PB + ph * Wp + qh);
       }
-    offs = o;
   }
   int64_t size() const { return nph * PB + pad_end + tmp + flat; }
 };
@@ -162,15 +156,25 @@ inline void copy_row(T* d, const T* s, int64_t n) {
   if (j < n) vstore(d + n - L, vload(s + n - L));
 }
 
-// A thread's staging buffer for dw_rows_padded. Its padding zeros depend only on the layout (key),
-// not on the plane: they are written when the layout changes and the planes after it copy only
-// their data, which on 10x10 planes (12 short rows, each with a zero column either side) halves
-// the staging work.
+// A thread's staging buffer for dw_rows_padded, serving one geometry. Its padding zeros depend
+// only on the layout (key), not on the plane: they are written when the layout changes and the
+// planes after it copy only their data, which on 10x10 planes (12 short rows, each with a zero
+// column either side) halves the staging work. The layouts of its geometry's two block heights
+// (full and last) are kept too: building one costs about as much as staging a 10x10 plane.
 template <class T>
 struct DwScratch {
   std::vector<T> buf;
   std::array<int64_t, 8> key{};
   const T* zeroed = nullptr;  // buf.data() when key describes its zeros
+  DwStage st[2];
+
+  const DwStage& stage(const DwGeom& g, int64_t rows) {
+    if (st[0].rows == rows) return st[0];
+    if (st[1].rows == rows) return st[1];
+    st[1] = std::move(st[0]);
+    st[0] = DwStage(g, rows);
+    return st[0];
+  }
 };
 
 // Copies the input rows that output rows [i0, i0 + PR - rx) read into the phase planes at X
@@ -258,9 +262,9 @@ template <class T>
 void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i1, const DwGeom& g,
                     DwScratch<T>& sc) {
   if (i1 <= i0 || g.Wo == 0) return;
-  const DwStage st(g, i1 - i0);
+  const DwStage& st = sc.stage(g, i1 - i0);
   dw_stage(xp, i0, g, st, sc);
-  dw_rows_staged(sc.buf.data(), st.Wp, st.offs, g.kH * g.kW, wo, b, out, i1 - i0, g.Wo,
+  dw_rows_staged(sc.buf.data(), st.Wp, st.offs.data(), g.kH * g.kW, wo, b, out, i1 - i0, g.Wo,
                  sc.buf.data() + st.size() - st.flat);
 }
 
