@@ -216,11 +216,10 @@ void dw_stage(const T* xp, int64_t i0, const DwGeom& g, const DwStage& st, DwScr
 // Output rows [0, rows) from a staged block X of row stride Wp, output (i, j) = b + sum over taps t
 // of wo[t] * X[offs[t] + i*Wp + j] (every read in bounds, including up to L - 1 elements past the
 // last row's output Wo - 1 for the flat form), written at out (row stride Wo); F: flat_size(Wp)
-// scratch. Rows of at least
-// four vectors go straight to out in blocks of rows x two vectors (a last partial vector moved back
-// to end at the row's end); narrower rows are computed as one flat row of rc*Wp outputs per
-// chunk (the Wp - Wo garbage columns cost less than the partial vectors and the one-vector blocks
-// of 10- to 19-wide rows) into F, whose rows are then copied out.
+// scratch. Rows of at least four vectors go straight to out in blocks of rows x two vectors (a last
+// partial vector moved back to end at the row's end); narrower rows are computed as one flat row of
+// rc*Wp outputs per chunk (the Wp - Wo garbage columns cost less than the partial vectors and the
+// one-vector blocks of 10- to 19-wide rows) into F, whose rows are then copied out.
 template <class T>
 void dw_rows_staged(const T* X, int64_t Wp, const int64_t* offs, int64_t K, const T* wo, T b, T* out, int64_t rows,
                     int64_t Wo, T* F) {
