@@ -4,6 +4,7 @@
 #include "depthwise.h"
 
 #include <memory>
+#include <tuple>
 
 namespace dlk {
 namespace {
@@ -52,7 +53,7 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
     const int64_t rb = rows_per_task(g.N * g.Cm, g.Ho), nb = ceil_div(g.Ho, rb);
 #pragma omp parallel if (dw_parallel(g))
     {
-      std::vector<T> buf;
+      DwScratch<T> buf;
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < g.N * g.Cm * nb; ++t) {
         // (divisions skipped where they are trivial: they cost on planes of 100 outputs)
@@ -178,7 +179,8 @@ void bwd_input_nchw_stride1(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t rb = rows_per_task(g.N * g.C, g.H), nb = ceil_div(g.H, rb);
 #pragma omp parallel if (dw_parallel(g))
   {
-    std::vector<T> buf, tmp(g.m > 1 ? rb * g.W : 0);
+    DwScratch<T> buf;
+    std::vector<T> tmp(g.m > 1 ? rb * g.W : 0);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < g.N * g.C * nb; ++task) {
       const int64_t plane = task / nb, blk = task % nb, n = plane / g.C, c = plane % g.C;
@@ -196,9 +198,90 @@ void bwd_input_nchw_stride1(const T* gy, const T* w, T* gx, const DwGeom& g) {
   }
 }
 
+// Stride > 1, multiplier 1, by phases of grad_x: rows ih = r*sH + a and columns iw = c*sW + b
+// receive only the taps (p, q) with (a + pT - p*dH) % sH == 0 and (b + pL - q*dW) % sW == 0, from
+// grad_y(r + e_p, c + f_q) where e_p = (a + pT - p*dH) / sH and f_q = (b + pL - q*dW) / sW. So each
+// phase is a stride-1 correlation of grad_y with its own taps: grad_y is staged once per plane with
+// zero margins for the extreme offsets (rows u <-> grad_y row u + e_min, columns v <-> v + f_min),
+// every phase runs the forward row kernel on that buffer with its taps' offsets, and the phases are
+// interleaved into grad_x's rows. Each grad_x element is written once, with no bounds checks.
+struct BwdPhases {
+  int64_t e_min, f_min, Rg, Wg, Rmax, Cmax, K;
+  std::vector<int64_t> order, offs, start;  // taps by phase a*sW + b: [start[ph], start[ph + 1])
+
+  explicit BwdPhases(const DwGeom& g) : K(g.kH * g.kW) {
+    auto phase = [](int64_t pad, int64_t t, int64_t s) {  // (phase, offset) of tap position t
+      const int64_t a = ((t - pad) % s + s) % s;
+      return std::pair<int64_t, int64_t>{a, (a + pad - t) / s};
+    };
+    std::vector<int64_t> pa(g.kH), pe(g.kH), qb(g.kW), qf(g.kW);
+    for (int64_t p = 0; p < g.kH; ++p) std::tie(pa[p], pe[p]) = phase(g.pT, p * g.dH, g.sH);
+    for (int64_t q = 0; q < g.kW; ++q) std::tie(qb[q], qf[q]) = phase(g.pL, q * g.dW, g.sW);
+    e_min = *std::min_element(pe.begin(), pe.end()), f_min = *std::min_element(qf.begin(), qf.end());
+    Rmax = ceil_div(g.H, g.sH), Cmax = ceil_div(g.W, g.sW);
+    Rg = Rmax + *std::max_element(pe.begin(), pe.end()) - e_min;
+    Wg = Cmax + *std::max_element(qf.begin(), qf.end()) - f_min;
+    for (int64_t ph = 0; ph < g.sH * g.sW; ++ph) {
+      start.push_back(static_cast<int64_t>(order.size()));
+      for (int64_t p = 0; p < g.kH; ++p)
+        for (int64_t q = 0; q < g.kW; ++q)
+          if (pa[p] * g.sW + qb[q] == ph) {
+            order.push_back(p * g.kW + q);
+            offs.push_back((pe[p] - e_min) * Wg + qf[q] - f_min);
+          }
+    }
+    start.push_back(K);
+  }
+};
+
+template <class T>
+void bwd_input_nchw_phased(const T* gy, const T* w, T* gx, const DwGeom& g) {
+  const BwdPhases bp(g);
+  // Weights in phase order per channel, so that a phase's taps are one contiguous run.
+  std::vector<T> wp(static_cast<size_t>(g.C * bp.K));
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t k = 0; k < bp.K; ++k) wp[c * bp.K + k] = w[c * bp.K + bp.order[k]];
+  const int64_t stage = bp.Rg * bp.Wg + 64;  // + the flat form's over-read
+  // grad_y columns some grad_x element reads (padding wider than the kernel leaves some unread)
+  const int64_t ow_lo = std::max<int64_t>(0, bp.f_min), ow_hi = std::max(ow_lo, std::min(g.Wo, bp.f_min + bp.Wg));
+#pragma omp parallel if (dw_parallel(g))
+  {
+    // Zero margins once: every plane has the same layout and copies only its data rows.
+    std::vector<T> X(static_cast<size_t>(stage), T(0)), F(static_cast<size_t>(flat_size(bp.Wg)));
+    std::vector<T> P(static_cast<size_t>(g.sW * bp.Rmax * bp.Cmax));
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < g.N * g.C; ++plane) {
+      const T* gyp = gy + plane * g.Ho * g.Wo;
+      for (int64_t u = std::max<int64_t>(0, -bp.e_min); u < std::min(bp.Rg, g.Ho - bp.e_min); ++u)
+        copy_row(X.data() + u * bp.Wg + ow_lo - bp.f_min, gyp + (u + bp.e_min) * g.Wo + ow_lo, ow_hi - ow_lo);
+      const T* wc = wp.data() + (plane % g.C) * bp.K;
+      T* gxp = gx + plane * g.H * g.W;
+      for (int64_t a = 0; a < std::min(g.sH, g.H); ++a) {
+        const int64_t R = ceil_div(g.H - a, g.sH);
+        for (int64_t b = 0; b < std::min(g.sW, g.W); ++b) {
+          const int64_t ph = a * g.sW + b, t0 = bp.start[ph], C = ceil_div(g.W - b, g.sW);
+          dw_rows_staged(X.data(), bp.Wg, bp.offs.data() + t0, bp.start[ph + 1] - t0, wc + t0, T(0),
+                         P.data() + b * bp.Rmax * bp.Cmax, R, C, F.data());
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          T* d = gxp + (r * g.sH + a) * g.W;
+          if (g.sW == 2) {
+            merge_even_odd(P.data() + r * bp.Cmax, P.data() + bp.Rmax * bp.Cmax + r * (g.W / 2), d,
+                           ceil_div(g.W, 2), g.W / 2);
+          } else {
+            for (int64_t iw = 0; iw < g.W; ++iw)
+              d[iw] = P[(iw % g.sW) * bp.Rmax * bp.Cmax + r * ceil_div(g.W - iw % g.sW, g.sW) + iw / g.sW];
+          }
+        }
+      }
+    }
+  }
+}
+
 template <class T>
 void bwd_input_nchw(const T* gy, const T* w, T* gx, const DwGeom& g) {
   if (g.sH == 1 && g.sW == 1) return bwd_input_nchw_stride1(gy, w, gx, g);
+  if (g.m == 1) return bwd_input_nchw_phased(gy, w, gx, g);
   const auto plane_fn = g.sW == 2 ? bwd_input_plane_gather<T, 2> : bwd_input_plane_gather<T, 0>;
   const std::vector<ColTap> cols = col_taps(g);
 #pragma omp parallel if (dw_parallel(g))
@@ -380,133 +463,140 @@ void bwd_weight_rows(const T* gyp, const T* xp, double* gw_o, double* gb_o, int6
   }
 }
 
-// out[t] += sum_f G[f] * X[offs[t] + f] over f < n (a multiple of the vector width) for NT taps,
-// and *bias += sum_f G[f] when BIAS: G is read once for all the taps, one register chain each.
+// acc[t] += G[f] * X[offs[t] + f] lane-wise over f < n (a multiple of the vector width) for NT
+// taps, and *bacc += G[f] when BIAS: G is read once for all the taps, one register chain each. The
+// accumulators are vectors in memory that carry over across blocks and planes of one channel: their
+// lanes are summed only at a flush (WeightAcc), which on 10x10 planes cost more than the products
+// when done per plane.
 template <class T, int NT, bool BIAS>
-inline void flat_dots(const T* G, const T* X, const int64_t* offs, int64_t n, double* out, double* bias) {
+inline void flat_dots(const T* G, const T* X, const int64_t* offs, int64_t n, T* acc, T* bacc) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
-  V acc[NT + 1];
+  V a[NT + 1];
 #pragma GCC unroll 16
-  for (int t = 0; t <= NT; ++t) acc[t] = V{};
+  for (int t = 0; t < NT; ++t) a[t] = vload(acc + t * L);
+  if (BIAS) a[NT] = vload(bacc);
   for (int64_t f = 0; f < n; f += L) {
     const V gv = vload(G + f);
 #pragma GCC unroll 16
-    for (int t = 0; t < NT; ++t) acc[t] += gv * vload(X + offs[t] + f);
-    if (BIAS) acc[NT] += gv;
+    for (int t = 0; t < NT; ++t) a[t] += gv * vload(X + offs[t] + f);
+    if (BIAS) a[NT] += gv;
   }
-  // Lanes summed pairwise in T (a tree of log2(L) vector adds, not L dependent scalar adds in
-  // double: on 10x10 planes these sums are a sizable part of the work), the block total in double.
 #pragma GCC unroll 16
-  for (int t = 0; t <= NT; ++t) {
-    V a = acc[t];
-    T lane[L];
-    vstore(lane, a);
-    for (int h = L / 2; h >= 1; h /= 2)
-      for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
-    if (t < NT) out[t] += lane[0];
-    else if (BIAS) *bias += lane[0];
-  }
+  for (int t = 0; t < NT; ++t) vstore(acc + t * L, a[t]);
+  if (BIAS) vstore(bacc, a[NT]);
 }
 
 template <class T, bool BIAS>
-void flat_dots_n(const T* G, const T* X, const int64_t* offs, int64_t n, double* out, double* bias, int64_t nt) {
+void flat_dots_n(const T* G, const T* X, const int64_t* offs, int64_t n, T* acc, T* bacc, int64_t nt) {
   switch (nt) {
-    case 1: return flat_dots<T, 1, BIAS>(G, X, offs, n, out, bias);
-    case 2: return flat_dots<T, 2, BIAS>(G, X, offs, n, out, bias);
-    case 3: return flat_dots<T, 3, BIAS>(G, X, offs, n, out, bias);
-    case 4: return flat_dots<T, 4, BIAS>(G, X, offs, n, out, bias);
-    case 5: return flat_dots<T, 5, BIAS>(G, X, offs, n, out, bias);
-    case 6: return flat_dots<T, 6, BIAS>(G, X, offs, n, out, bias);
-    case 7: return flat_dots<T, 7, BIAS>(G, X, offs, n, out, bias);
-    default: return flat_dots<T, 8, BIAS>(G, X, offs, n, out, bias);
+    case 1: return flat_dots<T, 1, BIAS>(G, X, offs, n, acc, bacc);
+    case 2: return flat_dots<T, 2, BIAS>(G, X, offs, n, acc, bacc);
+    case 3: return flat_dots<T, 3, BIAS>(G, X, offs, n, acc, bacc);
+    case 4: return flat_dots<T, 4, BIAS>(G, X, offs, n, acc, bacc);
+    case 5: return flat_dots<T, 5, BIAS>(G, X, offs, n, acc, bacc);
+    case 6: return flat_dots<T, 6, BIAS>(G, X, offs, n, acc, bacc);
+    case 7: return flat_dots<T, 7, BIAS>(G, X, offs, n, acc, bacc);
+    default: return flat_dots<T, 8, BIAS>(G, X, offs, n, acc, bacc);
   }
 }
 
-// Staged form of the weight gradient, any stride and dilation. A block of grad_y rows is copied
-// with row stride Wp = Wo + ((kW-1)*dW)/sW (zeros after column Wo), and the input rows it reads
-// are copied, zero-padded, into sH*sW phase planes of the same row stride (phase (a, b) holds
-// input (r*sH + a - pT, c*sW + b - pL) at (r, c)). Tap (p, q) then reads phase
-// ((p*dH) % sH, (q*dW) % sW) shifted by ((p*dH)/sH) rows and ((q*dW)/sW) columns, and its sum over
-// the block is one flat dot product of two contiguous arrays: no borders, no per-row tails, which
-// on 10x10 or 19x19 planes cost more than the products. The zero columns of grad_y meet real
-// inputs that the tap does not read, so a block whose copies hold a NaN or an infinity (0 * inf)
-// is redone by the exact form, keeping torch's NaN propagation.
+// A thread's lane accumulators (K taps + the bias, one vector each) for the B channels of the
+// channel block it is running, flushed in double into its partials when the block changes or when
+// a lane holds kMaxTerms products: float sums stay short, the long sum over images and blocks is
+// in double, and the lane sums run once per block instead of once per plane.
 template <class T>
-struct WeightStage {
-  int64_t rb, Wp, rx, PB, n_max;
-  std::vector<int64_t> offs;
-  explicit WeightStage(const DwGeom& g) {
-    constexpr int L = Vec<T>::lanes;
-    Wp = g.Wo + ((g.kW - 1) * g.dW) / g.sW;
-    rx = ((g.kH - 1) * g.dH) / g.sH;
-    rb = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 4096 / Wp));  // lanes sum <= 512 terms per flush
-    n_max = ceil_div(rb * Wp, L) * L;
-    PB = (rb + rx + 1) * Wp + L;
-    for (int64_t p = 0; p < g.kH; ++p)
-      for (int64_t q = 0; q < g.kW; ++q)
-        offs.push_back((((p * g.dH) % g.sH) * g.sW + (q * g.dW) % g.sW) * PB + ((p * g.dH) / g.sH) * Wp +
-                       (q * g.dW) / g.sW);
+struct WeightAcc {
+  static constexpr int L = Vec<T>::lanes;
+  static constexpr int64_t kMaxTerms = 512, B = 16;
+  int64_t K, Cm, blk = -1;
+  bool bias;
+  std::vector<T> v;          // [slot][tap or K for the bias][lane]
+  std::vector<int64_t> terms;  // per slot
+  WeightAcc(int64_t K_, int64_t Cm_, bool bias_)
+      : K(K_), Cm(Cm_), bias(bias_), v(static_cast<size_t>(B * (K_ + 1) * L), T(0)), terms(B, 0) {}
+
+  void flush_slot(int64_t s, double* part) {
+    const int64_t o = blk * B + s;
+    T* a = v.data() + s * (K + 1) * L;
+    if (terms[s] > 0)
+      for (int64_t k = 0; k < K + (bias ? 1 : 0); ++k) {
+        double sum = 0;
+        for (int l = 0; l < L; ++l) sum += a[k * L + l];
+        part[k < K ? o * K + k : Cm * K + o] += sum;
+      }
+    std::fill(a, a + (K + 1) * L, T(0));
+    terms[s] = 0;
+  }
+  void flush(double* part) {
+    if (blk >= 0)
+      for (int64_t s = 0; s < B; ++s) flush_slot(s, part);
+  }
+  // Channel o's accumulators, with room for n more products per lane.
+  T* ready(int64_t o, int64_t n, double* part) {
+    if (o / B != blk) flush(part), blk = o / B;
+    const int64_t s = o - blk * B;
+    if (terms[s] + n > kMaxTerms) flush_slot(s, part);
+    terms[s] += n;
+    return v.data() + s * (K + 1) * L;
   }
 };
 
+// Whether a[0, n) holds no NaN or infinity (x - x is NaN for those), with four independent chains.
 template <class T>
 bool all_finite(const T* a, int64_t n) {
-  T z = 0;
-#pragma omp simd reduction(+ : z)
-  for (int64_t i = 0; i < n; ++i) z += a[i] - a[i];
-  return z == 0;
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V z[4] = {};
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) z[k] += vload(a + i + k * L) - vload(a + i + k * L);
+  T s = 0;
+  for (; i < n; ++i) s += a[i] - a[i];
+  const V t = (z[0] + z[1]) + (z[2] + z[3]);
+  for (int l = 0; l < L; ++l) s += t[l];
+  return s == 0;
 }
 
+// Weight gradient of one plane, any stride and dilation, in blocks of rb output rows: the input
+// rows a block reads are staged into phase planes (DwStage, the forward's layout: tap t of output
+// (i, j) at offs[t] + i*Wp + j) and the block's grad_y rows are copied into G with the same row
+// stride Wp (zeros in columns Wo..Wp and past the last row), so each tap's sum over the block is
+// one flat dot product of two contiguous arrays: no borders, no per-row tails, which on 10x10 or
+// 19x19 planes cost more than the products. The zero columns of G meet real inputs that the tap
+// does not read, so a block whose copies hold a NaN or an infinity (0 * inf) is redone by the
+// exact form, keeping torch's NaN propagation.
 template <class T>
-void bwd_weight_plane_staged(const T* gyp, const T* xp, double* gw_o, double* gb_o, const DwGeom& g,
-                             const WeightStage<T>& st, T* G, T* X) {
-  const int64_t K = g.kH * g.kW, Wp = st.Wp;
-  const int64_t c_lo = std::min(Wp, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(Wp, g.W + g.pL));
-  for (int64_t i0 = 0; i0 < g.Ho; i0 += st.rb) {
-    const int64_t i1 = std::min(g.Ho, i0 + st.rb), nr = i1 - i0;
-    const int64_t n = ceil_div(nr * Wp, Vec<T>::lanes) * Vec<T>::lanes;
-    for (int64_t i = 0; i < nr; ++i) stage_row(G + i * Wp, gyp + (i0 + i) * g.Wo, 0, g.Wo, Wp);
-    std::fill(G + nr * Wp, G + n, T(0));
-    const int64_t xrows = nr + st.rx;
-    for (int64_t a = 0; a < g.sH; ++a)
-      for (int64_t b = 0; b < g.sW; ++b) {
-        T* Xab = X + (a * g.sW + b) * st.PB;
-        for (int64_t u = 0; u < xrows; ++u) {
-          T* d = Xab + u * Wp;
-          const int64_t ih = (i0 + u) * g.sH + a - g.pT;
-          if (ih < 0 || ih >= g.H) {
-            std::fill(d, d + Wp, T(0));
-          } else if (g.sW == 1) {
-            stage_row(d, xp + ih * g.W - g.pL, c_lo, c_hi, Wp);
-          } else {  // columns v with 0 <= v*sW + b - pL < W, zeros around them
-            const int64_t v_lo = std::min(Wp, std::max<int64_t>(0, ceil_div(g.pL - b, g.sW)));
-            const int64_t v_hi = std::max(v_lo, std::min(Wp, floor_div(g.W - 1 + g.pL - b, g.sW) + 1));
-            const T* src = xp + ih * g.W + b - g.pL;
-            std::fill(d, d + v_lo, T(0));
-            if (g.sW == 2)
-              for (int64_t v = v_lo; v < v_hi; ++v) d[v] = src[2 * v];
-            else
-              for (int64_t v = v_lo; v < v_hi; ++v) d[v] = src[v * g.sW];
-            std::fill(d + v_hi, d + Wp, T(0));
-          }
-        }
-        std::fill(Xab + xrows * Wp, Xab + st.PB, T(0));
-      }
-    if (!all_finite(G, nr * Wp) || !all_finite(X, g.sH * g.sW * st.PB)) {
+void bwd_weight_plane_staged(const T* gyp, const T* xp, int64_t o, double* part, bool bias, int64_t rb,
+                             const DwGeom& g, DwScratch<T>& xs, std::vector<T>& G, WeightAcc<T>& wa) {
+  constexpr int L = Vec<T>::lanes;
+  const int64_t K = g.kH * g.kW;
+  for (int64_t i0 = 0; i0 < g.Ho; i0 += rb) {
+    const int64_t i1 = std::min(g.Ho, i0 + rb), nr = i1 - i0;
+    const DwStage& st = xs.stage(g, nr);
+    const int64_t Wp = st.Wp, n = ceil_div(nr * Wp, L) * L;
+    dw_stage(xp, i0, g, st, xs);
+    // G's zero columns are never written; only the slack past this block's rows can hold data.
+    for (int64_t i = 0; i < nr; ++i) copy_row(G.data() + i * Wp, gyp + (i0 + i) * g.Wo, g.Wo);
+    std::fill(G.data() + nr * Wp, G.data() + n, T(0));
+    const T* X = xs.buf.data();
+    if (!all_finite(G.data(), nr * Wp) || !all_finite(X, st.nph * st.PB)) {
+      double* gb_o = bias ? part + g.Cm * K + o : nullptr;
       if (g.sW == 2)
-        bwd_weight_rows<T, 2>(gyp, xp, gw_o, gb_o, i0, i1, g);
+        bwd_weight_rows<T, 2>(gyp, xp, part + o * K, gb_o, i0, i1, g);
       else
-        bwd_weight_rows<T, 0>(gyp, xp, gw_o, gb_o, i0, i1, g);
+        bwd_weight_rows<T, 0>(gyp, xp, part + o * K, gb_o, i0, i1, g);
       continue;
     }
+    T* acc = wa.ready(o, n / L, part);
     const int64_t group = ceil_div(K, ceil_div(K, 8));  // 9 taps as 5 + 4, not 8 + a lone 1
     for (int64_t t0 = 0; t0 < K; t0 += group) {
       const int64_t nt = std::min<int64_t>(group, K - t0);
-      if (t0 == 0 && gb_o)
-        flat_dots_n<T, true>(G, X, st.offs.data() + t0, n, gw_o + t0, gb_o, nt);
+      if (t0 == 0 && bias)
+        flat_dots_n<T, true>(G.data(), X, st.offs.data() + t0, n, acc + t0 * L, acc + K * L, nt);
       else
-        flat_dots_n<T, false>(G, X, st.offs.data() + t0, n, gw_o + t0, nullptr, nt);
+        flat_dots_n<T, false>(G.data(), X, st.offs.data() + t0, n, acc + t0 * L, nullptr, nt);
     }
   }
 }
@@ -515,18 +605,32 @@ template <class T>
 void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
   const int64_t K = g.kH * g.kW;
   ThreadPartials<double> part(g.Cm * (K + 1));  // [o*K + tap], then [Cm*K + o] for the bias
-  const WeightStage<T> st(g);
+  if (g.N * g.Ho * g.Wo == 0) {
+    std::fill(gw, gw + g.Cm * K, T(0));
+    if (gb) std::fill(gb, gb + g.Cm, T(0));
+    return;
+  }
+  const int64_t Wp = DwStage(g, 1).Wp;
+  // Rows per block: at most kMaxTerms vectors of products per lane and tap.
+  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(g.Ho, WeightAcc<T>::kMaxTerms * Vec<T>::lanes / Wp - 1));
 #pragma omp parallel if (dw_parallel(g))
   {
-    std::vector<T> G(static_cast<size_t>(st.n_max)), X(static_cast<size_t>(g.sH * g.sW * st.PB));
+    DwScratch<T> xs;
+    std::vector<T> G(static_cast<size_t>((rb + 1) * Wp + Vec<T>::lanes), T(0));
+    WeightAcc<T> wa(K, g.Cm, gb != nullptr);
+    double* acc = part.mine();
+    // Planes by blocks of B channels, image by image: a thread's consecutive planes share one
+    // block's accumulators and are B consecutive planes of one image (whole pages, prefetchable).
+    constexpr int64_t B = WeightAcc<T>::B;
 #pragma omp for schedule(static)
-    for (int64_t plane = 0; plane < g.N * g.Cm; ++plane) {
-      const int64_t n = plane / g.Cm, o = plane % g.Cm;
-      double* acc = part.mine();
-      const T* gyp = gy + plane * g.Ho * g.Wo;
+    for (int64_t t = 0; t < ceil_div(g.Cm, B) * g.N * B; ++t) {
+      const int64_t ob = t / (g.N * B), r = t - ob * (g.N * B), n = r / B, o = ob * B + r % B;
+      if (o >= g.Cm) continue;
+      const T* gyp = gy + (n * g.Cm + o) * g.Ho * g.Wo;
       const T* xp = x + (n * g.C + o / g.m) * g.H * g.W;
-      bwd_weight_plane_staged(gyp, xp, acc + o * K, gb ? acc + g.Cm * K + o : nullptr, g, st, G.data(), X.data());
+      bwd_weight_plane_staged(gyp, xp, o, acc, gb != nullptr, rb, g, xs, G, wa);
     }
+    wa.flush(acc);
   }
   for (int64_t k = 0; k < g.Cm * K; ++k) gw[k] = static_cast<T>(part.sum(k));
   if (gb)

@@ -5,6 +5,9 @@
 
 #include "conv_common.h"
 
+#include <array>
+#include <type_traits>
+
 namespace dlk {
 
 // Geometry of a depthwise conv: input (N, C, H, W), weight (C*m, 1, kH, kW), output (N, C*m, Ho, Wo).
@@ -25,12 +28,12 @@ inline DwGeom make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cm, 
   return g;
 }
 
-// NR output rows x NV vectors of consecutive columns (column stride 1), every tap in bounds. The
-// NR*NV accumulators are independent chains: a single row's one or two vectors (the 10- and
-// 19-wide planes of Xception) would otherwise be a chain of kH*kW dependent FMAs, latency-bound.
+// NR rows x NV vectors of outputs, out[r*ors + v*L + l] = b + sum over taps t of
+// wo[t] * X[offs[t] + r*xrs + v*L + l]: X is a staged block (DwStage) at the first output's
+// position, every read in bounds. The NR*NV accumulators are independent chains: one or two
+// vectors alone would be a chain of kH*kW dependent FMAs, latency-bound.
 template <class T, int NR, int NV>
-inline void dw_rows_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, int64_t j, const DwGeom& g,
-                              const int64_t* qoff) {
+inline void dw_block(const T* X, const int64_t* offs, int64_t K, const T* wo, T b, T* out, int64_t xrs, int64_t ors) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   V acc[NR][NV];
@@ -38,63 +41,18 @@ inline void dw_rows_block_vec(const T* xp, const T* wo, T b, T* out, int64_t i, 
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = vbroadcast(b);
-  const T* x0 = xp + (i * g.sH - g.pT) * g.W + j - g.pL;
-  const int64_t rs = g.sH * g.W;  // input distance between consecutive output rows
-  for (int64_t p = 0; p < g.kH; ++p) {
-    const T* xr = x0 + p * g.dH * g.W;
-    const T* wr = wo + p * g.kW;
-    for (int64_t q = 0; q < g.kW; ++q) {
-      const V wv = vbroadcast(wr[q]);
-      const T* xs = xr + qoff[q];
+  for (int64_t t = 0; t < K; ++t) {
+    const V wv = vbroadcast(wo[t]);
+    const T* xs = X + offs[t];
 #pragma GCC unroll 16
-      for (int r = 0; r < NR; ++r)
+    for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[r][v] += wv * vload(xs + r * rs + v * L);
-    }
+      for (int v = 0; v < NV; ++v) acc[r][v] += wv * vload(xs + r * xrs + v * L);
   }
 #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) vstore(out + r * g.Wo + v * L, acc[r][v]);
-}
-
-// NR whole output rows i.. (every column interior): two-vector blocks, one-vector blocks, then one
-// vector ending at the row's end that rewrites a few outputs with equal values.
-template <class T, int NR>
-inline void dw_rows_group(const T* xp, const T* wo, T b, T* out, int64_t i, const DwGeom& g, const int64_t* qoff) {
-  constexpr int L = Vec<T>::lanes;
-  int64_t j = 0;
-  for (; j + 2 * L <= g.Wo; j += 2 * L) dw_rows_block_vec<T, NR, 2>(xp, wo, b, out + j, i, j, g, qoff);
-  for (; j + L <= g.Wo; j += L) dw_rows_block_vec<T, NR, 1>(xp, wo, b, out + j, i, j, g, qoff);
-  if (j < g.Wo) dw_rows_block_vec<T, NR, 1>(xp, wo, b, out + g.Wo - L, i, g.Wo - L, g, qoff);
-}
-
-// Output rows [0, rows) of g from a staged buffer xp (row stride g.W, no padding: every tap of
-// every output is in bounds) where output column j's tap q reads xp's column j + qoff[q]
-// (consecutive outputs read consecutive elements, whatever the column stride), written at out
-// with row stride Wo. Rows of at least one vector take the multi-row register blocks.
-template <class T>
-void dw_rows_interior(const T* xp, const T* wo, T b, T* out, int64_t rows, const DwGeom& g, const int64_t* qoff) {
-  if (g.Wo >= Vec<T>::lanes) {
-    int64_t i = 0;
-    // Rows narrower than two vectors get one-vector blocks only: eight rows give them the eight
-    // independent FMA chains two FMA units of latency 4 need.
-    if (g.Wo < 2 * Vec<T>::lanes)
-      for (; i + 8 <= rows; i += 8) dw_rows_group<T, 8>(xp, wo, b, out + i * g.Wo, i, g, qoff);
-    for (; i + 4 <= rows; i += 4) dw_rows_group<T, 4>(xp, wo, b, out + i * g.Wo, i, g, qoff);
-    for (; i + 2 <= rows; i += 2) dw_rows_group<T, 2>(xp, wo, b, out + i * g.Wo, i, g, qoff);
-    for (; i < rows; ++i) dw_rows_group<T, 1>(xp, wo, b, out + i * g.Wo, i, g, qoff);
-    return;
-  }
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < g.Wo; ++j) {
-      T acc = b;
-      for (int64_t p = 0; p < g.kH; ++p) {
-        const T* xr = xp + (i * g.sH + p * g.dH) * g.W + j;
-        for (int64_t q = 0; q < g.kW; ++q) acc += wo[p * g.kW + q] * xr[qoff[q]];
-      }
-      out[i * g.Wo + j] = acc;
-    }
+    for (int v = 0; v < NV; ++v) vstore(out + r * ors + v * L, acc[r][v]);
 }
 
 // d[0, n) = src[c] for c in [lo, hi), zero elsewhere, in inline vector loops: staged rows are short
@@ -111,49 +69,202 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) inline void stage_
   for (c = hi; c < n; ++c) d[c] = T(0);
 }
 
-// Output rows [i0, i1) of one channel, written at out (row stride Wo). The input rows they read are
-// first copied, zero-padded, into buf (a thread's scratch, L1/L2-sized for a row block), so that
-// every output column is interior: the vector row kernel covers the whole row, borders included,
-// and no bounds checks run. Negative padding (crop) works the same way. With column stride s > 1
-// each staged row is split into s phases (columns c = s*k + r go to segment r, position k): output
-// j's tap q then reads phase (q*dW) % s at position j + (q*dW) / s, so consecutive outputs read
-// consecutive elements and the same contiguous vector kernel serves every stride.
+// Even and odd elements of s[0, 2n) into e[0, n) and o[0, n): the column phases of a stride-2 row,
+// two vectors at a time through shuffles (a scalar de-interleave cost as much as the convolution).
+template <class T>
+inline void split_even_odd(const T* s, T* e, T* o, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  using I = decltype(V{} < V{});  // integer vector of the lanes' width, for the shuffle masks
+  I me, mo;
+  for (int l = 0; l < L; ++l) me[l] = 2 * l, mo[l] = 2 * l + 1;
+  int64_t v = 0;
+  for (; v + L <= n; v += L) {
+    const V a = vload(s + 2 * v), c = vload(s + 2 * v + L);
+    vstore(e + v, __builtin_shuffle(a, c, me));
+    vstore(o + v, __builtin_shuffle(a, c, mo));
+  }
+  for (; v < n; ++v) e[v] = s[2 * v], o[v] = s[2 * v + 1];
+}
+
+// d[2c] = e[c] for c < ne, d[2c + 1] = o[c] for c < no (ne - no is 0 or 1): the inverse of
+// split_even_odd, interleaving the two column phases of a stride-2 row.
+template <class T>
+inline void merge_even_odd(const T* e, const T* o, T* d, int64_t ne, int64_t no) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  using I = decltype(V{} < V{});
+  I lo, hi;
+  for (int l = 0; l < L; ++l) lo[l] = l / 2 + (l % 2) * L, hi[l] = L / 2 + l / 2 + (l % 2) * L;
+  int64_t c = 0;
+  for (; c + L <= no; c += L) {
+    const V a = vload(e + c), b = vload(o + c);
+    vstore(d + 2 * c, __builtin_shuffle(a, b, lo));
+    vstore(d + 2 * c + L, __builtin_shuffle(a, b, hi));
+  }
+  for (; c < no; ++c) d[2 * c] = e[c], d[2 * c + 1] = o[c];
+  if (c < ne) d[2 * c] = e[c];
+}
+
+// Output rows per chunk of dw_rows_staged's flat form for staged rows of Wp columns (an L1-sized
+// result), and the scratch that chunk needs.
+inline int64_t flat_rows(int64_t Wp) { return std::max<int64_t>(1, 512 / Wp); }
+inline int64_t flat_size(int64_t Wp) { return flat_rows(Wp) * Wp + 64; }
+
+// Layout of the staged input of output rows [i0, i0 + rows) of one NCHW plane: sH*sW phase planes,
+// phase (a, b) holding input (u*sH + a + i0*sH - pT, v*sW + b - pL) at u*Wp + v, zeros in the padding.
+// Output (i, j)'s tap (p, q) then reads phase ((p*dH) % sH, (q*dW) % sW) at (i + (p*dH)/sH)*Wp +
+// j + (q*dW)/sW: every tap is a fixed offset offs[t] from i*Wp + j, whatever the strides, and
+// consecutive outputs of a row read consecutive elements. The Wp - Wo columns past each row's
+// outputs let the whole block be read as one flat row of rows*Wp outputs.
+struct DwStage {
+  int64_t rows = -1, Wp, PR, PB, nph, pad_end, tmp, flat;
+  std::vector<int64_t> offs;
+
+  DwStage() = default;
+  DwStage(const DwGeom& g, int64_t rows_) : rows(rows_) {
+    constexpr int64_t L = 64;  // >= any Vec<T>::lanes
+    Wp = g.Wo + ((g.kW - 1) * g.dW) / g.sW;
+    PR = rows + ((g.kH - 1) * g.dH) / g.sH;
+    PB = PR * Wp;
+    nph = g.sH * g.sW;
+    // A flat block's last vector reads up to Wp - Wo + L - 1 elements past the last phase plane.
+    pad_end = Wp + L;
+    tmp = g.sW > 1 ? g.sW * Wp : 0;
+    flat = flat_size(Wp);
+    for (int64_t p = 0; p < g.kH; ++p)
+      for (int64_t q = 0; q < g.kW; ++q) {
+        const int64_t ph = p * g.dH / g.sH, qh = q * g.dW / g.sW;
+        const int64_t a = p * g.dH - ph * g.sH, b = q * g.dW - qh * g.sW;
+        offs.push_back((a * g.sW + b) * PB + ph * Wp + qh);
+      }
+  }
+  int64_t size() const { return nph * PB + pad_end + tmp + flat; }
+};
+
+// d[0, n) = s[0, n): vectors, the last one moved back to end at n (rewriting equal values) when n
+// has a partial vector, so a 10-wide row is two stores and no scalar loop.
+template <class T>
+inline void copy_row(T* d, const T* s, int64_t n) {
+  constexpr int L = Vec<T>::lanes;
+  if (n < L) {
+    for (int64_t j = 0; j < n; ++j) d[j] = s[j];
+    return;
+  }
+  int64_t j = 0;
+  for (; j + L <= n; j += L) vstore(d + j, vload(s + j));
+  if (j < n) vstore(d + n - L, vload(s + n - L));
+}
+
+// A thread's staging buffer for dw_rows_padded, serving one geometry. Its padding zeros depend
+// only on the layout (key), not on the plane: they are written when the layout changes and the
+// planes after it copy only their data, which on 10x10 planes (12 short rows, each with a zero
+// column either side) halves the staging work. The layouts of its geometry's two block heights
+// (full and last) are kept too: building one costs about as much as staging a 10x10 plane.
+template <class T>
+struct DwScratch {
+  std::vector<T> buf;
+  std::array<int64_t, 8> key{};
+  const T* zeroed = nullptr;  // buf.data() when key describes its zeros
+  DwStage st[2];
+
+  const DwStage& stage(const DwGeom& g, int64_t rows) {
+    if (st[0].rows == rows) return st[0];
+    if (st[1].rows == rows) return st[1];
+    st[1] = std::move(st[0]);
+    st[0] = DwStage(g, rows);
+    return st[0];
+  }
+};
+
+// Copies the input rows that output rows [i0, i0 + PR - rx) read into the phase planes at X
+// (sc.buf), writing the zeros around them first if sc does not hold them for this layout.
+template <class T>
+void dw_stage(const T* xp, int64_t i0, const DwGeom& g, const DwStage& st, DwScratch<T>& sc) {
+  const int64_t tw = g.sW * st.Wp;  // padded columns covered by the phases
+  const int64_t c_lo = std::min(tw, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(tw, g.W + g.pL));
+  const int64_t r0 = i0 * g.sH - g.pT;  // input row of phase 0's row 0
+  const std::array<int64_t, 8> key{st.Wp, st.PR, g.sH, g.sW, c_lo, c_hi, r0, g.H};
+  const int64_t zeros = st.size() - st.flat;  // the phase planes, their slack and tmp
+  if (sc.buf.size() < static_cast<size_t>(st.size())) sc.buf.resize(static_cast<size_t>(st.size()));
+  T* X = sc.buf.data();
+  if (sc.zeroed != X || sc.key != key) {
+    std::fill(X, X + zeros, T(0));
+    sc.key = key, sc.zeroed = X;
+  }
+  T* tmp = X + st.nph * st.PB + st.pad_end;
+  for (int64_t a = 0; a < g.sH; ++a)
+    for (int64_t u = 0; u < st.PR; ++u) {
+      const int64_t ih = r0 + u * g.sH + a;
+      if (ih < 0 || ih >= g.H) continue;
+      const T* src = xp + ih * g.W - g.pL;
+      T* d = X + a * g.sW * st.PB + u * st.Wp;
+      if (g.sW == 1) {
+        copy_row(d + c_lo, src + c_lo, c_hi - c_lo);
+        continue;
+      }
+      copy_row(tmp + c_lo, src + c_lo, c_hi - c_lo);
+      if (g.sW == 2) {
+        split_even_odd(tmp, d, d + st.PB, st.Wp);
+      } else {
+        for (int64_t b = 0; b < g.sW; ++b)
+          for (int64_t v = 0; v < st.Wp; ++v) d[b * st.PB + v] = tmp[v * g.sW + b];
+      }
+    }
+}
+
+// Output rows [0, rows) from a staged block X of row stride Wp, output (i, j) = b + sum over taps t
+// of wo[t] * X[offs[t] + i*Wp + j] (every read in bounds, including up to L - 1 elements past the
+// last row's output Wo - 1 for the flat form), written at out (row stride Wo); F: flat_size(Wp)
+// scratch. Rows of at least four vectors go straight to out in blocks of rows x two vectors (a last
+// partial vector moved back to end at the row's end); narrower rows are computed as one flat row of
+// rc*Wp outputs per chunk (the Wp - Wo garbage columns cost less than the partial vectors and the
+// one-vector blocks of 10- to 19-wide rows) into F, whose rows are then copied out.
+template <class T>
+void dw_rows_staged(const T* X, int64_t Wp, const int64_t* offs, int64_t K, const T* wo, T b, T* out, int64_t rows,
+                    int64_t Wo, T* F) {
+  constexpr int L = Vec<T>::lanes;
+  const int64_t rc = flat_rows(Wp);
+  if (Wo >= 4 * L) {
+    auto group = [&](auto nr, int64_t i) {
+      constexpr int NR = decltype(nr)::value;
+      const T* Xi = X + i * Wp;
+      T* oi = out + i * Wo;
+      int64_t j = 0;
+      for (; j + 2 * L <= Wo; j += 2 * L) dw_block<T, NR, 2>(Xi + j, offs, K, wo, b, oi + j, Wp, Wo);
+      for (; j + L <= Wo; j += L) dw_block<T, NR, 1>(Xi + j, offs, K, wo, b, oi + j, Wp, Wo);
+      if (j < Wo) dw_block<T, NR, 1>(Xi + Wo - L, offs, K, wo, b, oi + Wo - L, Wp, Wo);
+    };
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) group(std::integral_constant<int, 4>{}, i);
+    for (; i + 2 <= rows; i += 2) group(std::integral_constant<int, 2>{}, i);
+    for (; i < rows; ++i) group(std::integral_constant<int, 1>{}, i);
+    return;
+  }
+  for (int64_t i0 = 0; i0 < rows; i0 += rc) {
+    const int64_t nr = std::min(rc, rows - i0), n = ceil_div(nr * Wp - (Wp - Wo), L) * L;
+    const T* Xi = X + i0 * Wp;
+    int64_t f = 0;
+    for (; f + 8 * L <= n; f += 8 * L) dw_block<T, 1, 8>(Xi + f, offs, K, wo, b, F + f, 0, 0);
+    if (f + 4 * L <= n) dw_block<T, 1, 4>(Xi + f, offs, K, wo, b, F + f, 0, 0), f += 4 * L;
+    if (f + 2 * L <= n) dw_block<T, 1, 2>(Xi + f, offs, K, wo, b, F + f, 0, 0), f += 2 * L;
+    if (f < n) dw_block<T, 1, 1>(Xi + f, offs, K, wo, b, F + f, 0, 0);
+    for (int64_t i = 0; i < nr; ++i) copy_row(out + (i0 + i) * Wo, F + i * Wp, Wo);
+  }
+}
+
+// Output rows [i0, i1) of one channel, written at out (row stride Wo): the input rows they read are
+// first staged, zero-padded and phase-split (DwStage), into sc (a thread's scratch, L1/L2-sized
+// for a row block), so that every output is interior and the same vector kernel serves borders,
+// strides, dilations and negative padding (crop) without bounds checks.
 template <class T>
 void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i1, const DwGeom& g,
-                    std::vector<T>& buf) {
-  if (i1 <= i0) return;
-  DwGeom t = g;
-  t.H = (i1 - 1 - i0) * g.sH + (g.kH - 1) * g.dH + 1;
-  const int64_t tw = (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1;  // padded columns read
-  const int64_t seg = g.sW == 1 ? tw : ceil_div(tw, g.sW);        // one phase's length
-  t.W = seg * g.sW;
-  t.pT = t.pL = 0;
-  t.jin = {0, g.Wo};
-  int64_t qoff_small[16];
-  std::vector<int64_t> qoff_big(g.kW > 16 ? g.kW : 0);
-  int64_t* qoff = g.kW > 16 ? qoff_big.data() : qoff_small;
-  for (int64_t q = 0; q < g.kW; ++q)  // (no division for stride 1: it costs per plane on 10x10 planes)
-    qoff[q] = g.sW == 1 ? q * g.dW : (q * g.dW) % g.sW * seg + (q * g.dW) / g.sW;
-  buf.resize(static_cast<size_t>(t.H * t.W + (g.sW > 1 ? tw : 0)));
-  T* row = buf.data() + t.H * t.W;  // staging for one row before the phase split
-  const int64_t r0 = i0 * g.sH - g.pT;  // input row of buf's row 0
-  const int64_t c_lo = std::min(tw, std::max<int64_t>(0, g.pL)), c_hi = std::max(c_lo, std::min(tw, g.W + g.pL));
-  for (int64_t r = 0; r < t.H; ++r) {
-    T* dst = buf.data() + r * t.W;
-    const int64_t ih = r0 + r;
-    if (ih < 0 || ih >= g.H) {
-      std::fill(dst, dst + t.W, T(0));
-      continue;
-    }
-    T* d = g.sW > 1 ? row : dst;
-    stage_row(d, xp + ih * g.W - g.pL, c_lo, c_hi, tw);
-    if (g.sW > 1) {
-      std::fill(dst, dst + t.W, T(0));  // the phases' unused tails
-      for (int64_t ph = 0; ph < g.sW; ++ph)
-        for (int64_t k = 0, c = ph; c < tw; ++k, c += g.sW) dst[ph * seg + k] = row[c];
-    }
-  }
-  dw_rows_interior(buf.data(), wo, b, out, i1 - i0, t, qoff);
+                    DwScratch<T>& sc) {
+  if (i1 <= i0 || g.Wo == 0) return;
+  const DwStage& st = sc.stage(g, i1 - i0);
+  dw_stage(xp, i0, g, st, sc);
+  dw_rows_staged(sc.buf.data(), st.Wp, st.offs.data(), g.kH * g.kW, wo, b, out, i1 - i0, g.Wo,
+                 sc.buf.data() + st.size() - st.flat);
 }
 
 // (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector.

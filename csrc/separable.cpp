@@ -55,7 +55,8 @@ void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t
   {
 #pragma omp for schedule(static)
     for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_a(O, ks.len(pc), pw + pc, g.Cm, 1, a.data() + pc * Mp);
-    std::vector<T> mid(static_cast<size_t>(g.Cm * pmax)), b(static_cast<size_t>(round_up(pmax, bl.nr) * ks.kc)), pad;
+    std::vector<T> mid(static_cast<size_t>(g.Cm * pmax)), b(static_cast<size_t>(round_up(pmax, bl.nr) * ks.kc));
+    DwScratch<T> pad;
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < g.N * nb; ++t) {
       const int64_t n = t / nb, i0 = (t % nb) * rows, i1 = std::min(g.Ho, i0 + rows), P = (i1 - i0) * g.Wo;
