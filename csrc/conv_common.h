@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
@@ -108,10 +109,27 @@ inline void vstore(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof v)
 template <class T>
 inline typename Vec<T>::type vbroadcast(T x) { return typename Vec<T>::type{} + x; }
 
-// Bytes of the last-level cache: glibc's sysconf (32 MiB where it does not say), or the environment's
-// DLKERNELS_LLC_BYTES (read per call: the tests use it to reach the large-tensor paths on small ones).
+// Bytes of the last-level cache the calling CPU sees: sysfs's highest cache level, else glibc's sysconf
+// (which on the development VM reports the host's 256 MiB, not the 32 MiB the VM's L3 has), else
+// 32 MiB; or the environment's DLKERNELS_LLC_BYTES (read per call: the tests use it to reach the
+// large-tensor paths on small tensors).
 inline int64_t llc_bytes() {
   static const int64_t detected = [] {
+    int64_t best_level = 0, bytes = 0;
+    for (int idx = 0; idx < 8; ++idx) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(idx) + "/";
+      std::FILE* fl = std::fopen((dir + "level").c_str(), "r");
+      std::FILE* fs = std::fopen((dir + "size").c_str(), "r");
+      long level = 0, size = 0;
+      char unit = 0;
+      const bool ok = fl && fs && std::fscanf(fl, "%ld", &level) == 1 && std::fscanf(fs, "%ld%c", &size, &unit) >= 1;
+      if (fl) std::fclose(fl);
+      if (fs) std::fclose(fs);
+      if (!ok) continue;
+      const int64_t b = int64_t{size} << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
+      if (level > best_level) best_level = level, bytes = b;
+    }
+    if (bytes > 0) return bytes;
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
     return l3 > 0 ? static_cast<int64_t>(l3) : (int64_t{32} << 20);
   }();
