@@ -5,9 +5,13 @@
 
 #include "common.h"
 
+#include <immintrin.h>
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -104,6 +108,59 @@ template <class T>
 inline void vstore(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof v); }
 template <class T>
 inline typename Vec<T>::type vbroadcast(T x) { return typename Vec<T>::type{} + x; }
+
+// Bytes of the last-level cache the calling CPU sees: sysfs's highest cache level, else glibc's sysconf
+// (which on the development VM reports the host's 256 MiB, not the 32 MiB the VM's L3 has), else
+// 32 MiB; or the environment's DLKERNELS_LLC_BYTES (read per call: the tests use it to reach the
+// large-tensor paths on small tensors).
+inline int64_t llc_bytes() {
+  static const int64_t detected = [] {
+    int64_t best_level = 0, bytes = 0;
+    for (int idx = 0; idx < 8; ++idx) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(idx) + "/";
+      std::FILE* fl = std::fopen((dir + "level").c_str(), "r");
+      std::FILE* fs = std::fopen((dir + "size").c_str(), "r");
+      long level = 0, size = 0;
+      char unit = 0;
+      const bool ok = fl && fs && std::fscanf(fl, "%ld", &level) == 1 && std::fscanf(fs, "%ld%c", &size, &unit) >= 1;
+      if (fl) std::fclose(fl);
+      if (fs) std::fclose(fs);
+      if (!ok) continue;
+      const int64_t b = int64_t{size} << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
+      if (level > best_level) best_level = level, bytes = b;
+    }
+    if (bytes > 0) return bytes;
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return l3 > 0 ? static_cast<int64_t>(l3) : (int64_t{32} << 20);
+  }();
+  const char* env = std::getenv("DLKERNELS_LLC_BYTES");
+  return env && *env ? std::max<int64_t>(0, std::atoll(env)) : detected;
+}
+
+// dst[0, n) = src[0, n) with non-temporal stores where aligned (plain ones for the unaligned ends).
+// For outputs that cannot stay in cache anyway (a pass's input + output larger than the LLC): a
+// plain store first reads the line it writes (write-allocate), which on a DRAM-bound pass is a
+// third more traffic. Callers end the pass with stream_fence().
+template <class T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 32 != 0; ++i) dst[i] = src[i];
+  constexpr int64_t L = 32 / sizeof(T);
+  for (; i + L <= n; i += L) {
+    if constexpr (sizeof(T) == 4)
+      _mm256_stream_ps(reinterpret_cast<float*>(dst + i), _mm256_loadu_ps(reinterpret_cast<const float*>(src + i)));
+    else
+      _mm256_stream_pd(reinterpret_cast<double*>(dst + i), _mm256_loadu_pd(reinterpret_cast<const double*>(src + i)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
 
 // One zeroed accumulator row per OpenMP thread; a reduction sums them at the end, so threads never
 // share a cache line that both write.

@@ -80,6 +80,24 @@ def test_channels_last_large_input(backend, k, stride, pad):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("case", [(2, 37, 13, 11, 3, 1, 1), (1, 64, 9, 12, 5, 2, 2), (3, 9, 5, 4, 3, 1, 4)],
+                         ids=["c37k3s1", "c64k5s2", "c9k3p4"])
+def test_channels_last_streamed_output(backend, case, monkeypatch):
+    """Where input + output exceed the last-level cache the C++ channels_last forward (and the stride-1
+    backward-input, the same kernel) streams its output rows with non-temporal stores; a tiny
+    DLKERNELS_LLC_BYTES reaches that path on small tensors (other backends ignore it)."""
+    monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
+    n, c, h, w, k, s, p = case
+    x = leaf(torch.randn(n, c, h, w, device=DEVICE, dtype=torch.float64).contiguous(memory_format=torch.channels_last))
+    weight, b = leaf(torch.randn(c, 1, k, k, device=DEVICE, dtype=torch.float64)), leaf(torch.randn(c, device=DEVICE, dtype=torch.float64))
+    out = dlkernels.depthwise_conv2d(x, weight, b, s, p, backend=backend)
+    ref = F.conv2d(x, weight, b, s, p, groups=c)
+    assert_close(out, ref, torch.float64, "forward")
+    g = torch.randn_like(ref)
+    for got, exp, name in zip(grads(out, [x, weight, b], g), grads(ref, [x, weight, b], g), "xwb"):
+        assert_close(got, exp, torch.float64, f"grad {name}")
+
+
 def test_no_bias_unbatched_and_non_contiguous(backend):
     x = leaf(torch.randn(2, 6, 12, 10, device=DEVICE)[:, ::2, 1:, 1:9])  # channel- and row-strided view
     w = leaf(torch.randn(3, 1, 3, 3, device=DEVICE))
