@@ -185,6 +185,8 @@ DLK_INLINE T act_grad(T gy, T y, T dsilu) {
 // buffer w[0, len) (c: the run's channel, or -1 for a channels-last row, whose element k is channel
 // k); the element functor then gets w[k] (silu's sigmoid; NoPrep leaves w unused and the load dead).
 constexpr int64_t RUN = 2048;
+// Planes up to this size (7x7, 8x8) take channel_sums2's small-plane path (no gain measured at 14x14).
+constexpr int64_t kSmallPlane = 64;
 
 // Calls seg(i0, c, len) for the runs within one plane (channel c) that make up NCS block blk, the
 // flat offsets [blk * RUN, (blk + 1) * RUN) clipped to the array: a block spans as many planes as fit,
@@ -218,7 +220,49 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
   // share a line.
   const int64_t width = (2 * d.C + 7) / 8 * 8 + 8;
   ThreadPartials<double> part(width);
-  if (!d.cl) {
+  if (!d.cl && d.S <= kSmallPlane) {
+    // Small planes (ResNet's 7x7 and 14x14): a thread takes a block of channels and, plane by plane
+    // (n), adds each channel's S values elementwise into an S-wide accumulator row per channel (L1),
+    // folded into the double partials once per kFold planes. The per-plane path below clears and
+    // folds 2 x 32 lanes for every plane, which on 49-element planes cost more than the sums (the
+    // 7x7 statistics pass ran at 7 GB/s, against 27 for the same bytes channels-last).
+    constexpr int64_t kFold = 16;
+    const int64_t cb = std::max<int64_t>(1, 2048 / d.S), blocks = ceil_div(d.C, cb);
+#pragma omp parallel if (worth_threads(d.N * d.C * d.S))
+    {
+      std::vector<T> wbuf(d.S), abuf(cb * d.S), bbuf(cb * d.S);
+      T *w = wbuf.data(), *A = abuf.data(), *B = bbuf.data();
+      double* acc = part.mine();
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t c0 = blk * cb, c1 = std::min(d.C, c0 + cb);
+        for (int64_t n0 = 0; n0 < d.N; n0 += kFold) {
+          std::fill(A, A + (c1 - c0) * d.S, T(0));
+          std::fill(B, B + (c1 - c0) * d.S, T(0));
+          for (int64_t n = n0; n < std::min(d.N, n0 + kFold); ++n)
+            for (int64_t c = c0; c < c1; ++c) {
+              const int64_t i0 = (n * d.C + c) * d.S;
+              pre(i0, c, d.S, w);
+              T* pa = A + (c - c0) * d.S;
+              T* pb = B + (c - c0) * d.S;
+#pragma omp simd
+              for (int64_t k = 0; k < d.S; ++k) {
+                T a, b;
+                f(i0 + k, c, w[k], a, b);
+                pa[k] += a;
+                pb[k] += b;
+              }
+            }
+          for (int64_t c = c0; c < c1; ++c) {
+            double sa = 0, sb = 0;
+            for (int64_t k = 0; k < d.S; ++k) sa += A[(c - c0) * d.S + k], sb += B[(c - c0) * d.S + k];
+            acc[c] += sa;
+            acc[d.C + c] += sb;
+          }
+        }
+      }
+    }
+  } else if (!d.cl) {
     const int64_t blocks = ceil_div(d.N * d.C * d.S, RUN);
 #pragma omp parallel if (worth_threads(d.N * d.C * d.S))
     {
