@@ -347,10 +347,12 @@ struct NextRowPrefetch {
 
 // ---- channels_last forward from staged rows (multiplier 1) ----
 // Each input row an output row reads is first copied, zero-padded, into a thread's ring of rows
-// (ClRowRing): a plain sequential copy streams from DRAM at full bandwidth, while the register
-// blocks below walk kH rows x a few pixels x 64 B per channel block at once, a permuted pattern
-// the hardware prefetchers lose (single thread ~8 GB/s on a 38 MB input vs ~15 for oneDNN). The
-// padding columns/rows are real zeros, so every block is interior: no border code in the loop.
+// (ClRowRing): a sequential copy, its lines prefetched while the previous row computes
+// (NextRowPrefetch), where the register blocks below would walk kH rows x a few pixels x 64 B per
+// channel block at once, a permuted pattern the hardware prefetchers lose (single thread ~8 GB/s
+// on a 38 MB input vs ~15 for oneDNN). The ring's pixel stride also keeps a block's window out of
+// a single L1 set (cl_ring_pixel_stride). The padding columns/rows are real zeros, so every block
+// is interior: no border code in the loop.
 // rows[p] is window row p of the output row, at padded column 0 (input column -pL), its pixels ps
 // elements apart (cl_ring_pixel_stride).
 
