@@ -645,14 +645,14 @@ void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
 }
 
 // Channels_last weight/bias gradient of output row i (image xn, grad_y row gyr), channels [o0, o1),
-// any geometry and multiplier, exact: only the taps inside the image. Adds into row[t*Cm + o]
-// (tap t) and, with `bias`, row[K*Cm + o].
+// output pixels [j0, j1) (the whole row by default), any geometry and multiplier, exact: only the
+// taps inside the image. Adds into row[t*Cm + o] (tap t) and, with `bias`, row[K*Cm + o].
 template <class T>
 void wgrad_row_cl_exact(const T* gyr, const T* xn, int64_t i, T* row, int64_t o0, int64_t o1, bool bias,
-                        const DwGeom& g) {
+                        const DwGeom& g, int64_t j0 = 0, int64_t j1 = -1) {
   const int64_t K = g.kH * g.kW;
   const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
-  for (int64_t j = 0; j < g.Wo; ++j) {
+  for (int64_t j = j0; j < (j1 < 0 ? g.Wo : j1); ++j) {
     const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
     const T* gys = gyr + j * g.Cm;
     for (int64_t p = pr.lo; p < pr.hi; ++p)
@@ -679,18 +679,13 @@ void wgrad_row_cl_exact(const T* gyr, const T* xn, int64_t i, T* row, int64_t o0
 // finite). KH 3: the whole 3 x KW window at once (one grad_y load per 3*KW FMAs, 3*KW chains);
 // KH 0: window row by window row, two pixel phases for 2*KW independent chains.
 template <class T, int KH, int KW>
-inline typename Vec<T>::type wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, int64_t c, int64_t j0,
-                                       int64_t j1, bool bias, const DwGeom& g) {
+inline bool wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, int64_t c, int64_t j0, int64_t j1,
+                      bool bias, const DwGeom& g, typename Vec<T>::type* sums) {
   using V = typename Vec<T>::type;
   const int64_t K = g.kH * KW, sp = g.sW * ps;  // staged distance between consecutive pixels' windows
-  V chk{};
-  auto flush = [&](int64_t p, const V* sums) {
+  auto flush = [&](int64_t p, const V* s) {
 #pragma GCC unroll 8
-    for (int q = 0; q < KW; ++q) {
-      chk += sums[q] - sums[q];
-      T* ra = row + (p * KW + q) * g.Cm + c;
-      vstore(ra, vload(ra) + sums[q]);
-    }
+    for (int q = 0; q < KW; ++q) sums[p * KW + q] = s[q];
   };
   V accb{};
   if constexpr (KH == 3) {
@@ -710,7 +705,7 @@ inline typename Vec<T>::type wgrad_run(const T* const* rows, int64_t ps, const T
     for (int p = 0; p < 3; ++p) flush(p, acc[p]);
   } else {
     for (int64_t p = 0; p < g.kH; ++p) {
-      V acc[2][KW] = {}, sums[KW];
+      V acc[2][KW] = {};
       const T* gs = gyr + j0 * g.Cm + c;
       const T* xs = rows[p] + j0 * sp + c;
       int64_t j = j0;
@@ -729,15 +724,25 @@ inline typename Vec<T>::type wgrad_run(const T* const* rows, int64_t ps, const T
         for (int q = 0; q < KW; ++q) acc[0][q] += gv * vload(xs + q * ps);
       }
 #pragma GCC unroll 8
-      for (int q = 0; q < KW; ++q) sums[q] = acc[0][q] + acc[1][q];
-      flush(p, sums);
+      for (int q = 0; q < KW; ++q) acc[0][q] += acc[1][q];
+      flush(p, acc[0]);
     }
+  }
+  // Added to row only when every sum is finite (s - s is 0 for finite s, NaN otherwise), so that
+  // a run the caller redoes exactly leaves row as it was.
+  V chk = accb - accb;
+  for (int64_t t = 0; t < K; ++t) chk += sums[t] - sums[t];
+  for (int l = 0; l < Vec<T>::lanes; ++l)
+    if (!(chk[l] == 0)) return false;
+  for (int64_t t = 0; t < K; ++t) {
+    T* ra = row + t * g.Cm + c;
+    vstore(ra, vload(ra) + sums[t]);
   }
   if (bias) {
     T* rb = row + K * g.Cm + c;
     vstore(rb, vload(rb) + accb);
   }
-  return chk;
+  return true;
 }
 
 // The same for multiplier 1 from staged, zero-padded input rows (ClRowRing; window row p at
@@ -747,28 +752,21 @@ inline typename Vec<T>::type wgrad_run(const T* const* rows, int64_t ps, const T
 // accumulator row around every FMA. Padding taps multiply staged zeros, which differs from
 // skipping them only when grad_y holds Inf/NaN (0 * Inf): a channel vector whose sums come out
 // non-finite is redone exactly.
+// sums: kH * KW vectors of scratch.
 template <class T, int KW>
 void wgrad_row_cl_staged(const T* const* rows, int64_t ps, const T* gyr, const T* xn, int64_t i, T* row, bool bias,
-                         const DwGeom& g) {
-  using V = typename Vec<T>::type;
+                         const DwGeom& g, typename Vec<T>::type* sums) {
   constexpr int L = Vec<T>::lanes;
   constexpr int64_t JC = 32;
-  const int64_t K = g.kH * g.kW, cv = g.Cm / L * L;  // channels in whole vectors
-  std::vector<char> bad(static_cast<size_t>(cv / L), 0);
+  const int64_t cv = g.Cm / L * L;  // channels in whole vectors
   for (int64_t j0 = 0; j0 < g.Wo; j0 += JC) {
     const int64_t j1 = std::min(g.Wo, j0 + JC);
     for (int64_t c = 0; c < cv; c += L) {
-      const V chk = g.kH == 3 ? wgrad_run<T, 3, KW>(rows, ps, gyr, row, c, j0, j1, bias, g)
-                              : wgrad_run<T, 0, KW>(rows, ps, gyr, row, c, j0, j1, bias, g);
-      for (int l = 0; l < L; ++l) bad[c / L] |= !(chk[l] == 0);
+      const bool ok = g.kH == 3 ? wgrad_run<T, 3, KW>(rows, ps, gyr, row, c, j0, j1, bias, g, sums)
+                                : wgrad_run<T, 0, KW>(rows, ps, gyr, row, c, j0, j1, bias, g, sums);
+      if (!ok) wgrad_row_cl_exact(gyr, xn, i, row, c, c + L, bias, g, j0, j1);
     }
   }
-  for (int64_t c = 0; c < cv; c += L)
-    if (bad[c / L]) {  // undo this vector's sums, then the exact kernel
-      for (int64_t t = 0; t <= K; ++t)
-        if (t < K || bias) std::fill(row + t * g.Cm + c, row + t * g.Cm + c + L, T(0));
-      wgrad_row_cl_exact(gyr, xn, i, row, c, c + L, bias, g);
-    }
   if (cv < g.Cm) wgrad_row_cl_exact(gyr, xn, i, row, cv, g.Cm, bias, g);
 }
 
@@ -782,11 +780,16 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
   ThreadPartials<double> part(width);
 #pragma omp parallel if (dw_parallel(g))
   {
-    // A thread's contiguous run of output rows (consecutive rows share staged input rows); each
-    // row's sums are flushed into the thread's double partials.
+    // A thread's contiguous run of output rows (consecutive rows share staged input rows).
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num(), rows = g.N * g.Ho;
     const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
+    // Flushed into the doubles every kFlushPixels output pixels, not every row: on 10-wide rows the
+    // (K + 1) x Cm flush cost a fifth of the pass. A float sum spans at most max(Wo, kFlushPixels)
+    // pixels, as a row of a wide image always did.
+    constexpr int64_t kFlushPixels = 128;
+    int64_t pixels = 0;
     std::vector<T> row(static_cast<size_t>(width), T(0));
+    std::vector<typename Vec<T>::type> sums(static_cast<size_t>(staged ? K : 0));
     std::unique_ptr<ClRowRing<T>> ring(staged ? new ClRowRing<T>(g) : nullptr);
     std::vector<const T*> win(static_cast<size_t>(g.kH));
     double* acc = part.mine();
@@ -797,15 +800,19 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
       if (staged) {
         ring->rows_for(xn, n, i, win.data());
         if (g.kW == 3)
-          wgrad_row_cl_staged<T, 3>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g);
+          wgrad_row_cl_staged<T, 3>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g, sums.data());
         else
-          wgrad_row_cl_staged<T, 5>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g);
+          wgrad_row_cl_staged<T, 5>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g, sums.data());
       } else {
         wgrad_row_cl_exact(gyr, xn, i, row.data(), 0, g.Cm, gb != nullptr, g);
       }
-      for (int64_t k = 0; k < width; ++k) {
-        acc[k] += row[k];
-        row[k] = 0;
+      pixels += g.Wo;
+      if (pixels >= kFlushPixels || r + 1 == r1) {
+        for (int64_t k = 0; k < width; ++k) {
+          acc[k] += row[k];
+          row[k] = 0;
+        }
+        pixels = 0;
       }
     }
   }
