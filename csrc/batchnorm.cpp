@@ -211,6 +211,19 @@ DLK_INLINE T fold_lanes(T* p) {
   return p[0];
 }
 
+// pa[k] += a, pb[k] += b for f's (a, b) at the n elements from flat offset i0 (see channel_sums2):
+// one plane's run of channel c, or (ROW) one channels-last row, whose element k is channel k.
+template <bool ROW, class T, class F>
+DLK_INLINE void add_run(const F& f, int64_t i0, int64_t c, int64_t n, const T* w, T* pa, T* pb) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    T a, b;
+    f(i0 + k, ROW ? k : c, w[k], a, b);
+    pa[k] += a;
+    pb[k] += b;
+  }
+}
+
 // Per-channel sums of two per-element values: f(i, c, wk, a, b) sets a and b for the element at flat
 // offset i in channel c. Short runs are summed in T (vectorized), runs are accumulated per thread in
 // double, threads merged at the end in a fixed order: accurate for large N*S and deterministic.
@@ -243,15 +256,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
             for (int64_t c = c0; c < c1; ++c) {
               const int64_t i0 = (n * d.C + c) * d.S;
               pre(i0, c, d.S, w);
-              T* pa = A + (c - c0) * d.S;
-              T* pb = B + (c - c0) * d.S;
-#pragma omp simd
-              for (int64_t k = 0; k < d.S; ++k) {
-                T a, b;
-                f(i0 + k, c, w[k], a, b);
-                pa[k] += a;
-                pb[k] += b;
-              }
+              add_run<false>(f, i0, c, d.S, w, A + (c - c0) * d.S, B + (c - c0) * d.S);
             }
           for (int64_t c = c0; c < c1; ++c) {
             double sa = 0, sb = 0;
@@ -312,13 +317,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
         for (int64_t r = blk * rb; r < std::min(rows, (blk + 1) * rb); ++r) {
           const int64_t i0 = r * d.C;
           pre(i0, int64_t(-1), d.C, w);
-#pragma omp simd
-          for (int64_t c = 0; c < d.C; ++c) {
-            T a, b;
-            f(i0 + c, c, w[c], a, b);
-            pa[c] += a;
-            pb[c] += b;
-          }
+          add_run<true>(f, i0, int64_t(-1), d.C, w, pa, pb);
         }
         for (int64_t c = 0; c < d.C; ++c) {
           acc[c] += pa[c];
