@@ -534,27 +534,28 @@ void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t
   }
 }
 
-// One output row (Wo x Cm) from staged rows, multiplier 1. kW 5 blocks hold one channel vector
-// (five weight vectors in registers): eight pixels give them eight independent FMA chains.
+// The register blocks for KW column taps at column stride SW (Wo >= 4): eight pixels x one channel
+// vector, whose eight independent FMA chains keep both FMA units busy; on rows narrower than
+// eight, four pixels x two vectors for 3-wide windows (six weights + eight accumulators fit the 16
+// registers; five weight vectors of a 5-wide window leave room for one).
+template <class T, int KW, int SW>
+void cl_staged_row_kw(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
+                      const DwGeom& g) {
+  if (g.Wo >= 8) return cl_staged_row_blocks<T, 8, 1, KW, SW>(rows, ps, xn, i, wt, bias, yr, g);
+  cl_staged_row_blocks<T, 4, KW == 3 ? 2 : 1, KW, SW>(rows, ps, xn, i, wt, bias, yr, g);
+}
+
+// One output row (Wo x Cm) from staged rows, multiplier 1.
 template <class T>
 void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
                    const DwGeom& g) {
   if (g.dW == 1 && g.Wo >= 4) {
     if (g.kH == 3 && g.kW == 3 && g.sW == 1) return cl_staged_row_sweep3<T, 1>(rows, ps, xn, i, wt, bias, yr, g);
     if (g.kH == 3 && g.kW == 3 && g.sW == 2) return cl_staged_row_sweep3<T, 2>(rows, ps, xn, i, wt, bias, yr, g);
-    const bool w8 = g.Wo >= 8;
-    if (g.kW == 3 && g.sW == 1)
-      return w8 ? cl_staged_row_blocks<T, 8, 1, 3, 1>(rows, ps, xn, i, wt, bias, yr, g)
-                : cl_staged_row_blocks<T, 4, 2, 3, 1>(rows, ps, xn, i, wt, bias, yr, g);
-    if (g.kW == 3 && g.sW == 2)
-      return w8 ? cl_staged_row_blocks<T, 8, 1, 3, 2>(rows, ps, xn, i, wt, bias, yr, g)
-                : cl_staged_row_blocks<T, 4, 2, 3, 2>(rows, ps, xn, i, wt, bias, yr, g);
-    if (g.kW == 5 && g.sW == 1)
-      return w8 ? cl_staged_row_blocks<T, 8, 1, 5, 1>(rows, ps, xn, i, wt, bias, yr, g)
-                : cl_staged_row_blocks<T, 4, 1, 5, 1>(rows, ps, xn, i, wt, bias, yr, g);
-    if (g.kW == 5 && g.sW == 2)
-      return w8 ? cl_staged_row_blocks<T, 8, 1, 5, 2>(rows, ps, xn, i, wt, bias, yr, g)
-                : cl_staged_row_blocks<T, 4, 1, 5, 2>(rows, ps, xn, i, wt, bias, yr, g);
+    if (g.kW == 3 && g.sW == 1) return cl_staged_row_kw<T, 3, 1>(rows, ps, xn, i, wt, bias, yr, g);
+    if (g.kW == 3 && g.sW == 2) return cl_staged_row_kw<T, 3, 2>(rows, ps, xn, i, wt, bias, yr, g);
+    if (g.kW == 5 && g.sW == 1) return cl_staged_row_kw<T, 5, 1>(rows, ps, xn, i, wt, bias, yr, g);
+    if (g.kW == 5 && g.sW == 2) return cl_staged_row_kw<T, 5, 2>(rows, ps, xn, i, wt, bias, yr, g);
   }
   for (int64_t j = 0; j < g.Wo; ++j) cl_staged_pixel(rows, ps, wt, bias, yr + j * g.Cm, 0, j, g);
 }
