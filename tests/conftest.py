@@ -6,6 +6,8 @@ on before triton is imported (torch may import it lazily, so this runs before an
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("DLKERNELS_TEST_CUDA") else "1")
+# On CUDA each kernel runs its default config: tuning every test shape would compile every config.
+os.environ.setdefault("DLKERNELS_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

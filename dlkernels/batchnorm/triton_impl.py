@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-# the launch wrapper and the occupancy target are shared with the matmul family's Triton kernels
-from ..matmul.triton_impl import _MAX_GRID_YZ, _launch, _target_programs
+from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
+from .._triton_common import launch as _launch
+from .._triton_common import target_programs as _target_programs
 from .op import fold_scale_shift
 
 # Elements per tile: 16 per thread at 4 warps, enough loads in flight to stream HBM.

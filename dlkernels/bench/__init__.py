@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when present, else cpu)")
     p.add_argument("--compile", default="auto", choices=("auto", "all", "none"),
                    help="torch.compile contender: auto (separable, batch norm and the models), all or none")
+    p.add_argument("--no-precompile", action="store_true",
+                   help="on CUDA, skip compiling the Triton kernels in parallel before the run (see precompile.py)")
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<machine>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("pytest_args", nargs="*", help="passed to pytest after --, e.g. -- -k depthwise")
@@ -56,10 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     raw = out / "benchmark.json"
     if raw.exists():
         raw.unlink()
+    wanted_backends = [b for b in args.backends.split(",") if b]
+    if device.type == "cuda" and not args.no_precompile and (not wanted_backends or "triton" in wanted_backends):
+        from . import precompile
+        dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d] or [torch.float32]
+        precompile.run(cases.select(preset, [o for o in args.ops.split(",") if o], "cuda"), dtypes, device)
     pytest_argv = [str(SUITE), "--benchmark-only", f"--benchmark-json={raw}", "--benchmark-quiet",
                    "-p", "no:cacheprovider", "-p", "no:xdist", "-qq", "-s", "-o", "addopts=", f"--rootdir={REPO}",
                    f"--bench-preset={preset}", f"--bench-device={device.type}", f"--bench-compile={args.compile}",
-                   f"--bench-ops={args.ops}", f"--bench-backends={args.backends}", f"--bench-dtypes={args.dtypes}",
+                   f"--bench-ops={args.ops}", f"--bench-partial={out / 'partial.json'}", f"--bench-backends={args.backends}", f"--bench-dtypes={args.dtypes}",
                    *([] if args.no_progress else ["--bench-progress"]), *args.pytest_args]
     # pytest-benchmark turns itself off inside an xdist worker (PYTEST_XDIST_WORKER), as when this
     # runs from the test suite under -n: the nested session is not distributed, so hide it
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlkernels bench: pytest exited {rc} without results", file=sys.stderr)
         return int(rc) or 1
     meta = json.loads(raw.read_text())["dlkernels"]
+    (out / "partial.json").unlink(missing_ok=True)
     report.print_table(meta)
     path = report.write(meta, out)
     print(f"\nreport: {path}\nraw pytest-benchmark JSON: {raw}")

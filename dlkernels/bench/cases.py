@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -426,11 +426,29 @@ assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
 OPS = tuple(dict.fromkeys(c.op for c in CASES))
 
 
-def select(preset: str = "default", ops: list[str] | None = None) -> list[Case]:
-    """The cases of a preset, optionally only some ops (op names or groups: "matmul", "batchnorm", ...)."""
+# On a GPU the layer cases run with a batch of at least GPU_MIN_BATCH: at the CPU's N=8 an Xception
+# depthwise layer moves ~20 MB in ~10 us, inside the 50 MB L2 and no longer than a launch, so
+# neither bandwidth nor kernel speed could be read off it. Tiny and overhead cases keep their size.
+GPU_MIN_BATCH = 64
+
+
+def for_device(case: Case, device_type: str) -> Case:
+    """The case as it runs on ``device_type`` (its batch raised on a GPU, its label to match)."""
+    n = case.params.get("n")
+    if device_type != "cuda" or n is None or n >= GPU_MIN_BATCH or case.tier == 0 \
+            or not case.shape.startswith(f"{n}x"):
+        return case
+    return replace(case, shape=f"{GPU_MIN_BATCH}x{case.shape[len(f'{n}x'):]}",
+                   params={**case.params, "n": GPU_MIN_BATCH})
+
+
+def select(preset: str = "default", ops: list[str] | None = None, device_type: str = "cpu") -> list[Case]:
+    """The cases of a preset, optionally only some ops (op names or groups: "matmul", "batchnorm", ...),
+    as they run on ``device_type``."""
     tier = PRESETS[preset]
     wanted = set(ops or ())
-    return [c for c in CASES if c.tier <= tier and (not wanted or c.op in wanted or c.group in wanted)]
+    return [for_device(c, device_type) for c in CASES
+            if c.tier <= tier and (not wanted or c.op in wanted or c.group in wanted)]
 
 
 def to_float64(args: list) -> list:

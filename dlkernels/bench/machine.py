@@ -155,7 +155,7 @@ def measure_limits(device: torch.device, dtypes: list[torch.dtype], llc: int, qu
     dst = torch.empty_like(src)
     t = _median_time(lambda: dst.copy_(src), device, 5 if quick else 11)
     del src, dst
-    n = (4096 if device.type == "cuda" else 2048) // (2 if quick else 1)
+    n = (8192 if device.type == "cuda" else 2048) // (2 if quick else 1)
     flops = {}
     for dt in dict.fromkeys([torch.float32, *dtypes]):
         a = torch.randn(n, n, device=device).to(dt)

@@ -50,6 +50,7 @@ class Outcome:
     tol: float | None = None
     samples: list = field(default_factory=list)   # seconds per call, one per round
     iters: int = 0              # calls per sample
+    graph: bool | None = None   # CUDA: timed as graph replays (None: not on CUDA, or not timed)
 
     @property
     def median(self) -> float | None:
@@ -138,20 +139,55 @@ def contender_fn(problem: Problem, name: str) -> Callable:
 # timing
 # ---------------------------------------------------------------------------------------------
 class _Clock:
-    """Seconds per sample of ``iters`` calls: CUDA events on GPU, perf_counter on CPU."""
+    """Seconds per sample of ``iters`` calls: CUDA events on GPU, perf_counter on CPU.
 
-    def __init__(self, device: torch.device, flush: Callable | None):
+    On a GPU the ``iters`` calls are captured once into a CUDA graph and each sample replays it:
+    the events then time the kernels, not the Python that launches them (tens of microseconds a
+    call, as long as a layer's kernels at small batches), for every contender alike. A call that
+    cannot be captured (it synchronises, say) is timed as launched, and ``uncaptured`` names it.
+    """
+
+    def __init__(self, device: torch.device, flush: Callable | None, graphs: bool = True):
         self.cuda = device.type == "cuda"
         self.flush = flush
+        self.graphs = graphs and self.cuda
+        self._graphs: dict = {}
+        self.uncaptured: set = set()
+
+    def _graph(self, call: Callable, iters: int):
+        key = (id(call), iters)
+        if key not in self._graphs:
+            graph = None
+            if call not in self.uncaptured:
+                try:
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):  # capture needs its ops warmed up off the default stream
+                        call()
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for _ in range(iters):
+                            call()
+                except Exception:  # noqa: BLE001 - timed without a graph instead
+                    graph = None
+                    self.uncaptured.add(call)
+                    torch.cuda.synchronize()
+            self._graphs[key] = graph
+        return self._graphs[key]
 
     def __call__(self, call: Callable, iters: int) -> float:
         if self.cuda:
+            graph = self._graph(call, iters) if self.graphs else None
             if self.flush:
                 self.flush()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(iters):
-                call()
+            if graph is not None:
+                graph.replay()
+            else:
+                for _ in range(iters):
+                    call()
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / iters
@@ -289,9 +325,13 @@ def measure_case(case: Case, dtype: torch.dtype, device: torch.device, contender
             _step(fn, problem, ring[0], grad_out)
         calls[name] = call
     flush = _flusher(device, cfg.llc_bytes) if case.bound == "memory" else None
-    samples, iters = interleave(calls, _Clock(device, flush), cfg, single_iter=flush is not None)
+    # the per-call overhead cases time the launch itself: no graph there
+    clock = _Clock(device, flush, graphs=case.bound != "overhead")
+    samples, iters = interleave(calls, clock, cfg, single_iter=flush is not None)
     for name in fns:
         res.outcomes[name].samples = samples[name]
         res.outcomes[name].iters = iters[name]
+        if clock.graphs:
+            res.outcomes[name].graph = calls[name] not in clock.uncaptured
     return res
 

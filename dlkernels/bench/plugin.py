@@ -15,9 +15,11 @@ Options (``pytest benchmarks/ --benchmark-only --bench-preset quick ...``):
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +67,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-backends", default="", help="comma-separated backends (default: all available)")
     g.addoption("--bench-dtypes", default="", help="comma-separated dtypes (default: float32)")
     g.addoption("--bench-device", default="", help="cpu or cuda (default: cuda when present)")
+    g.addoption("--bench-partial", default="", help="rewrite this JSON file (the report's input) after every case, "
+                                                  "so a run cut short still leaves what it measured")
     g.addoption("--bench-compile", default="auto", choices=("auto", "all", "none"),
                 help="torch.compile contender: auto (ops where fusion is the point, and the models), all, none")
     g.addoption("--bench-progress", action="store_true", help="a progress bar (the CLI sets it)")
@@ -129,7 +133,7 @@ def pytest_generate_tests(metafunc):
     st = state_of(metafunc.config)
     module_ops = getattr(metafunc.module, "BENCH_OPS", C.OPS)
     asked = set(_csv(metafunc.config.getoption("--bench-ops")))
-    cases = [c for c in C.select(st.preset, list(module_ops))
+    cases = [c for c in C.select(st.preset, list(module_ops), st.device.type)
              if not asked or c.op in asked or c.group in asked]
     params = []
     for case in cases:
@@ -206,8 +210,11 @@ def bench_item(request, benchmark):
                "tier": case.tier, "dtype": str(dt).removeprefix("torch."), "device": st.device.type,
                "contender": who, "status": out.status, "reason": out.reason, "max_err": out.max_err,
                "tol": out.tol, "bytes": res.bytes, "flops": res.flops, "copies": res.copies,
-               "iters": out.iters, "samples": list(out.samples)}
+               "iters": out.iters, "cuda_graph": out.graph, "samples": list(out.samples)}
         st.records.append(rec)
+        partial = request.config.getoption("--bench-partial")
+        if partial:
+            Path(partial).write_text(json.dumps(_meta(st), default=str))
         benchmark.extra_info.update({k: v for k, v in rec.items() if k != "samples"})
         if out.status == "unavailable":
             benchmark.skipped = True
@@ -231,7 +238,9 @@ def _meta(st: State) -> dict:
         "machine": st.info.to_dict() if st.info else None,
         "limits": st.limits.to_dict() if st.limits else None,
         "preset": st.preset,
-        "timing": {**vars(st.timing), "method": "CUDA events, L2 flushed before each memory-bound sample"
+        "timing": {**vars(st.timing), "method": "CUDA events around CUDA-graph replays of the calls (launch overhead excluded, "
+                   "except in the overhead cases; a record's cuda_graph says which), L2 flushed before each "
+                   "memory-bound sample"
                    if st.device.type == "cuda" else "time.perf_counter, inputs rotated past the LLC for "
                    "memory-bound cases", "interleaved": True},
         "tolerance": {"base": {str(k).removeprefix("torch."): v for k, v in _tols().items()},

@@ -17,33 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _dispatch
 from .. import _validation as V
-
-INTERPRET = _dispatch.triton_interpreting()
-
-_wrap_triton = getattr(torch.library, "wrap_triton", None)
-
-
-def _cfg(num_warps: int = 4, num_stages: int = 2, **meta) -> triton.Config:
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
-
-
-class TunedKernel:
-    """A @triton.jit kernel launched through wrap_triton: autotuned over ``configs`` on a GPU, run
-    with the fixed ``interpret_meta`` under the interpreter (tuning there only multiplies the
-    already slow run time)."""
-
-    def __init__(self, fn, configs, key, interpret_meta, **autotune_kw):
-        if INTERPRET:
-            self.fn, self.meta = fn, dict(interpret_meta)
-        else:
-            self.fn, self.meta = triton.autotune(configs=configs, key=key, **autotune_kw)(fn), {}
-
-    def __call__(self, grid, *args, **kwargs):
-        launcher = _wrap_triton(self.fn) if _wrap_triton is not None else self.fn
-        return launcher[grid](*args, **kwargs, **self.meta)
-
+from .._triton_common import INTERPRET, TunedKernel, cfg, target_programs
 
 def acc_dtype(dtype: torch.dtype):
     """Accumulator type: float64 for float64, else float32 (fp16/bf16 never accumulate in themselves)."""
@@ -123,13 +98,13 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
 
 # channels_last: channel blocks are the contiguous (vectorised) axis; NCHW: pixel runs.
 _FWD_CONFIGS_CL = [
-    _cfg(BLOCK_P=32, BLOCK_C=64), _cfg(BLOCK_P=64, BLOCK_C=64), _cfg(BLOCK_P=16, BLOCK_C=128),
-    _cfg(BLOCK_P=32, BLOCK_C=128, num_warps=8), _cfg(BLOCK_P=64, BLOCK_C=32),
-    _cfg(BLOCK_P=128, BLOCK_C=32, num_warps=8),
+    cfg(BLOCK_P=32, BLOCK_C=64), cfg(BLOCK_P=64, BLOCK_C=64), cfg(BLOCK_P=16, BLOCK_C=128),
+    cfg(BLOCK_P=32, BLOCK_C=128, num_warps=8), cfg(BLOCK_P=64, BLOCK_C=32),
+    cfg(BLOCK_P=128, BLOCK_C=32, num_warps=8),
 ]
 _FWD_CONFIGS_NCHW = [
-    _cfg(BLOCK_P=128, BLOCK_C=1), _cfg(BLOCK_P=256, BLOCK_C=1), _cfg(BLOCK_P=512, BLOCK_C=1, num_warps=8),
-    _cfg(BLOCK_P=128, BLOCK_C=2), _cfg(BLOCK_P=256, BLOCK_C=2, num_warps=8), _cfg(BLOCK_P=128, BLOCK_C=4),
+    cfg(BLOCK_P=128, BLOCK_C=1), cfg(BLOCK_P=256, BLOCK_C=1), cfg(BLOCK_P=512, BLOCK_C=1, num_warps=8),
+    cfg(BLOCK_P=128, BLOCK_C=2), cfg(BLOCK_P=256, BLOCK_C=2, num_warps=8), cfg(BLOCK_P=128, BLOCK_C=4),
 ]
 _FWD_KEY = ["C_out", "M", "Ho", "Wo", "KH", "KW", "conv_sh", "conv_sw", "dil_h"]
 _dw_fwd_cl = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_CL, _FWD_KEY, dict(BLOCK_P=32, BLOCK_C=16))
@@ -235,48 +210,51 @@ def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_chan
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _dw_bwd_weight_partial_kernel(gy_ptr, x_ptr, part_ptr,
-                                  C_out, M, H, W, Ho, Wo, TOTAL, CHUNK,
+                                  C_out, M, H, W, Ho, Wo, TOTAL, CHUNK, KW, NTAP,
                                   stride_gn, stride_gc, stride_gh, stride_gw,
                                   stride_xn, stride_xc, stride_xh, stride_xw,
                                   conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-                                  KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                  ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Program (chunk, channel block) sums grad_y * x over its CHUNK of the flattened (n, i, j)
-    # output pixels for every tap, and writes part[chunk, c, tap] (tap == KH*KW: the bias sum).
-    # Taps are the outer loop so each tap's [BLOCK_P, BLOCK_C] accumulator is reduced across
-    # threads once per chunk, not once per pixel block; the grad_y re-reads hit L1/L2.
+                                  HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program (chunk, channel block, tap) sums grad_y * x over its CHUNK of the flattened (n, i, j)
+    # output pixels for one tap t, and writes part[chunk, c, t] (t == NTAP: the bias sum, x := 1).
+    # The tap is a grid axis, not a static loop: unrolled over a 5x5 window the kernel took 15 s
+    # per config to compile. The programs of one chunk re-read the same grad_y from L2.
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
+    t = tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C_out
     mask_c2 = mask_c[None, :]
     gy_chan = (offs_c * stride_gc)[None, :]
     x_chan = ((offs_c // M) * stride_xc)[None, :]
+    tap_h = (t // KW) * dil_h - pad_h
+    tap_w = (t % KW) * dil_w - pad_w
+    is_tap = t < NTAP
+    h_end = tl.where(is_tap, H, 0)  # no x rows for the bias column
     start = pid_k * CHUNK
     end = tl.minimum(start + CHUNK, TOTAL)
-    NCOL: tl.constexpr = KH * KW + HAS_BIAS
-    part_row = part_ptr + pid_k.to(tl.int64) * C_out * NCOL + offs_c * NCOL
-    for t in tl.static_range(KH * KW + HAS_BIAS):
-        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-        for p0 in range(start, end, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            mask_p = offs_p < end
-            n = (offs_p // (Ho * Wo)).to(tl.int64)
-            rem = offs_p % (Ho * Wo)
-            i = rem // Wo
-            j = rem % Wo
-            g = tl.load(gy_ptr + (n * stride_gn + i * stride_gh + j * stride_gw)[:, None] + gy_chan,
-                        mask=mask_p[:, None] & mask_c2, other=0.0).to(ACC)
-            if t == KH * KW:
-                acc += g
-            else:
-                h = i * conv_sh - pad_h + (t // KW) * dil_h
-                w = j * conv_sw - pad_w + (t % KW) * dil_w
-                ok = mask_p & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-                xv = tl.load(x_ptr + (n * stride_xn + h * stride_xh + w * stride_xw)[:, None] + x_chan,
-                             mask=ok[:, None] & mask_c2, other=0.0)
-                acc += g * xv.to(ACC)
-        tl.store(part_row + t, tl.sum(acc, axis=0), mask=mask_c)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < end
+        n = (offs_p // (Ho * Wo)).to(tl.int64)
+        rem = offs_p % (Ho * Wo)
+        i = rem // Wo
+        j = rem % Wo
+        g = tl.load(gy_ptr + (n * stride_gn + i * stride_gh + j * stride_gw)[:, None] + gy_chan,
+                    mask=mask_p[:, None] & mask_c2, other=0.0).to(ACC)
+        h = i * conv_sh + tap_h
+        w = j * conv_sw + tap_w
+        ok = mask_p & (h >= 0) & (h < h_end) & (w >= 0) & (w < W)
+        xv = tl.load(x_ptr + (n * stride_xn + h * stride_xh + w * stride_xw)[:, None] + x_chan,
+                     mask=ok[:, None] & mask_c2, other=0.0).to(ACC)
+        if HAS_BIAS:
+            xv = tl.where(is_tap, xv, 1.0)
+        acc += g * xv
+    ncol = NTAP + HAS_BIAS
+    part_row = part_ptr + pid_k.to(tl.int64) * C_out * ncol + offs_c * ncol
+    tl.store(part_row + t, tl.sum(acc, axis=0), mask=mask_c)
 
 
 @triton.jit
@@ -300,23 +278,17 @@ def _dw_bwd_weight_reduce_kernel(part_ptr, gw_ptr, gb_ptr, R, NUM_CHUNKS,
         tl.store(gb_ptr + c, acc.to(gb_ptr.dtype.element_ty), mask=mask & (t == NTAP))
 
 
-_BWD_W_KEY = ["C_out", "M", "Ho", "Wo", "CHUNK", "KH", "KW", "conv_sh", "conv_sw"]
+_BWD_W_KEY = ["C_out", "M", "Ho", "Wo", "CHUNK", "NTAP", "conv_sh", "conv_sw"]
 _dw_bwd_weight_cl = TunedKernel(_dw_bwd_weight_partial_kernel, _FWD_CONFIGS_CL, _BWD_W_KEY,
                                 dict(BLOCK_P=32, BLOCK_C=16))
 _dw_bwd_weight_nchw = TunedKernel(_dw_bwd_weight_partial_kernel, _FWD_CONFIGS_NCHW, _BWD_W_KEY,
                                   dict(BLOCK_P=64, BLOCK_C=2))
 _dw_bwd_weight_reduce = TunedKernel(_dw_bwd_weight_reduce_kernel,
-                                    [_cfg(BLOCK_R=256), _cfg(BLOCK_R=1024, num_warps=8)], ["R", "NUM_CHUNKS"],
+                                    [cfg(BLOCK_R=256), cfg(BLOCK_R=1024, num_warps=8)], ["R", "NUM_CHUNKS"],
                                     dict(BLOCK_R=256))
 
 # pixels per reduction chunk: a multiple of every BLOCK_P above, so chunks never split a block
 _CHUNK_QUANTUM = 512
-
-
-def _num_chunks_target(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias):
@@ -327,21 +299,21 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
     # Enough chunks to fill the GPU together with the channel blocks, each a few blocks long; the
     # channel-block count depends on the tuned BLOCK_C, so aim at the smallest (1 for NCHW).
     cl = is_channels_last(x)
-    c_blocks_min = triton.cdiv(c_out, 128) if cl else c_out
-    want = max(1, triton.cdiv(_num_chunks_target(x.device), c_blocks_min))
-    chunk = max(_CHUNK_QUANTUM, triton.cdiv(triton.cdiv(total, want), _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
-    num_chunks = triton.cdiv(total, chunk)
     ntap = kh * kw
     ncol = ntap + int(need_bias)
+    c_blocks_min = triton.cdiv(c_out, 128) if cl else c_out
+    want = max(1, triton.cdiv(target_programs(x.device.index if x.is_cuda else None), c_blocks_min * ncol))
+    chunk = max(_CHUNK_QUANTUM, triton.cdiv(triton.cdiv(total, want), _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
+    num_chunks = triton.cdiv(total, chunk)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((num_chunks, c_out * ncol), dtype=acc, device=x.device)
     kernel = _dw_bwd_weight_cl if cl else _dw_bwd_weight_nchw
-    grid = lambda META: (num_chunks, triton.cdiv(c_out, META["BLOCK_C"]))
+    grid = lambda META: (num_chunks, triton.cdiv(c_out, META["BLOCK_C"]), ncol)
     kernel(grid, grad_y, x, part,
-           c_out, c_out // c, h, w, ho, wo, total, chunk,
+           c_out, c_out // c, h, w, ho, wo, total, chunk, kw, ntap,
            *grad_y.stride(), *x.stride(),
            stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-           KH=kh, KW=kw, HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype))
+           HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype))
     gw = torch.empty((c_out, 1, kh, kw), dtype=x.dtype, device=x.device)
     gb = torch.empty((c_out,), dtype=x.dtype, device=x.device) if need_bias else None
     r = c_out * ncol

@@ -9,24 +9,15 @@ applied and grad_pre written in the same pass), then one small kernel that adds 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .._dispatch import triton_interpreting
-
-_wrap_triton = getattr(getattr(torch, "library", None), "wrap_triton", None)
-
-# grid axes 1 and 2 are limited to 65535 programs on CUDA
-_MAX_GRID_YZ = 65535
-
-
-def _launch(kernel, grid):
-    """``kernel[grid]``, through torch.library.wrap_triton when this torch has it, so torch.compile
-    can trace the launch."""
-    return (_wrap_triton(kernel) if _wrap_triton is not None else kernel)[grid]
+from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
+from .._triton_common import autotune
+from .._triton_common import launch as _launch
+from .._triton_common import target_programs as _target_programs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +102,7 @@ def _mm_kernel(
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -132,11 +123,9 @@ def _mm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-_mm_kernel_tuned = triton.autotune(
-    configs=_MM_CONFIGS,
-    key=["M", "N", "K", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_by_smem},
-)(_mm_kernel)
+# Untuned (the GPU tests), the kernel runs a config whose tiles fit float64 operands too.
+_mm_kernel_tuned = autotune(_mm_kernel, _MM_CONFIGS, ["M", "N", "K", "INPUT_PRECISION"], default=_cfg(64, 64, 32, 3, 4),
+                            prune_configs_by={"early_config_prune": _prune_by_smem})
 
 # The one config the interpreter runs: large enough tiles to keep the number of (slow, Python-level)
 # program instances down, small enough that edge masks are exercised by small test shapes.
@@ -268,15 +257,6 @@ def _sum_splits_kernel(part_ptr, out_ptr, S, L, BLOCK: tl.constexpr):
     for s in range(0, S):
         acc += tl.load(part_ptr + s * L + idx, mask=mask, other=0.0)
     tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@functools.cache
-def _target_programs(device_index) -> int:
-    """Enough programs for a few waves over the GPU's SMs (a handful under the interpreter, where
-    every program is a Python-level loop)."""
-    if triton_interpreting() or device_index is None:
-        return 4
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, activation: str, bias_dim: int,

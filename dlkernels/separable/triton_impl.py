@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..depthwise.triton_impl import (INTERPRET, TunedKernel, _cfg, acc_dtype, dw_tile, is_channels_last,
-                                     new_output, pixel_stride)
+from .._triton_common import INTERPRET, TunedKernel, cfg
+from ..depthwise.triton_impl import acc_dtype, dw_tile, is_channels_last, new_output, pixel_stride
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -80,13 +80,13 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
 # tl.dot needs every block dim >= 16. Pixel-major tiles suit both layouts here: the stores are
 # contiguous along O for channels_last and along pixels for NCHW.
 _CONFIGS = [
-    _cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=2),
-    _cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=2),
-    _cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=128, num_warps=4, num_stages=2),
-    _cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=128, num_warps=8, num_stages=2),
-    _cfg(BLOCK_P=128, BLOCK_C=64, BLOCK_O=128, num_warps=8, num_stages=2),
-    _cfg(BLOCK_P=64, BLOCK_C=16, BLOCK_O=64, num_warps=4, num_stages=3),
-    _cfg(BLOCK_P=32, BLOCK_C=32, BLOCK_O=32, num_warps=4, num_stages=2),
+    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=2),
+    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=2),
+    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=128, num_warps=4, num_stages=2),
+    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=128, num_warps=8, num_stages=2),
+    cfg(BLOCK_P=128, BLOCK_C=64, BLOCK_O=128, num_warps=8, num_stages=2),
+    cfg(BLOCK_P=64, BLOCK_C=16, BLOCK_O=64, num_warps=4, num_stages=3),
+    cfg(BLOCK_P=32, BLOCK_C=32, BLOCK_O=32, num_warps=4, num_stages=2),
 ]
 _KEY = ["C_mid", "O", "M", "Ho", "Wo", "KH", "KW", "conv_sh", "conv_sw", "stride_xc"]
 _separable_fwd = TunedKernel(_separable_fwd_kernel, _CONFIGS, _KEY, dict(BLOCK_P=32, BLOCK_C=16, BLOCK_O=16))

@@ -1,0 +1,75 @@
+"""Settings and small helpers shared by every Triton kernel module: how a kernel is launched
+(through torch.library.wrap_triton, so torch.compile traces it) and how it is tuned.
+
+Tuning. On a GPU each kernel is autotuned over its config list, timed with short do_bench runs
+(5 ms warm-up, 25 ms of repeats: the default 25/100 ms per config made a benchmark run's tuning
+cost more than its timing). ``DLKERNELS_TRITON_AUTOTUNE=0`` runs each kernel's default config
+instead, untimed: the GPU tests set it, because tuning every test shape would compile and time
+every config of every kernel. Under TRITON_INTERPRET=1 (CPU) no kernel is tuned either; each runs
+its interpreter config, small enough that edge masks are exercised by small test shapes.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from ._dispatch import triton_interpreting
+
+INTERPRET = triton_interpreting()
+
+_wrap_triton = getattr(torch.library, "wrap_triton", None)
+
+# grid axes 1 and 2 are limited to 65535 programs on CUDA
+MAX_GRID_YZ = 65535
+
+
+def autotuning() -> bool:
+    return not INTERPRET and os.environ.get("DLKERNELS_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
+def launch(kernel, grid):
+    """``kernel[grid]``, through torch.library.wrap_triton when this torch has it."""
+    return (_wrap_triton(kernel) if _wrap_triton is not None else kernel)[grid]
+
+
+def _quick_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def autotune(fn, configs, key, default=None, **autotune_kw):
+    """``fn`` autotuned over ``configs`` (or, with tuning off, run with ``default``, else the first
+    config, as the only one)."""
+    if not autotuning():
+        configs = [default or configs[0]]
+    return triton.autotune(configs=configs, key=key, do_bench=_quick_bench, **autotune_kw)(fn)
+
+
+def cfg(num_warps: int = 4, num_stages: int = 2, **meta) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+class TunedKernel:
+    """A @triton.jit kernel launched through wrap_triton: autotuned over ``configs`` on a GPU, run
+    with the fixed ``interpret_meta`` under the interpreter (tuning there only multiplies the
+    already slow run time)."""
+
+    def __init__(self, fn, configs, key, interpret_meta, **autotune_kw):
+        if INTERPRET:
+            self.fn, self.meta = fn, dict(interpret_meta)
+        else:
+            self.fn, self.meta = autotune(fn, configs, key, **autotune_kw), {}
+
+    def __call__(self, grid, *args, **kwargs):
+        return launch(self.fn, grid)(*args, **kwargs, **self.meta)
+
+
+@functools.cache
+def target_programs(device_index) -> int:
+    """Enough programs for a few waves over the GPU's SMs (a handful under the interpreter, where
+    every program is a Python-level loop, or for CPU tensors)."""
+    if INTERPRET or device_index is None:
+        return 4
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
