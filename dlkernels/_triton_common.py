@@ -1,5 +1,12 @@
-"""Settings and small helpers shared by every Triton kernel module: how a kernel is launched
-(through torch.library.wrap_triton, so torch.compile traces it) and how it is tuned.
+"""Settings and small helpers shared by every Triton kernel module: how a kernel is launched and
+how it is tuned.
+
+Launching. Kernels are launched directly (``kernel[grid](...)``), not through
+torch.library.wrap_triton: the ops are opaque custom ops to torch.compile (it sees their fake
+implementations, never these launches), and in eager mode wrap_triton runs its tracing machinery on
+every call. Measured on an H200 (2026-11-26): a tiny depthwise conv took 680 us a call through it
+(eager conv: 15 us), and an autotuned kernel with a config-pruning hook was re-created, hence
+re-tuned, on every call (1 s per 8x8x8 matmul).
 
 Tuning. On a GPU each kernel is autotuned over its config list, timed with short do_bench runs
 (5 ms warm-up, 25 ms of repeats: the default 25/100 ms per config made a benchmark run's tuning
@@ -20,8 +27,6 @@ from ._dispatch import triton_interpreting
 
 INTERPRET = triton_interpreting()
 
-_wrap_triton = getattr(torch.library, "wrap_triton", None)
-
 # grid axes 1 and 2 are limited to 65535 programs on CUDA
 MAX_GRID_YZ = 65535
 
@@ -31,8 +36,8 @@ def autotuning() -> bool:
 
 
 def launch(kernel, grid):
-    """``kernel[grid]``, through torch.library.wrap_triton when this torch has it."""
-    return (_wrap_triton(kernel) if _wrap_triton is not None else kernel)[grid]
+    """``kernel[grid]``: one place to change how every kernel is launched."""
+    return kernel[grid]
 
 
 def _quick_bench(kernel_call, quantiles):
@@ -52,7 +57,7 @@ def cfg(num_warps: int = 4, num_stages: int = 2, **meta) -> triton.Config:
 
 
 class TunedKernel:
-    """A @triton.jit kernel launched through wrap_triton: autotuned over ``configs`` on a GPU, run
+    """A @triton.jit kernel: autotuned over ``configs`` on a GPU, run
     with the fixed ``interpret_meta`` under the interpreter (tuning there only multiplies the
     already slow run time)."""
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dlkernels
-from helpers import KERNEL_BACKENDS
+from helpers import DEVICE, KERNEL_BACKENDS
 from dlkernels import _dispatch
 
 
@@ -60,7 +60,7 @@ def test_ops_refuse_torch_backend_name():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_every_op_family_has_kernels_for_every_backend(backend):
     for family in ("matmul", "depthwise", "separable", "batchnorm"):
-        mod = _dispatch.kernels(family, backend, torch.device("cpu"))
+        mod = _dispatch.kernels(family, backend, DEVICE)
         assert mod.__name__ == f"dlkernels.{family}.{backend}_impl"
 
 

@@ -19,6 +19,7 @@ import triton.language as tl
 from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
 from .._triton_common import launch as _launch
 from .._triton_common import target_programs as _target_programs
+from ..depthwise.triton_impl import align_of
 from .op import fold_scale_shift
 
 # Elements per tile: 16 per thread at 4 warps, enough loads in flight to stream HBM.
@@ -33,17 +34,23 @@ _MAX_BLOCK_C_CONTIG = 128
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
-          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+          ALIGN_N: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_S: tl.constexpr,
+          COUNT_C: tl.constexpr, COUNT_S: tl.constexpr):
     """Offsets and mask of tile t of the (N, S) tiles, for channel block pid_c; and the channels."""
     nb = t // n_sblocks
     sb = t % n_sblocks
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = ((offs_n < N)[:, None, None] & (offs_c < C)[None, :, None]) & (offs_s < S)[None, None, :]
-    offs = (offs_n.to(tl.int64)[:, None, None] * stride_xn
-            + offs_c.to(tl.int64)[None, :, None] * stride_xc
-            + offs_s.to(tl.int64)[None, None, :] * stride_xs)
+    # C and S as multiples of COUNT_* (their largest power-of-two factors): the masks are then known
+    # constant over runs the loads can be vectorized by
+    mask = (((offs_n < N)[:, None, None] & (offs_c < (C // COUNT_C) * COUNT_C)[None, :, None])
+            & (offs_s < (S // COUNT_S) * COUNT_S)[None, None, :])
+    # ALIGN_*: the largest power of two (<= 16) dividing each stride (see depthwise's align_of)
+    offs = (tl.multiple_of(offs_n.to(tl.int64) * stride_xn, ALIGN_N)[:, None, None]
+            + tl.multiple_of(offs_c.to(tl.int64) * stride_xc, ALIGN_C)[None, :, None]
+            + tl.multiple_of(offs_s.to(tl.int64) * stride_xs, ALIGN_S)[None, None, :])
     return offs, mask, offs_c
 
 
@@ -134,6 +141,8 @@ def _stats_partial_kernel(
     x_ptr, part_mean_ptr, part_m2_ptr, part_n_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_tiles, tiles_per_split,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ALIGN_N: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_S: tl.constexpr,
+    COUNT_C: tl.constexpr, COUNT_S: tl.constexpr,
 ):
     """Welford over this split's tiles of x - shift[c]: every tile slot keeps its own running
     (mean, M2, count), so the loop does no reductions; the slots are merged
@@ -149,7 +158,8 @@ def _stats_partial_kernel(
     t_end = min(t_start + tiles_per_split, n_tiles)
     for t in range(t_start, t_end):
         offs, mask, offs_c = _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
-                                   BLOCK_N, BLOCK_C, BLOCK_S)
+                                   BLOCK_N, BLOCK_C, BLOCK_S,
+                               ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
         x = _load(x_ptr, offs, mask, ct) - shift
         cnt_new = cnt + mask.to(ct)
         delta = x - mean
@@ -190,10 +200,13 @@ def _apply_kernel(
     N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_cblocks,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ALIGN_N: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_S: tl.constexpr,
+    COUNT_C: tl.constexpr, COUNT_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs, mask, offs_c = _tile(pid // n_cblocks, pid % n_cblocks, N, C, S, n_sblocks,
-                               stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_C, BLOCK_S)
+                               stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_C, BLOCK_S,
+                               ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
     scale = _channel(scale_ptr, offs_c, C)
     z = _pre_activation(_load(x_ptr, offs, mask, scale.dtype), r_ptr, offs, mask, scale,
                         _channel(shift_ptr, offs_c, C), HAS_RESIDUAL)
@@ -207,6 +220,8 @@ def _backward_reduce_partial_kernel(
     N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_tiles, tiles_per_split,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, WRITE_DZ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ALIGN_N: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_S: tl.constexpr,
+    COUNT_C: tl.constexpr, COUNT_S: tl.constexpr,
 ):
     """Per-split sums of dz and dz * xhat, written to part_*[split, c]. xhat is formed per element
     from the given mean, so large means do not cancel in sum(dz * x) - mean * sum(dz). dz itself
@@ -224,7 +239,8 @@ def _backward_reduce_partial_kernel(
     t_end = min(t_start + tiles_per_split, n_tiles)
     for t in range(t_start, t_end):
         offs, mask, offs_c = _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
-                                   BLOCK_N, BLOCK_C, BLOCK_S)
+                                   BLOCK_N, BLOCK_C, BLOCK_S,
+                               ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
         dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale, shift,
                                      HAS_RESIDUAL, ACTIVATION)
         dz = tl.where(mask, dz, 0.0)
@@ -258,10 +274,13 @@ def _backward_apply_kernel(
     N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_cblocks,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, NEED_GRAD_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ALIGN_N: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_S: tl.constexpr,
+    COUNT_C: tl.constexpr, COUNT_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs, mask, offs_c = _tile(pid // n_cblocks, pid % n_cblocks, N, C, S, n_sblocks,
-                               stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_C, BLOCK_S)
+                               stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_C, BLOCK_S,
+                               ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
     scale = _channel(scale_ptr, offs_c, C)
     dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale,
                                  _channel(shift_ptr, offs_c, C), HAS_RESIDUAL, ACTIVATION)
@@ -296,7 +315,9 @@ class _Geometry:
             bs = min(_np2(s), _TILE)
             bc = min(_np2(c), max(1, _TILE // bs))
         bn = min(_np2(n), max(1, _TILE // (bc * bs)))
-        self.blocks = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs)
+        self.blocks = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs, ALIGN_N=align_of(self.strides[0]),
+                           ALIGN_C=align_of(self.strides[1]), ALIGN_S=align_of(self.strides[2]),
+                           COUNT_C=align_of(c), COUNT_S=align_of(s))
         self.n_sblocks = triton.cdiv(s, bs)
         self.n_tiles = triton.cdiv(n, bn) * self.n_sblocks
         self.n_cblocks = triton.cdiv(c, bc)

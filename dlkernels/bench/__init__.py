@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     pytest_argv = [str(SUITE), "--benchmark-only", f"--benchmark-json={raw}", "--benchmark-quiet",
                    "-p", "no:cacheprovider", "-p", "no:xdist", "-qq", "-s", "-o", "addopts=", f"--rootdir={REPO}",
                    f"--bench-preset={preset}", f"--bench-device={device.type}", f"--bench-compile={args.compile}",
-                   f"--bench-ops={args.ops}", f"--bench-partial={out / 'partial.json'}", f"--bench-backends={args.backends}", f"--bench-dtypes={args.dtypes}",
+                   f"--bench-ops={args.ops}", f"--bench-partial={out / 'partial.json'}",
+                   f"--bench-backends={args.backends}", f"--bench-dtypes={args.dtypes}",
                    *([] if args.no_progress else ["--bench-progress"]), *args.pytest_args]
     # pytest-benchmark turns itself off inside an xdist worker (PYTEST_XDIST_WORKER), as when this
     # runs from the test suite under -n: the nested session is not distributed, so hide it

@@ -215,7 +215,9 @@ def _build_batchnorm(case: Case, dtype, device, gen) -> Problem:
     stat = torch.float64 if dtype == torch.float64 else torch.float32
     rm = _randn((c,), stat, device, gen, 0.1)
     rv = torch.rand((c,), generator=gen, dtype=torch.float64).add_(0.5).to(device=device, dtype=stat)
-    w, b = _randn((c,), dtype, device, gen), _randn((c,), dtype, device, gen)
+    # weight and bias in the statistics dtype, as mixed-precision training keeps a BatchNorm's
+    # parameters (PyTorch's CUDA batch norm rejects bf16 parameters beside fp32 running stats)
+    w, b = _randn((c,), stat, device, gen), _randn((c,), stat, device, gen)
     acts = {None: lambda t: t, "relu": torch.relu, "silu": F.silu}
 
     def eager(x, r, rm, rv, w, b):

@@ -238,7 +238,8 @@ def _meta(st: State) -> dict:
         "machine": st.info.to_dict() if st.info else None,
         "limits": st.limits.to_dict() if st.limits else None,
         "preset": st.preset,
-        "timing": {**vars(st.timing), "method": "CUDA events around CUDA-graph replays of the calls (launch overhead excluded, "
+        "timing": {**vars(st.timing),
+                   "method": "CUDA events around CUDA-graph replays of the calls (launch overhead excluded, "
                    "except in the overhead cases; a record's cuda_graph says which), L2 flushed before each "
                    "memory-bound sample"
                    if st.device.type == "cuda" else "time.perf_counter, inputs rotated past the LLC for "

@@ -13,6 +13,8 @@ Under TRITON_INTERPRET=1 (CPU) no autotuning happens: each kernel runs one fixed
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +36,20 @@ def new_output(ref: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=ref.dtype, device=ref.device, memory_format=fmt)
 
 
+def align_of(*strides: int) -> int:
+    """The largest power of two up to 16 dividing every stride: the kernels' ALIGN_* hints
+    (tl.multiple_of) on pixel offsets. Triton itself only marks an integer argument divisible by 16,
+    so at 728 channels (8 * 91) a channels-last pixel's 8-element alignment was unknown to the
+    compiler and every load was split into scalar ones (0.56x eager on an H200, 2026-11-26)."""
+    g = 0
+    for v in strides:
+        g = math.gcd(g, int(v))
+    a = 1
+    while a < 16 and g % (2 * a) == 0:
+        a *= 2
+    return a
+
+
 def pixel_stride(t: torch.Tensor) -> int:
     """Stride of the flattened (h, w) pixel index of a canonical NCHW or channels_last tensor."""
     return t.stride(3)
@@ -45,7 +61,7 @@ def pixel_stride(t: torch.Tensor) -> int:
 @triton.jit
 def dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
             stride_xc, stride_xh, stride_xw, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-            KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
+            KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, ALIGN_X: tl.constexpr,
             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum over taps of weight[c, p, q] * x[c // M, i*sH - pT + p*dH, j*sW - pL + q*dW], in ACC.
     Out-of-range taps, pixels and channels read zero. Also used by the fused separable kernel."""
@@ -56,11 +72,11 @@ def dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
     for p in tl.static_range(KH):
         h = i * conv_sh - pad_h + p * dil_h
         row_ok = mask_p & (h >= 0) & (h < H)
-        x_row = h * stride_xh
+        x_row = tl.multiple_of(h * stride_xh, ALIGN_X)
         for q in tl.static_range(KW):
             w = j * conv_sw - pad_w + q * dil_w
             ok = row_ok & (w >= 0) & (w < W)
-            xv = tl.load(x_img + (x_row + w * stride_xw)[:, None] + x_chan,
+            xv = tl.load(x_img + (x_row + tl.multiple_of(w * stride_xw, ALIGN_X))[:, None] + x_chan,
                          mask=ok[:, None] & mask_c2, other=0.0)
             wv = tl.load(w_row + (p * KW + q), mask=mask_c, other=0.0)
             acc += xv.to(ACC) * wv.to(ACC)[None, :]
@@ -77,6 +93,7 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                    stride_yn, stride_yc, stride_yp,
                    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
                    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                   ALIGN_X: tl.constexpr, ALIGN_Y: tl.constexpr, ALIGN_C: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -84,15 +101,16 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < Ho * Wo
-    mask_c = offs_c < C_out
+    mask_c = offs_c < (C_out // ALIGN_C) * ALIGN_C  # == C_out, its known factor lets loads vectorize
     i = offs_p // Wo
     j = offs_p % Wo
-    acc = dw_tile(x_ptr + n * stride_xn, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
+    acc = dw_tile(x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X), w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
                   stride_xc, stride_xh, stride_xw, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-                  KH, KW, ACC, BLOCK_P, BLOCK_C)
+                  KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
-    y_ptrs = y_ptr + n * stride_yn + (offs_p * stride_yp)[:, None] + (offs_c * stride_yc)[None, :]
+    y_ptrs = (y_ptr + tl.multiple_of(n * stride_yn, ALIGN_Y) + tl.multiple_of(offs_p * stride_yp, ALIGN_Y)[:, None]
+              + (offs_c * stride_yc)[None, :])
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
@@ -123,7 +141,9 @@ def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
            c_out, c_out // c, h, w, ho, wo,
            *x.stride(), y.stride(0), y.stride(1), pixel_stride(y),
            stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-           KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype))
+           KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
+           ALIGN_X=align_of(x.stride(0), x.stride(2), x.stride(3)), ALIGN_Y=align_of(y.stride(0), pixel_stride(y)),
+           ALIGN_C=align_of(c_out))
     return y
 
 
@@ -138,6 +158,7 @@ def _dw_bwd_input_kernel(gy_ptr, w_ptr, gx_ptr,
                          pad_h, pad_w, dil_h, dil_w,
                          SH: tl.constexpr, SW: tl.constexpr,
                          KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
+                         ALIGN_G: tl.constexpr, ALIGN_X: tl.constexpr, ALIGN_C: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # grad_x[n, c, h, w] = sum_{r < M, taps} weight[c*M + r, p, q] * grad_y[n, c*M + r, i, j]
     # over the taps with i*SH = h + pT - p*dH (and likewise j) landing on an output pixel.
@@ -148,11 +169,11 @@ def _dw_bwd_input_kernel(gy_ptr, w_ptr, gx_ptr,
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < H * W
-    mask_c = offs_c < C
+    mask_c = offs_c < (C // ALIGN_C) * ALIGN_C  # == C, its known factor lets loads vectorize
     mask_c2 = mask_c[None, :]
     h = offs_p // W
     w = offs_p % W
-    gy_img = gy_ptr + n * stride_gn
+    gy_img = gy_ptr + tl.multiple_of(n * stride_gn, ALIGN_G)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for r in range(0, M):
         o = offs_c * M + r
@@ -170,11 +191,13 @@ def _dw_bwd_input_kernel(gy_ptr, w_ptr, gx_ptr,
                 ok = row_ok & (tw >= 0) & (j < Wo)
                 if SW > 1:
                     ok = ok & (tw - j * SW == 0)
-                g = tl.load(gy_img + (i * stride_gh + j * stride_gw)[:, None] + gy_chan,
+                g = tl.load(gy_img + (tl.multiple_of(i * stride_gh, ALIGN_G)
+                                      + tl.multiple_of(j * stride_gw, ALIGN_G))[:, None] + gy_chan,
                             mask=ok[:, None] & mask_c2, other=0.0)
                 wv = tl.load(w_row + (p * KW + q), mask=mask_c, other=0.0)
                 acc += g.to(ACC) * wv.to(ACC)[None, :]
-    gx_ptrs = gx_ptr + n * stride_xn + (offs_p * stride_xp)[:, None] + (offs_c * stride_xc)[None, :]
+    gx_ptrs = (gx_ptr + tl.multiple_of(n * stride_xn, ALIGN_X) + tl.multiple_of(offs_p * stride_xp, ALIGN_X)[:, None]
+               + (offs_c * stride_xc)[None, :])
     tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c2)
 
 
@@ -201,7 +224,9 @@ def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_chan
            c, m, h, w, ho, wo,
            *grad_y.stride(), gx.stride(0), gx.stride(1), pixel_stride(gx),
            pad[0], pad[1], dilation[0], dilation[1],
-           SH=stride[0], SW=stride[1], KH=kh, KW=kw, ACC=acc_dtype(grad_y.dtype))
+           SH=stride[0], SW=stride[1], KH=kh, KW=kw, ACC=acc_dtype(grad_y.dtype),
+           ALIGN_G=align_of(grad_y.stride(0), grad_y.stride(2), grad_y.stride(3)),
+           ALIGN_X=align_of(gx.stride(0), pixel_stride(gx)), ALIGN_C=align_of(c))
     return gx
 
 
@@ -215,6 +240,7 @@ def _dw_bwd_weight_partial_kernel(gy_ptr, x_ptr, part_ptr,
                                   stride_xn, stride_xc, stride_xh, stride_xw,
                                   conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
                                   HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                                  ALIGN_G: tl.constexpr, ALIGN_X: tl.constexpr, ALIGN_C: tl.constexpr,
                                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (chunk, channel block, tap) sums grad_y * x over its CHUNK of the flattened (n, i, j)
     # output pixels for one tap t, and writes part[chunk, c, t] (t == NTAP: the bias sum, x := 1).
@@ -224,7 +250,7 @@ def _dw_bwd_weight_partial_kernel(gy_ptr, x_ptr, part_ptr,
     pid_c = tl.program_id(1)
     t = tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C_out
+    mask_c = offs_c < (C_out // ALIGN_C) * ALIGN_C  # == C_out, its known factor lets loads vectorize
     mask_c2 = mask_c[None, :]
     gy_chan = (offs_c * stride_gc)[None, :]
     x_chan = ((offs_c // M) * stride_xc)[None, :]
@@ -242,12 +268,14 @@ def _dw_bwd_weight_partial_kernel(gy_ptr, x_ptr, part_ptr,
         rem = offs_p % (Ho * Wo)
         i = rem // Wo
         j = rem % Wo
-        g = tl.load(gy_ptr + (n * stride_gn + i * stride_gh + j * stride_gw)[:, None] + gy_chan,
+        g = tl.load(gy_ptr + (tl.multiple_of(n * stride_gn, ALIGN_G) + tl.multiple_of(i * stride_gh, ALIGN_G)
+                              + tl.multiple_of(j * stride_gw, ALIGN_G))[:, None] + gy_chan,
                     mask=mask_p[:, None] & mask_c2, other=0.0).to(ACC)
         h = i * conv_sh + tap_h
         w = j * conv_sw + tap_w
         ok = mask_p & (h >= 0) & (h < h_end) & (w >= 0) & (w < W)
-        xv = tl.load(x_ptr + (n * stride_xn + h * stride_xh + w * stride_xw)[:, None] + x_chan,
+        xv = tl.load(x_ptr + (tl.multiple_of(n * stride_xn, ALIGN_X) + tl.multiple_of(h * stride_xh, ALIGN_X)
+                              + tl.multiple_of(w * stride_xw, ALIGN_X))[:, None] + x_chan,
                      mask=ok[:, None] & mask_c2, other=0.0).to(ACC)
         if HAS_BIAS:
             xv = tl.where(is_tap, xv, 1.0)
@@ -313,7 +341,9 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
            c_out, c_out // c, h, w, ho, wo, total, chunk, kw, ntap,
            *grad_y.stride(), *x.stride(),
            stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-           HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype))
+           HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype),
+           ALIGN_G=align_of(grad_y.stride(0), grad_y.stride(2), grad_y.stride(3)),
+           ALIGN_X=align_of(x.stride(0), x.stride(2), x.stride(3)), ALIGN_C=align_of(c_out))
     gw = torch.empty((c_out, 1, kh, kw), dtype=x.dtype, device=x.device)
     gb = torch.empty((c_out,), dtype=x.dtype, device=x.device) if need_bias else None
     r = c_out * ncol

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._triton_common import INTERPRET, TunedKernel, cfg
-from ..depthwise.triton_impl import acc_dtype, dw_tile, is_channels_last, new_output, pixel_stride
+from ..depthwise.triton_impl import acc_dtype, align_of, dw_tile, is_channels_last, new_output, pixel_stride
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -40,6 +40,7 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
                           conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
                           KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                          ALIGN_X: tl.constexpr, ALIGN_Y: tl.constexpr, ALIGN_CM: tl.constexpr, ALIGN_O: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr):
     # The O blocks of one pixel tile are consecutive program ids, so the x tile they all re-read
     # for the depthwise part is still in L2. (Flattened on axis 0: axis 1 is capped at 65535.)
@@ -51,19 +52,19 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_p = offs_p < Ho * Wo
-    mask_o = offs_o < O
+    mask_o = offs_o < (O // ALIGN_O) * ALIGN_O  # == O and C_mid below: known factors let loads vectorize
     i = offs_p // Wo
     j = offs_p % Wo
-    x_img = x_ptr + n * stride_xn
+    x_img = x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X)
     acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=ACC)
     for c0 in range(0, C_mid, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C_mid
+        mask_c = offs_c < (C_mid // ALIGN_CM) * ALIGN_CM
         # masked channels and pixels come out as exact zeros, so the padded rows/cols of the dot
         # contribute nothing
         mid = dw_tile(x_img, dw_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
                       stride_xc, stride_xh, stride_xw, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-                      KH, KW, ACC, BLOCK_P, BLOCK_C)
+                      KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
         pw = tl.load(pw_ptr + offs_o[None, :] * C_mid + offs_c[:, None],
                      mask=mask_c[:, None] & mask_o[None, :], other=0.0)
         a = mid.to(pw_ptr.dtype.element_ty)
@@ -73,7 +74,8 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
         acc = tl.dot(a, pw, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(ACC)[None, :]
-    y_ptrs = y_ptr + n * stride_yn + (offs_p * stride_yp)[:, None] + (offs_o * stride_yc)[None, :]
+    y_ptrs = (y_ptr + tl.multiple_of(n * stride_yn, ALIGN_Y) + tl.multiple_of(offs_p * stride_yp, ALIGN_Y)[:, None]
+              + (offs_o * stride_yc)[None, :])
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_o[None, :])
 
 
@@ -104,5 +106,8 @@ def separable_fwd(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
                    *x.stride(), y.stride(0), y.stride(1), pixel_stride(y),
                    stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
                    KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
-                   DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=_bf16_dot_broken(x.dtype))
+                   DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=_bf16_dot_broken(x.dtype),
+                   ALIGN_X=align_of(x.stride(0), x.stride(2), x.stride(3)),
+                   ALIGN_Y=align_of(y.stride(0), pixel_stride(y)),
+                   ALIGN_CM=align_of(c_mid), ALIGN_O=align_of(o))
     return y
