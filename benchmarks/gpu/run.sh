@@ -6,7 +6,8 @@
 #   OUT=/tmp/out benchmarks/gpu/run.sh [steps]     steps: info install tests bench bench-compile
 #
 # Per-step time limits (seconds) come from TEST_S, BENCH_S, BENCHC_S; the bench's dtype from
-# BENCH_DTYPES (default bfloat16), its ops from BENCH_OPS.
+# BENCH_DTYPES (default bfloat16), its ops from BENCH_OPS, its torch.compile contender from
+# BENCH_COMPILE (default none) and a pytest -k expression from BENCH_K.
 set -u
 : "${OUT:?set OUT to the folder for logs and results}"
 cd "$(dirname "$0")/../.."
@@ -37,7 +38,7 @@ fi
 if has tests; then
   say "tests (CUDA, triton backend, untuned kernels)"
   DLKERNELS_TEST_CUDA=1 DLKERNELS_TRITON_AUTOTUNE=0 timeout "${TEST_S:-240}" \
-    $PY -m pytest -q -n "${TEST_WORKERS:-16}" --dist loadgroup -p no:cacheprovider --timeout 200 -o addopts= -ra \
+    $PY -m pytest -v -n "${TEST_WORKERS:-16}" --dist loadgroup -p no:cacheprovider --timeout 200 -o addopts= -ra \
     tests --deselect tests/test_bench.py --deselect tests/test_dispatch.py ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
   echo "tests rc=$?" >> "$OUT/tests.log"
   if [[ -n "${INSTALL_PID:-}" ]]; then
@@ -46,14 +47,15 @@ if has tests; then
     DLKERNELS_TEST_CUDA=1 timeout 60 $PY -m pytest -q -p no:cacheprovider -o addopts= tests/test_dispatch.py >> "$OUT/tests.log" 2>&1
     echo "test_dispatch rc=$?" >> "$OUT/tests.log"
   fi
-  grep -E "^(FAILED|ERROR)|passed|failed|rc=" "$OUT/tests.log" | tail -40
+  # -v: each result is a line as it comes, so a run cut short still names its failures
+  grep -E "(FAILED|ERROR) |passed|failed|rc=" "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | tail -60
 fi
 
 if has bench; then
   say "bench ${BENCH_OPS:-depthwise,separable,pointwise,batchnorm,matmul} ${BENCH_DTYPES:-bfloat16}"
   timeout "${BENCH_S:-300}" $PY -m dlkernels bench --device cuda --dtypes "${BENCH_DTYPES:-bfloat16}" \
-    --ops "${BENCH_OPS:-depthwise,separable,pointwise,batchnorm,matmul}" --compile none --no-progress \
-    --out "$RES/bench" > "$OUT/bench.log" 2>&1
+    --ops "${BENCH_OPS:-depthwise,separable,pointwise,batchnorm,matmul}" --compile "${BENCH_COMPILE:-none}" \
+    --no-progress --out "$RES/bench" -- ${BENCH_K:+-k "$BENCH_K"} > "$OUT/bench.log" 2>&1
   echo "bench rc=$?" >> "$OUT/bench.log"
   pack
   grep -E "precompile|rc=|FAILED" "$OUT/bench.log" | tail -20

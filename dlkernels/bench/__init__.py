@@ -32,14 +32,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="", help="comma-separated dlkernels backends (default: all available)")
     p.add_argument("--dtypes", default="", help="comma-separated dtypes (default: float32)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when present, else cpu)")
-    p.add_argument("--compile", default="auto", choices=("auto", "all", "none"),
-                   help="torch.compile contender: auto (separable, batch norm and the models), all or none")
+    p.add_argument("--compile", default="auto",
+                   help="torch.compile contender: auto (separable, batch norm and the models), all, none, or "
+                        "comma-separated ops or groups (on a GPU each case compiles afresh: seconds each)")
     p.add_argument("--no-precompile", action="store_true",
                    help="on CUDA, skip compiling the Triton kernels in parallel before the run (see precompile.py)")
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<machine>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("pytest_args", nargs="*", help="passed to pytest after --, e.g. -- -k depthwise")
     return p
+
+
+def _keyword(pytest_args: list[str]) -> str:
+    """The -k expression among the pytest arguments, if any."""
+    for i, a in enumerate(pytest_args):
+        if a == "-k" and i + 1 < len(pytest_args):
+            return pytest_args[i + 1]
+        if a.startswith("-k") and len(a) > 2:
+            return a[2:]
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not args.no_precompile and (not wanted_backends or "triton" in wanted_backends):
         from . import precompile
         dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d] or [torch.float32]
-        precompile.run(cases.select(preset, [o for o in args.ops.split(",") if o], "cuda"), dtypes, device)
+        precompile.run(cases.select(preset, [o for o in args.ops.split(",") if o], "cuda"), dtypes, device,
+                       keyword=_keyword(args.pytest_args))
     pytest_argv = [str(SUITE), "--benchmark-only", f"--benchmark-json={raw}", "--benchmark-quiet",
                    "-p", "no:cacheprovider", "-p", "no:xdist", "-qq", "-s", "-o", "addopts=", f"--rootdir={REPO}",
                    f"--bench-preset={preset}", f"--bench-device={device.type}", f"--bench-compile={args.compile}",

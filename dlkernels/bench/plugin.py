@@ -11,7 +11,7 @@ backends skip it. Every outcome, timed or not, goes into the JSON under "dlkerne
 Options (``pytest benchmarks/ --benchmark-only --bench-preset quick ...``):
   --bench-preset tiny|quick|default|full   --bench-ops matmul,batchnorm,...
   --bench-backends numba,cpp,...           --bench-dtypes float32,...
-  --bench-device cpu|cuda                  --bench-compile auto|all|none
+  --bench-device cpu|cuda                  --bench-compile auto|all|none|OPS
 """
 from __future__ import annotations
 
@@ -69,8 +69,9 @@ def pytest_addoption(parser):
     g.addoption("--bench-device", default="", help="cpu or cuda (default: cuda when present)")
     g.addoption("--bench-partial", default="", help="rewrite this JSON file (the report's input) after every case, "
                                                   "so a run cut short still leaves what it measured")
-    g.addoption("--bench-compile", default="auto", choices=("auto", "all", "none"),
-                help="torch.compile contender: auto (ops where fusion is the point, and the models), all, none")
+    g.addoption("--bench-compile", default="auto",
+                help="torch.compile contender: auto (ops where fusion is the point, and the models), all, none, "
+                     "or comma-separated ops or groups")
     g.addoption("--bench-progress", action="store_true", help="a progress bar (the CLI sets it)")
 
 
@@ -96,7 +97,8 @@ class State:
 
     def contenders(self, case: C.Case) -> list[str]:
         names = [EAGER]
-        use_compile = self.compile == "all" or (self.compile == "auto" and case.compile)
+        use_compile = (self.compile == "all" or (self.compile == "auto" and case.compile)
+                       or bool({case.op, case.group} & set(_csv(self.compile))))
         if use_compile and case.bound != "overhead":
             names.append(COMPILED)
         return names + self.kernel_backends

@@ -90,11 +90,25 @@ def _compile_case(task) -> tuple[str, float, str]:
     return f"{case.id} {str(dtype).removeprefix('torch.')}", time.perf_counter() - t0, err
 
 
-def run(selected: list[C.Case], dtypes: list[torch.dtype], device: torch.device, workers: int = 0) -> int:
-    """Compile the triton contender's kernels of every (case, dtype); the number that failed."""
+def _matches(keyword: str, test_id: str) -> bool:
+    """Whether pytest's -k expression selects the test named test_id (case-insensitive substrings)."""
+    if not keyword:
+        return True
+    from _pytest.mark.expression import Expression
+    name = test_id.lower()
+    return Expression.compile(keyword).evaluate(lambda sub, **_: sub.lower() in name)
+
+
+def run(selected: list[C.Case], dtypes: list[torch.dtype], device: torch.device, workers: int = 0,
+        keyword: str = "") -> int:
+    """Compile the triton contender's kernels of every (case, dtype) that the -k expression
+    ``keyword`` selects, if any; the number that failed."""
     major, minor = torch.cuda.get_device_capability(device)
     programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    tasks = [(case, dt) for case in selected for dt in dtypes if case.op != "model"]
+    tasks = [(case, dt) for case in selected for dt in dtypes if case.op != "model"
+             and _matches(keyword, f"{case.id}-{str(dt).removeprefix('torch.')}-triton")]
+    if not tasks:
+        return 0
     # the slowest (most kernels) first, so the pool does not end waiting on one of them
     tasks.sort(key=lambda t: (t[0].passes != "fwd+bwd", t[0].op != "separable_conv2d"))
     workers = workers or max(1, min(len(tasks), (os.cpu_count() or 2) - 1))
