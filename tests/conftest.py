@@ -24,6 +24,15 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture
+def on_test_device():
+    """Tensors and modules a test creates land on the device under test (CUDA in a GPU run) unless it
+    says otherwise: for tests written against factory defaults, parametrized over backends that only
+    run there."""
+    with torch.device(DEVICE):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -165,7 +165,7 @@ def test_compile_fullgraph_updates_running_stats(backend):
     w, b = leaf(torch.rand(3, device=DEVICE) + 0.5), leaf(torch.randn(3, device=DEVICE))
     rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, r, rm, rv, w, b)
-    rm64, rv64 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    rm64, rv64 = torch.zeros(3, dtype=torch.float64, device=DEVICE), torch.ones(3, dtype=torch.float64, device=DEVICE)
     ref = reference(x.double(), r.double(), rm64, rv64, w.double(), b.double(), True, 0.1, 1e-5, "relu")
     assert_close(out, ref, torch.float32, "compiled")
     assert_close(rm, rm64, torch.float32, "compiled running_mean")
@@ -175,7 +175,7 @@ def test_compile_fullgraph_updates_running_stats(backend):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["torch"])
-def test_bad_inputs(backend_name):
+def test_bad_inputs(backend_name, on_test_device):
     x = torch.randn(2, 3, 4, 4)
     rm, rv = torch.zeros(3), torch.ones(3)
     f = dlkernels.batch_norm_residual

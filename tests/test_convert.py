@@ -10,6 +10,8 @@ from dlkernels import nn as dnn
 from dlkernels.convert import convert
 from helpers import KERNEL_BACKENDS
 
+pytestmark = pytest.mark.usefixtures("on_test_device")
+
 
 class TVBasicBlock(nn.Module):
     """torchvision's BasicBlock forward: in-place ``out += identity`` and a shared in-place ReLU module."""

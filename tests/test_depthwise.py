@@ -150,7 +150,7 @@ def test_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["torch"])
-def test_bad_inputs(backend_name):
+def test_bad_inputs(backend_name, on_test_device):
     x = torch.randn(2, 3, 8, 8)
     w = torch.randn(3, 1, 3, 3)
     f = dlkernels.depthwise_conv2d

@@ -135,7 +135,7 @@ def test_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["torch"])
-def test_bad_inputs(backend_name):
+def test_bad_inputs(backend_name, on_test_device):
     a, b = torch.randn(3, 4), torch.randn(5, 6)
     with pytest.raises(ValueError, match="inner sizes"):
         dlkernels.matmul(a, b, backend=backend_name)

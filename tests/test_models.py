@@ -9,6 +9,8 @@ from dlkernels import models
 from dlkernels.models.mini_xception import max_pool_same
 from helpers import KERNEL_BACKENDS
 
+pytestmark = pytest.mark.usefixtures("on_test_device")
+
 ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
 # torch.compile traces the ops' fake implementations: the interpreted Triton kernels cannot run
 # under it (see NOTES.md), the CPU backends and "torch" can.

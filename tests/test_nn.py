@@ -12,6 +12,8 @@ from helpers import KERNEL_BACKENDS
 from dlkernels import _dispatch
 from dlkernels import nn as dnn
 
+pytestmark = pytest.mark.usefixtures("on_test_device")
+
 ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
 
 

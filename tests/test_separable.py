@@ -119,7 +119,7 @@ def test_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["torch"])
-def test_bad_inputs(backend_name):
+def test_bad_inputs(backend_name, on_test_device):
     x = torch.randn(2, 3, 8, 8)
     dw, pw = torch.randn(3, 1, 3, 3), torch.randn(4, 3, 1, 1)
     with pytest.raises(ValueError, match=r"weight must have shape \(O, 3, 1, 1\)"):
