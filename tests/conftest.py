@@ -15,6 +15,15 @@ import torch  # noqa: E402
 from helpers import DEVICE, KERNEL_BACKENDS  # noqa: E402
 
 
+def pytest_runtest_logreport(report):
+    """DLKERNELS_FAILURE_LOG=path: each failure's traceback is appended there as it happens (under
+    xdist too), so a run stopped by a time limit, as on a lent GPU, still says why tests failed."""
+    path = os.environ.get("DLKERNELS_FAILURE_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:  # the controller writes it once
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 def pytest_report_header(config):
     return f"dlkernels: device {DEVICE}, backends {KERNEL_BACKENDS}, torch {torch.__version__}"
 

@@ -37,7 +37,7 @@ fi
 
 if has tests; then
   say "tests (CUDA, triton backend, untuned kernels)"
-  DLKERNELS_TEST_CUDA=1 DLKERNELS_TRITON_AUTOTUNE=0 timeout "${TEST_S:-240}" \
+  DLKERNELS_TEST_CUDA=1 DLKERNELS_TRITON_AUTOTUNE=0 DLKERNELS_FAILURE_LOG="$OUT/failures.log" timeout "${TEST_S:-240}" \
     $PY -m pytest -v -n "${TEST_WORKERS:-16}" --dist loadgroup -p no:cacheprovider --timeout 200 -o addopts= -ra \
     tests --deselect tests/test_bench.py --deselect tests/test_dispatch.py ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
   echo "tests rc=$?" >> "$OUT/tests.log"
