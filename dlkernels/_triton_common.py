@@ -9,8 +9,8 @@ every call. Measured on an H200 (2026-11-26): a tiny depthwise conv took 680 us 
 re-tuned, on every call (1 s per 8x8x8 matmul).
 
 Tuning. On a GPU each kernel is autotuned over its config list, timed with short do_bench runs
-(5 ms warm-up, 25 ms of repeats: the default 25/100 ms per config made a benchmark run's tuning
-cost more than its timing). ``DLKERNELS_TRITON_AUTOTUNE=0`` runs each kernel's default config
+(5 ms warm-up, 25 ms of repeats, not the default 25/100 ms: a lent GPU's minutes go to timing the
+cases, and the bench tunes ~20 configs per depthwise case). ``DLKERNELS_TRITON_AUTOTUNE=0`` runs each kernel's default config
 instead, untimed: the GPU tests set it, because tuning every test shape would compile and time
 every config of every kernel. Under TRITON_INTERPRET=1 (CPU) no kernel is tuned either; each runs
 its interpreter config, small enough that edge masks are exercised by small test shapes.
