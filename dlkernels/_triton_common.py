@@ -8,16 +8,18 @@ every call. Measured on an H200 (2026-11-26): a tiny depthwise conv took 680 us 
 (eager conv: 15 us), and an autotuned kernel with a config-pruning hook was re-created, hence
 re-tuned, on every call (1 s per 8x8x8 matmul).
 
-Tuning. On a GPU each kernel is autotuned over its config list, timed with short do_bench runs
-(5 ms warm-up, 25 ms of repeats, not the default 25/100 ms: a lent GPU's minutes go to timing the
-cases, and the bench tunes ~20 configs per depthwise case). ``DLKERNELS_TRITON_AUTOTUNE=0`` runs each kernel's default config
-instead, untimed: the GPU tests set it, because tuning every test shape would compile and time
-every config of every kernel. Under TRITON_INTERPRET=1 (CPU) no kernel is tuned either; each runs
-its interpreter config, small enough that edge masks are exercised by small test shapes.
+Tuning. On a GPU each kernel is autotuned over its config list, timed with short do_bench runs (5 ms
+warm-up, 25 ms of repeats, not the default 25/100 ms: a lent GPU's minutes go to timing the cases,
+and the bench tunes ~20 configs per depthwise case). ``DLKERNELS_TRITON_AUTOTUNE=0`` runs each
+kernel's default config instead, untimed: the GPU tests set it, because tuning every test shape
+would compile and time every config of every kernel. Under TRITON_INTERPRET=1 (CPU) no kernel is
+tuned either; each runs its interpreter config, small enough that edge masks are exercised by small
+test shapes.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -71,10 +73,34 @@ class TunedKernel:
         return launch(self.fn, grid)(*args, **kwargs, **self.meta)
 
 
+# Program-count target for tensors that are not on a GPU: under the interpreter every program is a
+# Python-level loop, so a handful. precompile.py, compiling on CPU tensors for a GPU it stands in
+# for, sets the GPU's count here so that the launchers size their grids as they will there.
+HOST_PROGRAMS = 4
+
+
 @functools.cache
-def target_programs(device_index) -> int:
-    """Enough programs for a few waves over the GPU's SMs (a handful under the interpreter, where
-    every program is a Python-level loop, or for CPU tensors)."""
-    if INTERPRET or device_index is None:
-        return 4
+def _gpu_programs(device_index: int) -> int:
     return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """Enough programs for a few waves over the GPU's SMs."""
+    if INTERPRET or device.type != "cuda":
+        return HOST_PROGRAMS
+    return _gpu_programs(device.index)
+
+
+def align_of(*values: int) -> int:
+    """The largest power of two up to 16 dividing every value (strides, channel counts): the
+    kernels' ALIGN_*/COUNT_* hints (tl.multiple_of, mask bounds written as (C // A) * A). Triton
+    itself only marks an integer argument divisible by 16, so at 728 channels (8 * 91) a
+    channels-last pixel's 8-element alignment was unknown to the compiler and every load was split
+    into scalar ones (0.56x eager on an H200, 2026-11-26)."""
+    g = 0
+    for v in values:
+        g = math.gcd(g, int(v))
+    a = 1
+    while a < 16 and g % (2 * a) == 0:
+        a *= 2
+    return a

@@ -18,8 +18,7 @@ import triton.language as tl
 
 from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
 from .._triton_common import launch as _launch
-from .._triton_common import target_programs as _target_programs
-from ..depthwise.triton_impl import align_of
+from .._triton_common import align_of, target_programs
 from .op import fold_scale_shift
 
 # Elements per tile: 16 per thread at 4 warps, enough loads in flight to stream HBM.
@@ -327,7 +326,7 @@ class _Geometry:
 
     def splits(self, device: torch.device) -> tuple[int, int]:
         """(number of splits, tiles per split) for a two-level reduction."""
-        target = _target_programs(device.index if device.type == "cuda" else None)
+        target = target_programs(device)
         splits = max(1, min(self.n_tiles, triton.cdiv(target, self.n_cblocks), _MAX_GRID_YZ))
         per_split = triton.cdiv(self.n_tiles, splits)
         return triton.cdiv(self.n_tiles, per_split), per_split

@@ -69,11 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     raw = out / "benchmark.json"
     if raw.exists():
         raw.unlink()
-    wanted_backends = [b for b in args.backends.split(",") if b]
+    wanted_backends = cases.csv(args.backends)
     if device.type == "cuda" and not args.no_precompile and (not wanted_backends or "triton" in wanted_backends):
         from . import precompile
-        dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d] or [torch.float32]
-        precompile.run(cases.select(preset, [o for o in args.ops.split(",") if o], "cuda"), dtypes, device,
+        precompile.run(cases.select(preset, cases.csv(args.ops), "cuda"), cases.dtypes_of(args.dtypes), device,
                        keyword=_keyword(args.pytest_args))
     pytest_argv = [str(SUITE), "--benchmark-only", f"--benchmark-json={raw}", "--benchmark-quiet",
                    "-p", "no:cacheprovider", "-p", "no:xdist", "-qq", "-s", "-o", "addopts=", f"--rootdir={REPO}",

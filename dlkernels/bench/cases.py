@@ -83,6 +83,16 @@ OP_GROUP = {"matmul": "matmul", "linear": "matmul", "depthwise_conv2d": "depthwi
 # ---------------------------------------------------------------------------------------------
 # shared helpers
 # ---------------------------------------------------------------------------------------------
+def csv(text: str) -> list[str]:
+    """The items of a comma-separated command-line value."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def dtypes_of(text: str) -> list[torch.dtype]:
+    """The dtypes a --dtypes value names (default: float32)."""
+    return [getattr(torch, d) for d in csv(text)] or [torch.float32]
+
+
 def _randn(shape, dtype, device, gen, scale=1.0) -> Tensor:
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 

@@ -75,10 +75,6 @@ def pytest_addoption(parser):
     g.addoption("--bench-progress", action="store_true", help="a progress bar (the CLI sets it)")
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 @dataclass
 class State:
     preset: str
@@ -98,7 +94,7 @@ class State:
     def contenders(self, case: C.Case) -> list[str]:
         names = [EAGER]
         use_compile = (self.compile == "all" or (self.compile == "auto" and case.compile)
-                       or bool({case.op, case.group} & set(_csv(self.compile))))
+                       or bool({case.op, case.group} & set(C.csv(self.compile))))
         if use_compile and case.bound != "overhead":
             names.append(COMPILED)
         return names + self.kernel_backends
@@ -116,12 +112,12 @@ def pytest_configure(config):
     allocator = machine.configure_malloc()
     dev = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(dev)
-    dtypes = [getattr(torch, d) for d in _csv(config.getoption("--bench-dtypes"))] or [torch.float32]
+    dtypes = C.dtypes_of(config.getoption("--bench-dtypes"))
     import dlkernels  # after the allocator setting
     usable = [b for b in dlkernels.available_backends(device) if b != "torch"]
     if device.type == "cpu":  # Triton on the CPU is its interpreter: not worth timing
         usable = [b for b in usable if b != "triton"]
-    asked = _csv(config.getoption("--bench-backends"))
+    asked = C.csv(config.getoption("--bench-backends"))
     backends = [b for b in usable if not asked or b in asked]
     preset = config.getoption("--bench-preset")
     timing = TimingConfig(**vars(TIMING[preset]))
@@ -134,7 +130,7 @@ def pytest_generate_tests(metafunc):
         return
     st = state_of(metafunc.config)
     module_ops = getattr(metafunc.module, "BENCH_OPS", C.OPS)
-    asked = set(_csv(metafunc.config.getoption("--bench-ops")))
+    asked = set(C.csv(metafunc.config.getoption("--bench-ops")))
     cases = [c for c in C.select(st.preset, list(module_ops), st.device.type)
              if not asked or c.op in asked or c.group in asked]
     params = []

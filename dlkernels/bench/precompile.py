@@ -8,9 +8,9 @@ into warm-ups (compile, never launch) for the GPU's target, every autotune confi
 kernel compiled. The binaries land in Triton's on-disk cache, where the timing process finds
 them; what it then tunes is only timing.
 
-A worker sees the GPU's SM count (the launchers size their grids from it, and a grid argument of
-1 would specialise a kernel differently), but no GPU: it must be spawned, not forked, from a
-process that has initialised CUDA.
+A worker sees the GPU's SM count (the launchers size their grids from it, and a grid argument of 1
+would specialise a kernel differently; _triton_common.HOST_PROGRAMS), but no GPU: it must be
+spawned, not forked, from a process that has initialised CUDA.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from . import cases as C
 
 def _fake_gpu(arch: int, programs: int) -> None:
     """Make this process's Triton compile for CUDA ``arch`` without a GPU, launching nothing."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
@@ -56,19 +55,10 @@ def _fake_gpu(arch: int, programs: int) -> None:
 
     JITFunction.run = compile_only
     Autotuner.run = every_config
-    assert triton.__version__
 
     from .. import _dispatch, _triton_common
-    from ..batchnorm import triton_impl as bn
-    from ..depthwise import triton_impl as dw
-    from ..matmul import triton_impl as mm
     _dispatch._runs_on = lambda name, device_type: True  # triton on CPU tensors, not interpreted
-
-    def on_gpu(device_index=None):
-        return programs
-
-    _triton_common.target_programs = dw.target_programs = on_gpu
-    bn._target_programs = mm._target_programs = on_gpu
+    _triton_common.HOST_PROGRAMS = programs  # grids sized for the GPU
 
 
 def _compile_case(task) -> tuple[str, float, str]:

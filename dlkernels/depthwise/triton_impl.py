@@ -13,14 +13,12 @@ Under TRITON_INTERPRET=1 (CPU) no autotuning happens: each kernel runs one fixed
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import _validation as V
-from .._triton_common import INTERPRET, TunedKernel, cfg, target_programs
+from .._triton_common import INTERPRET, TunedKernel, align_of, cfg, target_programs
 
 def acc_dtype(dtype: torch.dtype):
     """Accumulator type: float64 for float64, else float32 (fp16/bf16 never accumulate in themselves)."""
@@ -36,23 +34,15 @@ def new_output(ref: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=ref.dtype, device=ref.device, memory_format=fmt)
 
 
-def align_of(*strides: int) -> int:
-    """The largest power of two up to 16 dividing every stride: the kernels' ALIGN_* hints
-    (tl.multiple_of) on pixel offsets. Triton itself only marks an integer argument divisible by 16,
-    so at 728 channels (8 * 91) a channels-last pixel's 8-element alignment was unknown to the
-    compiler and every load was split into scalar ones (0.56x eager on an H200, 2026-11-26)."""
-    g = 0
-    for v in strides:
-        g = math.gcd(g, int(v))
-    a = 1
-    while a < 16 and g % (2 * a) == 0:
-        a *= 2
-    return a
-
-
 def pixel_stride(t: torch.Tensor) -> int:
     """Stride of the flattened (h, w) pixel index of a canonical NCHW or channels_last tensor."""
     return t.stride(3)
+
+
+def pixel_align(t: torch.Tensor) -> int:
+    """The kernels' ALIGN_* hint for an (n, c, h, w) tensor: what every pixel offset
+    n*stride_n + h*stride_h + w*stride_w is a multiple of (the channel count for channels_last)."""
+    return align_of(t.stride(0), t.stride(2), t.stride(3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +132,7 @@ def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
            *x.stride(), y.stride(0), y.stride(1), pixel_stride(y),
            stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
            KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
-           ALIGN_X=align_of(x.stride(0), x.stride(2), x.stride(3)), ALIGN_Y=align_of(y.stride(0), pixel_stride(y)),
+           ALIGN_X=pixel_align(x), ALIGN_Y=pixel_align(y),
            ALIGN_C=align_of(c_out))
     return y
 
@@ -225,8 +215,8 @@ def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_chan
            *grad_y.stride(), gx.stride(0), gx.stride(1), pixel_stride(gx),
            pad[0], pad[1], dilation[0], dilation[1],
            SH=stride[0], SW=stride[1], KH=kh, KW=kw, ACC=acc_dtype(grad_y.dtype),
-           ALIGN_G=align_of(grad_y.stride(0), grad_y.stride(2), grad_y.stride(3)),
-           ALIGN_X=align_of(gx.stride(0), pixel_stride(gx)), ALIGN_C=align_of(c))
+           ALIGN_G=pixel_align(grad_y),
+           ALIGN_X=pixel_align(gx), ALIGN_C=align_of(c))
     return gx
 
 
@@ -330,7 +320,7 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
     ntap = kh * kw
     ncol = ntap + int(need_bias)
     c_blocks_min = triton.cdiv(c_out, 128) if cl else c_out
-    want = max(1, triton.cdiv(target_programs(x.device.index if x.is_cuda else None), c_blocks_min * ncol))
+    want = max(1, triton.cdiv(target_programs(x.device), c_blocks_min * ncol))
     chunk = max(_CHUNK_QUANTUM, triton.cdiv(triton.cdiv(total, want), _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
     num_chunks = triton.cdiv(total, chunk)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -342,8 +332,8 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
            *grad_y.stride(), *x.stride(),
            stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
            HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype),
-           ALIGN_G=align_of(grad_y.stride(0), grad_y.stride(2), grad_y.stride(3)),
-           ALIGN_X=align_of(x.stride(0), x.stride(2), x.stride(3)), ALIGN_C=align_of(c_out))
+           ALIGN_G=pixel_align(grad_y),
+           ALIGN_X=pixel_align(x), ALIGN_C=align_of(c_out))
     gw = torch.empty((c_out, 1, kh, kw), dtype=x.dtype, device=x.device)
     gb = torch.empty((c_out,), dtype=x.dtype, device=x.device) if need_bias else None
     r = c_out * ncol

@@ -13,11 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreting
+from .._triton_common import INTERPRET
 from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
 from .._triton_common import autotune
 from .._triton_common import launch as _launch
-from .._triton_common import target_programs as _target_programs
+from .._triton_common import target_programs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -
     if m == 0 or n == 0 or nb == 0:
         return out
     has_bias = bias is not None
-    interpreting = triton_interpreting()
+    interpreting = INTERPRET
     kernel = _mm_kernel if interpreting else _mm_kernel_tuned
     # The interpreter's tl.dot multiplies bfloat16 operands' raw bits as integers; their exact
     # products in fp32 (ieee) give the same result. GPUs use bf16 tensor cores.
@@ -288,8 +288,7 @@ def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, activation: str
         n_l, tiles = triton.cdiv(n, block_c), triton.cdiv(nb * m, block_r)
     else:
         n_l, tiles = triton.cdiv(m, block_r), nb * triton.cdiv(n, block_c)
-    dev = grad_out.device.index if grad_out.is_cuda else None
-    splits = max(1, min(tiles, triton.cdiv(_target_programs(dev), n_l), _MAX_GRID_YZ))
+    splits = max(1, min(tiles, triton.cdiv(target_programs(grad_out.device), n_l), _MAX_GRID_YZ))
     tiles_per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, tiles_per_split)
     # fp32 partial sums for fp16/bf16/fp32 gradients, fp64 for fp64

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import INTERPRET, TunedKernel, cfg
-from ..depthwise.triton_impl import acc_dtype, align_of, dw_tile, is_channels_last, new_output, pixel_stride
+from .._triton_common import INTERPRET, TunedKernel, align_of, cfg
+from ..depthwise.triton_impl import acc_dtype, dw_tile, is_channels_last, new_output, pixel_align, pixel_stride
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -107,7 +107,6 @@ def separable_fwd(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
                    stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
                    KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
                    DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=_bf16_dot_broken(x.dtype),
-                   ALIGN_X=align_of(x.stride(0), x.stride(2), x.stride(3)),
-                   ALIGN_Y=align_of(y.stride(0), pixel_stride(y)),
+                   ALIGN_X=pixel_align(x), ALIGN_Y=pixel_align(y),
                    ALIGN_CM=align_of(c_mid), ALIGN_O=align_of(o))
     return y
