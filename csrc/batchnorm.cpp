@@ -282,18 +282,9 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
           // 32 lanes: enough independent vector adds, few to clear and fold for a 7x7 plane.
           constexpr int BL = 32;
           T pa[BL] = {}, pb[BL] = {};
-          auto lanes = [&](int64_t s, int n) {  // inlined: n is the constant BL in the main loop
-#pragma omp simd
-            for (int k = 0; k < n; ++k) {
-              T a, b;
-              f(i0 + s + k, c, w[s + k], a, b);
-              pa[k] += a;
-              pb[k] += b;
-            }
-          };
           int64_t s = 0;
-          for (; s + BL <= len; s += BL) lanes(s, BL);
-          lanes(s, static_cast<int>(len - s));
+          for (; s + BL <= len; s += BL) add_run<false>(f, i0 + s, c, BL, w + s, pa, pb);
+          add_run<false>(f, i0 + s, c, len - s, w + s, pa, pb);
           acc[c] += fold_lanes<BL>(pa);
           acc[d.C + c] += fold_lanes<BL>(pb);
         });
@@ -465,7 +456,8 @@ void py_apply(const py::array& x3, const py::object& res3, const py::array& mean
     T* y = out3<T>(y3, "y3", d);
     py::gil_scoped_release nogil;
     // The fold here rather than in Python: there it was 8-10 tiny torch ops, ~50 us a call, more than
-    // the whole pass on a small layer. Same order of operations as op._scale_shift (the backward's).
+    // the whole pass on a small layer. The formula of op._scale_shift (the backward's); the compiler
+    // may fuse the shift's multiply-add, so the shift can differ from it by an ulp.
     std::vector<T> scv(d.C), shv(d.C);
     for (int64_t c = 0; c < d.C; ++c) {
       const T invstd = T(1) / std::sqrt(vr[c] + static_cast<T>(eps));

@@ -55,20 +55,6 @@ inline void dw_block(const T* X, const int64_t* offs, int64_t K, const T* wo, T 
     for (int v = 0; v < NV; ++v) vstore(out + r * ors + v * L, acc[r][v]);
 }
 
-// d[0, n) = src[c] for c in [lo, hi), zero elsewhere, in inline vector loops: staged rows are short
-// (10-40 columns in Xception's exit/middle flows) and one memset/memmove/memset call each cost
-// more than the copy itself. The attribute keeps GCC from turning the loops back into those calls.
-template <class T>
-__attribute__((optimize("no-tree-loop-distribute-patterns"))) inline void stage_row(T* d, const T* src, int64_t lo,
-                                                                                  int64_t hi, int64_t n) {
-  constexpr int L = Vec<T>::lanes;
-  for (int64_t c = 0; c < lo; ++c) d[c] = T(0);
-  int64_t c = lo;
-  for (; c + L <= hi; c += L) vstore(d + c, vload(src + c));
-  for (; c < hi; ++c) d[c] = src[c];
-  for (c = hi; c < n; ++c) d[c] = T(0);
-}
-
 // Even and odd elements of s[0, 2n) into e[0, n) and o[0, n): the column phases of a stride-2 row,
 // two vectors at a time through shuffles (a scalar de-interleave cost as much as the convolution).
 template <class T>
@@ -593,13 +579,14 @@ struct ClRowRing {
       if (tag[s] != ih) {
         // Only the padding columns are zeroed (the slot's zero columns never change, but a
         // cropped row (negative pL) may leave none), then a sequential copy of the row, pixel by
-        // pixel when the ring's stride differs (the channels past C are never read).
+        // pixel when the ring's stride differs (the channels past C are never read): inline
+        // vector copies, since a memcpy call per pixel costs about as much as its copy.
         std::fill(d, d + c_lo * ps, T(0));
         const T* src = xn + (ih * g.W + c_lo - g.pL) * g.C;
         if (ps == g.C)
           std::memcpy(d + c_lo * ps, src, sizeof(T) * (c_hi - c_lo) * g.C);
         else
-          for (int64_t c = c_lo; c < c_hi; ++c) std::memcpy(d + c * ps, src + (c - c_lo) * g.C, sizeof(T) * g.C);
+          for (int64_t c = c_lo; c < c_hi; ++c) copy_row(d + c * ps, src + (c - c_lo) * g.C, g.C);
         std::fill(d + c_hi * ps, d + Wp * ps, T(0));
         tag[s] = ih;
       }
