@@ -19,7 +19,6 @@ import triton.language as tl
 from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
 from .._triton_common import launch as _launch
 from .._triton_common import align_of, target_programs
-from .op import fold_scale_shift
 
 # Elements per tile: 16 per thread at 4 warps, enough loads in flight to stream HBM.
 _TILE = 2048
@@ -57,6 +56,24 @@ def _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
 def _channel(ptr, offs_c, C):
     """A per-channel vector's values for the tile's channels, shaped to broadcast over the tile."""
     return tl.load(ptr + offs_c, mask=offs_c < C, other=0.0)[None, :, None]
+
+
+@triton.jit
+def _folded_channel(mean_ptr, var_ptr, w_ptr, b_ptr, offs_c, C, eps,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(scale, shift) of the tile's channels, folded here rather than by a torch prologue: on a GPU
+    the prologue's five small kernels (add, rsqrt, mul, mul, add) cost more than the apply pass
+    itself at ResNet's later stages (2026-11-26, H200: 39 us for a 9.6 us floor at 2048x7x7)."""
+    # eps arrives as float64 (the kernel's annotation; a plain float argument is float32, off by
+    # 3e-8 relative for float64 data): the per-channel rsqrt runs in float64, then rounds
+    var = _channel(var_ptr, offs_c, C)
+    scale = (1.0 / tl.sqrt(var + eps)).to(var.dtype)
+    if HAS_WEIGHT:
+        scale = _channel(w_ptr, offs_c, C) * scale
+    shift = -_channel(mean_ptr, offs_c, C) * scale
+    if HAS_BIAS:
+        shift += _channel(b_ptr, offs_c, C)
+    return scale, shift
 
 
 @triton.jit
@@ -195,9 +212,9 @@ def _stats_merge_kernel(x_ptr, part_mean_ptr, part_m2_ptr, part_n_ptr, mean_ptr,
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, r_ptr, scale_ptr, shift_ptr, y_ptr,
+    x_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, eps: tl.float64,
     N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_cblocks,
-    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ALIGN_N: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_S: tl.constexpr,
     COUNT_C: tl.constexpr, COUNT_S: tl.constexpr,
@@ -206,9 +223,8 @@ def _apply_kernel(
     offs, mask, offs_c = _tile(pid // n_cblocks, pid % n_cblocks, N, C, S, n_sblocks,
                                stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_C, BLOCK_S,
                                ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
-    scale = _channel(scale_ptr, offs_c, C)
-    z = _pre_activation(_load(x_ptr, offs, mask, scale.dtype), r_ptr, offs, mask, scale,
-                        _channel(shift_ptr, offs_c, C), HAS_RESIDUAL)
+    scale, shift = _folded_channel(mean_ptr, var_ptr, w_ptr, b_ptr, offs_c, C, eps, HAS_WEIGHT, HAS_BIAS)
+    z = _pre_activation(_load(x_ptr, offs, mask, scale.dtype), r_ptr, offs, mask, scale, shift, HAS_RESIDUAL)
     tl.store(y_ptr + offs, _activate(z, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -376,7 +392,6 @@ def bn_stats(x3: torch.Tensor):
 
 
 def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
-    scale, shift = fold_scale_shift(mean, var, weight, bias, eps)
     geo = _Geometry(x3)
     y3 = _new_like_x(x3)
     if x3.numel() == 0:
@@ -384,8 +399,10 @@ def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
     has_res = residual3 is not None
     residual3 = _like_x(residual3, x3)
     _launch(_apply_kernel, (geo.n_tiles * geo.n_cblocks,))(
-        x3, residual3 if has_res else x3, scale, shift, y3, *geo.dims(), geo.n_cblocks,
-        HAS_RESIDUAL=has_res, ACTIVATION=activation, **geo.blocks, num_warps=_NUM_WARPS)
+        x3, residual3 if has_res else x3, mean, var, mean if weight is None else weight,
+        mean if bias is None else bias, y3, float(eps), *geo.dims(), geo.n_cblocks,
+        HAS_RESIDUAL=has_res, ACTIVATION=activation, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        **geo.blocks, num_warps=_NUM_WARPS)
     return y3
 
 
