@@ -42,7 +42,9 @@ def launch(kernel, grid):
     return kernel[grid]
 
 
-def _quick_bench(kernel_call, quantiles):
+def quick_bench(kernel_call, quantiles=None):
+    """Milliseconds per call, timed briefly (the autotuners' timer, also used to choose between
+    kernel sequences)."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
@@ -51,7 +53,7 @@ def autotune(fn, configs, key, default=None, **autotune_kw):
     config, as the only one)."""
     if not autotuning():
         configs = [default or configs[0]]
-    return triton.autotune(configs=configs, key=key, do_bench=_quick_bench, **autotune_kw)(fn)
+    return triton.autotune(configs=configs, key=key, do_bench=quick_bench, **autotune_kw)(fn)
 
 
 def cfg(num_warps: int = 4, num_stages: int = 2, **meta) -> triton.Config:

@@ -75,6 +75,28 @@ def test_separable(backend, dtype, case, channels_last):
         assert_close(got, exp, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", SEP_CASES[:4] + SEP_CASES[-1:], ids=_sep_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_two_pass_forward(backend, dtype, case, channels_last, monkeypatch):
+    # Triton's other forward path (depthwise kernel, then matmul kernel), which a GPU picks where it
+    # times faster; the backward does not depend on the path
+    from dlkernels.separable import triton_impl
+    monkeypatch.setattr(triton_impl, "PATH", "two_pass")
+    n, c, h, w, k, s, p, d, m, o = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = _x((n, c, h, w), dtype, channels_last).detach()
+    dw = torch.randn(c * m, 1, kh, kw, device=DEVICE).to(dtype) / (kh * kw) ** 0.5
+    pw = torch.randn(o, c * m, 1, 1, device=DEVICE).to(dtype) / (c * m) ** 0.5
+    b = torch.randn(o, device=DEVICE).to(dtype)
+    out = dlkernels.separable_conv2d(x, dw, pw, b, s, p, d, backend=backend)
+    ref = F.conv2d(F.conv2d(x.double(), dw.double(), None, s, p, d, groups=c), pw.double(), b.double())
+    assert_close(out, ref, what="separable (two passes)")
+    if channels_last and c > 1 and h * w > 1 and out.shape[2] * out.shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_separable_unbatched_no_bias(backend):
     x = torch.randn(3, 6, 5, device=DEVICE)
     dw, pw = torch.randn(3, 1, 3, 3, device=DEVICE), torch.randn(4, 3, 1, 1, device=DEVICE)

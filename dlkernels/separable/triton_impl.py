@@ -6,6 +6,13 @@ fp64 for fp64; the shared ``dw_tile`` of the depthwise kernels), casts it to the
 the unfused pair of convs would round it, and feeds it to tl.dot against the matching
 [BLOCK_C x BLOCK_O] tile of pw_weight^T. The depthwise intermediate never reaches memory.
 Its backward runs on the depthwise and pointwise kernels (see op.py).
+
+Where the pointwise GEMM dominates (hundreds of channels in and out), the fused kernel loses: it
+recomputes the depthwise tile for every block of output channels and feeds tl.dot from registers
+(H200, 2026-11-26: 19-55 TFLOP/s, 0.18-0.25x eager's two convs at Xception's 728->728 and
+1024->1536). So on a GPU each new shape is timed once both ways, fused and in two passes (the
+depthwise kernel into an intermediate, then the matmul kernel), and runs the faster from then on.
+Untuned (the GPU tests) and under the interpreter it runs the fused kernel; ``PATH`` pins a path.
 """
 from __future__ import annotations
 
@@ -13,8 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import INTERPRET, TunedKernel, align_of, cfg
+from .._triton_common import INTERPRET, TunedKernel, align_of, autotuning, cfg, quick_bench
+from ..depthwise import triton_impl as depthwise
 from ..depthwise.triton_impl import acc_dtype, dw_tile, is_channels_last, new_output, pixel_align, pixel_stride
+from ..matmul import triton_impl as matmul
+from ..pointwise.op import forward as pointwise_forward
+
+# None: choose per shape (timed on a GPU when tuning, else fused); "fused" or "two_pass" pins it
+PATH = None
+_chosen: dict = {}
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -95,6 +109,32 @@ _separable_fwd = TunedKernel(_separable_fwd_kernel, _CONFIGS, _KEY, dict(BLOCK_P
 
 
 def separable_fwd(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
+    args = (x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw)
+    path = PATH
+    if path is None:
+        path = _timed_choice(*args) if autotuning() and x.is_cuda else "fused"
+    return (_two_pass if path == "two_pass" else _fused)(*args)
+
+
+def _timed_choice(*args):
+    x, dw_weight, pw_weight = args[:3]
+    key = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(dw_weight.shape), pw_weight.shape[0],
+           args[3] is not None, *args[4:])
+    if key not in _chosen:
+        runs = {"fused": lambda: _fused(*args), "two_pass": lambda: _two_pass(*args)}
+        for run in runs.values():
+            run()  # tunes its kernels before it is timed
+        times = {name: quick_bench(run) for name, run in runs.items()}
+        _chosen[key] = min(times, key=times.get)
+    return _chosen[key]
+
+
+def _two_pass(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
+    mid = depthwise.depthwise_fwd(x, dw_weight, None, stride, pad, dilation, out_hw)
+    return pointwise_forward(matmul, mid, pw_weight, bias)
+
+
+def _fused(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
     n, c, h, w = x.shape
     c_mid, _, kh, kw = dw_weight.shape
     o = pw_weight.shape[0]
