@@ -50,14 +50,15 @@ def pixel_align(t: torch.Tensor) -> int:
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
-            stride_xc, stride_xh, stride_xw, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+            stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
             KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, ALIGN_X: tl.constexpr,
             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum over taps of weight[c, p, q] * x[c // M, i*sH - pT + p*dH, j*sW - pL + q*dW], in ACC.
-    Out-of-range taps, pixels and channels read zero. Also used by the fused separable kernel."""
+    Out-of-range taps, pixels and channels read zero. Also used by the fused separable kernel.
+    The weight of channel c, tap t is at w_ptr + c * stride_wc + t * stride_wt (see weight_taps)."""
     x_chan = ((offs_c // M) * stride_xc)[None, :]
     mask_c2 = mask_c[None, :]
-    w_row = w_ptr + offs_c * (KH * KW)
+    w_row = w_ptr + offs_c * stride_wc
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for p in tl.static_range(KH):
         h = i * conv_sh - pad_h + p * dil_h
@@ -68,9 +69,49 @@ def dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
             ok = row_ok & (w >= 0) & (w < W)
             xv = tl.load(x_img + (x_row + tl.multiple_of(w * stride_xw, ALIGN_X))[:, None] + x_chan,
                          mask=ok[:, None] & mask_c2, other=0.0)
-            wv = tl.load(w_row + (p * KW + q), mask=mask_c, other=0.0)
+            wv = tl.load(w_row + (p * KW + q) * stride_wt, mask=mask_c, other=0.0)
             acc += xv.to(ACC) * wv.to(ACC)[None, :]
     return acc
+
+
+def weight_taps(weight: torch.Tensor, channel_runs: bool):
+    """(weight, stride_wc, stride_wt) for the kernels' weight reads. Tiles that span runs of
+    channels (channels_last, and the separable kernel's) read a tap's weights for the run:
+    tap-major (KH*KW, C) makes it contiguous, one vector load instead of one load per channel (in
+    the sm_90 SASS of a 32x64 bf16 tile: 72 scalar weight loads beside 19 vector loads of x).
+    NCHW tiles have 1-4 channels: the weight as given, no transposing kernel."""
+    c_out = weight.shape[0]
+    if not channel_runs:
+        return weight, weight.stride(0), 1
+    return weight.reshape(c_out, -1).t().contiguous(), 1, c_out
+
+
+@triton.jit
+def pixel_tile(pid, Ho, Wo, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
+    """(offs_p, i, j, mask) of pixel tile ``pid`` of an Ho x Wo image: a run of BLOCK_P flattened
+    pixels (TILE_W == 0), or a block of BLOCK_P // TILE_W rows of TILE_W pixels. The block keeps a
+    tap's rows above and below inside the tile, so they come from L1 rather than L2, and its
+    columns are contiguous runs the compiler can see (no division by a runtime width)."""
+    if TILE_W == 0:
+        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        i = offs_p // Wo
+        j = offs_p % Wo
+        mask_p = offs_p < Ho * Wo
+    else:
+        n_tw = tl.cdiv(Wo, TILE_W)
+        i = (pid // n_tw) * (BLOCK_P // TILE_W) + tl.arange(0, BLOCK_P) // TILE_W
+        j = (pid % n_tw) * TILE_W + tl.arange(0, BLOCK_P) % TILE_W
+        mask_p = (i < Ho) & (j < Wo)
+        offs_p = i * Wo + j
+    return offs_p, i, j, mask_p
+
+
+def pixel_tiles(ho: int, wo: int, meta) -> int:
+    """How many pixel tiles of ``meta``'s shape (see pixel_tile) cover an ho x wo image."""
+    bp, tw = meta["BLOCK_P"], meta.get("TILE_W", 0)
+    if tw == 0:
+        return triton.cdiv(ho * wo, bp)
+    return triton.cdiv(ho, bp // tw) * triton.cdiv(wo, tw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,23 +121,19 @@ def dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
 def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                    C_out, M, H, W, Ho, Wo,
                    stride_xn, stride_xc, stride_xh, stride_xw,
-                   stride_yn, stride_yc, stride_yp,
+                   stride_yn, stride_yc, stride_yp, stride_wc, stride_wt,
                    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
                    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                    ALIGN_X: tl.constexpr, ALIGN_Y: tl.constexpr, ALIGN_C: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_p = tl.program_id(0)
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr):
     pid_c = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p, i, j, mask_p = pixel_tile(tl.program_id(0), Ho, Wo, BLOCK_P, TILE_W)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < Ho * Wo
     mask_c = offs_c < (C_out // ALIGN_C) * ALIGN_C  # == C_out, its known factor lets loads vectorize
-    i = offs_p // Wo
-    j = offs_p % Wo
     acc = dw_tile(x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X), w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
-                  stride_xc, stride_xh, stride_xw, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-                  KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
+                  stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
+                  dil_h, dil_w, KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
     y_ptrs = (y_ptr + tl.multiple_of(n * stride_yn, ALIGN_Y) + tl.multiple_of(offs_p * stride_yp, ALIGN_Y)[:, None]
@@ -104,19 +141,30 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
-# channels_last: channel blocks are the contiguous (vectorised) axis; NCHW: pixel runs.
-_FWD_CONFIGS_CL = [
-    cfg(BLOCK_P=32, BLOCK_C=64), cfg(BLOCK_P=64, BLOCK_C=64), cfg(BLOCK_P=16, BLOCK_C=128),
-    cfg(BLOCK_P=32, BLOCK_C=128, num_warps=8), cfg(BLOCK_P=64, BLOCK_C=32),
-    cfg(BLOCK_P=128, BLOCK_C=32, num_warps=8),
-]
-_FWD_CONFIGS_NCHW = [
-    cfg(BLOCK_P=128, BLOCK_C=1), cfg(BLOCK_P=256, BLOCK_C=1), cfg(BLOCK_P=512, BLOCK_C=1, num_warps=8),
-    cfg(BLOCK_P=128, BLOCK_C=2), cfg(BLOCK_P=256, BLOCK_C=2, num_warps=8), cfg(BLOCK_P=128, BLOCK_C=4),
-]
+# channels_last: channel blocks are the contiguous (vectorised) axis; NCHW: pixel runs. The
+# weight gradient walks flat pixel runs; the forward and input gradient also try 2-D pixel blocks
+# (TILE_W > 0, see pixel_tile), and the tuner picks per shape.
+_FLAT_CL = [(32, 64, 4), (64, 64, 4), (16, 128, 4), (32, 128, 8), (64, 32, 4), (128, 32, 8)]
+_FLAT_NCHW = [(128, 1, 4), (256, 1, 4), (512, 1, 8), (128, 2, 4), (256, 2, 8), (128, 4, 4)]
+# (BLOCK_P, BLOCK_C, TILE_W, num_warps)
+_BLOCKS_CL = [(32, 64, 8, 4), (64, 64, 8, 8), (16, 128, 4, 4), (64, 32, 8, 4), (64, 32, 16, 4), (128, 32, 16, 8)]
+_BLOCKS_NCHW = [(256, 1, 32, 4), (512, 1, 64, 8), (256, 1, 16, 4), (128, 2, 16, 4), (512, 1, 32, 8)]
+
+
+def _configs(flat, blocks=()):
+    return ([cfg(BLOCK_P=p, BLOCK_C=c, num_warps=nw) for p, c, nw in flat] if not blocks else
+            [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=0, num_warps=nw) for p, c, nw in flat]
+            + [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=tw, num_warps=nw) for p, c, tw, nw in blocks])
+
+
+_FWD_CONFIGS_CL = _configs(_FLAT_CL, _BLOCKS_CL)
+_FWD_CONFIGS_NCHW = _configs(_FLAT_NCHW, _BLOCKS_NCHW)
 _FWD_KEY = ["C_out", "M", "Ho", "Wo", "KH", "KW", "conv_sh", "conv_sw", "dil_h"]
-_dw_fwd_cl = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_CL, _FWD_KEY, dict(BLOCK_P=32, BLOCK_C=16))
-_dw_fwd_nchw = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_NCHW, _FWD_KEY, dict(BLOCK_P=64, BLOCK_C=2))
+# The interpreter runs 2-D blocks for channels_last and flat runs for NCHW, so the CPU tests cover both.
+_INTERPRET_CL = dict(BLOCK_P=32, BLOCK_C=16, TILE_W=4)
+_INTERPRET_NCHW = dict(BLOCK_P=64, BLOCK_C=2, TILE_W=0)
+_dw_fwd_cl = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_CL, _FWD_KEY, _INTERPRET_CL)
+_dw_fwd_nchw = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_NCHW, _FWD_KEY, _INTERPRET_NCHW)
 
 
 def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
@@ -126,10 +174,11 @@ def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
     cl = is_channels_last(x)
     y = new_output(x, (n, c_out, ho, wo), cl)
     kernel = _dw_fwd_cl if cl else _dw_fwd_nchw
-    grid = lambda META: (triton.cdiv(ho * wo, META["BLOCK_P"]), triton.cdiv(c_out, META["BLOCK_C"]), n)
-    kernel(grid, x, weight, bias if bias is not None else weight, y,
+    wt, stride_wc, stride_wt = weight_taps(weight, cl)
+    grid = lambda META: (pixel_tiles(ho, wo, META), triton.cdiv(c_out, META["BLOCK_C"]), n)
+    kernel(grid, x, wt, bias if bias is not None else weight, y,
            c_out, c_out // c, h, w, ho, wo,
-           *x.stride(), y.stride(0), y.stride(1), pixel_stride(y),
+           *x.stride(), y.stride(0), y.stride(1), pixel_stride(y), stride_wc, stride_wt,
            stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
            KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
            ALIGN_X=pixel_align(x), ALIGN_Y=pixel_align(y),
@@ -144,31 +193,27 @@ def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
 def _dw_bwd_input_kernel(gy_ptr, w_ptr, gx_ptr,
                          C, M, H, W, Ho, Wo,
                          stride_gn, stride_gc, stride_gh, stride_gw,
-                         stride_xn, stride_xc, stride_xp,
+                         stride_xn, stride_xc, stride_xp, stride_wc, stride_wt,
                          pad_h, pad_w, dil_h, dil_w,
                          SH: tl.constexpr, SW: tl.constexpr,
                          KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
                          ALIGN_G: tl.constexpr, ALIGN_X: tl.constexpr, ALIGN_C: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr):
     # grad_x[n, c, h, w] = sum_{r < M, taps} weight[c*M + r, p, q] * grad_y[n, c*M + r, i, j]
     # over the taps with i*SH = h + pT - p*dH (and likewise j) landing on an output pixel.
     # The conv strides are constexpr so that the divisions below are shifts / vanish for 1 and 2.
-    pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p, h, w, mask_p = pixel_tile(tl.program_id(0), H, W, BLOCK_P, TILE_W)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < H * W
     mask_c = offs_c < (C // ALIGN_C) * ALIGN_C  # == C, its known factor lets loads vectorize
     mask_c2 = mask_c[None, :]
-    h = offs_p // W
-    w = offs_p % W
     gy_img = gy_ptr + tl.multiple_of(n * stride_gn, ALIGN_G)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for r in range(0, M):
         o = offs_c * M + r
         gy_chan = (o * stride_gc)[None, :]
-        w_row = w_ptr + o * (KH * KW)
+        w_row = w_ptr + o * stride_wc
         for p in tl.static_range(KH):
             th = h + pad_h - p * dil_h
             i = th // SH
@@ -184,7 +229,7 @@ def _dw_bwd_input_kernel(gy_ptr, w_ptr, gx_ptr,
                 g = tl.load(gy_img + (tl.multiple_of(i * stride_gh, ALIGN_G)
                                       + tl.multiple_of(j * stride_gw, ALIGN_G))[:, None] + gy_chan,
                             mask=ok[:, None] & mask_c2, other=0.0)
-                wv = tl.load(w_row + (p * KW + q), mask=mask_c, other=0.0)
+                wv = tl.load(w_row + (p * KW + q) * stride_wt, mask=mask_c, other=0.0)
                 acc += g.to(ACC) * wv.to(ACC)[None, :]
     gx_ptrs = (gx_ptr + tl.multiple_of(n * stride_xn, ALIGN_X) + tl.multiple_of(offs_p * stride_xp, ALIGN_X)[:, None]
                + (offs_c * stride_xc)[None, :])
@@ -192,8 +237,8 @@ def _dw_bwd_input_kernel(gy_ptr, w_ptr, gx_ptr,
 
 
 _BWD_IN_KEY = ["C", "M", "H", "W", "KH", "KW", "SH", "SW"]
-_dw_bwd_input_cl = TunedKernel(_dw_bwd_input_kernel, _FWD_CONFIGS_CL, _BWD_IN_KEY, dict(BLOCK_P=32, BLOCK_C=16))
-_dw_bwd_input_nchw = TunedKernel(_dw_bwd_input_kernel, _FWD_CONFIGS_NCHW, _BWD_IN_KEY, dict(BLOCK_P=64, BLOCK_C=2))
+_dw_bwd_input_cl = TunedKernel(_dw_bwd_input_kernel, _FWD_CONFIGS_CL, _BWD_IN_KEY, _INTERPRET_CL)
+_dw_bwd_input_nchw = TunedKernel(_dw_bwd_input_kernel, _FWD_CONFIGS_NCHW, _BWD_IN_KEY, _INTERPRET_NCHW)
 
 
 def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_channels=None):
@@ -209,10 +254,11 @@ def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_chan
     cl = is_channels_last(grad_y)
     gx = new_output(grad_y, (n, c, h, w), cl)
     kernel = _dw_bwd_input_cl if cl else _dw_bwd_input_nchw
-    grid = lambda META: (triton.cdiv(h * w, META["BLOCK_P"]), triton.cdiv(c, META["BLOCK_C"]), n)
-    kernel(grid, grad_y, weight, gx,
+    wt, stride_wc, stride_wt = weight_taps(weight, cl)
+    grid = lambda META: (pixel_tiles(h, w, META), triton.cdiv(c, META["BLOCK_C"]), n)
+    kernel(grid, grad_y, wt, gx,
            c, m, h, w, ho, wo,
-           *grad_y.stride(), gx.stride(0), gx.stride(1), pixel_stride(gx),
+           *grad_y.stride(), gx.stride(0), gx.stride(1), pixel_stride(gx), stride_wc, stride_wt,
            pad[0], pad[1], dilation[0], dilation[1],
            SH=stride[0], SW=stride[1], KH=kh, KW=kw, ACC=acc_dtype(grad_y.dtype),
            ALIGN_G=pixel_align(grad_y),
@@ -297,9 +343,9 @@ def _dw_bwd_weight_reduce_kernel(part_ptr, gw_ptr, gb_ptr, R, NUM_CHUNKS,
 
 
 _BWD_W_KEY = ["C_out", "M", "Ho", "Wo", "CHUNK", "NTAP", "conv_sh", "conv_sw"]
-_dw_bwd_weight_cl = TunedKernel(_dw_bwd_weight_partial_kernel, _FWD_CONFIGS_CL, _BWD_W_KEY,
+_dw_bwd_weight_cl = TunedKernel(_dw_bwd_weight_partial_kernel, _configs(_FLAT_CL), _BWD_W_KEY,
                                 dict(BLOCK_P=32, BLOCK_C=16))
-_dw_bwd_weight_nchw = TunedKernel(_dw_bwd_weight_partial_kernel, _FWD_CONFIGS_NCHW, _BWD_W_KEY,
+_dw_bwd_weight_nchw = TunedKernel(_dw_bwd_weight_partial_kernel, _configs(_FLAT_NCHW), _BWD_W_KEY,
                                   dict(BLOCK_P=64, BLOCK_C=2))
 _dw_bwd_weight_reduce = TunedKernel(_dw_bwd_weight_reduce_kernel,
                                     [cfg(BLOCK_R=256), cfg(BLOCK_R=1024, num_warps=8)], ["R", "NUM_CHUNKS"],

@@ -22,7 +22,8 @@ import triton.language as tl
 
 from .._triton_common import INTERPRET, TunedKernel, align_of, autotuning, cfg, quick_bench
 from ..depthwise import triton_impl as depthwise
-from ..depthwise.triton_impl import acc_dtype, dw_tile, is_channels_last, new_output, pixel_align, pixel_stride
+from ..depthwise.triton_impl import (acc_dtype, dw_tile, is_channels_last, new_output, pixel_align, pixel_stride,
+                                     weight_taps)
 from ..matmul import triton_impl as matmul
 from ..pointwise.op import forward as pointwise_forward
 
@@ -50,7 +51,7 @@ def _bf16_dot_broken(dtype: torch.dtype) -> bool:
 def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
                           C_mid, O, M, H, W, Ho, Wo,
                           stride_xn, stride_xc, stride_xh, stride_xw,
-                          stride_yn, stride_yc, stride_yp,
+                          stride_yn, stride_yc, stride_yp, stride_wc, stride_wt,
                           conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
                           KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -77,7 +78,8 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
         # masked channels and pixels come out as exact zeros, so the padded rows/cols of the dot
         # contribute nothing
         mid = dw_tile(x_img, dw_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
-                      stride_xc, stride_xh, stride_xw, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+                      stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
+                      dil_h, dil_w,
                       KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
         pw = tl.load(pw_ptr + offs_o[None, :] * C_mid + offs_c[:, None],
                      mask=mask_c[:, None] & mask_o[None, :], other=0.0)
@@ -140,10 +142,12 @@ def _fused(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
     o = pw_weight.shape[0]
     ho, wo = out_hw
     y = new_output(x, (n, o, ho, wo), is_channels_last(x))
+    # the depthwise tile spans BLOCK_C channels in either layout: tap-major weights
+    dw_t, stride_wc, stride_wt = weight_taps(dw_weight, channel_runs=True)
     grid = lambda META: (triton.cdiv(o, META["BLOCK_O"]) * triton.cdiv(ho * wo, META["BLOCK_P"]), n)
-    _separable_fwd(grid, x, dw_weight, pw_weight, bias if bias is not None else pw_weight, y,
+    _separable_fwd(grid, x, dw_t, pw_weight, bias if bias is not None else pw_weight, y,
                    c_mid, o, c_mid // c, h, w, ho, wo,
-                   *x.stride(), y.stride(0), y.stride(1), pixel_stride(y),
+                   *x.stride(), y.stride(0), y.stride(1), pixel_stride(y), stride_wc, stride_wt,
                    stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
                    KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
                    DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=_bf16_dot_broken(x.dtype),
