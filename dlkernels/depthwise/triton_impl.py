@@ -151,13 +151,17 @@ _BLOCKS_CL = [(32, 64, 8, 4), (64, 64, 8, 8), (16, 128, 4, 4), (64, 32, 8, 4), (
 _BLOCKS_NCHW = [(256, 1, 32, 4), (512, 1, 64, 8), (256, 1, 16, 4), (128, 2, 16, 4), (512, 1, 32, 8)]
 
 
-def _configs(flat, blocks=()):
-    return ([cfg(BLOCK_P=p, BLOCK_C=c, num_warps=nw) for p, c, nw in flat] if not blocks else
-            [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=0, num_warps=nw) for p, c, nw in flat]
-            + [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=tw, num_warps=nw) for p, c, tw, nw in blocks])
+def _configs(flat, blocks=(), blocks_first=False):
+    """Config list; its first entry is what runs untuned (the GPU tests)."""
+    if not blocks:
+        return [cfg(BLOCK_P=p, BLOCK_C=c, num_warps=nw) for p, c, nw in flat]
+    flat = [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=0, num_warps=nw) for p, c, nw in flat]
+    blocks = [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=tw, num_warps=nw) for p, c, tw, nw in blocks]
+    return blocks + flat if blocks_first else flat + blocks
 
 
-_FWD_CONFIGS_CL = _configs(_FLAT_CL, _BLOCKS_CL)
+# untuned, channels_last runs 2-D blocks and NCHW flat runs, so the GPU tests compile both
+_FWD_CONFIGS_CL = _configs(_FLAT_CL, _BLOCKS_CL, blocks_first=True)
 _FWD_CONFIGS_NCHW = _configs(_FLAT_NCHW, _BLOCKS_NCHW)
 _FWD_KEY = ["C_out", "M", "Ho", "Wo", "KH", "KW", "conv_sh", "conv_sw", "dil_h"]
 # The interpreter runs 2-D blocks for channels_last and flat runs for NCHW, so the CPU tests cover both.
