@@ -61,15 +61,15 @@ def cfg(num_warps: int = 4, num_stages: int = 2, **meta) -> triton.Config:
 
 
 class TunedKernel:
-    """A @triton.jit kernel: autotuned over ``configs`` on a GPU, run
-    with the fixed ``interpret_meta`` under the interpreter (tuning there only multiplies the
-    already slow run time)."""
+    """A @triton.jit kernel: autotuned over ``configs`` on a GPU (untuned: ``default``, else the
+    first config), run with the fixed ``interpret_meta`` under the interpreter (tuning there only
+    multiplies the already slow run time)."""
 
-    def __init__(self, fn, configs, key, interpret_meta, **autotune_kw):
+    def __init__(self, fn, configs, key, interpret_meta, default=None, **autotune_kw):
         if INTERPRET:
             self.fn, self.meta = fn, dict(interpret_meta)
         else:
-            self.fn, self.meta = autotune(fn, configs, key, **autotune_kw), {}
+            self.fn, self.meta = autotune(fn, configs, key, default, **autotune_kw), {}
 
     def __call__(self, grid, *args, **kwargs):
         return launch(self.fn, grid)(*args, **kwargs, **self.meta)

@@ -16,6 +16,8 @@ LAYOUTS = {
     "3d_cl": ((3, 5, 11), True),
     "4d": ((2, 5, 7, 3), False),
     "4d_cl": ((2, 5, 7, 3), True),
+    # planes of 16-element multiples: Triton's tiled NCS path (odd planes take its flat path)
+    "4d_planes": ((2, 3, 16, 16), False),
 }
 
 

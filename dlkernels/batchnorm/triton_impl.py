@@ -12,6 +12,8 @@ and a second small kernel combines the splits, so the result does not depend on 
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,10 @@ _TILE = 2048
 _NUM_WARPS = 4
 # Longest run of channels along a channels-last row that one tile covers.
 _MAX_BLOCK_C_CONTIG = 128
+# Second level of the reductions: [splits x channels] tiles, so many channels' programs each merge
+# many splits per step.
+_MERGE_SPLITS = 32
+_MERGE_C = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,20 +65,29 @@ def _channel(ptr, offs_c, C):
 
 
 @triton.jit
-def _folded_channel(mean_ptr, var_ptr, w_ptr, b_ptr, offs_c, C, eps,
-                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """(scale, shift) of the tile's channels, folded here rather than by a torch prologue: on a GPU
-    the prologue's five small kernels (add, rsqrt, mul, mul, add) cost more than the apply pass
-    itself at ResNet's later stages (2026-11-26, H200: 39 us for a 9.6 us floor at 2048x7x7)."""
-    # eps arrives as float64 (the kernel's annotation; a plain float argument is float32, off by
-    # 3e-8 relative for float64 data): the per-channel rsqrt runs in float64, then rounds
-    var = _channel(var_ptr, offs_c, C)
-    scale = (1.0 / tl.sqrt(var + eps)).to(var.dtype)
+def _gather(ptr, c, mask_c):
+    return tl.load(ptr + c, mask=mask_c, other=0.0)
+
+
+@triton.jit
+def _fold(mean_ptr, var_ptr, w_ptr, b_ptr, c, mask_c, eps, eps32, HAS_WEIGHT: tl.constexpr,
+          HAS_BIAS: tl.constexpr):
+    """(scale, shift) of channels c (any shape: a tile's channel vector, or one per element),
+    folded here rather than by a torch prologue: on a GPU the prologue's five small kernels (add,
+    rsqrt, mul, mul, add) cost more than the apply pass itself at ResNet's later stages (2026-11-26,
+    H200: 39 us for a 9.6 us floor at 2048x7x7). eps comes twice: as float64 (the kernels'
+    annotation) for float64 statistics, and rounded to float32 (a plain float argument) for float32
+    ones, as torch rounds it, so that the flat kernels' per-element fold stays in float32."""
+    var = _gather(var_ptr, c, mask_c)
+    if var.dtype == tl.float64:
+        scale = tl.math.rsqrt(var + eps)
+    else:
+        scale = tl.math.rsqrt(var + eps32)
     if HAS_WEIGHT:
-        scale = _channel(w_ptr, offs_c, C) * scale
-    shift = -_channel(mean_ptr, offs_c, C) * scale
+        scale = _gather(w_ptr, c, mask_c) * scale
+    shift = -_gather(mean_ptr, c, mask_c) * scale
     if HAS_BIAS:
-        shift += _channel(b_ptr, offs_c, C)
+        shift += _gather(b_ptr, c, mask_c)
     return scale, shift
 
 
@@ -194,25 +209,53 @@ def _stats_partial_kernel(
 
 @triton.jit
 def _stats_merge_kernel(x_ptr, part_mean_ptr, part_m2_ptr, part_n_ptr, mean_ptr, var_ptr, C, stride_xc,
-                        n_splits, BLOCK_C: tl.constexpr):
+                        n_splits, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merges the splits' summaries BLOCK_SPLIT at a time (hundreds of splits for channels-last:
+    one at a time, two programs took 35 us on an H200)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = offs_c < C
     ct = mean_ptr.dtype.element_ty
     mean = tl.zeros((BLOCK_C,), dtype=ct)
     m2 = tl.zeros((BLOCK_C,), dtype=ct)
     cnt = tl.zeros((BLOCK_C,), dtype=ct)
-    for s in range(0, n_splits):
-        mean_b = tl.load(part_mean_ptr + s * C + offs_c, mask=mask, other=0.0)
-        m2_b = tl.load(part_m2_ptr + s * C + offs_c, mask=mask, other=0.0)
-        n_b = tl.load(part_n_ptr + s * C + offs_c, mask=mask, other=0.0)
+    for s0 in range(0, n_splits, BLOCK_SPLIT):
+        offs_s = s0 + tl.arange(0, BLOCK_SPLIT)
+        offs = offs_s[:, None] * C + offs_c[None, :]
+        m = (offs_s < n_splits)[:, None] & mask[None, :]
+        # empty (masked) summaries have count 0: neutral in the merge
+        mean_b, m2_b, n_b = _welford_merge_axis(tl.load(part_mean_ptr + offs, mask=m, other=0.0),
+                                                tl.load(part_m2_ptr + offs, mask=m, other=0.0),
+                                                tl.load(part_n_ptr + offs, mask=m, other=0.0), 0)
         mean, m2, cnt = _welford_combine(mean, m2, cnt, mean_b, m2_b, n_b)
     tl.store(mean_ptr + offs_c, mean + _stats_shift(x_ptr, offs_c, C, stride_xc, ct), mask=mask)
     tl.store(var_ptr + offs_c, m2 / tl.where(mask, cnt, 1.0), mask=mask)
 
 
 @triton.jit
+def _flat_tile(C, S: tl.constexpr, ALIGN_IMG: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets, mask and channel of each element of flat block program_id(0) of image
+    program_id(1), in an NCS-contiguous x3. The image's C*S elements are one contiguous run, so
+    every load is a full-width vector whatever S is; S is constexpr so that the channel i // S
+    is a multiply-shift, not a division (the 3-D tiles pad short planes: S = 49 ran 5x slower
+    than channels-last on an H200, 2026-11-26)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n = tl.program_id(1).to(tl.int64)
+    mask = i < C * S
+    return tl.multiple_of(n * (C * S), ALIGN_IMG) + i, mask, i // S
+
+
+@triton.jit
+def _apply_body(x_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, eps, eps32, offs, mask, c, mask_c,
+                HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    scale, shift = _fold(mean_ptr, var_ptr, w_ptr, b_ptr, c, mask_c, eps, eps32, HAS_WEIGHT, HAS_BIAS)
+    z = _pre_activation(_load(x_ptr, offs, mask, scale.dtype), r_ptr, offs, mask, scale, shift, HAS_RESIDUAL)
+    tl.store(y_ptr + offs, _activate(z, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _apply_kernel(
-    x_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, eps: tl.float64,
+    x_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, eps: tl.float64, eps32,
     N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_cblocks,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -223,9 +266,20 @@ def _apply_kernel(
     offs, mask, offs_c = _tile(pid // n_cblocks, pid % n_cblocks, N, C, S, n_sblocks,
                                stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_C, BLOCK_S,
                                ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
-    scale, shift = _folded_channel(mean_ptr, var_ptr, w_ptr, b_ptr, offs_c, C, eps, HAS_WEIGHT, HAS_BIAS)
-    z = _pre_activation(_load(x_ptr, offs, mask, scale.dtype), r_ptr, offs, mask, scale, shift, HAS_RESIDUAL)
-    tl.store(y_ptr + offs, _activate(z, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+    c = offs_c[None, :, None]
+    _apply_body(x_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, eps, eps32, offs, mask, c, c < C,
+                HAS_RESIDUAL, ACTIVATION, HAS_WEIGHT, HAS_BIAS)
+
+
+@triton.jit
+def _apply_flat_kernel(
+    x_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, eps: tl.float64, eps32, C, S: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ALIGN_IMG: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs, mask, c = _flat_tile(C, S, ALIGN_IMG, BLOCK)
+    _apply_body(x_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, eps, eps32, offs, mask, c, mask,
+                HAS_RESIDUAL, ACTIVATION, HAS_WEIGHT, HAS_BIAS)
 
 
 @triton.jit
@@ -270,16 +324,34 @@ def _backward_reduce_partial_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(part_a_ptr, part_b_ptr, out_a_ptr, out_b_ptr, C, n_splits, BLOCK_C: tl.constexpr):
+def _sum_splits_kernel(part_a_ptr, part_b_ptr, out_a_ptr, out_b_ptr, C, n_splits,
+                       BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = offs_c < C
-    acc_a = tl.zeros((BLOCK_C,), dtype=out_a_ptr.dtype.element_ty)
-    acc_b = tl.zeros((BLOCK_C,), dtype=out_b_ptr.dtype.element_ty)
-    for s in range(0, n_splits):
-        acc_a += tl.load(part_a_ptr + s * C + offs_c, mask=mask, other=0.0)
-        acc_b += tl.load(part_b_ptr + s * C + offs_c, mask=mask, other=0.0)
-    tl.store(out_a_ptr + offs_c, acc_a, mask=mask)
-    tl.store(out_b_ptr + offs_c, acc_b, mask=mask)
+    acc_a = tl.zeros((BLOCK_SPLIT, BLOCK_C), dtype=out_a_ptr.dtype.element_ty)
+    acc_b = tl.zeros((BLOCK_SPLIT, BLOCK_C), dtype=out_b_ptr.dtype.element_ty)
+    for s0 in range(0, n_splits, BLOCK_SPLIT):
+        offs_s = s0 + tl.arange(0, BLOCK_SPLIT)
+        offs = offs_s[:, None] * C + offs_c[None, :]
+        m = (offs_s < n_splits)[:, None] & mask[None, :]
+        acc_a += tl.load(part_a_ptr + offs, mask=m, other=0.0)
+        acc_b += tl.load(part_b_ptr + offs, mask=m, other=0.0)
+    tl.store(out_a_ptr + offs_c, tl.sum(acc_a, axis=0), mask=mask)
+    tl.store(out_b_ptr + offs_c, tl.sum(acc_b, axis=0), mask=mask)
+
+
+@triton.jit
+def _backward_apply_body(gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c_dz_ptr,
+                         c_xhat_ptr, gx_ptr, gr_ptr, offs, mask, c, mask_c,
+                         HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, NEED_GRAD_RESIDUAL: tl.constexpr):
+    scale = _gather(scale_ptr, c, mask_c)
+    dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale,
+                                 _gather(shift_ptr, c, mask_c), HAS_RESIDUAL, ACTIVATION)
+    xhat = (x - _gather(mean_ptr, c, mask_c)) * _gather(invstd_ptr, c, mask_c)
+    gx = scale * (dz - _gather(c_dz_ptr, c, mask_c) - xhat * _gather(c_xhat_ptr, c, mask_c))
+    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    if NEED_GRAD_RESIDUAL:
+        tl.store(gr_ptr + offs, dz.to(gr_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -296,14 +368,23 @@ def _backward_apply_kernel(
     offs, mask, offs_c = _tile(pid // n_cblocks, pid % n_cblocks, N, C, S, n_sblocks,
                                stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_C, BLOCK_S,
                                ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
-    scale = _channel(scale_ptr, offs_c, C)
-    dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale,
-                                 _channel(shift_ptr, offs_c, C), HAS_RESIDUAL, ACTIVATION)
-    xhat = (x - _channel(mean_ptr, offs_c, C)) * _channel(invstd_ptr, offs_c, C)
-    gx = scale * (dz - _channel(c_dz_ptr, offs_c, C) - xhat * _channel(c_xhat_ptr, offs_c, C))
-    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-    if NEED_GRAD_RESIDUAL:
-        tl.store(gr_ptr + offs, dz.to(gr_ptr.dtype.element_ty), mask=mask)
+    c = offs_c[None, :, None]
+    _backward_apply_body(gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c_dz_ptr,
+                         c_xhat_ptr, gx_ptr, gr_ptr, offs, mask, c, c < C,
+                         HAS_RESIDUAL, ACTIVATION, NEED_GRAD_RESIDUAL)
+
+
+@triton.jit
+def _backward_apply_flat_kernel(
+    gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c_dz_ptr, c_xhat_ptr,
+    gx_ptr, gr_ptr, C, S: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, NEED_GRAD_RESIDUAL: tl.constexpr,
+    ALIGN_IMG: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs, mask, c = _flat_tile(C, S, ALIGN_IMG, BLOCK)
+    _backward_apply_body(gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c_dz_ptr,
+                         c_xhat_ptr, gx_ptr, gr_ptr, offs, mask, c, mask,
+                         HAS_RESIDUAL, ACTIVATION, NEED_GRAD_RESIDUAL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +429,22 @@ class _Geometry:
         return triton.cdiv(self.n_tiles, per_split), per_split
 
 
+def _flat_geometry(x3: torch.Tensor):
+    """(grid, meta) of the flat kernels (see _flat_tile) for an NCS-contiguous x3 whose planes are
+    short or not a multiple of 16 elements (where the 3-D tiles pad or split vectors), else None."""
+    n, c, s = x3.shape
+    if not x3.is_contiguous() or s == 1 or (s % 16 == 0 and s >= 256):
+        return None
+    if c * s >= 2 ** 31 or n > _MAX_GRID_YZ:  # int32 offsets within an image; grid axis 1
+        return None
+    return (triton.cdiv(c * s, _TILE), n), dict(S=s, ALIGN_IMG=align_of(c * s), BLOCK=_TILE, num_warps=_NUM_WARPS)
+
+
+def _float32(v: float) -> float:
+    """v rounded to float32 (the value torch adds to a float32 tensor for a Python scalar)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -385,9 +482,9 @@ def bn_stats(x3: torch.Tensor):
     _launch(_stats_partial_kernel, (geo.n_cblocks, n_splits))(
         x3, parts[0], parts[1], parts[2], *geo.dims(), geo.n_tiles, per_split,
         **geo.blocks, num_warps=_NUM_WARPS)
-    block_c = 128
-    _launch(_stats_merge_kernel, (triton.cdiv(c, block_c),))(
-        x3, parts[0], parts[1], parts[2], mean, var, c, x3.stride(1), n_splits, BLOCK_C=block_c)
+    _launch(_stats_merge_kernel, (triton.cdiv(c, _MERGE_C),))(
+        x3, parts[0], parts[1], parts[2], mean, var, c, x3.stride(1), n_splits,
+        BLOCK_SPLIT=_MERGE_SPLITS, BLOCK_C=_MERGE_C)
     return mean, var
 
 
@@ -398,22 +495,29 @@ def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
         return y3
     has_res = residual3 is not None
     residual3 = _like_x(residual3, x3)
-    _launch(_apply_kernel, (geo.n_tiles * geo.n_cblocks,))(
-        x3, residual3 if has_res else x3, mean, var, mean if weight is None else weight,
-        mean if bias is None else bias, y3, float(eps), *geo.dims(), geo.n_cblocks,
-        HAS_RESIDUAL=has_res, ACTIVATION=activation, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        **geo.blocks, num_warps=_NUM_WARPS)
+    args = (x3, residual3 if has_res else x3, mean, var, mean if weight is None else weight,
+            mean if bias is None else bias, y3, float(eps), _float32(eps))
+    flags = dict(HAS_RESIDUAL=has_res, ACTIVATION=activation, HAS_WEIGHT=weight is not None,
+                 HAS_BIAS=bias is not None)
+    flat = _flat_geometry(x3)
+    if flat is not None:
+        grid, meta = flat
+        _launch(_apply_flat_kernel, grid)(*args, geo.c, **flags, **meta)
+    else:
+        _launch(_apply_kernel, (geo.n_tiles * geo.n_cblocks,))(
+            *args, *geo.dims(), geo.n_cblocks, **flags, **geo.blocks, num_warps=_NUM_WARPS)
     return y3
 
 
 def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, activation, write_dz):
     geo = _Geometry(x3)
     c = geo.c
-    sum_dz = torch.zeros(c, dtype=scale.dtype, device=x3.device)
-    sum_dz_xhat = torch.zeros(c, dtype=scale.dtype, device=x3.device)
+    # empty, not zeros: the kernels write every channel (a fill is one more kernel on a GPU)
+    sum_dz = torch.empty(c, dtype=scale.dtype, device=x3.device)
+    sum_dz_xhat = torch.empty(c, dtype=scale.dtype, device=x3.device)
     dz3 = _new_like_x(x3) if write_dz else None
     if c == 0 or geo.n_tiles == 0:
-        return sum_dz, sum_dz_xhat, dz3
+        return sum_dz.zero_(), sum_dz_xhat.zero_(), dz3
     has_res = residual3 is not None
     grad_y3, y3, residual3 = (_like_x(t, x3) for t in (grad_y3, y3, residual3))
     y3 = x3 if y3 is None else y3  # only "relu" reads y
@@ -424,9 +528,8 @@ def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, a
         parts[0] if dz3 is None else dz3, *geo.dims(), geo.n_tiles, per_split,
         HAS_RESIDUAL=has_res, ACTIVATION=activation, WRITE_DZ=dz3 is not None, **geo.blocks,
         num_warps=_NUM_WARPS)
-    block_c = 128
-    _launch(_sum_splits_kernel, (triton.cdiv(c, block_c),))(
-        parts[0], parts[1], sum_dz, sum_dz_xhat, c, n_splits, BLOCK_C=block_c)
+    _launch(_sum_splits_kernel, (triton.cdiv(c, _MERGE_C),))(
+        parts[0], parts[1], sum_dz, sum_dz_xhat, c, n_splits, BLOCK_SPLIT=_MERGE_SPLITS, BLOCK_C=_MERGE_C)
     return sum_dz, sum_dz_xhat, dz3
 
 
@@ -440,9 +543,14 @@ def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_
     has_res = residual3 is not None
     grad_y3, y3, residual3 = (_like_x(t, x3) for t in (grad_y3, y3, residual3))
     y3 = x3 if y3 is None else y3  # only "relu" reads y
-    _launch(_backward_apply_kernel, (geo.n_tiles * geo.n_cblocks,))(
-        grad_y3, y3, x3, residual3 if has_res else x3, mean, invstd, scale, shift, c_dz, c_xhat,
-        grad_x3, grad_r3 if need_grad_residual else grad_x3, *geo.dims(), geo.n_cblocks,
-        HAS_RESIDUAL=has_res, ACTIVATION=activation, NEED_GRAD_RESIDUAL=need_grad_residual,
-        **geo.blocks, num_warps=_NUM_WARPS)
+    args = (grad_y3, y3, x3, residual3 if has_res else x3, mean, invstd, scale, shift, c_dz, c_xhat,
+            grad_x3, grad_r3 if need_grad_residual else grad_x3)
+    flags = dict(HAS_RESIDUAL=has_res, ACTIVATION=activation, NEED_GRAD_RESIDUAL=need_grad_residual)
+    flat = _flat_geometry(x3)
+    if flat is not None:
+        grid, meta = flat
+        _launch(_backward_apply_flat_kernel, grid)(*args, geo.c, **flags, **meta)
+    else:
+        _launch(_backward_apply_kernel, (geo.n_tiles * geo.n_cblocks,))(
+            *args, *geo.dims(), geo.n_cblocks, **flags, **geo.blocks, num_warps=_NUM_WARPS)
     return grad_x3, grad_r3

@@ -96,7 +96,8 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
 
 
 # tl.dot needs every block dim >= 16. Pixel-major tiles suit both layouts here: the stores are
-# contiguous along O for channels_last and along pixels for NCHW.
+# contiguous along O for channels_last and along pixels for NCHW. num_stages=1 configs do not
+# pipeline the tap loads (see _prune_by_smem); BLOCK_O=32 fits MobileNet's 24 outputs.
 _CONFIGS = [
     cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=2),
     cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=2),
@@ -105,9 +106,34 @@ _CONFIGS = [
     cfg(BLOCK_P=128, BLOCK_C=64, BLOCK_O=128, num_warps=8, num_stages=2),
     cfg(BLOCK_P=64, BLOCK_C=16, BLOCK_O=64, num_warps=4, num_stages=3),
     cfg(BLOCK_P=32, BLOCK_C=32, BLOCK_O=32, num_warps=4, num_stages=2),
+    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=32, num_warps=4, num_stages=1),
+    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=32, num_warps=4, num_stages=1),
+    cfg(BLOCK_P=128, BLOCK_C=64, BLOCK_O=64, num_warps=8, num_stages=1),
 ]
+# Untuned (the GPU tests) a config whose shared memory fits every dtype and window.
+_DEFAULT = cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=1)
+_SMEM_BUDGET = 200 * 1024
+
+
+def _prune_by_smem(configs, named_args, **kwargs):
+    """Drop configs whose shared memory cannot fit. With num_stages > 1 the software pipeliner
+    stages every tap's [BLOCK_P, BLOCK_C] input load of the next channel block in shared memory:
+    KH*KW of them, for float32 and float64 (the sm_90 compile of triton 3.6 stages none for 16-bit
+    types, whose tiles feed the MMA from registers). A float64 5x5 window at 64x32 asked for 432 KB
+    of the H200's 227 KB (2026-11-26: the two float64 separable tests that failed on the GPU)."""
+    elem = named_args["x_ptr"].element_size()
+    staged_taps = kwargs["KH"] * kwargs["KW"] if elem >= 4 else 0
+
+    def smem(c):
+        bp, bc, bo = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_O"]
+        return ((c.num_stages - 1) * staged_taps * bp * bc + c.num_stages * bc * bo + bp * bc) * elem
+
+    return [c for c in configs if smem(c) <= _SMEM_BUDGET] or [_DEFAULT]
+
+
 _KEY = ["C_mid", "O", "M", "Ho", "Wo", "KH", "KW", "conv_sh", "conv_sw", "stride_xc"]
-_separable_fwd = TunedKernel(_separable_fwd_kernel, _CONFIGS, _KEY, dict(BLOCK_P=32, BLOCK_C=16, BLOCK_O=16))
+_separable_fwd = TunedKernel(_separable_fwd_kernel, _CONFIGS, _KEY, dict(BLOCK_P=32, BLOCK_C=16, BLOCK_O=16),
+                             default=_DEFAULT, prune_configs_by={"early_config_prune": _prune_by_smem})
 
 
 def separable_fwd(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
