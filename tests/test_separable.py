@@ -98,24 +98,6 @@ def test_two_pass_forward(backend, dtype, case, channels_last, monkeypatch):
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_pointwise_misaligned_rows(backend, channels_last, monkeypatch):
-    # Triton copies large operands whose rows are not 16-byte aligned (odd H*W in NCHW, odd C
-    # channels-last) into aligned rows first; here every operand counts as large
-    from dlkernels.matmul import triton_impl
-    monkeypatch.setattr(triton_impl, "REPACK_MIN_BYTES", 0)
-    x = _x((2, 5, 3, 3), torch.float32, channels_last)
-    w = leaf(torch.randn(7, 5, 1, 1, device=DEVICE))
-    out = dlkernels.pointwise_conv2d(x, w, None, backend=backend)
-    x64, w64 = as64(x), as64(w)
-    ref = F.conv2d(x64, w64)
-    assert_close(out, ref, what="pointwise (repacked)")
-    g = torch.randn_like(ref)
-    for got, exp, name in zip(grads(out, [x, w], g.float()), grads(ref, [x64, w64], g), "xw"):
-        assert_close(got, exp, torch.float32, f"grad {name}")
-
-
 def test_separable_unbatched_no_bias(backend):
     x = torch.randn(3, 6, 5, device=DEVICE)
     dw, pw = torch.randn(3, 1, 3, 3, device=DEVICE), torch.randn(4, 3, 1, 1, device=DEVICE)

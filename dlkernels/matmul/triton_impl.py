@@ -162,36 +162,9 @@ def _as_3d(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 3 else t.unsqueeze(0)
 
 
-# Operands at least this large whose rows do not start on 16-byte boundaries are copied into rows
-# that do (see _row_aligned).
-REPACK_MIN_BYTES = 1 << 20
-
-
-def _row_aligned(t3: torch.Tensor) -> torch.Tensor:
-    """t3 (batch, rows, cols), or a copy of it whose rows start on 16-byte boundaries (padded row
-    stride, same values) when they do not and t3 is large. Vector loads and cp.async need that
-    alignment; an NCHW pointwise conv's B = x viewed (N, C, H*W) has rows H*W elements apart, and at
-    19x19 (361) every load was a 2-byte one: 0.43x cuDNN on an H200 (2026-11-26). The copy is one
-    pass over the operand; the GEMM reads it a K/BLOCK_K-fold more."""
-    if t3.shape[0] > 1 and t3.stride(0) == 0:  # a broadcast batch: align the one matrix
-        return _row_aligned(t3[:1]).expand(t3.shape)
-    elem = t3.element_size()
-    for inner, outer in ((2, 1), (1, 2)):
-        if (t3.stride(inner) == 1 and (t3.stride(outer) * elem) % 16 != 0
-                and t3.numel() * elem >= REPACK_MIN_BYTES):
-            cols = t3.shape[inner]
-            pad = -cols % (16 // elem)
-            shape = list(t3.shape)
-            shape[inner] = cols + pad
-            buf = t3.new_empty(shape) if inner == 2 else t3.new_empty(shape[0], shape[2], shape[1]).transpose(1, 2)
-            view = buf[:, :, :cols] if inner == 2 else buf[:, :cols, :]
-            return view.copy_(t3)
-    return t3
-
-
 def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -> torch.Tensor:
     batched = a.dim() == 3
-    a3, b3 = _row_aligned(_as_3d(a)), _row_aligned(_as_3d(b))
+    a3, b3 = _as_3d(a), _as_3d(b)
     nb, m, k = a3.shape
     n = b3.shape[2]
     c3 = torch.empty((nb, m, n), dtype=a.dtype, device=a.device)
