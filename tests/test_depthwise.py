@@ -28,7 +28,7 @@ CASES = [
     (1, 2, 5, 5, 3, 3, 0, 1, 1),            # stride equal to kernel
     (1, 17, 19, 23, 3, 1, 1, 1, 1),         # prime channels and sizes
     (1, 263, 7, 6, 3, 1, 1, 1, 1),          # wide channels (C++ channels_last weight grad: staged rows)
-    (1, 16, 33, 30, 3, 2, 1, 2, 1),         # Triton: tiles wholly inside the image, stride and dilation 2
+    (1, 16, 33, 30, 3, 2, 1, 2, 1),         # larger image: whole 2-D pixel tiles, stride and dilation 2
 ]
 
 

@@ -47,7 +47,7 @@ SEP_CASES = [
     (1, 1, 1, 1, 1, 1, 0, 1, 1, 1),
     (1, 3, 13, 11, 3, 3, 2, 3, 3, 17),
     (2, 20, 6, 5, 3, 1, 1, 1, 1, 33),  # channels and outputs past one 16-wide block
-    (1, 20, 21, 19, 3, 1, 1, 1, 1, 9),  # Triton: tiles wholly inside the image (unmasked loads)
+    (1, 20, 21, 19, 3, 1, 1, 1, 1, 9),  # larger image: whole pixel tiles, several channel blocks
 ]
 
 

@@ -52,12 +52,10 @@ def pixel_align(t: torch.Tensor) -> int:
 def dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
             stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
             KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, ALIGN_X: tl.constexpr,
-            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, MASKED: tl.constexpr = True):
+            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum over taps of weight[c, p, q] * x[c // M, i*sH - pT + p*dH, j*sW - pL + q*dW], in ACC.
     Out-of-range taps, pixels and channels read zero. Also used by the fused separable kernel.
-    The weight of channel c, tap t is at w_ptr + c * stride_wc + t * stride_wt (see weight_taps).
-    MASKED=False: the caller knows every tap of every pixel and channel is inside (an interior
-    tile, see interior_tile), and the loads go unmasked."""
+    The weight of channel c, tap t is at w_ptr + c * stride_wc + t * stride_wt (see weight_taps)."""
     x_chan = ((offs_c // M) * stride_xc)[None, :]
     mask_c2 = mask_c[None, :]
     w_row = w_ptr + offs_c * stride_wc
@@ -69,52 +67,23 @@ def dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
         for q in tl.static_range(KW):
             w = j * conv_sw - pad_w + q * dil_w
             ok = row_ok & (w >= 0) & (w < W)
-            x_ptrs = x_img + (x_row + tl.multiple_of(w * stride_xw, ALIGN_X))[:, None] + x_chan
-            if MASKED:
-                xv = tl.load(x_ptrs, mask=ok[:, None] & mask_c2, other=0.0)
-                wv = tl.load(w_row + (p * KW + q) * stride_wt, mask=mask_c, other=0.0)
-            else:
-                xv = tl.load(x_ptrs)
-                wv = tl.load(w_row + (p * KW + q) * stride_wt)
+            xv = tl.load(x_img + (x_row + tl.multiple_of(w * stride_xw, ALIGN_X))[:, None] + x_chan,
+                         mask=ok[:, None] & mask_c2, other=0.0)
+            wv = tl.load(w_row + (p * KW + q) * stride_wt, mask=mask_c, other=0.0)
             acc += xv.to(ACC) * wv.to(ACC)[None, :]
     return acc
-
-
-@triton.jit
-def interior_tile(pid, c0, C, H, W, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-                  KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                  TILE_W: tl.constexpr):
-    """Whether 2-D pixel tile pid (see pixel_tile) and channels [c0, c0 + BLOCK_C) are wholly
-    inside: every output pixel exists and every tap reads inside the image. Most tiles of a large
-    image are; their loads need no masks, which in the sm_90 SASS of a 3x3 bf16 tile are a third
-    of the instructions (predicates, and zeroing the registers a masked load may skip)."""
-    inside = False
-    if TILE_W > 0:
-        n_tw = tl.cdiv(Wo, TILE_W)
-        i0 = (pid // n_tw) * (BLOCK_P // TILE_W)
-        j0 = (pid % n_tw) * TILE_W
-        i1 = i0 + BLOCK_P // TILE_W - 1
-        j1 = j0 + TILE_W - 1
-        inside = ((i1 < Ho) & (j1 < Wo) & (c0 + BLOCK_C <= C)
-                  & (i0 * conv_sh - pad_h >= 0) & (i1 * conv_sh - pad_h + (KH - 1) * dil_h < H)
-                  & (j0 * conv_sw - pad_w >= 0) & (j1 * conv_sw - pad_w + (KW - 1) * dil_w < W))
-    return inside
 
 
 def weight_taps(weight: torch.Tensor, channel_runs: bool):
     """(weight, stride_wc, stride_wt) for the kernels' weight reads. Tiles that span runs of
     channels (channels_last, and the separable kernel's) read a tap's weights for the run:
     tap-major (KH*KW, C) makes it contiguous, one vector load instead of one load per channel (in
-    the sm_90 SASS of a 32x64 bf16 tile: 72 scalar weight loads beside 19 vector loads of x). The
-    same copy converts them to the accumulator dtype once, instead of in every program (bf16 ->
-    fp32 is 1.5 instructions an element on sm_90; a 5x5 tile spent a third of its instructions on
-    its weights). NCHW tiles have 1-4 channels: the weight as given, no copy."""
+    the sm_90 SASS of a 32x64 bf16 tile: 72 scalar weight loads beside 19 vector loads of x).
+    NCHW tiles have 1-4 channels: the weight as given, no transposing kernel."""
     c_out = weight.shape[0]
     if not channel_runs:
         return weight, weight.stride(0), 1
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    taps = weight.new_empty((weight[0].numel(), c_out), dtype=acc)
-    return taps.copy_(weight.reshape(c_out, -1).t()), 1, c_out
+    return weight.reshape(c_out, -1).t().contiguous(), 1, c_out
 
 
 @triton.jit
@@ -162,16 +131,9 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     offs_p, i, j, mask_p = pixel_tile(tl.program_id(0), Ho, Wo, BLOCK_P, TILE_W)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < (C_out // ALIGN_C) * ALIGN_C  # == C_out, its known factor lets loads vectorize
-    x_img = x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X)
-    if interior_tile(tl.program_id(0), pid_c * BLOCK_C, C_out, H, W, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w,
-                     dil_h, dil_w, KH, KW, BLOCK_P, BLOCK_C, TILE_W):
-        acc = dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
-                      stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
-                      dil_h, dil_w, KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C, MASKED=False)
-    else:
-        acc = dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
-                      stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
-                      dil_h, dil_w, KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
+    acc = dw_tile(x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X), w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
+                  stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
+                  dil_h, dil_w, KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
     y_ptrs = (y_ptr + tl.multiple_of(n * stride_yn, ALIGN_Y) + tl.multiple_of(offs_p * stride_yp, ALIGN_Y)[:, None]
@@ -184,11 +146,8 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
 # (TILE_W > 0, see pixel_tile), and the tuner picks per shape.
 _FLAT_CL = [(32, 64, 4), (64, 64, 4), (16, 128, 4), (32, 128, 8), (64, 32, 4), (128, 32, 8)]
 _FLAT_NCHW = [(128, 1, 4), (256, 1, 4), (512, 1, 8), (128, 2, 4), (256, 2, 8), (128, 4, 4)]
-# (BLOCK_P, BLOCK_C, TILE_W, num_warps). Blocks of 32-64 outputs a thread: its pixels' taps
-# overlap, and the compiler loads and converts each shared input once (sm_90 SASS of a 3x3 bf16
-# interior tile: 21 instructions an output at 64 a thread, 35 at 16, 53 for the masked flat run).
-_BLOCKS_CL = [(32, 64, 8, 4), (64, 64, 8, 4), (128, 64, 16, 4), (256, 32, 32, 4), (128, 32, 16, 4),
-              (64, 32, 16, 4), (16, 128, 4, 4), (128, 32, 16, 8)]
+# (BLOCK_P, BLOCK_C, TILE_W, num_warps)
+_BLOCKS_CL = [(32, 64, 8, 4), (64, 64, 8, 8), (16, 128, 4, 4), (64, 32, 8, 4), (64, 32, 16, 4), (128, 32, 16, 8)]
 _BLOCKS_NCHW = [(256, 1, 32, 4), (512, 1, 64, 8), (256, 1, 16, 4), (128, 2, 16, 4), (512, 1, 32, 8)]
 
 
@@ -328,7 +287,7 @@ def _dw_bwd_weight_partial_kernel(gy_ptr, x_ptr, part_ptr,
     # The tap is a grid axis, not a static loop: unrolled over a 5x5 window the kernel took 15 s
     # per config to compile. It is the fastest axis, so the programs of one chunk run together and
     # re-read its grad_y and x from L2; as the slowest axis every tap streamed both from HBM again
-    # (1.39 ms at 64x128x75x75 NCHW on an H200, 2026-11-26, cuDNN: 0.68 ms).
+    # (1.39 ms at 64x128x75x75 NCHW on an H200, 2026-11-26, cuDNN: 0.68 ms; not re-measured since).
     t = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_k = tl.program_id(2)

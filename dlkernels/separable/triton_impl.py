@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .._triton_common import INTERPRET, TunedKernel, align_of, autotuning, cfg, quick_bench
 from ..depthwise import triton_impl as depthwise
-from ..depthwise.triton_impl import (acc_dtype, dw_tile, interior_tile, is_channels_last, new_output, pixel_align,
-                                     pixel_stride, pixel_tile, pixel_tiles, weight_taps)
+from ..depthwise.triton_impl import (acc_dtype, dw_tile, is_channels_last, new_output, pixel_align, pixel_stride,
+                                     weight_taps)
 from ..matmul import triton_impl as matmul
 from ..pointwise.op import forward as pointwise_forward
 
@@ -56,8 +56,7 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
                           KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                           ALIGN_X: tl.constexpr, ALIGN_Y: tl.constexpr, ALIGN_CM: tl.constexpr, ALIGN_O: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
-                          TILE_W: tl.constexpr):
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr):
     # The O blocks of one pixel tile are consecutive program ids, so the x tile they all re-read
     # for the depthwise part is still in L2. (Flattened on axis 0: axis 1 is capped at 65535.)
     num_o_blocks = tl.cdiv(O, BLOCK_O)
@@ -65,9 +64,12 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
     pid_o = pid % num_o_blocks
     pid_p = pid // num_o_blocks
     n = tl.program_id(1).to(tl.int64)
-    offs_p, i, j, mask_p = pixel_tile(pid_p, Ho, Wo, BLOCK_P, TILE_W)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_p = offs_p < Ho * Wo
     mask_o = offs_o < (O // ALIGN_O) * ALIGN_O  # == O and C_mid below: known factors let loads vectorize
+    i = offs_p // Wo
+    j = offs_p % Wo
     x_img = x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X)
     acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=ACC)
     for c0 in range(0, C_mid, BLOCK_C):
@@ -75,15 +77,10 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
         mask_c = offs_c < (C_mid // ALIGN_CM) * ALIGN_CM
         # masked channels and pixels come out as exact zeros, so the padded rows/cols of the dot
         # contribute nothing
-        if interior_tile(pid_p, c0, C_mid, H, W, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-                         KH, KW, BLOCK_P, BLOCK_C, TILE_W):
-            mid = dw_tile(x_img, dw_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
-                          stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
-                          dil_h, dil_w, KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C, MASKED=False)
-        else:
-            mid = dw_tile(x_img, dw_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
-                          stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
-                          dil_h, dil_w, KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
+        mid = dw_tile(x_img, dw_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
+                      stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
+                      dil_h, dil_w,
+                      KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
         pw = tl.load(pw_ptr + offs_o[None, :] * C_mid + offs_c[:, None],
                      mask=mask_c[:, None] & mask_o[None, :], other=0.0)
         a = mid.to(pw_ptr.dtype.element_ty)
@@ -102,24 +99,19 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
 # contiguous along O for channels_last and along pixels for NCHW. num_stages=1 configs do not
 # pipeline the tap loads (see _prune_by_smem); BLOCK_O=32 fits MobileNet's 24 outputs.
 _CONFIGS = [
-    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=64, TILE_W=0, num_warps=4, num_stages=2),
-    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=64, TILE_W=0, num_warps=4, num_stages=2),
-    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=128, TILE_W=0, num_warps=4, num_stages=2),
-    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=128, TILE_W=0, num_warps=8, num_stages=2),
-    cfg(BLOCK_P=128, BLOCK_C=64, BLOCK_O=128, TILE_W=0, num_warps=8, num_stages=2),
-    cfg(BLOCK_P=64, BLOCK_C=16, BLOCK_O=64, TILE_W=0, num_warps=4, num_stages=3),
-    cfg(BLOCK_P=32, BLOCK_C=32, BLOCK_O=32, TILE_W=0, num_warps=4, num_stages=2),
-    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=32, TILE_W=0, num_warps=4, num_stages=1),
-    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=32, TILE_W=0, num_warps=4, num_stages=1),
-    cfg(BLOCK_P=128, BLOCK_C=64, BLOCK_O=64, TILE_W=0, num_warps=8, num_stages=1),
-    # 2-D pixel blocks: interior tiles load unmasked (see depthwise's interior_tile)
-    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=32, TILE_W=8, num_warps=4, num_stages=1),
-    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=32, TILE_W=16, num_warps=4, num_stages=1),
-    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=64, TILE_W=8, num_warps=4, num_stages=2),
-    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=128, TILE_W=16, num_warps=8, num_stages=2),
+    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=2),
+    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=2),
+    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=128, num_warps=4, num_stages=2),
+    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=128, num_warps=8, num_stages=2),
+    cfg(BLOCK_P=128, BLOCK_C=64, BLOCK_O=128, num_warps=8, num_stages=2),
+    cfg(BLOCK_P=64, BLOCK_C=16, BLOCK_O=64, num_warps=4, num_stages=3),
+    cfg(BLOCK_P=32, BLOCK_C=32, BLOCK_O=32, num_warps=4, num_stages=2),
+    cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=32, num_warps=4, num_stages=1),
+    cfg(BLOCK_P=128, BLOCK_C=32, BLOCK_O=32, num_warps=4, num_stages=1),
+    cfg(BLOCK_P=128, BLOCK_C=64, BLOCK_O=64, num_warps=8, num_stages=1),
 ]
 # Untuned (the GPU tests) a config whose shared memory fits every dtype and window.
-_DEFAULT = cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=64, TILE_W=8, num_warps=4, num_stages=1)
+_DEFAULT = cfg(BLOCK_P=64, BLOCK_C=32, BLOCK_O=64, num_warps=4, num_stages=1)
 _SMEM_BUDGET = 200 * 1024
 
 
@@ -140,7 +132,7 @@ def _prune_by_smem(configs, named_args, **kwargs):
 
 
 _KEY = ["C_mid", "O", "M", "Ho", "Wo", "KH", "KW", "conv_sh", "conv_sw", "stride_xc"]
-_separable_fwd = TunedKernel(_separable_fwd_kernel, _CONFIGS, _KEY, dict(BLOCK_P=32, BLOCK_C=16, BLOCK_O=16, TILE_W=8),
+_separable_fwd = TunedKernel(_separable_fwd_kernel, _CONFIGS, _KEY, dict(BLOCK_P=32, BLOCK_C=16, BLOCK_O=16),
                              default=_DEFAULT, prune_configs_by={"early_config_prune": _prune_by_smem})
 
 
@@ -178,7 +170,7 @@ def _fused(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
     y = new_output(x, (n, o, ho, wo), is_channels_last(x))
     # the depthwise tile spans BLOCK_C channels in either layout: tap-major weights
     dw_t, stride_wc, stride_wt = weight_taps(dw_weight, channel_runs=True)
-    grid = lambda META: (triton.cdiv(o, META["BLOCK_O"]) * pixel_tiles(ho, wo, META), n)
+    grid = lambda META: (triton.cdiv(o, META["BLOCK_O"]) * triton.cdiv(ho * wo, META["BLOCK_P"]), n)
     _separable_fwd(grid, x, dw_t, pw_weight, bias if bias is not None else pw_weight, y,
                    c_mid, o, c_mid // c, h, w, ho, wo,
                    *x.stride(), y.stride(0), y.stride(1), pixel_stride(y), stride_wc, stride_wt,
