@@ -440,6 +440,18 @@ def _flat_geometry(x3: torch.Tensor):
     return (triton.cdiv(c * s, _TILE), n), dict(S=s, ALIGN_IMG=align_of(c * s), BLOCK=_TILE, num_warps=_NUM_WARPS)
 
 
+def _launch_elementwise(flat_kernel, tiled_kernel, x3, geo: _Geometry, args: tuple, flags: dict) -> None:
+    """One elementwise pass (apply, backward apply): its flat kernel where x3 suits it (see
+    _flat_geometry), else its 3-D tiled one. Both take ``args`` first, then their geometry."""
+    flat = _flat_geometry(x3)
+    if flat is not None:
+        grid, meta = flat
+        _launch(flat_kernel, grid)(*args, geo.c, **flags, **meta)
+    else:
+        _launch(tiled_kernel, (geo.n_tiles * geo.n_cblocks,))(
+            *args, *geo.dims(), geo.n_cblocks, **flags, **geo.blocks, num_warps=_NUM_WARPS)
+
+
 def _float32(v: float) -> float:
     """v rounded to float32 (the value torch adds to a float32 tensor for a Python scalar)."""
     return struct.unpack("f", struct.pack("f", v))[0]
@@ -499,13 +511,7 @@ def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
             mean if bias is None else bias, y3, float(eps), _float32(eps))
     flags = dict(HAS_RESIDUAL=has_res, ACTIVATION=activation, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None)
-    flat = _flat_geometry(x3)
-    if flat is not None:
-        grid, meta = flat
-        _launch(_apply_flat_kernel, grid)(*args, geo.c, **flags, **meta)
-    else:
-        _launch(_apply_kernel, (geo.n_tiles * geo.n_cblocks,))(
-            *args, *geo.dims(), geo.n_cblocks, **flags, **geo.blocks, num_warps=_NUM_WARPS)
+    _launch_elementwise(_apply_flat_kernel, _apply_kernel, x3, geo, args, flags)
     return y3
 
 
@@ -546,11 +552,5 @@ def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_
     args = (grad_y3, y3, x3, residual3 if has_res else x3, mean, invstd, scale, shift, c_dz, c_xhat,
             grad_x3, grad_r3 if need_grad_residual else grad_x3)
     flags = dict(HAS_RESIDUAL=has_res, ACTIVATION=activation, NEED_GRAD_RESIDUAL=need_grad_residual)
-    flat = _flat_geometry(x3)
-    if flat is not None:
-        grid, meta = flat
-        _launch(_backward_apply_flat_kernel, grid)(*args, geo.c, **flags, **meta)
-    else:
-        _launch(_backward_apply_kernel, (geo.n_tiles * geo.n_cblocks,))(
-            *args, *geo.dims(), geo.n_cblocks, **flags, **geo.blocks, num_warps=_NUM_WARPS)
+    _launch_elementwise(_backward_apply_flat_kernel, _backward_apply_kernel, x3, geo, args, flags)
     return grad_x3, grad_r3
