@@ -234,7 +234,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
   const int64_t width = (2 * d.C + 7) / 8 * 8 + 8;
   ThreadPartials<double> part(width);
   if (!d.cl && d.S <= kSmallPlane) {
-    // Small planes (ResNet's 7x7 and 14x14): a thread takes a block of channels and, plane by plane
+    // Small planes (ResNet's 7x7, up to kSmallPlane): a thread takes a block of channels and, plane by plane
     // (n), adds each channel's S values elementwise into an S-wide accumulator row per channel (L1),
     // folded into the double partials once per kFold planes. The per-plane path below clears and
     // folds 2 x 32 lanes for every plane, which on 49-element planes cost more than the sums (the

@@ -184,13 +184,13 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
     cl = channels_last(input)
     x3 = as_ncs(input, cl)
     r3 = None if residual is None else as_ncs(residual, cl)
+    w, b = _to(weight, sdtype), _to(bias, sdtype)
     if training:
         mean, var = k.bn_stats(x3)
         mean, var = mean.to(sdtype), var.to(sdtype)
-        y3 = k.bn_apply(x3, r3, mean, var, _to(weight, sdtype), _to(bias, sdtype), eps, activation)
+        y3 = k.bn_apply(x3, r3, mean, var, w, b, eps, activation)
         return y3.view(input.shape), mean, var
-    y3 = k.bn_apply(x3, r3, _to(running_mean, sdtype), _to(running_var, sdtype), _to(weight, sdtype),
-                    _to(bias, sdtype), eps, activation)
+    y3 = k.bn_apply(x3, r3, _to(running_mean, sdtype), _to(running_var, sdtype), w, b, eps, activation)
     return y3.view(input.shape), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype)
 
 
