@@ -51,7 +51,7 @@ def _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
     # constant over runs the loads can be vectorized by
     mask = (((offs_n < N)[:, None, None] & (offs_c < (C // COUNT_C) * COUNT_C)[None, :, None])
             & (offs_s < (S // COUNT_S) * COUNT_S)[None, None, :])
-    # ALIGN_*: the largest power of two (<= 16) dividing each stride (see depthwise's align_of)
+    # ALIGN_*: the largest power of two (<= 16) dividing each stride (_triton_common.align_of)
     offs = (tl.multiple_of(offs_n.to(tl.int64) * stride_xn, ALIGN_N)[:, None, None]
             + tl.multiple_of(offs_c.to(tl.int64) * stride_xc, ALIGN_C)[None, :, None]
             + tl.multiple_of(offs_s.to(tl.int64) * stride_xs, ALIGN_S)[None, None, :])
@@ -59,13 +59,9 @@ def _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
 
 
 @triton.jit
-def _channel(ptr, offs_c, C):
-    """A per-channel vector's values for the tile's channels, shaped to broadcast over the tile."""
-    return tl.load(ptr + offs_c, mask=offs_c < C, other=0.0)[None, :, None]
-
-
-@triton.jit
 def _gather(ptr, c, mask_c):
+    """A per-channel vector's values at channels c: a tile's channels shaped [1, BLOCK_C, 1] to
+    broadcast over it, or one channel per element (the flat kernels)."""
     return tl.load(ptr + c, mask=mask_c, other=0.0)
 
 
@@ -189,8 +185,7 @@ def _stats_partial_kernel(
     t_end = min(t_start + tiles_per_split, n_tiles)
     for t in range(t_start, t_end):
         offs, mask, offs_c = _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
-                                   BLOCK_N, BLOCK_C, BLOCK_S,
-                               ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
+                                   BLOCK_N, BLOCK_C, BLOCK_S, ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
         x = _load(x_ptr, offs, mask, ct) - shift
         cnt_new = cnt + mask.to(ct)
         delta = x - mean
@@ -298,18 +293,18 @@ def _backward_reduce_partial_kernel(
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mean = _channel(mean_ptr, offs_c, C)
-    invstd = _channel(invstd_ptr, offs_c, C)
-    scale = _channel(scale_ptr, offs_c, C)
-    shift = _channel(shift_ptr, offs_c, C)
+    c = offs_c[None, :, None]
+    mean = _gather(mean_ptr, c, c < C)
+    invstd = _gather(invstd_ptr, c, c < C)
+    scale = _gather(scale_ptr, c, c < C)
+    shift = _gather(shift_ptr, c, c < C)
     acc_dz = tl.zeros((BLOCK_N, BLOCK_C, BLOCK_S), dtype=scale.dtype)
     acc_dzx = tl.zeros((BLOCK_N, BLOCK_C, BLOCK_S), dtype=scale.dtype)
     t_start = pid_s * tiles_per_split
     t_end = min(t_start + tiles_per_split, n_tiles)
     for t in range(t_start, t_end):
         offs, mask, offs_c = _tile(t, pid_c, N, C, S, n_sblocks, stride_xn, stride_xc, stride_xs,
-                                   BLOCK_N, BLOCK_C, BLOCK_S,
-                               ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
+                                   BLOCK_N, BLOCK_C, BLOCK_S, ALIGN_N, ALIGN_C, ALIGN_S, COUNT_C, COUNT_S)
         dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale, shift,
                                      HAS_RESIDUAL, ACTIVATION)
         dz = tl.where(mask, dz, 0.0)

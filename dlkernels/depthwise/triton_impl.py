@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .. import _validation as V
-from .._triton_common import INTERPRET, TunedKernel, align_of, cfg, target_programs
+from .._triton_common import TunedKernel, align_of, cfg, target_programs
+
 
 def acc_dtype(dtype: torch.dtype):
     """Accumulator type: float64 for float64, else float32 (fp16/bf16 never accumulate in themselves)."""
