@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import dlkernels
 from dlkernels.bench import cases as C
 from dlkernels.bench import precompile
-from dlkernels.bench.measure import _as_tuple, _grad_targets, _prepare_grads, clone_args
+from dlkernels.bench.measure import _prepare_grads, call_once
 
 DEFAULT_K = ("(xception and entry and 128 and depthwise) or (mobilenetv2 and 144 and k5 and depthwise and channels_last)"
              " or (resnet50 and (stage1 or stage4) and batch_norm)"
@@ -48,14 +48,6 @@ def _tuned_kernels():
     return out
 
 
-def _one_call(problem, name, fwd_bwd):
-    args = clone_args(problem.args, problem.state_args)
-    fn = problem.eager if name == "eager" else (lambda *a: problem.dl(name, *a))
-    outs = _as_tuple(fn(*args))
-    if fwd_bwd:
-        torch.autograd.grad(outs, _grad_targets(problem, args), tuple(torch.ones_like(o) for o in outs))
-
-
 def profile_case(case, out, dtype=torch.bfloat16):
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
@@ -64,12 +56,13 @@ def profile_case(case, out, dtype=torch.bfloat16):
     _prepare_grads(problem, fwd_bwd)
     print(f"\n### {case.id}", file=out, flush=True)
     for name in ("triton", "eager"):
+        fn = problem.eager if name == "eager" else (lambda *a: problem.dl(name, *a))
         for _ in range(2):  # tune, then warm
-            _one_call(problem, name, fwd_bwd)
+            call_once(problem, fn, fwd_bwd)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                _one_call(problem, name, fwd_bwd)
+                call_once(problem, fn, fwd_bwd)
             torch.cuda.synchronize()
         rows = [e for e in prof.key_averages() if e.device_time_total > 0]
         rows.sort(key=lambda e: -e.device_time_total)

@@ -93,6 +93,15 @@ def _step(fn: Callable, problem: Problem, args: list, grad_out: tuple | None) ->
     return [*outs, *_state(problem, args), *grads]
 
 
+def call_once(problem: Problem, fn: Callable, fwd_bwd: bool) -> None:
+    """fn on fresh copies of the problem's arguments, and for forward+backward its gradients of
+    all-ones output gradients: one pass of every kernel the contender runs (precompile, probe)."""
+    args = clone_args(problem.args, problem.state_args)
+    outs = _as_tuple(fn(*args))
+    if fwd_bwd:
+        torch.autograd.grad(outs, _grad_targets(problem, args), tuple(torch.ones_like(o) for o in outs))
+
+
 def _state(problem: Problem, args: list) -> list[Tensor]:
     """The mutated tensors (running statistics), compared like outputs; a mutated model's parameters
     come back as outputs of its training step instead."""

@@ -62,7 +62,7 @@ def _fake_gpu(arch: int, programs: int) -> None:
 
 
 def _compile_case(task) -> tuple[str, float, str]:
-    from .measure import _as_tuple, _grad_targets, _prepare_grads, case_seed, clone_args
+    from .measure import _prepare_grads, call_once, case_seed
     case, dtype = task
     t0 = time.perf_counter()
     try:
@@ -70,10 +70,7 @@ def _compile_case(task) -> tuple[str, float, str]:
         problem = case.build(case, dtype, torch.device("cpu"), gen)
         fwd_bwd = case.passes == "fwd+bwd"
         _prepare_grads(problem, fwd_bwd)
-        args = clone_args(problem.args, problem.state_args)
-        outs = _as_tuple(problem.dl("triton", *args))
-        if fwd_bwd:
-            torch.autograd.grad(outs, _grad_targets(problem, args), tuple(torch.ones_like(o) for o in outs))
+        call_once(problem, lambda *a: problem.dl("triton", *a), fwd_bwd)
         err = ""
     except Exception:  # noqa: BLE001 - reported; the timing run shows the same failure in context
         err = traceback.format_exc(limit=-4)
