@@ -55,10 +55,9 @@ def _sep_ids(c):
     return "n{}c{}_{}x{}_k{}_s{}_p{}_d{}_m{}_o{}".format(*c).replace(" ", "")
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("case", SEP_CASES, ids=_sep_ids)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_separable(backend, dtype, case, channels_last):
+def _check_forward(backend, dtype, case, channels_last, what="separable"):
+    """Runs one SEP_CASES case forward against the float64 two-conv reference and checks the
+    output and its layout; returns (out, the inputs, their float64 copies, the reference)."""
     n, c, h, w, k, s, p, d, m, o = case
     kh, kw = (k, k) if isinstance(k, int) else k
     x = _x((n, c, h, w), dtype, channels_last)
@@ -68,11 +67,19 @@ def test_separable(backend, dtype, case, channels_last):
     out = dlkernels.separable_conv2d(x, dw, pw, b, s, p, d, backend=backend)
     ins64 = [as64(t) for t in (x, dw, pw, b)]
     ref = F.conv2d(F.conv2d(ins64[0], ins64[1], None, s, p, d, groups=c), ins64[2], ins64[3])
-    assert_close(out, ref, what="separable")
+    assert_close(out, ref, what=what)
     if channels_last and c > 1 and h * w > 1 and out.shape[2] * out.shape[3] > 1:
         assert out.is_contiguous(memory_format=torch.channels_last)
+    return out, [x, dw, pw, b], ins64, ref
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", SEP_CASES, ids=_sep_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_separable(backend, dtype, case, channels_last):
+    out, ins, ins64, ref = _check_forward(backend, dtype, case, channels_last)
     g = torch.randn_like(ref)
-    for got, exp, name in zip(grads(out, [x, dw, pw, b], g.to(dtype)), grads(ref, ins64, g), ["x", "dw", "pw", "b"]):
+    for got, exp, name in zip(grads(out, ins, g.to(dtype)), grads(ref, ins64, g), ["x", "dw", "pw", "b"]):
         assert_close(got, exp, dtype, f"grad {name}")
 
 
@@ -85,17 +92,7 @@ def test_two_pass_forward(backend, dtype, case, channels_last, monkeypatch):
     # times faster; the backward does not depend on the path
     from dlkernels.separable import triton_impl
     monkeypatch.setattr(triton_impl, "PATH", "two_pass")
-    n, c, h, w, k, s, p, d, m, o = case
-    kh, kw = (k, k) if isinstance(k, int) else k
-    x = _x((n, c, h, w), dtype, channels_last).detach()
-    dw = torch.randn(c * m, 1, kh, kw, device=DEVICE).to(dtype) / (kh * kw) ** 0.5
-    pw = torch.randn(o, c * m, 1, 1, device=DEVICE).to(dtype) / (c * m) ** 0.5
-    b = torch.randn(o, device=DEVICE).to(dtype)
-    out = dlkernels.separable_conv2d(x, dw, pw, b, s, p, d, backend=backend)
-    ref = F.conv2d(F.conv2d(x.double(), dw.double(), None, s, p, d, groups=c), pw.double(), b.double())
-    assert_close(out, ref, what="separable (two passes)")
-    if channels_last and c > 1 and h * w > 1 and out.shape[2] * out.shape[3] > 1:
-        assert out.is_contiguous(memory_format=torch.channels_last)
+    _check_forward(backend, dtype, case, channels_last, what="separable (two passes)")
 
 
 def test_separable_unbatched_no_bias(backend):
