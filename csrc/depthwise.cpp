@@ -24,7 +24,7 @@ inline bool dw_parallel(const DwGeom& g) { return worth_threads(g.N * g.Cm * g.H
 // ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
-// Channels_last forward, multiplier 1, wt from taps_major. Each thread takes one contiguous run of
+// Channels_last forward, multiplier 1, weights w (Cm, kH*kW). Each thread takes one contiguous run of
 // output rows, so that consecutive rows share the staged input rows of its ring (see ClRowRing).
 // Staging pays where the input streams from DRAM, which the row kernels would read in a scattered
 // order (kH rows x pixels x 64 B), and, since the ring's pixel stride avoids L1 set conflicts, on
@@ -32,7 +32,9 @@ inline bool dw_parallel(const DwGeom& g) { return worth_threads(g.N * g.Cm * g.H
 // Where input + output outgrow the last-level cache, each output row is computed into a thread
 // buffer (L2) and streamed out with non-temporal stores (see stream_copy).
 template <class T>
-void fwd_cl_staged(const T* x, const T* wt, const T* bias, T* y, const DwGeom& g) {
+void fwd_cl_staged(const T* x, const T* w, const T* bias, T* y, const DwGeom& g0) {
+  const DwGeom g = cl_padded<T>(g0);
+  const std::vector<T> wt = taps_major(w, g.Cm, g.kH * g.kW, g.ws);
   const int64_t row_len = g.Wo * g.Cm;
   const bool stream = (g.N * g.H * g.W * g.C + g.N * g.Ho * row_len) * static_cast<int64_t>(sizeof(T)) > llc_bytes();
 #pragma omp parallel if (dw_parallel(g))
@@ -46,7 +48,7 @@ void fwd_cl_staged(const T* x, const T* wt, const T* bias, T* y, const DwGeom& g
       const int64_t n = r / g.Ho, i = r - n * g.Ho;
       const T* xn = x + n * g.H * g.W * g.C;
       ring.rows_for(xn, n, i, win.data());
-      cl_staged_row(win.data(), ring.ps, xn, i, wt, bias, stream ? yrow.data() : y + r * row_len, g);
+      cl_staged_row(win.data(), ring.ps, xn, i, wt.data(), bias, stream ? yrow.data() : y + r * row_len, g);
       if (stream) stream_copy(y + r * row_len, yrow.data(), row_len);
     }
     if (stream) stream_fence();
@@ -70,18 +72,16 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
         dw_rows_padded(xp, w + o * K, bias ? bias[o] : T(0), y + plane * g.Ho * g.Wo + i0 * g.Wo, i0, i1, g, buf);
       }
     }
+  } else if (g.m == 1) {
+    fwd_cl_staged(x, w, bias, y, g);
   } else {
     const std::vector<T> wt = taps_major(w, g.Cm, K);
-    if (g.m == 1) {
-      fwd_cl_staged(x, wt.data(), bias, y, g);
-    } else {
 #pragma omp parallel for schedule(static) if (dw_parallel(g))
-      for (int64_t r = 0; r < g.N * g.Ho; ++r) {
-        const int64_t n = r / g.Ho, i = r % g.Ho;
-        const T* xn = x + n * g.H * g.W * g.C;
-        T* yr = y + r * g.Wo * g.Cm;
-        for (int64_t j = 0; j < g.Wo; ++j) dw_pixel_cl(xn, wt.data(), bias, yr + j * g.Cm, i, j, g);
-      }
+    for (int64_t r = 0; r < g.N * g.Ho; ++r) {
+      const int64_t n = r / g.Ho, i = r % g.Ho;
+      const T* xn = x + n * g.H * g.W * g.C;
+      T* yr = y + r * g.Wo * g.Cm;
+      for (int64_t j = 0; j < g.Wo; ++j) dw_pixel_cl(xn, wt.data(), bias, yr + j * g.Cm, i, j, g);
     }
   }
 }
@@ -392,8 +392,7 @@ void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t K = g.kH * g.kW;
   if (g.sH == 1 && g.sW == 1 && g.m == 1) {
     // Multiplier 1, stride 1: the forward on grad_y with the flipped kernel.
-    const std::vector<T> wt = taps_major(flipped_taps(w, g.Cm, K).data(), g.Cm, K);
-    return fwd_cl_staged(gy, wt.data(), (const T*)nullptr, gx, flipped_geom(g));
+    return fwd_cl_staged(gy, flipped_taps(w, g.Cm, K).data(), (const T*)nullptr, gx, flipped_geom(g));
   }
   const std::vector<T> wt = taps_major(w, g.Cm, K);
   const auto pixel = g.m == 1 ? cl_gather_pixel<T, true> : cl_gather_pixel<T, false>;
@@ -646,7 +645,7 @@ void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
 
 // Channels_last weight/bias gradient of output row i (image xn, grad_y row gyr), channels [o0, o1),
 // output pixels [j0, j1) (the whole row by default), any geometry and multiplier, exact: only the
-// taps inside the image. Adds into row[t*Cm + o] (tap t) and, with `bias`, row[K*Cm + o].
+// taps inside the image. Adds into row[t*ws + o] (tap t) and, with `bias`, row[K*ws + o].
 template <class T>
 void wgrad_row_cl_exact(const T* gyr, const T* xn, int64_t i, T* row, int64_t o0, int64_t o1, bool bias,
                         const DwGeom& g, int64_t j0 = 0, int64_t j1 = -1) {
@@ -658,7 +657,7 @@ void wgrad_row_cl_exact(const T* gyr, const T* xn, int64_t i, T* row, int64_t o0
     for (int64_t p = pr.lo; p < pr.hi; ++p)
       for (int64_t q = qr.lo; q < qr.hi; ++q) {
         const T* px = xn + ((i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL + q * g.dW) * g.C;
-        T* ra = row + (p * g.kW + q) * g.Cm;
+        T* ra = row + (p * g.kW + q) * g.ws;
         if (g.m == 1) {
 #pragma omp simd
           for (int64_t o = o0; o < o1; ++o) ra[o] += gys[o] * px[o];
@@ -667,7 +666,7 @@ void wgrad_row_cl_exact(const T* gyr, const T* xn, int64_t i, T* row, int64_t o0
         }
       }
     if (bias) {
-      T* rb = row + K * g.Cm;
+      T* rb = row + K * g.ws;
 #pragma omp simd
       for (int64_t o = o0; o < o1; ++o) rb[o] += gys[o];
     }
@@ -735,11 +734,11 @@ inline bool wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, in
   for (int l = 0; l < Vec<T>::lanes; ++l)
     if (!(chk[l] == 0)) return false;
   for (int64_t t = 0; t < K; ++t) {
-    T* ra = row + t * g.Cm + c;
+    T* ra = row + t * g.ws + c;
     vstore(ra, vload(ra) + sums[t]);
   }
   if (bias) {
-    T* rb = row + K * g.Cm + c;
+    T* rb = row + K * g.ws + c;
     vstore(rb, vload(rb) + accb);
   }
   return true;
@@ -771,8 +770,11 @@ void wgrad_row_cl_staged(const T* const* rows, int64_t ps, const T* gyr, const T
 }
 
 template <class T>
-void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
-  const int64_t K = g.kH * g.kW, width = (K + 1) * g.Cm;  // [tap*Cm + o], then [K*Cm + o] for the bias
+void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
+  // Rows of tap sums [tap*ws + o], then [K*ws + o] for the bias: ws pads them apart where Cm would
+  // put a channel vector's K + 1 sums in one L1 set (cl_padded).
+  const DwGeom g = cl_padded<T>(g0);
+  const int64_t K = g.kH * g.kW, width = (K + 1) * g.ws;
   // The staged kernel where the exact one's accumulator row (K x Cm) outgrows a quarter of L1, or
   // for 5-wide windows; below that the exact kernel's contiguous channel loops were as fast or
   // faster (one thread, N=2: 1.2-1.7x for 5x5 and 728-1024 channels; 0.9x at 128 channels 75x75).
@@ -817,9 +819,9 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
     }
   }
   for (int64_t o = 0; o < g.Cm; ++o)
-    for (int64_t t = 0; t < K; ++t) gw[o * K + t] = static_cast<T>(part.sum(t * g.Cm + o));
+    for (int64_t t = 0; t < K; ++t) gw[o * K + t] = static_cast<T>(part.sum(t * g.ws + o));
   if (gb)
-    for (int64_t o = 0; o < g.Cm; ++o) gb[o] = static_cast<T>(part.sum(K * g.Cm + o));
+    for (int64_t o = 0; o < g.Cm; ++o) gb[o] = static_cast<T>(part.sum(K * g.ws + o));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ struct DwGeom {
   int64_t N, C, H, W, m, Cm, kH, kW, Ho, Wo;
   int64_t sH, sW, pT, pL, dH, dW;
   TapRange jin;  // output columns whose whole window is inside the input
+  // Channels_last kernels only: elements between consecutive taps of the taps-major weights
+  // (taps_major); Cm unless padded (cl_padded).
+  int64_t ws;
 };
 
 inline DwGeom make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cm, int64_t kH, int64_t kW,
@@ -23,7 +26,7 @@ inline DwGeom make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cm, 
   check_conv_geometry(sH, sW, pT, pL, dH, dW);
   require(N >= 0 && C >= 1 && H >= 1 && W >= 1 && kH >= 1 && kW >= 1 && Ho >= 0 && Wo >= 0, "bad sizes");
   require(Cm >= C && Cm % C == 0, "weight's output channels must be a multiple m >= 1 of the input channels");
-  DwGeom g{N, C, H, W, Cm / C, Cm, kH, kW, Ho, Wo, sH, sW, pT, pL, dH, dW, {0, 0}};
+  DwGeom g{N, C, H, W, Cm / C, Cm, kH, kW, Ho, Wo, sH, sW, pT, pL, dH, dW, {0, 0}, Cm};
   g.jin = interior_range(Wo, sW, pL, dW, kW, W);
   return g;
 }
@@ -178,6 +181,19 @@ void dw_stage(const T* xp, int64_t i0, const DwGeom& g, const DwStage& st, DwScr
     std::fill(X, X + zeros, T(0));
     sc.key = key, sc.zeroed = X;
   }
+  // Column stride 1 in a loop of its own, its geometry in locals (copy_row stores through memcpy,
+  // which may alias g and st): in one loop with the strided case a 10x10 plane staged in 172
+  // cycles, alone in 64 (one thread, L1).
+  if (g.sW == 1) {
+    const int64_t H = g.H, W = g.W, sH = g.sH, PR = st.PR, Wp = st.Wp, PB = st.PB, n = c_hi - c_lo;
+    const T* xs = xp - g.pL + c_lo;  // input row ih's first copied column at xs + ih*W
+    for (int64_t a = 0; a < sH; ++a)
+      for (int64_t u = 0; u < PR; ++u) {
+        const int64_t ih = r0 + u * sH + a;
+        if (ih >= 0 && ih < H) copy_row(X + a * PB + u * Wp + c_lo, xs + ih * W, n);
+      }
+    return;
+  }
   T* tmp = X + st.nph * st.PB + st.pad_end;
   for (int64_t a = 0; a < g.sH; ++a)
     for (int64_t u = 0; u < st.PR; ++u) {
@@ -185,10 +201,6 @@ void dw_stage(const T* xp, int64_t i0, const DwGeom& g, const DwStage& st, DwScr
       if (ih < 0 || ih >= g.H) continue;
       const T* src = xp + ih * g.W - g.pL;
       T* d = X + a * g.sW * st.PB + u * st.Wp;
-      if (g.sW == 1) {
-        copy_row(d + c_lo, src + c_lo, c_hi - c_lo);
-        continue;
-      }
       copy_row(tmp + c_lo, src + c_lo, c_hi - c_lo);
       if (g.sW == 2) {
         split_even_odd(tmp, d, d + st.PB, st.Wp);
@@ -253,12 +265,14 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
                  sc.buf.data() + st.size() - st.flat);
 }
 
-// (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector.
+// (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector,
+// the taps ws >= Cm elements apart (zeros between).
 template <class T>
-std::vector<T> taps_major(const T* w, int64_t Cm, int64_t K) {
-  std::vector<T> wt(static_cast<size_t>(Cm * K));
+std::vector<T> taps_major(const T* w, int64_t Cm, int64_t K, int64_t ws = -1) {
+  if (ws < 0) ws = Cm;
+  std::vector<T> wt(static_cast<size_t>(ws * K), T(0));
   for (int64_t o = 0; o < Cm; ++o)
-    for (int64_t t = 0; t < K; ++t) wt[t * Cm + o] = w[o * K + t];
+    for (int64_t t = 0; t < K; ++t) wt[t * ws + o] = w[o * K + t];
   return wt;
 }
 
@@ -275,7 +289,7 @@ inline void cl_taps_block(const T* xn, const T* wt, const T* bias, T* dst, int64
     for (int64_t q = qr.lo; q < qr.hi; ++q) {
       const int64_t iw = j * g.sW - g.pL + q * g.dW;
       const T* px = xn + (ih * g.W + iw) * g.C;
-      const T* ws = wt + (p * g.kW + q) * g.Cm + c0;
+      const T* ws = wt + (p * g.kW + q) * g.ws + c0;
       for (int64_t cc = 0; cc < n; ++cc) acc[cc] += ws[cc] * px[(c0 + cc) / g.m];
     }
   }
@@ -356,6 +370,16 @@ int64_t cl_ring_pixel_stride(int64_t C) {
   return (lines | 1) * E;
 }
 
+// g with the taps of the taps-major weights cl_ring_pixel_stride apart where Cm elements are a
+// multiple of 2 KiB: there a block's kH*kW weight vectors fall in one or two L1 sets, as the ring's
+// pixels did. One thread, ring in L2, 3x3 at 1024 float channels (Xception's exit flow): 4.7 FMAs a
+// cycle, 7.9 padded; 512 channels 8.1 -> 9.9; 128-256 channels within +-4 %, so left unpadded.
+template <class T>
+DwGeom cl_padded(DwGeom g) {
+  if (g.Cm * static_cast<int64_t>(sizeof(T)) % 2048 == 0) g.ws = cl_ring_pixel_stride<T>(g.Cm);
+  return g;
+}
+
 // NJ output pixels j.. x NV vectors of channels c0.. from staged rows (dilation 1 along the row, KW
 // column taps and column stride SW known at compile time): pixel jj's tap q reads staged column
 // SW*(j + jj) + q, so each input vector of a window row is loaded once and feeds every (pixel, tap)
@@ -376,12 +400,12 @@ inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const
   }
   for (int64_t p = 0; p < g.kH; ++p) {
     const T* xs = rows[p] + j * SW * ps + c0;
-    const T* wr = wt + p * KW * g.Cm + c0;
+    const T* wr = wt + p * KW * g.ws + c0;
     V wv[KW][NV];
 #pragma GCC unroll 8
     for (int q = 0; q < KW; ++q)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.Cm + v * L);
+      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.ws + v * L);
 #pragma GCC unroll 32
     for (int u = 0; u < U; ++u) {
 #pragma GCC unroll 8
@@ -414,13 +438,13 @@ inline void cl_staged_pixel(const T* const* rows, int64_t ps, const T* wt, const
     V acc = bias ? vload(bias + c) : V{};
     for (int64_t p = 0; p < g.kH; ++p)
       for (int64_t q = 0; q < g.kW; ++q)
-        acc += vload(wt + (p * g.kW + q) * g.Cm + c) * vload(rows[p] + (j * g.sW + q * g.dW) * ps + c);
+        acc += vload(wt + (p * g.kW + q) * g.ws + c) * vload(rows[p] + (j * g.sW + q * g.dW) * ps + c);
     vstore(dst + c, acc);
   }
   for (; c < g.Cm; ++c) {
     T acc = bias ? bias[c] : T(0);
     for (int64_t p = 0; p < g.kH; ++p)
-      for (int64_t q = 0; q < g.kW; ++q) acc += wt[(p * g.kW + q) * g.Cm + c] * rows[p][(j * g.sW + q * g.dW) * ps + c];
+      for (int64_t q = 0; q < g.kW; ++q) acc += wt[(p * g.kW + q) * g.ws + c] * rows[p][(j * g.sW + q * g.dW) * ps + c];
     dst[c] = acc;
   }
 }
@@ -467,7 +491,7 @@ inline void cl_sweep3(const T* const* rows, int64_t ps, const T* wt, const T* bi
 #pragma GCC unroll 3
   for (int p = 0; p < 3; ++p)
 #pragma GCC unroll 3
-    for (int q = 0; q < 3; ++q) w[p][q] = vload(wt + (p * 3 + q) * g.Cm + c);
+    for (int q = 0; q < 3; ++q) w[p][q] = vload(wt + (p * 3 + q) * g.ws + c);
   auto block = [&](int64_t j) {
     V acc[NJ];
     const V b = bias ? vload(bias + c) : V{};
@@ -536,6 +560,16 @@ template <class T>
 void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
                    const DwGeom& g) {
   if (g.dW == 1 && g.Wo >= 4) {
+    // Output pixels a multiple of 4 KiB apart all fall in one L1 set: the sweep's stores of one
+    // channel vector to ~10 pixels evict each other before the next vector fills the lines' other
+    // halves. Blocks of 5 pixels x two vectors store whole lines instead. 3x3, 1024 float channels,
+    // two threads: 10x10 360 -> 289 us, 15x15 753 -> 615, 20x20 1436 -> 1134, 2048 channels 10x10
+    // 391 -> 346; the 4-pixel blocks such rows would need at other widths measured no faster
+    // (7x7: 164 vs 186 us), so those keep the sweep.
+    if (g.kH == 3 && g.kW == 3 && g.Wo % 5 == 0 && g.Cm * static_cast<int64_t>(sizeof(T)) % 4096 == 0) {
+      if (g.sW == 1) return cl_staged_row_blocks<T, 5, 2, 3, 1>(rows, ps, xn, i, wt, bias, yr, g);
+      if (g.sW == 2) return cl_staged_row_blocks<T, 5, 2, 3, 2>(rows, ps, xn, i, wt, bias, yr, g);
+    }
     if (g.kH == 3 && g.kW == 3 && g.sW == 1) return cl_staged_row_sweep3<T, 1>(rows, ps, xn, i, wt, bias, yr, g);
     if (g.kH == 3 && g.kW == 3 && g.sW == 2) return cl_staged_row_sweep3<T, 2>(rows, ps, xn, i, wt, bias, yr, g);
     if (g.kW == 3 && g.sW == 1) return cl_staged_row_kw<T, 3, 1>(rows, ps, xn, i, wt, bias, yr, g);

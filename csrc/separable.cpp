@@ -76,14 +76,15 @@ void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t
 }
 
 template <class T>
-void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O, const DwGeom& g) {
+void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O, const DwGeom& g0) {
+  const DwGeom g = cl_padded<T>(g0);
   // y pixels (P x O) = depthwise (P x Cm) @ pw^T (Cm x O): the weight is B.
   const GemmBlocking bl = gemm_blocking<T>();
   const Slices ks(g.Cm, bl.kc);
   const int64_t HWo = g.Ho * g.Wo, Np = round_up(O, bl.nr);
   const int nt = team_size(g, O);
   const int64_t rows = block_rows(g, ks.kc, sizeof(T), nt), nb = ceil_div(g.Ho, rows), pmax = rows * g.Wo;
-  const std::vector<T> wt = taps_major(dw, g.Cm, g.kH * g.kW);
+  const std::vector<T> wt = taps_major(dw, g.Cm, g.kH * g.kW, g.ws);
   std::vector<T> b(static_cast<size_t>(Np * g.Cm));  // K slice pc at b + pc * Np
 #pragma omp parallel num_threads(nt)
   {

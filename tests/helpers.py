@@ -14,6 +14,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TR
                       else "cpu")
 # Every non-reference backend that can run on DEVICE here.
 KERNEL_BACKENDS = [b for b in dlkernels.available_backends(DEVICE) if b != "torch"]
+# The backends that run layer-sized tests in seconds: Triton's CPU interpreter would take minutes.
+LARGE_BACKENDS = [b for b in KERNEL_BACKENDS if b != "triton" or DEVICE.type == "cuda"]
 
 # Tolerance relative to the largest reference magnitude. float32: accumulation order differs from
 # the float64 reference by ~sqrt(K) ulps for K-term sums (K up to a few hundred here), so 2e-5

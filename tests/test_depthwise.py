@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dlkernels
-from helpers import DEVICE, KERNEL_BACKENDS, as64, assert_close, grads, leaf
+from helpers import DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, as64, assert_close, grads, leaf
 
 # (N, C, H, W, kernel, stride, padding, dilation, multiplier)
 CASES = [
@@ -64,10 +64,6 @@ def test_forward_backward(backend, dtype, case, channels_last):
         assert_close(got, exp, dtype, f"grad {name}")
 
 
-# Triton's interpreter would take minutes on this size; on CUDA Triton runs it too.
-LARGE_BACKENDS = [b for b in KERNEL_BACKENDS if b != "triton" or DEVICE.type == "cuda"]
-
-
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
 @pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (5, 1, (2, 0)), (3, 2, 0)], ids=["k3s1", "k5s1p20", "k3s2"])
 def test_channels_last_large_input(backend, k, stride, pad):
@@ -79,6 +75,17 @@ def test_channels_last_large_input(backend, k, stride, pad):
     ref = F.conv2d(x.double(), w.double(), b.double(), stride, pad, groups=37)
     assert_close(out, ref, torch.float32, "forward")
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# Pixel rows of 2-8 KiB of channels (Xception's exit flow has 1024): the C++ channels_last kernels pad
+# the taps of the weights and of the weight-gradient sums apart, and store blocks of 5 pixels x whole
+# cache lines where the output width is a multiple of 5 (10 at stride 1, 5 at stride 2).
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", [(1, 1024, 10, 10, 3, 1, 1, 1, 1), (2, 512, 10, 10, 3, 2, 1, 1, 1)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+def test_wide_channel_rows(backend, dtype, case, channels_last):
+    test_forward_backward(backend, dtype, case, channels_last)
 
 
 @pytest.mark.parametrize("case", [(2, 37, 13, 11, 3, 1, 1), (1, 64, 9, 12, 5, 2, 2), (3, 9, 5, 4, 3, 1, 4)],

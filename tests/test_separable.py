@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import dlkernels
-from helpers import DEVICE, KERNEL_BACKENDS, as64, assert_close, grads, leaf
+from helpers import DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, as64, assert_close, grads, leaf
 
 
 def _x(shape, dtype, channels_last):
@@ -81,6 +81,17 @@ def test_separable(backend, dtype, case, channels_last):
     g = torch.randn_like(ref)
     for got, exp, name in zip(grads(out, ins, g.to(dtype)), grads(ref, ins64, g), ["x", "dw", "pw", "b"]):
         assert_close(got, exp, dtype, f"grad {name}")
+
+
+# Pixel rows of 2-8 KiB of channels, as in test_depthwise's test_wide_channel_rows: the fused C++
+# kernel's depthwise part pads its weight taps apart and stores whole-line pixel blocks.
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", [(1, 1024, 10, 10, 3, 1, 1, 1, 1, 24), (2, 512, 10, 10, 3, 2, 1, 1, 1, 8)],
+                         ids=_sep_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+def test_separable_wide_channel_rows(backend, dtype, case, channels_last):
+    test_separable(backend, dtype, case, channels_last)
 
 
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
