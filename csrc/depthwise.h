@@ -308,8 +308,8 @@ void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int
   if (c < g.Cm) cl_taps_block<T, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
 }
 
-// The cache lines of the input rows that output row i + 1 stages and row i does not (its last
-// min(sH, kH) window rows, up to 4), under output columns [j0, j1), prefetched a few at a time
+// The cache lines of the input row that output row i + 1 stages and row i does not (its last
+// window row; row stride 1 only), under output columns [j0, j1), prefetched a few at a time
 // (step) while row i's run [j0, j1) is computed: the ring's copy of them for row i + 1 then reads
 // cache while DRAM streamed behind this row's arithmetic. Without it that copy ran alone at
 // single-thread DRAM speed (a third of the kernel's time at 8x128x75x75); issued all at once, the
@@ -323,6 +323,11 @@ struct NextRowPrefetch {
   int64_t lines = 0;
 
   NextRowPrefetch(const T* xn, int64_t i, int64_t j0, int64_t j1, const DwGeom& g) {
+    // Row stride 1 only: at stride 2 an output row needs two fresh input rows for a quarter of the
+    // arithmetic per input byte, and the bursts stalled the arithmetic more than they overlapped
+    // the copy (interleaved, two threads, input from DRAM: 8x96x112x112 s2 2412 us with, 2167
+    // without; 8x256x38x38 s2 719 / 692; but 8x128x75x75 s1 2369 / 2534, 56x56 5x5 2382 / 2501).
+    if (g.sH > 1) return;
     const int64_t c0 = std::max<int64_t>(0, j0 * g.sW - g.pL) * g.C;
     const int64_t c1 = std::min<int64_t>(g.W, j1 * g.sW - g.pL) * g.C;
     for (int64_t p = g.kH - std::min(g.sH, g.kH); p < g.kH && rows < kMaxRows && c0 < c1; ++p) {
