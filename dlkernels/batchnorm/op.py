@@ -312,7 +312,7 @@ def batch_norm_residual(input: Tensor, residual: Tensor | None, running_mean: Te
                                              momentum, eps, activation)
     if not training:
         # nothing to update: the functional op is the whole op, one dispatcher layer (~10 us) fewer
-        return torch.ops.dlkernels.batch_norm_residual_functional(input, residual, running_mean, running_var, weight,
-                                                                  bias, False, float(eps), act, name)[0]
+        return batch_norm_residual_functional_op(input, residual, running_mean, running_var, weight, bias, False,
+                                                 float(eps), act, name)[0]
     return torch.ops.dlkernels.batch_norm_residual(input, residual, running_mean, running_var, weight, bias,
                                                    True, float(momentum), float(eps), act, name)

@@ -179,4 +179,4 @@ def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     if name == "torch":
         return reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
     stride, pad, dilation, out_hw = (list(g) for g in geo)
-    return torch.ops.dlkernels.depthwise_conv2d(input, weight, bias, stride, pad, dilation, out_hw, name)
+    return depthwise_conv2d_op(input, weight, bias, stride, pad, dilation, out_hw, name)

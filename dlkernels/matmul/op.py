@@ -223,7 +223,7 @@ def matmul(a: Tensor, b: Tensor, *, backend: str | None = None) -> Tensor:
         return matmul(a.unsqueeze(0), b, backend=name).squeeze(-2)
     if isinstance(b, Tensor) and b.dim() == 1:
         return matmul(a, b.unsqueeze(-1), backend=name).squeeze(-1)
-    return torch.ops.dlkernels.matmul(a, b, name)
+    return matmul_op(a, b, name)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
@@ -235,7 +235,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
     if name == "torch":
         _check_linear(input, weight, bias, act, name)
         return reference.linear(input, weight, bias, activation)
-    return torch.ops.dlkernels.linear(input, weight, bias, act, name)
+    return linear_op(input, weight, bias, act, name)
 
 
 def flops_matmul(m: int, n: int, k: int, batch: int = 1) -> int:

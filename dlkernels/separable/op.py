@@ -102,5 +102,4 @@ def separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwise_weight: 
     if name == "torch":
         return reference.separable_conv2d(input, depthwise_weight, pointwise_weight, bias, stride, padding, dilation)
     stride, pad, dilation, out_hw = (list(g) for g in geo)
-    return torch.ops.dlkernels.separable_conv2d(input, depthwise_weight, pointwise_weight, bias, stride, pad,
-                                                dilation, out_hw, name)
+    return separable_conv2d_op(input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, out_hw, name)
