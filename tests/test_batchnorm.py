@@ -3,7 +3,6 @@ outputs, all gradients and running statistics over ranks, layouts, residual, act
 and evaluation; large means, size-1 channels; gradcheck, opcheck, torch.compile, bad inputs."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dlkernels
 from dlkernels.batchnorm.reference import batch_norm_residual as reference

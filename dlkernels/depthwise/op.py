@@ -117,7 +117,7 @@ def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor
     k = _dispatch.kernels(FAMILY, backend, input.device)
     grad_x = input.new_empty(0)
     if output_mask[0]:
-        c, m = x.shape[1], weight.shape[0] // x.shape[1]
+        m = weight.shape[0] // x.shape[1]
         geo = ((x.shape[2], x.shape[3]), tuple(stride), tuple(pad), tuple(dilation))
         for j in range(m):  # output channel c*m + j reads input channel c
             gj = g if m == 1 else in_format(g[:, j::m], fmt)
