@@ -364,15 +364,18 @@ struct NextRowPrefetch {
 // Padded columns an output row reads.
 inline int64_t cl_staged_width(const DwGeom& g) { return (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1; }
 
-// Pixel stride of a staged row: C rounded up to whole cache lines, and to an odd number of them. A
-// block reads one channel vector of kH x ~10 pixels; at a stride that is a multiple of 4 KiB
-// (1024 float channels, Xception's exit flow) those all fall in one L1 set (8 ways) and every load
-// went to L2: 7.8 GFLOP/s against 30+ at other widths, one thread, hot cache.
+// Pixel stride of a staged row: C rounded up to whole cache lines, plus one line where that is a
+// multiple of 4 lines. A run reads one channel vector of kH x up to 34 pixels; at a stride that is
+// a multiple of 4 KiB (1024 float channels, Xception's exit flow) those all fall in one L1 set (8
+// ways) and every load went to L2: 7.8 GFLOP/s against 30+ at other widths, one thread, hot cache.
+// A stride of 2 x odd lines spreads them over 32 sets, enough, and keeps the ring's rows the input's
+// own rows, one memcpy each (96 channels, 8x96x112x112 s2 from DRAM: 2040 us padded to 7 lines,
+// 1909 at 6; interleaved, two threads).
 template <class T>
 int64_t cl_ring_pixel_stride(int64_t C) {
   constexpr int64_t E = 64 / sizeof(T);  // elements per cache line
   const int64_t lines = ceil_div(C, E);
-  return (lines | 1) * E;
+  return (lines % 4 == 0 ? lines + 1 : lines) * E;
 }
 
 // g with the taps of the taps-major weights cl_ring_pixel_stride apart where Cm elements are a
