@@ -511,7 +511,9 @@ inline void cl_sweep3(const T* const* rows, int64_t ps, const T* wt, const T* bi
 #pragma GCC unroll 16
       for (int u = 0; u < U; ++u) {
         V xv = vload(xs);
+#if defined(__AVX__)  // (a 32-byte vector fits no single register of a portable SSE build)
         asm("" : "+x"(xv));  // one load feeding up to three FMAs, not one folded load per FMA
+#endif
 #pragma GCC unroll 8
         for (int jj = 0; jj < NJ; ++jj)
           if (u - SW * jj >= 0 && u - SW * jj < 3) acc[jj] += w[p][u - SW * jj] * xv;

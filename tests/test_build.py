@@ -1,0 +1,50 @@
+"""The C++ extension's portable build (CMake option DLKERNELS_PORTABLE=ON: baseline x86-64, the
+scalar and SSE paths instead of -march=native) still compiles and computes: make test builds only the
+native one, and an AVX-only construct once broke the portable build unnoticed."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pybind11
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a fresh process, so that the portable module never meets the native dlkernels._C.
+CHECK = """
+import importlib.util, sys
+import numpy as np, torch, torch.nn.functional as F
+spec = importlib.util.spec_from_file_location("_C", sys.argv[1])
+C = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(C)
+assert C.simd() == "scalar", C.simd()
+torch.manual_seed(0)
+for cl in (False, True):
+    x = torch.randn(2, 37, 13, 11, dtype=torch.float64)
+    w, b = torch.randn(37, 1, 3, 3, dtype=torch.float64), torch.randn(37, dtype=torch.float64)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    y = torch.empty(2, 37, 13, 11, dtype=torch.float64).contiguous(memory_format=fmt)
+    C.depthwise_fwd(x.numpy(), w.numpy(), b.numpy(), y.numpy(), 1, 1, 1, 1, 1, 1, cl)
+    err = (y - F.conv2d(x, w, b, 1, 1, 1, 37)).abs().max().item()
+    assert err < 1e-12, (cl, err)
+print("ok")
+"""
+
+
+def _cmake() -> str:
+    local = Path(sys.executable).parent / "cmake"  # requirements.txt installs it into the venv
+    return str(local) if local.exists() else "cmake"
+
+
+def test_portable_build(tmp_path):
+    build, out = tmp_path / "build", tmp_path / "out"
+    build.mkdir()
+    configure = [_cmake(), str(ROOT), f"-DPython_EXECUTABLE={sys.executable}",
+                 f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DCMAKE_BUILD_TYPE=Release",
+                 "-DDLKERNELS_PORTABLE=ON", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out}"]
+    for cmd in (configure, [_cmake(), "--build", ".", "-j", "2"]):
+        done = subprocess.run(cmd, cwd=build, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (module,) = out.glob("_C*.so")
+    done = subprocess.run([sys.executable, "-c", CHECK, str(module)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
