@@ -312,7 +312,8 @@ void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int
 // window row; row stride 1 only), under output columns [j0, j1), prefetched a few at a time
 // (step) while row i's run [j0, j1) is computed: the ring's copy of them for row i + 1 then reads
 // cache while DRAM streamed behind this row's arithmetic. Without it that copy ran alone at
-// single-thread DRAM speed (a third of the kernel's time at 8x128x75x75); issued all at once, the
+// single-thread DRAM speed (a third of the kernel's time at 8x128x75x75 when it was added; 7 % in
+// the kernels of 2026-11-26, whose other changes since overlap part of it); issued all at once, the
 // prefetches would stall on the few miss buffers and evict the run's own lines from L1.
 template <class T>
 struct NextRowPrefetch {
