@@ -64,9 +64,15 @@ extern template void gemm_portable<double>(int64_t, int64_t, int64_t, const doub
 //   gemm_pack_b: a kc x nc block of B -> ceil(nc / nr) panels of kc x nr, columns past nc zero;
 //     ceil(nc / nr) * nr * kc values. Columns j0.. (j0 a multiple of nr) start at out + j0 * kc.
 //   gemm_macro: C block (mc x nc at c, row stride ldc) = (load ? C : 0) + A_packed @ B_packed
-//     (+ bias_row[i] per row, + bias_col[j] per column, where not nullptr).
+//     (+ bias_row[i] per row, + bias_col[j] per column, where not nullptr). With lda > 0, A is not
+//     packed but read in place (row i at a + i * lda, unit stride along K), and a_tail (mr * kc
+//     values) holds the packed copy of a partial last row tile: cheaper where a_in_place(nc).
 struct GemmBlocking {
   int64_t mr, nr, kc, mc;
+  // Whether A is better read in place than packed for nc columns of C: with one or two B panels,
+  // packing A (a transposing copy, about two instructions an element) costs as much as the
+  // 2 * nr / vector-width FMAs each element feeds (see gemm_serial).
+  bool a_in_place(int64_t nc) const { return (nc + nr - 1) / nr <= 2; }
 };
 template <class T>
 GemmBlocking gemm_blocking();
@@ -75,7 +81,7 @@ void gemm_pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* 
 template <class T>
 void gemm_pack_b(int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out);
 template <class T>
-void gemm_macro(int64_t mc, int64_t nc, int64_t kc, const T* a_packed, const T* b_packed, T* c, int64_t ldc,
-                bool load, const T* bias_row, const T* bias_col);
+void gemm_macro(int64_t mc, int64_t nc, int64_t kc, const T* a, const T* b_packed, T* c, int64_t ldc, bool load,
+                const T* bias_row, const T* bias_col, int64_t lda = 0, T* a_tail = nullptr);
 
 }  // namespace dlk

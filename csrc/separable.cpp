@@ -111,9 +111,14 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
       T* yb = y + (n * HWo + i0 * g.Wo) * O;
       for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) {
         const int64_t kc = ks.len(pc);
-        gemm_pack_a(P, kc, mid.data() + pc, g.Cm, 1, a.data());
-        gemm_macro(P, O, kc, a.data(), b.data() + pc * Np, yb, O, pc > 0, (const T*)nullptr,
-                   pc + kc >= g.Cm ? bias : nullptr);
+        const T* bias_col = pc + kc >= g.Cm ? bias : nullptr;
+        if (bl.a_in_place(O)) {  // few outputs: the depthwise rows are read where they are
+          gemm_macro(P, O, kc, mid.data() + pc, b.data() + pc * Np, yb, O, pc > 0, (const T*)nullptr, bias_col,
+                     g.Cm, a.data());
+        } else {
+          gemm_pack_a(P, kc, mid.data() + pc, g.Cm, 1, a.data());
+          gemm_macro(P, O, kc, a.data(), b.data() + pc * Np, yb, O, pc > 0, (const T*)nullptr, bias_col);
+        }
       }
     }
   }

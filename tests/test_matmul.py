@@ -19,6 +19,10 @@ SHAPES = [
     ((5, 7), (2, 7, 4)),            # 2-D a, batched b
     ((2, 1, 6, 11), (1, 3, 11, 2)),  # both broadcast
     ((4, 9, 23), (23, 6)),          # batch folds into M
+    # one or two column panels, A read in place by the C++ GEMM: full and partial row tiles, two K
+    # slices (K > 256)
+    ((50, 301), (301, 12)),
+    ((50, 301), (301, 20)),
 ]
 
 
