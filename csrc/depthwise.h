@@ -317,10 +317,8 @@ void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int
 // prefetches would stall on the few miss buffers and evict the run's own lines from L1.
 template <class T>
 struct NextRowPrefetch {
-  static constexpr int kMaxRows = 4;
-  const char* next[kMaxRows];
-  const char* end[kMaxRows];
-  int rows = 0, cur = 0;
+  const char* next = nullptr;  // the next line to prefetch
+  const char* end = nullptr;
   int64_t lines = 0;
 
   NextRowPrefetch(const T* xn, int64_t i, int64_t j0, int64_t j1, const DwGeom& g) {
@@ -331,23 +329,16 @@ struct NextRowPrefetch {
     if (g.sH > 1) return;
     const int64_t c0 = std::max<int64_t>(0, j0 * g.sW - g.pL) * g.C;
     const int64_t c1 = std::min<int64_t>(g.W, j1 * g.sW - g.pL) * g.C;
-    for (int64_t p = g.kH - std::min(g.sH, g.kH); p < g.kH && rows < kMaxRows && c0 < c1; ++p) {
-      const int64_t ih = (i + 1) * g.sH - g.pT + p * g.dH;
-      if (ih < 0 || ih >= g.H) continue;
-      const T* xrow = xn + ih * g.W * g.C;
-      next[rows] = reinterpret_cast<const char*>(xrow + c0);
-      end[rows] = reinterpret_cast<const char*>(xrow + c1);
-      lines += ceil_div(end[rows] - next[rows], 64);
-      ++rows;
-    }
+    const int64_t ih = i + 1 - g.pT + (g.kH - 1) * g.dH;  // row i + 1's last window row
+    if (ih < 0 || ih >= g.H || c0 >= c1) return;
+    const T* xrow = xn + ih * g.W * g.C;
+    next = reinterpret_cast<const char*>(xrow + c0);
+    end = reinterpret_cast<const char*>(xrow + c1);
+    lines = ceil_div(end - next, 64);
   }
   // Prefetches the next k lines.
   void step(int64_t k) {
-    for (; k > 0 && cur < rows; --k) {
-      __builtin_prefetch(next[cur]);
-      next[cur] += 64;
-      if (next[cur] >= end[cur]) ++cur;
-    }
+    for (; k > 0 && next < end; --k, next += 64) __builtin_prefetch(next);
   }
 };
 
