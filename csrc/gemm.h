@@ -66,14 +66,15 @@ extern template void gemm_portable<double>(int64_t, int64_t, int64_t, const doub
 //   gemm_macro: C block (mc x nc at c, row stride ldc) = (load ? C : 0) + A_packed @ B_packed
 //     (+ bias_row[i] per row, + bias_col[j] per column, where not nullptr). With lda > 0, A is not
 //     packed but read in place (row i at a + i * lda, unit stride along K), and a_tail (mr * kc
-//     values) holds the packed copy of a partial last row tile: cheaper where a_in_place(nc).
+//     values) holds the packed copy of a partial last row tile: cheaper where gemm_a_in_place.
 struct GemmBlocking {
   int64_t mr, nr, kc, mc;
-  // Whether A is better read in place than packed for nc columns of C: with one or two B panels,
-  // packing A (a transposing copy, about two instructions an element) costs as much as the
-  // 2 * nr / vector-width FMAs each element feeds (see gemm_serial).
-  bool a_in_place(int64_t nc) const { return (nc + nr - 1) / nr <= 2; }
 };
+
+// Whether A is better read in place than packed for nc columns of C in nr-wide panels: with one or
+// two panels, packing A (a transposing copy, about two instructions an element) costs as much as
+// the 2 * nr / vector-width FMAs each element feeds (see gemm_serial).
+inline bool gemm_a_in_place(int64_t nc, int64_t nr) { return (nc + nr - 1) / nr <= 2; }
 template <class T>
 GemmBlocking gemm_blocking();
 template <class T>

@@ -111,14 +111,10 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
       T* yb = y + (n * HWo + i0 * g.Wo) * O;
       for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) {
         const int64_t kc = ks.len(pc);
-        const T* bias_col = pc + kc >= g.Cm ? bias : nullptr;
-        if (bl.a_in_place(O)) {  // few outputs: the depthwise rows are read where they are
-          gemm_macro(P, O, kc, mid.data() + pc, b.data() + pc * Np, yb, O, pc > 0, (const T*)nullptr, bias_col,
-                     g.Cm, a.data());
-        } else {
-          gemm_pack_a(P, kc, mid.data() + pc, g.Cm, 1, a.data());
-          gemm_macro(P, O, kc, a.data(), b.data() + pc * Np, yb, O, pc > 0, (const T*)nullptr, bias_col);
-        }
+        const bool in_place = gemm_a_in_place(O, bl.nr);  // few outputs: depthwise rows read where they are
+        if (!in_place) gemm_pack_a(P, kc, mid.data() + pc, g.Cm, 1, a.data());
+        gemm_macro(P, O, kc, in_place ? mid.data() + pc : a.data(), b.data() + pc * Np, yb, O, pc > 0,
+                   (const T*)nullptr, pc + kc >= g.Cm ? bias : nullptr, in_place ? g.Cm : 0, a.data());
       }
     }
   }
