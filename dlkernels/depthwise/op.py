@@ -152,8 +152,7 @@ def _backward(ctx, grad):
     input, weight = ctx.saved_tensors
     stride, pad, dilation = ctx.geometry
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    gx, gw, gb = torch.ops.dlkernels.depthwise_conv2d_backward(grad, input, weight, stride, pad, dilation,
-                                                              mask, ctx.backend)
+    gx, gw, gb = depthwise_conv2d_backward_op(grad, input, weight, stride, pad, dilation, mask, ctx.backend)
     return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
             None, None, None, None, None)
 

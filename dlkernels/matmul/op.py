@@ -96,6 +96,8 @@ def _matmul_shape(a: Tensor, b: Tensor) -> list[int]:
 def matmul_op(a: Tensor, b: Tensor, backend: str) -> Tensor:
     _check_matmul(a, b, backend)
     k = _kernels(backend, a)
+    if a.dim() == 2 and b.dim() == 2:
+        return k.mm(a, b, None, 1, "")
     m, kk, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if b.dim() == 2:
         # The batch of a folds into M: one GEMM instead of a loop (the linear-layer case).
@@ -122,7 +124,7 @@ def _matmul_setup(ctx, inputs, output):
 
 def _matmul_backward(ctx, grad):
     a, b = ctx.saved_tensors
-    mm = torch.ops.dlkernels.matmul
+    mm = matmul_op
     grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_a = mm(grad, b.mT, ctx.backend).sum_to_size(a.shape)
@@ -144,9 +146,10 @@ matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
 @_registration.custom_op("dlkernels::linear", mutates_args=())
 def linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str) -> Tensor:
     _check_linear(input, weight, bias, activation, backend)
-    x2 = input.reshape(-1, input.shape[-1])
     bias = None if bias is None else bias.contiguous()
-    out = _kernels(backend, input).mm(x2, weight.t(), bias, 1, activation)
+    if input.dim() == 2:
+        return _kernels(backend, input).mm(input, weight.t(), bias, 1, activation)
+    out = _kernels(backend, input).mm(input.reshape(-1, input.shape[-1]), weight.t(), bias, 1, activation)
     return out.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -187,10 +190,10 @@ def _linear_backward(ctx, grad):
     grad_bias = None
     if ctx.activation or need_bias:
         o2 = out.reshape(-1, n_out) if out is not None else g2
-        g_pre, grad_bias = torch.ops.dlkernels.bias_act_backward(g2, o2, ctx.activation, 1, need_bias, ctx.backend)
+        g_pre, grad_bias = bias_act_backward_op(g2, o2, ctx.activation, 1, need_bias, ctx.backend)
         g2 = g_pre if ctx.activation else g2
         grad_bias = grad_bias if need_bias else None
-    mm = torch.ops.dlkernels.matmul
+    mm = matmul_op
     grad_input = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_input = mm(g2, weight, ctx.backend).reshape(input.shape)

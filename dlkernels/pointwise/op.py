@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import _dispatch, _registration
 from .. import _validation as V
 from ..depthwise.op import empty_like_format
+from ..matmul.op import bias_act_backward_op, matmul_op
 from . import reference
 
 FAMILY = "matmul"  # the kernels it runs on, and the auto choice it follows
@@ -52,7 +53,7 @@ def backward(grad: Tensor, x: Tensor, w2: Tensor, mask, backend: str):
     """(grad_x, grad_w2 (O, C), grad_bias) of forward, on dlkernels ops (so it traces and composes)."""
     n, c, h, w = x.shape
     o = w2.shape[0]
-    mm = torch.ops.dlkernels.matmul
+    mm = matmul_op
     gx = gw = gb = None
     if V.memory_format(x) == torch.channels_last:
         g2 = grad.permute(0, 2, 3, 1).reshape(-1, o)  # a view when grad is channels_last
@@ -71,7 +72,7 @@ def backward(grad: Tensor, x: Tensor, w2: Tensor, mask, backend: str):
             gw = mm(g2, x3.mT, backend).sum(0)
         bias_dim = 0
     if mask[2]:
-        _, gb = torch.ops.dlkernels.bias_act_backward(g2, g2, "", bias_dim, True, backend)
+        _, gb = bias_act_backward_op(g2, g2, "", bias_dim, True, backend)
     return gx, gw, gb
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import _dispatch, _registration
 from .. import _validation as V
-from ..depthwise.op import check_weights, empty_like_format, in_format
+from ..depthwise.op import (check_weights, depthwise_conv2d_backward_op, depthwise_conv2d_op, empty_like_format,
+                           in_format)
 from ..pointwise import op as pointwise
 from . import reference
 
@@ -71,13 +71,13 @@ def _backward(ctx, grad):
     input, dw, pw, = ctx.saved_tensors
     stride, pad, dilation, out_hw = ctx.geometry
     needs = ctx.needs_input_grad
-    mid = torch.ops.dlkernels.depthwise_conv2d(input, dw, None, stride, pad, dilation, out_hw, ctx.backend)
+    mid = depthwise_conv2d_op(input, dw, None, stride, pad, dilation, out_hw, ctx.backend)
     need_mid_grad = needs[0] or needs[1]
     g_mid, g_pw, g_bias = pointwise.backward(grad, mid, pw.reshape(pw.shape[0], -1),
                                              [need_mid_grad, needs[2], ctx.has_bias and needs[3]], ctx.backend)
     g_in = g_dw = None
     if need_mid_grad:
-        g_in, g_dw, _ = torch.ops.dlkernels.depthwise_conv2d_backward(
+        g_in, g_dw, _ = depthwise_conv2d_backward_op(
             g_mid, input, dw, stride, pad, dilation, [needs[0], needs[1], False], ctx.backend)
     return (g_in if needs[0] else None, g_dw if needs[1] else None,
             g_pw.view(pw.shape) if g_pw is not None else None, g_bias,

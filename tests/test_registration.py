@@ -1,0 +1,88 @@
+"""The two ways an op call runs (dlkernels/_registration.py): in plain eager mode the kernel body
+directly, under its own autograd.Function; anywhere else (a dispatch mode, the profiler) through the
+dispatcher with the autograd torch.library registered. Both must give the same answer, and
+everything that watches the dispatcher must still see the ops."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dlkernels
+from helpers import DEVICE, leaf
+
+
+class Recorder(TorchDispatchMode):
+    """A dispatch mode that passes every op through and notes its name."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _r(*shape, cl=False):
+    t = torch.randn(*shape, device=DEVICE)
+    return t.contiguous(memory_format=torch.channels_last) if cl else t
+
+
+def _cases(backend):
+    """(name, fn, tensor inputs, stateful tensors): each fn one op's public call, on odd sizes."""
+    rm, rv = torch.randn(5, device=DEVICE), torch.rand(5, device=DEVICE) + 0.5
+    return [
+        ("linear", lambda x, w, b: dlkernels.linear(x, w, b, activation="relu", backend=backend),
+         [leaf(_r(7, 3)), leaf(_r(5, 3)), leaf(_r(5))], []),
+        ("matmul", lambda a, b: dlkernels.matmul(a, b, backend=backend),
+         [leaf(_r(2, 3, 4)), leaf(_r(4, 5))], []),
+        ("batch_norm_residual", lambda x, r, w, b: dlkernels.batch_norm_residual(
+            x, r, rm, rv, w, b, True, 0.1, 1e-5, activation="silu", backend=backend),
+         [leaf(_r(3, 5, 4, 3, cl=True)), leaf(_r(3, 5, 4, 3, cl=True)), leaf(_r(5)), leaf(_r(5))], [rm, rv]),
+        ("depthwise_conv2d", lambda x, w, b: dlkernels.depthwise_conv2d(x, w, b, 2, 1, backend=backend),
+         [leaf(_r(2, 3, 7, 5)), leaf(_r(6, 1, 3, 3)), leaf(_r(6))], []),
+        ("separable_conv2d", lambda x, dw, pw, b: dlkernels.separable_conv2d(x, dw, pw, b, 1, "same", backend=backend),
+         [leaf(_r(2, 3, 5, 7, cl=True)), leaf(_r(3, 1, 3, 3)), leaf(_r(4, 3, 1, 1)), leaf(_r(4))], []),
+    ]
+
+
+def _run(fn, inputs, state):
+    """Forward, the gradients of every input for a fixed output gradient, and the state after."""
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out).mul_(0.5).add_(out.detach().sin()))
+    return [out.detach(), *grads, *(s.clone() for s in state)]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_eager_path_equals_dispatcher_path(backend, case):
+    name, fn, inputs, state = _cases(backend)[case]
+    saved = [s.clone() for s in state]
+    eager = _run(fn, inputs, state)
+    assert type(fn(*inputs).grad_fn).__name__.endswith("_autogradBackward"), \
+        f"{name}: plain eager calls should skip the dispatcher"
+    for s, v in zip(state, saved):
+        s.copy_(v)
+    with Recorder() as mode:
+        dispatched = _run(fn, inputs, state)
+    assert f"dlkernels.{name}" in mode.seen or f"dlkernels.{name}_functional" in mode.seen, mode.seen
+    assert len(eager) == len(dispatched)
+    for i, (a, b) in enumerate(zip(eager, dispatched)):
+        assert torch.equal(a, b), f"{name}: result {i} differs between the two paths"
+
+
+def test_profiler_sees_the_ops(backend):
+    x, w = leaf(_r(4, 3)), leaf(_r(2, 3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        dlkernels.linear(x, w, backend=backend).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "dlkernels::linear" in names and "dlkernels::matmul" in names, sorted(n for n in names if "dlk" in n)
+
+
+def test_no_grad_and_inference_mode_take_the_kernel_directly(backend):
+    x, w = leaf(_r(4, 3)), leaf(_r(2, 3))
+    ref = dlkernels.linear(x, w, backend=backend).detach()
+    with torch.no_grad():
+        out = dlkernels.linear(x, w, backend=backend)
+    assert out.grad_fn is None and not out.requires_grad and torch.equal(out, ref)
+    with torch.inference_mode():
+        out = dlkernels.linear(x, w, backend=backend)
+    assert out.is_inference() and torch.equal(out, ref)
