@@ -28,8 +28,9 @@ _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
 class Op:
-    """A registered op: calling it calls ``torch.ops.dlkernels.<name>.default``; ``register_fake`` and
-    ``register_autograd`` take the same arguments as CustomOpDef's."""
+    """A registered op: calling it is calling ``torch.ops.dlkernels.<name>.default`` (in plain eager mode
+    without the dispatcher's layers, see ``__call__``); ``register_fake`` and ``register_autograd`` take
+    the same arguments as CustomOpDef's."""
 
     def __init__(self, name: str, fn: Callable, mutates_args: Iterable[str]):
         self.name = name
