@@ -73,12 +73,13 @@ class Op:
 
 def plain_eager(args: tuple) -> bool:
     """Whether nothing but autograd would see this call in the dispatcher: eager mode (not traced by
-    torch.compile, no dispatch or torch-function mode, no functorch transform, no profiler) and every
-    tensor argument a plain, non-meta Tensor or Parameter. Then ``Op.__call__`` may skip it."""
+    torch.compile or torch.jit.trace, no dispatch or torch-function mode, no functorch transform, no
+    profiler) and every tensor argument a plain, non-meta Tensor or Parameter. Then ``Op.__call__`` may
+    skip it."""
     if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces none of the rest
         return False
     C = torch._C
-    if (C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
+    if (C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled() or C._get_tracing_state() is not None
             or C._functorch.peek_interpreter_stack() is not None or torch.autograd.profiler._is_profiler_enabled):
         return False
     for a in args:

@@ -86,3 +86,15 @@ def test_no_grad_and_inference_mode_take_the_kernel_directly(backend):
     with torch.inference_mode():
         out = dlkernels.linear(x, w, backend=backend)
     assert out.is_inference() and torch.equal(out, ref)
+
+
+def test_jit_trace_records_the_op(backend):
+    w, b = _r(3, 4), _r(3)
+    x, x2 = _r(2, 4), _r(2, 4)
+
+    def layer(x):
+        return dlkernels.linear(x, w, b, activation="relu", backend=backend)
+
+    traced = torch.jit.trace(layer, x)
+    assert "dlkernels::linear" in str(traced.graph)
+    assert torch.equal(traced(x2), layer(x2))
