@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from .._cpp_common import np_view as _np
 from .op import reads_channels_last as _channels_last
-
-
-def _np(t: torch.Tensor | None):
-    return None if t is None else t.detach().numpy()
 
 
 def bn_stats(x3):

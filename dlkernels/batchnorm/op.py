@@ -189,9 +189,9 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
         mean, var = k.bn_stats(x3)
         mean, var = mean.to(sdtype), var.to(sdtype)
         y3 = k.bn_apply(x3, r3, mean, var, w, b, eps, activation)
-        return y3.view(input.shape), mean, var
+        return y3.view_as(input), mean, var
     y3 = k.bn_apply(x3, r3, _to(running_mean, sdtype), _to(running_var, sdtype), w, b, eps, activation)
-    return y3.view(input.shape), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype)
+    return y3.view_as(input), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype)
 
 
 def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -234,7 +234,7 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
                                                         bool(need_r) and activation != "")
     grad_x, grad_r = input.new_empty(0), input.new_empty(0)
     if dz3 is not None:
-        grad_r = dz3.view(input.shape)
+        grad_r = dz3.view_as(input)
         g3, y3, r3, activation, need_r = dz3, None, None, "", False
     if need_x or need_r:
         if training:
@@ -244,9 +244,9 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
             c_dz = c_xhat = torch.zeros_like(mean)
         gx3, gr3 = k.bn_backward_apply(g3, y3, x3, r3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
                                        bool(need_r))
-        grad_x = gx3.view(input.shape) if need_x else input.new_empty(0)
+        grad_x = gx3.view_as(input) if need_x else input.new_empty(0)
         if need_r:
-            grad_r = gr3.view(input.shape)
+            grad_r = gr3.view_as(input)
     grad_w = sum_dz_xhat.to(weight.dtype) if (need_w and weight is not None) else input.new_empty(0)
     grad_b = sum_dz.to(bias.dtype) if (need_b and bias is not None) else input.new_empty(0)
     return grad_x, grad_r, grad_w, grad_b

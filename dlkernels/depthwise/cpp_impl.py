@@ -6,6 +6,7 @@ import torch
 
 from .. import _C
 from .. import _validation as V
+from .._cpp_common import np_view
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -15,10 +16,6 @@ def is_channels_last(t: torch.Tensor) -> bool:
 def new_output(ref: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=ref.dtype, device=ref.device, memory_format=fmt)
-
-
-def np_view(t: torch.Tensor | None):
-    return None if t is None else t.detach().numpy()
 
 
 def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):

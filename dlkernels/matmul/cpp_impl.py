@@ -11,14 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-
-
-# Per-call overhead is most of a small GEMM's time (an 8x8 product is ~0.1 us of arithmetic), so
-# the glue avoids the avoidable: detach() only when needed, no torch.Size slicing.
-def _np(t: Optional[Tensor]):
-    if t is None:
-        return None
-    return t.detach().numpy() if t.requires_grad else t.numpy()
+from .._cpp_common import np_view as _np
 
 
 def mm(a: Tensor, b: Tensor, bias: Optional[Tensor], bias_dim: int, activation: str) -> Tensor:

@@ -3,7 +3,8 @@ output allocated here in x's memory format and filled in place. Contract: dlkern
 from __future__ import annotations
 
 from .. import _C
-from ..depthwise.cpp_impl import is_channels_last, new_output, np_view
+from .._cpp_common import np_view
+from ..depthwise.cpp_impl import is_channels_last, new_output
 
 
 def separable_fwd(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
