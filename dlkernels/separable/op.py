@@ -97,7 +97,10 @@ def separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwise_weight: 
         return separable_conv2d(input.unsqueeze(0), depthwise_weight, pointwise_weight, bias, stride, padding,
                                 dilation, backend=backend).squeeze(0)
     name = _dispatch.resolve(FAMILY, backend, input.device)
-    _check(input, depthwise_weight, pointwise_weight, bias, name)
+    if name == "torch":
+        _check(input, depthwise_weight, pointwise_weight, bias, name)
+    else:  # the op checks the rest itself: the kernel size is all the geometry needs first
+        V.tensor(depthwise_weight, "depthwise_weight", OP, ndim=4)
     geo = V.conv2d_geometry(OP, input, depthwise_weight.shape[2:], stride, padding, dilation)
     if name == "torch":
         return reference.separable_conv2d(input, depthwise_weight, pointwise_weight, bias, stride, padding, dilation)
