@@ -56,8 +56,9 @@ extern template void gemm_portable<double>(int64_t, int64_t, int64_t, const doub
 // Building blocks for a fused kernel that produces one GEMM operand itself, block by block (e.g.
 // the fused separable conv computes its depthwise output where gemm would pack A), with the same
 // micro-kernel as gemm, on the calling thread (no OpenMP inside):
-//   gemm_blocking: the micro-kernel tile (mr x nr) and the cache blocking (kc deep K slices, mc
-//     rows of A per L2 block) gemm uses.
+//   gemm_blocking(n): the micro-kernel tile (mr x nr) and the cache blocking (kc deep K slices, mc
+//     rows of A per L2 block) gemm uses for a C of n columns (0: any). The other three take it
+//     back: the tile it names is the micro-kernel they pack for and run.
 //   gemm_pack_a: an mc x kc block of A (element (i, k) at a[i * rs + k * cs]) -> ceil(mc / mr)
 //     panels of kc x mr, rows past mc zero; ceil(mc / mr) * mr * kc values. A block's rows i0..
 //     (i0 a multiple of mr) start at out + i0 * kc.
@@ -76,13 +77,13 @@ struct GemmBlocking {
 // the 2 * nr / vector-width FMAs each element feeds (see gemm_serial).
 inline bool gemm_a_in_place(int64_t nc, int64_t nr) { return (nc + nr - 1) / nr <= 2; }
 template <class T>
-GemmBlocking gemm_blocking();
+GemmBlocking gemm_blocking(int64_t n = 0);
 template <class T>
-void gemm_pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out);
+void gemm_pack_a(const GemmBlocking& bl, int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out);
 template <class T>
-void gemm_pack_b(int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out);
+void gemm_pack_b(const GemmBlocking& bl, int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out);
 template <class T>
-void gemm_macro(int64_t mc, int64_t nc, int64_t kc, const T* a, const T* b_packed, T* c, int64_t ldc, bool load,
-                const T* bias_row, const T* bias_col, int64_t lda = 0, T* a_tail = nullptr);
+void gemm_macro(const GemmBlocking& bl, int64_t mc, int64_t nc, int64_t kc, const T* a, const T* b_packed, T* c,
+                int64_t ldc, bool load, const T* bias_row, const T* bias_col, int64_t lda = 0, T* a_tail = nullptr);
 
 }  // namespace dlk

@@ -207,6 +207,14 @@ struct SimdKernel {
 };
 template <class T>
 using FastKernel = SimdKernel<T, 6, 2>;
+// For C of 2W < N <= 3W columns (17-24 floats on AVX2): the 6 x 2-vector tile would compute a
+// third of its columns on padding, a 4 x 3-vector tile (12 accumulators + 3 B vectors + 1
+// broadcast: the 16 AVX2 registers) none. 25088 x 144 @ 144 x 24 (MobileNetV2's channels-last 1x1
+// projection), two threads, AVX2: 1.46 -> 1.15 ms (torch 1.50).
+template <class T>
+using WideKernel = SimdKernel<T, 4, 3>;
+template <class T>
+inline bool wide_tile(int64_t N) { return N > 2 * Vec<T>::W && N <= 3 * Vec<T>::W; }
 #else
 template <class T>
 using FastKernel = PortableKernel<T>;
@@ -523,13 +531,9 @@ template <class T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
           int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool parallel, bool accumulate) {
 #ifdef DLK_GEMM_SIMD
-  // N of 17-24 floats (9-12 doubles; 33-48 and 17-24 on AVX-512): the 6 x 2-vector tile would
-  // compute a third of its columns on padding, a 4 x 3-vector tile (12 accumulators + 3 B vectors
-  // + 1 broadcast: the 16 AVX2 registers) none. 25088 x 144 @ 144 x 24 (MobileNetV2's
-  // channels-last 1x1 projection), two threads, AVX2: 1.46 -> 1.15 ms (torch 1.50).
-  if (N > 2 * Vec<T>::W && N <= 3 * Vec<T>::W)
-    return gemm_driver<T, SimdKernel<T, 4, 3>>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu,
-                                               parallel, accumulate);
+  if (wide_tile<T>(N))
+    return gemm_driver<T, WideKernel<T>>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, parallel,
+                                         accumulate);
 #endif
   gemm_driver<T, FastKernel<T>>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, parallel,
                                 accumulate);
@@ -543,35 +547,60 @@ void gemm_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, in
                                     accumulate);
 }
 
+namespace {
+template <class T, class Kern>
+GemmBlocking blocking_of() {
+  using Blk = Blocking<T, Kern>;
+  return {Kern::MR, Kern::NR, Blk::KC, Blk::MC};
+}
+
+// f(Kern{}) for the micro-kernel whose tile bl names (gemm_blocking made it).
+template <class T, class F>
+void with_kernel(const GemmBlocking& bl, F&& f) {
+#ifdef DLK_GEMM_SIMD
+  if (bl.mr == WideKernel<T>::MR && bl.nr == WideKernel<T>::NR) return f(WideKernel<T>{});
+#endif
+  f(FastKernel<T>{});
+}
+}  // namespace
+
 template <class T>
-GemmBlocking gemm_blocking() {
-  using Blk = Blocking<T, FastKernel<T>>;
-  return {FastKernel<T>::MR, FastKernel<T>::NR, Blk::KC, Blk::MC};
+GemmBlocking gemm_blocking(int64_t n) {
+#ifdef DLK_GEMM_SIMD
+  if (wide_tile<T>(n)) return blocking_of<T, WideKernel<T>>();
+#endif
+  (void)n;
+  return blocking_of<T, FastKernel<T>>();
 }
 
 template <class T>
-void gemm_pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out) {
-  pack_a<FastKernel<T>::MR>(mc, kc, a, rs, cs, out);
+void gemm_pack_a(const GemmBlocking& bl, int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out) {
+  with_kernel<T>(bl, [&](auto kern) { pack_a<decltype(kern)::MR>(mc, kc, a, rs, cs, out); });
 }
 
 template <class T>
-void gemm_pack_b(int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out) {
-  pack_b<FastKernel<T>::NR>(0, ceil_div(nc, FastKernel<T>::NR), nc, kc, b, rs, cs, out);
+void gemm_pack_b(const GemmBlocking& bl, int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out) {
+  with_kernel<T>(bl, [&](auto kern) {
+    constexpr int NR = decltype(kern)::NR;
+    pack_b<NR>(0, ceil_div(nc, NR), nc, kc, b, rs, cs, out);
+  });
 }
 
 template <class T>
-void gemm_macro(int64_t mc, int64_t nc, int64_t kc, const T* a, const T* b_packed, T* c, int64_t ldc, bool load,
-                const T* bias_row, const T* bias_col, int64_t lda, T* a_tail) {
+void gemm_macro(const GemmBlocking& bl, int64_t mc, int64_t nc, int64_t kc, const T* a, const T* b_packed, T* c,
+                int64_t ldc, bool load, const T* bias_row, const T* bias_col, int64_t lda, T* a_tail) {
   if (mc > 0 && nc > 0)
-    macro_kernel<T, FastKernel<T>>(mc, nc, kc, a, b_packed, c, ldc, load, bias_row, bias_col, false, lda, a_tail);
+    with_kernel<T>(bl, [&](auto kern) {
+      macro_kernel<T, decltype(kern)>(mc, nc, kc, a, b_packed, c, ldc, load, bias_row, bias_col, false, lda, a_tail);
+    });
 }
 
 #define DLK_GEMM_BLOCKS(T)                                                                                      \
-  template GemmBlocking gemm_blocking<T>();                                                                     \
-  template void gemm_pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*);                               \
-  template void gemm_pack_b<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*);                               \
-  template void gemm_macro<T>(int64_t, int64_t, int64_t, const T*, const T*, T*, int64_t, bool, const T*,       \
-                              const T*, int64_t, T*);
+  template GemmBlocking gemm_blocking<T>(int64_t);                                                              \
+  template void gemm_pack_a<T>(const GemmBlocking&, int64_t, int64_t, const T*, int64_t, int64_t, T*);          \
+  template void gemm_pack_b<T>(const GemmBlocking&, int64_t, int64_t, const T*, int64_t, int64_t, T*);          \
+  template void gemm_macro<T>(const GemmBlocking&, int64_t, int64_t, int64_t, const T*, const T*, T*, int64_t,  \
+                              bool, const T*, const T*, int64_t, T*);
 DLK_GEMM_BLOCKS(float)
 DLK_GEMM_BLOCKS(double)
 #undef DLK_GEMM_BLOCKS

@@ -54,7 +54,7 @@ void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
-    for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_a(O, ks.len(pc), pw + pc, g.Cm, 1, a.data() + pc * Mp);
+    for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_a(bl, O, ks.len(pc), pw + pc, g.Cm, 1, a.data() + pc * Mp);
     std::vector<T> mid(static_cast<size_t>(g.Cm * pmax)), b(static_cast<size_t>(round_up(pmax, bl.nr) * ks.kc));
     DwScratch<T> pad;
 #pragma omp for schedule(dynamic)
@@ -66,9 +66,9 @@ void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t
       for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) {
         const int64_t kc = ks.len(pc);
         const bool last = pc + kc >= g.Cm;
-        gemm_pack_b(P, kc, mid.data() + pc * P, P, 1, b.data());
+        gemm_pack_b(bl, P, kc, mid.data() + pc * P, P, 1, b.data());
         for (int64_t m0 = 0; m0 < O; m0 += bl.mc)
-          gemm_macro(std::min(bl.mc, O - m0), P, kc, a.data() + pc * Mp + m0 * kc, b.data(), yb + m0 * HWo, HWo,
+          gemm_macro(bl, std::min(bl.mc, O - m0), P, kc, a.data() + pc * Mp + m0 * kc, b.data(), yb + m0 * HWo, HWo,
                      pc > 0, last && bias ? bias + m0 : nullptr, (const T*)nullptr);
       }
     }
@@ -78,8 +78,9 @@ void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t
 template <class T>
 void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O, const DwGeom& g0) {
   const DwGeom g = cl_padded<T>(g0);
-  // y pixels (P x O) = depthwise (P x Cm) @ pw^T (Cm x O): the weight is B.
-  const GemmBlocking bl = gemm_blocking<T>();
+  // y pixels (P x O) = depthwise (P x Cm) @ pw^T (Cm x O): the weight is B, O columns of C (the
+  // tile gemm would take for them: MobileNetV2's 24-output projections get the 4 x 3-vector tile).
+  const GemmBlocking bl = gemm_blocking<T>(O);
   const Slices ks(g.Cm, bl.kc);
   const int64_t HWo = g.Ho * g.Wo, Np = round_up(O, bl.nr);
   const int nt = team_size(g, O);
@@ -89,7 +90,7 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
-    for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_b(O, ks.len(pc), pw + pc, 1, g.Cm, b.data() + pc * Np);
+    for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_b(bl, O, ks.len(pc), pw + pc, 1, g.Cm, b.data() + pc * Np);
     std::vector<T> mid(static_cast<size_t>(g.Cm * pmax)), a(static_cast<size_t>(round_up(pmax, bl.mr) * ks.kc));
     // Multiplier 1: the depthwise forward's staged rows (a thread's ring keeps the rows that
     // consecutive output rows share; see ClRowRing), else the pixel-at-a-time kernel.
@@ -112,8 +113,8 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
       for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) {
         const int64_t kc = ks.len(pc);
         const bool in_place = gemm_a_in_place(O, bl.nr);  // few outputs: depthwise rows read where they are
-        if (!in_place) gemm_pack_a(P, kc, mid.data() + pc, g.Cm, 1, a.data());
-        gemm_macro(P, O, kc, in_place ? mid.data() + pc : a.data(), b.data() + pc * Np, yb, O, pc > 0,
+        if (!in_place) gemm_pack_a(bl, P, kc, mid.data() + pc, g.Cm, 1, a.data());
+        gemm_macro(bl, P, O, kc, in_place ? mid.data() + pc : a.data(), b.data() + pc * Np, yb, O, pc > 0,
                    (const T*)nullptr, pc + kc >= g.Cm ? bias : nullptr, in_place ? g.Cm : 0, a.data());
       }
     }
