@@ -137,22 +137,31 @@ inline int64_t llc_bytes() {
   return env && *env ? std::max<int64_t>(0, std::atoll(env)) : detected;
 }
 
-// dst[0, n) = src[0, n) with non-temporal stores where aligned (plain ones for the unaligned ends).
-// For outputs that cannot stay in cache anyway (a pass's input + output larger than the LLC): a
-// plain store first reads the line it writes (write-allocate), which on a DRAM-bound pass is a
-// third more traffic. Callers end the pass with stream_fence().
+// Non-temporal stores, for outputs that cannot stay in cache anyway (a pass's input + output larger
+// than the LLC): a plain store first reads the line it writes (write-allocate), which on a
+// DRAM-bound pass is a third more traffic. Callers end the pass with stream_fence().
+//
+// vstream: one vector to p, 32-byte aligned; a plain store without AVX. Whole 64-byte lines
+// should be written by consecutive calls: a partly written line goes out in pieces.
+template <class T>
+inline void vstream(T* p, typename Vec<T>::type v) {
+#if defined(__AVX__)
+  if constexpr (sizeof(T) == 4)
+    _mm256_stream_ps(reinterpret_cast<float*>(p), reinterpret_cast<__m256>(v));
+  else
+    _mm256_stream_pd(reinterpret_cast<double*>(p), reinterpret_cast<__m256d>(v));
+#else
+  vstore(p, v);
+#endif
+}
+// dst[0, n) = src[0, n), non-temporal where aligned (plain stores for the unaligned ends).
 template <class T>
 inline void stream_copy(T* dst, const T* src, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX__)
   for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 32 != 0; ++i) dst[i] = src[i];
-  constexpr int64_t L = 32 / sizeof(T);
-  for (; i + L <= n; i += L) {
-    if constexpr (sizeof(T) == 4)
-      _mm256_stream_ps(reinterpret_cast<float*>(dst + i), _mm256_loadu_ps(reinterpret_cast<const float*>(src + i)));
-    else
-      _mm256_stream_pd(reinterpret_cast<double*>(dst + i), _mm256_loadu_pd(reinterpret_cast<const double*>(src + i)));
-  }
+  constexpr int64_t L = Vec<T>::lanes;
+  for (; i + L <= n; i += L) vstream(dst + i, vload(src + i));
 #endif
   for (; i < n; ++i) dst[i] = src[i];
 }
