@@ -603,13 +603,13 @@ bool cl_streams_rows(const DwGeom& g, const T* y) {
 #endif
 }
 
-// One output row as cl_staged_row computes it, stored straight to memory with non-temporal stores,
-// a whole line per pixel and block (cl_streams_rows). Where the output goes to DRAM this replaces
+// One output row in 5-pixel x 2-vector blocks, stored straight to memory with non-temporal stores, a
+// whole line per pixel and block (cl_streams_rows). Where the output goes to DRAM this replaces
 // computing the row into a cached buffer and streaming it out afterwards (stream_copy): the stores
 // then drain while the next blocks compute, where the separate copy overlapped nothing. Two threads,
-// input from DRAM, 3x3: 8x128x75x75 2.23 -> 1.60 ms, 8x144x56x56 1.39 -> 1.05, 8x96x112x112 s2
-// 1.84 -> 1.55, 8x256x38x38 s2 0.64 -> 0.58 (the 5 x 2 blocks alone, with the buffer, were ~5 %
-// slower than cl_staged_row's choice).
+// input from DRAM, 3x3: 8x128x75x75 2.23 -> 1.60 ms, 8x96x112x112 s2 1.84 -> 1.55 (and, streaming
+// forced where input + output fit the LLC, 8x144x56x56 1.39 -> 1.05, 8x256x38x38 s2 0.64 -> 0.58).
+// With the buffer instead, these blocks were ~5 % slower than cl_staged_row's choice.
 template <class T>
 void cl_staged_row_streamed(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias,
                             T* yr, const DwGeom& g) {
