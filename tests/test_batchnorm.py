@@ -54,7 +54,23 @@ def _run_both(backend, x, r, w, b, rm, rv, training, act, steps=1, momentum=0.1)
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_forward_backward_running_stats(backend, dtype, layout, with_residual, activation, training):
-    shape, cl = LAYOUTS[layout]
+    _check_forward_backward(backend, dtype, *LAYOUTS[layout], with_residual, activation, training)
+
+
+# Passes whose arrays outgrow the last-level cache write their outputs through per-thread buffers and
+# non-temporal stores (C++); a tiny DLKERNELS_LLC_BYTES reaches that path on small tensors. Planes that
+# straddle the kernels' 2048-element runs, and channels-last rows of 70, leave unaligned run ends.
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu"], ids=str)
+@pytest.mark.parametrize("shape_cl", [((7, 5), False), ((2, 3, 37, 41), False), ((2, 70, 5, 3), True),
+                                      ((3, 16, 11), True)], ids=["2d", "4d_runs", "4d_cl70", "3d_cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_streamed_outputs(backend, dtype, shape_cl, activation, training, monkeypatch):
+    monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
+    _check_forward_backward(backend, dtype, *shape_cl, True, activation, training)
+
+
+def _check_forward_backward(backend, dtype, shape, cl, with_residual, activation, training):
     c = shape[1]
     x = _make(shape, cl, dtype)
     r = _make(shape, cl, dtype, mean=0.0, std=1.0) if with_residual else None
