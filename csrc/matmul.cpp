@@ -527,26 +527,6 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
 
 }  // namespace
 
-template <class T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
-          int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool parallel, bool accumulate) {
-#ifdef DLK_GEMM_SIMD
-  if (wide_tile<T>(N))
-    return gemm_driver<T, WideKernel<T>>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, parallel,
-                                         accumulate);
-#endif
-  gemm_driver<T, FastKernel<T>>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, parallel,
-                                accumulate);
-}
-
-template <class T>
-void gemm_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B,
-                   int64_t rs_b, int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu,
-                   bool parallel, bool accumulate) {
-  gemm_driver<T, PortableKernel<T>>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, parallel,
-                                    accumulate);
-}
-
 namespace {
 template <class T, class Kern>
 GemmBlocking blocking_of() {
@@ -571,6 +551,23 @@ GemmBlocking gemm_blocking(int64_t n) {
 #endif
   (void)n;
   return blocking_of<T, FastKernel<T>>();
+}
+
+template <class T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
+          int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool parallel, bool accumulate) {
+  with_kernel<T>(gemm_blocking<T>(N), [&](auto kern) {
+    gemm_driver<T, decltype(kern)>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, parallel,
+                                   accumulate);
+  });
+}
+
+template <class T>
+void gemm_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B,
+                   int64_t rs_b, int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu,
+                   bool parallel, bool accumulate) {
+  gemm_driver<T, PortableKernel<T>>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, parallel,
+                                    accumulate);
 }
 
 template <class T>
