@@ -92,6 +92,7 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
 #pragma omp for schedule(static)
     for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_b(bl, O, ks.len(pc), pw + pc, 1, g.Cm, b.data() + pc * Np);
     std::vector<T> mid(static_cast<size_t>(g.Cm * pmax)), a(static_cast<size_t>(round_up(pmax, bl.mr) * ks.kc));
+    const bool in_place = gemm_a_in_place(O, bl.nr);  // few outputs: depthwise rows read where they are
     // Multiplier 1: the depthwise forward's staged rows (a thread's ring keeps the rows that
     // consecutive output rows share; see ClRowRing), else the pixel-at-a-time kernel.
     std::unique_ptr<ClRowRing<T>> ring(g.m == 1 ? new ClRowRing<T>(g) : nullptr);
@@ -112,7 +113,6 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
       T* yb = y + (n * HWo + i0 * g.Wo) * O;
       for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) {
         const int64_t kc = ks.len(pc);
-        const bool in_place = gemm_a_in_place(O, bl.nr);  // few outputs: depthwise rows read where they are
         if (!in_place) gemm_pack_a(bl, P, kc, mid.data() + pc, g.Cm, 1, a.data());
         gemm_macro(bl, P, O, kc, in_place ? mid.data() + pc : a.data(), b.data() + pc * Np, yb, O, pc > 0,
                    (const T*)nullptr, pc + kc >= g.Cm ? bias : nullptr, in_place ? g.Cm : 0, a.data());
