@@ -124,7 +124,7 @@ struct DwStage {
     nph = g.sH * g.sW;
     // A flat block's last vector reads up to Wp - Wo + L - 1 elements past the last phase plane.
     pad_end = Wp + L;
-    tmp = g.sW > 1 ? g.sW * Wp : 0;
+    tmp = g.sW > 2 ? g.sW * Wp : 0;  // a padded input row, for column strides above 2 (see dw_stage)
     flat = flat_size(Wp);
     for (int64_t p = 0; p < g.kH; ++p)
       for (int64_t q = 0; q < g.kW; ++q) {
