@@ -339,7 +339,7 @@ struct MapOut {
 // Whether a pass over `arrays` arrays of d's size (inputs and outputs) streams its outputs (MapOut).
 template <class T>
 bool streams(const Bn3& d, int arrays) {
-  return arrays * d.N * d.C * d.S * static_cast<int64_t>(sizeof(T)) > llc_bytes();
+  return streams_outputs(arrays * d.N * d.C * d.S * static_cast<int64_t>(sizeof(T)));
 }
 
 // Runs f(i, c, wk, oa, ob) for every element (flat offset i, channel c), vectorized along the

@@ -141,6 +141,9 @@ inline int64_t llc_bytes() {
 // than the LLC): a plain store first reads the line it writes (write-allocate), which on a
 // DRAM-bound pass is a third more traffic. Callers end the pass with stream_fence().
 //
+// streams_outputs: whether a pass that reads and writes `bytes` in all streams its outputs.
+inline bool streams_outputs(int64_t bytes) { return bytes > llc_bytes(); }
+//
 // vstream: one vector to p, 32-byte aligned; a plain store without AVX. Whole 64-byte lines
 // should be written by consecutive calls: a partly written line goes out in pieces.
 template <class T>

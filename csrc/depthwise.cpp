@@ -37,7 +37,7 @@ void fwd_cl_staged(const T* x, const T* w, const T* bias, T* y, const DwGeom& g0
   const DwGeom g = cl_padded<T>(g0);
   const std::vector<T> wt = taps_major(w, g.Cm, g.kH * g.kW, g.ws);
   const int64_t row_len = g.Wo * g.Cm;
-  const bool stream = (g.N * g.H * g.W * g.C + g.N * g.Ho * row_len) * static_cast<int64_t>(sizeof(T)) > llc_bytes();
+  const bool stream = streams_outputs((g.N * g.H * g.W * g.C + g.N * g.Ho * row_len) * static_cast<int64_t>(sizeof(T)));
   const bool direct = stream && cl_streams_rows(g, y);
 #pragma omp parallel if (dw_parallel(g))
   {
