@@ -103,14 +103,38 @@ def call(op: torch._ops.OpOverload, *args):
         return op(*args)
 
 
-def custom_op(qualname: str, *, mutates_args: Iterable[str]) -> Callable[[Callable], Op]:
-    """Decorator: ``@custom_op("dlkernels::name", mutates_args=())`` over a type-annotated kernel."""
+def _op_name(qualname: str) -> str:
+    """"dlkernels::name" -> "name"; another namespace is an error."""
     namespace, name = qualname.split("::")
     if namespace != NAMESPACE:
         raise ValueError(f"dlkernels ops live in the {NAMESPACE!r} namespace, got {qualname!r}")
+    return name
+
+
+class CompositeOp:
+    """An op defined by its schema string whose CompositeImplicitAutograd body calls Op objects, so its
+    autograd is theirs (register_autograd cannot give a mutating op a formula). Calling it runs the body
+    directly where ``Op.__call__`` would skip the dispatcher (``plain_eager``), else
+    ``torch.ops.dlkernels.<name>.default``."""
+
+    def __init__(self, name: str, schema: str, body: Callable):
+        _lib.define(name + schema)
+        torch.library.impl(_lib, name, "CompositeImplicitAutograd")(body)
+        self.default = getattr(getattr(torch.ops, NAMESPACE), name).default
+        self.impl = body
+        self.__doc__ = body.__doc__
+
+    def __call__(self, *args):
+        return self.impl(*args) if plain_eager(args) else self.default(*args)
+
+
+def composite_op(qualname: str, schema: str) -> Callable[[Callable], CompositeOp]:
+    """Decorator: ``@composite_op("dlkernels::name", "(Tensor x, ...) -> Tensor")`` over the op's body."""
+    name = _op_name(qualname)
+    return lambda body: CompositeOp(name, schema, body)
+
+
+def custom_op(qualname: str, *, mutates_args: Iterable[str]) -> Callable[[Callable], Op]:
+    """Decorator: ``@custom_op("dlkernels::name", mutates_args=())`` over a type-annotated kernel."""
+    name = _op_name(qualname)
     return lambda fn: Op(name, fn, mutates_args)
-
-
-def library() -> torch.library.Library:
-    """The one Library fragment every dlkernels op is defined in (for ops defined by schema string)."""
-    return _lib

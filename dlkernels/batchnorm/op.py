@@ -136,13 +136,10 @@ def _scale_shift(mean, invstd, weight, bias, sdtype):
 # CompositeImplicitAutograd op made of two: a functional op with autograd that computes the output and
 # the batch statistics (batch_norm_residual_functional), and a small mutating op that folds those
 # into the running statistics (update_running_stats). torch.compile functionalizes the latter.
-_lib = _registration.library()
-_lib.define("batch_norm_residual(Tensor input, Tensor? residual, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-            "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, str activation, str backend) "
-            "-> Tensor")
-
-
-@torch.library.impl(_lib, "batch_norm_residual", "CompositeImplicitAutograd")
+@_registration.composite_op(
+    "dlkernels::batch_norm_residual",
+    "(Tensor input, Tensor? residual, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
+    "Tensor? bias, bool training, float momentum, float eps, str activation, str backend) -> Tensor")
 def batch_norm_residual_op(input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
                            activation, backend):
     out, mean, var = batch_norm_residual_functional_op(
@@ -314,7 +311,5 @@ def batch_norm_residual(input: Tensor, residual: Tensor | None, running_mean: Te
         # nothing to update: the functional op is the whole op, one dispatcher layer (~10 us) fewer
         return batch_norm_residual_functional_op(input, residual, running_mean, running_var, weight, bias, False,
                                                  float(eps), act, name)[0]
-    args = (input, residual, running_mean, running_var, weight, bias, True, float(momentum), float(eps), act, name)
-    # the composite op's body itself where the dispatcher would only run it (see _registration.Op)
-    return batch_norm_residual_op(*args) if _registration.plain_eager(args) else \
-        torch.ops.dlkernels.batch_norm_residual(*args)
+    return batch_norm_residual_op(input, residual, running_mean, running_var, weight, bias, True, float(momentum),
+                                  float(eps), act, name)
