@@ -441,95 +441,73 @@ T* out_vec(py::array& a, const char* name, const Bn3& d) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// kernels
+// passes (below the GIL; pointers checked by the entry points)
 // ---------------------------------------------------------------------------------------------
-void py_stats(const py::array& x3, py::array& mean, py::array& var, bool cl) {
-  const Bn3 d = dims_of(x3, cl);
-  dispatch_float(x3, "bn_stats", [&](auto tag) {
-    using T = decltype(tag);
-    const T* x = in3<T>(x3, "x3", d);
-    T* mo = out_vec<T>(mean, "mean", d);
-    T* vo = out_vec<T>(var, "var", d);
-    py::gil_scoped_release nogil;
-    // Sums of x - K[c] with K[c] a sample of channel c: no cancellation for a large mean with a
-    // small spread, which E[x^2] - E[x]^2 on raw values would suffer.
-    std::vector<T> shift(d.C, T(0));
-    if (d.N * d.S > 0)
-      for (int64_t c = 0; c < d.C; ++c) shift[c] = x[d.cl ? c : c * d.S];
-    const T* K = shift.data();
-    std::vector<double> sa(d.C), sb(d.C);
-    channel_sums2<T>(d, NoPrep{}, [=](int64_t i, int64_t c, T, T& a, T& b) {
-      a = x[i] - K[c];
-      b = a * a;
-    }, sa.data(), sb.data());
-    const double cnt = static_cast<double>(d.N * d.S);
-    for (int64_t c = 0; c < d.C; ++c) {
-      const double m1 = sa[c] / cnt;
-      mo[c] = static_cast<T>(K[c] + m1);
-      vo[c] = static_cast<T>(std::max(0.0, sb[c] / cnt - m1 * m1));
-    }
+// Per-channel invstd, scale = weight * invstd and shift = bias - mean * scale: the formula of
+// op._scale_shift (the compiler may fuse the shift's multiply-add, so it can differ by an ulp). Here
+// rather than in Python, where it was 8-10 tiny torch ops, ~50 us a call: more than a small layer's pass.
+template <class T>
+struct Fold {
+  std::vector<T> invstd, scale, shift;
+};
+template <class T>
+Fold<T> fold(const Bn3& d, const T* mu, const T* vr, const T* wt, const T* bs, double eps) {
+  Fold<T> f{std::vector<T>(d.C), std::vector<T>(d.C), std::vector<T>(d.C)};
+  for (int64_t c = 0; c < d.C; ++c) {
+    f.invstd[c] = T(1) / std::sqrt(vr[c] + static_cast<T>(eps));
+    f.scale[c] = wt ? wt[c] * f.invstd[c] : f.invstd[c];
+    f.shift[c] = -mu[c] * f.scale[c] + (bs ? bs[c] : T(0));
+  }
+  return f;
+}
+
+template <class T>
+void stats_pass(const Bn3& d, const T* x, T* mo, T* vo) {
+  // Sums of x - K[c] with K[c] a sample of channel c: no cancellation for a large mean with a
+  // small spread, which E[x^2] - E[x]^2 on raw values would suffer.
+  std::vector<T> shift(d.C, T(0));
+  if (d.N * d.S > 0)
+    for (int64_t c = 0; c < d.C; ++c) shift[c] = x[d.cl ? c : c * d.S];
+  const T* K = shift.data();
+  std::vector<double> sa(d.C), sb(d.C);
+  channel_sums2<T>(d, NoPrep{}, [=](int64_t i, int64_t c, T, T& a, T& b) {
+    a = x[i] - K[c];
+    b = a * a;
+  }, sa.data(), sb.data());
+  const double cnt = static_cast<double>(d.N * d.S);
+  for (int64_t c = 0; c < d.C; ++c) {
+    const double m1 = sa[c] / cnt;
+    mo[c] = static_cast<T>(K[c] + m1);
+    vo[c] = static_cast<T>(std::max(0.0, sb[c] / cnt - m1 * m1));
+  }
+}
+
+// y = act(x * scale[c] + shift[c] (+ r))
+template <class T>
+void apply_pass(const Bn3& d, const T* x, const T* r, const Fold<T>& fo, Act act, T* y) {
+  const T* sc = fo.scale.data();
+  const T* sh = fo.shift.data();
+  dispatch_act(act, r != nullptr, [&](auto A, auto R) {
+    constexpr Act AV = decltype(A)::value;
+    constexpr bool RV = decltype(R)::value;
+    auto f = [=](int64_t i, int64_t c, T sig, T* yi, T*) {
+      T z = x[i] * sc[c] + sh[c];
+      if constexpr (RV) z += r[i];
+      *yi = activate<AV>(z, sig);
+    };
+    const MapOut<T> out{y, nullptr, streams<T>(d, r ? 3 : 2)};
+    if constexpr (AV == Act::Silu)
+      channel_map<T>(d, SiluPrep<false, RV, T>{x, sc, sh, r}, f, out);
+    else
+      channel_map<T>(d, NoPrep{}, f, out);
   });
 }
 
-void py_apply(const py::array& x3, const py::object& res3, const py::array& mean, const py::array& var,
-              const py::object& weight, const py::object& bias, double eps, const std::string& activation,
-              py::array& y3, bool cl) {
-  const Bn3 d = dims_of(x3, cl);
-  const Act act = parse_act(activation);
-  dispatch_float(x3, "bn_apply", [&](auto tag) {
-    using T = decltype(tag);
-    const T* x = in3<T>(x3, "x3", d);
-    const T* r = in3_opt<T>(res3, "residual3", d);
-    const T* mu = vec<T>(mean, "mean", d);
-    const T* vr = vec<T>(var, "var", d);
-    const T* wt = vec_opt<T>(weight, "weight", d);
-    const T* bs = vec_opt<T>(bias, "bias", d);
-    T* y = out3<T>(y3, "y3", d);
-    py::gil_scoped_release nogil;
-    // The fold here rather than in Python: there it was 8-10 tiny torch ops, ~50 us a call, more than
-    // the whole pass on a small layer. The formula of op._scale_shift (the backward's); the compiler
-    // may fuse the shift's multiply-add, so the shift can differ from it by an ulp.
-    std::vector<T> scv(d.C), shv(d.C);
-    for (int64_t c = 0; c < d.C; ++c) {
-      const T invstd = T(1) / std::sqrt(vr[c] + static_cast<T>(eps));
-      scv[c] = wt ? wt[c] * invstd : invstd;
-      shv[c] = -mu[c] * scv[c] + (bs ? bs[c] : T(0));
-    }
-    const T* sc = scv.data();
-    const T* sh = shv.data();
-    dispatch_act(act, r != nullptr, [&](auto A, auto R) {
-      constexpr Act AV = decltype(A)::value;
-      constexpr bool RV = decltype(R)::value;
-      auto f = [=](int64_t i, int64_t c, T sig, T* yi, T*) {
-        T z = x[i] * sc[c] + sh[c];
-        if constexpr (RV) z += r[i];
-        *yi = activate<AV>(z, sig);
-      };
-      const MapOut<T> out{y, nullptr, streams<T>(d, r ? 3 : 2)};
-      if constexpr (AV == Act::Silu)
-        channel_map<T>(d, SiluPrep<false, RV, T>{x, sc, sh, r}, f, out);
-      else
-        channel_map<T>(d, NoPrep{}, f, out);
-    });
-  });
-}
-
-// The per-element pieces both backward kernels share.
+// The per-element pieces both backward passes share.
 template <class T>
 struct BwdInputs {
   const T *gy, *y, *x, *r, *mean, *invstd, *scale, *shift;
 };
-
-template <class T>
-BwdInputs<T> bwd_inputs(const py::array& gy3, const py::object& y3, const py::array& x3, const py::object& res3,
-                        const py::array& mean, const py::array& invstd, const py::array& scale,
-                        const py::array& shift, Act act, const Bn3& d) {
-  BwdInputs<T> b{in3<T>(gy3, "grad_y3", d), in3_opt<T>(y3, "y3", d),  in3<T>(x3, "x3", d),
-                 in3_opt<T>(res3, "residual3", d), vec<T>(mean, "mean", d), vec<T>(invstd, "invstd", d),
-                 vec<T>(scale, "scale", d),  vec<T>(shift, "shift", d)};
-  require(act != Act::Relu || b.y, "bn backward: relu needs y3");
-  return b;
-}
 
 template <Act A, bool RES, class T>
 DLK_INLINE T dz_at(const BwdInputs<T>& b, int64_t i, T dsilu) {
@@ -545,94 +523,168 @@ DLK_INLINE void with_bwd_prep(const BwdInputs<T>& b, L loop) {
     loop(NoPrep{});
 }
 
-void py_bwd_reduce(const py::array& gy3, const py::object& y3, const py::array& x3, const py::object& res3,
-                   const py::array& mean, const py::array& invstd, const py::array& scale, const py::array& shift,
-                   const std::string& activation, py::array& sum_dz, py::array& sum_dz_xhat, const py::object& dz3,
-                   bool cl) {
-  const Bn3 d = dims_of(x3, cl);
-  const Act act = parse_act(activation);
-  dispatch_float(x3, "bn_backward_reduce", [&](auto tag) {
-    using T = decltype(tag);
-    const BwdInputs<T> b = bwd_inputs<T>(gy3, y3, x3, res3, mean, invstd, scale, shift, act, d);
-    T* o_dz = out_vec<T>(sum_dz, "sum_dz", d);
-    T* o_dzx = out_vec<T>(sum_dz_xhat, "sum_dz_xhat", d);
-    T* dzo = nullptr;
-    py::array dza;
-    if (!dz3.is_none()) {
-      dza = dz3.cast<py::array>();
-      dzo = out3<T>(dza, "dz3", d);
-    }
-    py::gil_scoped_release nogil;
-    std::vector<double> sa(d.C), sb(d.C);
-    dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
-      constexpr Act AV = decltype(A)::value;
-      constexpr bool RV = decltype(R)::value;
-      with_bwd_prep<AV, RV>(b, [&](auto pre) {
-        auto sums = [&](auto W) {
-          constexpr bool WV = decltype(W)::value;
-          channel_sums2<T>(d, pre, [=](int64_t i, int64_t c, T wk, T& a, T& s) {
-            a = dz_at<AV, RV>(b, i, wk);
-            if constexpr (WV) dzo[i] = a;
-            s = a * (b.x[i] - b.mean[c]);
-          }, sa.data(), sb.data());
-        };
-        if (dzo)
-          sums(std::true_type{});
-        else
-          sums(std::false_type{});
-      });
+// Per-channel sums of dz and dz * (x - mean) in double (sa, sb), and dz itself into dzo unless null.
+template <class T>
+void reduce_pass(const Bn3& d, const BwdInputs<T>& b, Act act, T* dzo, double* sa, double* sb) {
+  dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
+    constexpr Act AV = decltype(A)::value;
+    constexpr bool RV = decltype(R)::value;
+    with_bwd_prep<AV, RV>(b, [&](auto pre) {
+      auto sums = [&](auto W) {
+        constexpr bool WV = decltype(W)::value;
+        channel_sums2<T>(d, pre, [=](int64_t i, int64_t c, T wk, T& a, T& s) {
+          a = dz_at<AV, RV>(b, i, wk);
+          if constexpr (WV) dzo[i] = a;
+          s = a * (b.x[i] - b.mean[c]);
+        }, sa, sb);
+      };
+      if (dzo)
+        sums(std::true_type{});
+      else
+        sums(std::false_type{});
     });
-    for (int64_t c = 0; c < d.C; ++c) {
-      o_dz[c] = static_cast<T>(sa[c]);
-      o_dzx[c] = static_cast<T>(sb[c] * b.invstd[c]);
-    }
   });
 }
 
-void py_bwd_apply(const py::array& gy3, const py::object& y3, const py::array& x3, const py::object& res3,
-                  const py::array& mean, const py::array& invstd, const py::array& scale, const py::array& shift,
-                  const py::array& c_dz, const py::array& c_xhat, const std::string& activation, py::array& gx3,
-                  const py::object& gr3, bool cl) {
+// grad_x = scale[c] * (dz - c_dz[c] - (x - mean[c]) * cx[c]) into gx, and dz into gr (either may be null).
+template <class T>
+void bwd_apply_pass(const Bn3& d, const BwdInputs<T>& b, const T* cdz, const T* cx, Act act, T* gx, T* gr) {
+  dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
+    constexpr Act AV = decltype(A)::value;
+    constexpr bool RV = decltype(R)::value;
+    with_bwd_prep<AV, RV>(b, [&](auto pre) {
+      auto grad_x = [=](int64_t i, int64_t c, T dz) {
+        return b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
+      };
+      // grad_y and the outputs, x for grad_x, y (relu) or the residual (silu) where the pass reads them
+      const int arrays = 1 + (gx ? 2 : 0) + (gr ? 1 : 0) + (b.y ? 1 : 0) + (b.r ? 1 : 0);
+      if (gx && gr)
+        channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk, T* gxi, T* gri) {
+          const T dz = dz_at<AV, RV>(b, i, wk);
+          *gxi = grad_x(i, c, dz);
+          *gri = dz;
+        }, MapOut<T>{gx, gr, streams<T>(d, arrays)});
+      else if (gx)
+        channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk, T* gxi, T*) {
+          *gxi = grad_x(i, c, dz_at<AV, RV>(b, i, wk));
+        }, MapOut<T>{gx, nullptr, streams<T>(d, arrays)});
+      else
+        channel_map<T>(d, pre, [=](int64_t i, int64_t, T wk, T* gri, T*) {
+          *gri = dz_at<AV, RV>(b, i, wk);
+        }, MapOut<T>{gr, nullptr, streams<T>(d, arrays)});
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// entry points (the kernel contract of dlkernels/batchnorm/op.py)
+// ---------------------------------------------------------------------------------------------
+void py_apply(const py::array& x3, const py::object& res3, const py::array& mean, const py::array& var,
+              const py::object& weight, const py::object& bias, double eps, const std::string& activation,
+              py::array& y3, bool cl) {
   const Bn3 d = dims_of(x3, cl);
   const Act act = parse_act(activation);
-  dispatch_float(x3, "bn_backward_apply", [&](auto tag) {
+  dispatch_float(x3, "bn_apply", [&](auto tag) {
     using T = decltype(tag);
-    const BwdInputs<T> b = bwd_inputs<T>(gy3, y3, x3, res3, mean, invstd, scale, shift, act, d);
-    const T* cdz = vec<T>(c_dz, "c_dz", d);
-    const T* cxh = vec<T>(c_xhat, "c_xhat", d);
-    T* gx = out3<T>(gx3, "grad_x3", d);
-    T* gr = nullptr;
-    py::array gra;
-    if (!gr3.is_none()) {
-      gra = gr3.cast<py::array>();
-      gr = out3<T>(gra, "grad_residual3", d);
-    }
+    const T* x = in3<T>(x3, "x3", d);
+    const T* r = in3_opt<T>(res3, "residual3", d);
+    const T* mu = vec<T>(mean, "mean", d);
+    const T* vr = vec<T>(var, "var", d);
+    const T* wt = vec_opt<T>(weight, "weight", d);
+    const T* bs = vec_opt<T>(bias, "bias", d);
+    T* y = out3<T>(y3, "y3", d);
     py::gil_scoped_release nogil;
-    std::vector<T> coef(d.C);  // invstd * c_xhat: xhat * c_xhat = (x - mean) * coef
-    for (int64_t c = 0; c < d.C; ++c) coef[c] = b.invstd[c] * cxh[c];
-    const T* cx = coef.data();
-    dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
-      constexpr Act AV = decltype(A)::value;
-      constexpr bool RV = decltype(R)::value;
-      with_bwd_prep<AV, RV>(b, [&](auto pre) {
-        auto grad_x = [=](int64_t i, int64_t c, T dz) {
-          return b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
-        };
-        // grad_y, x and the outputs, plus y (relu) or the residual (silu) where the pass reads them
-        const int arrays = 2 + (gr ? 2 : 1) + (b.y ? 1 : 0) + (b.r ? 1 : 0);
-        const MapOut<T> out{gx, gr, streams<T>(d, arrays)};
-        if (gr)
-          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk, T* gxi, T* gri) {
-            const T dz = dz_at<AV, RV>(b, i, wk);
-            *gxi = grad_x(i, c, dz);
-            *gri = dz;
-          }, out);
-        else
-          channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk, T* gxi, T*) {
-            *gxi = grad_x(i, c, dz_at<AV, RV>(b, i, wk));
-          }, out);
-      });
-    });
+    apply_pass<T>(d, x, r, fold<T>(d, mu, vr, wt, bs, eps), act, y);
+  });
+}
+
+// Training forward in one call: the statistics pass, then the apply pass with them.
+void py_forward_train(const py::array& x3, const py::object& res3, const py::object& weight,
+                      const py::object& bias, double eps, const std::string& activation, py::array& mean,
+                      py::array& var, py::array& y3, bool cl) {
+  const Bn3 d = dims_of(x3, cl);
+  const Act act = parse_act(activation);
+  dispatch_float(x3, "bn_forward_train", [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = in3<T>(x3, "x3", d);
+    const T* r = in3_opt<T>(res3, "residual3", d);
+    const T* wt = vec_opt<T>(weight, "weight", d);
+    const T* bs = vec_opt<T>(bias, "bias", d);
+    T* mo = out_vec<T>(mean, "mean", d);
+    T* vo = out_vec<T>(var, "var", d);
+    T* y = out3<T>(y3, "y3", d);
+    py::gil_scoped_release nogil;
+    stats_pass<T>(d, x, mo, vo);
+    apply_pass<T>(d, x, r, fold<T>(d, mo, vo, wt, bs, eps), act, y);
+  });
+}
+
+template <class T>
+T* out3_opt(const py::object& a, const char* name, const Bn3& d) {
+  if (a.is_none()) return nullptr;
+  py::array arr = a.cast<py::array>();  // a view of the caller's array: its data outlives the call
+  return out3<T>(arr, name, d);
+}
+template <class T>
+T* out_vec_opt(const py::object& a, const char* name, const Bn3& d) {
+  if (a.is_none()) return nullptr;
+  py::array arr = a.cast<py::array>();
+  return out_vec<T>(arr, name, d);
+}
+
+// The whole backward in one call, as op.compose_backward runs it from the two passes (see there): the
+// reduce pass where sums are asked for (writing dz into grad_r3 where it is grad_residual under an
+// activation), then the apply pass for grad_x3 (and grad_r3 where the reduce did not write it).
+void py_backward(const py::array& gy3, const py::object& y3, const py::array& x3, const py::object& res3,
+                 const py::array& mean, const py::array& var, const py::object& weight, const py::object& bias,
+                 double eps, bool training, const std::string& activation, const py::object& sum_dz,
+                 const py::object& sum_dz_xhat, const py::object& gx3, const py::object& gr3, bool cl) {
+  const Bn3 d = dims_of(x3, cl);
+  const Act act = parse_act(activation);
+  dispatch_float(x3, "bn_backward", [&](auto tag) {
+    using T = decltype(tag);
+    const T* gy = in3<T>(gy3, "grad_y3", d);
+    const T* y = in3_opt<T>(y3, "y3", d);
+    const T* x = in3<T>(x3, "x3", d);
+    const T* r = in3_opt<T>(res3, "residual3", d);
+    const T* mu = vec<T>(mean, "mean", d);
+    const T* vr = vec<T>(var, "var", d);
+    const T* wt = vec_opt<T>(weight, "weight", d);
+    const T* bs = vec_opt<T>(bias, "bias", d);
+    T* o_dz = out_vec_opt<T>(sum_dz, "sum_dz", d);
+    T* o_dzx = out_vec_opt<T>(sum_dz_xhat, "sum_dz_xhat", d);
+    T* gx = out3_opt<T>(gx3, "grad_x3", d);
+    T* gr = out3_opt<T>(gr3, "grad_residual3", d);
+    require(act != Act::Relu || y, "bn_backward: relu needs y3");
+    require((o_dz == nullptr) == (o_dzx == nullptr), "bn_backward: sum_dz and sum_dz_xhat go together");
+    require(!(training && gx) || o_dz, "bn_backward: grad_x3 in training needs the sums");
+    py::gil_scoped_release nogil;
+    const Fold<T> fo = fold<T>(d, mu, vr, wt, bs, eps);
+    const BwdInputs<T> b{gy, y, x, r, mu, fo.invstd.data(), fo.scale.data(), fo.shift.data()};
+    const bool dz_written = o_dz && gr && act != Act::None;
+    std::vector<double> sa(d.C, 0.0), sb(d.C, 0.0);
+    if (o_dz) {
+      reduce_pass<T>(d, b, act, dz_written ? gr : nullptr, sa.data(), sb.data());
+      for (int64_t c = 0; c < d.C; ++c) {
+        o_dz[c] = static_cast<T>(sa[c]);
+        o_dzx[c] = static_cast<T>(sb[c] * fo.invstd[c]);
+      }
+    }
+    if (!gx && (!gr || dz_written)) return;
+    // grad_x's per-channel terms: c_dz = sum_dz / count and invstd * c_xhat (zero in evaluation)
+    std::vector<T> cdz(d.C, T(0)), cx(d.C, T(0));
+    if (training && gx) {
+      const double cnt = static_cast<double>(d.N * d.S);
+      for (int64_t c = 0; c < d.C; ++c) {
+        cdz[c] = static_cast<T>(sa[c] / cnt);
+        cx[c] = fo.invstd[c] * static_cast<T>(sb[c] * fo.invstd[c] / cnt);
+      }
+    }
+    if (dz_written)  // the apply reads dz and x instead of grad_y, y (or the residual) and x
+      bwd_apply_pass<T>(d, BwdInputs<T>{gr, nullptr, x, nullptr, mu, b.invstd, b.scale, b.shift}, cdz.data(),
+                        cx.data(), Act::None, gx, nullptr);
+    else
+      bwd_apply_pass<T>(d, b, cdz.data(), cx.data(), act, gx, gr);
   });
 }
 
@@ -640,17 +692,16 @@ void py_bwd_apply(const py::array& gy3, const py::object& y3, const py::array& x
 
 void init_batchnorm(py::module_& m) {
   using namespace pybind11::literals;
-  m.def("bn_stats", &py_stats, "x3"_a, "mean"_a, "var"_a, "channels_last"_a,
-        "per-channel mean and biased variance of x3 (N, C, S), written into mean and var");
   m.def("bn_apply", &py_apply, "x3"_a, "residual3"_a.none(true), "mean"_a, "var"_a, "weight"_a.none(true),
         "bias"_a.none(true), "eps"_a, "activation"_a, "y3"_a, "channels_last"_a,
         "y3 = act((x3 - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] + residual3)");
-  m.def("bn_backward_reduce", &py_bwd_reduce, "grad_y3"_a, "y3"_a.none(true), "x3"_a, "residual3"_a.none(true),
-        "mean"_a, "invstd"_a, "scale"_a, "shift"_a, "activation"_a, "sum_dz"_a, "sum_dz_xhat"_a,
-        "dz3"_a.none(true), "channels_last"_a, "per-channel sums of dz and dz * xhat (and dz itself into dz3 unless None)");
-  m.def("bn_backward_apply", &py_bwd_apply, "grad_y3"_a, "y3"_a.none(true), "x3"_a, "residual3"_a.none(true),
-        "mean"_a, "invstd"_a, "scale"_a, "shift"_a, "c_dz"_a, "c_xhat"_a, "activation"_a, "grad_x3"_a,
-        "grad_residual3"_a.none(true), "channels_last"_a, "grad_x3 (and grad_residual3 unless None)");
+  m.def("bn_forward_train", &py_forward_train, "x3"_a, "residual3"_a.none(true), "weight"_a.none(true),
+        "bias"_a.none(true), "eps"_a, "activation"_a, "mean"_a, "var"_a, "y3"_a, "channels_last"_a,
+        "batch mean and biased variance of x3 into mean and var, then bn_apply with them into y3");
+  m.def("bn_backward", &py_backward, "grad_y3"_a, "y3"_a.none(true), "x3"_a, "residual3"_a.none(true), "mean"_a,
+        "var"_a, "weight"_a.none(true), "bias"_a.none(true), "eps"_a, "training"_a, "activation"_a,
+        "sum_dz"_a.none(true), "sum_dz_xhat"_a.none(true), "grad_x3"_a.none(true), "grad_residual3"_a.none(true),
+        "channels_last"_a, "batch norm backward into the given outputs (each may be None)");
 }
 
 }  // namespace dlk

@@ -88,6 +88,33 @@ def _check_forward_backward(backend, dtype, shape, cl, with_residual, activation
     assert_close(rv, rv64, dtype, "running_var")
 
 
+# Autograd asks only for the gradients of inputs that require them: each subset takes its own path
+# through the backward (the sums only for weight, bias or a training-mode input grad; grad_residual
+# alone, or written by the reduce pass under an activation).
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu"], ids=str)
+@pytest.mark.parametrize("wanted", ["x", "r", "w", "b", "rw", "xb"], ids=str)
+def test_gradients_of_each_subset(backend, wanted, activation, training):
+    shape, c = (3, 5, 7, 3), 5
+    torch.manual_seed(0)
+    x = _make(shape, True, torch.float32).detach().requires_grad_("x" in wanted)
+    r = _make(shape, True, torch.float32, 0.0, 1.0).detach().requires_grad_("r" in wanted)
+    w = torch.randn(c, device=DEVICE).requires_grad_("w" in wanted)
+    b = torch.randn(c, device=DEVICE).requires_grad_("b" in wanted)
+    rm, rv = _stats(c, torch.float32)
+    inputs = [t for t, name in zip((x, r, w, b), "xrwb") if name in wanted]
+    out = dlkernels.batch_norm_residual(x, r, rm.clone(), rv.clone(), w, b, training, activation=activation,
+                                        backend=backend)
+    ins64 = {name: as64(t).detach().requires_grad_(name in wanted) for t, name in zip((x, r, w, b), "xrwb")}
+    ref = reference(ins64["x"], ins64["r"], rm.double(), rv.double(), ins64["w"], ins64["b"], training,
+                    activation=activation)
+    g = torch.randn_like(ref)
+    got = grads(out, inputs, g.float())
+    exp = grads(ref, [ins64[name] for name in wanted], g)
+    for gt, e, name in zip(got, exp, wanted):
+        assert_close(gt, e, torch.float32, f"grad {name}", factor=4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_large_mean_tiny_variance(backend, dtype):
     # 1e4 + N(0, 1e-2): a naive E[x^2] - E[x]^2 loses every digit of the variance. The output and the

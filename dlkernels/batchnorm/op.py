@@ -32,6 +32,15 @@ float16/bfloat16/float32 inputs, float64 for float64. activation is "", "relu" o
         passes c_dz = sum_dz / count, c_xhat = sum_dz_xhat / count; evaluation passes zeros),
         grad_residual = dz (None unless need_grad_residual); new tensors in x3's layout.
 
+A backend may instead provide the training forward and the backward whole, with the semantics of
+``compose_forward_train`` and ``compose_backward`` below (which build them from the kernels above):
+one call each instead of two passes plus per-channel torch ops between them, which on a CPU cost more
+than a small layer's passes (the C++ backend does this):
+
+    bn_forward_train(x3, residual3, weight, bias, eps, activation) -> (y3, mean, var)
+    bn_backward(grad_y3, y3, x3, residual3, mean, var, weight, bias, eps, training, activation,
+                need_x, need_residual, need_sums) -> (grad_x3, grad_residual3, sum_dz, sum_dz_xhat)
+
 The op itself updates running_mean/running_var (a small per-channel step, once per call).
 """
 from __future__ import annotations
@@ -154,12 +163,13 @@ def batch_norm_residual_op(input, residual, running_mean, running_var, weight, b
 def update_running_stats_op(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float,
                             count: int) -> None:
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as PyTorch."""
-    # foreach: both statistics in one kernel per step (on a GPU each small kernel costs a few us,
-    # as much as a whole pass over a late ResNet stage); the same arithmetic as mul_ then add_
-    running = [running_mean, running_var]
-    torch._foreach_mul_(running, 1 - momentum)
-    torch._foreach_add_(running, [mean.to(running_mean.dtype), (var * (count / (count - 1))).to(running_var.dtype)],
-                        alpha=momentum)
+    # running + momentum * (batch - running), both statistics in one foreach kernel: two tensor ops a
+    # step in all (on a GPU each small kernel costs a few us, as much as a whole pass over a late
+    # ResNet stage; on a CPU each tiny op ~3 us of Python and dispatch)
+    unbiased = var * (count / (count - 1))
+    batch = [mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype),
+             unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype)]
+    torch._foreach_lerp_([running_mean, running_var], batch, momentum)
 
 
 @update_running_stats_op.register_fake
@@ -183,12 +193,18 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
     r3 = None if residual is None else as_ncs(residual, cl)
     w, b = _to(weight, sdtype), _to(bias, sdtype)
     if training:
-        mean, var = k.bn_stats(x3)
-        mean, var = mean.to(sdtype), var.to(sdtype)
-        y3 = k.bn_apply(x3, r3, mean, var, w, b, eps, activation)
+        y3, mean, var = compose_forward_train(k, x3, r3, w, b, eps, activation)
         return y3.view_as(input), mean, var
     y3 = k.bn_apply(x3, r3, _to(running_mean, sdtype), _to(running_var, sdtype), w, b, eps, activation)
     return y3.view_as(input), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype)
+
+
+def compose_forward_train(k, x3, r3, w, b, eps, activation):
+    """(y3, mean, var): the backend's bn_forward_train, or its statistics pass then its apply pass."""
+    if hasattr(k, "bn_forward_train"):
+        return k.bn_forward_train(x3, r3, w, b, eps, activation)
+    mean, var = k.bn_stats(x3)
+    return k.bn_apply(x3, r3, mean, var, w, b, eps, activation), mean, var
 
 
 def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -210,47 +226,60 @@ def _(input, residual, running_mean, running_var, weight, bias, training, eps, a
 @_registration.custom_op("dlkernels::batch_norm_residual_backward", mutates_args=())
 def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], input: Tensor,
                                     residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                                    mean: Tensor, invstd: Tensor, training: bool, activation: str,
+                                    mean: Tensor, var: Tensor, eps: float, training: bool, activation: str,
                                     output_mask: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_input, grad_residual, grad_weight, grad_bias); those not asked for are empty tensors.
-    ``out`` is needed for relu (its mask), ``residual`` for silu (to recompute the pre-activation)."""
+    ``mean``, ``var``: the statistics that normalized the input. ``out`` is needed for relu (its mask),
+    ``residual`` for silu (to recompute the pre-activation)."""
     k = _dispatch.kernels(FAMILY, backend, input.device)
     sdtype = stats_dtype(input.dtype)
     cl = channels_last(input)
     x3 = as_ncs(input, cl)
-    g3 = as_ncs(grad_out, cl)
-    y3 = None if out is None else as_ncs(out, cl)
-    r3 = None if residual is None else as_ncs(residual, cl)
-    scale, shift = _scale_shift(mean, invstd, weight, bias, sdtype)
     need_x, need_r, need_w, need_b = output_mask
     need_sums = (need_x and training) or need_w or need_b
+    grad_x3, grad_r3, sum_dz, sum_dz_xhat = compose_backward(
+        k, as_ncs(grad_out, cl), None if out is None else as_ncs(out, cl), x3,
+        None if residual is None else as_ncs(residual, cl), mean, var, _to(weight, sdtype), _to(bias, sdtype), eps,
+        training, activation, need_x, need_r, need_sums)
+    empty = input.new_empty(0)
+    return (grad_x3.view_as(input) if need_x else empty, grad_r3.view_as(input) if need_r else empty,
+            sum_dz_xhat.to(weight.dtype) if (need_w and weight is not None) else empty,
+            sum_dz.to(bias.dtype) if (need_b and bias is not None) else empty)
+
+
+def compose_backward(k, g3, y3, x3, r3, mean, var, weight, bias, eps, training, activation, need_x, need_r,
+                     need_sums):
+    """(grad_x3, grad_r3, sum_dz, sum_dz_xhat), each None where not needed: the backend's bn_backward,
+    or its reduce pass (where the sums are needed) then its apply pass."""
+    if hasattr(k, "bn_backward"):
+        return k.bn_backward(g3, y3, x3, r3, mean, var, weight, bias, eps, training, activation, need_x, need_r,
+                             need_sums)
+    invstd = torch.rsqrt(var + eps)
+    scale, shift = _scale_shift(mean, invstd, weight, bias, mean.dtype)
     # grad_residual = dz is an output anyway: the reduce pass, which forms dz, writes it (see the contract)
-    dz3 = None
+    sum_dz = sum_dz_xhat = dz3 = None
     if need_sums:
         sum_dz, sum_dz_xhat, dz3 = k.bn_backward_reduce(g3, y3, x3, r3, mean, invstd, scale, shift, activation,
                                                         bool(need_r) and activation != "")
-    grad_x, grad_r = input.new_empty(0), input.new_empty(0)
+    grad_r3 = dz3
     if dz3 is not None:
-        grad_r = dz3.view_as(input)
         g3, y3, r3, activation, need_r = dz3, None, None, "", False
+    grad_x3 = None
     if need_x or need_r:
-        if training:
+        if training and need_x:
             count = x3.shape[0] * x3.shape[2]
-            c_dz, c_xhat = torch._foreach_div([sum_dz, sum_dz_xhat], count)
-        else:
+            c_dz, c_xhat = sum_dz / count, sum_dz_xhat / count
+        else:  # evaluation, or only grad_residual (= dz), which does not depend on them
             c_dz = c_xhat = torch.zeros_like(mean)
-        gx3, gr3 = k.bn_backward_apply(g3, y3, x3, r3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
-                                       bool(need_r))
-        grad_x = gx3.view_as(input) if need_x else input.new_empty(0)
+        grad_x3, gr3 = k.bn_backward_apply(g3, y3, x3, r3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
+                                           bool(need_r))
         if need_r:
-            grad_r = gr3.view_as(input)
-    grad_w = sum_dz_xhat.to(weight.dtype) if (need_w and weight is not None) else input.new_empty(0)
-    grad_b = sum_dz.to(bias.dtype) if (need_b and bias is not None) else input.new_empty(0)
-    return grad_x, grad_r, grad_w, grad_b
+            grad_r3 = gr3
+    return grad_x3, grad_r3, sum_dz, sum_dz_xhat
 
 
 @batch_norm_residual_backward_op.register_fake
-def _(grad_out, out, input, residual, weight, bias, mean, invstd, training, activation, output_mask, backend):
+def _(grad_out, out, input, residual, weight, bias, mean, var, eps, training, activation, output_mask, backend):
     need_x, need_r, need_w, need_b = output_mask
     cl = channels_last(input)
     return (empty_ncs(input, cl) if need_x else input.new_empty(0),
@@ -281,8 +310,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     mask = [needs[0], need_r and ctx.activation != "", weight is not None and needs[4],
             bias is not None and needs[5]]
     gx, gr, gw, gb = batch_norm_residual_backward_op(
-        grad_out, out, input, residual, weight, bias, mean, torch.rsqrt(var + ctx.eps), ctx.training,
-        ctx.activation, mask, ctx.backend)
+        grad_out, out, input, residual, weight, bias, mean, var, ctx.eps, ctx.training, ctx.activation, mask,
+        ctx.backend)
     if need_r and not mask[1]:
         gr = grad_out
     return (gx if mask[0] else None, gr if need_r else None, None, None, gw if mask[2] else None,
