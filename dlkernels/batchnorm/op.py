@@ -268,7 +268,7 @@ def compose_backward(k, g3, y3, x3, r3, mean, var, weight, bias, eps, training, 
     if need_x or need_r:
         if training and need_x:
             count = x3.shape[0] * x3.shape[2]
-            c_dz, c_xhat = sum_dz / count, sum_dz_xhat / count
+            c_dz, c_xhat = torch._foreach_div([sum_dz, sum_dz_xhat], count)  # one launch on a GPU
         else:  # evaluation, or only grad_residual (= dz), which does not depend on them
             c_dz = c_xhat = torch.zeros_like(mean)
         grad_x3, gr3 = k.bn_backward_apply(g3, y3, x3, r3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
