@@ -325,7 +325,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b) {
 
 // The one or two arrays channel_map writes at every flat offset (b: nullptr for one). With stream,
 // each block is computed into a per-thread buffer and copied out with non-temporal stores: for a pass
-// whose arrays outgrow the last-level cache a plain store first reads the line it writes, a fourth
+// whose arrays are past streams_outputs's threshold a plain store first reads the line it writes, a fourth
 // more DRAM traffic for evaluation's x + residual -> y (two threads, 8x128x75x75: 2.0 -> 1.6 ms).
 // Whole blocks, not runs: a block is one contiguous range, where NCS runs of 7x7 planes copied one
 // by one made every line a partial one (ResNet-50 stage 4 evaluation 1.1 -> 6.3 ms).

@@ -57,7 +57,7 @@ def test_forward_backward_running_stats(backend, dtype, layout, with_residual, a
     _check_forward_backward(backend, dtype, *LAYOUTS[layout], with_residual, activation, training)
 
 
-# Passes whose arrays outgrow the last-level cache write their outputs through per-thread buffers and
+# Passes whose arrays are past a third of the last-level cache write their outputs through per-thread buffers and
 # non-temporal stores (C++); a tiny DLKERNELS_LLC_BYTES reaches that path on small tensors. Planes that
 # straddle the kernels' 2048-element runs, and channels-last rows of 70, leave unaligned run ends.
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
