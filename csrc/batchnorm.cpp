@@ -579,6 +579,19 @@ void bwd_apply_pass(const Bn3& d, const BwdInputs<T>& b, const T* cdz, const T* 
 // ---------------------------------------------------------------------------------------------
 // entry points (the kernel contract of dlkernels/batchnorm/op.py)
 // ---------------------------------------------------------------------------------------------
+// The per-channel arguments every entry takes: statistics, and the optional weight and bias.
+template <class T>
+struct Affine {
+  const T *mean, *var, *weight, *bias;
+  Fold<T> fold(const Bn3& d, double eps) const { return dlk::fold<T>(d, mean, var, weight, bias, eps); }
+};
+template <class T>
+Affine<T> affine(const py::array& mean, const py::array& var, const py::object& weight, const py::object& bias,
+                 const Bn3& d) {
+  return {vec<T>(mean, "mean", d), vec<T>(var, "var", d), vec_opt<T>(weight, "weight", d),
+          vec_opt<T>(bias, "bias", d)};
+}
+
 void py_apply(const py::array& x3, const py::object& res3, const py::array& mean, const py::array& var,
               const py::object& weight, const py::object& bias, double eps, const std::string& activation,
               py::array& y3, bool cl) {
@@ -588,13 +601,10 @@ void py_apply(const py::array& x3, const py::object& res3, const py::array& mean
     using T = decltype(tag);
     const T* x = in3<T>(x3, "x3", d);
     const T* r = in3_opt<T>(res3, "residual3", d);
-    const T* mu = vec<T>(mean, "mean", d);
-    const T* vr = vec<T>(var, "var", d);
-    const T* wt = vec_opt<T>(weight, "weight", d);
-    const T* bs = vec_opt<T>(bias, "bias", d);
+    const Affine<T> a = affine<T>(mean, var, weight, bias, d);
     T* y = out3<T>(y3, "y3", d);
     py::gil_scoped_release nogil;
-    apply_pass<T>(d, x, r, fold<T>(d, mu, vr, wt, bs, eps), act, y);
+    apply_pass<T>(d, x, r, a.fold(d, eps), act, y);
   });
 }
 
@@ -647,10 +657,8 @@ void py_backward(const py::array& gy3, const py::object& y3, const py::array& x3
     const T* y = in3_opt<T>(y3, "y3", d);
     const T* x = in3<T>(x3, "x3", d);
     const T* r = in3_opt<T>(res3, "residual3", d);
-    const T* mu = vec<T>(mean, "mean", d);
-    const T* vr = vec<T>(var, "var", d);
-    const T* wt = vec_opt<T>(weight, "weight", d);
-    const T* bs = vec_opt<T>(bias, "bias", d);
+    const Affine<T> a = affine<T>(mean, var, weight, bias, d);
+    const T* mu = a.mean;
     T* o_dz = out_vec_opt<T>(sum_dz, "sum_dz", d);
     T* o_dzx = out_vec_opt<T>(sum_dz_xhat, "sum_dz_xhat", d);
     T* gx = out3_opt<T>(gx3, "grad_x3", d);
@@ -659,7 +667,7 @@ void py_backward(const py::array& gy3, const py::object& y3, const py::array& x3
     require((o_dz == nullptr) == (o_dzx == nullptr), "bn_backward: sum_dz and sum_dz_xhat go together");
     require(!(training && gx) || o_dz, "bn_backward: grad_x3 in training needs the sums");
     py::gil_scoped_release nogil;
-    const Fold<T> fo = fold<T>(d, mu, vr, wt, bs, eps);
+    const Fold<T> fo = a.fold(d, eps);
     const BwdInputs<T> b{gy, y, x, r, mu, fo.invstd.data(), fo.scale.data(), fo.shift.data()};
     const bool dz_written = o_dz && gr && act != Act::None;
     std::vector<double> sa(d.C, 0.0), sb(d.C, 0.0);
