@@ -130,13 +130,15 @@ def empty_ncs(x: Tensor, cl: bool) -> Tensor:
 
 def fold_scale_shift(mean, var, weight, bias, eps):
     """(scale, shift) of bn_apply's contract, for backends that fold in PyTorch."""
-    return _scale_shift(mean, torch.rsqrt(var + eps), weight, bias, mean.dtype)
+    return _scale_shift(mean, torch.rsqrt(var + eps), weight, bias)
 
 
-def _scale_shift(mean, invstd, weight, bias, sdtype):
-    scale = invstd if weight is None else weight.to(sdtype) * invstd
+def _scale_shift(mean, invstd, weight, bias):
+    """(scale, shift) from per-channel vectors all in the statistics dtype (the ops convert weight and
+    bias once, with _to, before any kernel)."""
+    scale = invstd if weight is None else weight * invstd
     # bias - mean * scale in one kernel (addcmul) where there is a bias
-    shift = torch.mul(mean, scale).neg_() if bias is None else torch.addcmul(bias.to(sdtype), mean, scale, value=-1)
+    shift = torch.mul(mean, scale).neg_() if bias is None else torch.addcmul(bias, mean, scale, value=-1)
     return scale.contiguous(), shift.contiguous()
 
 
@@ -255,7 +257,7 @@ def compose_backward(k, g3, y3, x3, r3, mean, var, weight, bias, eps, training, 
         return k.bn_backward(g3, y3, x3, r3, mean, var, weight, bias, eps, training, activation, need_x, need_r,
                              need_sums)
     invstd = torch.rsqrt(var + eps)
-    scale, shift = _scale_shift(mean, invstd, weight, bias, mean.dtype)
+    scale, shift = _scale_shift(mean, invstd, weight, bias)
     # grad_residual = dz is an output anyway: the reduce pass, which forms dz, writes it (see the contract)
     sum_dz = sum_dz_xhat = dz3 = None
     if need_sums:
