@@ -50,12 +50,15 @@ def test_matmul_forward_backward(backend, dtype, shapes, transposed):
     assert_close(gb, rb, dtype, "grad b")
 
 
-@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
 def test_matmul_low_precision(backend):
-    # float16/bfloat16 are Triton-only; the CPU backends reject them (test_cpu_backends_reject_half)
+    # float16/bfloat16 are Triton-only; the CPU backends reject them with a clear error
     for dtype in (torch.float16, torch.bfloat16):
         a, b = _rand((33, 40), dtype), _rand((40, 17), dtype)
-        assert_close(dlkernels.matmul(a, b, backend=backend), a.double() @ b.double(), dtype, "matmul lowp")
+        if backend == "triton":
+            assert_close(dlkernels.matmul(a, b, backend=backend), a.double() @ b.double(), dtype, "matmul lowp")
+        else:
+            with pytest.raises(TypeError, match="computes in float32, float64"):
+                dlkernels.matmul(a, b, backend=backend)
 
 
 def test_matmul_non_contiguous_slices(backend):
@@ -92,6 +95,36 @@ def test_linear(backend, dtype, in_shape, with_bias, activation):
     for got, exp, name in zip(grads(out, [x, w, b], g.to(dtype)), grads(ref, [x64, w64, b64], g), ["x", "w", "b"]):
         if exp is not None:
             assert_close(got, exp, dtype, f"grad {name}")
+
+
+TRITON = [b for b in KERNEL_BACKENDS if b == "triton"]
+# K long enough to split: plain, batched, broadcast batch, batch folded into M, prime K
+SPLIT_SHAPES = [((129, 37), (37, 70)), ((3, 5, 70), (3, 70, 4)), ((2, 3, 5, 53), (3, 53, 4)),
+                ((4, 9, 97), (97, 6)), ((50, 301), (301, 12))]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("splits", [2, 7])
+@pytest.mark.parametrize("shapes", SPLIT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}".replace(" ", ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_split_k(backend, dtype, shapes, splits, monkeypatch):
+    # Triton's split-K path (partial tiles, then a sum with the epilogue), which a GPU takes where
+    # the output has few tiles and K is long; the interpreter's shapes are too small to choose it
+    from dlkernels.matmul import triton_impl
+    monkeypatch.setattr(triton_impl, "SPLIT_K", splits)
+    test_matmul_forward_backward(backend, dtype, shapes, False)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_split_k_epilogue(backend, activation, monkeypatch):
+    # the bias (per column; per row: test_pointwise_split_k) and the ReLU, applied after the sum
+    from dlkernels.matmul import triton_impl
+    monkeypatch.setattr(triton_impl, "SPLIT_K", 3)
+    test_linear(backend, torch.float32, (2, 5, 61), True, activation)
+    for dtype in (torch.float16, torch.bfloat16):
+        a, bm = _rand((33, 80), dtype), _rand((80, 17), dtype)
+        assert_close(dlkernels.matmul(a, bm, backend=backend), a.double() @ bm.double(), dtype, "split lowp")
 
 
 def test_linear_relu_keeps_nan(backend):
@@ -157,12 +190,6 @@ def test_bad_inputs(backend_name, on_test_device):
         dlkernels.linear(torch.randn(3, 4), torch.randn(2, 4), torch.randn(3), backend=backend_name)
     with pytest.raises(ValueError, match="activation"):
         dlkernels.linear(torch.randn(3, 4), torch.randn(2, 4), activation="gelu", backend=backend_name)
-
-
-@pytest.mark.parametrize("backend_name", [b for b in ("numba", "cpp") if b in KERNEL_BACKENDS])
-def test_cpu_backends_reject_half(backend_name):
-    with pytest.raises(TypeError, match="computes in float32, float64"):
-        dlkernels.matmul(torch.randn(3, 4).half(), torch.randn(4, 2).half(), backend=backend_name)
 
 
 def test_mixed_devices(backend):

@@ -109,6 +109,16 @@ def test_two_pass_forward(backend, dtype, case, channels_last, monkeypatch):
     _check_forward(backend, dtype, case, channels_last, what="separable (two passes)")
 
 
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_pointwise_split_k(backend, channels_last, monkeypatch):
+    # Triton's split-K GEMM, which a GPU takes for the channels-last weight gradient (K = every
+    # pixel of the batch); NCHW brings the bias per row of the output
+    from dlkernels.matmul import triton_impl
+    monkeypatch.setattr(triton_impl, "SPLIT_K", 3)
+    test_pointwise(backend, torch.float32, True, (3, 17, 4, 3, 13), channels_last)
+
+
 def test_separable_unbatched_no_bias(backend):
     x = torch.randn(3, 6, 5, device=DEVICE)
     dw, pw = torch.randn(3, 1, 3, 3, device=DEVICE), torch.randn(4, 3, 1, 1, device=DEVICE)

@@ -1,13 +1,20 @@
 """Triton kernels for matmul/linear (the contract is op.py's docstring).
 
 ``mm`` is one tiled GEMM kernel: batch on grid axis 1, output tiles on axis 0 in grouped order,
-any strides (transposed views and stride-0 batches are read in place), bias and ReLU fused into
-the epilogue. On a GPU it is autotuned; under TRITON_INTERPRET=1 (CPU) it runs one fixed config,
-since tuning there would execute every config in the slow interpreter.
+K splits on axis 2, any strides (transposed views and stride-0 batches are read in place), bias
+and ReLU fused into the epilogue. On a GPU it is autotuned; under TRITON_INTERPRET=1 (CPU) it runs
+one fixed config, since tuning there would execute every config in the slow interpreter.
+
+Split-K: a GEMM with few output tiles and a long K (a weight gradient, whose K is every pixel of the
+batch) splits K over grid axis 2; each split writes its fp32 partial tile, and ``_sum_splits_kernel``
+adds them and applies the bias and ReLU. No atomics, so results do not depend on the order in
+which programs run.
 ``bias_act_backward`` is a two-level reduction: per-split partial bias sums (the ReLU mask is
 applied and grad_pre written in the same pass), then one small kernel that adds the splits.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -59,12 +66,12 @@ def _prune_by_smem(configs, named_args, **kwargs):
 
 @triton.jit
 def _mm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr,
-    M, N, K,
+    a_ptr, b_ptr, c_ptr, bias_ptr, part_ptr,
+    M, N, K, K_PER_SPLIT,
     stride_ab, stride_am, stride_ak,
     stride_bb, stride_bk, stride_bn,
     stride_cb, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, BIAS_DIM: tl.constexpr, RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_DIM: tl.constexpr, RELU: tl.constexpr, SPLIT_K: tl.constexpr,
     ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ALIGN_AB: tl.constexpr, ALIGN_AM: tl.constexpr, ALIGN_AK: tl.constexpr,
     ALIGN_BB: tl.constexpr, ALIGN_BK: tl.constexpr, ALIGN_BN: tl.constexpr, ALIGN_K: tl.constexpr,
@@ -100,14 +107,21 @@ def _mm_kernel(
               + tl.multiple_of(offs_k * stride_bk, ALIGN_BK)[:, None]
               + tl.multiple_of(offs_bn * stride_bn, ALIGN_BN)[None, :])
     # K as a multiple of its known factor: the K mask is then constant over runs a vector load spans
-    k_total = (K // ALIGN_K) * ALIGN_K
+    k_end = (K // ALIGN_K) * ALIGN_K
+    k_start = 0
+    if SPLIT_K:
+        # this program's split: K_PER_SPLIT is a multiple of 16, so the bounds keep ALIGN_K
+        k_start = tl.program_id(2) * K_PER_SPLIT
+        k_end = (tl.minimum(k_start + K_PER_SPLIT, k_end) // ALIGN_K) * ALIGN_K
+        a_ptrs += k_start.to(tl.int64) * stride_ak
+        b_ptrs += k_start.to(tl.int64) * stride_bk
 
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_total, BLOCK_K):
-        k_left = k_total - k0
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_left = k_end - k0
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if DOT_IN_FP32:
@@ -117,25 +131,38 @@ def _mm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K:
+        # partial tile of split s at part[s, batch, M, N] (contiguous); the epilogue runs after the sum
+        row = (tl.program_id(2) * tl.num_programs(1) + pid_batch) * M + offs_m.to(tl.int64)
+        tl.store(part_ptr + row[:, None] * N + offs_n[None, :], acc, mask=mask)
+    else:
+        acc = _bias_relu(acc, bias_ptr, offs_m[:, None], offs_n[None, :], M, N, HAS_BIAS, BIAS_DIM, RELU)
+        c_ptrs = (c_ptr + pid_batch * stride_cb + offs_m.to(tl.int64)[:, None] * stride_cm
+                  + offs_n.to(tl.int64)[None, :] * stride_cn)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_relu(acc, bias_ptr, rows, cols, M, N,
+               HAS_BIAS: tl.constexpr, BIAS_DIM: tl.constexpr, RELU: tl.constexpr):
+    """The GEMM epilogue on acc, whose elements sit at rows (of a batch of M-row matrices) and
+    columns cols (broadcast to acc's shape; columns past N are never stored): + bias, then ReLU."""
     if HAS_BIAS:
         if BIAS_DIM == 1:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-            acc += bias.to(acc.dtype)[None, :]
+            bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
         else:
-            bias = tl.load(bias_ptr + offs_m, mask=offs_m < M, other=0.0)
-            acc += bias.to(acc.dtype)[:, None]
+            bias = tl.load(bias_ptr + rows % M)
+        acc += bias.to(acc.dtype)
     if RELU:
         # where(acc < 0, ...) keeps NaN, as torch.relu does
         acc = tl.where(acc < 0, 0.0, acc)
-
-    c_ptrs = (c_ptr + pid_batch * stride_cb + offs_m.to(tl.int64)[:, None] * stride_cm
-              + offs_n.to(tl.int64)[None, :] * stride_cn)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    return acc
 
 
 # Untuned (the GPU tests), the kernel runs a config whose tiles fit float64 operands too.
-_mm_kernel_tuned = autotune(_mm_kernel, _MM_CONFIGS, ["M", "N", "K", "INPUT_PRECISION"], default=_cfg(64, 64, 32, 3, 4),
+_mm_kernel_tuned = autotune(_mm_kernel, _MM_CONFIGS, ["M", "N", "K", "K_PER_SPLIT", "INPUT_PRECISION"],
+                            default=_cfg(64, 64, 32, 3, 4),
                             prune_configs_by={"early_config_prune": _prune_by_smem})
 
 # The one config the interpreter runs: large enough tiles to keep the number of (slow, Python-level)
@@ -162,6 +189,46 @@ def _as_3d(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 3 else t.unsqueeze(0)
 
 
+# None: split K where the output tiles are too few for the GPU (_k_splits); an int pins the number
+# of splits (tests, where the interpreter's shapes are too small to choose it)
+SPLIT_K = None
+
+
+# The split-K cost model's two rates, as an H100 measured them (2026-11-26): one SM's share of the
+# bf16 GEMM rate (780 TFLOP/s over 132 SMs) and the copy bandwidth (read + write)
+_SM_FLOPS = 780e12 / 132
+_COPY_BYTES_PER_S = 2.88e12
+
+
+def _k_splits(nb: int, m: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(splits, K per split) for a GEMM of nb (m, n) outputs over k.
+
+    Split when the output at the tuner's largest tiles (128 x 128) is under one program per SM:
+    the channels-last pointwise weight gradient (24 x 144 over K = 200704 at MobileNetV2's shape)
+    had 2 programs and ran 35x slower than cuDNN (H100, 2026-11-26). Splitting s ways divides one
+    program's walk over K (time t) by s and adds the fp32 partials' round trip through memory
+    (time p per split): s minimises t / s + p * s, with at most two programs per SM and 256 of K
+    each, and only where that saves a fifth of t (a 1024^3 GEMM does not split: its partials
+    would cost more than the programs it adds save). Splits are multiples of 64 (of 16 for short
+    K), so that every split starts on a BLOCK_K boundary and keeps K's ALIGN hint."""
+    if SPLIT_K is not None:
+        splits = max(1, min(SPLIT_K, triton.cdiv(k, 16)))
+    else:
+        sms = max(1, target_programs(device) // 4)
+        tiles = nb * triton.cdiv(m, 128) * triton.cdiv(n, 128)
+        cap = min(triton.cdiv(2 * sms, tiles), k // 256) if tiles < sms else 1
+        t = 2 * 128 * 128 * k / _SM_FLOPS
+        p = 2 * 4 * nb * m * n / _COPY_BYTES_PER_S
+        splits = max(1, min(cap, round(math.sqrt(t / p))))
+        if splits > 1 and t / splits + p * splits > 0.8 * t:
+            splits = 1
+    if splits == 1:
+        return 1, 0
+    grain = 64 if k >= 64 * splits else 16
+    k_per = triton.cdiv(triton.cdiv(k, splits), grain) * grain
+    return triton.cdiv(k, k_per), k_per
+
+
 def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -> torch.Tensor:
     batched = a.dim() == 3
     a3, b3 = _as_3d(a), _as_3d(b)
@@ -182,21 +249,28 @@ def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -
                 DOT_IN_FP32=dot_in_fp32)
     if interpreting:
         meta.update(_INTERPRET_CONFIG)
+    splits, k_per = _k_splits(nb, m, n, k, a.device)
+    meta["SPLIT_K"] = splits > 1
     for b0 in range(0, nb, _MAX_GRID_YZ):
         b1 = min(nb, b0 + _MAX_GRID_YZ)
         sa, sb, sc = a3[b0:b1], b3[b0:b1], c3[b0:b1]
+        # fp32 partial tiles (fp64 for float64), summed by _sum_splits with the epilogue
+        part = torch.empty((splits, b1 - b0, m, n), dtype=torch.float64 if meta["ACC_FP64"] else torch.float32,
+                           device=a.device) if splits > 1 else sc
 
         def grid(meta_):
-            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), b1 - b0)
+            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), b1 - b0, splits)
 
         _launch(kernel, grid)(
-            sa, sb, sc, bias if has_bias else sc,
-            m, n, k,
+            sa, sb, sc, bias if has_bias else sc, part,
+            m, n, k, k_per,
             sa.stride(0), sa.stride(1), sa.stride(2),
             sb.stride(0), sb.stride(1), sb.stride(2),
             sc.stride(0), sc.stride(1), sc.stride(2),
             **meta, **_aligns(sa, sb, k),
         )
+        if splits > 1:
+            _sum_splits(part, sc, bias, bias_dim, activation == "relu")
     return out
 
 
@@ -266,14 +340,29 @@ def _bias_grad_partial_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, S, L, BLOCK: tl.constexpr):
-    """out[l] = sum over s of part[s, l], in part's dtype, stored in out's dtype."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _sum_splits_kernel(part_ptr, out_ptr, bias_ptr, S, L, M, N,
+                       HAS_BIAS: tl.constexpr, BIAS_DIM: tl.constexpr, RELU: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """out[l] = epilogue(sum over s of part[s, l]), added in part's dtype, stored in out's dtype;
+    l runs row-major over a batch of (M, N) matrices, the epilogue is _bias_relu's."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < L
     acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
-    for s in range(0, S):
-        acc += tl.load(part_ptr + s * L + idx, mask=mask, other=0.0)
+    part_ptrs = part_ptr + idx
+    for _ in range(0, S):
+        acc += tl.load(part_ptrs, mask=mask, other=0.0)
+        part_ptrs += L
+    acc = _bias_relu(acc, bias_ptr, idx // N, idx % N, M, N, HAS_BIAS, BIAS_DIM, RELU)
     tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _sum_splits(partial: torch.Tensor, out: torch.Tensor, bias, bias_dim: int, relu: bool) -> None:
+    """out (contiguous, a batch of (M, N) matrices) = epilogue(partial summed over dim 0)."""
+    m, n = (out.shape[-2], out.shape[-1]) if out.dim() > 1 else (1, out.shape[0])
+    length, block = out.numel(), 256
+    _launch(_sum_splits_kernel, (triton.cdiv(length, block),))(
+        partial, out, bias if bias is not None else out, partial.shape[0], length, m, n,
+        HAS_BIAS=bias is not None, BIAS_DIM=bias_dim, RELU=relu, BLOCK=block)
 
 
 def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, activation: str, bias_dim: int,
@@ -316,6 +405,5 @@ def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, activation: str
         nb * m if bias_dim == 1 else m, n, length, tiles, tiles_per_split,
         RELU=relu, BIAS_DIM=bias_dim, BLOCK_R=block_r, BLOCK_C=block_c,
     )
-    block = 256
-    _launch(_sum_splits_kernel, (triton.cdiv(length, block),))(partial, grad_bias, splits, length, BLOCK=block)
+    _sum_splits(partial, grad_bias, None, 1, False)
     return grad_pre, grad_bias
