@@ -81,7 +81,7 @@ def report_tuning(out):
             print(f"{name} {key} -> {config}", file=out)
     from dlkernels.separable import triton_impl as sep
     for key, path in sep._chosen.items():
-        print(f"separable path {key} -> {path}", file=out)
+        print(f"separable path {key} -> {path} (ms: {sep._timings.get(key)})", file=out)
     out.flush()
 
 

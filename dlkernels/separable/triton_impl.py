@@ -30,6 +30,7 @@ from ..pointwise.op import forward as pointwise_forward
 # None: choose per shape (timed on a GPU when tuning, else fused); "fused" or "two_pass" pins it
 PATH = None
 _chosen: dict = {}
+_timings: dict = {}  # the times (ms) each choice was made on, for benchmarks/gpu/probe.py
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -152,7 +153,7 @@ def _timed_choice(*args):
         runs = {"fused": lambda: _fused(*args), "two_pass": lambda: _two_pass(*args)}
         for run in runs.values():
             run()  # tunes its kernels before it is timed
-        times = {name: quick_bench(run) for name, run in runs.items()}
+        times = _timings[key] = {name: quick_bench(run) for name, run in runs.items()}
         _chosen[key] = min(times, key=times.get)
     return _chosen[key]
 
