@@ -17,6 +17,9 @@ LAYOUTS = {
     "4d_cl": ((2, 5, 7, 3), True),
     # planes of 16-element multiples: Triton's tiled NCS path (odd planes take its flat path)
     "4d_planes": ((2, 3, 16, 16), False),
+    # planes of >= 128 elements without a factor 4: Triton's flat reductions too, whose blocks of
+    # 256 here each hold parts of up to three channels
+    "4d_odd_planes": ((2, 5, 11, 13), False),
 }
 
 
@@ -115,13 +118,21 @@ def test_gradients_of_each_subset(backend, wanted, activation, training):
         assert_close(gt, e, torch.float32, f"grad {name}", factor=4)
 
 
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_planes_longer_than_a_block(backend, training):
+    # a 47x47 plane spans three of the flat kernels' 2048-element blocks of an image, and a block
+    # two planes: every partial row of the flat reductions is used, and the merge skips none
+    _check_forward_backward(backend, torch.float32, (2, 3, 47, 47), False, True, "relu", training)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 13, 9), (2, 3, 13, 11)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_large_mean_tiny_variance(backend, dtype):
+def test_large_mean_tiny_variance(backend, dtype, shape):
     # 1e4 + N(0, 1e-2): a naive E[x^2] - E[x]^2 loses every digit of the variance. The output and the
     # input grad are only as good as ulp(1e4)/1e-2 allows (PyTorch's own kernel folds the mean into a
     # shift as we do), so they are held to twice PyTorch's error in the same dtype; the statistics
     # (running_var) to the usual tolerance.
-    shape = (4, 3, 13, 9)
     x = leaf((torch.randn(shape, device=DEVICE, dtype=torch.float64) * 1e-2 + 1e4).to(dtype))
     r = leaf(torch.randn(shape, device=DEVICE).to(dtype))
     rm, rv = torch.zeros(3, device=DEVICE, dtype=dtype), torch.ones(3, device=DEVICE, dtype=dtype)

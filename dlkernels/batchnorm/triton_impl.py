@@ -9,6 +9,10 @@ for float64 inputs), which is the dtype of the per-channel vectors.
 The two reductions (bn_stats, bn_backward_reduce) are two-level: grid axis 0 is a block of
 channels, axis 1 a split of the (N, S) tiles; each program writes its per-channel partial result
 and a second small kernel combines the splits, so the result does not depend on atomics.
+
+NCS planes that would break the tiles' vectors (short, or not a multiple of 16 elements) take flat
+kernels instead, which read each image's C*S elements as one run (_flat_tile): the elementwise
+passes always there, the reductions where the plane is long and has no factor 4 (_flat_reduction).
 """
 from __future__ import annotations
 
@@ -203,8 +207,21 @@ def _stats_partial_kernel(
 
 
 @triton.jit
+def _split_rows(offs_s, offs_c, n_splits, C, J, S, FLAT_BLOCK, FLAT: tl.constexpr):
+    """Mask of the [splits x channels] partial entries that hold a summary. The tiled reductions
+    write every entry; the flat ones (see _flat_reduction) write row n*J + j of channel c for the
+    j-th block of image n that c's plane touches, and c's plane touches fewer than J of them."""
+    m = (offs_s < n_splits)[:, None] & (offs_c < C)[None, :]
+    if FLAT:
+        touched = (offs_c * S + S - 1) // FLAT_BLOCK - (offs_c * S) // FLAT_BLOCK + 1
+        m = m & ((offs_s % J)[:, None] < touched[None, :])
+    return m
+
+
+@triton.jit
 def _stats_merge_kernel(x_ptr, part_mean_ptr, part_m2_ptr, part_n_ptr, mean_ptr, var_ptr, C, stride_xc,
-                        n_splits, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
+                        n_splits, J, S, FLAT_BLOCK, FLAT: tl.constexpr,
+                        BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges the splits' summaries BLOCK_SPLIT at a time (hundreds of splits for channels-last:
     one at a time, two programs took 35 us on an H200)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -216,7 +233,7 @@ def _stats_merge_kernel(x_ptr, part_mean_ptr, part_m2_ptr, part_n_ptr, mean_ptr,
     for s0 in range(0, n_splits, BLOCK_SPLIT):
         offs_s = s0 + tl.arange(0, BLOCK_SPLIT)
         offs = offs_s[:, None] * C + offs_c[None, :]
-        m = (offs_s < n_splits)[:, None] & mask[None, :]
+        m = _split_rows(offs_s, offs_c, n_splits, C, J, S, FLAT_BLOCK, FLAT)
         # empty (masked) summaries have count 0: neutral in the merge
         mean_b, m2_b, n_b = _welford_merge_axis(tl.load(part_mean_ptr + offs, mask=m, other=0.0),
                                                 tl.load(part_m2_ptr + offs, mask=m, other=0.0),
@@ -240,6 +257,70 @@ def _flat_tile(C, S: tl.constexpr, ALIGN_IMG: tl.constexpr, BLOCK: tl.constexpr)
     n = tl.program_id(1).to(tl.int64)
     mask = i < ((C * S) // ALIGN_IMG) * ALIGN_IMG
     return tl.multiple_of(n * (C * S), ALIGN_IMG) + i, mask, i // S
+
+
+@triton.jit
+def _flat_block(S: tl.constexpr, J, BLOCK: tl.constexpr):
+    """(b, c0, row0) of flat block b = program_id(0) of image n = program_id(1): the first channel
+    it touches, and n*J + b, from which each channel's row in the [N*J, C] partials is counted
+    (_store_flat_summary). A block touches at most K = (BLOCK - 1) // S + 2 channels, c0 + k."""
+    b = tl.program_id(0)
+    return b, b * BLOCK // S, tl.program_id(1) * J + b
+
+
+@triton.jit
+def _store_flat_summary(ptr, value, ck, b, row0, C, S: tl.constexpr, BLOCK: tl.constexpr):
+    """value, block b's summary of channel ck (>= the block's first channel), at row
+    row0 - (the first block of ck's plane) of the [N*J, C] partials, if the block touches ck."""
+    touches = (ck < C) & (ck * S < (b + 1) * BLOCK)
+    tl.store(ptr + (row0 - (ck * S) // BLOCK) * C + ck, value, mask=touches)
+
+
+@triton.jit
+def _stats_partial_flat_kernel(x_ptr, part_mean_ptr, part_m2_ptr, part_n_ptr, C, S: tl.constexpr, J,
+                               ALIGN_IMG: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-channel Welford summaries (mean, M2, count) of one flat block (see _flat_tile) around each
+    channel's shift, two-pass over the block's values in registers."""
+    K: tl.constexpr = (BLOCK - 1) // S + 2
+    offs, mask, c = _flat_tile(C, S, ALIGN_IMG, BLOCK)
+    ct = part_mean_ptr.dtype.element_ty
+    x = _load(x_ptr, offs, mask, ct)
+    b, c0, row0 = _flat_block(S, J, BLOCK)
+    for k in tl.static_range(K):
+        ck = c0 + k
+        sel = mask & (c == ck)
+        xs = tl.where(sel, x - _stats_shift(x_ptr, ck, C, S, ct), 0.0)
+        cnt = tl.sum(sel.to(ct), 0)
+        mean = tl.sum(xs, 0) / tl.maximum(cnt, 1.0)
+        d = tl.where(sel, xs - mean, 0.0)
+        _store_flat_summary(part_mean_ptr, mean, ck, b, row0, C, S, BLOCK)
+        _store_flat_summary(part_m2_ptr, tl.sum(d * d, 0), ck, b, row0, C, S, BLOCK)
+        _store_flat_summary(part_n_ptr, cnt, ck, b, row0, C, S, BLOCK)
+
+
+@triton.jit
+def _backward_reduce_partial_flat_kernel(
+    gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    part_dz_ptr, part_dzx_ptr, dz_ptr, C, S: tl.constexpr, J,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, WRITE_DZ: tl.constexpr,
+    ALIGN_IMG: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """_backward_reduce_partial_kernel's sums over one flat block, per channel it touches."""
+    K: tl.constexpr = (BLOCK - 1) // S + 2
+    offs, mask, c = _flat_tile(C, S, ALIGN_IMG, BLOCK)
+    scale = _gather(scale_ptr, c, mask)
+    dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale,
+                                 _gather(shift_ptr, c, mask), HAS_RESIDUAL, ACTIVATION)
+    dz = tl.where(mask, dz, 0.0)
+    if WRITE_DZ:
+        tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    dzx = dz * ((x - _gather(mean_ptr, c, mask)) * _gather(invstd_ptr, c, mask))
+    b, c0, row0 = _flat_block(S, J, BLOCK)
+    for k in tl.static_range(K):
+        ck = c0 + k
+        sel = c == ck
+        _store_flat_summary(part_dz_ptr, tl.sum(tl.where(sel, dz, 0.0), 0), ck, b, row0, C, S, BLOCK)
+        _store_flat_summary(part_dzx_ptr, tl.sum(tl.where(sel, dzx, 0.0), 0), ck, b, row0, C, S, BLOCK)
 
 
 @triton.jit
@@ -322,8 +403,8 @@ def _backward_reduce_partial_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(part_a_ptr, part_b_ptr, out_a_ptr, out_b_ptr, C, n_splits,
-                       BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
+def _sum_splits_kernel(part_a_ptr, part_b_ptr, out_a_ptr, out_b_ptr, C, n_splits, J, S, FLAT_BLOCK,
+                       FLAT: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = offs_c < C
     acc_a = tl.zeros((BLOCK_SPLIT, BLOCK_C), dtype=out_a_ptr.dtype.element_ty)
@@ -331,7 +412,7 @@ def _sum_splits_kernel(part_a_ptr, part_b_ptr, out_a_ptr, out_b_ptr, C, n_splits
     for s0 in range(0, n_splits, BLOCK_SPLIT):
         offs_s = s0 + tl.arange(0, BLOCK_SPLIT)
         offs = offs_s[:, None] * C + offs_c[None, :]
-        m = (offs_s < n_splits)[:, None] & mask[None, :]
+        m = _split_rows(offs_s, offs_c, n_splits, C, J, S, FLAT_BLOCK, FLAT)
         acc_a += tl.load(part_a_ptr + offs, mask=m, other=0.0)
         acc_b += tl.load(part_b_ptr + offs, mask=m, other=0.0)
     tl.store(out_a_ptr + offs_c, tl.sum(acc_a, axis=0), mask=mask)
@@ -438,6 +519,23 @@ def _flat_geometry(x3: torch.Tensor):
     return (triton.cdiv(c * s, _TILE), n), dict(S=s, ALIGN_IMG=align_of(c * s), BLOCK=_TILE, num_warps=_NUM_WARPS)
 
 
+def _flat_reduction(x3: torch.Tensor):
+    """(grid, meta, J) of the flat reductions for an NCS-contiguous x3 whose planes are at least 128
+    elements long and have no factor 4 (19x19, 75x75), else None. There the 3-D tiles load every element alone (the sm_90 PTX of the statistics
+    pass at 75x75 and 19x19 had only scalar loads; batch norm training at 43-44 % of copy on an H100,
+    2026-11-26). A flat block reads the image as one run of vectors and sums each channel it touches
+    apart. BLOCK is the largest power of two within 2*S (at most _TILE), so a block touches at most
+    K = (BLOCK - 1) // S + 2 = 3 channels, and a channel's plane at most J = (S - 1) // BLOCK + 2
+    blocks of an image: row n*J + j of the [N*J, C] partials holds its j-th block of image n, and
+    the merge skips the rows a plane does not reach (_split_rows)."""
+    n, c, s = x3.shape
+    if not x3.is_contiguous() or s < 128 or align_of(s) > 2 or c * s >= 2 ** 31 or n > _MAX_GRID_YZ:
+        return None
+    block = min(_TILE, 1 << ((2 * s).bit_length() - 1))
+    meta = dict(S=s, ALIGN_IMG=align_of(c * s), BLOCK=block, num_warps=max(1, block // 512))
+    return (triton.cdiv(c * s, block), n), meta, (s - 1) // block + 2
+
+
 def _launch_elementwise(flat_kernel, tiled_kernel, x3, geo: _Geometry, args: tuple, flags: dict) -> None:
     """One elementwise pass (apply, backward apply): its flat kernel where x3 suits it (see
     _flat_geometry), else its 3-D tiled one. Both take ``args`` first, then their geometry."""
@@ -487,15 +585,31 @@ def bn_stats(x3: torch.Tensor):
     if geo.n_tiles == 0:
         # no elements: mean and variance are undefined, as in torch (0/0)
         return mean.fill_(float("nan")), var.fill_(float("nan"))
-    n_splits, per_split = geo.splits(x3.device)
-    parts = torch.empty((3, n_splits, c), dtype=sdt, device=x3.device)
-    _launch(_stats_partial_kernel, (geo.n_cblocks, n_splits))(
-        x3, parts[0], parts[1], parts[2], *geo.dims(), geo.n_tiles, per_split,
-        **geo.blocks, num_warps=_NUM_WARPS)
+    flat = _flat_reduction(x3)
+    if flat is not None:
+        grid, meta, j = flat
+        n_splits = geo.n * j
+        parts = torch.empty((3, n_splits, c), dtype=sdt, device=x3.device)
+        _launch(_stats_partial_flat_kernel, grid)(x3, parts[0], parts[1], parts[2], c, J=j, **meta)
+    else:
+        n_splits, per_split = geo.splits(x3.device)
+        parts = torch.empty((3, n_splits, c), dtype=sdt, device=x3.device)
+        _launch(_stats_partial_kernel, (geo.n_cblocks, n_splits))(
+            x3, parts[0], parts[1], parts[2], *geo.dims(), geo.n_tiles, per_split,
+            **geo.blocks, num_warps=_NUM_WARPS)
     _launch(_stats_merge_kernel, (triton.cdiv(c, _MERGE_C),))(
-        x3, parts[0], parts[1], parts[2], mean, var, c, x3.stride(1), n_splits,
+        x3, parts[0], parts[1], parts[2], mean, var, c, x3.stride(1), n_splits, **_merge_rows(flat),
         BLOCK_SPLIT=_MERGE_SPLITS, BLOCK_C=_MERGE_C)
     return mean, var
+
+
+def _merge_rows(flat) -> dict:
+    """The merge kernels' description of the partial rows (_split_rows): from _flat_reduction, or
+    every row for the tiled reductions."""
+    if flat is None:
+        return dict(J=1, S=1, FLAT_BLOCK=1, FLAT=False)
+    _, meta, j = flat
+    return dict(J=j, S=meta["S"], FLAT_BLOCK=meta["BLOCK"], FLAT=True)
 
 
 def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
@@ -525,15 +639,24 @@ def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, a
     has_res = residual3 is not None
     grad_y3, y3, residual3 = (_like_x(t, x3) for t in (grad_y3, y3, residual3))
     y3 = x3 if y3 is None else y3  # only "relu" reads y
-    n_splits, per_split = geo.splits(x3.device)
-    parts = torch.empty((2, n_splits, c), dtype=scale.dtype, device=x3.device)
-    _launch(_backward_reduce_partial_kernel, (geo.n_cblocks, n_splits))(
-        grad_y3, y3, x3, residual3 if has_res else x3, mean, invstd, scale, shift, parts[0], parts[1],
-        parts[0] if dz3 is None else dz3, *geo.dims(), geo.n_tiles, per_split,
-        HAS_RESIDUAL=has_res, ACTIVATION=activation, WRITE_DZ=dz3 is not None, **geo.blocks,
-        num_warps=_NUM_WARPS)
+    args = (grad_y3, y3, x3, residual3 if has_res else x3, mean, invstd, scale, shift)
+    flags = dict(HAS_RESIDUAL=has_res, ACTIVATION=activation, WRITE_DZ=dz3 is not None)
+    flat = _flat_reduction(x3)
+    if flat is not None:
+        grid, meta, j = flat
+        n_splits = geo.n * j
+        parts = torch.empty((2, n_splits, c), dtype=scale.dtype, device=x3.device)
+        _launch(_backward_reduce_partial_flat_kernel, grid)(
+            *args, parts[0], parts[1], parts[0] if dz3 is None else dz3, c, J=j, **flags, **meta)
+    else:
+        n_splits, per_split = geo.splits(x3.device)
+        parts = torch.empty((2, n_splits, c), dtype=scale.dtype, device=x3.device)
+        _launch(_backward_reduce_partial_kernel, (geo.n_cblocks, n_splits))(
+            *args, parts[0], parts[1], parts[0] if dz3 is None else dz3, *geo.dims(), geo.n_tiles, per_split,
+            **flags, **geo.blocks, num_warps=_NUM_WARPS)
     _launch(_sum_splits_kernel, (triton.cdiv(c, _MERGE_C),))(
-        parts[0], parts[1], sum_dz, sum_dz_xhat, c, n_splits, BLOCK_SPLIT=_MERGE_SPLITS, BLOCK_C=_MERGE_C)
+        parts[0], parts[1], sum_dz, sum_dz_xhat, c, n_splits, **_merge_rows(flat),
+        BLOCK_SPLIT=_MERGE_SPLITS, BLOCK_C=_MERGE_C)
     return sum_dz, sum_dz_xhat, dz3
 
 
