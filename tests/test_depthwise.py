@@ -89,16 +89,18 @@ def test_wide_channel_rows(backend, dtype, case, channels_last):
 
 
 # c16/c32 3x3: whole lines of channels per pixel, which the C++ row kernel streams itself (5-pixel
-# blocks; 13 and 6 output columns leave a partial last block); the others go through a row buffer.
+# blocks; 13 and 6 output columns leave a partial last block); the others store plainly. The
+# stride-2 input gradients (c64k5s2, c32k3s2) stream from its 4-pixel blocks, beside single pixels
+# stored plainly at the borders.
 @pytest.mark.parametrize("case", [(2, 37, 13, 11, 3, 1, 1, 1), (1, 64, 9, 12, 5, 2, 2, 1), (3, 9, 5, 4, 3, 1, 4, 1),
                                   (2, 16, 9, 13, 3, 1, 1, 1), (1, 32, 11, 12, 3, 2, 1, 1),
                                   (1, 16, 12, 11, 3, 1, (2, 1), (2, 1))],
                          ids=["c37k3s1", "c64k5s2", "c9k3p4", "c16k3s1", "c32k3s2", "c16k3d21"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_channels_last_streamed_output(backend, dtype, case, monkeypatch):
-    """Where input + output exceed the last-level cache the C++ channels_last forward (and the stride-1
-    backward-input, the same kernel) streams its output rows with non-temporal stores; a tiny
-    DLKERNELS_LLC_BYTES reaches that path on small tensors (other backends ignore it)."""
+    """Where input + output exceed a third of the last-level cache the C++ channels_last forward (and
+    the backward-input: at stride 1 the same kernel) streams its output with non-temporal stores; a
+    tiny DLKERNELS_LLC_BYTES reaches that path on small tensors (other backends ignore it)."""
     monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
     n, c, h, w, k, s, p, d = case
     x = leaf(torch.randn(n, c, h, w, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last))
