@@ -91,11 +91,12 @@ def test_wide_channel_rows(backend, dtype, case, channels_last):
 # c16/c32 3x3: whole lines of channels per pixel, which the C++ row kernel streams itself (5-pixel
 # blocks; 13 and 6 output columns leave a partial last block); the others store plainly. The
 # stride-2 input gradients (c64k5s2, c32k3s2) stream from its 4-pixel blocks, beside single pixels
-# stored plainly at the borders.
+# stored plainly at the borders; c256k3s2 from 2-pixel blocks in float32 (4 would alias) and plainly in
+# float64.
 @pytest.mark.parametrize("case", [(2, 37, 13, 11, 3, 1, 1, 1), (1, 64, 9, 12, 5, 2, 2, 1), (3, 9, 5, 4, 3, 1, 4, 1),
                                   (2, 16, 9, 13, 3, 1, 1, 1), (1, 32, 11, 12, 3, 2, 1, 1),
-                                  (1, 16, 12, 11, 3, 1, (2, 1), (2, 1))],
-                         ids=["c37k3s1", "c64k5s2", "c9k3p4", "c16k3s1", "c32k3s2", "c16k3d21"])
+                                  (1, 16, 12, 11, 3, 1, (2, 1), (2, 1)), (1, 256, 7, 9, 3, 2, 1, 1)],
+                         ids=["c37k3s1", "c64k5s2", "c9k3p4", "c16k3s1", "c32k3s2", "c16k3d21", "c256k3s2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_channels_last_streamed_output(backend, dtype, case, monkeypatch):
     """Where input + output exceed a third of the last-level cache the C++ channels_last forward (and
