@@ -97,6 +97,17 @@ def test_linear(backend, dtype, in_shape, with_bias, activation):
             assert_close(got, exp, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_streamed_output(backend, dtype, monkeypatch):
+    # Where a GEMM's operands and C outgrow a third of the LLC and K is one slice, the C++ GEMM
+    # writes whole C tiles with non-temporal stores (rows of 16-float multiples; edge tiles stay
+    # plain); a tiny DLKERNELS_LLC_BYTES reaches that path on small matrices (other backends ignore it)
+    monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
+    for shapes in (((50, 37), (37, 32)), ((3, 7, 20), (3, 20, 16)), ((61, 300), (300, 48))):
+        test_matmul_forward_backward(backend, dtype, shapes, False)
+    test_linear(backend, dtype, (2, 5, 29), True, "relu")
+
+
 TRITON = [b for b in KERNEL_BACKENDS if b == "triton"]
 # K long enough to split: plain, batched, broadcast batch, batch folded into M, prime K
 SPLIT_SHAPES = [((129, 37), (37, 70)), ((3, 5, 70), (3, 70, 4)), ((2, 3, 5, 53), (3, 53, 4)),
