@@ -499,6 +499,47 @@ bool gemm_streams_c(int64_t M, int64_t N, int64_t K, const T* C, int64_t ldc, bo
 #endif
 }
 
+// Split K across the threads where C is small and K long (a weight gradient, whose K is every
+// pixel of the batch): a grid of C blocks would have each thread pack a whole operand that the
+// others pack too, and the packing costs as much as the FMAs when M or N is a few dozen. Each
+// thread computes a private C over its part of K; the partial Cs are then added with the epilogue.
+// Two threads: 24 x 144 over K = 25088 (the channels-last pointwise weight gradient of MobileNetV2)
+// 2.90 -> 1.95 ms (torch 2.15); 24 x 96 over K = 25088 1.58 -> 1.32 ms (torch 1.49).
+inline bool gemm_splits_k(int64_t M, int64_t N, int64_t K, int64_t kc) {
+  return M * N <= 64 * 1024 && K >= 8 * std::max(M, N) && K >= 4 * kc;
+}
+
+template <class T, class Kern>
+void gemm_split_k(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
+                  int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool accumulate, int nt,
+                  const Buffers<T, Kern>& buf, T* scratch_all) {
+  std::vector<T> part(static_cast<size_t>(nt * M * N));
+  int used = 1;
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+#pragma omp single
+    used = team;
+    // whole KC slices per thread, so no thread's last slice is a sliver
+    const int64_t slices = ceil_div(K, buf.kc);
+    const int64_t k0 = std::min(K, slices * tid / team * buf.kc), k1 = std::min(K, slices * (tid + 1) / team * buf.kc);
+    T* const mine = scratch_all + tid * (buf.a_size + buf.b_size);
+    T* const pc = part.data() + tid * M * N;
+    if (k1 > k0)
+      gemm_serial<T, Kern>(M, N, k1 - k0, A + k0 * cs_a, rs_a, cs_a, B + k0 * rs_b, rs_b, cs_b, pc, N, nullptr, 0,
+                           false, false, false, buf.kc, mine, mine + buf.a_size);
+    else
+      std::fill(pc, pc + M * N, T(0));
+  }
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      T x = accumulate ? C[i * ldc + j] : T(0);
+      for (int t = 0; t < used; ++t) x += part[(t * M + i) * N + j];
+      if (bias) x += bias_dim == 1 ? bias[j] : bias[i];
+      C[i * ldc + j] = relu ? relu_keep_nan(x) : x;
+    }
+}
+
 // Threads: C is cut into a tm x tn grid of blocks (whole MR-row / NR-column panels, balanced to
 // one panel) and each thread runs the serial GEMM on its block with its own packing buffers. No
 // barrier anywhere, so a thread the OS delays (shared or oversubscribed cores) holds up nobody
@@ -529,6 +570,10 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
   if (nt == 1)
     return gemm_serial<T, Kern>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, accumulate,
                                 stream, buf.kc, scratch_all, scratch_all + buf.a_size);
+
+  if (gemm_splits_k(M, N, K, buf.kc))
+    return gemm_split_k<T, Kern>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, accumulate,
+                                 nt, buf, scratch_all);
 
   const int64_t mp = ceil_div(M, MR), np = ceil_div(N, NR);
 #pragma omp parallel num_threads(nt)

@@ -108,6 +108,16 @@ def test_streamed_output(backend, dtype, monkeypatch):
     test_linear(backend, dtype, (2, 5, 29), True, "relu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_long_k(backend, dtype):
+    # C small and K long: the C++ GEMM splits K across its threads and adds the partial Cs with the
+    # epilogue (bias, ReLU); a weight gradient's K is every pixel of the batch
+    test_matmul_forward_backward(backend, dtype, ((24, 3001), (3001, 40)), False)
+    test_matmul_forward_backward(backend, dtype, ((24, 3001), (3001, 40)), True)
+    test_linear(backend, dtype, (100, 2000), True, "relu")
+    test_linear(backend, dtype, (4, 25, 1999), True, None)
+
+
 TRITON = [b for b in KERNEL_BACKENDS if b == "triton"]
 # K long enough to split: plain, batched, broadcast batch, batch folded into M, prime K
 SPLIT_SHAPES = [((129, 37), (37, 70)), ((3, 5, 70), (3, 70, 4)), ((2, 3, 5, 53), (3, 53, 4)),
