@@ -520,16 +520,17 @@ def _flat_geometry(x3: torch.Tensor):
 
 
 def _flat_reduction(x3: torch.Tensor):
-    """(grid, meta, J) of the flat reductions for an NCS-contiguous x3 whose planes are at least 128
-    elements long and have no factor 4 (19x19, 75x75), else None. There the 3-D tiles load every element alone (the sm_90 PTX of the statistics
-    pass at 75x75 and 19x19 had only scalar loads; batch norm training at 43-44 % of copy on an H100,
-    2026-11-26). A flat block reads the image as one run of vectors and sums each channel it touches
-    apart. BLOCK is the largest power of two within 2*S (at most _TILE), so a block touches at most
+    """(grid, meta, J) of the flat reductions for an x3 the flat kernels take (_flat_geometry) whose
+    planes are at least 128 elements long and have no factor 4 (19x19, 75x75), else None. There the
+    3-D tiles load every element alone (the sm_90 PTX of the statistics pass at 75x75 and 19x19 had
+    only scalar loads; batch norm training at 43-44 % of copy on an H100, 2026-11-26). A flat block
+    reads the image as one run of vectors and sums each channel it touches apart. BLOCK is the
+    largest power of two within 2*S (at most _TILE), so a block touches at most
     K = (BLOCK - 1) // S + 2 = 3 channels, and a channel's plane at most J = (S - 1) // BLOCK + 2
     blocks of an image: row n*J + j of the [N*J, C] partials holds its j-th block of image n, and
     the merge skips the rows a plane does not reach (_split_rows)."""
     n, c, s = x3.shape
-    if not x3.is_contiguous() or s < 128 or align_of(s) > 2 or c * s >= 2 ** 31 or n > _MAX_GRID_YZ:
+    if s < 128 or align_of(s) > 2 or _flat_geometry(x3) is None:
         return None
     block = min(_TILE, 1 << ((2 * s).bit_length() - 1))
     meta = dict(S=s, ALIGN_IMG=align_of(c * s), BLOCK=block, num_warps=max(1, block // 512))
