@@ -533,10 +533,9 @@ void gemm_split_k(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int
   }
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) {
-      T x = accumulate ? C[i * ldc + j] : T(0);
+      T x = 0;
       for (int t = 0; t < used; ++t) x += part[(t * M + i) * N + j];
-      if (bias) x += bias_dim == 1 ? bias[j] : bias[i];
-      C[i * ldc + j] = relu ? relu_keep_nan(x) : x;
+      store_one(x, C + i * ldc + j, accumulate, bias ? (bias_dim == 1 ? bias + j : bias + i) : nullptr, relu);
     }
 }
 
