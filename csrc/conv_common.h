@@ -109,6 +109,11 @@ inline void vstore(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof v)
 template <class T>
 inline typename Vec<T>::type vbroadcast(T x) { return typename Vec<T>::type{} + x; }
 
+// Whether stores `bytes` apart land in one L1 set (Zen3's 32 KiB 8-way L1, like most x86 L1s, indexes
+// sets by address bits below 4 KiB): a run of them evicts itself, and streamed ones alias in the
+// write-combining buffers (depthwise.h and depthwise.cpp measure both).
+inline bool same_l1_set(int64_t bytes) { return bytes % 4096 == 0; }
+
 // vstream: one vector to p, 32-byte aligned; a plain store without AVX. Whole 64-byte lines
 // should be written by consecutive calls: a partly written line goes out in pieces.
 template <class T>

@@ -419,7 +419,7 @@ void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
                       streams_outputs((g.N * g.Ho * g.Wo * g.Cm + g.N * g.H * g.W * g.C) * static_cast<int64_t>(sizeof(T)));
   auto aliases = [&](int nj) {
     for (int jj = 1; jj < nj; ++jj)
-      if ((jj * g.sW * pixel_bytes) % 4096 == 0) return true;
+      if (same_l1_set(jj * g.sW * pixel_bytes)) return true;
     return false;
   };
   // blocks of nj pixels (streamed: 2 where 4 would alias, plain 4 where 2 would too)

@@ -589,7 +589,7 @@ void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, con
     // two threads: 10x10 360 -> 289 us, 15x15 753 -> 615, 20x20 1436 -> 1134, 2048 channels 10x10
     // 391 -> 346; the 4-pixel blocks such rows would need at other widths measured no faster
     // (7x7: 164 vs 186 us), so those keep the sweep.
-    if (g.kH == 3 && g.kW == 3 && g.Wo % 5 == 0 && g.Cm * static_cast<int64_t>(sizeof(T)) % 4096 == 0) {
+    if (g.kH == 3 && g.kW == 3 && g.Wo % 5 == 0 && same_l1_set(g.Cm * static_cast<int64_t>(sizeof(T)))) {
       if (g.sW == 1) return cl_staged_row_blocks<T, 5, 2, 3, 1>(rows, ps, xn, i, wt, bias, yr, g);
       if (g.sW == 2) return cl_staged_row_blocks<T, 5, 2, 3, 2>(rows, ps, xn, i, wt, bias, yr, g);
     }
@@ -613,7 +613,7 @@ bool cl_streams_rows(const DwGeom& g, const T* y) {
 #if defined(__AVX__)
   const int64_t pixel_bytes = g.Cm * static_cast<int64_t>(sizeof(T));
   return g.kH == 3 && g.kW == 3 && g.dW == 1 && g.sW <= 2 && g.Wo >= 5 && pixel_bytes % 64 == 0 &&
-         pixel_bytes % 4096 != 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+         !same_l1_set(pixel_bytes) && reinterpret_cast<uintptr_t>(y) % 64 == 0;
 #else
   (void)g, (void)y;
   return false;
