@@ -88,7 +88,7 @@ fi
 
 if has probe; then
   say "probe ${PROBE_K:-(default cases)}"
-  timeout "${PROBE_S:-120}" PYTHONPATH=. $PY benchmarks/gpu/probe.py "$RES" ${PROBE_K:+-k "$PROBE_K"} > "$OUT/probe.log" 2>&1
+  PYTHONPATH=. timeout "${PROBE_S:-120}" $PY benchmarks/gpu/probe.py "$RES" ${PROBE_K:+-k "$PROBE_K"} > "$OUT/probe.log" 2>&1
   echo "probe rc=$?" >> "$OUT/probe.log"
   tail -2 "$OUT/probe.log"
 fi
