@@ -126,6 +126,26 @@ SPLIT_SHAPES = [((129, 37), (37, 70)), ((3, 5, 70), (3, 70, 4)), ((2, 3, 5, 53),
 
 
 @pytest.mark.parametrize("backend", TRITON)
+def test_split_k_choice(backend, monkeypatch):
+    # The split-K cost model on an H100's 132 SMs, at the shapes whose measurements shaped it:
+    # 2 output tiles over a long K split to one full wave; 96 tiles do not split (three waves of a
+    # third of K each took as long, plus the partials); big square and MLP GEMMs never split
+    from dlkernels.matmul import triton_impl
+    monkeypatch.setattr(triton_impl, "target_programs", lambda device: 4 * 132)
+    cuda = torch.device("cuda")
+    splits = lambda m, n, k, nb=1: triton_impl._k_splits(nb, m, n, k, cuda)[0]
+    assert splits(24, 144, 200704) == 66     # MobileNetV2 channels-last weight gradient
+    assert splits(32, 1000, 2048) == 8       # ResNet-50 fc forward: 256 of K per split at least
+    assert 2 <= splits(728, 728, 23104) <= 7  # Xception middle weight gradient, 36 tiles
+    assert splits(1536, 1024, 6400) == 1     # Xception exit weight gradient, 96 tiles
+    assert splits(24, 144, 200704, nb=70) == 1
+    for m, n, k in ((1024, 1024, 1024), (512, 4096, 1024), (4096, 1024, 512), (1000, 2048, 32)):
+        assert splits(m, n, k) == 1
+    _, k_per = triton_impl._k_splits(1, 24, 144, 200704, cuda)
+    assert k_per % 64 == 0 and 65 * k_per < 200704 <= 66 * k_per
+
+
+@pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("splits", [2, 7])
 @pytest.mark.parametrize("shapes", SPLIT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}".replace(" ", ""))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -208,24 +208,31 @@ _COPY_BYTES_PER_S = 2.88e12
 def _k_splits(nb: int, m: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
     """(splits, K per split) for a GEMM of nb (m, n) outputs over k.
 
-    Split when the output at the tuner's largest tiles (128 x 128) is under one program per SM:
+    Split when the output at the tuner's largest tiles (128 x 128) is under half a wave of programs:
     the channels-last pointwise weight gradient (24 x 144 over K = 200704 at MobileNetV2's shape)
     had 2 programs and ran 35x slower than cuDNN (H100, 2026-11-26). Splitting s ways divides one
-    program's walk over K (time t) by s and adds the fp32 partials' round trip through memory
-    (time p per split): s minimises t / s + p * s, with at most two programs per SM and 256 of K
-    each, and only where that saves a fifth of t (a 1024^3 GEMM does not split: its partials
-    would cost more than the programs it adds save). Splits are multiples of 64 (of 16 for short
+    program's walk over K (time t) by s, in waves of one 128 x 128 program per SM (its pipelined
+    tiles take over half the shared memory), and adds the fp32 partials' round trip through memory
+    (time p per split). s is the best of the most splits that fit one, two or three waves, with
+    256 of K at least each, taken only where that saves a fifth of t: with 96 tiles (1536 x 1024
+    over K = 6400, Xception exit's weight gradient) three splits ran three waves of a third of K
+    each, as long as one wave of all of it, and the partials made the pass slower (H100,
+    2026-11-26); a 1024^3 GEMM does not split either. Splits are multiples of 64 (of 16 for short
     K), so that every split starts on a BLOCK_K boundary and keeps K's ALIGN hint."""
     if SPLIT_K is not None:
         splits = max(1, min(SPLIT_K, triton.cdiv(k, 16)))
     else:
         sms = max(1, target_programs(device) // 4)
         tiles = nb * triton.cdiv(m, 128) * triton.cdiv(n, 128)
-        cap = min(triton.cdiv(2 * sms, tiles), k // 256) if tiles < sms else 1
         t = 2 * 128 * 128 * k / _SM_FLOPS
         p = 2 * 4 * nb * m * n / _COPY_BYTES_PER_S
-        splits = max(1, min(cap, round(math.sqrt(t / p))))
-        if splits > 1 and t / splits + p * splits > 0.8 * t:
+
+        def cost(s):
+            return triton.cdiv(tiles * s, sms) * t / s + p * s
+
+        cap = max(1, k // 256)
+        splits = min({1} | {min(cap, max(1, waves * sms // tiles)) for waves in (1, 2, 3)}, key=cost)
+        if cost(splits) > 0.8 * t:
             splits = 1
     if splits == 1:
         return 1, 0
