@@ -110,6 +110,35 @@ def test_two_pass_forward(backend, dtype, case, channels_last, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
+def test_timed_path_choice(backend, monkeypatch):
+    # Tuned, Triton times each new shape fused and in two passes, then runs the faster. On CUDA the
+    # real timer (graph_bench: CUDA graphs); under the interpreter a stand-in that runs the path and
+    # makes two passes the faster, so the choice differs from the untuned default (fused).
+    from dlkernels.separable import triton_impl
+    monkeypatch.setattr(triton_impl, "autotuning", lambda: True)
+    monkeypatch.setattr(triton_impl, "_chosen", {})
+    monkeypatch.setattr(triton_impl, "_timings", {})
+    if DEVICE.type != "cuda":
+        costs = {"fused": 2.0, "two_pass": 1.0}
+        order = iter(costs)  # _timed_choice times fused, then two passes
+        monkeypatch.setattr(triton_impl, "_time_path", lambda run: (run(), costs[next(order)])[1])
+    _check_forward(backend, torch.float32, SEP_CASES[1], True, what="separable (timed choice)")
+    [(key, times)] = triton_impl._timings.items()
+    assert set(times) == {"fused", "two_pass"} and all(t > 0 for t in times.values())
+    chosen = triton_impl._chosen[key]
+    assert chosen == min(times, key=times.get)
+    if DEVICE.type != "cuda":
+        assert chosen == "two_pass"
+    # the choice is kept: the next call of that shape runs the chosen path alone, untimed
+    ran = []
+    for name in ("_fused", "_two_pass"):
+        path = getattr(triton_impl, name)
+        monkeypatch.setattr(triton_impl, name, lambda *a, _p=path, _n=name: (ran.append(_n), _p(*a))[1])
+    _check_forward(backend, torch.float32, SEP_CASES[1], True, what="separable (kept choice)")
+    assert ran == ["_" + chosen] and len(triton_impl._timings) == 1
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_pointwise_split_k(backend, channels_last, monkeypatch):
     # Triton's split-K GEMM, which a GPU takes for the channels-last weight gradient (K = every

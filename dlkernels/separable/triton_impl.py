@@ -11,7 +11,9 @@ Where the pointwise GEMM dominates (hundreds of channels in and out), the fused 
 recomputes the depthwise tile for every block of output channels and feeds tl.dot from registers
 (H200, 2026-11-26: 19-55 TFLOP/s, 0.18-0.25x eager's two convs at Xception's 728->728 and
 1024->1536). So on a GPU each new shape is timed once both ways, fused and in two passes (the
-depthwise kernel into an intermediate, then the matmul kernel), and runs the faster from then on.
+depthwise kernel into an intermediate, then the matmul kernel), by the GPU time of each (CUDA
+graphs: the host cost of the two-pass path's extra launches is not the kernels'), and runs the
+faster from then on.
 Untuned (the GPU tests) and under the interpreter it runs the fused kernel; ``PATH`` pins a path.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import INTERPRET, TunedKernel, align_of, autotuning, cfg, quick_bench
+from .._triton_common import INTERPRET, TunedKernel, align_of, autotuning, cfg, graph_bench
 from ..depthwise import triton_impl as depthwise
 from ..depthwise.triton_impl import (acc_dtype, dw_tile, is_channels_last, new_output, pixel_align, pixel_stride,
                                      weight_taps)
@@ -31,6 +33,8 @@ from ..pointwise.op import forward as pointwise_forward
 PATH = None
 _chosen: dict = {}
 _timings: dict = {}  # the times (ms) each choice was made on, for benchmarks/gpu/probe.py
+# the choice's timer: the paths' GPU time (tests on the CPU put a stand-in here)
+_time_path = graph_bench
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -141,7 +145,7 @@ def separable_fwd(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
     args = (x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw)
     path = PATH
     if path is None:
-        path = _timed_choice(*args) if autotuning() and x.is_cuda else "fused"
+        path = _timed_choice(*args) if autotuning() else "fused"
     return (_two_pass if path == "two_pass" else _fused)(*args)
 
 
@@ -153,7 +157,7 @@ def _timed_choice(*args):
         runs = {"fused": lambda: _fused(*args), "two_pass": lambda: _two_pass(*args)}
         for run in runs.values():
             run()  # tunes its kernels before it is timed
-        times = _timings[key] = {name: quick_bench(run) for name, run in runs.items()}
+        times = _timings[key] = {name: _time_path(run) for name, run in runs.items()}
         _chosen[key] = min(times, key=times.get)
     return _chosen[key]
 
