@@ -14,8 +14,6 @@ applied and grad_pre written in the same pass), then one small kernel that adds 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -208,7 +206,7 @@ _COPY_BYTES_PER_S = 2.88e12
 def _k_splits(nb: int, m: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
     """(splits, K per split) for a GEMM of nb (m, n) outputs over k.
 
-    Split when the output at the tuner's largest tiles (128 x 128) is under half a wave of programs:
+    Split where the output at the tuner's largest tiles (128 x 128) leaves SMs idle:
     the channels-last pointwise weight gradient (24 x 144 over K = 200704 at MobileNetV2's shape)
     had 2 programs and ran 35x slower than cuDNN (H100, 2026-11-26). Splitting s ways divides one
     program's walk over K (time t) by s, in waves of one 128 x 128 program per SM (its pipelined
