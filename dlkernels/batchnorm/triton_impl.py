@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
 from .._triton_common import launch as _launch
-from .._triton_common import align_of, target_programs
+from .._triton_common import align_of, cdiv, target_programs
 
 # Elements per tile: 16 per thread at 4 warps, enough loads in flight to stream HBM.
 _TILE = 2048
@@ -493,9 +493,9 @@ class _Geometry:
         self.blocks = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs, ALIGN_N=align_of(self.strides[0]),
                            ALIGN_C=align_of(self.strides[1]), ALIGN_S=align_of(self.strides[2]),
                            COUNT_C=align_of(c), COUNT_S=align_of(s))
-        self.n_sblocks = triton.cdiv(s, bs)
-        self.n_tiles = triton.cdiv(n, bn) * self.n_sblocks
-        self.n_cblocks = triton.cdiv(c, bc)
+        self.n_sblocks = cdiv(s, bs)
+        self.n_tiles = cdiv(n, bn) * self.n_sblocks
+        self.n_cblocks = cdiv(c, bc)
 
     def dims(self):
         return (self.n, self.c, self.s, *self.strides, self.n_sblocks)
@@ -503,9 +503,9 @@ class _Geometry:
     def splits(self, device: torch.device) -> tuple[int, int]:
         """(number of splits, tiles per split) for a two-level reduction."""
         target = target_programs(device)
-        splits = max(1, min(self.n_tiles, triton.cdiv(target, self.n_cblocks), _MAX_GRID_YZ))
-        per_split = triton.cdiv(self.n_tiles, splits)
-        return triton.cdiv(self.n_tiles, per_split), per_split
+        splits = max(1, min(self.n_tiles, cdiv(target, self.n_cblocks), _MAX_GRID_YZ))
+        per_split = cdiv(self.n_tiles, splits)
+        return cdiv(self.n_tiles, per_split), per_split
 
 
 def _flat_geometry(x3: torch.Tensor):
@@ -516,7 +516,7 @@ def _flat_geometry(x3: torch.Tensor):
         return None
     if c * s >= 2 ** 31 or n > _MAX_GRID_YZ:  # int32 offsets within an image; grid axis 1
         return None
-    return (triton.cdiv(c * s, _TILE), n), dict(S=s, ALIGN_IMG=align_of(c * s), BLOCK=_TILE, num_warps=_NUM_WARPS)
+    return (cdiv(c * s, _TILE), n), dict(S=s, ALIGN_IMG=align_of(c * s), BLOCK=_TILE, num_warps=_NUM_WARPS)
 
 
 def _flat_reduction(x3: torch.Tensor):
@@ -534,7 +534,7 @@ def _flat_reduction(x3: torch.Tensor):
         return None
     block = min(_TILE, 1 << ((2 * s).bit_length() - 1))
     meta = dict(S=s, ALIGN_IMG=align_of(c * s), BLOCK=block, num_warps=max(1, block // 512))
-    return (triton.cdiv(c * s, block), n), meta, (s - 1) // block + 2
+    return (cdiv(c * s, block), n), meta, (s - 1) // block + 2
 
 
 def _launch_elementwise(flat_kernel, tiled_kernel, x3, geo: _Geometry, args: tuple, flags: dict) -> None:
@@ -598,7 +598,7 @@ def bn_stats(x3: torch.Tensor):
         _launch(_stats_partial_kernel, (geo.n_cblocks, n_splits))(
             x3, parts[0], parts[1], parts[2], *geo.dims(), geo.n_tiles, per_split,
             **geo.blocks, num_warps=_NUM_WARPS)
-    _launch(_stats_merge_kernel, (triton.cdiv(c, _MERGE_C),))(
+    _launch(_stats_merge_kernel, (cdiv(c, _MERGE_C),))(
         x3, parts[0], parts[1], parts[2], mean, var, c, x3.stride(1), n_splits, **_merge_rows(flat),
         BLOCK_SPLIT=_MERGE_SPLITS, BLOCK_C=_MERGE_C)
     return mean, var
@@ -655,7 +655,7 @@ def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, a
         _launch(_backward_reduce_partial_kernel, (geo.n_cblocks, n_splits))(
             *args, parts[0], parts[1], parts[0] if dz3 is None else dz3, *geo.dims(), geo.n_tiles, per_split,
             **flags, **geo.blocks, num_warps=_NUM_WARPS)
-    _launch(_sum_splits_kernel, (triton.cdiv(c, _MERGE_C),))(
+    _launch(_sum_splits_kernel, (cdiv(c, _MERGE_C),))(
         parts[0], parts[1], sum_dz, sum_dz_xhat, c, n_splits, **_merge_rows(flat),
         BLOCK_SPLIT=_MERGE_SPLITS, BLOCK_C=_MERGE_C)
     return sum_dz, sum_dz_xhat, dz3

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import _validation as V
-from .._triton_common import TunedKernel, align_of, cfg, target_programs
+from .._triton_common import TunedKernel, align_of, cdiv, cfg, target_programs
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -111,8 +111,8 @@ def pixel_tiles(ho: int, wo: int, meta) -> int:
     """How many pixel tiles of ``meta``'s shape (see pixel_tile) cover an ho x wo image."""
     bp, tw = meta["BLOCK_P"], meta.get("TILE_W", 0)
     if tw == 0:
-        return triton.cdiv(ho * wo, bp)
-    return triton.cdiv(ho, bp // tw) * triton.cdiv(wo, tw)
+        return cdiv(ho * wo, bp)
+    return cdiv(ho, bp // tw) * cdiv(wo, tw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
     y = new_output(x, (n, c_out, ho, wo), cl)
     kernel = _dw_fwd_cl if cl else _dw_fwd_nchw
     wt, stride_wc, stride_wt = weight_taps(weight, cl)
-    grid = lambda META: (pixel_tiles(ho, wo, META), triton.cdiv(c_out, META["BLOCK_C"]), n)
+    grid = lambda META: (pixel_tiles(ho, wo, META), cdiv(c_out, META["BLOCK_C"]), n)
     kernel(grid, x, wt, bias if bias is not None else weight, y,
            c_out, c_out // c, h, w, ho, wo,
            *x.stride(), y.stride(0), y.stride(1), pixel_stride(y), stride_wc, stride_wt,
@@ -260,7 +260,7 @@ def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_chan
     gx = new_output(grad_y, (n, c, h, w), cl)
     kernel = _dw_bwd_input_cl if cl else _dw_bwd_input_nchw
     wt, stride_wc, stride_wt = weight_taps(weight, cl)
-    grid = lambda META: (pixel_tiles(h, w, META), triton.cdiv(c, META["BLOCK_C"]), n)
+    grid = lambda META: (pixel_tiles(h, w, META), cdiv(c, META["BLOCK_C"]), n)
     kernel(grid, grad_y, wt, gx,
            c, m, h, w, ho, wo,
            *grad_y.stride(), gx.stride(0), gx.stride(1), pixel_stride(gx), stride_wc, stride_wt,
@@ -372,14 +372,14 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
     cl = is_channels_last(x)
     ntap = kh * kw
     ncol = ntap + int(need_bias)
-    c_blocks_min = triton.cdiv(c_out, 128) if cl else c_out
-    want = max(1, triton.cdiv(target_programs(x.device), c_blocks_min * ncol))
-    chunk = max(_CHUNK_QUANTUM, triton.cdiv(triton.cdiv(total, want), _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
-    num_chunks = triton.cdiv(total, chunk)
+    c_blocks_min = cdiv(c_out, 128) if cl else c_out
+    want = max(1, cdiv(target_programs(x.device), c_blocks_min * ncol))
+    chunk = max(_CHUNK_QUANTUM, cdiv(cdiv(total, want), _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
+    num_chunks = cdiv(total, chunk)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((num_chunks, c_out * ncol), dtype=acc, device=x.device)
     kernel = _dw_bwd_weight_cl if cl else _dw_bwd_weight_nchw
-    grid = lambda META: (ncol, triton.cdiv(c_out, META["BLOCK_C"]), num_chunks)
+    grid = lambda META: (ncol, cdiv(c_out, META["BLOCK_C"]), num_chunks)
     kernel(grid, grad_y, x, part,
            c_out, c_out // c, h, w, ho, wo, total, chunk, kw, ntap,
            *grad_y.stride(), *x.stride(),
@@ -390,7 +390,7 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
     gw = torch.empty((c_out, 1, kh, kw), dtype=x.dtype, device=x.device)
     gb = torch.empty((c_out,), dtype=x.dtype, device=x.device) if need_bias else None
     r = c_out * ncol
-    grid_r = lambda META: (triton.cdiv(r, META["BLOCK_R"]),)
+    grid_r = lambda META: (cdiv(r, META["BLOCK_R"]),)
     _dw_bwd_weight_reduce(grid_r, part, gw, gb if gb is not None else gw, r, num_chunks,
                           NTAP=ntap, HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype))
     return gw, gb

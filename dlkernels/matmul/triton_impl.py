@@ -22,7 +22,7 @@ from .._triton_common import INTERPRET
 from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
 from .._triton_common import autotune
 from .._triton_common import launch as _launch
-from .._triton_common import align_of, target_programs
+from .._triton_common import align_of, cdiv, target_programs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,15 +218,15 @@ def _k_splits(nb: int, m: int, n: int, k: int, device: torch.device) -> tuple[in
     2026-11-26); a 1024^3 GEMM does not split either. Splits are multiples of 64 (of 16 for short
     K), so that every split starts on a BLOCK_K boundary and keeps K's ALIGN hint."""
     if SPLIT_K is not None:
-        splits = max(1, min(SPLIT_K, triton.cdiv(k, 16)))
+        splits = max(1, min(SPLIT_K, cdiv(k, 16)))
     else:
         sms = max(1, target_programs(device) // 4)
-        tiles = nb * triton.cdiv(m, 128) * triton.cdiv(n, 128)
+        tiles = nb * cdiv(m, 128) * cdiv(n, 128)
         t = 2 * 128 * 128 * k / _SM_FLOPS
         p = 2 * 4 * nb * m * n / _COPY_BYTES_PER_S
 
         def cost(s):
-            return triton.cdiv(tiles * s, sms) * t / s + p * s
+            return cdiv(tiles * s, sms) * t / s + p * s
 
         cap = max(1, k // 256)
         splits = min({1} | {min(cap, max(1, waves * sms // tiles)) for waves in (1, 2, 3)}, key=cost)
@@ -235,8 +235,8 @@ def _k_splits(nb: int, m: int, n: int, k: int, device: torch.device) -> tuple[in
     if splits == 1:
         return 1, 0
     grain = 64 if k >= 64 * splits else 16
-    k_per = triton.cdiv(triton.cdiv(k, splits), grain) * grain
-    return triton.cdiv(k, k_per), k_per
+    k_per = cdiv(cdiv(k, splits), grain) * grain
+    return cdiv(k, k_per), k_per
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -> torch.Tensor:
@@ -269,7 +269,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -
                            device=a.device) if splits > 1 else sc
 
         def grid(meta_):
-            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), b1 - b0, splits)
+            return (cdiv(m, meta_["BLOCK_M"]) * cdiv(n, meta_["BLOCK_N"]), b1 - b0, splits)
 
         _launch(kernel, grid)(
             sa, sb, sc, bias if has_bias else sc, part,
@@ -370,7 +370,7 @@ def _sum_splits(partial: torch.Tensor, out: torch.Tensor, bias, bias_dim: int, r
     """out (contiguous, a batch of (M, N) matrices) = epilogue(partial summed over dim 0)."""
     m, n = (out.shape[-2], out.shape[-1]) if out.dim() > 1 else (1, out.shape[0])
     length, block = out.numel(), 256
-    _launch(_sum_splits_kernel, (triton.cdiv(length, block),))(
+    _launch(_sum_splits_kernel, (cdiv(length, block),))(
         partial, out, bias if bias is not None else out, partial.shape[0], length, m, n,
         HAS_BIAS=bias is not None, BIAS_DIM=bias_dim, RELU=relu, BLOCK=block)
 
@@ -387,7 +387,7 @@ def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, activation: str
     if not need_bias:
         block = 1024
         if numel:
-            _launch(_relu_grad_kernel, (triton.cdiv(numel, block),))(
+            _launch(_relu_grad_kernel, (cdiv(numel, block),))(
                 grad_out, out, grad_pre, numel, BLOCK=block)
         return grad_pre, None
 
@@ -401,12 +401,12 @@ def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, activation: str
     block_c = min(128, triton.next_power_of_2(n))
     block_r = max(16, 2048 // block_c) if bias_dim == 0 else 16
     if bias_dim == 1:
-        n_l, tiles = triton.cdiv(n, block_c), triton.cdiv(nb * m, block_r)
+        n_l, tiles = cdiv(n, block_c), cdiv(nb * m, block_r)
     else:
-        n_l, tiles = triton.cdiv(m, block_r), nb * triton.cdiv(n, block_c)
-    splits = max(1, min(tiles, triton.cdiv(target_programs(grad_out.device), n_l), _MAX_GRID_YZ))
-    tiles_per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per_split)
+        n_l, tiles = cdiv(m, block_r), nb * cdiv(n, block_c)
+    splits = max(1, min(tiles, cdiv(target_programs(grad_out.device), n_l), _MAX_GRID_YZ))
+    tiles_per_split = cdiv(tiles, splits)
+    splits = cdiv(tiles, tiles_per_split)
     # fp32 partial sums for fp16/bf16/fp32 gradients, fp64 for fp64
     part_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     partial = torch.empty((splits, length), dtype=part_dtype, device=grad_out.device)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import INTERPRET, TunedKernel, align_of, autotuning, cfg, graph_bench
+from .._triton_common import INTERPRET, TunedKernel, align_of, autotuning, cdiv, cfg, graph_bench
 from ..depthwise import triton_impl as depthwise
 from ..depthwise.triton_impl import (acc_dtype, dw_tile, is_channels_last, new_output, pixel_align, pixel_stride,
                                      weight_taps)
@@ -175,7 +175,7 @@ def _fused(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
     y = new_output(x, (n, o, ho, wo), is_channels_last(x))
     # the depthwise tile spans BLOCK_C channels in either layout: tap-major weights
     dw_t, stride_wc, stride_wt = weight_taps(dw_weight, channel_runs=True)
-    grid = lambda META: (triton.cdiv(o, META["BLOCK_O"]) * triton.cdiv(ho * wo, META["BLOCK_P"]), n)
+    grid = lambda META: (cdiv(o, META["BLOCK_O"]) * cdiv(ho * wo, META["BLOCK_P"]), n)
     _separable_fwd(grid, x, dw_t, pw_weight, bias if bias is not None else pw_weight, y,
                    c_mid, o, c_mid // c, h, w, ho, wo,
                    *x.stride(), y.stride(0), y.stride(1), pixel_stride(y), stride_wc, stride_wt,
