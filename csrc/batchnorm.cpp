@@ -44,8 +44,6 @@ void dispatch_act(Act act, bool has_res, F&& f) {
   }
 }
 
-#define DLK_INLINE inline __attribute__((always_inline))
-
 // SiLU's sigmoid is computed run by run into a small per-thread buffer (SiluPrep below), in explicit
 // 8-wide vectors: the kernels' element loops rely on auto-vectorization, which GCC gave up on for an
 // inlined exp in the LTO build (the silu kernels ran scalar, ~10x slower than relu). The vectors use

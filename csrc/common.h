@@ -22,6 +22,10 @@
 #include <immintrin.h>
 #endif
 
+// Forced inlining: DLK_INLINE on functions, DLK_LAMBDA_INLINE after a lambda's parameter list.
+#define DLK_INLINE inline __attribute__((always_inline))
+#define DLK_LAMBDA_INLINE __attribute__((always_inline))
+
 namespace dlk {
 
 namespace py = pybind11;

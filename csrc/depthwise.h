@@ -6,6 +6,7 @@
 #include "conv_common.h"
 
 #include <array>
+#include <utility>
 #include <type_traits>
 
 namespace dlk {
@@ -57,6 +58,82 @@ inline void dw_block(const T* X, const int64_t* offs, int64_t K, const T* wo, T 
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) vstore(out + r * ors + v * L, acc[r][v]);
 }
+
+// f(integral_constant<int, 0>) ... f(integral_constant<int, N - 1>): loop indices that are constants,
+// so that FixedTaps' tap structure is resolved while compiling.
+template <class F, int... I>
+DLK_INLINE void static_for_seq(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+DLK_INLINE void static_for(F&& f) {
+  static_for_seq(f, std::make_integer_sequence<int, N>{});
+}
+
+// The cache lines of [begin, end), prefetched a few at a time (step) while other work runs, so that a
+// later copy of them reads cache instead of waiting on DRAM alone.
+struct LinePrefetch {
+  const char* next = nullptr;  // the next line to prefetch
+  const char* end = nullptr;
+
+  LinePrefetch() = default;
+  template <class T>
+  LinePrefetch(const T* begin, const T* end_)
+      : next(reinterpret_cast<const char*>(begin)), end(reinterpret_cast<const char*>(end_)) {}
+  int64_t count() const { return next < end ? ceil_div(end - next, 64) : 0; }  // lines left
+  // Prefetches the next k lines.
+  void step(int64_t k) {
+    for (; k > 0 && next < end; --k, next += 64) __builtin_prefetch(next);
+  }
+};
+
+// dw_block for a KH x KW window of dilation 1 over phase planes PB apart (stride SH x SW, see DwStage),
+// known while compiling. dw_block loads the input under every (row, tap) pair; rows r and r + 1 read
+// the same input row for taps a row apart, so for a 3x3 window it loads each input vector 2 (NR = 4)
+// to 3 times. Here each input vector is loaded once and fed to every output row that reads it
+// (fixed row and column offsets cannot be matched at run time), and the weights stay in registers.
+template <class T, int KH, int KW, int SH, int SW>
+struct FixedTaps {
+  using V = typename Vec<T>::type;
+  static constexpr int K = KH * KW;
+  int64_t PB;  // elements between phase planes
+  V wv[K];     // the taps' weights, broadcast
+  T b;
+
+  FixedTaps(int64_t PB_, const T* wo, T b_) : PB(PB_), b(b_) {
+    for (int t = 0; t < K; ++t) wv[t] = vbroadcast(wo[t]);
+  }
+
+  template <int NR, int NV>
+  DLK_INLINE void block(const T* X, T* out, int64_t xrs, int64_t ors) const {
+    constexpr int L = Vec<T>::lanes;
+    V w[K], acc[NR][NV];
+    // The empty asm makes each weight and input vector an opaque register value: GCC otherwise
+    // re-read them from memory under every FMA (memory operands), two loads per FMA.
+    static_for<K>([&](auto t) DLK_LAMBDA_INLINE { w[t] = wv[t]; asm("" : "+x"(w[t])); });
+    static_for<NR>([&](auto r) DLK_LAMBDA_INLINE { static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] = vbroadcast(b); }); });
+    static_for<SH>([&](auto a) DLK_LAMBDA_INLINE {
+      static_for<SW>([&](auto bq) DLK_LAMBDA_INLINE {
+        constexpr int PH = (KH - 1 - a) / SH + 1, QW = (KW - 1 - bq) / SW + 1;  // taps in this phase
+        const T* Xp = X + (a * SW + bq) * PB;
+        static_for<NR + PH - 1>([&](auto u) DLK_LAMBDA_INLINE {
+          static_for<QW>([&](auto c) DLK_LAMBDA_INLINE {
+            V x[NV];
+            static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { x[v] = vload(Xp + u * xrs + c + v * L); asm("" : "+x"(x[v])); });
+            static_for<NR>([&](auto r) DLK_LAMBDA_INLINE {
+              constexpr int pp = int(u) - int(r);
+              if constexpr (pp >= 0 && pp < PH) {
+                constexpr int t = (pp * SH + a) * KW + c * SW + bq;
+                static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] += w[t] * x[v]; });
+              }
+            });
+          });
+        });
+      });
+    });
+    static_for<NR>([&](auto r) DLK_LAMBDA_INLINE { static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { vstore(out + r * ors + v * L, acc[r][v]); }); });
+  }
+};
 
 // Even and odd elements of s[0, 2n) into e[0, n) and o[0, n): the column phases of a stride-2 row,
 // two vectors at a time through shuffles (a scalar de-interleave cost as much as the convolution).
@@ -225,6 +302,25 @@ void dw_stage(const T* xp, int64_t i0, const DwGeom& g, const DwStage& st, DwScr
     }
 }
 
+// Runs blk(NR, NV, i, j) (NR, NV: integral_constants) over output rows [0, rows) of Wo >= L columns:
+// blocks of NR = 4 rows (then 2, 1) by NV vectors (then 1), the last partial vector moved back to
+// end at Wo; pf's lines prefetched a share per row group.
+template <int NV, int L, class B>
+DLK_INLINE void wide_blocks(int64_t rows, int64_t Wo, LinePrefetch& pf, B blk) {
+  const int64_t pf_step = pf.next < pf.end ? ceil_div(pf.count(), ceil_div(rows, 4)) : 0;
+  auto group = [&](auto nr, int64_t i) {
+    pf.step(pf_step);
+    int64_t j = 0;
+    for (; j + NV * L <= Wo; j += NV * L) blk(nr, std::integral_constant<int, NV>{}, i, j);
+    for (; j + L <= Wo; j += L) blk(nr, std::integral_constant<int, 1>{}, i, j);
+    if (j < Wo) blk(nr, std::integral_constant<int, 1>{}, i, Wo - L);
+  };
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) group(std::integral_constant<int, 4>{}, i);
+  for (; i + 2 <= rows; i += 2) group(std::integral_constant<int, 2>{}, i);
+  for (; i < rows; ++i) group(std::integral_constant<int, 1>{}, i);
+}
+
 // Output rows [0, rows) from a staged block X of row stride Wp, output (i, j) = b + sum over taps t
 // of wo[t] * X[offs[t] + i*Wp + j] (every read in bounds, including up to L - 1 elements past the
 // last row's output Wo - 1 for the flat form), written at out (row stride Wo); F: flat_size(Wp)
@@ -234,26 +330,18 @@ void dw_stage(const T* xp, int64_t i0, const DwGeom& g, const DwStage& st, DwScr
 // one-vector blocks of 10- to 19-wide rows) into F, whose rows are then copied out.
 template <class T>
 void dw_rows_staged(const T* X, int64_t Wp, const int64_t* offs, int64_t K, const T* wo, T b, T* out, int64_t rows,
-                    int64_t Wo, T* F) {
+                    int64_t Wo, T* F, LinePrefetch pf = {}) {
   constexpr int L = Vec<T>::lanes;
-  const int64_t rc = flat_rows(Wp);
   if (Wo >= 4 * L) {
-    auto group = [&](auto nr, int64_t i) {
-      constexpr int NR = decltype(nr)::value;
-      const T* Xi = X + i * Wp;
-      T* oi = out + i * Wo;
-      int64_t j = 0;
-      for (; j + 2 * L <= Wo; j += 2 * L) dw_block<T, NR, 2>(Xi + j, offs, K, wo, b, oi + j, Wp, Wo);
-      for (; j + L <= Wo; j += L) dw_block<T, NR, 1>(Xi + j, offs, K, wo, b, oi + j, Wp, Wo);
-      if (j < Wo) dw_block<T, NR, 1>(Xi + Wo - L, offs, K, wo, b, oi + Wo - L, Wp, Wo);
-    };
-    int64_t i = 0;
-    for (; i + 4 <= rows; i += 4) group(std::integral_constant<int, 4>{}, i);
-    for (; i + 2 <= rows; i += 2) group(std::integral_constant<int, 2>{}, i);
-    for (; i < rows; ++i) group(std::integral_constant<int, 1>{}, i);
+    wide_blocks<2, L>(rows, Wo, pf, [&](auto nr, auto nv, int64_t i, int64_t j) {
+      dw_block<T, decltype(nr)::value, decltype(nv)::value>(X + i * Wp + j, offs, K, wo, b, out + i * Wo + j, Wp, Wo);
+    });
     return;
   }
+  const int64_t rc = flat_rows(Wp);
+  const int64_t pf_step = pf.next < pf.end ? ceil_div(pf.count(), ceil_div(rows, rc)) : 0;
   for (int64_t i0 = 0; i0 < rows; i0 += rc) {
+    pf.step(pf_step);
     const int64_t nr = std::min(rc, rows - i0), n = ceil_div(nr * Wp - (Wp - Wo), L) * L;
     const T* Xi = X + i0 * Wp;
     int64_t f = 0;
@@ -265,18 +353,42 @@ void dw_rows_staged(const T* X, int64_t Wp, const int64_t* offs, int64_t K, cons
   }
 }
 
+// dw_rows_staged for a window known while compiling (FixedTaps), rows of Wo >= 4L: blocks of 4 rows
+// x 1 vector, whose 4 accumulators, 9 weights and input vector fit the 16 AVX registers (4 x 2
+// spilled the weights, and the compiler then re-loaded the input under every FMA).
+template <class T, class Taps>
+void dw_rows_fixed(const T* X, int64_t Wp, const Taps& tp, T* out, int64_t rows, int64_t Wo, LinePrefetch pf) {
+  wide_blocks<1, Vec<T>::lanes>(rows, Wo, pf, [&](auto nr, auto nv, int64_t i, int64_t j) {
+    tp.template block<decltype(nr)::value, decltype(nv)::value>(X + i * Wp + j, out + i * Wo + j, Wp, Wo);
+  });
+}
+
+// The input of output rows [i0, i1) of the plane at xp: the rows their windows reach, as one range
+// (for LinePrefetch).
+template <class T>
+LinePrefetch plane_rows_input(const T* xp, int64_t i0, int64_t i1, const DwGeom& g) {
+  const int64_t r0 = std::max<int64_t>(0, i0 * g.sH - g.pT);
+  const int64_t r1 = std::min<int64_t>(g.H, (i1 - 1) * g.sH - g.pT + (g.kH - 1) * g.dH + 1);
+  return r1 > r0 ? LinePrefetch(xp + r0 * g.W, xp + r1 * g.W) : LinePrefetch();
+}
+
 // Output rows [i0, i1) of one channel, written at out (row stride Wo): the input rows they read are
 // first staged, zero-padded and phase-split (DwStage), into sc (a thread's scratch, L1/L2-sized
 // for a row block), so that every output is interior and the same vector kernel serves borders,
 // strides, dilations and negative padding (crop) without bounds checks.
 template <class T>
 void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i1, const DwGeom& g,
-                    DwScratch<T>& sc) {
+                    DwScratch<T>& sc, LinePrefetch pf = {}) {
   if (i1 <= i0 || g.Wo == 0) return;
   const DwStage& st = sc.stage(g, i1 - i0);
   dw_stage(xp, i0, g, st, sc);
-  dw_rows_staged(sc.buf.data(), st.Wp, st.offs.data(), g.kH * g.kW, wo, b, out, i1 - i0, g.Wo,
-                 sc.buf.data() + st.size() - st.flat);
+  T *X = sc.buf.data(), *F = X + st.size() - st.flat;
+  const int64_t rows = i1 - i0;
+  if (g.dH == 1 && g.dW == 1 && g.kH == 3 && g.kW == 3 && g.sH == g.sW && g.sH <= 2 && g.Wo >= 4 * Vec<T>::lanes) {
+    if (g.sH == 1) return dw_rows_fixed(X, st.Wp, FixedTaps<T, 3, 3, 1, 1>(st.PB, wo, b), out, rows, g.Wo, pf);
+    return dw_rows_fixed(X, st.Wp, FixedTaps<T, 3, 3, 2, 2>(st.PB, wo, b), out, rows, g.Wo, pf);
+  }
+  dw_rows_staged(X, st.Wp, st.offs.data(), g.kH * g.kW, wo, b, out, rows, g.Wo, F, pf);
 }
 
 // (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector,
@@ -330,9 +442,7 @@ void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int
 // the kernels of 2026-11-26, whose other changes since overlap part of it); issued all at once, the
 // prefetches would stall on the few miss buffers and evict the run's own lines from L1.
 template <class T>
-struct NextRowPrefetch {
-  const char* next = nullptr;  // the next line to prefetch
-  const char* end = nullptr;
+struct NextRowPrefetch : LinePrefetch {
   int64_t lines = 0;
 
   NextRowPrefetch(const T* xn, int64_t i, int64_t j0, int64_t j1, const DwGeom& g) {
@@ -346,13 +456,8 @@ struct NextRowPrefetch {
     const int64_t ih = i + 1 - g.pT + (g.kH - 1) * g.dH;  // row i + 1's last window row
     if (ih < 0 || ih >= g.H || c0 >= c1) return;
     const T* xrow = xn + ih * g.W * g.C;
-    next = reinterpret_cast<const char*>(xrow + c0);
-    end = reinterpret_cast<const char*>(xrow + c1);
-    lines = ceil_div(end - next, 64);
-  }
-  // Prefetches the next k lines.
-  void step(int64_t k) {
-    for (; k > 0 && next < end; --k, next += 64) __builtin_prefetch(next);
+    static_cast<LinePrefetch&>(*this) = LinePrefetch(xrow + c0, xrow + c1);
+    lines = count();
   }
 };
 

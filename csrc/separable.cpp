@@ -60,8 +60,13 @@ void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < g.N * nb; ++t) {
       const int64_t n = t / nb, i0 = (t % nb) * rows, i1 = std::min(g.Ho, i0 + rows), P = (i1 - i0) * g.Wo;
-      for (int64_t o = 0; o < g.Cm; ++o)
-        dw_rows_padded(x + (n * g.C + o / g.m) * g.H * g.W, dw + o * taps, T(0), mid.data() + o * P, i0, i1, g, pad);
+      // each channel's input rows prefetched while the channel before computes (see depthwise.cpp's fwd)
+      const T* xn = x + n * g.C * g.H * g.W;
+      for (int64_t o = 0; o < g.Cm; ++o) {
+        const bool next = (o + 1) % g.m == 0 && o + 1 < g.Cm;
+        dw_rows_padded(xn + (o / g.m) * g.H * g.W, dw + o * taps, T(0), mid.data() + o * P, i0, i1, g, pad,
+                       next ? plane_rows_input(xn + ((o + 1) / g.m) * g.H * g.W, i0, i1, g) : LinePrefetch());
+      }
       T* yb = y + n * O * HWo + i0 * g.Wo;
       for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) {
         const int64_t kc = ks.len(pc);

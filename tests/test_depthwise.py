@@ -88,6 +88,20 @@ def test_wide_channel_rows(backend, dtype, case, channels_last):
     test_forward_backward(backend, dtype, case, channels_last)
 
 
+# NCHW planes with rows of 32 floats or more (16 doubles): the C++ 3x3 kernels of dilation 1 and
+# stride 1 or 2 whose taps are fixed while compiling (4-row blocks: 37 and 19 rows leave 2- and
+# 1-row groups; widths leave a partial last vector), the input gradient at stride 1 through the same
+# kernel (flipped), and the next plane's input prefetched (planes of 4 KiB and more; multiplier 2
+# reads each plane twice; planes split in row blocks where there are few).
+@pytest.mark.parametrize("case", [(2, 5, 37, 35, 3, 1, 1, 1, 1), (1, 3, 38, 71, 3, 2, 1, 1, 1),
+                                  (1, 2, 35, 67, 3, 2, "valid", 1, 1), (1, 2, 34, 40, 3, 1, 1, 1, 2),
+                                  (2, 9, 40, 33, 3, 1, 0, 1, 1)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+def test_nchw_wide_rows(backend, dtype, case):
+    test_forward_backward(backend, dtype, case, False)
+
+
 # c16/c32 3x3: whole lines of channels per pixel, which the C++ row kernel streams itself (5-pixel
 # blocks; 13 and 6 output columns leave a partial last block); the others store plainly. The
 # stride-2 input gradients (c64k5s2, c32k3s2) stream from its 4-pixel blocks, beside single pixels

@@ -86,10 +86,13 @@ def test_separable(backend, dtype, case, channels_last):
 # Pixel rows of 2-8 KiB of channels, as in test_depthwise's test_wide_channel_rows: the fused C++
 # kernel's depthwise part pads its weight taps apart and stores whole-line pixel blocks. And the
 # C++ GEMM's 4 x 3-vector tile (17-24 float or 9-12 double outputs): 300 channels in two K slices,
-# 35 pixels, so a partial last tile of rows.
+# 35 pixels, so a partial last tile of rows. And NCHW planes of wide rows (test_depthwise's
+# test_nchw_wide_rows).
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("case", [(1, 1024, 10, 10, 3, 1, 1, 1, 1, 24), (2, 512, 10, 10, 3, 2, 1, 1, 1, 8),
-                                  (1, 300, 7, 5, 3, 1, 1, 1, 1, 20), (1, 300, 7, 5, 3, 1, 1, 1, 1, 11)],
+                                  (1, 300, 7, 5, 3, 1, 1, 1, 1, 20), (1, 300, 7, 5, 3, 1, 1, 1, 1, 11),
+                                  # NCHW rows of 32 or more: the C++ 3x3 fixed-tap kernels, prefetched planes
+                                  (2, 6, 37, 35, 3, 1, 1, 1, 1, 7), (1, 4, 38, 71, 3, 2, 1, 1, 2, 5)],
                          ids=_sep_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
