@@ -322,7 +322,9 @@ def _dw_bwd_weight_partial_kernel(gy_ptr, x_ptr, part_ptr,
                      mask=ok[:, None] & mask_c2, other=0.0).to(ACC)
         if HAS_BIAS:
             xv = tl.where(is_tap, xv, 1.0)
-        acc += g * xv
+        # Taps in the padding add nothing, rather than grad_y * 0 (NaN for an infinite or NaN grad_y),
+        # as torch's float32 CPU kernel and the C++ and Numba backends do.
+        acc += tl.where((ok | (mask_p & (t >= NTAP)))[:, None], g * xv, 0.0)
     ncol = NTAP + HAS_BIAS
     part_row = part_ptr + pid_k.to(tl.int64) * C_out * ncol + offs_c * ncol
     tl.store(part_row + t, tl.sum(acc, axis=0), mask=mask_c)
