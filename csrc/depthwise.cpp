@@ -606,20 +606,29 @@ struct WeightAcc {
 };
 
 // Whether a[0, n) holds no NaN or infinity (x - x is NaN for those), with four independent chains.
+// The tail is one vector ending at n (re-reading up to L - 1 elements) and the lanes are summed as a
+// tree: on the 120- and 144-element blocks of 10x10 planes a scalar tail and lane-by-lane sum were
+// dependent chains of ~30 adds, and the zeroed accumulator array a `rep stos`: a fifth of the
+// weight gradient's time.
 template <class T>
 bool all_finite(const T* a, int64_t n) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
-  V z[4] = {};
+  if (n < L) {
+    T s = 0;
+    for (int64_t i = 0; i < n; ++i) s += a[i] - a[i];
+    return s == 0;
+  }
+  auto d = [&](int64_t k) { return vload(a + k) - vload(a + k); };
+  V z0 = d(n - L), z1 = z0 - z0, z2 = z1, z3 = z1;  // (no array: an indexed one lived on the stack)
   int64_t i = 0;
-  for (; i + 4 * L <= n; i += 4 * L)
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) z[k] += vload(a + i + k * L) - vload(a + i + k * L);
-  T s = 0;
-  for (; i < n; ++i) s += a[i] - a[i];
-  const V t = (z[0] + z[1]) + (z[2] + z[3]);
-  for (int l = 0; l < L; ++l) s += t[l];
-  return s == 0;
+  for (; i + 4 * L <= n; i += 4 * L) z0 += d(i), z1 += d(i + L), z2 += d(i + 2 * L), z3 += d(i + 3 * L);
+  for (; i + L <= n; i += L) z1 += d(i);
+  T t[L];
+  vstore(t, (z0 + z1) + (z2 + z3));
+  for (int h = L / 2; h >= 1; h /= 2)
+    for (int l = 0; l < h; ++l) t[l] += t[l + h];
+  return t[0] == 0;
 }
 
 // Weight gradient of one plane, any stride and dilation, in blocks of rb output rows: the input

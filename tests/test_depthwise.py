@@ -64,6 +64,33 @@ def test_forward_backward(backend, dtype, case, channels_last):
         assert_close(got, exp, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_non_finite_values(backend, channels_last):
+    """Infinities and NaNs reach the outputs and every gradient where torch's do, and only there: an
+    inf in the last pixel of a 9x11 plane, a NaN in the last grad_y element of another and an inf in
+    the first of a third (only the taps that read them may be non-finite: the C++ weight gradient's
+    zero-padded sums would make 0 * inf = NaN of the others without its finiteness check, whose
+    last, partial vector holds that grad_y element). Against torch in float32: its float32 kernel
+    skips the window's padding, as dlkernels does, where its float64 one multiplies grad_y by the
+    padding's zeros (a NaN grad_y then makes every tap of the channel NaN)."""
+    x = torch.randn(2, 3, 9, 11, device=DEVICE)
+    x[0, 1, 8, 10] = float("inf")
+    x[1, 0, 3, 4] = -float("inf")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(3, 1, 3, 3, device=DEVICE), torch.randn(3, device=DEVICE)
+    g = torch.randn(2, 3, 9, 11, device=DEVICE)
+    g[1, 2, 8, 10] = float("nan")
+    g[0, 0, 0, 0] = float("inf")
+    ins, ref_ins = [leaf(t) for t in (x, w, b)], [leaf(t) for t in (x, w, b)]
+    out = dlkernels.depthwise_conv2d(*ins, 1, 1, backend=backend)
+    ref = F.conv2d(*ref_ins, 1, 1, groups=3)
+    for got, exp, name in zip([out, *grads(out, ins, g)], [ref, *grads(ref, ref_ins, g)], ["out", "x", "w", "b"]):
+        assert not exp.isfinite().all(), name  # the case reaches every output
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4 * exp[exp.isfinite()].abs().max().item(),
+                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
 @pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (5, 1, (2, 0)), (3, 2, 0)], ids=["k3s1", "k5s1p20", "k3s2"])
 def test_channels_last_large_input(backend, k, stride, pad):
