@@ -841,10 +841,12 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
   // put a channel vector's K + 1 sums in one L1 set (cl_padded).
   const DwGeom g = cl_padded<T>(g0);
   const int64_t K = g.kH * g.kW, width = (K + 1) * g.ws;
-  // The staged kernel where the exact one's accumulator row (K x Cm) outgrows a quarter of L1, or
-  // for 5-wide windows; below that the exact kernel's contiguous channel loops were as fast or
-  // faster (one thread, N=2: 1.2-1.7x for 5x5 and 728-1024 channels; 0.9x at 128 channels 75x75).
-  const bool staged = g.m == 1 && g.dW == 1 && (g.kW == 5 || (g.kW == 3 && K * g.Cm * sizeof(T) > 8192));
+  // The staged kernel wherever a channel vector is whole (3x3 below that: the exact kernel alone).
+  // Until 2026-11-26 3x3 took it only past 8 KiB of accumulators (K x Cm), from a single-thread
+  // measurement of an older staged kernel; two threads, N = 8, the staged kernel now measured 5.3x
+  // the exact one at 32 channels 44x44, 5.0x at 8 channels, 1.8x at 144 channels 56x56, 1.4x at
+  // 128 channels 75x75, 1.2x at 12-20 channels, equal at 728-1024 (float64: 2.0x at 32 channels).
+  const bool staged = g.m == 1 && g.dW == 1 && (g.kW == 5 || (g.kW == 3 && g.Cm >= Vec<T>::lanes));
   ThreadPartials<double> part(width);
 #pragma omp parallel if (dw_parallel(g))
   {
