@@ -87,6 +87,18 @@ struct LinePrefetch {
   }
 };
 
+// v as an opaque register value: an empty asm the compiler cannot see through, so that a loaded
+// vector feeding several FMAs stays one load instead of being folded into each FMA as a memory
+// operand. A no-op without AVX, where the 32-byte vector fits no single register.
+template <class V>
+DLK_INLINE void opaque(V& v) {
+#if defined(__AVX__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
 // dw_block for a KH x KW window of dilation 1 over phase planes PB apart (stride SH x SW, see DwStage),
 // known while compiling. dw_block loads the input under every (row, tap) pair; rows r and r + 1 read
 // the same input row for taps a row apart, so for a 3x3 window it loads each input vector 2 (NR = 4)
@@ -108,9 +120,9 @@ struct FixedTaps {
   DLK_INLINE void block(const T* X, T* out, int64_t xrs, int64_t ors) const {
     constexpr int L = Vec<T>::lanes;
     V w[K], acc[NR][NV];
-    // The empty asm makes each weight and input vector an opaque register value: GCC otherwise
-    // re-read them from memory under every FMA (memory operands), two loads per FMA.
-    static_for<K>([&](auto t) DLK_LAMBDA_INLINE { w[t] = wv[t]; asm("" : "+x"(w[t])); });
+    // Each weight and input vector opaque: GCC otherwise re-read them from memory under every FMA
+    // (memory operands), two loads per FMA.
+    static_for<K>([&](auto t) DLK_LAMBDA_INLINE { w[t] = wv[t]; opaque(w[t]); });
     static_for<NR>([&](auto r) DLK_LAMBDA_INLINE { static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] = vbroadcast(b); }); });
     static_for<SH>([&](auto a) DLK_LAMBDA_INLINE {
       static_for<SW>([&](auto bq) DLK_LAMBDA_INLINE {
@@ -119,7 +131,7 @@ struct FixedTaps {
         static_for<NR + PH - 1>([&](auto u) DLK_LAMBDA_INLINE {
           static_for<QW>([&](auto c) DLK_LAMBDA_INLINE {
             V x[NV];
-            static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { x[v] = vload(Xp + u * xrs + c + v * L); asm("" : "+x"(x[v])); });
+            static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { x[v] = vload(Xp + u * xrs + c + v * L); opaque(x[v]); });
             static_for<NR>([&](auto r) DLK_LAMBDA_INLINE {
               constexpr int pp = int(u) - int(r);
               if constexpr (pp >= 0 && pp < PH) {
@@ -629,9 +641,7 @@ inline void cl_sweep3(const T* const* rows, int64_t ps, const T* wt, const T* bi
 #pragma GCC unroll 16
       for (int u = 0; u < U; ++u) {
         V xv = vload(xs);
-#if defined(__AVX__)  // (a 32-byte vector fits no single register of a portable SSE build)
-        asm("" : "+x"(xv));  // one load feeding up to three FMAs, not one folded load per FMA
-#endif
+        opaque(xv);  // one load feeding up to three FMAs, not one folded load per FMA
 #pragma GCC unroll 8
         for (int jj = 0; jj < NJ; ++jj)
           if (u - SW * jj >= 0 && u - SW * jj < 3) acc[jj] += w[p][u - SW * jj] * xv;

@@ -18,15 +18,18 @@ C = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(C)
 assert C.simd() == "scalar", C.simd()
 torch.manual_seed(0)
-for cl in (False, True):
-    x = torch.randn(2, 37, 13, 11, dtype=torch.float64)
-    w, b = torch.randn(37, 1, 3, 3, dtype=torch.float64), torch.randn(37, dtype=torch.float64)
+# (NCHW rows of 16 doubles or more take the fixed-tap 3x3 kernels, stride 1 and 2)
+for (n, c, h, w_), s, cl in [((2, 37, 13, 11), 1, False), ((2, 37, 13, 11), 1, True), ((1, 3, 20, 40), 1, False),
+                             ((1, 3, 21, 81), 2, False)]:
+    x = torch.randn(n, c, h, w_, dtype=torch.float64)
+    w, b = torch.randn(c, 1, 3, 3, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
     fmt = torch.channels_last if cl else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
-    y = torch.empty(2, 37, 13, 11, dtype=torch.float64).contiguous(memory_format=fmt)
-    C.depthwise_fwd(x.numpy(), w.numpy(), b.numpy(), y.numpy(), 1, 1, 1, 1, 1, 1, cl)
-    err = (y - F.conv2d(x, w, b, 1, 1, 1, 37)).abs().max().item()
-    assert err < 1e-12, (cl, err)
+    ref = F.conv2d(x, w, b, s, 1, 1, c)
+    y = torch.empty(ref.shape, dtype=torch.float64).contiguous(memory_format=fmt)
+    C.depthwise_fwd(x.numpy(), w.numpy(), b.numpy(), y.numpy(), s, s, 1, 1, 1, 1, cl)
+    err = (y - ref).abs().max().item()
+    assert err < 1e-12, (x.shape, s, cl, err)
 print("ok")
 """
 
