@@ -83,6 +83,27 @@ def test_separable(backend, dtype, case, channels_last):
         assert_close(got, exp, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_non_finite_values(backend, channels_last):
+    """An inf in x and a NaN in grad_y reach the output and every gradient where torch's two convs
+    put them, and only there (as test_depthwise's test_non_finite_values: against torch in float32,
+    whose depthwise weight gradient skips the window's padding)."""
+    x = torch.randn(2, 4, 9, 11, device=DEVICE)
+    x[0, 1, 8, 10] = float("inf")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dw, pw, b = torch.randn(4, 1, 3, 3, device=DEVICE), torch.randn(5, 4, 1, 1, device=DEVICE), torch.randn(5, device=DEVICE)
+    g = torch.randn(2, 5, 9, 11, device=DEVICE)
+    g[1, 2, 8, 10] = float("nan")
+    ins, ref_ins = [leaf(t) for t in (x, dw, pw, b)], [leaf(t) for t in (x, dw, pw, b)]
+    out = dlkernels.separable_conv2d(*ins, 1, 1, backend=backend)
+    ref = F.conv2d(F.conv2d(ref_ins[0], ref_ins[1], None, 1, 1, groups=4), ref_ins[2], ref_ins[3])
+    for got, exp, name in zip([out, *grads(out, ins, g)], [ref, *grads(ref, ref_ins, g)], ["out", "x", "dw", "pw", "b"]):
+        assert not exp.isfinite().all(), name
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4 * exp[exp.isfinite()].abs().max().item(),
+                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
 # Pixel rows of 2-8 KiB of channels, as in test_depthwise's test_wide_channel_rows: the fused C++
 # kernel's depthwise part pads its weight taps apart and stores whole-line pixel blocks. And the
 # C++ GEMM's 4 x 3-vector tile (17-24 float or 9-12 double outputs): 300 channels in two K slices,
