@@ -129,19 +129,24 @@ def test_separable_matches_depthwise_then_pointwise(any_backend, cin, cout, k, s
     (4, 6, 3, (2, 1), (0, 2), (1, 2), 2, True, (8, 7)),
     (2, 3, 2, 1, "same", 1, 1, True, (4, 5)),  # asymmetric "same": padded explicitly
 ])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("layout", ["nchw", "cl", "cl-weight"])
 def test_conv2d_im2col_matches_conv2d(any_backend, cin, cout, k, stride, padding, dilation, groups, bias, hw,
-                                      channels_last):
+                                      layout):
     """channels_last input (groups 1, dilation 1) takes the windows as a view of the NHWC input
-    instead of F.unfold."""
+    instead of F.unfold, in (C, kH, kW) order, or (kH, kW, C) for a channels_last weight (both views
+    of the weight)."""
     ours, theirs = twins(
         lambda: dnn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias, backend=any_backend),
         lambda: nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias))
     assert_same_state(ours, theirs)
     x = torch.randn(2, cin, *hw, dtype=torch.float64)
-    if channels_last:
+    if layout != "nchw":
         x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "cl-weight":
+        ours, theirs = ours.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
     run_both(ours, theirs, x)
+    if layout == "cl-weight":  # the gradient is a view of the GEMM's: in the weight's own layout
+        assert ours.weight.grad.stride() == ours.weight.stride()
 
 
 def test_conv2d_unbatched_and_padding_mode():

@@ -75,14 +75,19 @@ class Conv2d(_ConvInput, nn.Conv2d):
         g, o = self.groups, self.out_channels
         if g == 1 and dh == dw == 1 and x.is_contiguous(memory_format=torch.channels_last):
             # Channels-last input: the windows as a view of the (padded) NHWC tensor, (N, Ho, Wo, C,
-            # kH, kW), whose rows are the GEMM's rows in the weight's own (C, kH, kW) order: one copy
-            # (the reshape), where F.unfold's (N, C*kH*kW, L) needed another to become row-major
-            # (ResNet-18 8x64x64 training step: copies 1/3 of it).
+            # kH, kW), made the GEMM's rows by one copy (the reshape), where F.unfold's (N, C*kH*kW, L)
+            # needed another to become row-major (ResNet-18 8x64x64 training step: copies 1/3 of it).
+            # Rows in the weight's memory order, so that the weight (and its gradient) is a view: (kH,
+            # kW, C) for a channels_last weight (model.to(memory_format=torch.channels_last) makes
+            # one; its rows also copy in runs of C), else (C, kH, kW).
             xh = x.permute(0, 2, 3, 1)
             if pad[0] or pad[1]:
                 xh = F.pad(xh, (0, 0, pad[1], pad[1], pad[0], pad[0]))
-            cols = xh.unfold(1, kh, sh).unfold(2, kw, sw).reshape(n * ho * wo, -1)
-            out = _dk.linear(cols, self.weight.reshape(o, -1), self.bias, backend=self.backend)
+            win = xh.unfold(1, kh, sh).unfold(2, kw, sw)
+            wt = self.weight
+            if not wt.is_contiguous() and wt.is_contiguous(memory_format=torch.channels_last):
+                win, wt = win.permute(0, 1, 2, 4, 5, 3), wt.permute(0, 2, 3, 1)
+            out = _dk.linear(win.reshape(n * ho * wo, -1), wt.reshape(o, -1), self.bias, backend=self.backend)
             out = out.view(n, ho, wo, o).permute(0, 3, 1, 2)
             return out if batched else out.squeeze(0)
         cols = F.unfold(x, self.kernel_size, self.dilation, pad, self.stride)  # (N, C*kH*kW, Ho*Wo)
