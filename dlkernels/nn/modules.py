@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dlkernels as _dk
+from dlkernels import _dispatch
 
 
 def _backend_repr(backend: str | None) -> str:
@@ -65,6 +66,10 @@ class Conv2d(_ConvInput, nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         x, pad = self._conv_input(input)
+        if _dispatch.resolve("matmul", self.backend, x.device) == "torch":
+            # PyTorch's own convolution, as the other modules' "torch" backend is torch's own op (the
+            # models bench's eager contender), not im2col over F.linear
+            return F.conv2d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
         batched = x.dim() == 4
         if not batched:
             x = x.unsqueeze(0)
@@ -73,13 +78,17 @@ class Conv2d(_ConvInput, nn.Conv2d):
         ho = (h + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
         g, o = self.groups, self.out_channels
-        if g == 1 and dh == dw == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        if (g == 1 and dh == dw == 1 and x.is_contiguous(memory_format=torch.channels_last)
+                and not torch.compiler.is_compiling()):
             # Channels-last input: the windows as a view of the (padded) NHWC tensor, (N, Ho, Wo, C,
             # kH, kW), made the GEMM's rows by one copy (the reshape), where F.unfold's (N, C*kH*kW, L)
             # needed another to become row-major (ResNet-18 8x64x64 training step: copies 1/3 of it).
             # Rows in the weight's memory order, so that the weight (and its gradient) is a view: (kH,
             # kW, C) for a channels_last weight (model.to(memory_format=torch.channels_last) makes
-            # one; its rows also copy in runs of C), else (C, kH, kW).
+            # one; its rows also copy in runs of C), else (C, kH, kW). Eager only: torch 2.13's
+            # Inductor fused this pad + unfold's backward into a CPU kernel that corrupted the heap
+            # ("free(): invalid next size" in the training step of the models bench's compiled
+            # contender); compiled graphs keep F.unfold, which compiles correctly.
             xh = x.permute(0, 2, 3, 1)
             if pad[0] or pad[1]:
                 xh = F.pad(xh, (0, 0, pad[1], pad[1], pad[0], pad[0]))
