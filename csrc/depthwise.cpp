@@ -75,10 +75,9 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
       DwScratch<T> buf;
       // The input of task t, prefetched while task t - 1 computes: the staging copy otherwise waits on
       // DRAM alone, between two stretches of arithmetic (8x128x75x75 2.20 -> 1.89 ms, 8x96x112x112 s2
-      // 3.11 -> 2.44; interleaved A/B, two threads). Not for planes under 4 KiB, whose tasks last
-      // ~100 ns and whose next plane the hardware prefetcher already streams: 8x1024x10x10 0.45 ->
-      // 0.48 ms and 8x728x19x19 0.74 -> 0.77 with it.
-      const bool prefetch = g.H * g.W * static_cast<int64_t>(sizeof(T)) >= 4096;
+      // 3.11 -> 2.44; interleaved A/B, two threads), where it pays (plane_prefetch_pays; checked here
+      // first too, to skip the divisions below).
+      const bool prefetch = plane_prefetch_pays<T>(g.H, g.W);
       auto task_input = [&](int64_t t) {
         if (!prefetch || t >= g.N * g.Cm * nb) return LinePrefetch();
         const int64_t plane = nb == 1 ? t : t / nb, blk = t - plane * nb, n = plane / g.Cm, o = plane - n * g.Cm;
@@ -213,7 +212,7 @@ void bwd_input_nchw_stride1(const T* gy, const T* w, T* gx, const DwGeom& g) {
     DwScratch<T> buf;
     std::vector<T> tmp(g.m > 1 ? rb * g.W : 0);
     // the next grad_y plane prefetched while this one computes, as in fwd (planes of 4 KiB and more)
-    const bool prefetch = g.Ho * g.Wo * static_cast<int64_t>(sizeof(T)) >= 4096;
+    const bool prefetch = plane_prefetch_pays<T>(g.Ho, g.Wo);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < g.N * g.C * nb; ++task) {
       const int64_t plane = task / nb, blk = task % nb, n = plane / g.C, c = plane % g.C;

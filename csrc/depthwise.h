@@ -375,10 +375,17 @@ void dw_rows_fixed(const T* X, int64_t Wp, const Taps& tp, T* out, int64_t rows,
   });
 }
 
+// Whether prefetching the next H x W plane pays: not under 4 KiB, where a task lasts ~100 ns and the
+// hardware prefetcher already streams the next plane (8x1024x10x10 0.45 -> 0.48 ms and 8x728x19x19
+// 0.74 -> 0.77 with it).
+template <class T>
+inline bool plane_prefetch_pays(int64_t H, int64_t W) { return H * W * static_cast<int64_t>(sizeof(T)) >= 4096; }
+
 // The input of output rows [i0, i1) of the plane at xp: the rows their windows reach, as one range
 // (for LinePrefetch).
 template <class T>
 LinePrefetch plane_rows_input(const T* xp, int64_t i0, int64_t i1, const DwGeom& g) {
+  if (!plane_prefetch_pays<T>(g.H, g.W)) return LinePrefetch();
   const int64_t r0 = std::max<int64_t>(0, i0 * g.sH - g.pT);
   const int64_t r1 = std::min<int64_t>(g.H, (i1 - 1) * g.sH - g.pT + (g.kH - 1) * g.dH + 1);
   return r1 > r0 ? LinePrefetch(xp + r0 * g.W, xp + r1 * g.W) : LinePrefetch();
