@@ -73,7 +73,7 @@ def _mm_kernel(
     ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ALIGN_AB: tl.constexpr, ALIGN_AM: tl.constexpr, ALIGN_AK: tl.constexpr,
     ALIGN_BB: tl.constexpr, ALIGN_BK: tl.constexpr, ALIGN_BN: tl.constexpr, ALIGN_K: tl.constexpr,
-    ALIGN_M: tl.constexpr, ALIGN_N: tl.constexpr,
+    ALIGN_M: tl.constexpr, ALIGN_N: tl.constexpr, ALIGN_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # ALIGN_*: the largest power of two (<= 16) dividing each stride and K (_triton_common.align_of).
@@ -134,14 +134,19 @@ def _mm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    # The stores, too, see N and the output's row strides as multiples of their known factors
+    # (ALIGN_N, ALIGN_C): at N = 728 every output element was stored alone (sm_90 PTX: 128 scalar
+    # st.global a thread for a 128 x 256 bf16 tile, 2026-11-26).
+    n_cols = (N // ALIGN_N) * ALIGN_N  # == N
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < n_cols)
     if SPLIT_K:
         # partial tile of split s at part[s, batch, M, N] (contiguous); the epilogue runs after the sum
         row = (tl.program_id(2) * tl.num_programs(1) + pid_batch) * M + offs_m.to(tl.int64)
-        tl.store(part_ptr + row[:, None] * N + offs_n[None, :], acc, mask=mask)
+        tl.store(part_ptr + tl.multiple_of(row * n_cols, ALIGN_N)[:, None] + offs_n[None, :], acc, mask=mask)
     else:
-        acc = _bias_relu(acc, bias_ptr, offs_m[:, None], offs_n[None, :], M, N, HAS_BIAS, BIAS_DIM, RELU)
-        c_ptrs = (c_ptr + pid_batch * stride_cb + offs_m.to(tl.int64)[:, None] * stride_cm
+        acc = _bias_relu(acc, bias_ptr, offs_m[:, None], offs_n[None, :], M, n_cols, HAS_BIAS, BIAS_DIM, RELU)
+        c_ptrs = (c_ptr + tl.multiple_of(pid_batch * stride_cb, ALIGN_C)
+                  + tl.multiple_of(offs_m.to(tl.int64) * stride_cm, ALIGN_C)[:, None]
                   + offs_n.to(tl.int64)[None, :] * stride_cn)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -182,10 +187,11 @@ def _input_precision(dtype: torch.dtype, dot_in_fp32: bool) -> str:
     return "tf32"
 
 
-def _aligns(a3: torch.Tensor, b3: torch.Tensor, k: int) -> dict:
+def _aligns(a3: torch.Tensor, b3: torch.Tensor, c3: torch.Tensor, k: int) -> dict:
     return dict(ALIGN_AB=align_of(a3.stride(0)), ALIGN_AM=align_of(a3.stride(1)), ALIGN_AK=align_of(a3.stride(2)),
                 ALIGN_BB=align_of(b3.stride(0)), ALIGN_BK=align_of(b3.stride(1)), ALIGN_BN=align_of(b3.stride(2)),
-                ALIGN_K=align_of(k), ALIGN_M=align_of(a3.shape[1]), ALIGN_N=align_of(b3.shape[2]))
+                ALIGN_K=align_of(k), ALIGN_M=align_of(a3.shape[1]), ALIGN_N=align_of(b3.shape[2]),
+                ALIGN_C=align_of(c3.stride(0), c3.stride(1)))
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:
@@ -277,7 +283,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -
             sa.stride(0), sa.stride(1), sa.stride(2),
             sb.stride(0), sb.stride(1), sb.stride(2),
             sc.stride(0), sc.stride(1), sc.stride(2),
-            **meta, **_aligns(sa, sb, k),
+            **meta, **_aligns(sa, sb, sc, k),
         )
         if splits > 1:
             _sum_splits(part, sc, bias, bias_dim, activation == "relu")
@@ -306,7 +312,7 @@ def _relu_grad_kernel(g_ptr, o_ptr, gp_ptr, numel, BLOCK: tl.constexpr):
 def _bias_grad_partial_kernel(
     g_ptr, o_ptr, gp_ptr, part_ptr,
     M, N, L, TILES_R, tiles_per_split,
-    RELU: tl.constexpr, BIAS_DIM: tl.constexpr,
+    RELU: tl.constexpr, BIAS_DIM: tl.constexpr, ALIGN_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Partial sums of the (masked) gradient, viewed as R = B*M contiguous rows of N.
@@ -316,7 +322,11 @@ def _bias_grad_partial_kernel(
     (batch, column tile) pairs, the tiles of those rows; L is the length of the bias (N or M).
     Each split writes its sums to part[split, :L]; tiles t of split s are s*tiles_per_split + i.
     With RELU the masked gradient (grad_pre) is stored on the way.
+    ALIGN_N (align_of(N)): row starts and the column bound are written as multiples of it. Triton
+    knows N only as divisible by 16 or not, and at N = 728 (8 x 91) every element was loaded alone:
+    98 us for a 64x728x19x19 bf16 gradient on an H200 (2026-11-26), 8 us at N = 1536.
     """
+    n_cols = (N // ALIGN_N) * ALIGN_N  # == N
     pid_l = tl.program_id(0)
     pid_s = tl.program_id(1)
     t_start = pid_s * tiles_per_split
@@ -326,15 +336,15 @@ def _bias_grad_partial_kernel(
         if BIAS_DIM == 1:
             rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
             cols = pid_l * BLOCK_C + tl.arange(0, BLOCK_C)
-            mask = (rows[:, None] < M) & (cols[None, :] < N)
+            mask = (rows[:, None] < M) & (cols[None, :] < n_cols)
         else:
             n_ctiles = tl.cdiv(N, BLOCK_C)
             batch = t // n_ctiles
             m_rows = pid_l * BLOCK_R + tl.arange(0, BLOCK_R)
             rows = batch * M + m_rows
             cols = (t % n_ctiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-            mask = (m_rows[:, None] < M) & (cols[None, :] < N)
-        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            mask = (m_rows[:, None] < M) & (cols[None, :] < n_cols)
+        offs = tl.multiple_of(rows.to(tl.int64) * n_cols, ALIGN_N)[:, None] + cols[None, :]
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
         if RELU:
             g = _relu_mask(g, tl.load(o_ptr + offs, mask=mask, other=0.0))
@@ -413,7 +423,7 @@ def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, activation: str
     _launch(_bias_grad_partial_kernel, (n_l, splits))(
         grad_out, out, grad_pre, partial,
         nb * m if bias_dim == 1 else m, n, length, tiles, tiles_per_split,
-        RELU=relu, BIAS_DIM=bias_dim, BLOCK_R=block_r, BLOCK_C=block_c,
+        RELU=relu, BIAS_DIM=bias_dim, ALIGN_N=align_of(n), BLOCK_R=block_r, BLOCK_C=block_c,
     )
     _sum_splits(partial, grad_bias, None, 1, False)
     return grad_pre, grad_bias
