@@ -78,7 +78,8 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
     x_img = x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X)
     acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=ACC)
     for c0 in range(0, C_mid, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+        # c0's multiple is not derived from the loop (sm_90 PTX at 728 channels: every load scalar)
+        offs_c = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
         mask_c = offs_c < (C_mid // ALIGN_CM) * ALIGN_CM
         # masked channels and pixels come out as exact zeros, so the padded rows/cols of the dot
         # contribute nothing
@@ -86,7 +87,7 @@ def _separable_fwd_kernel(x_ptr, dw_ptr, pw_ptr, b_ptr, y_ptr,
                       stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
                       dil_h, dil_w,
                       KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
-        pw = tl.load(pw_ptr + offs_o[None, :] * C_mid + offs_c[:, None],
+        pw = tl.load(pw_ptr + offs_o[None, :] * ((C_mid // ALIGN_CM) * ALIGN_CM) + offs_c[:, None],
                      mask=mask_c[:, None] & mask_o[None, :], other=0.0)
         a = mid.to(pw_ptr.dtype.element_ty)
         if DOT_IN_FP32:  # bf16 under the interpreter: exact products of the rounded operands
