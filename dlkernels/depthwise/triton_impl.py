@@ -95,21 +95,19 @@ def weight_taps(weight: torch.Tensor, channel_runs: bool):
 
 
 @triton.jit
-def pixel_tile(pid, r, Ho, Wo, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr, ROWS: tl.constexpr):
-    """(offs_p, i, j, mask) of the r-th of the ROWS pixel tiles program ``pid`` walks in an Ho x Wo
-    image: a run of BLOCK_P flattened pixels (TILE_W == 0), or a block of BLOCK_P // TILE_W rows of
-    TILE_W pixels. The block keeps a tap's rows above and below inside the tile, so they come from
-    L1 rather than L2, and its columns are contiguous runs the compiler can see (no division by a
-    runtime width). A program's ROWS tiles are consecutive runs, or blocks stacked downwards: the
-    input rows a tile shares with the one before it were loaded by this program a step earlier."""
+def pixel_tile(pid, Ho, Wo, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
+    """(offs_p, i, j, mask) of pixel tile ``pid`` of an Ho x Wo image: a run of BLOCK_P flattened
+    pixels (TILE_W == 0), or a block of BLOCK_P // TILE_W rows of TILE_W pixels. The block keeps a
+    tap's rows above and below inside the tile, so they come from L1 rather than L2, and its
+    columns are contiguous runs the compiler can see (no division by a runtime width)."""
     if TILE_W == 0:
-        offs_p = (pid * ROWS + r) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         i = offs_p // Wo
         j = offs_p % Wo
         mask_p = offs_p < Ho * Wo
     else:
         n_tw = tl.cdiv(Wo, TILE_W)
-        i = ((pid // n_tw) * ROWS + r) * (BLOCK_P // TILE_W) + tl.arange(0, BLOCK_P) // TILE_W
+        i = (pid // n_tw) * (BLOCK_P // TILE_W) + tl.arange(0, BLOCK_P) // TILE_W
         j = (pid % n_tw) * TILE_W + tl.arange(0, BLOCK_P) % TILE_W
         mask_p = (i < Ho) & (j < Wo)
         offs_p = i * Wo + j
@@ -117,11 +115,11 @@ def pixel_tile(pid, r, Ho, Wo, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr, ROWS
 
 
 def pixel_tiles(ho: int, wo: int, meta) -> int:
-    """How many programs of ``meta``'s tiles (see pixel_tile) cover an ho x wo image."""
-    bp, tw, rows = meta["BLOCK_P"], meta.get("TILE_W", 0), meta.get("ROWS", 1)
+    """How many pixel tiles of ``meta``'s shape (see pixel_tile) cover an ho x wo image."""
+    bp, tw = meta["BLOCK_P"], meta.get("TILE_W", 0)
     if tw == 0:
-        return cdiv(cdiv(ho * wo, bp), rows)
-    return cdiv(cdiv(ho, bp // tw), rows) * cdiv(wo, tw)
+        return cdiv(ho * wo, bp)
+    return cdiv(ho, bp // tw) * cdiv(wo, tw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,22 +133,20 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
                    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                    ALIGN_X: tl.constexpr, ALIGN_Y: tl.constexpr, ALIGN_C: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr, ROWS: tl.constexpr):
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr):
     pid_c = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
+    offs_p, i, j, mask_p = pixel_tile(tl.program_id(0), Ho, Wo, BLOCK_P, TILE_W)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < (C_out // ALIGN_C) * ALIGN_C  # == C_out, its known factor lets loads vectorize
-    x_img = x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X)
-    y_img = y_ptr + tl.multiple_of(n * stride_yn, ALIGN_Y)
-    for r in range(0, ROWS):
-        offs_p, i, j, mask_p = pixel_tile(tl.program_id(0), r, Ho, Wo, BLOCK_P, TILE_W, ROWS)
-        acc = dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
-                      stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
-                      dil_h, dil_w, KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
-        y_ptrs = (y_img + tl.multiple_of(offs_p * stride_yp, ALIGN_Y)[:, None] + (offs_c * stride_yc)[None, :])
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+    acc = dw_tile(x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X), w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
+                  stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
+                  dil_h, dil_w, KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
+    y_ptrs = (y_ptr + tl.multiple_of(n * stride_yn, ALIGN_Y) + tl.multiple_of(offs_p * stride_yp, ALIGN_Y)[:, None]
+              + (offs_c * stride_yc)[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
 # channels_last: channel blocks are the contiguous (vectorised) axis; NCHW: pixel runs. The
@@ -158,22 +154,20 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
 # (TILE_W > 0, see pixel_tile), and the tuner picks per shape.
 _FLAT_CL = [(32, 64, 4), (64, 64, 4), (16, 128, 4), (32, 128, 8), (64, 32, 4), (128, 32, 8)]
 _FLAT_NCHW = [(128, 1, 4), (256, 1, 4), (512, 1, 8), (128, 2, 4), (256, 2, 8), (128, 4, 4)]
-# (BLOCK_P, BLOCK_C, TILE_W, num_warps, ROWS)
-_BLOCKS_CL = [(32, 64, 8, 4, 1), (64, 64, 8, 8, 1), (16, 128, 4, 4, 1), (64, 32, 8, 4, 1), (64, 32, 16, 4, 1),
-              (128, 32, 16, 8, 1),
-              # Channels-last stride-1 forwards reached 25-36 % of the copy bandwidth with one tile a
-              # program (H200, 2026-11-26): each tap re-reads its tile's neighbours from L2. Walking
-              # a column of tiles keeps the rows shared with the tile above in this SM's L1.
-              (32, 64, 8, 4, 4), (64, 32, 16, 4, 4), (32, 32, 8, 4, 8), (64, 64, 16, 8, 4)]
-_BLOCKS_NCHW = [(256, 1, 32, 4, 1), (512, 1, 64, 8, 1), (256, 1, 16, 4, 1), (128, 2, 16, 4, 1), (512, 1, 32, 8, 1)]
+# (BLOCK_P, BLOCK_C, TILE_W, num_warps)
+_BLOCKS_CL = [(32, 64, 8, 4), (64, 64, 8, 8), (16, 128, 4, 4), (64, 32, 8, 4), (64, 32, 16, 4), (128, 32, 16, 8)]
+_BLOCKS_NCHW = [(256, 1, 32, 4), (512, 1, 64, 8), (256, 1, 16, 4), (128, 2, 16, 4), (512, 1, 32, 8)]
+# Tried and dropped (H200, 2026-11-26): ROWS = 4-8 tiles a program walking down a column of 2-D
+# blocks, so that the rows a tile shares with the one above come from this SM's L1. The tuner
+# picked single flat tiles over them at 64x144x56x56 and 64x728x19x19 (stride 1, 36 and 34 % of copy).
 
 
 def _configs(flat, blocks=(), blocks_first=False):
     """Config list; its first entry is what runs untuned (the GPU tests)."""
     if not blocks:
         return [cfg(BLOCK_P=p, BLOCK_C=c, num_warps=nw) for p, c, nw in flat]
-    flat = [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=0, ROWS=1, num_warps=nw) for p, c, nw in flat]
-    blocks = [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=tw, ROWS=rows, num_warps=nw) for p, c, tw, nw, rows in blocks]
+    flat = [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=0, num_warps=nw) for p, c, nw in flat]
+    blocks = [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=tw, num_warps=nw) for p, c, tw, nw in blocks]
     return blocks + flat if blocks_first else flat + blocks
 
 
@@ -182,9 +176,8 @@ _FWD_CONFIGS_CL = _configs(_FLAT_CL, _BLOCKS_CL, blocks_first=True)
 _FWD_CONFIGS_NCHW = _configs(_FLAT_NCHW, _BLOCKS_NCHW)
 _FWD_KEY = ["C_out", "M", "Ho", "Wo", "KH", "KW", "conv_sh", "conv_sw", "dil_h"]
 # The interpreter runs 2-D blocks for channels_last and flat runs for NCHW, so the CPU tests cover both.
-# Two tiles a program there, so that the row walk (ROWS) and its edge masks are tested too.
-_INTERPRET_CL = dict(BLOCK_P=32, BLOCK_C=16, TILE_W=4, ROWS=2)
-_INTERPRET_NCHW = dict(BLOCK_P=64, BLOCK_C=2, TILE_W=0, ROWS=2)
+_INTERPRET_CL = dict(BLOCK_P=32, BLOCK_C=16, TILE_W=4)
+_INTERPRET_NCHW = dict(BLOCK_P=64, BLOCK_C=2, TILE_W=0)
 _dw_fwd_cl = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_CL, _FWD_KEY, _INTERPRET_CL)
 _dw_fwd_nchw = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_NCHW, _FWD_KEY, _INTERPRET_NCHW)
 
@@ -220,44 +213,42 @@ def _dw_bwd_input_kernel(gy_ptr, w_ptr, gx_ptr,
                          SH: tl.constexpr, SW: tl.constexpr,
                          KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
                          ALIGN_G: tl.constexpr, ALIGN_X: tl.constexpr, ALIGN_C: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
-                         ROWS: tl.constexpr):
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr):
     # grad_x[n, c, h, w] = sum_{r < M, taps} weight[c*M + r, p, q] * grad_y[n, c*M + r, i, j]
     # over the taps with i*SH = h + pT - p*dH (and likewise j) landing on an output pixel.
     # The conv strides are constexpr so that the divisions below are shifts / vanish for 1 and 2.
     pid_c = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
+    offs_p, h, w, mask_p = pixel_tile(tl.program_id(0), H, W, BLOCK_P, TILE_W)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < (C // ALIGN_C) * ALIGN_C  # == C, its known factor lets loads vectorize
     mask_c2 = mask_c[None, :]
     gy_img = gy_ptr + tl.multiple_of(n * stride_gn, ALIGN_G)
-    gx_img = gx_ptr + tl.multiple_of(n * stride_xn, ALIGN_X)
-    for t in range(0, ROWS):
-        offs_p, h, w, mask_p = pixel_tile(tl.program_id(0), t, H, W, BLOCK_P, TILE_W, ROWS)
-        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-        for r in range(0, M):
-            o = offs_c * M + r
-            gy_chan = (o * stride_gc)[None, :]
-            w_row = w_ptr + o * stride_wc
-            for p in tl.static_range(KH):
-                th = h + pad_h - p * dil_h
-                i = th // SH
-                row_ok = mask_p & (th >= 0) & (i < Ho)
-                if SH > 1:
-                    row_ok = row_ok & (th - i * SH == 0)
-                for q in tl.static_range(KW):
-                    tw = w + pad_w - q * dil_w
-                    j = tw // SW
-                    ok = row_ok & (tw >= 0) & (j < Wo)
-                    if SW > 1:
-                        ok = ok & (tw - j * SW == 0)
-                    g = tl.load(gy_img + (tl.multiple_of(i * stride_gh, ALIGN_G)
-                                          + tl.multiple_of(j * stride_gw, ALIGN_G))[:, None] + gy_chan,
-                                mask=ok[:, None] & mask_c2, other=0.0)
-                    wv = tl.load(w_row + (p * KW + q) * stride_wt, mask=mask_c, other=0.0)
-                    acc += g.to(ACC) * wv.to(ACC)[None, :]
-        gx_ptrs = gx_img + tl.multiple_of(offs_p * stride_xp, ALIGN_X)[:, None] + (offs_c * stride_xc)[None, :]
-        tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c2)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for r in range(0, M):
+        o = offs_c * M + r
+        gy_chan = (o * stride_gc)[None, :]
+        w_row = w_ptr + o * stride_wc
+        for p in tl.static_range(KH):
+            th = h + pad_h - p * dil_h
+            i = th // SH
+            row_ok = mask_p & (th >= 0) & (i < Ho)
+            if SH > 1:
+                row_ok = row_ok & (th - i * SH == 0)
+            for q in tl.static_range(KW):
+                tw = w + pad_w - q * dil_w
+                j = tw // SW
+                ok = row_ok & (tw >= 0) & (j < Wo)
+                if SW > 1:
+                    ok = ok & (tw - j * SW == 0)
+                g = tl.load(gy_img + (tl.multiple_of(i * stride_gh, ALIGN_G)
+                                      + tl.multiple_of(j * stride_gw, ALIGN_G))[:, None] + gy_chan,
+                            mask=ok[:, None] & mask_c2, other=0.0)
+                wv = tl.load(w_row + (p * KW + q) * stride_wt, mask=mask_c, other=0.0)
+                acc += g.to(ACC) * wv.to(ACC)[None, :]
+    gx_ptrs = (gx_ptr + tl.multiple_of(n * stride_xn, ALIGN_X) + tl.multiple_of(offs_p * stride_xp, ALIGN_X)[:, None]
+               + (offs_c * stride_xc)[None, :])
+    tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c2)
 
 
 _BWD_IN_KEY = ["C", "M", "H", "W", "KH", "KW", "SH", "SW"]
