@@ -286,34 +286,37 @@ def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_chan
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _dw_bwd_weight_partial_kernel(gy_ptr, x_ptr, part_ptr,
-                                  C_out, M, H, W, Ho, Wo, TOTAL, CHUNK, KW, NTAP,
+                                  C_out, M, H, W, Ho, Wo, TOTAL, CHUNK, KH, KW,
                                   stride_gn, stride_gc, stride_gh, stride_gw,
                                   stride_xn, stride_xc, stride_xh, stride_xw,
                                   conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-                                  HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                                  KW_P2: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                                   ALIGN_G: tl.constexpr, ALIGN_X: tl.constexpr, ALIGN_C: tl.constexpr,
                                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Program (tap, channel block, chunk) sums grad_y * x over its CHUNK of the flattened (n, i, j)
-    # output pixels for one tap t, and writes part[chunk, c, t] (t == NTAP: the bias sum, x := 1).
-    # The tap is a grid axis, not a static loop: unrolled over a 5x5 window the kernel took 15 s
-    # per config to compile. It is the fastest axis, so the programs of one chunk run together and
-    # re-read its grad_y and x from L2; as the slowest axis every tap streamed both from HBM again
-    # (1.39 ms at 64x128x75x75 NCHW on an H200, 2026-11-26, cuDNN: 0.68 ms; not re-measured since).
-    t = tl.program_id(0)
+    # Program (window row r, channel block, chunk) sums grad_y * x over its CHUNK of the flattened
+    # (n, i, j) output pixels for the KW taps of row r, and writes part[chunk, c, r*KW + q]; row
+    # r == KH is the bias (x := 1 at q == 0). The row's taps are one [pixels, KW_P2, channels] tile:
+    # grad_y is loaded once for all of them, and no tap is unrolled (unrolled over a 5x5 window
+    # the kernel took 15 s per config to compile). A program per tap re-read grad_y and x from L2
+    # for each of the 9 taps: 126 us for a 64x728x19x19 bf16 layer, floor 17 (H200, 2026-11-26).
+    # The row is the fastest grid axis, so the rows of one chunk run together and share it in L2.
+    r = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < (C_out // ALIGN_C) * ALIGN_C  # == C_out, its known factor lets loads vectorize
-    mask_c2 = mask_c[None, :]
     gy_chan = (offs_c * stride_gc)[None, :]
-    x_chan = ((offs_c // M) * stride_xc)[None, :]
-    tap_h = (t // KW) * dil_h - pad_h
-    tap_w = (t % KW) * dil_w - pad_w
-    is_tap = t < NTAP
-    h_end = tl.where(is_tap, H, 0)  # no x rows for the bias column
+    x_chan = ((offs_c // M) * stride_xc)[None, None, :]
+    offs_q = tl.arange(0, KW_P2)
+    tap_h = r * dil_h - pad_h
+    tap_w = offs_q * dil_w - pad_w
+    # the row's real taps (none in the bias row), and the bias column; per-row bounds rather than
+    # `vector & (r < KH)`, which the interpreter (3.9) evaluates to int32, not a mask
+    tap_ok = offs_q < tl.where(r < KH, KW, 0)
+    is_bias = offs_q < tl.where(r == KH, 1, 0)
     start = pid_k * CHUNK
     end = tl.minimum(start + CHUNK, TOTAL)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    acc = tl.zeros([BLOCK_P, KW_P2, BLOCK_C], dtype=ACC)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < end
@@ -323,21 +326,25 @@ def _dw_bwd_weight_partial_kernel(gy_ptr, x_ptr, part_ptr,
         j = rem % Wo
         g = tl.load(gy_ptr + (tl.multiple_of(n * stride_gn, ALIGN_G) + tl.multiple_of(i * stride_gh, ALIGN_G)
                               + tl.multiple_of(j * stride_gw, ALIGN_G))[:, None] + gy_chan,
-                    mask=mask_p[:, None] & mask_c2, other=0.0).to(ACC)
+                    mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(ACC)
         h = i * conv_sh + tap_h
-        w = j * conv_sw + tap_w
-        ok = mask_p & (h >= 0) & (h < h_end) & (w >= 0) & (w < W)
-        xv = tl.load(x_ptr + (tl.multiple_of(n * stride_xn, ALIGN_X) + tl.multiple_of(h * stride_xh, ALIGN_X)
-                              + tl.multiple_of(w * stride_xw, ALIGN_X))[:, None] + x_chan,
-                     mask=ok[:, None] & mask_c2, other=0.0).to(ACC)
+        w = j[:, None] * conv_sw + tap_w[None, :]
+        ok = (mask_p & (h >= 0) & (h < H))[:, None] & tap_ok[None, :] & (w >= 0) & (w < W)
+        x_pix = ((tl.multiple_of(n * stride_xn, ALIGN_X) + tl.multiple_of(h * stride_xh, ALIGN_X)
+                  + tl.multiple_of(j * conv_sw * stride_xw, ALIGN_X))[:, None]
+                 + tl.multiple_of(tap_w * stride_xw, ALIGN_X)[None, :])
+        xv = tl.load(x_ptr + x_pix[:, :, None] + x_chan, mask=ok[:, :, None] & mask_c[None, None, :],
+                     other=0.0).to(ACC)
         if HAS_BIAS:
-            xv = tl.where(is_tap, xv, 1.0)
+            xv = tl.where(is_bias[None, :, None], 1.0, xv)
+            ok = ok | (mask_p[:, None] & is_bias[None, :])
         # Taps in the padding add nothing, rather than grad_y * 0 (NaN for an infinite or NaN grad_y),
         # as torch's float32 CPU kernel and the C++ and Numba backends do.
-        acc += tl.where((ok | (mask_p & (t >= NTAP)))[:, None], g * xv, 0.0)
-    ncol = NTAP + HAS_BIAS
-    part_row = part_ptr + pid_k.to(tl.int64) * C_out * ncol + offs_c * ncol
-    tl.store(part_row + t, tl.sum(acc, axis=0), mask=mask_c)
+        acc += tl.where(ok[:, :, None], g[:, None, :] * xv, 0.0)
+    ncol = KH * KW + HAS_BIAS
+    col = r * KW + offs_q
+    part = part_ptr + pid_k.to(tl.int64) * C_out * ncol + (offs_c * ncol)[None, :] + col[:, None]
+    tl.store(part, tl.sum(acc, axis=0), mask=(tap_ok | is_bias)[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -361,11 +368,28 @@ def _dw_bwd_weight_reduce_kernel(part_ptr, gw_ptr, gb_ptr, R, NUM_CHUNKS,
         tl.store(gb_ptr + c, acc.to(gb_ptr.dtype.element_ty), mask=mask & (t == NTAP))
 
 
-_BWD_W_KEY = ["C_out", "M", "Ho", "Wo", "CHUNK", "NTAP", "conv_sh", "conv_sw"]
-_dw_bwd_weight_cl = TunedKernel(_dw_bwd_weight_partial_kernel, _configs(_FLAT_CL), _BWD_W_KEY,
-                                dict(BLOCK_P=32, BLOCK_C=16))
-_dw_bwd_weight_nchw = TunedKernel(_dw_bwd_weight_partial_kernel, _configs(_FLAT_NCHW), _BWD_W_KEY,
-                                  dict(BLOCK_P=64, BLOCK_C=2))
+_BWD_W_KEY = ["C_out", "M", "Ho", "Wo", "CHUNK", "KH", "KW", "conv_sh", "conv_sw"]
+# The weight gradient's tiles are [BLOCK_P, KW_P2, BLOCK_C]: smaller pixel-channel blocks than the
+# forward's, so that a 5x5 window's 8-wide tap axis still fits the registers (see _prune_wgrad).
+_WGRAD_CL = [(32, 32, 4), (16, 64, 4), (64, 32, 8), (32, 64, 8), (16, 128, 8), (8, 128, 4)]
+_WGRAD_NCHW = [(128, 1, 4), (256, 1, 4), (512, 1, 8), (128, 2, 4), (64, 4, 4)]
+_ACC_REGS = 64  # fp32 accumulator registers a thread may hold
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    """Drop configs whose accumulator tile would spill: BLOCK_P * KW_P2 * BLOCK_C over the threads."""
+    kwp = kwargs["KW_P2"]
+
+    def regs(c):
+        return c.kwargs["BLOCK_P"] * kwp * c.kwargs["BLOCK_C"] // (32 * c.num_warps)
+
+    return [c for c in configs if regs(c) <= _ACC_REGS] or [min(configs, key=regs)]
+
+
+_dw_bwd_weight_cl = TunedKernel(_dw_bwd_weight_partial_kernel, _configs(_WGRAD_CL), _BWD_W_KEY,
+                                dict(BLOCK_P=32, BLOCK_C=16), prune_configs_by={"early_config_prune": _prune_wgrad})
+_dw_bwd_weight_nchw = TunedKernel(_dw_bwd_weight_partial_kernel, _configs(_WGRAD_NCHW), _BWD_W_KEY,
+                                  dict(BLOCK_P=64, BLOCK_C=2), prune_configs_by={"early_config_prune": _prune_wgrad})
 _dw_bwd_weight_reduce = TunedKernel(_dw_bwd_weight_reduce_kernel,
                                     [cfg(BLOCK_R=256), cfg(BLOCK_R=1024, num_warps=8)], ["R", "NUM_CHUNKS"],
                                     dict(BLOCK_R=256))
@@ -384,19 +408,20 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
     cl = is_channels_last(x)
     ntap = kh * kw
     ncol = ntap + int(need_bias)
+    nrow = kh + int(need_bias)  # programs per (channel block, chunk): a window row each, and the bias
     c_blocks_min = cdiv(c_out, 128) if cl else c_out
-    want = max(1, cdiv(target_programs(x.device), c_blocks_min * ncol))
+    want = max(1, cdiv(target_programs(x.device), c_blocks_min * nrow))
     chunk = max(_CHUNK_QUANTUM, cdiv(cdiv(total, want), _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
     num_chunks = cdiv(total, chunk)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((num_chunks, c_out * ncol), dtype=acc, device=x.device)
     kernel = _dw_bwd_weight_cl if cl else _dw_bwd_weight_nchw
-    grid = lambda META: (ncol, cdiv(c_out, META["BLOCK_C"]), num_chunks)
+    grid = lambda META: (nrow, cdiv(c_out, META["BLOCK_C"]), num_chunks)
     kernel(grid, grad_y, x, part,
-           c_out, c_out // c, h, w, ho, wo, total, chunk, kw, ntap,
+           c_out, c_out // c, h, w, ho, wo, total, chunk, kh, kw,
            *grad_y.stride(), *x.stride(),
            stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-           HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype),
+           KW_P2=1 << (kw - 1).bit_length(), HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype),
            ALIGN_G=pixel_align(grad_y),
            ALIGN_X=pixel_align(x), ALIGN_C=align_of(c_out))
     gw = torch.empty((c_out, 1, kh, kw), dtype=x.dtype, device=x.device)
