@@ -125,6 +125,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_pow2(v: int) -> int:
+    """The smallest power of two >= v (v >= 1), for host-side block sizes: triton.next_power_of_2 is
+    a constexpr_function too (about 1.4 us a call with triton 3.9 on the development CPU)."""
+    return 1 << (v - 1).bit_length()
+
+
 def align_of(*values: int) -> int:
     """The largest power of two up to 16 dividing every value (strides, channel counts): the
     kernels' ALIGN_*/COUNT_* hints (tl.multiple_of, mask bounds written as (C // A) * A). Triton

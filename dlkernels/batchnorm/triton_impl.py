@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
 from .._triton_common import launch as _launch
-from .._triton_common import align_of, cdiv, target_programs
+from .._triton_common import align_of, cdiv, next_pow2, target_programs
 
 # Elements per tile: 16 per thread at 4 warps, enough loads in flight to stream HBM.
 _TILE = 2048
@@ -471,7 +471,7 @@ def _backward_apply_flat_kernel(
 # ---------------------------------------------------------------------------------------------
 def _np2(v: int) -> int:
     # at least 1, so that an empty tensor still gets a valid geometry
-    return triton.next_power_of_2(max(1, v))
+    return next_pow2(max(1, v))
 
 
 class _Geometry:

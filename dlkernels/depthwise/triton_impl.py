@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import _validation as V
-from .._triton_common import TunedKernel, align_of, cdiv, cfg, target_programs
+from .._triton_common import TunedKernel, align_of, cdiv, cfg, next_pow2, target_programs
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -428,7 +428,7 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
            c_out, c_out // c, h, w, ho, wo, total, chunk, kh, kw,
            *grad_y.stride(), *x.stride(),
            stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-           KW_P2=1 << (kw - 1).bit_length(), HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype),
+           KW_P2=next_pow2(kw), HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype),
            ALIGN_G=pixel_align(grad_y),
            ALIGN_X=pixel_align(x), ALIGN_C=align_of(c_out))
     gw = torch.empty((c_out, 1, kh, kw), dtype=x.dtype, device=x.device)

@@ -22,7 +22,7 @@ from .._triton_common import INTERPRET
 from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
 from .._triton_common import autotune
 from .._triton_common import launch as _launch
-from .._triton_common import align_of, cdiv, target_programs
+from .._triton_common import align_of, cdiv, next_pow2, target_programs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, activation: str
         return grad_pre, grad_bias.zero_()
     # Tiles are 16 x 128 along the contiguous columns; for bias_dim 0 with narrow N the column tile
     # shrinks so that row tiles are not mostly masked out.
-    block_c = min(128, triton.next_power_of_2(n))
+    block_c = min(128, next_pow2(n))
     block_r = max(16, 2048 // block_c) if bias_dim == 0 else 16
     if bias_dim == 1:
         n_l, tiles = cdiv(n, block_c), cdiv(nb * m, block_r)
