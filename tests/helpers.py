@@ -38,6 +38,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.3e} (reference scale {scale:.3e}, {dtype})"
 
 
+def assert_close_non_finite(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """actual against torch's own expected, which holds infinities or NaNs (the case must reach it):
+    the same non-finite values at the same places, the finite ones to 1e-4 of their scale."""
+    assert not expected.isfinite().all(), what
+    scale = expected[expected.isfinite()].abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * scale, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
 def grads(out: torch.Tensor, inputs, grad_out: torch.Tensor):
     """Gradients of out w.r.t. the inputs that require grad (None for the others)."""
     req = [t for t in inputs if t is not None and t.requires_grad]
