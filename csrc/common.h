@@ -96,6 +96,17 @@ inline void stream_fence() {
 #endif
 }
 
+// Choices that measured opposite ways on the two CPUs these kernels run on, keyed by the instruction
+// set the module is built for (-march=native): the AVX2 machine is an AMD Zen3 (32 MiB L3, ~26-32 GB/s
+// copy bandwidth for two threads), the AVX-512 ones a Zen5 (32 MiB L3, 40-76 GB/s, varying with the
+// host's load) and an Intel Xeon (260 MiB L3, where layer-sized tensors stay in cache and these
+// choices rarely matter). A proxy, not a cause: re-measure on a new CPU (see each use).
+#if defined(__AVX512F__)
+constexpr bool kAvx512Machine = true;
+#else
+constexpr bool kAvx512Machine = false;
+#endif
+
 // The instruction set this module was compiled for, reported by dlkernels._C.simd().
 inline const char* simd_name() {
 #if defined(__AVX512F__)

@@ -90,22 +90,23 @@ inline TapRange interior_range(int64_t out, int64_t stride, int64_t pad, int64_t
   return {lo, hi};
 }
 
-// A 32-byte vector of T (GCC vector extension: AVX registers under -march=native, split into
-// halves on older targets). Fixed-size blocks of accumulators written with it stay in registers
-// across runtime-length tap loops, which plain arrays do not reliably do.
-template <class T>
+// A B-byte vector of T (GCC vector extension: AVX registers under -march=native, split into
+// halves on older targets), 32 bytes unless a kernel asks for 64 (AVX-512 builds; see
+// cl_staged_row_kw). Fixed-size blocks of accumulators written with it stay in registers across
+// runtime-length tap loops, which plain arrays do not reliably do.
+template <class T, int B = 32>
 struct Vec {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int lanes = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(B)));
+  static constexpr int lanes = B / sizeof(T);
 };
-template <class T>
-inline typename Vec<T>::type vload(const T* p) {
-  typename Vec<T>::type v;
+template <class T, int B = 32>
+inline typename Vec<T, B>::type vload(const T* p) {
+  typename Vec<T, B>::type v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-template <class T>
-inline void vstore(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof v); }
+template <class T, class V>
+inline void vstore(T* p, V v) { std::memcpy(p, &v, sizeof v); }
 template <class T>
 inline typename Vec<T>::type vbroadcast(T x) { return typename Vec<T>::type{} + x; }
 
@@ -114,18 +115,30 @@ inline typename Vec<T>::type vbroadcast(T x) { return typename Vec<T>::type{} + 
 // write-combining buffers (depthwise.h and depthwise.cpp measure both).
 inline bool same_l1_set(int64_t bytes) { return bytes % 4096 == 0; }
 
-// vstream: one vector to p, 32-byte aligned; a plain store without AVX. Whole 64-byte lines
-// should be written by consecutive calls: a partly written line goes out in pieces.
-template <class T>
-inline void vstream(T* p, typename Vec<T>::type v) {
-#if defined(__AVX__)
-  if constexpr (sizeof(T) == 4)
-    _mm256_stream_ps(reinterpret_cast<float*>(p), reinterpret_cast<__m256>(v));
-  else
-    _mm256_stream_pd(reinterpret_cast<double*>(p), reinterpret_cast<__m256d>(v));
-#else
-  vstore(p, v);
+// vstream: one vector to p, aligned to its size; a plain store without AVX (or, for 64-byte vectors,
+// without AVX-512). Whole 64-byte lines should be written by consecutive calls: a partly written
+// line goes out in pieces.
+template <class T, class V>
+inline void vstream(T* p, V v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {
+    if constexpr (sizeof(T) == 4)
+      _mm512_stream_ps(reinterpret_cast<float*>(p), reinterpret_cast<__m512>(v));
+    else
+      _mm512_stream_pd(reinterpret_cast<double*>(p), reinterpret_cast<__m512d>(v));
+    return;
+  }
 #endif
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) {
+    if constexpr (sizeof(T) == 4)
+      _mm256_stream_ps(reinterpret_cast<float*>(p), reinterpret_cast<__m256>(v));
+    else
+      _mm256_stream_pd(reinterpret_cast<double*>(p), reinterpret_cast<__m256d>(v));
+    return;
+  }
+#endif
+  vstore(p, v);
 }
 // dst[0, n) = src[0, n), non-temporal where aligned (plain stores for the unaligned ends).
 template <class T>

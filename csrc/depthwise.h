@@ -453,30 +453,49 @@ void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int
   if (c < g.Cm) cl_taps_block<T, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
 }
 
-// The cache lines of the input row that output row i + 1 stages and row i does not (its last
-// window row; row stride 1 only), under output columns [j0, j1), prefetched a few at a time
-// (step) while row i's run [j0, j1) is computed: the ring's copy of them for row i + 1 then reads
-// cache while DRAM streamed behind this row's arithmetic. Without it that copy ran alone at
+// The cache lines of the input rows that output row i + 1 stages and row i does not (the last
+// min(sH, window) rows of its window, at most two), under output columns [j0, j1), prefetched a few
+// at a time (step) while row i's run [j0, j1) is computed: the ring's copy of them for row i + 1 then
+// reads cache while DRAM streamed behind this row's arithmetic. Without it that copy ran alone at
 // single-thread DRAM speed (a third of the kernel's time at 8x128x75x75 when it was added; 7 % in
 // the kernels of 2026-11-26, whose other changes since overlap part of it); issued all at once, the
 // prefetches would stall on the few miss buffers and evict the run's own lines from L1.
+// Row stride 2 (two fresh rows for a quarter of the arithmetic per input byte) prefetches only on
+// the AVX-512 machine (kAvx512Machine). On the Zen3 the bursts stalled the arithmetic more than they
+// overlapped the copy (interleaved, two threads, input from DRAM: 8x96x112x112 s2 2412 us with, 2167
+// without; 8x256x38x38 s2 719 / 692); on the Zen5 they pay (two threads, input from DRAM, 3x3 unless
+// noted: 8x256x38x38 s2 0.50 -> 0.31-0.36 ms, 8x96x112x112 s2 1.05-1.2 -> 0.76-1.03, 5x5 s2 1.47-1.53
+// -> 1.27-1.38; stride 1 unchanged). Stride 1 pays on both (Zen3: 8x128x75x75 2369 us with / 2534
+// without, 56x56 5x5 2382 / 2501).
 template <class T>
-struct NextRowPrefetch : LinePrefetch {
+struct NextRowPrefetch {
+  LinePrefetch part[2];
   int64_t lines = 0;
 
   NextRowPrefetch(const T* xn, int64_t i, int64_t j0, int64_t j1, const DwGeom& g) {
-    // Row stride 1 only: at stride 2 an output row needs two fresh input rows for a quarter of the
-    // arithmetic per input byte, and the bursts stalled the arithmetic more than they overlapped
-    // the copy (interleaved, two threads, input from DRAM: 8x96x112x112 s2 2412 us with, 2167
-    // without; 8x256x38x38 s2 719 / 692; but 8x128x75x75 s1 2369 / 2534, 56x56 5x5 2382 / 2501).
-    if (g.sH > 1) return;
+    if (g.sH > 1 && !(kAvx512Machine && g.sH == 2)) return;
     const int64_t c0 = std::max<int64_t>(0, j0 * g.sW - g.pL) * g.C;
     const int64_t c1 = std::min<int64_t>(g.W, j1 * g.sW - g.pL) * g.C;
-    const int64_t ih = i + 1 - g.pT + (g.kH - 1) * g.dH;  // row i + 1's last window row
-    if (ih < 0 || ih >= g.H || c0 >= c1) return;
-    const T* xrow = xn + ih * g.W * g.C;
-    static_cast<LinePrefetch&>(*this) = LinePrefetch(xrow + c0, xrow + c1);
-    lines = count();
+    if (c0 >= c1) return;
+    // Window rows last - q*dH of row i + 1 below row i's last (last - sH), nearer first.
+    const int64_t last = (i + 1) * g.sH - g.pT + (g.kH - 1) * g.dH;
+    int np = 0;
+    for (int64_t q = g.kH - 1; q >= 0 && np < 2; --q) {
+      const int64_t ih = last - (g.kH - 1 - q) * g.dH;
+      if (ih <= last - g.sH) break;
+      if (ih < 0 || ih >= g.H) continue;
+      const T* xrow = xn + ih * g.W * g.C;
+      part[np] = LinePrefetch(xrow + c0, xrow + c1);
+      lines += part[np++].count();
+    }
+  }
+  // Prefetches the next k lines, the nearer row first.
+  void step(int64_t k) {
+    for (LinePrefetch& p : part) {
+      const int64_t n = std::min(k, p.count());
+      p.step(n);
+      k -= n;
+    }
   }
 };
 
@@ -525,16 +544,16 @@ DwGeom cl_padded(DwGeom g) {
 // loads per NJ * KW * NV FMAs instead of about one load per FMA.
 // STREAM: stored with non-temporal stores (whole lines where the caller has NV vectors make one and
 // dst is line-aligned; see cl_streams_rows).
-template <class T, int NJ, int NV, int KW, int SW, bool STREAM = false>
+template <class T, int NJ, int NV, int KW, int SW, bool STREAM = false, int B = 32>
 inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const T* bias, T* dst, int64_t c0,
                             int64_t j, const DwGeom& g) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
+  using V = typename Vec<T, B>::type;
+  constexpr int L = Vec<T, B>::lanes;
   constexpr int U = (NJ - 1) * SW + KW;  // input columns the block reads
   V acc[NJ][NV];
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
-    const V b = bias ? vload(bias + c0 + v * L) : V{};
+    const V b = bias ? vload<T, B>(bias + c0 + v * L) : V{};
 #pragma GCC unroll 8
     for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
   }
@@ -545,12 +564,12 @@ inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const
 #pragma GCC unroll 8
     for (int q = 0; q < KW; ++q)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) wv[q][v] = vload(wr + q * g.ws + v * L);
+      for (int v = 0; v < NV; ++v) wv[q][v] = vload<T, B>(wr + q * g.ws + v * L);
 #pragma GCC unroll 32
     for (int u = 0; u < U; ++u) {
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
-        const V xv = vload(xs + v * L);
+        const V xv = vload<T, B>(xs + v * L);
 #pragma GCC unroll 8
         for (int jj = 0; jj < NJ; ++jj)
           if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
@@ -599,10 +618,10 @@ inline void cl_staged_pixel(const T* const* rows, int64_t ps, const T* wt, const
 // input rows the next output row stages are prefetched a block ahead, so that the ring's copy of
 // them reads L2 while DRAM streams behind this row's arithmetic (the copy alone from DRAM ran at
 // half the copy bandwidth per thread, and nothing overlapped it).
-template <class T, int NJ, int NV, int KW, int SW, bool STREAM = false>
+template <class T, int NJ, int NV, int KW, int SW, bool STREAM = false, int B = 32>
 void cl_staged_row_blocks(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
                           const DwGeom& g) {
-  constexpr int CB = NV * Vec<T>::lanes;
+  constexpr int CB = NV * Vec<T, B>::lanes;
   auto group = [&](int64_t j) {
     NextRowPrefetch<T> pf(xn, i, j, j + NJ < g.Wo ? j + NJ : g.Wo + g.kW * g.dW, g);  // (the last group: up to W)
     const int64_t per = ceil_div(pf.lines, std::max<int64_t>(1, g.Cm / CB));
@@ -610,7 +629,7 @@ void cl_staged_row_blocks(const T* const* rows, int64_t ps, const T* xn, int64_t
     int64_t c = 0;
     for (; c + CB <= g.Cm; c += CB) {
       pf.step(per);
-      cl_staged_block<T, NJ, NV, KW, SW, STREAM>(rows, ps, wt, bias, dst, c, j, g);
+      cl_staged_block<T, NJ, NV, KW, SW, STREAM, B>(rows, ps, wt, bias, dst, c, j, g);
     }
     pf.step(pf.lines);
     if (c < g.Cm)
@@ -692,10 +711,16 @@ void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t
 // The register blocks for KW column taps at column stride SW (Wo >= 4): eight pixels x one channel
 // vector, whose eight independent FMA chains keep both FMA units busy; on rows narrower than
 // eight, four pixels x two vectors for 3-wide windows (six weights + eight accumulators fit the 16
-// registers; five weight vectors of a 5-wide window leave room for one).
+// registers; five weight vectors of a 5-wide window leave room for one). AVX-512 builds take
+// 64-byte vectors where they tile the channels: half the instructions for the same FMAs, which
+// is what bounds 5x5 at stride 1 (Zen5, two threads, interleaved, input from DRAM: 8x144x56x56
+// 1.19 -> 0.94 ms, 8x128x56x56 1.05 -> 0.84; stride 2, memory-bound, unchanged; 40 channels, two
+// vectors and a half-vector tail per pixel, 0.11 -> 0.13, hence whole vectors only).
 template <class T, int KW, int SW>
 void cl_staged_row_kw(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
                       const DwGeom& g) {
+  if (kAvx512Machine && g.Wo >= 8 && g.Cm % Vec<T, 64>::lanes == 0)
+    return cl_staged_row_blocks<T, 8, 1, KW, SW, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
   if (g.Wo >= 8) return cl_staged_row_blocks<T, 8, 1, KW, SW>(rows, ps, xn, i, wt, bias, yr, g);
   cl_staged_row_blocks<T, 4, KW == 3 ? 2 : 1, KW, SW>(rows, ps, xn, i, wt, bias, yr, g);
 }
