@@ -56,14 +56,35 @@ def llc_bytes() -> int:
     return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]
 
 
-def cpu_name() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            key, _, val = line.partition(":")
+            fields[key.strip()] = val.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_isa() -> str:
+    """The widest vector instruction set the CPU has, as the C++ kernels are built for it
+    (-march=native): "avx512", "avx2", or "" (neither, or not x86)."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name, with its x86 family/model and vector ISA where known: VMs report
+    "AMD EPYC" for a Zen3 (AVX2) and a Zen5 (AVX-512) alike, and their results differ."""
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    detail = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info and "model" in info else []
+    detail += [{"avx512": "AVX-512", "avx2": "AVX2/FMA"}[cpu_isa()]] if cpu_isa() else []
+    return f"{name} ({', '.join(detail)})" if detail else name
 
 
 def _version(mod: str) -> str:
@@ -89,8 +110,10 @@ class MachineInfo:
 
     def slug(self) -> str:
         """Directory name under benchmarks/results/ for this machine."""
-        name = self.device_name if self.device == "cuda" else self.cpu
+        name = self.device_name if self.device == "cuda" else re.sub(r"\s*\((?!R\)|TM\)).*\)$", "", self.cpu)
         name = re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*$|\d+-Core", "", name)
+        if self.device != "cuda":  # one folder per ISA: same-named VMs differ (see cpu_name)
+            name += " avx512" if "AVX-512" in self.cpu else " avx2" if "AVX2" in self.cpu else ""
         return f"{self.device}-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown")
 
     def to_dict(self) -> dict:
