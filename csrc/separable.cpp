@@ -102,7 +102,11 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
     // consecutive output rows share; see ClRowRing), else the pixel-at-a-time kernel.
     std::unique_ptr<ClRowRing<T>> ring(g.m == 1 ? new ClRowRing<T>(g) : nullptr);
     std::vector<const T*> win(static_cast<size_t>(g.kH));
-#pragma omp for schedule(dynamic)
+    // Contiguous runs of tasks per thread (consecutive row blocks of an image): the ring then
+    // carries the input rows two blocks share, where dynamic scheduling re-staged them. Zen5, two
+    // threads, interleaved: Xception entry 4.18 -> 3.99 ms, MobileNetV2 144->24 1.13 -> 1.09,
+    // Xception middle/exit and the stride-2 cases within 1 %.
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < g.N * nb; ++t) {
       const int64_t n = t / nb, i0 = (t % nb) * rows, i1 = std::min(g.Ho, i0 + rows), P = (i1 - i0) * g.Wo;
       const T* xn = x + n * g.H * g.W * g.C;
