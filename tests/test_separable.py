@@ -14,7 +14,8 @@ def _x(shape, dtype, channels_last):
 
 
 # (N, C, H, W, O)
-PW_CASES = [(2, 3, 5, 7, 4), (1, 1, 1, 1, 1), (3, 17, 4, 3, 13), (1, 32, 9, 11, 40)]
+# (3, 24, 2, 3, 20): few pixels an image, whose NCHW weight gradient is one GEMM over all of them
+PW_CASES = [(2, 3, 5, 7, 4), (1, 1, 1, 1, 1), (3, 17, 4, 3, 13), (1, 32, 9, 11, 40), (3, 24, 2, 3, 20)]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
