@@ -714,13 +714,16 @@ void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t
 // registers; five weight vectors of a 5-wide window leave room for one). AVX-512 builds take
 // 64-byte vectors where they tile the channels: half the instructions for the same FMAs, which
 // is what bounds 5x5 at stride 1 (Zen5, two threads, interleaved, input from DRAM: 8x144x56x56
-// 1.19 -> 0.94 ms, 8x128x56x56 1.05 -> 0.84; stride 2, memory-bound, unchanged; 40 channels, two
-// vectors and a half-vector tail per pixel, 0.11 -> 0.13, hence whole vectors only).
+// 1.19 -> 0.94 ms, 8x128x56x56 1.05 -> 0.84; rows under 8 pixels in 4-pixel blocks: 8x1152x7x7
+// 0.31 -> 0.26, 8x240x14x14 s2 0.109 -> 0.093; stride 2 at 56x56, memory-bound, unchanged; 40
+// channels, two vectors and a half-vector tail per pixel, 0.11 -> 0.13, hence whole vectors only).
 template <class T, int KW, int SW>
 void cl_staged_row_kw(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
                       const DwGeom& g) {
-  if (kAvx512Machine && g.Wo >= 8 && g.Cm % Vec<T, 64>::lanes == 0)
-    return cl_staged_row_blocks<T, 8, 1, KW, SW, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
+  if (kAvx512Machine && g.Cm % Vec<T, 64>::lanes == 0) {
+    if (g.Wo >= 8) return cl_staged_row_blocks<T, 8, 1, KW, SW, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
+    return cl_staged_row_blocks<T, 4, 1, KW, SW, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
+  }
   if (g.Wo >= 8) return cl_staged_row_blocks<T, 8, 1, KW, SW>(rows, ps, xn, i, wt, bias, yr, g);
   cl_staged_row_blocks<T, 4, KW == 3 ? 2 : 1, KW, SW>(rows, ps, xn, i, wt, bias, yr, g);
 }

@@ -113,11 +113,11 @@ def test_wide_channel_rows(backend, dtype, case, channels_last):
     test_forward_backward(backend, dtype, case, channels_last)
 
 
-# Channels-last windows 5 wide at output rows of 8 pixels or more, channels a multiple of 16 floats
-# (8 doubles): on AVX-512 builds the C++ forward takes 64-byte vectors there (cl_staged_row_kw);
-# widths leave a partial last 8-pixel block, and a 3x5 window reaches the same kernel.
+# Channels-last windows 5 wide, channels a multiple of 16 floats (8 doubles): on AVX-512 builds the
+# C++ forward takes 64-byte vectors there (cl_staged_row_kw), in 8-pixel blocks (widths leave a
+# partial last block) or, on rows of 4-7 pixels, 4-pixel blocks; a 3x5 window reaches the same kernel.
 @pytest.mark.parametrize("case", [(2, 32, 11, 13, 5, 1, 2, 1, 1), (1, 48, 12, 21, 5, 2, 2, 1, 1),
-                                  (1, 16, 9, 10, (3, 5), 1, (1, 2), 1, 1)], ids=_ids)
+                                  (1, 16, 9, 10, (3, 5), 1, (1, 2), 1, 1), (2, 32, 6, 7, 5, 1, 2, 1, 1)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
 def test_channels_last_wide_vectors(backend, dtype, case):
