@@ -472,6 +472,7 @@ struct NextRowPrefetch {
   LinePrefetch part[2];
   int64_t lines = 0;
 
+  NextRowPrefetch() = default;  // nothing to prefetch
   NextRowPrefetch(const T* xn, int64_t i, int64_t j0, int64_t j1, const DwGeom& g) {
     if (g.sH > 1 && !(kAvx512Machine && g.sH == 2)) return;
     const int64_t c0 = std::max<int64_t>(0, j0 * g.sW - g.pL) * g.C;
