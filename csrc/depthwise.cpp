@@ -412,7 +412,7 @@ void cl_gather_pixels(const T* gyn, const T* wt, T* dst, const std::vector<TapOu
   // AVX-512 builds: one 64-byte vector where AVX2 takes two 32-byte ones (Zen5, two threads,
   // interleaved, stride 2: 8x96x112x112 1.50 -> 1.30 ms, 8x144x56x56 5x5 0.71 -> 0.59, 8x256x38x38
   // 0.33 -> 0.30, 8x672x14x14 5x5 0.244 -> 0.219).
-  if constexpr (kAvx512Machine)
+  if (kAvx512Machine && g.C * static_cast<int64_t>(sizeof(T)) % 64 == 0)  // whole lines (see wgrad_row_cl_staged)
     for (; c + 2 * L <= g.C; c += 2 * L) cl_gather_pixels_vec<T, NJ, 1, STREAM, 64>(gyn, wt, dst, c, pl, ql, g);
   for (; c + 2 * L <= g.C; c += 2 * L) cl_gather_pixels_vec<T, NJ, 2, STREAM>(gyn, wt, dst, c, pl, ql, g);
   // (streamed rows have whole lines of channels: nothing is left here)
@@ -747,10 +747,10 @@ void wgrad_row_cl_exact(const T* gyr, const T* xn, int64_t i, T* row, int64_t o0
 // wgrad_row_cl_staged), added into row; returns the sum of s - s over the sums (NaN unless all
 // finite). KH 3: the whole 3 x KW window at once (one grad_y load per 3*KW FMAs, 3*KW chains);
 // KH 0: window row by window row, two pixel phases for 2*KW independent chains.
-template <class T, int KH, int KW>
+template <class T, int KH, int KW, int B = 32>
 inline bool wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, int64_t c, int64_t j0, int64_t j1,
-                      bool bias, const DwGeom& g, typename Vec<T>::type* sums) {
-  using V = typename Vec<T>::type;
+                      bool bias, const DwGeom& g, typename Vec<T, B>::type* sums) {
+  using V = typename Vec<T, B>::type;
   const int64_t K = g.kH * KW, sp = g.sW * ps;  // staged distance between consecutive pixels' windows
   auto flush = [&](int64_t p, const V* s) {
 #pragma GCC unroll 8
@@ -762,13 +762,13 @@ inline bool wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, in
     const T* gs = gyr + j0 * g.Cm + c;
     const T *x0 = rows[0] + j0 * sp + c, *x1 = rows[1] + j0 * sp + c, *x2 = rows[2] + j0 * sp + c;
     for (int64_t j = j0; j < j1; ++j, gs += g.Cm, x0 += sp, x1 += sp, x2 += sp) {
-      const V gv = vload(gs);
+      const V gv = vload<T, B>(gs);
       accb += gv;
 #pragma GCC unroll 8
       for (int q = 0; q < KW; ++q) {
-        acc[0][q] += gv * vload(x0 + q * ps);
-        acc[1][q] += gv * vload(x1 + q * ps);
-        acc[2][q] += gv * vload(x2 + q * ps);
+        acc[0][q] += gv * vload<T, B>(x0 + q * ps);
+        acc[1][q] += gv * vload<T, B>(x1 + q * ps);
+        acc[2][q] += gv * vload<T, B>(x2 + q * ps);
       }
     }
     for (int p = 0; p < 3; ++p) flush(p, acc[p]);
@@ -781,16 +781,16 @@ inline bool wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, in
       for (; j + 2 <= j1; j += 2, xs += 2 * sp, gs += 2 * g.Cm)
 #pragma GCC unroll 2
         for (int e = 0; e < 2; ++e) {
-          const V gv = vload(gs + e * g.Cm);
+          const V gv = vload<T, B>(gs + e * g.Cm);
           if (p == 0) accb += gv;
 #pragma GCC unroll 8
-          for (int q = 0; q < KW; ++q) acc[e][q] += gv * vload(xs + e * sp + q * ps);
+          for (int q = 0; q < KW; ++q) acc[e][q] += gv * vload<T, B>(xs + e * sp + q * ps);
         }
       if (j < j1) {
-        const V gv = vload(gs);
+        const V gv = vload<T, B>(gs);
         if (p == 0) accb += gv;
 #pragma GCC unroll 8
-        for (int q = 0; q < KW; ++q) acc[0][q] += gv * vload(xs + q * ps);
+        for (int q = 0; q < KW; ++q) acc[0][q] += gv * vload<T, B>(xs + q * ps);
       }
 #pragma GCC unroll 8
       for (int q = 0; q < KW; ++q) acc[0][q] += acc[1][q];
@@ -801,15 +801,15 @@ inline bool wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, in
   // a run the caller redoes exactly leaves row as it was.
   V chk = accb - accb;
   for (int64_t t = 0; t < K; ++t) chk += sums[t] - sums[t];
-  for (int l = 0; l < Vec<T>::lanes; ++l)
+  for (int l = 0; l < Vec<T, B>::lanes; ++l)
     if (!(chk[l] == 0)) return false;
   for (int64_t t = 0; t < K; ++t) {
     T* ra = row + t * g.ws + c;
-    vstore(ra, vload(ra) + sums[t]);
+    vstore(ra, vload<T, B>(ra) + sums[t]);
   }
   if (bias) {
     T* rb = row + K * g.ws + c;
-    vstore(rb, vload(rb) + accb);
+    vstore(rb, vload<T, B>(rb) + accb);
   }
   return true;
 }
@@ -824,10 +824,15 @@ inline bool wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, in
 // sums: kH * KW vectors of scratch.
 template <class T, int KW>
 void wgrad_row_cl_staged(const T* const* rows, int64_t ps, const T* gyr, const T* xn, int64_t i, T* row, bool bias,
-                         const DwGeom& g, typename Vec<T>::type* sums) {
-  constexpr int L = Vec<T>::lanes;
+                         const DwGeom& g, typename Vec<T>::type* sums, typename Vec<T, 64>::type* sums64) {
+  constexpr int L = Vec<T>::lanes, L64 = Vec<T, 64>::lanes;
   constexpr int64_t JC = 32;
   const int64_t cv = g.Cm / L * L;  // channels in whole vectors
+  // AVX-512 builds: 64-byte vectors where each pixel's channels are whole cache lines (at 728
+  // channels every other pixel's loads would split a line: 0.78 -> 0.92 ms). Zen5, two threads,
+  // interleaved: 8x96x112x112 s2 1.47 -> 1.37 ms, 8x256x38x38 s2 0.56 -> 0.45, 8x144x56x56 5x5 s2
+  // 0.77 -> 0.63, 8x128x75x75 2.49 -> 2.39, 8x144x56x56 1.64 -> 1.50.
+  const int64_t cw = kAvx512Machine && g.Cm * static_cast<int64_t>(sizeof(T)) % 64 == 0 ? g.Cm / L64 * L64 : 0;
   for (int64_t j0 = 0; j0 < g.Wo; j0 += JC) {
     const int64_t j1 = std::min(g.Wo, j0 + JC);
     // The next row's fresh input row prefetched run by run, as the forward does (NextRowPrefetch),
@@ -837,7 +842,14 @@ void wgrad_row_cl_staged(const T* const* rows, int64_t ps, const T* gyr, const T
     NextRowPrefetch<T> pf;
     if (g.sH == 1) pf = NextRowPrefetch<T>(xn, i, j0, j1 < g.Wo ? j1 : g.Wo + g.kW * g.dW, g);
     const int64_t per = ceil_div(pf.lines, std::max<int64_t>(1, cv / L));
-    for (int64_t c = 0; c < cv; c += L) {
+    int64_t c = 0;
+    for (; c < cw; c += L64) {
+      pf.step(2 * per);
+      const bool ok = g.kH == 3 ? wgrad_run<T, 3, KW, 64>(rows, ps, gyr, row, c, j0, j1, bias, g, sums64)
+                                : wgrad_run<T, 0, KW, 64>(rows, ps, gyr, row, c, j0, j1, bias, g, sums64);
+      if (!ok) wgrad_row_cl_exact(gyr, xn, i, row, c, c + L64, bias, g, j0, j1);
+    }
+    for (; c < cv; c += L) {
       pf.step(per);
       const bool ok = g.kH == 3 ? wgrad_run<T, 3, KW>(rows, ps, gyr, row, c, j0, j1, bias, g, sums)
                                 : wgrad_run<T, 0, KW>(rows, ps, gyr, row, c, j0, j1, bias, g, sums);
@@ -872,6 +884,7 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
     int64_t pixels = 0;
     std::vector<T> row(static_cast<size_t>(width), T(0));
     std::vector<typename Vec<T>::type> sums(static_cast<size_t>(staged ? K : 0));
+    std::vector<typename Vec<T, 64>::type> sums64(static_cast<size_t>(staged ? K : 0));
     std::unique_ptr<ClRowRing<T>> ring(staged ? new ClRowRing<T>(g) : nullptr);
     std::vector<const T*> win(static_cast<size_t>(g.kH));
     double* acc = part.mine();
@@ -882,9 +895,9 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
       if (staged) {
         ring->rows_for(xn, n, i, win.data());
         if (g.kW == 3)
-          wgrad_row_cl_staged<T, 3>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g, sums.data());
+          wgrad_row_cl_staged<T, 3>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g, sums.data(), sums64.data());
         else
-          wgrad_row_cl_staged<T, 5>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g, sums.data());
+          wgrad_row_cl_staged<T, 5>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g, sums.data(), sums64.data());
       } else {
         wgrad_row_cl_exact(gyr, xn, i, row.data(), 0, g.Cm, gb != nullptr, g);
       }
