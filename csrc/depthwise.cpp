@@ -412,7 +412,7 @@ void cl_gather_pixels(const T* gyn, const T* wt, T* dst, const std::vector<TapOu
   // AVX-512 builds: one 64-byte vector where AVX2 takes two 32-byte ones (Zen5, two threads,
   // interleaved, stride 2: 8x96x112x112 1.50 -> 1.30 ms, 8x144x56x56 5x5 0.71 -> 0.59, 8x256x38x38
   // 0.33 -> 0.30, 8x672x14x14 5x5 0.244 -> 0.219).
-  if (kAvx512Machine && g.C * static_cast<int64_t>(sizeof(T)) % 64 == 0)  // whole lines (see wgrad_row_cl_staged)
+  if (wide_pixels<T>(g.C))
     for (; c + 2 * L <= g.C; c += 2 * L) cl_gather_pixels_vec<T, NJ, 1, STREAM, 64>(gyn, wt, dst, c, pl, ql, g);
   for (; c + 2 * L <= g.C; c += 2 * L) cl_gather_pixels_vec<T, NJ, 2, STREAM>(gyn, wt, dst, c, pl, ql, g);
   // (streamed rows have whole lines of channels: nothing is left here)
@@ -825,14 +825,14 @@ inline bool wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, in
 template <class T, int KW>
 void wgrad_row_cl_staged(const T* const* rows, int64_t ps, const T* gyr, const T* xn, int64_t i, T* row, bool bias,
                          const DwGeom& g, typename Vec<T>::type* sums, typename Vec<T, 64>::type* sums64) {
-  constexpr int L = Vec<T>::lanes, L64 = Vec<T, 64>::lanes;
+  constexpr int L = Vec<T>::lanes;
   constexpr int64_t JC = 32;
   const int64_t cv = g.Cm / L * L;  // channels in whole vectors
   // AVX-512 builds: 64-byte vectors where each pixel's channels are whole cache lines (at 728
   // channels every other pixel's loads would split a line: 0.78 -> 0.92 ms). Zen5, two threads,
   // interleaved: 8x96x112x112 s2 1.47 -> 1.37 ms, 8x256x38x38 s2 0.56 -> 0.45, 8x144x56x56 5x5 s2
   // 0.77 -> 0.63, 8x128x75x75 2.49 -> 2.39, 8x144x56x56 1.64 -> 1.50.
-  const int64_t cw = kAvx512Machine && g.Cm * static_cast<int64_t>(sizeof(T)) % 64 == 0 ? g.Cm / L64 * L64 : 0;
+  const int64_t cw = wide_pixels<T>(g.Cm) ? g.Cm : 0;
   for (int64_t j0 = 0; j0 < g.Wo; j0 += JC) {
     const int64_t j1 = std::min(g.Wo, j0 + JC);
     // The next row's fresh input row prefetched run by run, as the forward does (NextRowPrefetch),
@@ -841,20 +841,20 @@ void wgrad_row_cl_staged(const T* const* rows, int64_t ps, const T* gyr, const T
     // 1.63 -> 1.73, 8x256x38x38 0.63 -> 0.51, 5x5 unchanged). Not measured on the Zen3.
     NextRowPrefetch<T> pf;
     if (g.sH == 1) pf = NextRowPrefetch<T>(xn, i, j0, j1 < g.Wo ? j1 : g.Wo + g.kW * g.dW, g);
-    const int64_t per = ceil_div(pf.lines, std::max<int64_t>(1, cv / L));
-    int64_t c = 0;
-    for (; c < cw; c += L64) {
-      pf.step(2 * per);
-      const bool ok = g.kH == 3 ? wgrad_run<T, 3, KW, 64>(rows, ps, gyr, row, c, j0, j1, bias, g, sums64)
-                                : wgrad_run<T, 0, KW, 64>(rows, ps, gyr, row, c, j0, j1, bias, g, sums64);
-      if (!ok) wgrad_row_cl_exact(gyr, xn, i, row, c, c + L64, bias, g, j0, j1);
-    }
-    for (; c < cv; c += L) {
-      pf.step(per);
-      const bool ok = g.kH == 3 ? wgrad_run<T, 3, KW>(rows, ps, gyr, row, c, j0, j1, bias, g, sums)
-                                : wgrad_run<T, 0, KW>(rows, ps, gyr, row, c, j0, j1, bias, g, sums);
-      if (!ok) wgrad_row_cl_exact(gyr, xn, i, row, c, c + L, bias, g, j0, j1);
-    }
+    const int64_t per = ceil_div(pf.lines, std::max<int64_t>(1, cv / L));  // lines per 32-byte vector
+    // channels [c0, c_end) in vectors of `width` bytes, their tap sums in s; returns where it stopped
+    auto vectors = [&](auto width, int64_t c0, int64_t c_end, typename Vec<T, decltype(width)::value>::type* s) {
+      constexpr int B = decltype(width)::value, LB = Vec<T, B>::lanes;
+      int64_t c = c0;
+      for (; c < c_end; c += LB) {
+        pf.step(per * (LB / L));
+        const bool ok = g.kH == 3 ? wgrad_run<T, 3, KW, B>(rows, ps, gyr, row, c, j0, j1, bias, g, s)
+                                  : wgrad_run<T, 0, KW, B>(rows, ps, gyr, row, c, j0, j1, bias, g, s);
+        if (!ok) wgrad_row_cl_exact(gyr, xn, i, row, c, c + LB, bias, g, j0, j1);
+      }
+      return c;
+    };
+    vectors(std::integral_constant<int, 32>{}, vectors(std::integral_constant<int, 64>{}, 0, cw, sums64), cv, sums);
   }
   if (cv < g.Cm) wgrad_row_cl_exact(gyr, xn, i, row, cv, g.Cm, bias, g);
 }

@@ -410,6 +410,14 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
   dw_rows_staged(X, st.Wp, st.offs.data(), g.kH * g.kW, wo, b, out, rows, g.Wo, F, pf);
 }
 
+// Whether an AVX-512 build runs the channels-last kernels over a pixel's `channels` in 64-byte
+// vectors: where those are whole cache lines, so that no load splits a line and no tail is left
+// (cl_staged_row_kw, cl_gather_pixels and wgrad_row_cl_staged measure why).
+template <class T>
+inline bool wide_pixels(int64_t channels) {
+  return kAvx512Machine && channels * static_cast<int64_t>(sizeof(T)) % 64 == 0;
+}
+
 // (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector,
 // the taps ws >= Cm elements apart (zeros between).
 template <class T>
@@ -453,8 +461,8 @@ void dw_pixel_cl(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int
   if (c < g.Cm) cl_taps_block<T, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);
 }
 
-// The cache lines of the input rows that output row i + 1 stages and row i does not (the last
-// min(sH, window) rows of its window, at most two), under output columns [j0, j1), prefetched a few
+// The cache lines of the input rows that output row i + 1 stages and row i does not (its window
+// rows below row i's last one, at most two), under output columns [j0, j1), prefetched a few
 // at a time (step) while row i's run [j0, j1) is computed: the ring's copy of them for row i + 1 then
 // reads cache while DRAM streamed behind this row's arithmetic. Without it that copy ran alone at
 // single-thread DRAM speed (a third of the kernel's time at 8x128x75x75 when it was added; 7 % in
@@ -721,7 +729,7 @@ void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t
 template <class T, int KW, int SW>
 void cl_staged_row_kw(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
                       const DwGeom& g) {
-  if (kAvx512Machine && g.Cm % Vec<T, 64>::lanes == 0) {
+  if (wide_pixels<T>(g.Cm)) {
     if (g.Wo >= 8) return cl_staged_row_blocks<T, 8, 1, KW, SW, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
     return cl_staged_row_blocks<T, 4, 1, KW, SW, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
   }
