@@ -342,7 +342,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, const
     const int64_t blocks = ceil_div(rows, rb);
 #pragma omp parallel if (worth_threads(d.N * d.C * d.S))
     {
-      const int64_t G = std::is_same_v<P, NoPrep> ? 1 : cl_group_rows(d.C);  // rows per prologue run
+      const int64_t G = P::active ? cl_group_rows(d.C) : 1;  // rows per prologue run
       std::vector<T> ra(d.C), rbuf(d.C), wbuf(G * d.C);
       T* w = wbuf.data();
       double* acc = part.mine();
@@ -354,7 +354,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, const
         T* pb = rbuf.data();
         const int64_t r1 = std::min(rows, (blk + 1) * rb);
         int64_t r = blk * rb;
-        if constexpr (std::is_same_v<P, NoPrep>) {
+        if constexpr (!P::active) {
           if (ahead)
             for (; r + 4 <= r1; r += 4) {
               const int64_t i0 = r * d.C, C = d.C;
@@ -444,8 +444,10 @@ void channel_map(const Bn3& d, P pre, F f, MapOut<T> out) {
         }
       };
       if (!d.cl) {  // the block's planes: their prologue in one buffer (w[i - b0]), then the runs
-        ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) { pre.fill(i0, c, len, w + (i0 - b0)); });
-        pre.finish(w, b1 - b0);
+        if constexpr (P::active) {
+          ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) { pre.fill(i0, c, len, w + (i0 - b0)); });
+          pre.finish(w, b1 - b0);
+        }
         ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) { map_run(i0, c, len, w + (i0 - b0)); });
       } else {
         pre(b0, int64_t(-1), b1 - b0, w);  // the block's rows, one run
