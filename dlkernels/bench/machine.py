@@ -70,10 +70,10 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
-def cpu_isa() -> str:
-    """The widest vector instruction set the CPU has, as the C++ kernels are built for it
-    (-march=native): "avx512", "avx2", or "" (neither, or not x86)."""
-    flags = set(_cpuinfo().get("flags", "").split())
+def cpu_isa(info: dict[str, str] | None = None) -> str:
+    """The widest vector instruction set the CPU has (info: _cpuinfo()'s fields), as the C++
+    kernels are built for it (-march=native): "avx512", "avx2", or "" (neither, or not x86)."""
+    flags = set((_cpuinfo() if info is None else info).get("flags", "").split())
     return "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else ""
 
 
@@ -83,7 +83,8 @@ def cpu_name() -> str:
     info = _cpuinfo()
     name = info.get("model name") or platform.processor() or platform.machine()
     detail = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info and "model" in info else []
-    detail += [{"avx512": "AVX-512", "avx2": "AVX2/FMA"}[cpu_isa()]] if cpu_isa() else []
+    isa = cpu_isa(info)
+    detail += [{"avx512": "AVX-512", "avx2": "AVX2/FMA"}[isa]] if isa else []
     return f"{name} ({', '.join(detail)})" if detail else name
 
 
