@@ -786,9 +786,18 @@ bool cl_streams_rows(const DwGeom& g, const T* y) {
 // input from DRAM, 3x3: 8x128x75x75 2.23 -> 1.60 ms, 8x96x112x112 s2 1.84 -> 1.55 (and, streaming
 // forced where input + output fit the LLC, 8x144x56x56 1.39 -> 1.05, 8x256x38x38 s2 0.64 -> 0.58).
 // With the buffer instead, these blocks were ~5 % slower than cl_staged_row's choice.
+// At stride 1 on the AVX-512 machine, rows of 8+ pixels take 8-pixel blocks of one 64-byte vector
+// (still a whole line per pixel and store): where DRAM runs fast (~80 GB/s copy) the 32-byte blocks'
+// arithmetic, not memory, bounded the pass (interleaved, two threads, input from DRAM, copy 75-80
+// GB/s: 8x128x75x75 0.96 -> 0.79 ms, 8x144x56x56 0.62 -> 0.48, 8x32x112x112 0.63 -> 0.47; at a
+// 46 GB/s copy, 16x192x28x28 and 32x384x14x14 within +-3 %). Stride 2 stays in 32-byte blocks: 64-byte
+// ones, in 4, 5 or 8 pixels, were 10-20 % slower there (8x96x112x112 0.79 -> 0.93, 8x256x38x38 0.31 ->
+// 0.34-0.36), and so were plain stores from 8-pixel blocks.
 template <class T>
 void cl_staged_row_streamed(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias,
                             T* yr, const DwGeom& g) {
+  if (g.sW == 1 && g.Wo >= 8 && wide_pixels<T>(g.Cm))
+    return cl_staged_row_blocks<T, 8, 1, 3, 1, true, 64>(rows, ps, xn, i, wt, bias, yr, g);
   if (g.sW == 1) return cl_staged_row_blocks<T, 5, 2, 3, 1, true>(rows, ps, xn, i, wt, bias, yr, g);
   cl_staged_row_blocks<T, 5, 2, 3, 2, true>(rows, ps, xn, i, wt, bias, yr, g);
 }

@@ -139,7 +139,8 @@ def test_nchw_wide_rows(backend, dtype, case):
 
 
 # c16/c32 3x3: whole lines of channels per pixel, which the C++ row kernel streams itself (5-pixel
-# blocks; 13 and 6 output columns leave a partial last block); the others store plainly. The
+# blocks; 13 and 6 output columns leave a partial last block; on AVX-512 builds c16k3s1 and c16k3d21,
+# rows of 8+ pixels at stride 1, take 8-pixel blocks of 64-byte vectors); the others store plainly. The
 # stride-2 input gradients (c64k5s2, c32k3s2) stream from its 4-pixel blocks, beside single pixels
 # stored plainly at the borders; c256k3s2 from 2-pixel blocks in float32 (4 would alias) and plainly in
 # float64.
