@@ -104,26 +104,26 @@ DLK_INLINE void opaque(V& v) {
 // the same input row for taps a row apart, so for a 3x3 window it loads each input vector 2 (NR = 4)
 // to 3 times. Here each input vector is loaded once and fed to every output row that reads it
 // (fixed row and column offsets cannot be matched at run time), and the weights stay in registers.
-template <class T, int KH, int KW, int SH, int SW>
+template <class T, int KH, int KW, int SH, int SW, int B = 32>
 struct FixedTaps {
-  using V = typename Vec<T>::type;
+  using V = typename Vec<T, B>::type;
   static constexpr int K = KH * KW;
   int64_t PB;  // elements between phase planes
   V wv[K];     // the taps' weights, broadcast
   T b;
 
   FixedTaps(int64_t PB_, const T* wo, T b_) : PB(PB_), b(b_) {
-    for (int t = 0; t < K; ++t) wv[t] = vbroadcast(wo[t]);
+    for (int t = 0; t < K; ++t) wv[t] = V{} + wo[t];
   }
 
   template <int NR, int NV>
   DLK_INLINE void block(const T* X, T* out, int64_t xrs, int64_t ors) const {
-    constexpr int L = Vec<T>::lanes;
+    constexpr int L = Vec<T, B>::lanes;
     V w[K], acc[NR][NV];
     // Each weight and input vector opaque: GCC otherwise re-read them from memory under every FMA
     // (memory operands), two loads per FMA.
     static_for<K>([&](auto t) DLK_LAMBDA_INLINE { w[t] = wv[t]; opaque(w[t]); });
-    static_for<NR>([&](auto r) DLK_LAMBDA_INLINE { static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] = vbroadcast(b); }); });
+    static_for<NR>([&](auto r) DLK_LAMBDA_INLINE { static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] = V{} + b; }); });
     static_for<SH>([&](auto a) DLK_LAMBDA_INLINE {
       static_for<SW>([&](auto bq) DLK_LAMBDA_INLINE {
         constexpr int PH = (KH - 1 - a) / SH + 1, QW = (KW - 1 - bq) / SW + 1;  // taps in this phase
@@ -131,7 +131,7 @@ struct FixedTaps {
         static_for<NR + PH - 1>([&](auto u) DLK_LAMBDA_INLINE {
           static_for<QW>([&](auto c) DLK_LAMBDA_INLINE {
             V x[NV];
-            static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { x[v] = vload(Xp + u * xrs + c + v * L); opaque(x[v]); });
+            static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { x[v] = vload<T, B>(Xp + u * xrs + c + v * L); opaque(x[v]); });
             static_for<NR>([&](auto r) DLK_LAMBDA_INLINE {
               constexpr int pp = int(u) - int(r);
               if constexpr (pp >= 0 && pp < PH) {
@@ -366,11 +366,12 @@ void dw_rows_staged(const T* X, int64_t Wp, const int64_t* offs, int64_t K, cons
 }
 
 // dw_rows_staged for a window known while compiling (FixedTaps), rows of Wo >= 4L: blocks of 4 rows
-// x 1 vector, whose 4 accumulators, 9 weights and input vector fit the 16 AVX registers (4 x 2
-// spilled the weights, and the compiler then re-loaded the input under every FMA).
-template <class T, class Taps>
+// x NV vectors of B bytes. With AVX's 16 registers, one 32-byte vector: 4 accumulators, 9 weights
+// and the input vector fit (4 x 2 spilled the weights, and the compiler then re-loaded the input
+// under every FMA).
+template <class T, class Taps, int NV = 1, int B = 32>
 void dw_rows_fixed(const T* X, int64_t Wp, const Taps& tp, T* out, int64_t rows, int64_t Wo, LinePrefetch pf) {
-  wide_blocks<1, Vec<T>::lanes>(rows, Wo, pf, [&](auto nr, auto nv, int64_t i, int64_t j) {
+  wide_blocks<NV, Vec<T, B>::lanes>(rows, Wo, pf, [&](auto nr, auto nv, int64_t i, int64_t j) {
     tp.template block<decltype(nr)::value, decltype(nv)::value>(X + i * Wp + j, out + i * Wo + j, Wp, Wo);
   });
 }
@@ -405,6 +406,13 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
   const int64_t rows = i1 - i0;
   if (g.dH == 1 && g.dW == 1 && g.kH == 3 && g.kW == 3 && g.sH == g.sW && g.sH <= 2 && g.Wo >= 4 * Vec<T>::lanes) {
     if (g.sH == 1) return dw_rows_fixed(X, st.Wp, FixedTaps<T, 3, 3, 1, 1>(st.PB, wo, b), out, rows, g.Wo, pf);
+    // Stride 2 on the AVX-512 machine: 4 rows x two 64-byte vectors (8 accumulators + 9 weights fit
+    // its 32 registers). Interleaved, two threads, input from DRAM: 8x96x112x112 1.42-1.57 -> 1.15-1.32
+    // ms, 8x256x38x38 0.49-0.52 -> 0.455-0.48 (copy at 45 and at 74 GB/s alike). At stride 1 the
+    // 64-byte blocks, one or two vectors, were no faster from DRAM (8x144x56x56 0.58 -> 0.65-0.71).
+    if constexpr (kAvx512Machine)
+      return dw_rows_fixed<T, FixedTaps<T, 3, 3, 2, 2, 64>, 2, 64>(X, st.Wp, FixedTaps<T, 3, 3, 2, 2, 64>(st.PB, wo, b),
+                                                                 out, rows, g.Wo, pf);
     return dw_rows_fixed(X, st.Wp, FixedTaps<T, 3, 3, 2, 2>(st.PB, wo, b), out, rows, g.Wo, pf);
   }
   dw_rows_staged(X, st.Wp, st.offs.data(), g.kH * g.kW, wo, b, out, rows, g.Wo, F, pf);
