@@ -410,10 +410,23 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
     // its 32 registers). Interleaved, two threads, input from DRAM: 8x96x112x112 1.42-1.57 -> 1.15-1.32
     // ms, 8x256x38x38 0.49-0.52 -> 0.455-0.48 (copy at 45 and at 74 GB/s alike). At stride 1 the
     // 64-byte blocks, one or two vectors, were no faster from DRAM (8x144x56x56 0.58 -> 0.65-0.71).
-    if constexpr (kAvx512Machine)
-      return dw_rows_fixed<T, FixedTaps<T, 3, 3, 2, 2, 64>, 2, 64>(X, st.Wp, FixedTaps<T, 3, 3, 2, 2, 64>(st.PB, wo, b),
-                                                                 out, rows, g.Wo, pf);
+    using S2Wide = FixedTaps<T, 3, 3, 2, 2, 64>;
+    if constexpr (kAvx512Machine) return dw_rows_fixed<T, S2Wide, 2, 64>(X, st.Wp, S2Wide(st.PB, wo, b), out, rows, g.Wo, pf);
     return dw_rows_fixed(X, st.Wp, FixedTaps<T, 3, 3, 2, 2>(st.PB, wo, b), out, rows, g.Wo, pf);
+  }
+  // 5x5 windows on the AVX-512 machine: 4 rows x one 64-byte vector per block, the 25 weights in
+  // registers (AVX's 16 cannot hold them), each input vector loaded once for up to five output rows
+  // where dw_block loads one per FMA. Interleaved, two threads, input from DRAM: 8x144x56x56 1.42 ->
+  // 1.00 ms, 8x240x28x28 0.68 -> 0.45, 8x144x38x38 0.71 -> 0.52, 8x480x20x20 0.74 -> 0.61, stride 2
+  // 8x96x112x112 1.45 -> 1.34, 8x240x56x56 1.18 -> 0.85 (rows of 14-28 outputs included: a partial
+  // vector is moved back, as in every wide block).
+  if constexpr (kAvx512Machine) {
+    if (g.dH == 1 && g.dW == 1 && g.kH == 5 && g.kW == 5 && g.sH == g.sW && g.sH <= 2 && g.Wo >= Vec<T, 64>::lanes) {
+      using S1 = FixedTaps<T, 5, 5, 1, 1, 64>;
+      using S2 = FixedTaps<T, 5, 5, 2, 2, 64>;
+      if (g.sH == 1) return dw_rows_fixed<T, S1, 1, 64>(X, st.Wp, S1(st.PB, wo, b), out, rows, g.Wo, pf);
+      return dw_rows_fixed<T, S2, 1, 64>(X, st.Wp, S2(st.PB, wo, b), out, rows, g.Wo, pf);
+    }
   }
   dw_rows_staged(X, st.Wp, st.offs.data(), g.kH * g.kW, wo, b, out, rows, g.Wo, F, pf);
 }

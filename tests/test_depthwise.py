@@ -127,12 +127,15 @@ def test_channels_last_wide_vectors(backend, dtype, case):
 # NCHW planes with rows of 32 floats or more (16 doubles): the C++ 3x3 kernels of dilation 1 and
 # stride 1 or 2 whose taps are fixed while compiling (4-row blocks: 37 and 19 rows leave 2- and
 # 1-row groups; widths leave a partial last vector; stride 2 in 64-byte vectors, two per block, on
-# AVX-512 builds: 36 and 33 columns leave a one-vector block and a partial one), the input gradient at stride 1 through the same
+# AVX-512 builds: 36 and 33 columns leave a one-vector block and a partial one); 5x5 windows of 16+
+# outputs per row take the same fixed-tap blocks in 64-byte vectors on AVX-512 builds (rows of 16,
+# 18 and 37: one whole vector, a partial one moved back), the input gradient at stride 1 through the same
 # kernel (flipped), and the next plane's input prefetched (planes of 4 KiB and more; multiplier 2
 # reads each plane twice; planes split in row blocks where there are few).
 @pytest.mark.parametrize("case", [(2, 5, 37, 35, 3, 1, 1, 1, 1), (1, 3, 38, 71, 3, 2, 1, 1, 1),
                                   (1, 2, 35, 67, 3, 2, "valid", 1, 1), (1, 2, 34, 40, 3, 1, 1, 1, 2),
-                                  (2, 9, 40, 33, 3, 1, 0, 1, 1)], ids=_ids)
+                                  (2, 9, 40, 33, 3, 1, 0, 1, 1), (1, 3, 23, 37, 5, 1, 2, 1, 1), (2, 2, 16, 16, 5, 1, 2, 1, 1),
+                                  (1, 2, 41, 35, 5, 2, 2, 1, 1), (1, 2, 19, 40, 5, 2, "valid", 1, 2)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
 def test_nchw_wide_rows(backend, dtype, case):
