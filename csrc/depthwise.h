@@ -784,24 +784,27 @@ void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, con
 }
 
 // Whether cl_staged_row_streamed can write output rows starting at y: 3x3 windows at column stride 1
-// or 2 (the 5-pixel x 2-vector blocks), whole 64-byte lines of channels per pixel (two vectors) from
-// a line-aligned y, non-temporal stores available. Not where pixels are a multiple of 4 KiB apart
-// (1024 float channels): a block's five line stores then alias and drain ~2x slower than plain
-// stores (two threads, 3x3, 16x1024x10x10: 0.64 ms plain, 1.23 streamed).
+// or 2 (the 5-pixel x 2-vector blocks), or, on the AVX-512 machine, 5-wide windows of 8+ output
+// pixels (8-pixel blocks of 64-byte vectors); whole 64-byte lines of channels per pixel from a
+// line-aligned y, non-temporal stores available. Not where pixels are a multiple of 4 KiB apart
+// (1024 float channels): a block's line stores then alias and drain ~2x slower than plain stores
+// (two threads, 3x3, 16x1024x10x10: 0.64 ms plain, 1.23 streamed).
 template <class T>
 bool cl_streams_rows(const DwGeom& g, const T* y) {
 #if defined(__AVX__)
   const int64_t pixel_bytes = g.Cm * static_cast<int64_t>(sizeof(T));
-  return g.kH == 3 && g.kW == 3 && g.dW == 1 && g.sW <= 2 && g.Wo >= 5 && pixel_bytes % 64 == 0 &&
-         !same_l1_set(pixel_bytes) && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+  if (g.dW != 1 || g.sW > 2 || pixel_bytes % 64 != 0 || same_l1_set(pixel_bytes) ||
+      reinterpret_cast<uintptr_t>(y) % 64 != 0)
+    return false;
+  return (g.kH == 3 && g.kW == 3 && g.Wo >= 5) || (g.kW == 5 && g.Wo >= 8 && wide_pixels<T>(g.Cm));
 #else
   (void)g, (void)y;
   return false;
 #endif
 }
 
-// One output row in 5-pixel x 2-vector blocks, stored straight to memory with non-temporal stores, a
-// whole line per pixel and block (cl_streams_rows). Where the output goes to DRAM this replaces
+// One output row stored straight to memory with non-temporal stores, a whole line per pixel and
+// block (cl_streams_rows); 3x3 windows in 5-pixel x 2-vector blocks. Where the output goes to DRAM this replaces
 // computing the row into a cached buffer and streaming it out afterwards (stream_copy): the stores
 // then drain while the next blocks compute, where the separate copy overlapped nothing. Two threads,
 // input from DRAM, 3x3: 8x128x75x75 2.23 -> 1.60 ms, 8x96x112x112 s2 1.84 -> 1.55 (and, streaming
@@ -813,10 +816,17 @@ bool cl_streams_rows(const DwGeom& g, const T* y) {
 // GB/s: 8x128x75x75 0.96 -> 0.79 ms, 8x144x56x56 0.62 -> 0.48, 8x32x112x112 0.63 -> 0.47; at a
 // 46 GB/s copy, 16x192x28x28 and 32x384x14x14 within +-3 %). Stride 2 stays in 32-byte blocks: 64-byte
 // ones, in 4, 5 or 8 pixels, were 10-20 % slower there (8x96x112x112 0.79 -> 0.93, 8x256x38x38 0.31 ->
-// 0.34-0.36), and so were plain stores from 8-pixel blocks.
+// 0.34-0.36), and so were plain stores from 8-pixel blocks. 5-wide windows stream from the 8-pixel
+// 64-byte blocks cl_staged_row_kw stores plainly (interleaved, two threads, input from DRAM, copy 44
+// GB/s: 8x144x56x56 1.01-1.06 -> 0.81 ms, 8x240x28x28 0.53 -> 0.43, 8x32x112x112 0.87 -> 0.67; stride 2
+// 8x96x112x112 1.38 -> 1.18, 8x240x56x56 0.94 -> 0.81).
 template <class T>
 void cl_staged_row_streamed(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias,
                             T* yr, const DwGeom& g) {
+  if (g.kW == 5) {
+    if (g.sW == 1) return cl_staged_row_blocks<T, 8, 1, 5, 1, true, 64>(rows, ps, xn, i, wt, bias, yr, g);
+    return cl_staged_row_blocks<T, 8, 1, 5, 2, true, 64>(rows, ps, xn, i, wt, bias, yr, g);
+  }
   if (g.sW == 1 && g.Wo >= 8 && wide_pixels<T>(g.Cm))
     return cl_staged_row_blocks<T, 8, 1, 3, 1, true, 64>(rows, ps, xn, i, wt, bias, yr, g);
   if (g.sW == 1) return cl_staged_row_blocks<T, 5, 2, 3, 1, true>(rows, ps, xn, i, wt, bias, yr, g);

@@ -147,11 +147,14 @@ def test_nchw_wide_rows(backend, dtype, case):
 # rows of 8+ pixels at stride 1, take 8-pixel blocks of 64-byte vectors); the others store plainly. The
 # stride-2 input gradients (c64k5s2, c32k3s2) stream from its 4-pixel blocks, beside single pixels
 # stored plainly at the borders; c256k3s2 from 2-pixel blocks in float32 (4 would alias) and plainly in
-# float64.
+# float64. c16k5s1, c32k5s2 and c16k35: 5-wide windows of 8+ output pixels, which AVX-512 builds stream
+# from 8-pixel blocks of 64-byte vectors (13 and 11 columns leave a partial last block).
 @pytest.mark.parametrize("case", [(2, 37, 13, 11, 3, 1, 1, 1), (1, 64, 9, 12, 5, 2, 2, 1), (3, 9, 5, 4, 3, 1, 4, 1),
                                   (2, 16, 9, 13, 3, 1, 1, 1), (1, 32, 11, 12, 3, 2, 1, 1),
-                                  (1, 16, 12, 11, 3, 1, (2, 1), (2, 1)), (1, 256, 7, 9, 3, 2, 1, 1)],
-                         ids=["c37k3s1", "c64k5s2", "c9k3p4", "c16k3s1", "c32k3s2", "c16k3d21", "c256k3s2"])
+                                  (1, 16, 12, 11, 3, 1, (2, 1), (2, 1)), (1, 256, 7, 9, 3, 2, 1, 1),
+                                  (2, 16, 9, 13, 5, 1, 2, 1), (1, 32, 11, 21, 5, 2, 2, 1), (1, 16, 7, 10, (3, 5), 1, (1, 2), 1)],
+                         ids=["c37k3s1", "c64k5s2", "c9k3p4", "c16k3s1", "c32k3s2", "c16k3d21", "c256k3s2",
+                              "c16k5s1", "c32k5s2", "c16k35"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_channels_last_streamed_output(backend, dtype, case, monkeypatch):
     """Where input + output exceed a third of the last-level cache the C++ channels_last forward (and
@@ -160,7 +163,8 @@ def test_channels_last_streamed_output(backend, dtype, case, monkeypatch):
     monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
     n, c, h, w, k, s, p, d = case
     x = leaf(torch.randn(n, c, h, w, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last))
-    weight, b = leaf(torch.randn(c, 1, k, k, device=DEVICE, dtype=dtype)), leaf(torch.randn(c, device=DEVICE, dtype=dtype))
+    kh, kw = (k, k) if isinstance(k, int) else k
+    weight, b = leaf(torch.randn(c, 1, kh, kw, device=DEVICE, dtype=dtype)), leaf(torch.randn(c, device=DEVICE, dtype=dtype))
     out = dlkernels.depthwise_conv2d(x, weight, b, s, p, d, backend=backend)
     ins64 = [as64(t) for t in (x, weight, b)]
     ref = F.conv2d(*ins64, s, p, d, groups=c)
