@@ -1,6 +1,8 @@
 """depthwise_conv2d on every backend against F.conv2d(groups=C) in float64: forward and every
 gradient over kernel sizes, strides, paddings, dilations, multipliers, odd sizes and layouts;
 gradcheck, opcheck, torch.compile, and bad inputs."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,6 +144,20 @@ def test_nchw_wide_rows(backend, dtype, case):
     test_forward_backward(backend, dtype, case, False)
 
 
+# NCHW planes whose output keeps the input's size at stride 1 and that hold at most 7200 / K
+# elements: AVX-512 builds sweep them whole in masked 64-byte vectors (depthwise_masked.h), the
+# input gradient too (multipliers 2 and 3 sum several grad_y planes) and, with 8+ output channels,
+# the weight gradient (one thread per channel). Planes of 1 to 361 elements, dilation 2, a non-square
+# and an even ("same": asymmetric padding) window.
+@pytest.mark.parametrize("case", [(2, 5, 7, 7, 3, 1, 1, 1, 2), (1, 3, 10, 10, 5, 1, 2, 1, 3), (2, 9, 19, 19, 3, 1, 1, 1, 1),
+                                  (3, 16, 4, 4, 3, 1, "same", 2, 1), (1, 8, 1, 1, 3, 1, 1, 1, 1),
+                                  (2, 4, 5, 3, (3, 5), 1, "same", 1, 2), (2, 8, 6, 7, 2, 1, "same", 1, 1)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+def test_nchw_small_same_planes(backend, dtype, case):
+    test_forward_backward(backend, dtype, case, False)
+
+
 # c16/c32 3x3: whole lines of channels per pixel, which the C++ row kernel streams itself (5-pixel
 # blocks; 13 and 6 output columns leave a partial last block; on AVX-512 builds c16k3s1 and c16k3d21,
 # rows of 8+ pixels at stride 1, take 8-pixel blocks of 64-byte vectors); the others store plainly. The
@@ -273,3 +289,21 @@ def test_low_precision(backend, dtype, channels_last):
     g = torch.randn_like(ref)
     for got, exp, name in zip(grads(out, [x, w, b], g.to(dtype)), grads(ref, [x64, w64, b64], g), "xwb"):
         assert_close(got, exp, dtype, f"grad {name}", factor=4)
+
+
+@pytest.mark.parametrize("case", [(2, 5, 7, 7, 3, 1, 1, 2), (1, 3, 10, 10, 5, 1, 2, 3), (1, 3, 9, 11, 3, 1, 1, 2)],
+                         ids=["c5m2p7", "c3m3p10", "c3m2p9x11"])
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+def test_input_gradient_kernel_multiplier(backend, case):
+    """The backends' input-gradient kernels also take the multiplier in one call (in_channels; the op
+    calls them once per j with m = 1): grad_x(c) sums the m grad_y planes c*m + j, small "same" planes
+    included (the C++ masked sweep)."""
+    kernels = importlib.import_module(f"dlkernels.depthwise.{backend}_impl")
+    n, c, h, w, k, s, p, m = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight = torch.randn(c * m, 1, k, k, dtype=torch.float64, device=DEVICE)
+    y = F.conv2d(x, weight, None, s, p, 1, groups=c)
+    gy = torch.randn_like(y)
+    (ref,) = torch.autograd.grad(y, x, gy)
+    got = kernels.depthwise_bwd_input(gy, weight, (h, w), (s, s), (p, p), (1, 1), in_channels=c)
+    assert_close(got, ref, torch.float64, "grad x")

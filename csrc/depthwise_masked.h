@@ -1,0 +1,285 @@
+// NCHW depthwise passes over whole small planes in masked 64-byte vectors (AVX-512 builds).
+//
+// At stride 1 with an output the input's size ("same" padding, the usual depthwise layer), output
+// (i, j) reads input (i + p*dH - pT, j + q*dW - pL): in a plane's flat index f = i*W + j that is
+// f + offs[t] for every output, the same offset for every tap t. So a whole plane is K flat sweeps,
+// one per tap, each a masked load of the shifted plane (lanes whose source falls outside the plane,
+// or past its end, masked off; masked lanes do not fault, so no padded copy is needed) and one FMA.
+// The staged row kernels (depthwise.h) copy every plane into a zero-padded buffer first and work in
+// rows; on planes of 7x7 to 19x19 that staging and the short rows' partial vectors cost more than
+// the arithmetic (8x1024x10x10: ~250 cycles per plane against ~60 for its 900 FMAs).
+// The input gradient is the same sweep with offsets negated (the transposed conv at stride 1), the
+// weight gradient the K masked dot products of grad_y with the shifted planes.
+#pragma once
+
+#include "depthwise.h"
+
+#if defined(__AVX512F__)
+
+namespace dlk {
+
+template <class T>
+using PlaneMask = std::conditional_t<sizeof(T) == 4, __mmask16, __mmask8>;
+
+template <class T>
+using Zv = typename Vec<T, 64>::type;
+
+// p[0, L) where m has the lane, 0 elsewhere; memory under masked-off lanes is never read.
+template <class T>
+DLK_INLINE Zv<T> mload(PlaneMask<T> m, const T* p) {
+  if constexpr (sizeof(T) == 4)
+    return reinterpret_cast<Zv<T>>(_mm512_maskz_loadu_ps(m, p));
+  else
+    return reinterpret_cast<Zv<T>>(_mm512_maskz_loadu_pd(m, p));
+}
+template <class T>
+DLK_INLINE void mstore(T* p, PlaneMask<T> m, Zv<T> v) {
+  if constexpr (sizeof(T) == 4)
+    _mm512_mask_storeu_ps(p, m, reinterpret_cast<__m512>(v));
+  else
+    _mm512_mask_storeu_pd(p, m, reinterpret_cast<__m512d>(v));
+}
+// acc + a * b on m's lanes, acc elsewhere: only the (output, tap) pairs inside the plane are summed,
+// so a grad_y of inf meets no padding zero (0 * inf would be NaN where torch has none).
+template <class T>
+DLK_INLINE Zv<T> mfma(Zv<T> acc, PlaneMask<T> m, Zv<T> a, Zv<T> b) {
+  if constexpr (sizeof(T) == 4)
+    return reinterpret_cast<Zv<T>>(
+        _mm512_mask3_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(acc), m));
+  else
+    return reinterpret_cast<Zv<T>>(_mm512_mask3_fmadd_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b),
+                                                         reinterpret_cast<__m512d>(acc), m));
+}
+
+// The taps of an H x W plane read at flat offsets offs[t] = di[t]*W + dj[t], over nv vectors, vector v
+// at flat index start(v): v*L, except that with `overlap` (a plane of at least L elements) the last
+// one ends at the plane's end, overlapping its neighbour, so that every store is a whole plain vector
+// (masked stores to lines not in cache ran ~2x slower than the staged kernels' plain ones).
+// mask[t*nv + v] holds the lanes of vector v whose source (i + di[t], j + dj[t]) lies inside the
+// plane; live[v] the lanes below H*W.
+template <class T>
+struct PlaneTaps {
+  static constexpr int L = Vec<T, 64>::lanes;
+  int64_t HW, nv, K, last;  // last: the last vector's start
+  std::vector<int64_t> offs;
+  std::vector<PlaneMask<T>> mask, live;
+
+  PlaneTaps(int64_t H, int64_t W, const std::vector<int64_t>& di, const std::vector<int64_t>& dj, bool overlap)
+      : HW(H * W), nv(ceil_div(H * W, L)), K(static_cast<int64_t>(di.size())),
+        last(overlap && HW >= L ? HW - L : (nv - 1) * L), offs(di.size()), mask(static_cast<size_t>(K * nv), 0),
+        live(static_cast<size_t>(nv), 0) {
+    for (int64_t t = 0; t < K; ++t) offs[t] = di[t] * W + dj[t];
+    for (int64_t v = 0; v < nv; ++v)
+      for (int l = 0; l < L; ++l) {
+        const int64_t f = start(v) + l;
+        if (f >= HW) break;
+        const int64_t i = f / W, j = f % W;
+        const auto bit = static_cast<PlaneMask<T>>(PlaneMask<T>(1) << l);
+        live[v] |= bit;
+        for (int64_t t = 0; t < K; ++t)
+          if (i + di[t] >= 0 && i + di[t] < H && j + dj[t] >= 0 && j + dj[t] < W) mask[t * nv + v] |= bit;
+      }
+  }
+  int64_t start(int64_t v) const { return v + 1 < nv ? v * L : last; }
+};
+
+// Whether g's NCHW passes take the masked plane sweeps: stride 1, output of the input's size, planes
+// of at most 7200 / K elements. Interleaved, two threads, from DRAM, forward (input gradient alike)
+// against the staged kernels: 3x3 32x512x8x8 0.41 -> 0.24 ms, 8x1024x10x10 0.275 -> 0.21, 8x728x19x19
+// 0.56 -> 0.40, 8x256x28x28 0.32 -> 0.28, but 8x128x32x32 0.164 -> 0.182; 5x5 8x1152x7x7 0.44 -> 0.27,
+// 8x672x14x14 0.56 -> 0.48, but 8x240x28x28 0.43 -> 0.62 (the staged 5x5 blocks reuse each input
+// vector for five rows, the sweep loads it per tap).
+inline bool masked_planes(const DwGeom& g) {
+  return g.sH == 1 && g.sW == 1 && g.Ho == g.H && g.Wo == g.W && g.H * g.W > 0 && g.H * g.W * g.kH * g.kW <= 7200;
+}
+
+// dst[f] = b + sum over taps t < nt of w[t] * src[t][f] for the NB vectors from v0, where src[t] is
+// tap t's shifted source plane (its plane pointer + offs) and mrow[t] its mask row; zeros outside.
+template <class T, int NB>
+DLK_INLINE void sweep_block(const PlaneTaps<T>& pt, const T* const* src, const PlaneMask<T>* const* mrow, const T* w,
+                            int64_t nt, T b, T* dst, int64_t v0) {
+  constexpr int L = PlaneTaps<T>::L;
+  Zv<T> acc[NB];
+#pragma GCC unroll 8
+  for (int k = 0; k < NB; ++k) acc[k] = Zv<T>{} + b;
+  int64_t f[NB];
+#pragma GCC unroll 8
+  for (int k = 0; k < NB; ++k) f[k] = pt.start(v0 + k);
+  for (int64_t t = 0; t < nt; ++t) {
+    const T wt = w[t];
+    const PlaneMask<T>* m = mrow[t] + v0;
+#pragma GCC unroll 8
+    for (int k = 0; k < NB; ++k) acc[k] += wt * mload<T>(m[k], src[t] + f[k]);
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < NB; ++k) {
+    if (pt.HW >= L)
+      vstore(dst + f[k], acc[k]);
+    else
+      mstore(dst + f[k], pt.live[v0 + k], acc[k]);
+  }
+}
+
+template <class T>
+void sweep_plane(const PlaneTaps<T>& pt, const T* const* src, const PlaneMask<T>* const* mrow, const T* w, int64_t nt,
+                 T b, T* dst) {
+  int64_t v = 0;
+  for (; v + 4 <= pt.nv; v += 4) sweep_block<T, 4>(pt, src, mrow, w, nt, b, dst, v);
+  for (; v < pt.nv; ++v) sweep_block<T, 1>(pt, src, mrow, w, nt, b, dst, v);
+}
+
+// Forward: output plane (n, o) from input plane (n, o / m).
+template <class T>
+void fwd_masked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g) {
+  const int64_t K = g.kH * g.kW;
+  std::vector<int64_t> di, dj;
+  for (int64_t p = 0; p < g.kH; ++p)
+    for (int64_t q = 0; q < g.kW; ++q) di.push_back(p * g.dH - g.pT), dj.push_back(q * g.dW - g.pL);
+  const PlaneTaps<T> pt(g.H, g.W, di, dj, true);
+  std::vector<const PlaneMask<T>*> mrow(static_cast<size_t>(K));
+  for (int64_t t = 0; t < K; ++t) mrow[t] = pt.mask.data() + t * pt.nv;
+  const int64_t HW = g.H * g.W;
+#pragma omp parallel if (worth_threads(g.N * g.Cm * HW * K))
+  {
+    std::vector<const T*> src(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < g.N * g.Cm; ++plane) {
+      const int64_t n = plane / g.Cm, o = plane - n * g.Cm;
+      const T* xp = x + (n * g.C + o / g.m) * HW;
+      // The plane two after this one, prefetched: a sweep reads its plane K times, tap by tap, and
+      // without this its first reads of each line waited on DRAM one plane at a time (interleaved,
+      // two threads, from DRAM: 32x512x8x8 0.67 -> 0.36 ms, 8x1024x10x10 0.46 -> 0.29, 8x728x19x19
+      // 0.98 -> 0.46; one, four or eight planes ahead the same).
+      if (xp + 3 * HW <= x + g.N * g.C * HW) LinePrefetch(xp + 2 * HW, xp + 3 * HW).step(HW);
+      for (int64_t t = 0; t < K; ++t) src[t] = xp + pt.offs[t];
+      sweep_plane(pt, src.data(), mrow.data(), w + o * K, K, bias ? bias[o] : T(0), y + plane * HW);
+    }
+  }
+}
+
+// Input gradient: grad_x(n, c) = sum over its m output channels o = c*m + r and taps t of
+// w[o, t] * grad_y(n, o) shifted by -offs[t] (the outputs that read each input).
+template <class T>
+void bwd_input_masked(const T* gy, const T* w, T* gx, const DwGeom& g) {
+  const int64_t K = g.kH * g.kW, KM = K * g.m;
+  std::vector<int64_t> di, dj;
+  for (int64_t p = 0; p < g.kH; ++p)
+    for (int64_t q = 0; q < g.kW; ++q) di.push_back(g.pT - p * g.dH), dj.push_back(g.pL - q * g.dW);
+  const PlaneTaps<T> pt(g.H, g.W, di, dj, true);
+  std::vector<const PlaneMask<T>*> mrow(static_cast<size_t>(KM));
+  for (int64_t t = 0; t < KM; ++t) mrow[t] = pt.mask.data() + (t % K) * pt.nv;
+  const int64_t HW = g.H * g.W;
+#pragma omp parallel if (worth_threads(g.N * g.Cm * HW * K))
+  {
+    std::vector<const T*> src(static_cast<size_t>(KM));
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < g.N * g.C; ++plane) {
+      const int64_t n = plane / g.C, c = plane - n * g.C;
+      for (int64_t r = 0; r < g.m; ++r) {
+        const T* gyp = gy + (n * g.Cm + c * g.m + r) * HW;
+        for (int64_t t = 0; t < K; ++t) src[r * K + t] = gyp + pt.offs[t];
+      }
+      const T* ahead = gy + (n * g.Cm + c * g.m + 2 * g.m) * HW;  // (as in fwd_masked)
+      if (ahead + g.m * HW <= gy + g.N * g.Cm * HW) LinePrefetch(ahead, ahead + g.m * HW).step(g.m * HW);
+      // w's rows c*m .. c*m + m - 1 are the KM weights in src's order
+      sweep_plane(pt, src.data(), mrow.data(), w + c * KM, KM, T(0), gx + plane * HW);
+    }
+  }
+}
+
+// a[t] += grad_y * x shifted by offs[t0 + t] over the pairs inside the plane, for NT taps, and the
+// bias sum a[NT] += grad_y where BIAS: one plane's products, every vector of grad_y loaded once for
+// all NT taps. The accumulators live in acc (vectors) across the planes of one channel.
+template <class T, int NT, bool BIAS>
+DLK_INLINE void plane_dots(const PlaneTaps<T>& pt, const T* gyp, const T* xp, int64_t t0, Zv<T>* acc) {
+  constexpr int L = PlaneTaps<T>::L;
+  Zv<T> a[NT + 1];
+#pragma GCC unroll 16
+  for (int t = 0; t <= NT; ++t) a[t] = acc[t];
+  for (int64_t v = 0; v < pt.nv; ++v) {
+    const Zv<T> gv = mload<T>(pt.live[v], gyp + v * L);
+    if (BIAS) a[NT] += gv;
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      const PlaneMask<T> m = pt.mask[(t0 + t) * pt.nv + v];
+      a[t] = mfma<T>(a[t], m, gv, mload<T>(m, xp + pt.offs[t0 + t] + v * L));
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t <= NT; ++t) acc[t] = a[t];
+}
+
+template <class T, bool BIAS>
+void plane_dots_n(const PlaneTaps<T>& pt, const T* gyp, const T* xp, int64_t t0, int64_t nt, Zv<T>* acc) {
+  switch (nt) {
+    case 1: return plane_dots<T, 1, BIAS>(pt, gyp, xp, t0, acc);
+    case 2: return plane_dots<T, 2, BIAS>(pt, gyp, xp, t0, acc);
+    case 3: return plane_dots<T, 3, BIAS>(pt, gyp, xp, t0, acc);
+    case 4: return plane_dots<T, 4, BIAS>(pt, gyp, xp, t0, acc);
+    case 5: return plane_dots<T, 5, BIAS>(pt, gyp, xp, t0, acc);
+    case 6: return plane_dots<T, 6, BIAS>(pt, gyp, xp, t0, acc);
+    case 7: return plane_dots<T, 7, BIAS>(pt, gyp, xp, t0, acc);
+    default: return plane_dots<T, 8, BIAS>(pt, gyp, xp, t0, acc);
+  }
+}
+
+// Weight (and bias) gradient, one thread per channel: its N planes' products are summed lane-wise
+// in T, at most ~512 per lane (as WeightAcc), then in double, so each channel's sums are one
+// thread's, in a fixed order.
+template <class T>
+void bwd_weight_masked(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
+  constexpr int L = PlaneTaps<T>::L;
+  const int64_t K = g.kH * g.kW, HW = g.H * g.W;
+  std::vector<int64_t> di, dj;
+  for (int64_t p = 0; p < g.kH; ++p)
+    for (int64_t q = 0; q < g.kW; ++q) di.push_back(p * g.dH - g.pT), dj.push_back(q * g.dW - g.pL);
+  const PlaneTaps<T> pt(g.H, g.W, di, dj, false);  // (an overlapping vector would count its lanes twice)
+  const int64_t flush_every = std::max<int64_t>(1, 512 / pt.nv);  // planes
+  const int64_t group = ceil_div(K, ceil_div(K, 8));              // 9 taps as 5 + 4, not 8 + a lone 1
+#pragma omp parallel if (worth_threads(g.N * g.Cm * HW * K))
+  {
+    // per tap group: its NT accumulators and one for the bias (used by the first group)
+    std::vector<Zv<T>> acc(static_cast<size_t>(K + ceil_div(K, group)));
+    std::vector<double> sums(static_cast<size_t>(K + 1));
+    auto flush = [&]() {
+      for (int64_t t0 = 0, a = 0; t0 < K; a += std::min(group, K - t0) + 1, t0 += group) {
+        const int64_t nt = std::min(group, K - t0);
+        for (int64_t k = 0; k <= nt; ++k) {
+          T lanes[L];
+          vstore(lanes, acc[a + k]);
+          double s = 0;
+          for (int l = 0; l < L; ++l) s += lanes[l];
+          sums[k < nt ? t0 + k : K] += (k < nt || t0 == 0) ? s : 0.0;
+          acc[a + k] = Zv<T>{};
+        }
+      }
+    };
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < g.Cm; ++o) {
+      std::fill(sums.begin(), sums.end(), 0.0);
+      std::fill(acc.begin(), acc.end(), Zv<T>{});
+      for (int64_t n = 0; n < g.N; ++n) {
+        const T* gyp = gy + (n * g.Cm + o) * HW;
+        const T* xp = x + (n * g.C + o / g.m) * HW;
+        if (n + 1 < g.N) {  // the next image's planes: other pages, which the hardware prefetcher does not guess
+          LinePrefetch(gyp + g.Cm * HW, gyp + g.Cm * HW + HW).step(HW);
+          LinePrefetch(xp + g.C * HW, xp + g.C * HW + HW).step(HW);
+        }
+        for (int64_t t0 = 0, a = 0; t0 < K; a += std::min(group, K - t0) + 1, t0 += group) {
+          const int64_t nt = std::min(group, K - t0);
+          if (t0 == 0 && gb)
+            plane_dots_n<T, true>(pt, gyp, xp, t0, nt, acc.data() + a);
+          else
+            plane_dots_n<T, false>(pt, gyp, xp, t0, nt, acc.data() + a);
+        }
+        if ((n + 1) % flush_every == 0 || n + 1 == g.N) flush();
+      }
+      for (int64_t t = 0; t < K; ++t) gw[o * K + t] = static_cast<T>(sums[t]);
+      if (gb) gb[o] = static_cast<T>(sums[K]);
+    }
+  }
+}
+
+}  // namespace dlk
+
+#endif  // __AVX512F__
