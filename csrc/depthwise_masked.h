@@ -14,6 +14,8 @@
 
 #include "depthwise.h"
 
+#include <tuple>
+
 #if defined(__AVX512F__)
 
 namespace dlk {
@@ -128,63 +130,77 @@ void sweep_plane(const PlaneTaps<T>& pt, const T* const* src, const PlaneMask<T>
   for (; v < pt.nv; ++v) sweep_block<T, 1>(pt, src, mrow, w, nt, b, dst, v);
 }
 
+// The taps of g's window as PlaneTaps: sign 1, output (i, j) reads input (i + p*dH - pT, j + q*dW -
+// pL) (forward, weight gradient); sign -1, the transposed map (input gradient).
+template <class T>
+PlaneTaps<T> window_taps(const DwGeom& g, int64_t sign, bool overlap) {
+  std::vector<int64_t> di, dj;
+  for (int64_t p = 0; p < g.kH; ++p)
+    for (int64_t q = 0; q < g.kW; ++q) di.push_back(sign * (p * g.dH - g.pT)), dj.push_back(sign * (q * g.dW - g.pL));
+  return PlaneTaps<T>(g.H, g.W, di, dj, overlap);
+}
+
+// Sweeps `planes` output planes of pt's size, nt taps each (pt's K taps, repeated per source plane):
+// plane(p, src) fills src[0, nt) with the shifted source of each tap, prefetches ahead and returns
+// {weights, bias, destination}.
+template <class T, class F>
+void sweep_planes(const PlaneTaps<T>& pt, int64_t nt, int64_t planes, F plane) {
+  std::vector<const PlaneMask<T>*> mrow(static_cast<size_t>(nt));
+  for (int64_t t = 0; t < nt; ++t) mrow[t] = pt.mask.data() + (t % pt.K) * pt.nv;
+#pragma omp parallel if (worth_threads(planes * pt.HW * nt))
+  {
+    std::vector<const T*> src(static_cast<size_t>(nt));
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < planes; ++p) {
+      const auto [w, b, dst] = plane(p, src.data());
+      sweep_plane(pt, src.data(), mrow.data(), w, nt, b, dst);
+    }
+  }
+}
+
+// The plane of `len` elements two after p, prefetched where it lies before `end`: a sweep reads its
+// plane K times, tap by tap, and without this its first reads of each line waited on DRAM one plane
+// at a time (interleaved, two threads, from DRAM: 32x512x8x8 0.67 -> 0.36 ms, 8x1024x10x10 0.46 ->
+// 0.29, 8x728x19x19 0.98 -> 0.46; one, four or eight planes ahead the same).
+// (An asm prefetch: GCC dropped the __builtin_prefetch loop of LinePrefetch here, inside the sweep's
+// OpenMP body, as a loop without effects; the instructions were absent from the binary.)
+template <class T>
+DLK_INLINE void prefetch_plane_after_next(const T* p, int64_t len, const T* end) {
+  if (p + 3 * len > end) return;
+  const char* a = reinterpret_cast<const char*>(p + 2 * len);
+  const char* b = reinterpret_cast<const char*>(p + 3 * len);
+  for (; a < b; a += 64) asm volatile("prefetcht0 %0" : : "m"(*a));
+}
+
 // Forward: output plane (n, o) from input plane (n, o / m).
 template <class T>
 void fwd_masked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g) {
-  const int64_t K = g.kH * g.kW;
-  std::vector<int64_t> di, dj;
-  for (int64_t p = 0; p < g.kH; ++p)
-    for (int64_t q = 0; q < g.kW; ++q) di.push_back(p * g.dH - g.pT), dj.push_back(q * g.dW - g.pL);
-  const PlaneTaps<T> pt(g.H, g.W, di, dj, true);
-  std::vector<const PlaneMask<T>*> mrow(static_cast<size_t>(K));
-  for (int64_t t = 0; t < K; ++t) mrow[t] = pt.mask.data() + t * pt.nv;
-  const int64_t HW = g.H * g.W;
-#pragma omp parallel if (worth_threads(g.N * g.Cm * HW * K))
-  {
-    std::vector<const T*> src(static_cast<size_t>(K));
-#pragma omp for schedule(static)
-    for (int64_t plane = 0; plane < g.N * g.Cm; ++plane) {
-      const int64_t n = plane / g.Cm, o = plane - n * g.Cm;
-      const T* xp = x + (n * g.C + o / g.m) * HW;
-      // The plane two after this one, prefetched: a sweep reads its plane K times, tap by tap, and
-      // without this its first reads of each line waited on DRAM one plane at a time (interleaved,
-      // two threads, from DRAM: 32x512x8x8 0.67 -> 0.36 ms, 8x1024x10x10 0.46 -> 0.29, 8x728x19x19
-      // 0.98 -> 0.46; one, four or eight planes ahead the same).
-      if (xp + 3 * HW <= x + g.N * g.C * HW) LinePrefetch(xp + 2 * HW, xp + 3 * HW).step(HW);
-      for (int64_t t = 0; t < K; ++t) src[t] = xp + pt.offs[t];
-      sweep_plane(pt, src.data(), mrow.data(), w + o * K, K, bias ? bias[o] : T(0), y + plane * HW);
-    }
-  }
+  const int64_t K = g.kH * g.kW, HW = g.H * g.W;
+  const PlaneTaps<T> pt = window_taps<T>(g, 1, true);
+  sweep_planes(pt, K, g.N * g.Cm, [&](int64_t plane, const T** src) {
+    const int64_t n = plane / g.Cm, o = plane - n * g.Cm;
+    const T* xp = x + (n * g.C + o / g.m) * HW;
+    prefetch_plane_after_next(xp, HW, x + g.N * g.C * HW);
+    for (int64_t t = 0; t < K; ++t) src[t] = xp + pt.offs[t];
+    return std::tuple<const T*, T, T*>(w + o * K, bias ? bias[o] : T(0), y + plane * HW);
+  });
 }
 
 // Input gradient: grad_x(n, c) = sum over its m output channels o = c*m + r and taps t of
 // w[o, t] * grad_y(n, o) shifted by -offs[t] (the outputs that read each input).
 template <class T>
 void bwd_input_masked(const T* gy, const T* w, T* gx, const DwGeom& g) {
-  const int64_t K = g.kH * g.kW, KM = K * g.m;
-  std::vector<int64_t> di, dj;
-  for (int64_t p = 0; p < g.kH; ++p)
-    for (int64_t q = 0; q < g.kW; ++q) di.push_back(g.pT - p * g.dH), dj.push_back(g.pL - q * g.dW);
-  const PlaneTaps<T> pt(g.H, g.W, di, dj, true);
-  std::vector<const PlaneMask<T>*> mrow(static_cast<size_t>(KM));
-  for (int64_t t = 0; t < KM; ++t) mrow[t] = pt.mask.data() + (t % K) * pt.nv;
-  const int64_t HW = g.H * g.W;
-#pragma omp parallel if (worth_threads(g.N * g.Cm * HW * K))
-  {
-    std::vector<const T*> src(static_cast<size_t>(KM));
-#pragma omp for schedule(static)
-    for (int64_t plane = 0; plane < g.N * g.C; ++plane) {
-      const int64_t n = plane / g.C, c = plane - n * g.C;
-      for (int64_t r = 0; r < g.m; ++r) {
-        const T* gyp = gy + (n * g.Cm + c * g.m + r) * HW;
-        for (int64_t t = 0; t < K; ++t) src[r * K + t] = gyp + pt.offs[t];
-      }
-      const T* ahead = gy + (n * g.Cm + c * g.m + 2 * g.m) * HW;  // (as in fwd_masked)
-      if (ahead + g.m * HW <= gy + g.N * g.Cm * HW) LinePrefetch(ahead, ahead + g.m * HW).step(g.m * HW);
-      // w's rows c*m .. c*m + m - 1 are the KM weights in src's order
-      sweep_plane(pt, src.data(), mrow.data(), w + c * KM, KM, T(0), gx + plane * HW);
-    }
-  }
+  const int64_t K = g.kH * g.kW, HW = g.H * g.W;
+  const PlaneTaps<T> pt = window_taps<T>(g, -1, true);
+  sweep_planes(pt, K * g.m, g.N * g.C, [&](int64_t plane, const T** src) {
+    const int64_t n = plane / g.C, c = plane - n * g.C;
+    const T* gyc = gy + (n * g.Cm + c * g.m) * HW;  // its m grad_y planes, one after another
+    prefetch_plane_after_next(gyc, g.m * HW, gy + g.N * g.Cm * HW);
+    for (int64_t r = 0; r < g.m; ++r)
+      for (int64_t t = 0; t < K; ++t) src[r * K + t] = gyc + r * HW + pt.offs[t];
+    // w's rows c*m .. c*m + m - 1 are the K*m weights in src's order
+    return std::tuple<const T*, T, T*>(w + c * K * g.m, T(0), gx + plane * HW);
+  });
 }
 
 // a[t] += grad_y * x shifted by offs[t0 + t] over the pairs inside the plane, for NT taps, and the
@@ -230,10 +246,7 @@ template <class T>
 void bwd_weight_masked(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
   constexpr int L = PlaneTaps<T>::L;
   const int64_t K = g.kH * g.kW, HW = g.H * g.W;
-  std::vector<int64_t> di, dj;
-  for (int64_t p = 0; p < g.kH; ++p)
-    for (int64_t q = 0; q < g.kW; ++q) di.push_back(p * g.dH - g.pT), dj.push_back(q * g.dW - g.pL);
-  const PlaneTaps<T> pt(g.H, g.W, di, dj, false);  // (an overlapping vector would count its lanes twice)
+  const PlaneTaps<T> pt = window_taps<T>(g, 1, false);  // (an overlapping vector would count its lanes twice)
   const int64_t flush_every = std::max<int64_t>(1, 512 / pt.nv);  // planes
   const int64_t group = ceil_div(K, ceil_div(K, 8));              // 9 taps as 5 + 4, not 8 + a lone 1
 #pragma omp parallel if (worth_threads(g.N * g.Cm * HW * K))
