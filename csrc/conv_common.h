@@ -107,8 +107,8 @@ inline typename Vec<T, B>::type vload(const T* p) {
 }
 template <class T, class V>
 inline void vstore(T* p, V v) { std::memcpy(p, &v, sizeof v); }
-template <class T>
-inline typename Vec<T>::type vbroadcast(T x) { return typename Vec<T>::type{} + x; }
+template <class T, int B = 32>
+inline typename Vec<T, B>::type vbroadcast(T x) { return typename Vec<T, B>::type{} + x; }
 
 // Whether stores `bytes` apart land in one L1 set (Zen3's 32 KiB 8-way L1, like most x86 L1s, indexes
 // sets by address bits below 4 KiB): a run of them evicts itself, and streamed ones alias in the

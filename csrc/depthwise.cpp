@@ -563,16 +563,7 @@ inline void flat_dots(const T* G, const T* X, const int64_t* offs, int64_t n, T*
 
 template <class T, bool BIAS, int B>
 void flat_dots_n(const T* G, const T* X, const int64_t* offs, int64_t n, T* acc, T* bacc, int64_t nt) {
-  switch (nt) {
-    case 1: return flat_dots<T, 1, BIAS, B>(G, X, offs, n, acc, bacc);
-    case 2: return flat_dots<T, 2, BIAS, B>(G, X, offs, n, acc, bacc);
-    case 3: return flat_dots<T, 3, BIAS, B>(G, X, offs, n, acc, bacc);
-    case 4: return flat_dots<T, 4, BIAS, B>(G, X, offs, n, acc, bacc);
-    case 5: return flat_dots<T, 5, BIAS, B>(G, X, offs, n, acc, bacc);
-    case 6: return flat_dots<T, 6, BIAS, B>(G, X, offs, n, acc, bacc);
-    case 7: return flat_dots<T, 7, BIAS, B>(G, X, offs, n, acc, bacc);
-    default: return flat_dots<T, 8, BIAS, B>(G, X, offs, n, acc, bacc);
-  }
+  with_count<8>(nt, [&](auto NT) { flat_dots<T, decltype(NT)::value, BIAS, B>(G, X, offs, n, acc, bacc); });
 }
 
 // A thread's lane accumulators (K taps + the bias, one vector each) for the B channels of the

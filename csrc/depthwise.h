@@ -70,6 +70,15 @@ DLK_INLINE void static_for(F&& f) {
   static_for_seq(f, std::make_integer_sequence<int, N>{});
 }
 
+// f(integral_constant<int, n>) for a runtime count n in [1, N] (larger n as N): a kernel templated
+// on how many accumulators it keeps in registers, picked at run time.
+template <int N, class F>
+DLK_INLINE void with_count(int64_t n, F&& f) {
+  if constexpr (N > 1)
+    if (n < N) return with_count<N - 1>(n, f);
+  f(std::integral_constant<int, N>{});
+}
+
 // The cache lines of [begin, end), prefetched a few at a time (step) while other work runs, so that a
 // later copy of them reads cache instead of waiting on DRAM alone.
 struct LinePrefetch {
@@ -113,7 +122,7 @@ struct FixedTaps {
   T b;
 
   FixedTaps(int64_t PB_, const T* wo, T b_) : PB(PB_), b(b_) {
-    for (int t = 0; t < K; ++t) wv[t] = V{} + wo[t];
+    for (int t = 0; t < K; ++t) wv[t] = vbroadcast<T, B>(wo[t]);
   }
 
   template <int NR, int NV>
@@ -123,7 +132,7 @@ struct FixedTaps {
     // Each weight and input vector opaque: GCC otherwise re-read them from memory under every FMA
     // (memory operands), two loads per FMA.
     static_for<K>([&](auto t) DLK_LAMBDA_INLINE { w[t] = wv[t]; opaque(w[t]); });
-    static_for<NR>([&](auto r) DLK_LAMBDA_INLINE { static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] = V{} + b; }); });
+    static_for<NR>([&](auto r) DLK_LAMBDA_INLINE { static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] = vbroadcast<T, B>(b); }); });
     static_for<SH>([&](auto a) DLK_LAMBDA_INLINE {
       static_for<SW>([&](auto bq) DLK_LAMBDA_INLINE {
         constexpr int PH = (KH - 1 - a) / SH + 1, QW = (KW - 1 - bq) / SW + 1;  // taps in this phase

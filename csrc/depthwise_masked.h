@@ -7,7 +7,8 @@
 // or past its end, masked off; masked lanes do not fault, so no padded copy is needed) and one FMA.
 // The staged row kernels (depthwise.h) copy every plane into a zero-padded buffer first and work in
 // rows; on planes of 7x7 to 19x19 that staging and the short rows' partial vectors cost more than
-// the arithmetic (8x1024x10x10: ~250 cycles per plane against ~60 for its 900 FMAs).
+// the arithmetic (8x1024x10x10: ~250 cycles per plane measured, where its 900 multiply-adds need
+// ~30 cycles of 16-lane FMAs).
 // The input gradient is the same sweep with offsets negated (the transposed conv at stride 1), the
 // weight gradient the K masked dot products of grad_y with the shifted planes.
 #pragma once
@@ -103,7 +104,7 @@ DLK_INLINE void sweep_block(const PlaneTaps<T>& pt, const T* const* src, const P
   constexpr int L = PlaneTaps<T>::L;
   Zv<T> acc[NB];
 #pragma GCC unroll 8
-  for (int k = 0; k < NB; ++k) acc[k] = Zv<T>{} + b;
+  for (int k = 0; k < NB; ++k) acc[k] = vbroadcast<T, 64>(b);
   int64_t f[NB];
 #pragma GCC unroll 8
   for (int k = 0; k < NB; ++k) f[k] = pt.start(v0 + k);
@@ -158,18 +159,21 @@ void sweep_planes(const PlaneTaps<T>& pt, int64_t nt, int64_t planes, F plane) {
   }
 }
 
+// The lines of [begin, end), prefetched. An asm prefetch: GCC dropped LinePrefetch's
+// __builtin_prefetch loop inside the sweep's OpenMP lambda (no instruction in the binary).
+template <class T>
+DLK_INLINE void prefetch_lines(const T* begin, const T* end) {
+  for (const char* a = reinterpret_cast<const char*>(begin); a < reinterpret_cast<const char*>(end); a += 64)
+    asm volatile("prefetcht0 %0" : : "m"(*a));
+}
+
 // The plane of `len` elements two after p, prefetched where it lies before `end`: a sweep reads its
 // plane K times, tap by tap, and without this its first reads of each line waited on DRAM one plane
 // at a time (interleaved, two threads, from DRAM: 32x512x8x8 0.67 -> 0.36 ms, 8x1024x10x10 0.46 ->
 // 0.29, 8x728x19x19 0.98 -> 0.46; one, four or eight planes ahead the same).
-// (An asm prefetch: GCC dropped the __builtin_prefetch loop of LinePrefetch here, inside the sweep's
-// OpenMP body, as a loop without effects; the instructions were absent from the binary.)
 template <class T>
 DLK_INLINE void prefetch_plane_after_next(const T* p, int64_t len, const T* end) {
-  if (p + 3 * len > end) return;
-  const char* a = reinterpret_cast<const char*>(p + 2 * len);
-  const char* b = reinterpret_cast<const char*>(p + 3 * len);
-  for (; a < b; a += 64) asm volatile("prefetcht0 %0" : : "m"(*a));
+  if (p + 3 * len <= end) prefetch_lines(p + 2 * len, p + 3 * len);
 }
 
 // Forward: output plane (n, o) from input plane (n, o / m).
@@ -203,18 +207,18 @@ void bwd_input_masked(const T* gy, const T* w, T* gx, const DwGeom& g) {
   });
 }
 
-// a[t] += grad_y * x shifted by offs[t0 + t] over the pairs inside the plane, for NT taps, and the
-// bias sum a[NT] += grad_y where BIAS: one plane's products, every vector of grad_y loaded once for
-// all NT taps. The accumulators live in acc (vectors) across the planes of one channel.
+// acc[t] += grad_y * x shifted by offs[t0 + t] over the pairs inside the plane, for NT taps, and
+// *accb += grad_y where BIAS: one plane's products, every vector of grad_y loaded once for all NT
+// taps. The accumulators live in memory (vectors) across the planes of one channel.
 template <class T, int NT, bool BIAS>
-DLK_INLINE void plane_dots(const PlaneTaps<T>& pt, const T* gyp, const T* xp, int64_t t0, Zv<T>* acc) {
+DLK_INLINE void plane_dots(const PlaneTaps<T>& pt, const T* gyp, const T* xp, int64_t t0, Zv<T>* acc, Zv<T>* accb) {
   constexpr int L = PlaneTaps<T>::L;
-  Zv<T> a[NT + 1];
+  Zv<T> a[NT], ab = BIAS ? *accb : Zv<T>{};
 #pragma GCC unroll 16
-  for (int t = 0; t <= NT; ++t) a[t] = acc[t];
+  for (int t = 0; t < NT; ++t) a[t] = acc[t];
   for (int64_t v = 0; v < pt.nv; ++v) {
     const Zv<T> gv = mload<T>(pt.live[v], gyp + v * L);
-    if (BIAS) a[NT] += gv;
+    if (BIAS) ab += gv;
 #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) {
       const PlaneMask<T> m = pt.mask[(t0 + t) * pt.nv + v];
@@ -222,21 +226,8 @@ DLK_INLINE void plane_dots(const PlaneTaps<T>& pt, const T* gyp, const T* xp, in
     }
   }
 #pragma GCC unroll 16
-  for (int t = 0; t <= NT; ++t) acc[t] = a[t];
-}
-
-template <class T, bool BIAS>
-void plane_dots_n(const PlaneTaps<T>& pt, const T* gyp, const T* xp, int64_t t0, int64_t nt, Zv<T>* acc) {
-  switch (nt) {
-    case 1: return plane_dots<T, 1, BIAS>(pt, gyp, xp, t0, acc);
-    case 2: return plane_dots<T, 2, BIAS>(pt, gyp, xp, t0, acc);
-    case 3: return plane_dots<T, 3, BIAS>(pt, gyp, xp, t0, acc);
-    case 4: return plane_dots<T, 4, BIAS>(pt, gyp, xp, t0, acc);
-    case 5: return plane_dots<T, 5, BIAS>(pt, gyp, xp, t0, acc);
-    case 6: return plane_dots<T, 6, BIAS>(pt, gyp, xp, t0, acc);
-    case 7: return plane_dots<T, 7, BIAS>(pt, gyp, xp, t0, acc);
-    default: return plane_dots<T, 8, BIAS>(pt, gyp, xp, t0, acc);
-  }
+  for (int t = 0; t < NT; ++t) acc[t] = a[t];
+  if (BIAS) *accb = ab;
 }
 
 // Weight (and bias) gradient, one thread per channel: its N planes' products are summed lane-wise
@@ -251,20 +242,14 @@ void bwd_weight_masked(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
   const int64_t group = ceil_div(K, ceil_div(K, 8));              // 9 taps as 5 + 4, not 8 + a lone 1
 #pragma omp parallel if (worth_threads(g.N * g.Cm * HW * K))
   {
-    // per tap group: its NT accumulators and one for the bias (used by the first group)
-    std::vector<Zv<T>> acc(static_cast<size_t>(K + ceil_div(K, group)));
+    std::vector<Zv<T>> acc(static_cast<size_t>(K + 1));  // the taps', then the bias's
     std::vector<double> sums(static_cast<size_t>(K + 1));
     auto flush = [&]() {
-      for (int64_t t0 = 0, a = 0; t0 < K; a += std::min(group, K - t0) + 1, t0 += group) {
-        const int64_t nt = std::min(group, K - t0);
-        for (int64_t k = 0; k <= nt; ++k) {
-          T lanes[L];
-          vstore(lanes, acc[a + k]);
-          double s = 0;
-          for (int l = 0; l < L; ++l) s += lanes[l];
-          sums[k < nt ? t0 + k : K] += (k < nt || t0 == 0) ? s : 0.0;
-          acc[a + k] = Zv<T>{};
-        }
+      for (int64_t k = 0; k <= K; ++k) {
+        T lanes[L];
+        vstore(lanes, acc[k]);
+        for (int l = 0; l < L; ++l) sums[k] += lanes[l];
+        acc[k] = Zv<T>{};
       }
     };
 #pragma omp for schedule(static)
@@ -275,16 +260,17 @@ void bwd_weight_masked(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
         const T* gyp = gy + (n * g.Cm + o) * HW;
         const T* xp = x + (n * g.C + o / g.m) * HW;
         if (n + 1 < g.N) {  // the next image's planes: other pages, which the hardware prefetcher does not guess
-          LinePrefetch(gyp + g.Cm * HW, gyp + g.Cm * HW + HW).step(HW);
-          LinePrefetch(xp + g.C * HW, xp + g.C * HW + HW).step(HW);
+          prefetch_lines(gyp + g.Cm * HW, gyp + g.Cm * HW + HW);
+          prefetch_lines(xp + g.C * HW, xp + g.C * HW + HW);
         }
-        for (int64_t t0 = 0, a = 0; t0 < K; a += std::min(group, K - t0) + 1, t0 += group) {
-          const int64_t nt = std::min(group, K - t0);
-          if (t0 == 0 && gb)
-            plane_dots_n<T, true>(pt, gyp, xp, t0, nt, acc.data() + a);
-          else
-            plane_dots_n<T, false>(pt, gyp, xp, t0, nt, acc.data() + a);
-        }
+        for (int64_t t0 = 0; t0 < K; t0 += group)
+          with_count<8>(std::min(group, K - t0), [&](auto NT) {
+            constexpr int nt = decltype(NT)::value;
+            if (t0 == 0 && gb)
+              plane_dots<T, nt, true>(pt, gyp, xp, t0, acc.data() + t0, acc.data() + K);
+            else
+              plane_dots<T, nt, false>(pt, gyp, xp, t0, acc.data() + t0, nullptr);
+          });
         if ((n + 1) % flush_every == 0 || n + 1 == g.N) flush();
       }
       for (int64_t t = 0; t < K; ++t) gw[o * K + t] = static_cast<T>(sums[t]);
