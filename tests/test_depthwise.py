@@ -1,13 +1,12 @@
 """depthwise_conv2d on every backend against F.conv2d(groups=C) in float64: forward and every
 gradient over kernel sizes, strides, paddings, dilations, multipliers, odd sizes and layouts;
 gradcheck, opcheck, torch.compile, and bad inputs."""
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dlkernels
+from dlkernels import _dispatch
 from helpers import DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, as64, assert_close, assert_close_non_finite, grads, leaf
 
 # (N, C, H, W, kernel, stride, padding, dilation, multiplier)
@@ -298,7 +297,7 @@ def test_input_gradient_kernel_multiplier(backend, case):
     """The backends' input-gradient kernels also take the multiplier in one call (in_channels; the op
     calls them once per j with m = 1): grad_x(c) sums the m grad_y planes c*m + j, small "same" planes
     included (the C++ masked sweep)."""
-    kernels = importlib.import_module(f"dlkernels.depthwise.{backend}_impl")
+    kernels = _dispatch.kernels("depthwise", backend, DEVICE)
     n, c, h, w, k, s, p, m = case
     x = torch.randn(n, c, h, w, dtype=torch.float64, device=DEVICE, requires_grad=True)
     weight = torch.randn(c * m, 1, k, k, dtype=torch.float64, device=DEVICE)
