@@ -103,6 +103,16 @@ def test_channels_last_large_input(backend, k, stride, pad):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+# Window heights 1-8 at stride 1, channels_last: the Triton forward's row walk carries the KH - 1
+# output rows still open (up to 7; 8 takes the plain walk), on images shorter and taller than the
+# window, with the last group of rows partial (3 rows a program under the interpreter).
+@pytest.mark.parametrize("kh", range(1, 9))
+@pytest.mark.parametrize("case", [(1, 5, 3, 7, 3, 1, 1), (2, 3, 11, 6, 2, 1, 0)], ids=["3x7", "11x6"])
+def test_window_heights(backend, kh, case):
+    n, c, h, w, kw, s, pw = case
+    test_forward_backward(backend, torch.float32, (n, c, h, w, (kh, kw), s, (kh // 2 + kh % 2, pw), 1, 1), True)
+
+
 # Pixel rows of 2-8 KiB of channels (Xception's exit flow has 1024): the C++ channels_last kernels pad
 # the taps of the weights and of the weight-gradient sums apart, and store blocks of 5 pixels x whole
 # cache lines where the output width is a multiple of 5 (10 at stride 1, 5 at stride 2).
