@@ -8,7 +8,7 @@
 #
 # first: FIRST_K (a pytest -k expression) over FIRST_FILES with full tracebacks, before the suite.
 # probe: benchmarks/gpu/probe.py (per-kernel profiles, autotuner choices, host cost; PROBE_K).
-# Per-step time limits (seconds) come from TEST_S, BENCH_S, BENCHC_S; the bench's dtype from
+# tests: TEST_FILES (default tests/) on CUDA. Per-step time limits (seconds) come from TEST_S, BENCH_S, BENCHC_S; the bench's dtype from
 # BENCH_DTYPES (default bfloat16), its ops from BENCH_OPS (BENCH_TAG: a suffix for its folder), its torch.compile contender from
 # BENCH_COMPILE (default none) and a pytest -k expression from BENCH_K.
 set -u
@@ -52,7 +52,7 @@ if has tests; then
   say "tests (CUDA, triton backend, untuned kernels)"
   DLKERNELS_TEST_CUDA=1 DLKERNELS_TRITON_AUTOTUNE=0 DLKERNELS_FAILURE_LOG="$OUT/failures.log" timeout "${TEST_S:-240}" \
     $PY -m pytest -v -n "${TEST_WORKERS:-16}" --dist loadgroup -p no:cacheprovider --timeout 200 -o addopts= -ra \
-    tests --deselect tests/test_bench.py --deselect tests/test_dispatch.py ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+    ${TEST_FILES:-tests} --deselect tests/test_bench.py --deselect tests/test_dispatch.py ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
   echo "tests rc=$?" >> "$OUT/tests.log"
   if [[ -n "${INSTALL_PID:-}" ]]; then
     wait "$INSTALL_PID"; tail -1 "$RES/install.log"
