@@ -103,9 +103,9 @@ def test_channels_last_large_input(backend, k, stride, pad):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-# Window heights 1-8 at stride 1, channels_last: the Triton forward's row walk carries the KH - 1
-# output rows still open (up to 7; 8 takes the plain walk), on images shorter and taller than the
-# window, with the last group of rows partial (3 rows a program under the interpreter).
+# Window heights 1-8 at stride 1, channels_last, on images shorter and taller than the window (a
+# row-walking forward, which keeps KH - 1 partial output rows open, was tried on the GPU and is
+# kept in git history: 1dc8e1b; see benchmarks/gpu/NOTES.md).
 @pytest.mark.parametrize("kh", range(1, 9))
 @pytest.mark.parametrize("case", [(1, 5, 3, 7, 3, 1, 1), (2, 3, 11, 6, 2, 1, 0)], ids=["3x7", "11x6"])
 def test_window_heights(backend, kh, case):

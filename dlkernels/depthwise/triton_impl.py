@@ -82,28 +82,21 @@ def dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
     return acc
 
 
-_WEIGHT_ROW = 128  # the widest BLOCK_C of any kernel reading weight_taps' unmasked
-
-
-def weight_taps(weight: torch.Tensor, channel_runs: bool, dtype: torch.dtype | None = None):
+def weight_taps(weight: torch.Tensor, channel_runs: bool):
     """(weight, stride_wc, stride_wt) for the kernels' weight reads. Tiles that span runs of
     channels (channels_last, and the separable kernel's) read a tap's weights for the run:
     tap-major (KH*KW, C) makes it contiguous, one vector load instead of one load per channel (in
     the sm_90 SASS of a 32x64 bf16 tile: 72 scalar weight loads beside 19 vector loads of x).
-    NCHW tiles have 1-4 channels: the weight as given, no transposing kernel. ``dtype`` (channel
-    runs only): the copy's type, the accumulator's for kernels that would convert every weight
-    they load."""
+    NCHW tiles have 1-4 channels: the weight as given, no transposing kernel."""
     c_out = weight.shape[0]
     if not channel_runs:
         return weight, weight.stride(0), 1
-    # Rows padded to whole channel blocks of up to 128, zeroed. A multiple of 16 at least: a row
-    # stride of c_out = 728 (8 x 91) hid the rows' alignment from Triton, which loaded every tap
-    # weight alone (sm_90 PTX of a 32x64 bf16 tile: 32 scalar loads a thread, 2026-11-26). Whole
-    # blocks: the forward's row walk loads tap weights unmasked (a masked load zeroes its
-    # registers first: 36 of a row step's 333 instructions in the sm_90 SASS of a 3x3 bf16 tile).
+    # Rows padded to a multiple of 16 elements (never read: the channel mask stops at c_out): a
+    # row stride of c_out = 728 (8 x 91) hid the rows' alignment from Triton, which loaded every
+    # tap weight alone (sm_90 PTX of a 32x64 bf16 tile: 32 scalar loads a thread, 2026-11-26).
     taps = weight.reshape(c_out, -1)
-    row = cdiv(c_out, _WEIGHT_ROW) * _WEIGHT_ROW
-    wt = taps.new_zeros((taps.shape[1], row), dtype=dtype or taps.dtype)[:, :c_out]
+    row = cdiv(c_out, 16) * 16
+    wt = taps.new_empty((taps.shape[1], row))[:, :c_out]
     wt.copy_(taps.t())
     return wt, 1, row
 
@@ -129,11 +122,8 @@ def pixel_tile(pid, Ho, Wo, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
 
 
 def pixel_tiles(ho: int, wo: int, meta) -> int:
-    """How many pixel tiles of ``meta``'s shape (see pixel_tile; ROWS > 0: the forward's row walk,
-    BLOCK_P columns by ROWS rows) cover an ho x wo image."""
-    bp, tw, rows = meta["BLOCK_P"], meta.get("TILE_W", 0), meta.get("ROWS", 0)
-    if rows:
-        return cdiv(wo, bp) * cdiv(ho, rows)
+    """How many pixel tiles of ``meta``'s shape (see pixel_tile) cover an ho x wo image."""
+    bp, tw = meta["BLOCK_P"], meta.get("TILE_W", 0)
     if tw == 0:
         return cdiv(ho * wo, bp)
     return cdiv(ho, bp // tw) * cdiv(wo, tw)
@@ -143,14 +133,6 @@ def pixel_tiles(ho: int, wo: int, meta) -> int:
 # forward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def in_range(mask, h, H):
-    """mask where 0 <= h < H, for a scalar h (an image row). Compares as tensors: the interpreter
-    (3.9) turns a tensor & scalar-bool into int32, which tl.load refuses as a mask."""
-    hv = tl.full(mask.shape, 0, tl.int32) + h
-    return mask & (hv >= 0) & (hv < H)
-
-
-@triton.jit
 def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                    C_out, M, H, W, Ho, Wo,
                    stride_xn, stride_xc, stride_xh, stride_xw,
@@ -158,130 +140,20 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
                    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                    ALIGN_X: tl.constexpr, ALIGN_Y: tl.constexpr, ALIGN_C: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr, ROWS: tl.constexpr,
-                   ROLL: tl.constexpr):
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr):
     pid_c = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
+    offs_p, i, j, mask_p = pixel_tile(tl.program_id(0), Ho, Wo, BLOCK_P, TILE_W)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < (C_out // ALIGN_C) * ALIGN_C  # == C_out, its known factor lets loads vectorize
-    x_img = x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X)
-    y_img = y_ptr + tl.multiple_of(n * stride_yn, ALIGN_Y)
-    if ROWS == 0:
-        offs_p, i, j, mask_p = pixel_tile(tl.program_id(0), Ho, Wo, BLOCK_P, TILE_W)
-        acc = dw_tile(x_img, w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
-                      stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
-                      dil_h, dil_w, KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
-        y_ptrs = (y_img + tl.multiple_of(offs_p * stride_yp, ALIGN_Y)[:, None] + (offs_c * stride_yc)[None, :])
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
-    else:
-        # Row walk: the program owns BLOCK_P output columns of ROWS consecutive rows and steps down
-        # them. Every address, column bound and channel mask is the same for each row, so the
-        # compiler computes them once and a row costs a scalar offset: the flat tiles' per-pixel
-        # (i, j) arithmetic and per-tap bounds were most of their 51 SASS instructions an output
-        # (sm_90, 64x32 bf16 channels-last tile, 144 of them FFMA), which made the forward
-        # issue-bound at 25-42 % of copy (H200, 2026-11-26).
-        n_tw = tl.cdiv(Wo, BLOCK_P)
-        pid = tl.program_id(0)
-        # ceil(Ho / ROWS) groups of rows, balanced: 19 rows at ROWS = 16 are 10 + 9, not 16 + 3
-        rows = tl.cdiv(Ho, tl.cdiv(Ho, ROWS))
-        i0 = (pid // n_tw) * rows
-        j = (pid % n_tw) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_j = j < Wo
-        w0 = j * conv_sw - pad_w
-        x_col = (x_img + tl.multiple_of(w0 * stride_xw, ALIGN_X)[:, None]
-                 + ((offs_c // M) * stride_xc)[None, :])
-        step_h = (dil_h * (stride_xh // ALIGN_X)) * ALIGN_X
-        step_w = (dil_w * (stride_xw // ALIGN_X)) * ALIGN_X
-        row_y = ((Wo * stride_yp) // ALIGN_Y) * ALIGN_Y
-        w_row = w_ptr + offs_c * stride_wc
-        y_col = y_img + tl.multiple_of(j * stride_yp, ALIGN_Y)[:, None] + (offs_c * stride_yc)[None, :]
-        mask_out = mask_j[:, None] & mask_c[None, :]
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        i1 = tl.minimum(i0 + rows, Ho)
-        if ROLL:
-            # Vertical stride and dilation 1: input row h feeds output rows h + pad_h - p for the
-            # window rows p, so each input row is loaded and converted once, not KH times. Partial
-            # sums of the KH - 1 rows still open ride along: s_k (k = 1..KH-1) is output row
-            # i0 + t - KH + k before step t and takes window row KH - k; a fresh one takes row 0.
-            # Up to 7 window rows (the launcher sets ROLL only then); unused partials cost nothing.
-            s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-            s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-            s3 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-            s4 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-            s5 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-            s6 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-            row_w = KW * stride_wt
-            for t in range(0, i1 - i0 + KH - 1):
-                h = i0 - pad_h + t
-                x_row = x_col + tl.multiple_of(h * stride_xh, ALIGN_X)
-                fresh = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-                for q in tl.static_range(KW):
-                    w = w0 + q * dil_w
-                    ok = (w >= 0) & (w < W) & mask_j
-                    xq = tl.load(x_row + q * step_w, mask=in_range(ok[:, None] & mask_c[None, :], h, H),
-                                 other=0.0).to(ACC)
-                    w_q = w_row + q * stride_wt
-                    fresh += xq * tl.load(w_q)[None, :]
-                    if KH > 1:
-                        s1 += xq * tl.load(w_q + (KH - 1) * row_w)[None, :]
-                    if KH > 2:
-                        s2 += xq * tl.load(w_q + (KH - 2) * row_w)[None, :]
-                    if KH > 3:
-                        s3 += xq * tl.load(w_q + (KH - 3) * row_w)[None, :]
-                    if KH > 4:
-                        s4 += xq * tl.load(w_q + (KH - 4) * row_w)[None, :]
-                    if KH > 5:
-                        s5 += xq * tl.load(w_q + (KH - 5) * row_w)[None, :]
-                    if KH > 6:
-                        s6 += xq * tl.load(w_q + (KH - 6) * row_w)[None, :]
-                i = i0 + t - (KH - 1)  # the output row finished by this input row
-                if KH == 1:
-                    done = fresh
-                else:
-                    done = s1
-                if HAS_BIAS:
-                    done += bias[None, :]
-                tl.store(y_col + i * row_y, done.to(y_ptr.dtype.element_ty), mask=in_range(mask_out, i - i0, Ho))
-                if KH == 2:
-                    s1 = fresh
-                if KH > 2:
-                    s1 = s2
-                if KH == 3:
-                    s2 = fresh
-                if KH > 3:
-                    s2 = s3
-                if KH == 4:
-                    s3 = fresh
-                if KH > 4:
-                    s3 = s4
-                if KH == 5:
-                    s4 = fresh
-                if KH > 5:
-                    s4 = s5
-                if KH == 6:
-                    s5 = fresh
-                if KH > 6:
-                    s5 = s6
-                    s6 = fresh
-        else:
-            for i in range(i0, i1):
-                h0 = i * conv_sh - pad_h
-                x_tap0 = x_col + tl.multiple_of(h0 * stride_xh, ALIGN_X)
-                acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-                for p in tl.static_range(KH):
-                    h = h0 + p * dil_h
-                    for q in tl.static_range(KW):
-                        w = w0 + q * dil_w
-                        ok = (w >= 0) & (w < W) & mask_j
-                        xv = tl.load(x_tap0 + (p * step_h + q * step_w),
-                                     mask=in_range(ok[:, None] & mask_c[None, :], h, H), other=0.0)
-                        acc += xv.to(ACC) * tl.load(w_row + (p * KW + q) * stride_wt).to(ACC)[None, :]
-                if HAS_BIAS:
-                    acc += bias[None, :]
-                tl.store(y_col + i * row_y, acc.to(y_ptr.dtype.element_ty), mask=mask_out)
+    acc = dw_tile(x_ptr + tl.multiple_of(n * stride_xn, ALIGN_X), w_ptr, i, j, mask_p, offs_c, mask_c, M, H, W,
+                  stride_xc, stride_xh, stride_xw, stride_wc, stride_wt, conv_sh, conv_sw, pad_h, pad_w,
+                  dil_h, dil_w, KH, KW, ACC, ALIGN_X, BLOCK_P, BLOCK_C)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
+    y_ptrs = (y_ptr + tl.multiple_of(n * stride_yn, ALIGN_Y) + tl.multiple_of(offs_p * stride_yp, ALIGN_Y)[:, None]
+              + (offs_c * stride_yc)[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
 # channels_last: channel blocks are the contiguous (vectorised) axis; NCHW: pixel runs. The
@@ -307,30 +179,14 @@ def _configs(flat, blocks=(), blocks_first=False):
 
 
 # untuned, channels_last runs 2-D blocks and NCHW flat runs, so the GPU tests compile both
-_BWD_IN_CONFIGS_CL = _configs(_FLAT_CL, _BLOCKS_CL, blocks_first=True)
-_BWD_IN_CONFIGS_NCHW = _configs(_FLAT_NCHW, _BLOCKS_NCHW)
-# The forward's channels-last row walk (ROWS > 0): (BLOCK_P columns, BLOCK_C, ROWS, num_warps), 1-2
-# columns of 8 channels a thread; narrow blocks for the 10- and 19-wide Xception rows. Long walks:
-# a program spends KH - 1 steps on rows above its first before it finishes one.
-_ROWS_CL = [(16, 64, 16, 4), (8, 128, 16, 4), (32, 64, 8, 4), (16, 128, 16, 8), (8, 64, 32, 2), (4, 128, 16, 2)]
-
-
-def _fwd_configs(tiles, rows=()):
-    """The forward's list: the row walk's configs first (what runs untuned), then the tiles'."""
-    walk = [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=0, ROWS=r, num_warps=nw, num_stages=1) for p, c, r, nw in rows]
-    return walk + [triton.Config(dict(c.kwargs, ROWS=0), num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in tiles]
-
-
-_FWD_CONFIGS_CL = _fwd_configs(_BWD_IN_CONFIGS_CL, _ROWS_CL)
-_FWD_CONFIGS_NCHW = _fwd_configs(_BWD_IN_CONFIGS_NCHW)
+_FWD_CONFIGS_CL = _configs(_FLAT_CL, _BLOCKS_CL, blocks_first=True)
+_FWD_CONFIGS_NCHW = _configs(_FLAT_NCHW, _BLOCKS_NCHW)
 _FWD_KEY = ["C_out", "M", "Ho", "Wo", "KH", "KW", "conv_sh", "conv_sw", "dil_h"]
-# The interpreter runs 2-D blocks for channels_last and flat runs for NCHW, so the CPU tests cover both;
-# the channels-last forward runs the row walk (3 rows of 4 columns: partial last groups and tiles).
+# The interpreter runs 2-D blocks for channels_last and flat runs for NCHW, so the CPU tests cover both.
 _INTERPRET_CL = dict(BLOCK_P=32, BLOCK_C=16, TILE_W=4)
 _INTERPRET_NCHW = dict(BLOCK_P=64, BLOCK_C=2, TILE_W=0)
-_dw_fwd_cl = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_CL, _FWD_KEY, dict(BLOCK_P=4, BLOCK_C=16, TILE_W=0, ROWS=3))
-_dw_fwd_nchw = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_NCHW, _FWD_KEY, dict(_INTERPRET_NCHW, ROWS=0))
+_dw_fwd_cl = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_CL, _FWD_KEY, _INTERPRET_CL)
+_dw_fwd_nchw = TunedKernel(_dw_fwd_kernel, _FWD_CONFIGS_NCHW, _FWD_KEY, _INTERPRET_NCHW)
 
 
 def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
@@ -340,8 +196,7 @@ def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
     cl = is_channels_last(x)
     y = new_output(x, (n, c_out, ho, wo), cl)
     kernel = _dw_fwd_cl if cl else _dw_fwd_nchw
-    # channels_last: tap weights in the accumulator's type, since the row walk reloads them each row
-    wt, stride_wc, stride_wt = weight_taps(weight, cl, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    wt, stride_wc, stride_wt = weight_taps(weight, cl)
     grid = lambda META: (pixel_tiles(ho, wo, META), cdiv(c_out, META["BLOCK_C"]), n)
     kernel(grid, x, wt, bias if bias is not None else weight, y,
            c_out, c_out // c, h, w, ho, wo,
@@ -349,7 +204,7 @@ def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
            stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
            KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
            ALIGN_X=pixel_align(x), ALIGN_Y=pixel_align(y),
-           ALIGN_C=align_of(c_out), ROLL=stride[0] == 1 and dilation[0] == 1 and kh <= 7)
+           ALIGN_C=align_of(c_out))
     return y
 
 
@@ -404,8 +259,8 @@ def _dw_bwd_input_kernel(gy_ptr, w_ptr, gx_ptr,
 
 
 _BWD_IN_KEY = ["C", "M", "H", "W", "KH", "KW", "SH", "SW"]
-_dw_bwd_input_cl = TunedKernel(_dw_bwd_input_kernel, _BWD_IN_CONFIGS_CL, _BWD_IN_KEY, _INTERPRET_CL)
-_dw_bwd_input_nchw = TunedKernel(_dw_bwd_input_kernel, _BWD_IN_CONFIGS_NCHW, _BWD_IN_KEY, _INTERPRET_NCHW)
+_dw_bwd_input_cl = TunedKernel(_dw_bwd_input_kernel, _FWD_CONFIGS_CL, _BWD_IN_KEY, _INTERPRET_CL)
+_dw_bwd_input_nchw = TunedKernel(_dw_bwd_input_kernel, _FWD_CONFIGS_NCHW, _BWD_IN_KEY, _INTERPRET_NCHW)
 
 
 def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_channels=None):
