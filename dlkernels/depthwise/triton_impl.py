@@ -297,33 +297,35 @@ def _dw_bwd_weight_partial_kernel(gy_ptr, x_ptr, part_ptr,
                                   stride_gn, stride_gc, stride_gh, stride_gw,
                                   stride_xn, stride_xc, stride_xh, stride_xw,
                                   conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-                                  KW_P2: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                                  QW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                                   ALIGN_G: tl.constexpr, ALIGN_X: tl.constexpr, ALIGN_C: tl.constexpr,
                                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Program (window row r, channel block, chunk) sums grad_y * x over its CHUNK of the flattened
-    # (n, i, j) output pixels for the KW taps of row r, and writes part[chunk, c, r*KW + q]; row
-    # r == KH is the bias (x := 1 at q == 0). The row's taps are one [pixels, KW_P2, channels] tile:
-    # grad_y is loaded once for all of them, and no tap is unrolled (unrolled over a 5x5 window
-    # the kernel took 15 s per config to compile). A program per tap re-read grad_y and x from L2
-    # for each of the 9 taps: 126 us for a 64x728x19x19 bf16 layer, floor 17 (H200, 2026-11-26).
-    # The row is the fastest grid axis, so the rows of one chunk run together and share it in L2.
-    r = tl.program_id(0)
+    # Program (tap group, channel block, chunk) sums grad_y * x over its CHUNK of the flattened
+    # (n, i, j) output pixels for QW taps q0..q0+QW-1 of window row r, and writes
+    # part[chunk, c, r*KW + q]; group KH * ceil(KW / QW) is the bias (x := 1 at q == 0). The taps are
+    # one [pixels, QW, channels] tile: grad_y is loaded once for all of them, and no tap is
+    # unrolled (unrolled over a 5x5 window the kernel took 15 s per config to compile). The
+    # launcher picks QW per layout (see depthwise_bwd_weight). The group is the fastest grid axis,
+    # so the groups of one chunk run together and share it in L2.
+    NQ = tl.cdiv(KW, QW)
+    r = tl.program_id(0) // NQ
+    q0 = (tl.program_id(0) % NQ) * QW
     pid_c = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < (C_out // ALIGN_C) * ALIGN_C  # == C_out, its known factor lets loads vectorize
     gy_chan = (offs_c * stride_gc)[None, :]
     x_chan = ((offs_c // M) * stride_xc)[None, None, :]
-    offs_q = tl.arange(0, KW_P2)
+    offs_q = q0 + tl.arange(0, QW)
     tap_h = r * dil_h - pad_h
     tap_w = offs_q * dil_w - pad_w
-    # the row's real taps (none in the bias row), and the bias column; per-row bounds rather than
-    # `vector & (r < KH)`, which the interpreter (3.9) evaluates to int32, not a mask
+    # the group's real taps (none in the bias group), and the bias column; per-row bounds rather
+    # than `vector & (r < KH)`, which the interpreter (3.9) evaluates to int32, not a mask
     tap_ok = offs_q < tl.where(r < KH, KW, 0)
     is_bias = offs_q < tl.where(r == KH, 1, 0)
     start = pid_k * CHUNK
     end = tl.minimum(start + CHUNK, TOTAL)
-    acc = tl.zeros([BLOCK_P, KW_P2, BLOCK_C], dtype=ACC)
+    acc = tl.zeros([BLOCK_P, QW, BLOCK_C], dtype=ACC)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < end
@@ -376,7 +378,7 @@ def _dw_bwd_weight_reduce_kernel(part_ptr, gw_ptr, gb_ptr, R, NUM_CHUNKS,
 
 
 _BWD_W_KEY = ["C_out", "M", "Ho", "Wo", "CHUNK", "KH", "KW", "conv_sh", "conv_sw"]
-# The weight gradient's tiles are [BLOCK_P, KW_P2, BLOCK_C]: smaller pixel-channel blocks than the
+# The weight gradient's tiles are [BLOCK_P, QW, BLOCK_C]: smaller pixel-channel blocks than the
 # forward's, so that a 5x5 window's 8-wide tap axis still fits the registers (see _prune_wgrad).
 _WGRAD_CL = [(32, 32, 4), (16, 64, 4), (64, 32, 8), (32, 64, 8), (16, 128, 8), (8, 128, 4)]
 _WGRAD_NCHW = [(128, 1, 4), (256, 1, 4), (512, 1, 8), (128, 2, 4), (64, 4, 4)]
@@ -384,8 +386,8 @@ _ACC_REGS = 64  # fp32 accumulator registers a thread may hold
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
-    """Drop configs whose accumulator tile would spill: BLOCK_P * KW_P2 * BLOCK_C over the threads."""
-    kwp = kwargs["KW_P2"]
+    """Drop configs whose accumulator tile would spill: BLOCK_P * QW * BLOCK_C over the threads."""
+    kwp = kwargs["QW"]
 
     def regs(c):
         return c.kwargs["BLOCK_P"] * kwp * c.kwargs["BLOCK_C"] // (32 * c.num_warps)
@@ -415,20 +417,25 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
     cl = is_channels_last(x)
     ntap = kh * kw
     ncol = ntap + int(need_bias)
-    nrow = kh + int(need_bias)  # programs per (channel block, chunk): a window row each, and the bias
+    # Taps a program: channels_last, a window row (grad_y loaded once for its KW taps: the Xception
+    # middle fwd+bwd 230 -> 227 us, MobileNetV2 5x5 984 -> 929 us on the H200); NCHW, one (a
+    # program a window row, with 1-4 channels a block, had 2.5x fewer programs, each 3x longer:
+    # the MobileNetV2 NCHW fwd+bwd went from 1.15 to 2.35 ms, the Xception middle from 0.46 to 0.72).
+    qw = next_pow2(kw) if cl else 1
+    groups = kh * cdiv(kw, qw) + int(need_bias)  # programs per (channel block, chunk)
     c_blocks_min = cdiv(c_out, 128) if cl else c_out
-    want = max(1, cdiv(target_programs(x.device), c_blocks_min * nrow))
+    want = max(1, cdiv(target_programs(x.device), c_blocks_min * groups))
     chunk = max(_CHUNK_QUANTUM, cdiv(cdiv(total, want), _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
     num_chunks = cdiv(total, chunk)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((num_chunks, c_out * ncol), dtype=acc, device=x.device)
     kernel = _dw_bwd_weight_cl if cl else _dw_bwd_weight_nchw
-    grid = lambda META: (nrow, cdiv(c_out, META["BLOCK_C"]), num_chunks)
+    grid = lambda META: (groups, cdiv(c_out, META["BLOCK_C"]), num_chunks)
     kernel(grid, grad_y, x, part,
            c_out, c_out // c, h, w, ho, wo, total, chunk, kh, kw,
            *grad_y.stride(), *x.stride(),
            stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-           KW_P2=next_pow2(kw), HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype),
+           QW=qw, HAS_BIAS=bool(need_bias), ACC=acc_dtype(x.dtype),
            ALIGN_G=pixel_align(grad_y),
            ALIGN_X=pixel_align(x), ALIGN_C=align_of(c_out))
     gw = torch.empty((c_out, 1, kh, kw), dtype=x.dtype, device=x.device)
