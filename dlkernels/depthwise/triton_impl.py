@@ -164,8 +164,8 @@ def dw_walk(x_img, w_ptr, b_ptr, y_img, offs_c, mask_c, M, H, W, Ho, Wo,
     owns BLOCK_P output columns of about ROWS consecutive rows and steps down the input rows. Each
     input row is loaded and converted once and feeds the KH output rows it touches (the KH - 1 not
     yet finished ride along as partial sums s1, s2), the tap weights stay in registers, and every
-    address and column mask is computed once: 21 sm_90 instructions an output against the tile's
-    51, and 0.375 loads against 1.7. Loads run two rows ahead of the FMAs: a walk that waited for
+    address and column mask is computed once: 22-23 sm_90 instructions an output against the
+    tile's 51, and 0.375 loads against 1.7. Loads run two rows ahead of the FMAs: a walk that waited for
     each row's loads (and reloaded fp32 weights every row) lost to the tiles (H200, 2026-11-27)."""
     n_tw = tl.cdiv(Wo, BLOCK_P)
     pid = tl.program_id(0)
@@ -190,7 +190,8 @@ def dw_walk(x_img, w_ptr, b_ptr, y_img, offs_c, mask_c, M, H, W, Ho, Wo,
     row_y = ((Wo * stride_yp) // ALIGN_Y) * ALIGN_Y
     mask_out = mask_j[:, None] & mask_c[None, :]
     # s_k (k = 1, 2) is output row i0 + t - KH + k before step t and takes window row KH - k; a
-    # fresh sum takes row 0; step t finishes output row i0 + t - (KH - 1).
+    # fresh sum takes row 0; step t finishes output row i0 + t - (KH - 1), stored once it is >= i0
+    # (the first KH - 1 steps only fill the partial sums).
     s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     h = i0 - pad_h
@@ -288,14 +289,16 @@ _WALK_CL = [(16, 64, 16, 4), (8, 128, 16, 4), (16, 128, 16, 8), (32, 32, 16, 4),
 
 
 def _fwd_configs(tiles, walk=()):
-    """The forward's list: the tiles' configs (ROWS = 0; the first runs untuned), then the walk's."""
-    return ([triton.Config(dict(c.kwargs, ROWS=0), num_warps=c.num_warps, num_stages=c.num_stages) for c in tiles]
-            + [cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=0, ROWS=r, num_warps=nw, num_stages=1) for p, c, r, nw in walk])
+    """The forward's list: the walk's configs, then the tiles' (ROWS = 0). The first runs untuned
+    (the GPU tests): the walk where it applies, else a flat tile of its shape (see _prune_walk)."""
+    return ([cfg(BLOCK_P=p, BLOCK_C=c, TILE_W=0, ROWS=r, num_warps=nw, num_stages=1) for p, c, r, nw in walk]
+            + [triton.Config(dict(c.kwargs, ROWS=0), num_warps=c.num_warps, num_stages=c.num_stages) for c in tiles])
 
 
 def _prune_walk(configs, named_args, **kwargs):
-    """The walk's configs only where it applies (WALK); elsewhere they would compile tiles again."""
-    return [c for c in configs if kwargs["WALK"] or c.kwargs["ROWS"] == 0]
+    """The walk's configs only where it applies (WALK); elsewhere they would compile tiles again.
+    A list of walk configs alone (untuned) stays: without WALK they run as flat tiles."""
+    return [c for c in configs if kwargs["WALK"] or c.kwargs["ROWS"] == 0] or configs
 
 
 _FWD_CONFIGS_CL = _fwd_configs(_BWD_IN_CONFIGS_CL, _WALK_CL)
@@ -509,10 +512,10 @@ _ACC_REGS = 64  # fp32 accumulator registers a thread may hold
 
 def _prune_wgrad(configs, named_args, **kwargs):
     """Drop configs whose accumulator tile would spill: BLOCK_P * QW * BLOCK_C over the threads."""
-    kwp = kwargs["QW"]
+    qw = kwargs["QW"]
 
     def regs(c):
-        return c.kwargs["BLOCK_P"] * kwp * c.kwargs["BLOCK_C"] // (32 * c.num_warps)
+        return c.kwargs["BLOCK_P"] * qw * c.kwargs["BLOCK_C"] // (32 * c.num_warps)
 
     return [c for c in configs if regs(c) <= _ACC_REGS] or [min(configs, key=regs)]
 
