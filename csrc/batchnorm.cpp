@@ -256,16 +256,22 @@ DLK_INLINE void add_run(const F& f, int64_t i0, int64_t c, int64_t n, const T* w
 // Per-channel sums of two per-element values: f(i, c, wk, a, b) sets a and b for the element at flat
 // offset i in channel c. Short runs are summed in T (vectorized), runs are accumulated per thread in
 // double, threads merged at the end in a fixed order: accurate for large N*S and deterministic.
-// ahead (channels-last, no prologue): the one array f reads. Rows are then summed four at a time and
-// that array prefetched kSumsAhead bytes ahead. Row by row, every element's two partial sums went
+// ahead (channels-last, no prologue): the arrays f reads (up to three). Rows are then summed four at a
+// time and those arrays prefetched kSumsAhead bytes ahead. Row by row, every element's two partial sums went
 // through an L1 load and store (pa, pb), and the pass read DRAM at a third of the NCS pass's rate.
 // Statistics pass, two threads, interleaved, input from DRAM (Zen5): 8x128x75x75 0.59 -> 0.50 ms
 // (NCS 0.55), 32x256x56x56 2.48 -> 2.26 (NCS 2.33), 8x728x19x19 0.227 -> 0.195; in an earlier run
 // on the same machine 0.92 -> 0.50 and 3.61 -> 2.29. Four rows without the prefetch were no faster
-// (1.30 and 3.70 in that run), 4, 16 and 32 KiB ahead no better than 8.
+// (1.30 and 3.70 in that run), 4, 16 and 32 KiB ahead no better than 8. The backward's reduce pass
+// took the row-by-row path until it named its arrays (see reduce_pass).
 constexpr int64_t kSumsAhead = 8192;
+template <class T>
+struct Ahead {
+  const T* p[3] = {nullptr, nullptr, nullptr};
+  bool any() const { return p[0] != nullptr; }
+};
 template <class T, class P, class F>
-void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, const T* ahead = nullptr) {
+void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, Ahead<T> ahead = {}) {
   // Each thread's 2C partials padded to whole cache lines (plus one), so the two threads' blocks never
   // share a line.
   const int64_t width = (2 * d.C + 7) / 8 * 8 + 8;
@@ -355,12 +361,14 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, const
         const int64_t r1 = std::min(rows, (blk + 1) * rb);
         int64_t r = blk * rb;
         if constexpr (!P::active) {
-          if (ahead)
+          if (ahead.any())
             for (; r + 4 <= r1; r += 4) {
               const int64_t i0 = r * d.C, C = d.C;
               const int64_t b0 = i0 * static_cast<int64_t>(sizeof(T)) + kSumsAhead;
               const int64_t b1 = std::min(bytes, b0 + 4 * C * static_cast<int64_t>(sizeof(T)));
-              for (int64_t o = b0; o < b1; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(ahead) + o);
+              for (const T* a : ahead.p)
+                if (a)
+                  for (int64_t o = b0; o < b1; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(a) + o);
 #pragma omp simd
               for (int64_t k = 0; k < C; ++k) {
                 T a0, b0, a1, b1, a2, b2, a3, b3;
@@ -548,7 +556,7 @@ void stats_pass(const Bn3& d, const T* x, T* mo, T* vo) {
   channel_sums2<T>(d, NoPrep{}, [=](int64_t i, int64_t c, T, T& a, T& b) {
     a = x[i] - K[c];
     b = a * a;
-  }, sa.data(), sb.data(), x);
+  }, sa.data(), sb.data(), Ahead<T>{{x}});
   const double cnt = static_cast<double>(d.N * d.S);
   for (int64_t c = 0; c < d.C; ++c) {
     const double m1 = sa[c] / cnt;
@@ -599,6 +607,10 @@ DLK_INLINE void with_bwd_prep(const BwdInputs<T>& b, int64_t C, L loop) {
 }
 
 // Per-channel sums of dz and dz * (x - mean) in double (sa, sb), and dz itself into dzo unless null.
+// Channels-last, it names the arrays it reads (grad_y, x, and y for relu) for channel_sums2's
+// four-row path: relu with dz written, two threads, Zen5, interleaved in one process, copy at 71-74
+// GB/s: 32x256x56x56 7.9-8.1 -> 7.4 ms, 32x512x28x28 3.95-4.0 -> 3.5, 8x128x75x75 1.9 -> 1.43,
+// 32x1024x14x14 1.93 -> 1.80 (2-7 % at 46-52 GB/s; 8 of 8 pairs in each state).
 template <class T>
 void reduce_pass(const Bn3& d, const BwdInputs<T>& b, Act act, T* dzo, double* sa, double* sb) {
   dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
@@ -611,7 +623,7 @@ void reduce_pass(const Bn3& d, const BwdInputs<T>& b, Act act, T* dzo, double* s
           a = dz_at<AV, RV>(b, i, wk);
           if constexpr (WV) dzo[i] = a;
           s = a * (b.x[i] - b.mean[c]);
-        }, sa, sb);
+        }, sa, sb, Ahead<T>{{b.gy, b.x, AV == Act::Relu ? b.y : nullptr}});
       };
       if (dzo)
         sums(std::true_type{});
