@@ -86,6 +86,7 @@ class State:
     allocator: str
     info: machine.MachineInfo | None = None
     limits: machine.Limits | None = None
+    copy_at: float = 0.0                           # time.monotonic() of the last copy measurement
     wanted: dict = field(default_factory=dict)     # (case id, dtype) -> contenders selected
     current: tuple | None = None                   # ((case id, dtype), CaseResult)
     records: list = field(default_factory=list)
@@ -176,6 +177,21 @@ def _ensure_limits(st: State, timed: bool) -> None:
         if st.progress:
             st.progress.stage("measuring machine limits (copy bandwidth, torch.matmul FLOP/s)")
         st.limits = machine.measure_limits(st.device, st.dtypes, st.info.llc_bytes, quick=st.preset == "tiny")
+        st.copy_at = time.monotonic()
+
+
+# Seconds between copy measurements: before a memory-bound case, the copy is timed again when this
+# long has passed, and the report's limit is the best of the run's measurements (Limits.add_copy).
+COPY_EVERY_S = 30.0
+
+
+def _recheck_copy(st: State, case: C.Case) -> None:
+    if st.limits is None or case.bound != "memory" or time.monotonic() - st.copy_at < COPY_EVERY_S:
+        return
+    if st.progress:
+        st.progress.stage("measuring copy bandwidth again")
+    st.limits.add_copy(machine.copy_rate(st.device, st.info.llc_bytes, quick=st.preset == "tiny")[0])
+    st.copy_at = time.monotonic()
 
 
 def _result(st: State, case: C.Case, dt, timed: bool) -> CaseResult:
@@ -184,6 +200,8 @@ def _result(st: State, case: C.Case, dt, timed: bool) -> CaseResult:
         st.current = None  # free the previous case's tensors first
         if st.progress:
             st.progress.start_case(f"{case.id} {str(dt).removeprefix('torch.')}")
+        if timed:
+            _recheck_copy(st, case)
         t0 = time.perf_counter()
         res = measure_case(case, dt, st.device, st.wanted.get(key, [EAGER]),
                            st.timing if timed else None, on_stage=st.progress.stage if st.progress else lambda s: None)

@@ -156,13 +156,18 @@ def markdown(meta: dict, charts: list[str]) -> str:
             "A contender over it is FAILED and not timed."]
     if lim:
         flops = ", ".join(f"{k} {f / 1e9:.0f} GFLOP/s" for k, f in lim["matmul_flops"].items())
-        out += [f"- machine limits, measured at the start of this run: copy bandwidth "
-                f"{lim['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write, torch copy of "
+        samples = lim.get("copy_samples") or [lim["copy_bytes_per_s"]]
+        seen = (f"the best of {len(samples)} measurements through the run, "
+                f"{min(samples) / 1e9:.1f}-{max(samples) / 1e9:.1f} GB/s; " if len(samples) > 1 else "")
+        out += [f"- machine limits, measured in this run: copy bandwidth "
+                f"{lim['copy_bytes_per_s'] / 1e9:.1f} GB/s ({seen}read+write, torch copy of "
                 f"{lim['copy_size_bytes'] >> 20} MiB); torch.matmul {lim['matmul_size']}³: {flops}"]
     out += ["", "Cells: median time per call, speed-up over PyTorch eager (>1 is faster), spread. "
             "`FAILED`: wrong answer; `n/a`: not available here (reason below). "
             "Floor: the fewest bytes the pass must move at the copy bandwidth (memory-bound cases). "
-            "Limit: achieved GB/s of the copy bandwidth, or FLOP/s of the torch.matmul above, by the best contender.",
+            "Limit: achieved GB/s of the copy bandwidth, or FLOP/s of the torch.matmul above, by the best contender "
+            "(on a CPU, torch's copy stores through the cache, reading each line before it writes it, so a pass "
+            "that streams its output with non-temporal stores can pass 100 %).",
             "", "## Summary (geometric mean of speed-ups over eager, per op group)", ""]
     out.append(_md_table(["group", "cases"] + [c for c in conts if c != EAGER], summary(rows, conts)))
     for ch in charts:
