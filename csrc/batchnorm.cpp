@@ -610,7 +610,10 @@ DLK_INLINE void with_bwd_prep(const BwdInputs<T>& b, int64_t C, L loop) {
 // Channels-last, it names the arrays it reads (grad_y, x, and y for relu) for channel_sums2's
 // four-row path: relu with dz written, two threads, Zen5, interleaved in one process, copy at 71-74
 // GB/s: 32x256x56x56 7.9-8.1 -> 7.4 ms, 32x512x28x28 3.95-4.0 -> 3.5, 8x128x75x75 1.9 -> 1.43,
-// 32x1024x14x14 1.93 -> 1.80 (2-7 % at 46-52 GB/s; 8 of 8 pairs in each state).
+// 32x1024x14x14 1.93 -> 1.80 (2-7 % at 46-52 GB/s; 8 of 8 pairs in each state). Tried and dropped:
+// dz streamed out with non-temporal stores from a four-row buffer, as channel_map streams: slower at
+// 56x56, 28x28 and 14x14 (28x28 3.58 -> 4.02 ms at 73 GB/s; 1-3 % at 42), faster only at 8x128x75x75
+// (1.40 -> 1.31), in the same interleaved runs.
 template <class T>
 void reduce_pass(const Bn3& d, const BwdInputs<T>& b, Act act, T* dzo, double* sa, double* sb) {
   dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
