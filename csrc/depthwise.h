@@ -234,18 +234,18 @@ struct DwStage {
   int64_t size() const { return nph * PB + pad_end + tmp + flat; }
 };
 
-// d[0, n) = s[0, n): vectors, the last one moved back to end at n (rewriting equal values) when n
-// has a partial vector, so a 10-wide row is two stores and no scalar loop.
-template <class T>
+// d[0, n) = s[0, n): vectors of B bytes, the last one moved back to end at n (rewriting equal
+// values) when n has a partial vector, so a 10-wide row is two stores and no scalar loop.
+template <class T, int B = 32>
 inline void copy_row(T* d, const T* s, int64_t n) {
-  constexpr int L = Vec<T>::lanes;
+  constexpr int L = Vec<T, B>::lanes;
   if (n < L) {
     for (int64_t j = 0; j < n; ++j) d[j] = s[j];
     return;
   }
   int64_t j = 0;
-  for (; j + L <= n; j += L) vstore(d + j, vload(s + j));
-  if (j < n) vstore(d + n - L, vload(s + n - L));
+  for (; j + L <= n; j += L) vstore(d + j, vload<T, B>(s + j));
+  if (j < n) vstore(d + n - L, vload<T, B>(s + n - L));
 }
 
 // A thread's staging buffer for dw_rows_padded, serving one geometry. Its padding zeros depend
@@ -863,11 +863,10 @@ struct ClRowRing {
   // machine (interleaved, two threads, from DRAM: 8x256x38x38 s2 0.30-0.35 -> 0.28-0.33 ms, 4 of 4
   // pairs; 8x128x75x75 0.85-0.86 -> 0.82-0.83).
   void copy_pixel(T* d, const T* s) const {
-    if (wide_pixels<T>(g.C)) {
-      for (int64_t k = 0; k < g.C; k += Vec<T, 64>::lanes) vstore(d + k, vload<T, 64>(s + k));
-    } else {
+    if (wide_pixels<T>(g.C))
+      copy_row<T, 64>(d, s, g.C);
+    else
       copy_row(d, s, g.C);
-    }
   }
 
   // Window row pointers of output row i of image n (whose input starts at xn).
