@@ -476,11 +476,15 @@ void bwd_input_cl(const T* gy, const T* w, T* gx, const DwGeom& g) {
       if (g.m == 1) {
         // Column by phase: nj pixels wi, wi + sW, .. at once where the first and the last take
         // the same taps (then so do those between, and their output columns are consecutive).
+        // A tap reads pixel k of the group where 0 <= base + k < Wo: one that misses both ends
+        // can still read a pixel between them when Wo <= nj - 2 (a window spanning nearly the
+        // whole row), so narrower outputs take the pixels one at a time.
+        const bool groups = g.Wo >= nj - 1;
         for (int64_t b = 0; b < std::min(g.sW, g.W); ++b)
           for (int64_t wi = b; wi < g.W;) {
             taps_reading(wi, g.sW, g.pL, g.dW, g.kW, g.Wo, ql);
             const int64_t last = wi + (nj - 1) * g.sW;
-            if (last < g.W) {
+            if (groups && last < g.W) {
               taps_reading(last, g.sW, g.pL, g.dW, g.kW, g.Wo, qe);
               if (same_taps(ql, qe)) {
                 pixels(gyn, wt.data(), gxr + wi * g.C, pl, ql, g);

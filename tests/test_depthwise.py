@@ -30,6 +30,7 @@ CASES = [
     (1, 17, 19, 23, 3, 1, 1, 1, 1),         # prime channels and sizes
     (1, 263, 7, 6, 3, 1, 1, 1, 1),          # wide channels (C++ channels_last weight grad: staged rows)
     (1, 16, 33, 30, 3, 2, 1, 2, 1),         # larger image: whole 2-D pixel tiles, stride and dilation 2
+    (1, 3, 9, 20, (3, 7), (2, 1), 0, (1, 3), 1),  # window spanning 19 of 20 columns: 2 outputs a row
 ]
 
 
