@@ -74,6 +74,14 @@ def test_matmul_one_dim(backend):
     a, b, v = torch.randn(5, 7, device=DEVICE), torch.randn(2, 7, 3, device=DEVICE), torch.randn(7, device=DEVICE)
     assert_close(dlkernels.matmul(a, v, backend=backend), a.double() @ v.double(), what="matrix @ vector")
     assert_close(dlkernels.matmul(v, b, backend=backend), v.double() @ b.double(), what="vector @ batch")
+    w = leaf(torch.randn(7, device=DEVICE))
+    vv = leaf(v.clone())
+    dot = dlkernels.matmul(vv, w, backend=backend)  # a 0-d result, as torch's dot
+    ref = vv.double() @ w.double()
+    assert_close(dot, ref, what="vector @ vector")
+    g = torch.randn((), device=DEVICE, dtype=torch.float64)
+    for got, exp, name in zip(grads(dot, [vv, w], g.float()), grads(ref, [vv, w], g), "ab"):
+        assert_close(got, exp, torch.float32, f"vector @ vector grad {name}")
     with pytest.raises(ValueError, match="2 or more dimensions"):
         torch.ops.dlkernels.matmul(v, a.t(), backend)
 

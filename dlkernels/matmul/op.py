@@ -222,10 +222,12 @@ def matmul(a: Tensor, b: Tensor, *, backend: str | None = None) -> Tensor:
     if name == "torch":
         _check_matmul(a if a.dim() != 1 else a[None], b if b.dim() != 1 else b[:, None], name)
         return reference.matmul(a, b)
-    if isinstance(a, Tensor) and a.dim() == 1:
-        return matmul(a.unsqueeze(0), b, backend=name).squeeze(-2)
-    if isinstance(b, Tensor) and b.dim() == 1:
-        return matmul(a, b.unsqueeze(-1), backend=name).squeeze(-1)
+    a_vec, b_vec = isinstance(a, Tensor) and a.dim() == 1, isinstance(b, Tensor) and b.dim() == 1
+    if a_vec or b_vec:
+        # both promoted before the call, the added dimensions removed after it, b's (last) first
+        out = matmul(a.unsqueeze(0) if a_vec else a, b.unsqueeze(-1) if b_vec else b, backend=name)
+        out = out.squeeze(-1) if b_vec else out
+        return out.squeeze(-1 if b_vec else -2) if a_vec else out
     return matmul_op(a, b, name)
 
 
