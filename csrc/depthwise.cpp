@@ -26,10 +26,9 @@ inline bool dw_parallel(const DwGeom& g) { return worth_threads(g.N * g.Cm * g.H
 // forward
 // ---------------------------------------------------------------------------------------------
 // Channels_last forward, multiplier 1, weights w (Cm, kH*kW). Each thread takes one contiguous run of
-// output rows, so that consecutive rows share the staged input rows of its ring (see ClRowRing).
-// Staging pays where the input streams from DRAM, which the row kernels would read in a scattered
-// order (kH rows x pixels x 64 B), and, since the ring's pixel stride avoids L1 set conflicts, on
-// cache-resident inputs too (one thread, hot: 8-25% faster at 128-728 channels, 3x at 1024).
+// output rows, so that consecutive rows share the staged columns of its rings (see ClRowSource: a
+// row's interior reads x itself, its edges, or the whole row where x's pixel stride would put a
+// run's loads in few L1 sets, staged rows).
 // Where the output is not to stay in cache (streams_outputs), the row kernel stores each output row
 // with non-temporal stores where it can (cl_streams_rows). Computing other rows into a thread buffer
 // and streaming that out (stream_copy) measured slower than plain stores at every size tried (two
@@ -45,16 +44,22 @@ void fwd_cl_staged(const T* x, const T* w, const T* bias, T* y, const DwGeom& g0
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num(), rows = g.N * g.Ho;
     const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
-    ClRowRing<T> ring(g);
-    std::vector<const T*> win(static_cast<size_t>(g.kH));
+    ClRowSource<T> src(g);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.Ho, i = r - n * g.Ho;
       const T* xn = x + n * g.H * g.W * g.C;
-      ring.rows_for(xn, n, i, win.data());
-      if (stream)
-        cl_staged_row_streamed(win.data(), ring.ps, xn, i, wt.data(), bias, y + r * row_len, g);
-      else
-        cl_staged_row(win.data(), ring.ps, xn, i, wt.data(), bias, y + r * row_len, g);
+      T* yr = y + r * row_len;
+      src.row(
+          xn, n, i,
+          [&](const T* const* rows, int64_t ps, const DwGeom& piece, int64_t j0) {
+            if (stream && cl_streams_rows(piece, yr + j0 * g.Cm))
+              cl_staged_row_streamed(rows, ps, xn, i, wt.data(), bias, yr + j0 * g.Cm, piece);
+            else
+              cl_staged_row(rows, ps, xn, i, wt.data(), bias, yr + j0 * g.Cm, piece);
+          },
+          [&](int64_t j0, int64_t j1) {
+            for (int64_t j = j0; j < j1; ++j) cl_edge_pixel(xn, wt.data(), bias, yr + j * g.Cm, i, j, g);
+          });
     }
     if (stream) stream_fence();
   }
@@ -898,19 +903,25 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
     std::vector<T> row(static_cast<size_t>(width), T(0));
     std::vector<typename Vec<T>::type> sums(static_cast<size_t>(staged ? K : 0));
     std::vector<typename Vec<T, 64>::type> sums64(static_cast<size_t>(staged ? K : 0));
-    std::unique_ptr<ClRowRing<T>> ring(staged ? new ClRowRing<T>(g) : nullptr);
-    std::vector<const T*> win(static_cast<size_t>(g.kH));
+    // x read in place (ClRowSource) for 3x3 windows at stride 2 only: the edge pixels' exact sums
+    // (wgrad_row_cl_exact) cost about what staging saved elsewhere. Zen5, two threads, interleaved,
+    // copy 40-43 GB/s, ring -> x: stride 2 8x256x38x38 0.69 -> 0.52 ms, 8x96x112x112 1.65 -> 1.55;
+    // 5x5 stride 2 8x96x112x112 1.9-2.0 -> 2.1-2.2, 8x144x56x56 0.76 -> 0.86; stride 1 8x728x19x19
+    // 0.99 -> 1.04-1.05, 8x128x75x75 2.43 -> 2.35, 8x144x56x56 1.56 -> 1.55.
+    std::unique_ptr<ClRowSource<T>> src(staged ? new ClRowSource<T>(g, g.kW == 3 && g.sW == 2) : nullptr);
     double* acc = part.mine();
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.Ho, i = r % g.Ho;
       const T* xn = x + n * g.H * g.W * g.C;
       const T* gyr = gy + r * g.Wo * g.Cm;
       if (staged) {
-        ring->rows_for(xn, n, i, win.data());
-        if (g.kW == 3)
-          wgrad_row_cl_staged<T, 3>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g, sums.data(), sums64.data());
-        else
-          wgrad_row_cl_staged<T, 5>(win.data(), ring->ps, gyr, xn, i, row.data(), gb != nullptr, g, sums.data(), sums64.data());
+        src->row(
+            xn, n, i,
+            [&](const T* const* rows, int64_t ps, const DwGeom& piece, int64_t j0) {
+              const auto run = g.kW == 3 ? wgrad_row_cl_staged<T, 3> : wgrad_row_cl_staged<T, 5>;
+              run(rows, ps, gyr + j0 * g.Cm, xn, i, row.data(), gb != nullptr, piece, sums.data(), sums64.data());
+            },
+            [&](int64_t j0, int64_t j1) { wgrad_row_cl_exact(gyr, xn, i, row.data(), 0, g.Cm, gb != nullptr, g, j0, j1); });
       } else {
         wgrad_row_cl_exact(gyr, xn, i, row.data(), 0, g.Cm, gb != nullptr, g);
       }

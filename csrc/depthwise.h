@@ -6,6 +6,7 @@
 #include "conv_common.h"
 
 #include <array>
+#include <memory>
 #include <utility>
 #include <type_traits>
 
@@ -538,16 +539,15 @@ struct NextRowPrefetch {
   }
 };
 
-// ---- channels_last forward from staged rows (multiplier 1) ----
-// Each input row an output row reads is first copied, zero-padded, into a thread's ring of rows
-// (ClRowRing): a sequential copy, its lines prefetched while the previous row computes
-// (NextRowPrefetch), where the register blocks below would walk kH rows x a few pixels x 64 B per
-// channel block at once, a permuted pattern the hardware prefetchers lose (single thread ~8 GB/s
-// on a 38 MB input vs ~15 for oneDNN). The ring's pixel stride also keeps a block's window out of
-// a single L1 set (cl_ring_pixel_stride). The padding columns/rows are real zeros, so every block
-// is interior: no border code in the loop.
-// rows[p] is window row p of the output row, at padded column 0 (input column -pL), its pixels ps
-// elements apart (cl_ring_pixel_stride).
+// ---- channels_last forward from rows of pixels (multiplier 1) ----
+// The row kernels below read window row p of an output row at rows[p], its pixels ps elements
+// apart, from its first window column (input column -pL): either x's own rows, for the pixels whose
+// windows lie inside the input, or rows copied, zero-padded, into a thread's ring (ClRowRing; see
+// ClRowSource for which). The ring came first: its sequential copy, prefetched while the previous
+// row computed, beat register blocks walking kH rows x a few pixels x 64 B of x at once (single
+// thread ~8 GB/s on a 38 MB input against ~15 for oneDNN) before those blocks prefetched the next
+// row themselves (NextRowPrefetch); its pixel stride keeps a block's window out of a single L1 set
+// (cl_ring_pixel_stride), and its padding columns/rows are real zeros, so every block is interior.
 
 // Padded columns an output row reads.
 inline int64_t cl_staged_width(const DwGeom& g) { return (g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1; }
@@ -899,6 +899,113 @@ struct ClRowRing {
       rows[p] = d;
     }
   }
+};
+
+// Output columns [j0, j1) of g as a geometry of their own: the piece's input column -pL is g's
+// padded column j0*sW, so the row kernels, which address a row from its first window column, serve
+// part of a row.
+inline DwGeom cl_piece(DwGeom g, int64_t j0, int64_t j1) {
+  g.pL -= j0 * g.sW;
+  g.Wo = j1 - j0;
+  g.jin = interior_range(g.Wo, g.sW, g.pL, g.dW, g.kW, g.W);
+  return g;
+}
+
+// All Cm outputs of pixel (i, j) of image xn, multiplier 1, over the taps inside the input only (the
+// edge pixels of ClRowSource): four channel vectors at a time, four independent FMA chains.
+template <class T>
+void cl_edge_pixel(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int64_t j, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
+  const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
+  auto block = [&](auto nv, int64_t c) {
+    constexpr int NV = decltype(nv)::value;
+    V acc[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[v] = bias ? vload(bias + c + v * L) : V{};
+    for (int64_t p = pr.lo; p < pr.hi; ++p) {
+      const T* xr = xn + ((i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL) * g.C + c;
+      for (int64_t q = qr.lo; q < qr.hi; ++q) {
+        const T *xs = xr + q * g.dW * g.C, *ws = wt + (p * g.kW + q) * g.ws + c;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[v] += vload(ws + v * L) * vload(xs + v * L);
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(dst + c + v * L, acc[v]);
+  };
+  int64_t c = 0;
+  for (; c + 4 * L <= g.Cm; c += 4 * L) block(std::integral_constant<int, 4>{}, c);
+  for (; c + L <= g.Cm; c += L) block(std::integral_constant<int, 1>{}, c);
+  for (; c < g.Cm; ++c) {
+    T acc = bias ? bias[c] : T(0);
+    for (int64_t p = pr.lo; p < pr.hi; ++p)
+      for (int64_t q = qr.lo; q < qr.hi; ++q)
+        acc += wt[(p * g.kW + q) * g.ws + c] *
+               xn[((i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL + q * g.dW) * g.C + c];
+    dst[c] = acc;
+  }
+}
+
+// The input of a thread's channels-last output rows (multiplier 1), one row at a time: where a row
+// has 16 or more pixels whose windows lie inside the input and at most 2 that do not, the row
+// kernels read the inside ones from x's own rows (pixels C apart, a zero row for window rows in the
+// top/bottom padding) and the edge pixels are the caller's to compute exactly (cl_edge_pixel);
+// elsewhere whole rows are staged, zero-padded, into a ring (ClRowRing). Staging copied every input
+// byte once more through L1 and L2 (the ring's stores, then its reloads), where reading x needs
+// only the prefetches the row kernels issue anyway (NextRowPrefetch). Forward, Zen5, two threads,
+// input from DRAM, interleaved, ring -> x (eager): at a 40-45 GB/s copy 8x128x75x75 1.05-1.11 ->
+// 0.98 ms (1.42-1.44), 8x256x38x38 s2 0.43 -> 0.385-0.394 (0.38), 8x728x19x19 0.53 -> 0.455
+// (0.65-0.69), 8x144x56x56 0.65-0.66 -> 0.61-0.63, 5x5 s2 8x96x112x112 1.23-1.27 -> 1.12-1.15,
+// 3x3 s2 8x96x112x112 within 3 %; at 77-79 GB/s 8x256x38x38 s2 0.33-0.34 -> 0.25 (0.32). The
+// limits: an edge pixel costs several times a block's pixel (its weights are loaded per tap), so
+// with 4 of them (5x5 at stride 1) 8x144x56x56 went 0.83-0.86 -> 0.91-1.02 and 8x480x14x14 0.25 ->
+// 0.34, and with 2 of 14, 8x384x14x14 0.142 -> 0.154. Not where x's pixels are a multiple of 4 KiB
+// apart (1024 float channels: 8x1024x10x10 0.19 -> 0.22; a run's loads then share L1 sets, which
+// the ring's pixel stride avoids), nor on the AVX2 machine, where it is not measured.
+template <class T>
+class ClRowSource {
+ public:
+  // may_read_x: whether the caller's edge pixels are cheap enough for reading x (see the callers).
+  explicit ClRowSource(const DwGeom& g, bool may_read_x = true) : g_(g), gm_(cl_piece(g, g.jin.lo, g.jin.hi)) {
+    const int64_t interior = g.jin.hi - g.jin.lo, edges = g.Wo - interior;
+    direct_ = may_read_x && kAvx512Machine && g.m == 1 && !same_l1_set(g.C * static_cast<int64_t>(sizeof(T))) &&
+              interior >= 16 && edges <= 2;
+    rows_.resize(static_cast<size_t>(g.kH));
+    if (direct_)
+      zero_.assign(static_cast<size_t>(cl_staged_width(gm_) * g.C), T(0));
+    else
+      ring_.reset(new ClRowRing<T>(g_));
+  }
+  ClRowSource(const ClRowSource&) = delete;  // the ring holds a reference to g_
+  ClRowSource& operator=(const ClRowSource&) = delete;
+
+  // Output row i of image n (input at xn): rows(rows, ps, piece, j0) for the output columns [j0, j0 +
+  // piece.Wo) read from rows (rows[p]: window row p of column j0 at its first window column, pixels
+  // ps apart; piece: their geometry, cl_piece), then edge(j0, j1) for each range of edge columns
+  // left to compute (none where whole rows are staged).
+  template <class Rows, class Edge>
+  void row(const T* xn, int64_t n, int64_t i, Rows&& rows, Edge&& edge) {
+    if (!direct_) {
+      ring_->rows_for(xn, n, i, rows_.data());
+      return rows(rows_.data(), ring_->ps, g_, int64_t(0));
+    }
+    for (int64_t p = 0; p < g_.kH; ++p) {
+      const int64_t ih = i * g_.sH - g_.pT + p * g_.dH;
+      rows_[p] = ih < 0 || ih >= g_.H ? zero_.data() : xn + (ih * g_.W - gm_.pL) * g_.C;  // gm_.pL <= 0
+    }
+    rows(rows_.data(), g_.C, gm_, g_.jin.lo);
+    if (g_.jin.lo > 0) edge(int64_t(0), g_.jin.lo);
+    if (g_.jin.hi < g_.Wo) edge(g_.jin.hi, g_.Wo);
+  }
+
+ private:
+  const DwGeom g_, gm_;  // the whole row, its interior
+  bool direct_ = false;
+  std::unique_ptr<ClRowRing<T>> ring_;
+  std::vector<T> zero_;
+  std::vector<const T*> rows_;
 };
 
 }  // namespace dlk

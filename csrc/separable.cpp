@@ -98,10 +98,12 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
     for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_b(bl, O, ks.len(pc), pw + pc, 1, g.Cm, b.data() + pc * Np);
     std::vector<T> mid(static_cast<size_t>(g.Cm * pmax)), a(static_cast<size_t>(round_up(pmax, bl.mr) * ks.kc));
     const bool in_place = gemm_a_in_place(O, bl.nr);  // few outputs: depthwise rows read where they are
-    // Multiplier 1: the depthwise forward's staged rows (a thread's ring keeps the rows that
-    // consecutive output rows share; see ClRowRing), else the pixel-at-a-time kernel.
-    std::unique_ptr<ClRowRing<T>> ring(g.m == 1 ? new ClRowRing<T>(g) : nullptr);
-    std::vector<const T*> win(static_cast<size_t>(g.kH));
+    // Multiplier 1: the depthwise forward's row kernels (ClRowSource), else the pixel-at-a-time
+    // kernel. x is read in place at stride 2 only, where staging copies two rows an output row: at
+    // stride 1 the fused pass measured slower reading x (Zen5, two threads, interleaved, 64 outputs,
+    // ring -> x: 8x128x75x75 2.70-2.84 -> 2.80-3.07 ms, 8x144x56x56 1.69 -> 1.59; stride 2
+    // 8x96x112x112 2.19-2.25 -> 1.90-2.00, 8x256x38x38 0.65-0.68 -> 0.67).
+    std::unique_ptr<ClRowSource<T>> src(g.m == 1 ? new ClRowSource<T>(g, g.sW == 2) : nullptr);
     // Contiguous runs of tasks per thread (consecutive row blocks of an image): the ring then
     // carries the input rows two blocks share, where dynamic scheduling re-staged them. Zen5, two
     // threads, interleaved: Xception entry 4.18 -> 3.99 ms, MobileNetV2 144->24 1.13 -> 1.09,
@@ -112,9 +114,15 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
       const T* xn = x + n * g.H * g.W * g.C;
       for (int64_t i = i0; i < i1; ++i) {
         T* mr = mid.data() + (i - i0) * g.Wo * g.Cm;
-        if (ring) {
-          ring->rows_for(xn, n, i, win.data());
-          cl_staged_row(win.data(), ring->ps, xn, i, wt.data(), (const T*)nullptr, mr, g);
+        if (src) {
+          src->row(
+              xn, n, i,
+              [&](const T* const* rows, int64_t ps, const DwGeom& piece, int64_t j0) {
+                cl_staged_row(rows, ps, xn, i, wt.data(), (const T*)nullptr, mr + j0 * g.Cm, piece);
+              },
+              [&](int64_t j0, int64_t j1) {
+                for (int64_t j = j0; j < j1; ++j) cl_edge_pixel(xn, wt.data(), (const T*)nullptr, mr + j * g.Cm, i, j, g);
+              });
         } else {
           for (int64_t j = 0; j < g.Wo; ++j) dw_pixel_cl(xn, wt.data(), (const T*)nullptr, mr + j * g.Cm, i, j, g);
         }

@@ -125,6 +125,19 @@ def test_wide_channel_rows(backend, dtype, case, channels_last):
     test_forward_backward(backend, dtype, case, channels_last)
 
 
+# Channels-last rows of 16+ pixels whose windows lie inside the input and at most 2 that do not: on
+# AVX-512 builds the C++ forward (and the stride-1 input gradient, a forward) reads those from x's
+# rows in place and computes the edge pixels apart, as does the weight gradient of 3x3 windows at
+# stride 2 (ClRowSource); channels with vector tails, padding on one side or both, dilation 2.
+@pytest.mark.parametrize("case", [(2, 37, 9, 40, 3, 2, 1, 1, 1), (1, 24, 7, 36, 3, 1, 1, 1, 1),
+                                  (1, 40, 6, 45, 5, 2, 2, 1, 1), (1, 16, 5, 38, 3, 2, (1, 0), 1, 1),
+                                  (1, 16, 8, 40, 3, 2, 2, 2, 1)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+def test_channels_last_rows_in_place(backend, dtype, case):
+    test_forward_backward(backend, dtype, case, True)
+
+
 # Channels-last windows 5 wide, channels a multiple of 16 floats (8 doubles): on AVX-512 builds the
 # C++ forward takes 64-byte vectors there (cl_staged_row_kw), in 8-pixel blocks (widths leave a
 # partial last block) or, on rows of 4-7 pixels, 4-pixel blocks; a 3x5 window reaches the same kernel.

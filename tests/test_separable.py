@@ -112,7 +112,9 @@ def test_non_finite_values(backend, channels_last):
 @pytest.mark.parametrize("case", [(1, 1024, 10, 10, 3, 1, 1, 1, 1, 24), (2, 512, 10, 10, 3, 2, 1, 1, 1, 8),
                                   (1, 300, 7, 5, 3, 1, 1, 1, 1, 20), (1, 300, 7, 5, 3, 1, 1, 1, 1, 11),
                                   # NCHW rows of 32 or more: the C++ 3x3 fixed-tap kernels, prefetched planes
-                                  (2, 6, 37, 35, 3, 1, 1, 1, 1, 7), (1, 4, 38, 71, 3, 2, 1, 1, 2, 5)],
+                                  (2, 6, 37, 35, 3, 1, 1, 1, 1, 7), (1, 4, 38, 71, 3, 2, 1, 1, 2, 5),
+                                  # channels-last stride 2, 19 interior pixels a row: x read in place
+                                  (1, 37, 9, 40, 3, 2, 1, 1, 1, 6)],
                          ids=_sep_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
