@@ -912,7 +912,8 @@ inline DwGeom cl_piece(DwGeom g, int64_t j0, int64_t j1) {
 }
 
 // All Cm outputs of pixel (i, j) of image xn, multiplier 1, over the taps inside the input only (the
-// edge pixels of ClRowSource): four channel vectors at a time, four independent FMA chains.
+// edge pixels of ClRowSource): four channel vectors at a time, four independent FMA chains
+// (dw_pixel_cl serves any multiplier, a channel at a time).
 template <class T>
 void cl_edge_pixel(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, int64_t j, const DwGeom& g) {
   using V = typename Vec<T>::type;
