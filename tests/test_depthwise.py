@@ -125,6 +125,36 @@ def test_wide_channel_rows(backend, dtype, case, channels_last):
     test_forward_backward(backend, dtype, case, channels_last)
 
 
+def _random_cases(count, seed=2026):
+    """Seeded random geometries that torch accepts: kernels 1-7 (non-square), strides 1-3, dilations
+    1-3, paddings 0-3 per side or "same" (stride 1), sizes 1-45 wide (half of them barely wider
+    than a dilated window), multipliers 1-3, channels from 1 to 64 (vector tails). A sweep like this (31,830 cases against torch) found a window
+    spanning nearly the whole row, which no hand-picked case had."""
+    import random
+    rng, cases = random.Random(seed), []
+    while len(cases) < count:
+        k = (rng.choice([1, 2, 3, 5, 7]), rng.choice([1, 2, 3, 5, 7]))
+        s = (rng.randint(1, 3), rng.randint(1, 3))
+        d = (rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2, 3]))
+        p = "same" if s == (1, 1) and rng.random() < 0.2 else (rng.randint(0, 3), rng.randint(0, 3))
+        pad = (0, 0) if p == "same" else p
+        h, w = rng.randint(1, 24), rng.randint(1, 45)
+        if rng.random() < 0.5:  # a window nearly as wide as the padded row: outputs 1-3 wide, dilated
+            k, d = (k[0], max(k[1], 3)), (d[0], rng.choice([2, 3]))
+            w = max(1, (k[1] - 1) * d[1] + 1 - 2 * pad[1] + rng.randint(0, 3))
+        if h + 2 * pad[0] < (k[0] - 1) * d[0] + 1 or w + 2 * pad[1] < (k[1] - 1) * d[1] + 1:
+            continue
+        cases.append((rng.randint(1, 2), rng.choice([1, 3, 8, 17, 40, 64]), h, w, k, s, p, d, rng.randint(1, 3)))
+    return cases
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", _random_cases(32), ids=_ids)
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+def test_random_geometries(backend, case, channels_last):
+    test_forward_backward(backend, torch.float64, case, channels_last)
+
+
 # Channels-last rows of 16+ pixels whose windows lie inside the input and at most 2 that do not: on
 # AVX-512 builds the C++ forward (and the stride-1 input gradient, a forward) reads those from x's
 # rows in place and computes the edge pixels apart, as does the weight gradient of 3x3 windows at
