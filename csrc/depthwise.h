@@ -920,15 +920,16 @@ void cl_edge_pixel(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, i
   constexpr int L = Vec<T>::lanes;
   const TapRange pr = tap_range(i, g.sH, g.pT, g.dH, g.kH, g.H);
   const TapRange qr = tap_range(j, g.sW, g.pL, g.dW, g.kW, g.W);
+  const int64_t col0 = j * g.sW - g.pL;  // input column of tap 0
   auto block = [&](auto nv, int64_t c) {
     constexpr int NV = decltype(nv)::value;
     V acc[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[v] = bias ? vload(bias + c + v * L) : V{};
     for (int64_t p = pr.lo; p < pr.hi; ++p) {
-      const T* xr = xn + ((i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL) * g.C + c;
+      const T* xr = xn + (i * g.sH - g.pT + p * g.dH) * g.W * g.C + c;  // the row: col0 may be < 0
       for (int64_t q = qr.lo; q < qr.hi; ++q) {
-        const T *xs = xr + q * g.dW * g.C, *ws = wt + (p * g.kW + q) * g.ws + c;
+        const T *xs = xr + (col0 + q * g.dW) * g.C, *ws = wt + (p * g.kW + q) * g.ws + c;
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[v] += vload(ws + v * L) * vload(xs + v * L);
       }
@@ -943,8 +944,7 @@ void cl_edge_pixel(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, i
     T acc = bias ? bias[c] : T(0);
     for (int64_t p = pr.lo; p < pr.hi; ++p)
       for (int64_t q = qr.lo; q < qr.hi; ++q)
-        acc += wt[(p * g.kW + q) * g.ws + c] *
-               xn[((i * g.sH - g.pT + p * g.dH) * g.W + j * g.sW - g.pL + q * g.dW) * g.C + c];
+        acc += wt[(p * g.kW + q) * g.ws + c] * xn[((i * g.sH - g.pT + p * g.dH) * g.W + col0 + q * g.dW) * g.C + c];
     dst[c] = acc;
   }
 }
