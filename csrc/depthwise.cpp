@@ -26,9 +26,8 @@ inline bool dw_parallel(const DwGeom& g) { return worth_threads(g.N * g.Cm * g.H
 // forward
 // ---------------------------------------------------------------------------------------------
 // Channels_last forward, multiplier 1, weights w (Cm, kH*kW). Each thread takes one contiguous run of
-// output rows, so that consecutive rows share the staged columns of its rings (see ClRowSource: a
-// row's interior reads x itself, its edges, or the whole row where x's pixel stride would put a
-// run's loads in few L1 sets, staged rows).
+// output rows, so that consecutive rows share the input rows its ring stages where rows are staged
+// (ClRowSource: elsewhere a row's interior reads x itself and its edge pixels are cl_edge_pixel's).
 // Where the output is not to stay in cache (streams_outputs), the row kernel stores each output row
 // with non-temporal stores where it can (cl_streams_rows). Computing other rows into a thread buffer
 // and streaming that out (stream_copy) measured slower than plain stores at every size tried (two
@@ -832,11 +831,12 @@ inline bool wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, in
   return true;
 }
 
-// The same for multiplier 1 from staged, zero-padded input rows (ClRowRing; window row p at
-// rows[p], pixels ps apart), KW column taps at dilation 1: per channel vector the tap sums stay in
-// registers over a run of 32 pixels (the run's input lines stay in L1 for the next channel
-// vector, which reads their other half), where the exact kernel above loads and stores its
-// accumulator row around every FMA. Padding taps multiply staged zeros, which differs from
+// The same for multiplier 1 from rows of pixels (ClRowSource: staged, zero-padded rows, or x's own
+// for the pixels whose windows lie inside it; window row p at rows[p], pixels ps apart), KW column
+// taps at dilation 1: per channel vector the tap sums stay in registers over a run of 32 pixels
+// (the run's input lines stay in L1 for the next channel vector, which reads their other half),
+// where the exact kernel above loads and stores its accumulator row around every FMA. Padding taps
+// multiply staged zeros (or the zero row), which differs from
 // skipping them only when grad_y holds Inf/NaN (0 * Inf): a channel vector whose sums come out
 // non-finite is redone exactly.
 // sums: kH * KW vectors of scratch.
