@@ -263,7 +263,9 @@ DLK_INLINE void add_run(const F& f, int64_t i0, int64_t c, int64_t n, const T* w
 // (NCS 0.55), 32x256x56x56 2.48 -> 2.26 (NCS 2.33), 8x728x19x19 0.227 -> 0.195; in an earlier run
 // on the same machine 0.92 -> 0.50 and 3.61 -> 2.29. Four rows without the prefetch were no faster
 // (1.30 and 3.70 in that run), 4, 16 and 32 KiB ahead no better than 8. The backward's reduce pass
-// took the row-by-row path until it named its arrays (see reduce_pass).
+// took the row-by-row path until it named its arrays (see reduce_pass); it needs all three
+// prefetched (8x128x75x75, interleaved, copy 69-78 GB/s: three 1.63 ms, the first two 1.78, one
+// 1.88, none 2.57), and 4 to 32 KiB ahead measured alike there too (at 44 GB/s, also 32x256x56x56).
 constexpr int64_t kSumsAhead = 8192;
 template <class T>
 struct Ahead {
