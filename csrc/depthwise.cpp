@@ -909,6 +909,7 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
     // 5x5 stride 2 8x96x112x112 1.9-2.0 -> 2.1-2.2, 8x144x56x56 0.76 -> 0.86; stride 1 8x728x19x19
     // 0.99 -> 1.04-1.05, 8x128x75x75 2.43 -> 2.35, 8x144x56x56 1.56 -> 1.55.
     std::unique_ptr<ClRowSource<T>> src(staged ? new ClRowSource<T>(g, g.kW == 3 && g.sW == 2) : nullptr);
+    const auto run = g.kW == 3 ? wgrad_row_cl_staged<T, 3> : wgrad_row_cl_staged<T, 5>;
     double* acc = part.mine();
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.Ho, i = r % g.Ho;
@@ -918,7 +919,6 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
         src->row(
             xn, n, i,
             [&](const T* const* rows, int64_t ps, const DwGeom& piece, int64_t j0) {
-              const auto run = g.kW == 3 ? wgrad_row_cl_staged<T, 3> : wgrad_row_cl_staged<T, 5>;
               run(rows, ps, gyr + j0 * g.Cm, xn, i, row.data(), gb != nullptr, piece, sums.data(), sums64.data());
             },
             [&](int64_t j0, int64_t j1) { wgrad_row_cl_exact(gyr, xn, i, row.data(), 0, g.Cm, gb != nullptr, g, j0, j1); });

@@ -940,13 +940,7 @@ void cl_edge_pixel(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, i
   int64_t c = 0;
   for (; c + 4 * L <= g.Cm; c += 4 * L) block(std::integral_constant<int, 4>{}, c);
   for (; c + L <= g.Cm; c += L) block(std::integral_constant<int, 1>{}, c);
-  for (; c < g.Cm; ++c) {
-    T acc = bias ? bias[c] : T(0);
-    for (int64_t p = pr.lo; p < pr.hi; ++p)
-      for (int64_t q = qr.lo; q < qr.hi; ++q)
-        acc += wt[(p * g.kW + q) * g.ws + c] * xn[((i * g.sH - g.pT + p * g.dH) * g.W + col0 + q * g.dW) * g.C + c];
-    dst[c] = acc;
-  }
+  if (c < g.Cm) cl_taps_block<T, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);  // the tail, < L
 }
 
 // The input of a thread's channels-last output rows (multiplier 1), one row at a time: where a row
