@@ -114,7 +114,7 @@ DLK_INLINE void opaque(V& v) {
 // the same input row for taps a row apart, so for a 3x3 window it loads each input vector 2 (NR = 4)
 // to 3 times. Here each input vector is loaded once and fed to every output row that reads it
 // (fixed row and column offsets cannot be matched at run time), and the weights stay in registers.
-template <class T, int KH, int KW, int SH, int SW, int B = 32>
+template <class T, int KH, int KW, int SH, int SW, int B = 32, int WR = KH * KW>
 struct FixedTaps {
   using V = typename Vec<T, B>::type;
   static constexpr int K = KH * KW;
@@ -127,12 +127,11 @@ struct FixedTaps {
   }
 
   template <int NR, int NV>
-  DLK_INLINE void block(const T* X, T* out, int64_t xrs, int64_t ors) const {
-    constexpr int L = Vec<T, B>::lanes;
+  DLK_INLINE void block(const T* X, T* out, int64_t xrs, int64_t ors, int64_t vs = Vec<T, B>::lanes) const {
     V w[K], acc[NR][NV];
     // Each weight and input vector opaque: GCC otherwise re-read them from memory under every FMA
     // (memory operands), two loads per FMA.
-    static_for<K>([&](auto t) DLK_LAMBDA_INLINE { w[t] = wv[t]; opaque(w[t]); });
+    static_for<K>([&](auto t) DLK_LAMBDA_INLINE { if constexpr (t < WR) { w[t] = wv[t]; opaque(w[t]); } });
     static_for<NR>([&](auto r) DLK_LAMBDA_INLINE { static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] = vbroadcast<T, B>(b); }); });
     static_for<SH>([&](auto a) DLK_LAMBDA_INLINE {
       static_for<SW>([&](auto bq) DLK_LAMBDA_INLINE {
@@ -141,19 +140,22 @@ struct FixedTaps {
         static_for<NR + PH - 1>([&](auto u) DLK_LAMBDA_INLINE {
           static_for<QW>([&](auto c) DLK_LAMBDA_INLINE {
             V x[NV];
-            static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { x[v] = vload<T, B>(Xp + u * xrs + c + v * L); opaque(x[v]); });
+            static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { x[v] = vload<T, B>(Xp + u * xrs + c + v * vs); opaque(x[v]); });
             static_for<NR>([&](auto r) DLK_LAMBDA_INLINE {
               constexpr int pp = int(u) - int(r);
               if constexpr (pp >= 0 && pp < PH) {
                 constexpr int t = (pp * SH + a) * KW + c * SW + bq;
-                static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] += w[t] * x[v]; });
+                if constexpr (t < WR)
+                  static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] += w[t] * x[v]; });
+                else
+                  static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { acc[r][v] += wv[t] * x[v]; });
               }
             });
           });
         });
       });
     });
-    static_for<NR>([&](auto r) DLK_LAMBDA_INLINE { static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { vstore(out + r * ors + v * L, acc[r][v]); }); });
+    static_for<NR>([&](auto r) DLK_LAMBDA_INLINE { static_for<NV>([&](auto v) DLK_LAMBDA_INLINE { vstore(out + r * ors + v * vs, acc[r][v]); }); });
   }
 };
 
@@ -326,14 +328,24 @@ void dw_stage(const T* xp, int64_t i0, const DwGeom& g, const DwStage& st, DwScr
 
 // Runs blk(NR, NV, i, j) (NR, NV: integral_constants) over output rows [0, rows) of Wo >= L columns:
 // blocks of NR = 4 rows (then 2, 1) by NV vectors (then 1), the last partial vector moved back to
-// end at Wo; pf's lines prefetched a share per row group.
-template <int NV, int L, class B>
+// end at Wo; pf's lines prefetched a share per row group. BACK: the row's last columns as one more
+// NV-vector block instead, moved back to end at Wo, or for Wo < NV*L (NV = 2) vectors at 0 and Wo - L
+// (blk's fifth argument: the distance between its vectors), so that every block keeps NV*NR
+// accumulators.
+template <int NV, int L, class B, bool BACK = false>
 DLK_INLINE void wide_blocks(int64_t rows, int64_t Wo, LinePrefetch& pf, B blk) {
   const int64_t pf_step = pf.next < pf.end ? ceil_div(pf.count(), ceil_div(rows, 4)) : 0;
   auto group = [&](auto nr, int64_t i) {
     pf.step(pf_step);
     int64_t j = 0;
     for (; j + NV * L <= Wo; j += NV * L) blk(nr, std::integral_constant<int, NV>{}, i, j);
+    if constexpr (BACK) {
+      if (j < Wo) {
+        if (Wo >= NV * L) blk(nr, std::integral_constant<int, NV>{}, i, Wo - NV * L, int64_t(L));
+        else blk(nr, std::integral_constant<int, NV>{}, i, 0, Wo - L);
+      }
+      return;
+    }
     for (; j + L <= Wo; j += L) blk(nr, std::integral_constant<int, 1>{}, i, j);
     if (j < Wo) blk(nr, std::integral_constant<int, 1>{}, i, Wo - L);
   };
@@ -375,15 +387,14 @@ void dw_rows_staged(const T* X, int64_t Wp, const int64_t* offs, int64_t K, cons
   }
 }
 
-// dw_rows_staged for a window known while compiling (FixedTaps), rows of Wo >= 4L: blocks of 4 rows
-// x NV vectors of B bytes. With AVX's 16 registers, one 32-byte vector: 4 accumulators, 9 weights
-// and the input vector fit (4 x 2 spilled the weights, and the compiler then re-loaded the input
-// under every FMA).
-template <class T, class Taps, int NV = 1, int B = 32>
+// dw_rows_staged for a window known while compiling (FixedTaps): blocks of up to 4 rows x NV vectors
+// of B bytes, laid out by wide_blocks (dw_rows_padded says which kernel runs where).
+template <class T, class Taps, int NV = 1, int B = 32, bool BACK = false>
 void dw_rows_fixed(const T* X, int64_t Wp, const Taps& tp, T* out, int64_t rows, int64_t Wo, LinePrefetch pf) {
-  wide_blocks<NV, Vec<T, B>::lanes>(rows, Wo, pf, [&](auto nr, auto nv, int64_t i, int64_t j) {
-    tp.template block<decltype(nr)::value, decltype(nv)::value>(X + i * Wp + j, out + i * Wo + j, Wp, Wo);
-  });
+  auto blk = [&](auto nr, auto nv, int64_t i, int64_t j, int64_t vs = Vec<T, B>::lanes) {
+    tp.template block<decltype(nr)::value, decltype(nv)::value>(X + i * Wp + j, out + i * Wo + j, Wp, Wo, vs);
+  };
+  wide_blocks<NV, Vec<T, B>::lanes, decltype(blk), BACK>(rows, Wo, pf, blk);
 }
 
 // Whether prefetching the next H x W plane pays: not under 4 KiB, where a task lasts ~100 ns and the
@@ -414,29 +425,39 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
   dw_stage(xp, i0, g, st, sc);
   T *X = sc.buf.data(), *F = X + st.size() - st.flat;
   const int64_t rows = i1 - i0;
-  if (g.dH == 1 && g.dW == 1 && g.kH == 3 && g.kW == 3 && g.sH == g.sW && g.sH <= 2 && g.Wo >= 4 * Vec<T>::lanes) {
-    if (g.sH == 1) return dw_rows_fixed(X, st.Wp, FixedTaps<T, 3, 3, 1, 1>(st.PB, wo, b), out, rows, g.Wo, pf);
-    // Stride 2 on the AVX-512 machine: 4 rows x two 64-byte vectors (8 accumulators + 9 weights fit
-    // its 32 registers). Interleaved, two threads, input from DRAM: 8x96x112x112 1.42-1.57 -> 1.15-1.32
-    // ms, 8x256x38x38 0.49-0.52 -> 0.455-0.48 (copy at 45 and at 74 GB/s alike). At stride 1 the
-    // 64-byte blocks, one or two vectors, were no faster from DRAM (8x144x56x56 0.58 -> 0.65-0.71).
-    using S2Wide = FixedTaps<T, 3, 3, 2, 2, 64>;
-    if constexpr (kAvx512Machine) return dw_rows_fixed<T, S2Wide, 2, 64>(X, st.Wp, S2Wide(st.PB, wo, b), out, rows, g.Wo, pf);
-    return dw_rows_fixed(X, st.Wp, FixedTaps<T, 3, 3, 2, 2>(st.PB, wo, b), out, rows, g.Wo, pf);
-  }
-  // 5x5 windows on the AVX-512 machine: 4 rows x one 64-byte vector per block, the 25 weights in
-  // registers (AVX's 16 cannot hold them), each input vector loaded once for up to five output rows
-  // where dw_block loads one per FMA. Interleaved, two threads, input from DRAM: 8x144x56x56 1.42 ->
-  // 1.00 ms, 8x240x28x28 0.68 -> 0.45, 8x144x38x38 0.71 -> 0.52, 8x480x20x20 0.74 -> 0.61, stride 2
-  // 8x96x112x112 1.45 -> 1.34, 8x240x56x56 1.18 -> 0.85 (rows of 14-28 outputs included: a partial
-  // vector is moved back, as in every wide block).
+  // 3x3 and 5x5 windows of dilation 1 and stride 1 or 2 in kernels whose taps are fixed while compiling
+  // (FixedTaps): each input vector loaded once for the output rows that read it.
   if constexpr (kAvx512Machine) {
-    if (g.dH == 1 && g.dW == 1 && g.kH == 5 && g.kW == 5 && g.sH == g.sW && g.sH <= 2 && g.Wo >= Vec<T, 64>::lanes) {
-      using S1 = FixedTaps<T, 5, 5, 1, 1, 64>;
-      using S2 = FixedTaps<T, 5, 5, 2, 2, 64>;
-      if (g.sH == 1) return dw_rows_fixed<T, S1, 1, 64>(X, st.Wp, S1(st.PB, wo, b), out, rows, g.Wo, pf);
-      return dw_rows_fixed<T, S2, 1, 64>(X, st.Wp, S2(st.PB, wo, b), out, rows, g.Wo, pf);
+    // AVX-512 (32 registers), rows of 16 outputs or more: blocks of 4 rows x two 64-byte vectors.
+    // FMAs take 4 cycles and this CPU issues 2 a cycle, so a block needs 8 independent accumulators:
+    // 4 rows x one vector ran one FMA a cycle. Stride 1 and 3x3 at stride 2 under 32 outputs: the
+    // row's last block is moved back to end at its end (rows of 16-31 outputs: its two vectors
+    // overlap); 3x3 keeps its 9 weights in registers, 5x5 reads its 25 from L1 as memory operands
+    // (20 in registers measured the same). Interleaved, two threads, input from DRAM, against 4 rows x
+    // one vector (5x5; 3x3 s1 in 32-byte vectors) or the generic kernel (3x3 s2 under 32 outputs):
+    // 5x5 8x144x56x56 1.02-1.08 -> 0.86-0.92 ms, 8x240x28x28 0.44 -> 0.33, 8x480x20x20 0.58 -> 0.44; 3x3
+    // s2 8x256x38x38 0.50-0.55 -> 0.44-0.475; 3x3 s1 8x144x56x56 0.61 -> 0.51 and 8x128x75x75 1.22 ->
+    // 1.07 with the copy at 77 GB/s, 0.61-0.70 -> 0.60-0.67 and within 4 % with it at 43-46 GB/s
+    // (memory-bound there). At stride 2 from 32 outputs the last vector is a one-vector block (moved
+    // back the same way): 3x3 8x96x112x112 1.42-1.57 -> 1.15-1.32 ms against 32-byte vectors, 8x256x38x38
+    // 0.49-0.52 -> 0.455-0.48 (its rows then had 19 outputs), and the same (+0-8 %) with a two-vector
+    // last block; 5x5 (one vector a block) 8x96x112x112 1.45 -> 1.34 ms against the generic kernel,
+    // 8x240x56x56 1.18 -> 0.85, and the same (1.40-1.49 -> 1.42-1.52) in two-vector blocks.
+    if (g.dH == 1 && g.dW == 1 && g.kH == g.kW && g.sH == g.sW && g.Wo >= Vec<T, 64>::lanes) {
+      auto back = [&](auto taps) { return dw_rows_fixed<T, decltype(taps), 2, 64, true>(X, st.Wp, taps, out, rows, g.Wo, pf); };
+      using S3 = FixedTaps<T, 3, 3, 2, 2, 64>;
+      using S5 = FixedTaps<T, 5, 5, 2, 2, 64>;
+      if (g.sH == 1 && g.kH == 3) return back(FixedTaps<T, 3, 3, 1, 1, 64>(st.PB, wo, b));
+      if (g.sH == 1 && g.kH == 5) return back(FixedTaps<T, 5, 5, 1, 1, 64, 0>(st.PB, wo, b));
+      if (g.sH == 2 && g.kH == 3 && g.Wo < 2 * Vec<T, 64>::lanes) return back(S3(st.PB, wo, b));
+      if (g.sH == 2 && g.kH == 3) return dw_rows_fixed<T, S3, 2, 64>(X, st.Wp, S3(st.PB, wo, b), out, rows, g.Wo, pf);
+      if (g.sH == 2 && g.kH == 5) return dw_rows_fixed<T, S5, 1, 64>(X, st.Wp, S5(st.PB, wo, b), out, rows, g.Wo, pf);
     }
+  } else if (g.dH == 1 && g.dW == 1 && g.kH == 3 && g.kW == 3 && g.sH == g.sW && g.sH <= 2 && g.Wo >= 4 * Vec<T>::lanes) {
+    // AVX (16 registers): 4 rows x one 32-byte vector: 4 accumulators, 9 weights and the input vector
+    // fit (4 x 2 spilled the weights, and the compiler then re-loaded the input under every FMA).
+    if (g.sH == 1) return dw_rows_fixed(X, st.Wp, FixedTaps<T, 3, 3, 1, 1>(st.PB, wo, b), out, rows, g.Wo, pf);
+    return dw_rows_fixed(X, st.Wp, FixedTaps<T, 3, 3, 2, 2>(st.PB, wo, b), out, rows, g.Wo, pf);
   }
   dw_rows_staged(X, st.Wp, st.offs.data(), g.kH * g.kW, wo, b, out, rows, g.Wo, F, pf);
 }
