@@ -79,6 +79,29 @@ inline int64_t llc_bytes() {
   return env && *env ? std::max<int64_t>(0, std::atoll(env)) : detected;
 }
 
+// The cache lines of [begin, end), prefetched a few at a time (step) while other work runs, so that a
+// later copy of them reads cache instead of waiting on DRAM alone.
+struct LinePrefetch {
+  const char* next = nullptr;  // the next line to prefetch
+  const char* end = nullptr;
+  bool l2 = false;  // into L2 only (prefetcht1), for data wanted after other work that uses L1
+
+  LinePrefetch() = default;
+  template <class T>
+  LinePrefetch(const T* begin, const T* end_)
+      : next(reinterpret_cast<const char*>(begin)), end(reinterpret_cast<const char*>(end_)) {}
+  int64_t count() const { return next < end ? (end - next + 63) / 64 : 0; }  // lines left
+  // Prefetches the next k lines.
+  void step(int64_t k) {
+    for (; k > 0 && next < end; --k, next += 64) {
+      if (l2)
+        __builtin_prefetch(next, 0, 2);
+      else
+        __builtin_prefetch(next);
+    }
+  }
+};
+
 // Non-temporal stores, for outputs that would not stay in cache anyway: a plain store first reads the
 // line it writes (write-allocate), which on a DRAM-bound pass is a third more traffic. Callers end
 // the pass with stream_fence().

@@ -70,6 +70,8 @@ extern template void gemm_portable<double>(int64_t, int64_t, int64_t, const doub
 //     (+ bias_row[i] per row, + bias_col[j] per column, where not nullptr). With lda > 0, A is not
 //     packed but read in place (row i at a + i * lda, unit stride along K), and a_tail (mr * kc
 //     values) holds the packed copy of a partial last row tile: cheaper where gemm_a_in_place.
+//     pf: lines the caller wants fetched while the block computes (its next block's input), stepped
+//     an equal share per micro-tile.
 struct GemmBlocking {
   int64_t mr, nr, kc, mc;
 };
@@ -91,6 +93,7 @@ template <class T>
 void gemm_pack_b(const GemmBlocking& bl, int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out);
 template <class T>
 void gemm_macro(const GemmBlocking& bl, int64_t mc, int64_t nc, int64_t kc, const T* a, const T* b_packed, T* c,
-                int64_t ldc, bool load, const T* bias_row, const T* bias_col, int64_t lda = 0, T* a_tail = nullptr);
+                int64_t ldc, bool load, const T* bias_row, const T* bias_col, int64_t lda = 0, T* a_tail = nullptr,
+                LinePrefetch* pf = nullptr);
 
 }  // namespace dlk

@@ -98,16 +98,32 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
     for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_b(bl, O, ks.len(pc), pw + pc, 1, g.Cm, b.data() + pc * Np);
     std::vector<T> mid(static_cast<size_t>(g.Cm * pmax)), a(static_cast<size_t>(round_up(pmax, bl.mr) * ks.kc));
     const bool in_place = gemm_a_in_place(O, bl.nr);  // few outputs: depthwise rows read where they are
-    // Multiplier 1: the depthwise forward's row kernels (ClRowSource), else the pixel-at-a-time
-    // kernel. x is read in place at stride 2 only, where staging copies two rows an output row: at
-    // stride 1 the fused pass measured slower reading x (Zen5, two threads, interleaved, 64 outputs,
-    // ring -> x: 8x128x75x75 2.70-2.84 -> 2.80-3.07 ms, 8x144x56x56 1.69 -> 1.59; stride 2
-    // 8x96x112x112 2.19-2.25 -> 1.90-2.00, 8x256x38x38 0.65-0.68 -> 0.67).
-    std::unique_ptr<ClRowSource<T>> src(g.m == 1 ? new ClRowSource<T>(g, g.sW == 2) : nullptr);
+    // Multiplier 1: the depthwise forward's row kernels (ClRowSource, x read in place where it
+    // allows), else the pixel-at-a-time kernel. At stride 1 reading x in place was slower until the
+    // next task's input was prefetched (Zen5, two threads, interleaved, 64 outputs, ring -> x:
+    // 8x128x75x75 2.70-2.84 -> 2.80-3.07 ms); with it, 128 outputs 4.01 -> 3.94 ms, 8x144x56x56 -> 24
+    // 1.00-1.02 -> 0.95. Stride 2 (two rows staged an output row): 8x96x112x112 2.19-2.25 -> 1.90-2.00
+    // without the prefetch.
+    std::unique_ptr<ClRowSource<T>> src(g.m == 1 ? new ClRowSource<T>(g, true) : nullptr);
     // Contiguous runs of tasks per thread (consecutive row blocks of an image): the ring then
     // carries the input rows two blocks share, where dynamic scheduling re-staged them. Zen5, two
     // threads, interleaved: Xception entry 4.18 -> 3.99 ms, MobileNetV2 144->24 1.13 -> 1.09,
     // Xception middle/exit and the stride-2 cases within 1 %.
+    // The input rows task t reads, fetched into L2 while task t - 1 multiplies (the GEMM otherwise
+    // left DRAM idle, and the next rows' depthwise waited on it). Interleaved, two threads, input
+    // from DRAM, 64-byte channel vectors: 8x96x112x112 s2 -> 24 1.56 -> 1.33 ms, 8x144x56x56 -> 24
+    // 1.11 -> 1.00, 8x256x38x38 s2 1.23 -> 1.13, Xception entry 4.17 -> 3.98, middle the same; into
+    // L1 the same.
+    auto task_input = [&](int64_t t) {
+      if (t >= g.N * nb) return LinePrefetch();
+      const int64_t n = t / nb, i0 = (t % nb) * rows, i1 = std::min(g.Ho, i0 + rows);
+      const int64_t r0 = std::max<int64_t>(0, i0 * g.sH - g.pT);
+      const int64_t r1 = std::min<int64_t>(g.H, (i1 - 1) * g.sH - g.pT + (g.kH - 1) * g.dH + 1);
+      const T* xn = x + n * g.H * g.W * g.C;
+      LinePrefetch pf = r1 > r0 ? LinePrefetch(xn + r0 * g.W * g.C, xn + r1 * g.W * g.C) : LinePrefetch();
+      pf.l2 = true;
+      return pf;
+    };
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < g.N * nb; ++t) {
       const int64_t n = t / nb, i0 = (t % nb) * rows, i1 = std::min(g.Ho, i0 + rows), P = (i1 - i0) * g.Wo;
@@ -128,11 +144,12 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
         }
       }
       T* yb = y + (n * HWo + i0 * g.Wo) * O;
+      LinePrefetch next_in = task_input(t + 1);
       for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) {
         const int64_t kc = ks.len(pc);
         if (!in_place) gemm_pack_a(bl, P, kc, mid.data() + pc, g.Cm, 1, a.data());
         gemm_macro(bl, P, O, kc, in_place ? mid.data() + pc : a.data(), b.data() + pc * Np, yb, O, pc > 0,
-                   (const T*)nullptr, pc + kc >= g.Cm ? bias : nullptr, in_place ? g.Cm : 0, a.data());
+                   (const T*)nullptr, pc + kc >= g.Cm ? bias : nullptr, in_place ? g.Cm : 0, a.data(), &next_in);
       }
     }
   }
