@@ -597,7 +597,7 @@ inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     const V b = bias ? vload<T, B>(bias + c0 + v * L) : V{};
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int jj = 0; jj < NJ; ++jj) acc[jj][v] = b;
   }
   for (int64_t p = 0; p < g.kH; ++p) {
@@ -613,7 +613,7 @@ inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
         const V xv = vload<T, B>(xs + v * L);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int jj = 0; jj < NJ; ++jj)
           if (u - SW * jj >= 0 && u - SW * jj < KW) acc[jj][v] += wv[u - SW * jj][v] * xv;
       }
@@ -623,7 +623,7 @@ inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const
       asm("" : "+r"(xs));
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int jj = 0; jj < NJ; ++jj)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
@@ -755,16 +755,35 @@ void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t
 // vector, whose eight independent FMA chains keep both FMA units busy; on rows narrower than
 // eight, four pixels x two vectors for 3-wide windows (six weights + eight accumulators fit the 16
 // registers; five weight vectors of a 5-wide window leave room for one). AVX-512 builds take
-// 64-byte vectors where they tile the channels: half the instructions for the same FMAs, which
-// is what bounds 5x5 at stride 1 (Zen5, two threads, interleaved, input from DRAM: 8x144x56x56
+// 64-byte vectors where they tile the channels, in blocks of 8-16 pixels (with_pixel_block): half
+// the instructions for the same FMAs, which is what bounds 5x5 at stride 1 (Zen5, two threads, interleaved, input from DRAM: 8x144x56x56
 // 1.19 -> 0.94 ms, 8x128x56x56 1.05 -> 0.84; rows under 8 pixels in 4-pixel blocks: 8x1152x7x7
 // 0.31 -> 0.26, 8x240x14x14 s2 0.109 -> 0.093; stride 2 at 56x56, memory-bound, unchanged; 40
 // channels, two vectors and a half-vector tail per pixel, 0.11 -> 0.13, hence whole vectors only).
+// f(NJ) for the pixel-block width of a channels-last row of Wo outputs in 64-byte vectors (AVX-512):
+// 12, 14 or 16 pixels, whichever computes the fewest pixels over the row (the last block moved back),
+// 8 under 12. Each pixel of a block is an FMA chain, and a chain takes KW taps of a window row in a
+// row, so 8 pixels left the FMA units waiting on the chains' 4-cycle latency. Interleaved, two
+// threads, input from DRAM, forward against 8-pixel blocks: 8x144x56x56 5x5 0.77 -> 0.68 ms (12: 0.74,
+// 16: 0.75), 3x3 0.49 -> 0.45; 8x128x75x75 3x3 0.96 -> 0.86 (16; 14: 0.87, 12: 0.90); fused separable
+// 8x144x56x56 5x5 -> 24 1.39 -> 1.29.
+template <class F>
+DLK_INLINE void with_pixel_block(int64_t Wo, F&& f) {
+  auto cost = [&](int64_t nj) { return nj <= Wo ? ceil_div(Wo, nj) * nj : INT64_MAX; };
+  if (Wo < 12) return f(std::integral_constant<int, 8>{});
+  if (cost(16) <= cost(14) && cost(16) <= cost(12)) return f(std::integral_constant<int, 16>{});
+  if (cost(14) <= cost(12)) return f(std::integral_constant<int, 14>{});
+  f(std::integral_constant<int, 12>{});
+}
+
 template <class T, int KW, int SW>
 void cl_staged_row_kw(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
                       const DwGeom& g) {
   if (wide_pixels<T>(g.Cm)) {
-    if (g.Wo >= 8) return cl_staged_row_blocks<T, 8, 1, KW, SW, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
+    if (g.Wo >= 8)
+      return with_pixel_block(g.Wo, [&](auto NJ) {
+        cl_staged_row_blocks<T, decltype(NJ)::value, 1, KW, SW, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
+      });
     return cl_staged_row_blocks<T, 4, 1, KW, SW, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
   }
   if (g.Wo >= 8) return cl_staged_row_blocks<T, 8, 1, KW, SW>(rows, ps, xn, i, wt, bias, yr, g);
@@ -832,13 +851,14 @@ bool cl_streams_rows(const DwGeom& g, const T* y) {
 // input from DRAM, 3x3: 8x128x75x75 2.23 -> 1.60 ms, 8x96x112x112 s2 1.84 -> 1.55 (and, streaming
 // forced where input + output fit the LLC, 8x144x56x56 1.39 -> 1.05, 8x256x38x38 s2 0.64 -> 0.58).
 // With the buffer instead, these blocks were ~5 % slower than cl_staged_row's choice.
-// At stride 1 on the AVX-512 machine, rows of 8+ pixels take 8-pixel blocks of one 64-byte vector
+// At stride 1 on the AVX-512 machine, rows of 8+ pixels take 8- to 16-pixel blocks of one 64-byte vector
 // (still a whole line per pixel and store): where DRAM runs fast (~80 GB/s copy) the 32-byte blocks'
 // arithmetic, not memory, bounded the pass (interleaved, two threads, input from DRAM, copy 75-80
 // GB/s: 8x128x75x75 0.96 -> 0.79 ms, 8x144x56x56 0.62 -> 0.48, 8x32x112x112 0.63 -> 0.47; at a
 // 46 GB/s copy, 16x192x28x28 and 32x384x14x14 within +-3 %). Stride 2 stays in 32-byte blocks: 64-byte
 // ones, in 4, 5 or 8 pixels, were 10-20 % slower there (8x96x112x112 0.79 -> 0.93, 8x256x38x38 0.31 ->
 // 0.34-0.36), and so were plain stores from 8-pixel blocks. 5-wide windows stream from the 8-pixel
+// (now 8-16, with_pixel_block: stride 2 8x240x56x56 0.75 -> 0.67 ms, 8x96x112x112 the same)
 // 64-byte blocks cl_staged_row_kw stores plainly (interleaved, two threads, input from DRAM, copy 44
 // GB/s: 8x144x56x56 1.01-1.06 -> 0.81 ms, 8x240x28x28 0.53 -> 0.43, 8x32x112x112 0.87 -> 0.67; stride 2
 // 8x96x112x112 1.38 -> 1.18, 8x240x56x56 0.94 -> 0.81).
@@ -846,11 +866,18 @@ template <class T>
 void cl_staged_row_streamed(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias,
                             T* yr, const DwGeom& g) {
   if (g.kW == 5) {
-    if (g.sW == 1) return cl_staged_row_blocks<T, 8, 1, 5, 1, true, 64>(rows, ps, xn, i, wt, bias, yr, g);
-    return cl_staged_row_blocks<T, 8, 1, 5, 2, true, 64>(rows, ps, xn, i, wt, bias, yr, g);
+    if (g.sW == 1)
+      return with_pixel_block(g.Wo, [&](auto NJ) {
+        cl_staged_row_blocks<T, decltype(NJ)::value, 1, 5, 1, true, 64>(rows, ps, xn, i, wt, bias, yr, g);
+      });
+    return with_pixel_block(g.Wo, [&](auto NJ) {
+      cl_staged_row_blocks<T, decltype(NJ)::value, 1, 5, 2, true, 64>(rows, ps, xn, i, wt, bias, yr, g);
+    });
   }
   if (g.sW == 1 && g.Wo >= 8 && wide_pixels<T>(g.Cm))
-    return cl_staged_row_blocks<T, 8, 1, 3, 1, true, 64>(rows, ps, xn, i, wt, bias, yr, g);
+    return with_pixel_block(g.Wo, [&](auto NJ) {
+      cl_staged_row_blocks<T, decltype(NJ)::value, 1, 3, 1, true, 64>(rows, ps, xn, i, wt, bias, yr, g);
+    });
   if (g.sW == 1) return cl_staged_row_blocks<T, 5, 2, 3, 1, true>(rows, ps, xn, i, wt, bias, yr, g);
   cl_staged_row_blocks<T, 5, 2, 3, 2, true>(rows, ps, xn, i, wt, bias, yr, g);
 }
