@@ -608,7 +608,7 @@ inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const
     for (int q = 0; q < KW; ++q)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) wv[q][v] = vload<T, B>(wr + q * g.ws + v * L);
-#pragma GCC unroll 32
+#pragma GCC unroll 64  // whole: U is up to 35 (16 pixels at stride 2, 5 taps)
     for (int u = 0; u < U; ++u) {
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
