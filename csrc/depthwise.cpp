@@ -839,10 +839,11 @@ inline bool wgrad_run(const T* const* rows, int64_t ps, const T* gyr, T* row, in
 // multiply staged zeros (or the zero row), which differs from
 // skipping them only when grad_y holds Inf/NaN (0 * Inf): a channel vector whose sums come out
 // non-finite is redone exactly.
-// sums: kH * KW vectors of scratch.
+// sums: kH * KW vectors of scratch. gy_next: the next row's grad_y, stepped a share per vector.
 template <class T, int KW>
 void wgrad_row_cl_staged(const T* const* rows, int64_t ps, const T* gyr, const T* xn, int64_t i, T* row, bool bias,
-                         const DwGeom& g, typename Vec<T>::type* sums, typename Vec<T, 64>::type* sums64) {
+                         const DwGeom& g, typename Vec<T>::type* sums, typename Vec<T, 64>::type* sums64,
+                         LinePrefetch& gy_next) {
   constexpr int L = Vec<T>::lanes;
   constexpr int64_t JC = 32;
   const int64_t cv = g.Cm / L * L;  // channels in whole vectors
@@ -860,12 +861,14 @@ void wgrad_row_cl_staged(const T* const* rows, int64_t ps, const T* gyr, const T
     NextRowPrefetch<T> pf;
     if (g.sH == 1) pf = NextRowPrefetch<T>(xn, i, j0, j1 < g.Wo ? j1 : g.Wo + g.kW * g.dW, g);
     const int64_t per = ceil_div(pf.lines, std::max<int64_t>(1, cv / L));  // lines per 32-byte vector
+    const int64_t gper = ceil_div(gy_next.count(), std::max<int64_t>(1, ceil_div(g.Wo - j0, JC) * (cv / L)));
     // channels [c0, c_end) in vectors of `width` bytes, their tap sums in s; returns where it stopped
     auto vectors = [&](auto width, int64_t c0, int64_t c_end, typename Vec<T, decltype(width)::value>::type* s) {
       constexpr int B = decltype(width)::value, LB = Vec<T, B>::lanes;
       int64_t c = c0;
       for (; c < c_end; c += LB) {
         pf.step(per * (LB / L));
+        gy_next.step(gper * (LB / L));
         const bool ok = g.kH == 3 ? wgrad_run<T, 3, KW, B>(rows, ps, gyr, row, c, j0, j1, bias, g, s)
                                   : wgrad_run<T, 0, KW, B>(rows, ps, gyr, row, c, j0, j1, bias, g, s);
         if (!ok) wgrad_row_cl_exact(gyr, xn, i, row, c, c + LB, bias, g, j0, j1);
@@ -915,11 +918,20 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
       const int64_t n = r / g.Ho, i = r % g.Ho;
       const T* xn = x + n * g.H * g.W * g.C;
       const T* gyr = gy + r * g.Wo * g.Cm;
+      // The next row's grad_y, prefetched a share per channel vector: the runs read a grad_y row one
+      // channel vector at a time, a line per pixel Cm apart, which the hardware prefetchers did not
+      // follow (71 % of the pass's samples sat on the grad_y load). Zen5, two threads, interleaved,
+      // from DRAM: 8x128x75x75 2.48-2.51 -> 1.36-1.48 ms (eager 2.0-2.36), 8x728x19x19 0.94 -> 0.48-0.51
+      // (eager 0.78-0.81), 8x144x56x56 1.57 -> 0.94, 5x5 1.81 -> 1.32, 8x1024x10x10 0.37 -> 0.20, stride 2
+      // 8x96x112x112 1.29 -> 1.21, 5x5 1.59-1.79 -> 1.32-1.40, but 8x256x38x38 0.45-0.50 -> 0.47-0.53;
+      // into L2 only, slower at stride 1 (75x75 1.76 ms).
+      LinePrefetch gy_next;
+      if (r + 1 < r1) gy_next = LinePrefetch(gyr + g.Wo * g.Cm, gyr + 2 * g.Wo * g.Cm);
       if (staged) {
         src->row(
             xn, n, i,
             [&](const T* const* rows, int64_t ps, const DwGeom& piece, int64_t j0) {
-              run(rows, ps, gyr + j0 * g.Cm, xn, i, row.data(), gb != nullptr, piece, sums.data(), sums64.data());
+              run(rows, ps, gyr + j0 * g.Cm, xn, i, row.data(), gb != nullptr, piece, sums.data(), sums64.data(), gy_next);
             },
             [&](int64_t j0, int64_t j1) { wgrad_row_cl_exact(gyr, xn, i, row.data(), 0, g.Cm, gb != nullptr, g, j0, j1); });
       } else {
