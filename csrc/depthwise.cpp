@@ -656,9 +656,13 @@ bool all_finite(const T* a, int64_t n) {
 // exact form, keeping torch's NaN propagation.
 template <class T, int VB>
 void bwd_weight_plane_staged(const T* gyp, const T* xp, int64_t o, double* part, bool bias, int64_t rb,
-                             const DwGeom& g, DwScratch<T>& xs, std::vector<T>& G, WeightAcc<T, VB>& wa) {
+                             const DwGeom& g, DwScratch<T>& xs, std::vector<T>& G, WeightAcc<T, VB>& wa,
+                             LinePrefetch& next_x, LinePrefetch& next_gy) {
   constexpr int L = Vec<T, VB>::lanes;
   const int64_t K = g.kH * g.kW;
+  const int64_t group = ceil_div(K, ceil_div(K, 8));  // 9 taps as 5 + 4, not 8 + a lone 1
+  const int64_t steps = ceil_div(g.Ho, rb) * ceil_div(K, group);
+  const int64_t per_x = ceil_div(next_x.count(), steps), per_gy = ceil_div(next_gy.count(), steps);
   for (int64_t i0 = 0; i0 < g.Ho; i0 += rb) {
     const int64_t i1 = std::min(g.Ho, i0 + rb), nr = i1 - i0;
     const DwStage& st = xs.stage(g, nr);
@@ -677,8 +681,8 @@ void bwd_weight_plane_staged(const T* gyp, const T* xp, int64_t o, double* part,
       continue;
     }
     T* acc = wa.ready(o, n / L, part);
-    const int64_t group = ceil_div(K, ceil_div(K, 8));  // 9 taps as 5 + 4, not 8 + a lone 1
     for (int64_t t0 = 0; t0 < K; t0 += group) {
+      next_x.step(per_x), next_gy.step(per_gy);
       const int64_t nt = std::min<int64_t>(group, K - t0);
       if (t0 == 0 && bias)
         flat_dots_n<T, true, VB>(G.data(), X, st.offs.data() + t0, n, acc + t0 * L, acc + K * L, nt);
@@ -719,13 +723,33 @@ void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
     // Planes by blocks of B channels, image by image: a thread's consecutive planes share one
     // block's accumulators and are B consecutive planes of one image (whole pages, prefetchable).
     constexpr int64_t B = WeightAcc<T, VB>::B;
+    const int64_t tasks = ceil_div(g.Cm, B) * g.N * B;
+    auto plane = [&](int64_t t, int64_t& o) {  // task t's (n, o): -1 past the end or the channels
+      const int64_t ob = t / (g.N * B), r = t - ob * (g.N * B), n = r / B;
+      o = ob * B + r % B;
+      return t < tasks && o < g.Cm ? n : -1;
+    };
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < ceil_div(g.Cm, B) * g.N * B; ++t) {
-      const int64_t ob = t / (g.N * B), r = t - ob * (g.N * B), n = r / B, o = ob * B + r % B;
-      if (o >= g.Cm) continue;
+    for (int64_t t = 0; t < tasks; ++t) {
+      int64_t o, o1;
+      const int64_t n = plane(t, o);
+      if (n < 0) continue;
       const T* gyp = gy + (n * g.Cm + o) * g.Ho * g.Wo;
       const T* xp = x + (n * g.C + o / g.m) * g.H * g.W;
-      bwd_weight_plane_staged(gyp, xp, o, acc, gb != nullptr, rb, g, xs, G, wa);
+      // At stride > 1, the next task's planes prefetched a share per flat-dot pass: the staging of
+      // x (phase split) waited on DRAM (a third of the pass's samples in dw_stage). Zen5, two threads,
+      // interleaved, from DRAM: 8x96x112x112 s2 3.11-3.17 -> 2.02 ms (eager 2.84-3.34), 8x256x38x38
+      // 0.66-0.71 -> 0.54 (eager 0.66), 5x5 8x96x112x112 3.21 -> 2.75. At stride 1 it cost: 8x128x75x75
+      // 1.97-2.07 -> 2.31-2.50, 5x5 8x144x56x56 1.82 -> 1.98 (into L2 only: 2.55, 2.01; slower at
+      // stride 2 too).
+      LinePrefetch next_x, next_gy;
+      const int64_t n1 = g.sH > 1 || g.sW > 1 ? plane(t + 1, o1) : -1;
+      if (n1 >= 0) {
+        const T* x1 = x + (n1 * g.C + o1 / g.m) * g.H * g.W;
+        const T* gy1 = gy + (n1 * g.Cm + o1) * g.Ho * g.Wo;
+        next_x = LinePrefetch(x1, x1 + g.H * g.W), next_gy = LinePrefetch(gy1, gy1 + g.Ho * g.Wo);
+      }
+      bwd_weight_plane_staged(gyp, xp, o, acc, gb != nullptr, rb, g, xs, G, wa, next_x, next_gy);
     }
     wa.flush(acc);
   }
