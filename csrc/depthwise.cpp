@@ -960,7 +960,8 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
         src->row(
             xn, n, i,
             [&](const T* const* rows, int64_t ps, const DwGeom& piece, int64_t j0) {
-              run(rows, ps, gyr + j0 * g.Cm, xn, i, row.data(), gb != nullptr, piece, sums.data(), sums64.data(), gy_next);
+              run(rows, ps, gyr + j0 * g.Cm, xn, i, row.data(), gb != nullptr, piece, sums.data(), sums64.data(),
+                  gy_next);
             },
             [&](int64_t j0, int64_t j1) { wgrad_row_cl_exact(gyr, xn, i, row.data(), 0, g.Cm, gb != nullptr, g, j0, j1); });
       } else {

@@ -427,7 +427,9 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
     // last block; 5x5 (one vector a block) 8x96x112x112 1.45 -> 1.34 ms against the generic kernel,
     // 8x240x56x56 1.18 -> 0.85, and the same (1.40-1.49 -> 1.42-1.52) in two-vector blocks.
     if (g.dH == 1 && g.dW == 1 && g.kH == g.kW && g.sH == g.sW && g.Wo >= Vec<T, 64>::lanes) {
-      auto back = [&](auto taps) { return dw_rows_fixed<T, decltype(taps), 2, 64, true>(X, st.Wp, taps, out, rows, g.Wo, pf); };
+      auto back = [&](auto taps) {
+        return dw_rows_fixed<T, decltype(taps), 2, 64, true>(X, st.Wp, taps, out, rows, g.Wo, pf);
+      };
       using S3 = FixedTaps<T, 3, 3, 2, 2, 64>;
       using S5 = FixedTaps<T, 5, 5, 2, 2, 64>;
       if (g.sH == 1 && g.kH == 3) return back(FixedTaps<T, 3, 3, 1, 1, 64>(st.PB, wo, b));
@@ -436,7 +438,8 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
       if (g.sH == 2 && g.kH == 3) return dw_rows_fixed<T, S3, 2, 64>(X, st.Wp, S3(st.PB, wo, b), out, rows, g.Wo, pf);
       if (g.sH == 2 && g.kH == 5) return dw_rows_fixed<T, S5, 1, 64>(X, st.Wp, S5(st.PB, wo, b), out, rows, g.Wo, pf);
     }
-  } else if (g.dH == 1 && g.dW == 1 && g.kH == 3 && g.kW == 3 && g.sH == g.sW && g.sH <= 2 && g.Wo >= 4 * Vec<T>::lanes) {
+  } else if (g.dH == 1 && g.dW == 1 && g.kH == 3 && g.kW == 3 && g.sH == g.sW && g.sH <= 2 &&
+             g.Wo >= 4 * Vec<T>::lanes) {
     // AVX (16 registers): 4 rows x one 32-byte vector: 4 accumulators, 9 weights and the input vector
     // fit (4 x 2 spilled the weights, and the compiler then re-loaded the input under every FMA).
     if (g.sH == 1) return dw_rows_fixed(X, st.Wp, FixedTaps<T, 3, 3, 1, 1>(st.PB, wo, b), out, rows, g.Wo, pf);
@@ -756,7 +759,8 @@ void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t
 // eight, four pixels x two vectors for 3-wide windows (six weights + eight accumulators fit the 16
 // registers; five weight vectors of a 5-wide window leave room for one). AVX-512 builds take
 // 64-byte vectors where they tile the channels, in blocks of 8-16 pixels (with_pixel_block): half
-// the instructions for the same FMAs, which is what bounds 5x5 at stride 1 (Zen5, two threads, interleaved, input from DRAM: 8x144x56x56
+// the instructions for the same FMAs, which is what bounds 5x5 at stride 1 (Zen5, two threads,
+// interleaved, input from DRAM, 8-pixel blocks: 8x144x56x56
 // 1.19 -> 0.94 ms, 8x128x56x56 1.05 -> 0.84; rows under 8 pixels in 4-pixel blocks: 8x1152x7x7
 // 0.31 -> 0.26, 8x240x14x14 s2 0.109 -> 0.093; stride 2 at 56x56, memory-bound, unchanged; 40
 // channels, two vectors and a half-vector tail per pixel, 0.11 -> 0.13, hence whole vectors only).
@@ -808,7 +812,8 @@ void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, con
       // 0.230; hot, 0.179 -> 0.147 against eager's 0.131), 32x1024x10x10 0.77 -> 0.56, 8x1024x20x20
       // 0.76 -> 0.62, 8x2048x10x10 0.40 -> 0.31; 15x15 in 5-pixel blocks 0.43 -> 0.39 (10: 0.43).
       if constexpr (kAvx512Machine) {
-        if (g.sW == 1 && g.Wo % 10 == 0) return cl_staged_row_blocks<T, 10, 1, 3, 1, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
+        if (g.sW == 1 && g.Wo % 10 == 0)
+          return cl_staged_row_blocks<T, 10, 1, 3, 1, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
         if (g.sW == 1) return cl_staged_row_blocks<T, 5, 1, 3, 1, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
       }
       if (g.sW == 1) return cl_staged_row_blocks<T, 5, 2, 3, 1>(rows, ps, xn, i, wt, bias, yr, g);
@@ -860,8 +865,8 @@ bool cl_streams_rows(const DwGeom& g, const T* y) {
 // input from DRAM, 3x3: 8x128x75x75 2.23 -> 1.60 ms, 8x96x112x112 s2 1.84 -> 1.55 (and, streaming
 // forced where input + output fit the LLC, 8x144x56x56 1.39 -> 1.05, 8x256x38x38 s2 0.64 -> 0.58).
 // With the buffer instead, these blocks were ~5 % slower than cl_staged_row's choice.
-// At stride 1 on the AVX-512 machine, rows of 8+ pixels take 8- to 16-pixel blocks of one 64-byte vector
-// (still a whole line per pixel and store): where DRAM runs fast (~80 GB/s copy) the 32-byte blocks'
+// At stride 1 on the AVX-512 machine, rows of 8+ pixels take 8- to 16-pixel blocks of one 64-byte
+// vector (still a whole line per pixel and store): where DRAM runs fast (~80 GB/s copy) the 32-byte blocks'
 // arithmetic, not memory, bounded the pass (interleaved, two threads, input from DRAM, copy 75-80
 // GB/s: 8x128x75x75 0.96 -> 0.79 ms, 8x144x56x56 0.62 -> 0.48, 8x32x112x112 0.63 -> 0.47; at a
 // 46 GB/s copy, 16x192x28x28 and 32x384x14x14 within +-3 %). Stride 2 stays in 32-byte blocks: 64-byte
