@@ -338,6 +338,17 @@ DLK_INLINE void wide_blocks(int64_t rows, int64_t Wo, LinePrefetch& pf, B blk) {
   for (; i < rows; ++i) group(std::integral_constant<int, 1>{}, i);
 }
 
+// Output rows [r0, r1) of out (row stride Wo), prefetched for writing, two row groups ahead of the
+// row kernels' stores, which otherwise waited on reading each output line (write-allocate; a quarter
+// of the FixedTaps pass's samples sat on its stores). Rows past a task's are the next task's, usually
+// this thread's next plane. Interleaved, two threads, from DRAM, copy 45 GB/s: 8x128x75x75 1.39 ->
+// 1.05 ms, 8x144x56x56 0.64 -> 0.54, 5x5 0.94 -> 0.87, 8x96x112x112 s2 1.31 -> 1.17 (one group ahead:
+// 1.11, 0.56, 0.88, 1.19).
+template <class T>
+DLK_INLINE void prefetch_output_rows(const T* out, int64_t r0, int64_t r1, int64_t Wo) {
+  for (const T* a = out + r0 * Wo; a < out + r1 * Wo; a += 64 / sizeof(T)) __builtin_prefetch(a, 1);
+}
+
 // Output rows [0, rows) from a staged block X of row stride Wp, output (i, j) = b + sum over taps t
 // of wo[t] * X[offs[t] + i*Wp + j] (every read in bounds, including up to L - 1 elements past the
 // last row's output Wo - 1 for the flat form), written at out (row stride Wo); F: flat_size(Wp)
@@ -351,7 +362,9 @@ void dw_rows_staged(const T* X, int64_t Wp, const int64_t* offs, int64_t K, cons
   constexpr int L = Vec<T>::lanes;
   if (Wo >= 4 * L) {
     wide_blocks<2, L>(rows, Wo, pf, [&](auto nr, auto nv, int64_t i, int64_t j) {
-      dw_block<T, decltype(nr)::value, decltype(nv)::value>(X + i * Wp + j, offs, K, wo, b, out + i * Wo + j, Wp, Wo);
+      constexpr int NR = decltype(nr)::value;
+      if (j == 0) prefetch_output_rows(out, i + 2 * NR, std::min(rows + 8, i + 3 * NR), Wo);
+      dw_block<T, NR, decltype(nv)::value>(X + i * Wp + j, offs, K, wo, b, out + i * Wo + j, Wp, Wo);
     });
     return;
   }
@@ -371,19 +384,12 @@ void dw_rows_staged(const T* X, int64_t Wp, const int64_t* offs, int64_t K, cons
 }
 
 // dw_rows_staged for a window known while compiling (FixedTaps): blocks of up to 4 rows x NV vectors
-// of B bytes, laid out by wide_blocks (dw_rows_padded says which kernel runs where). The output rows
-// two row groups ahead are prefetched for writing: the blocks' stores otherwise waited on reading
-// each output line (write-allocate; a quarter of the pass's samples sat on its stores). Interleaved,
-// two threads, from DRAM, copy 45 GB/s: 8x128x75x75 1.39 -> 1.05 ms, 8x144x56x56 0.64 -> 0.54, 5x5
-// 0.94 -> 0.87, 8x96x112x112 s2 1.31 -> 1.17 (one group ahead: 1.11, 0.56, 0.88, 1.19).
+// of B bytes, laid out by wide_blocks (dw_rows_padded says which kernel runs where).
 template <class T, class Taps, int NV = 1, int B = 32, bool BACK = false>
 void dw_rows_fixed(const T* X, int64_t Wp, const Taps& tp, T* out, int64_t rows, int64_t Wo, LinePrefetch pf) {
   auto blk = [&](auto nr, auto nv, int64_t i, int64_t j, int64_t vs = Vec<T, B>::lanes) {
     constexpr int NR = decltype(nr)::value;
-    if (j == 0) {  // (rows past this task's: the next task's, usually this thread's next plane)
-      const T* end = out + std::min(rows + 8, i + 3 * NR) * Wo;
-      for (const T* a = out + (i + 2 * NR) * Wo; a < end; a += 64 / sizeof(T)) __builtin_prefetch(a, 1);
-    }
+    if (j == 0) prefetch_output_rows(out, i + 2 * NR, std::min(rows + 8, i + 3 * NR), Wo);
     tp.template block<NR, decltype(nv)::value>(X + i * Wp + j, out + i * Wo + j, Wp, Wo, vs);
   };
   wide_blocks<NV, Vec<T, B>::lanes, decltype(blk), BACK>(rows, Wo, pf, blk);
@@ -434,7 +440,9 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
     // back the same way): 3x3 8x96x112x112 1.42-1.57 -> 1.15-1.32 ms against 32-byte vectors, 8x256x38x38
     // 0.49-0.52 -> 0.455-0.48 (its rows then had 19 outputs), and the same (+0-8 %) with a two-vector
     // last block; 5x5 (one vector a block) 8x96x112x112 1.45 -> 1.34 ms against the generic kernel,
-    // 8x240x56x56 1.18 -> 0.85, and the same (1.40-1.49 -> 1.42-1.52) in two-vector blocks.
+    // 8x240x56x56 1.18 -> 0.85, and the same (1.40-1.49 -> 1.42-1.52) in two-vector blocks. 7x7 at
+    // stride 1 (ConvNeXt's window) likewise, against the generic kernel: 8x96x56x56 1.62 -> 0.82 ms
+    // (eager 1.25), 8x192x28x28 1.00 -> 0.51 (eager 0.52-0.57).
     if (g.dH == 1 && g.dW == 1 && g.kH == g.kW && g.sH == g.sW && g.Wo >= Vec<T, 64>::lanes) {
       auto back = [&](auto taps) {
         return dw_rows_fixed<T, decltype(taps), 2, 64, true>(X, st.Wp, taps, out, rows, g.Wo, pf);
@@ -443,9 +451,22 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
       using S5 = FixedTaps<T, 5, 5, 2, 2, 64>;
       if (g.sH == 1 && g.kH == 3) return back(FixedTaps<T, 3, 3, 1, 1, 64>(st.PB, wo, b));
       if (g.sH == 1 && g.kH == 5) return back(FixedTaps<T, 5, 5, 1, 1, 64, 0>(st.PB, wo, b));
+      if (g.sH == 1 && g.kH == 7) return back(FixedTaps<T, 7, 7, 1, 1, 64, 0>(st.PB, wo, b));
       if (g.sH == 2 && g.kH == 3 && g.Wo < 2 * Vec<T, 64>::lanes) return back(S3(st.PB, wo, b));
       if (g.sH == 2 && g.kH == 3) return dw_rows_fixed<T, S3, 2, 64>(X, st.Wp, S3(st.PB, wo, b), out, rows, g.Wo, pf);
       if (g.sH == 2 && g.kH == 5) return dw_rows_fixed<T, S5, 1, 64>(X, st.Wp, S5(st.PB, wo, b), out, rows, g.Wo, pf);
+    }
+    // Rows of 8-15 outputs (float) at stride 1: the same blocks in 32-byte vectors (two, overlapping).
+    // Interleaved, two threads, from DRAM, against the generic kernel: 7x7 8x384x14x14 0.667 -> 0.453
+    // ms (eager 0.29: small planes with large windows stay its ground, see depthwise_masked.h).
+    if (g.dH == 1 && g.dW == 1 && g.kH == g.kW && g.sH == 1 && g.sW == 1 && g.Wo >= Vec<T, 32>::lanes &&
+        g.Wo < Vec<T, 64>::lanes) {
+      auto back32 = [&](auto taps) {
+        return dw_rows_fixed<T, decltype(taps), 2, 32, true>(X, st.Wp, taps, out, rows, g.Wo, pf);
+      };
+      if (g.kH == 3) return back32(FixedTaps<T, 3, 3, 1, 1, 32>(st.PB, wo, b));
+      if (g.kH == 5) return back32(FixedTaps<T, 5, 5, 1, 1, 32, 0>(st.PB, wo, b));
+      if (g.kH == 7) return back32(FixedTaps<T, 7, 7, 1, 1, 32, 0>(st.PB, wo, b));
     }
   } else if (g.dH == 1 && g.dW == 1 && g.kH == 3 && g.kW == 3 && g.sH == g.sW && g.sH <= 2 &&
              g.Wo >= 4 * Vec<T>::lanes) {
