@@ -168,29 +168,43 @@ def test_channels_last_rows_in_place(backend, dtype, case):
     test_forward_backward(backend, dtype, case, True)
 
 
-# Channels-last windows 5 wide, channels a multiple of 16 floats (8 doubles): on AVX-512 builds the
-# C++ forward takes 64-byte vectors there (cl_staged_row_kw), in 8-pixel blocks (widths leave a
-# partial last block) or, on rows of 4-7 pixels, 4-pixel blocks; a 3x5 window reaches the same kernel.
+# Channels-last windows 5 and 7 wide, channels a multiple of 16 floats (8 doubles): on AVX-512 builds
+# the C++ forward takes 64-byte vectors there (cl_staged_row_kw), in blocks of 8-16 pixels
+# (with_pixel_block: rows of 13, 21 and 29 leave a last block moved back) or, on rows of 5-7 pixels,
+# one block of the row's width (4 pixels under 5); a 3x5 window reaches the same kernel. Rows of 1024
+# floats (pixels 4 KiB apart) take 10- or 5-pixel blocks. streamed: every output treated as leaving the
+# cache, so that the rows go out in non-temporal stores (cl_staged_row_streamed).
 @pytest.mark.parametrize("case", [(2, 32, 11, 13, 5, 1, 2, 1, 1), (1, 48, 12, 21, 5, 2, 2, 1, 1),
-                                  (1, 16, 9, 10, (3, 5), 1, (1, 2), 1, 1), (2, 32, 6, 7, 5, 1, 2, 1, 1)], ids=_ids)
+                                  (1, 16, 9, 10, (3, 5), 1, (1, 2), 1, 1), (2, 32, 6, 7, 5, 1, 2, 1, 1),
+                                  (1, 32, 10, 13, 7, 1, 3, 1, 1), (1, 16, 9, 6, 7, 1, 3, 1, 1),
+                                  (1, 16, 8, 29, 5, 1, 2, 1, 1), (1, 32, 5, 4, 5, 1, 2, 1, 1),
+                                  (1, 1024, 3, 10, 3, 1, 1, 1, 1), (1, 1024, 3, 15, 3, 1, 1, 1, 1)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
-def test_channels_last_wide_vectors(backend, dtype, case):
+def test_channels_last_wide_vectors(backend, dtype, streamed, case, monkeypatch):
+    if streamed:
+        monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
     test_forward_backward(backend, dtype, case, True)
 
 
 # NCHW planes with rows of 32 floats or more (16 doubles): the C++ 3x3 kernels of dilation 1 and
 # stride 1 or 2 whose taps are fixed while compiling (4-row blocks: 37 and 19 rows leave 2- and
-# 1-row groups; widths leave a partial last vector; stride 2 in 64-byte vectors, two per block, on
-# AVX-512 builds: 36 and 33 columns leave a one-vector block and a partial one); 5x5 windows of 16+
-# outputs per row take the same fixed-tap blocks in 64-byte vectors on AVX-512 builds (rows of 16,
-# 18 and 37: one whole vector, a partial one moved back), the input gradient at stride 1 through the same
-# kernel (flipped), and the next plane's input prefetched (planes of 4 KiB and more; multiplier 2
-# reads each plane twice; planes split in row blocks where there are few).
+# 1-row groups; widths leave a partial last vector). On AVX-512 builds 3x3, 5x5 and 7x7 at stride 1
+# (and 3x3 at stride 2 on rows of 16-31) run in blocks of two 64-byte vectors, the row's last block
+# moved back to end at its end (rows of 16, 18, 19, 20, 33, 37: overlapping vectors), rows of 8-15 in
+# two 32-byte vectors (3x3 valid, 11 outputs), 3x3 at stride 2 from 32 outputs with a one-vector last
+# block (36 and 33 columns), 5x5 at stride 2 in one-vector blocks; 7x7 valid with 5 outputs and
+# dilation 2 take the generic kernel. Every kernel prefetches output rows ahead for writing; the input
+# gradient at stride 1 runs through the same kernels (flipped), and the next plane's input is
+# prefetched (planes of 4 KiB and more; multiplier 2 reads each plane twice; planes split in row blocks
+# where there are few).
 @pytest.mark.parametrize("case", [(2, 5, 37, 35, 3, 1, 1, 1, 1), (1, 3, 38, 71, 3, 2, 1, 1, 1),
                                   (1, 2, 35, 67, 3, 2, "valid", 1, 1), (1, 2, 34, 40, 3, 1, 1, 1, 2),
                                   (2, 9, 40, 33, 3, 1, 0, 1, 1), (1, 3, 23, 37, 5, 1, 2, 1, 1), (2, 2, 16, 16, 5, 1, 2, 1, 1),
-                                  (1, 2, 41, 35, 5, 2, 2, 1, 1), (1, 2, 19, 40, 5, 2, "valid", 1, 2)], ids=_ids)
+                                  (1, 2, 41, 35, 5, 2, 2, 1, 1), (1, 2, 19, 40, 5, 2, "valid", 1, 2),
+                                  (1, 3, 21, 19, 7, 1, 3, 1, 1), (1, 2, 15, 11, 7, 1, 0, 1, 1), (1, 2, 12, 13, 3, 1, 0, 1, 1),
+                                  (1, 2, 20, 39, 3, 2, 1, 1, 1), (1, 2, 23, 41, 3, 1, 1, 2, 1)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
 def test_nchw_wide_rows(backend, dtype, case):
