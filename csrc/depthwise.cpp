@@ -56,9 +56,7 @@ void fwd_cl_staged(const T* x, const T* w, const T* bias, T* y, const DwGeom& g0
             else
               cl_staged_row(rows, ps, xn, i, wt.data(), bias, yr + j0 * g.Cm, piece);
           },
-          [&](int64_t j0, int64_t j1) {
-            for (int64_t j = j0; j < j1; ++j) cl_edge_pixel(xn, wt.data(), bias, yr + j * g.Cm, i, j, g);
-          });
+          [&](int64_t j0, int64_t j1) { cl_edge_pixels(xn, wt.data(), bias, yr, i, j0, j1, g); });
     }
     if (stream) stream_fence();
   }

@@ -401,14 +401,20 @@ void dw_rows_fixed(const T* X, int64_t Wp, const Taps& tp, T* out, int64_t rows,
 template <class T>
 inline bool plane_prefetch_pays(int64_t H, int64_t W) { return H * W * static_cast<int64_t>(sizeof(T)) >= 4096; }
 
-// The input of output rows [i0, i1) of the plane at xp: the rows their windows reach, as one range
-// (for LinePrefetch).
+// The input rows that output rows [i0, i1) read (those their windows reach inside the input), as
+// one range of rows of row_len elements from base: an NCHW plane's (row_len W) or a channels-last
+// image's (W*C).
 template <class T>
-LinePrefetch plane_rows_input(const T* xp, int64_t i0, int64_t i1, const DwGeom& g) {
-  if (!plane_prefetch_pays<T>(g.H, g.W)) return LinePrefetch();
+LinePrefetch window_rows(const T* base, int64_t i0, int64_t i1, const DwGeom& g, int64_t row_len) {
   const int64_t r0 = std::max<int64_t>(0, i0 * g.sH - g.pT);
   const int64_t r1 = std::min<int64_t>(g.H, (i1 - 1) * g.sH - g.pT + (g.kH - 1) * g.dH + 1);
-  return r1 > r0 ? LinePrefetch(xp + r0 * g.W, xp + r1 * g.W) : LinePrefetch();
+  return r1 > r0 ? LinePrefetch(base + r0 * row_len, base + r1 * row_len) : LinePrefetch();
+}
+
+// The input of output rows [i0, i1) of the plane at xp, where prefetching it pays.
+template <class T>
+LinePrefetch plane_rows_input(const T* xp, int64_t i0, int64_t i1, const DwGeom& g) {
+  return plane_prefetch_pays<T>(g.H, g.W) ? window_rows(xp, i0, i1, g, g.W) : LinePrefetch();
 }
 
 // Output rows [i0, i1) of one channel, written at out (row stride Wo): the input rows they read are
@@ -1042,6 +1048,13 @@ void cl_edge_pixel(const T* xn, const T* wt, const T* bias, T* dst, int64_t i, i
   for (; c + 4 * L <= g.Cm; c += 4 * L) block(std::integral_constant<int, 4>{}, c);
   for (; c + L <= g.Cm; c += L) block(std::integral_constant<int, 1>{}, c);
   if (c < g.Cm) cl_taps_block<T, 0>(xn, wt, bias, dst, c, g.Cm - c, i, j, pr, qr, g);  // the tail, < L
+}
+
+// Pixels [j0, j1) of output row i (row yr) by cl_edge_pixel: ClRowSource's edge callback.
+template <class T>
+void cl_edge_pixels(const T* xn, const T* wt, const T* bias, T* yr, int64_t i, int64_t j0, int64_t j1,
+                    const DwGeom& g) {
+  for (int64_t j = j0; j < j1; ++j) cl_edge_pixel(xn, wt, bias, yr + j * g.Cm, i, j, g);
 }
 
 // The input of a thread's channels-last output rows (multiplier 1), one row at a time: where a row

@@ -116,11 +116,8 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
     // L1 the same.
     auto task_input = [&](int64_t t) {
       if (t >= g.N * nb) return LinePrefetch();
-      const int64_t n = t / nb, i0 = (t % nb) * rows, i1 = std::min(g.Ho, i0 + rows);
-      const int64_t r0 = std::max<int64_t>(0, i0 * g.sH - g.pT);
-      const int64_t r1 = std::min<int64_t>(g.H, (i1 - 1) * g.sH - g.pT + (g.kH - 1) * g.dH + 1);
-      const T* xn = x + n * g.H * g.W * g.C;
-      LinePrefetch pf = r1 > r0 ? LinePrefetch(xn + r0 * g.W * g.C, xn + r1 * g.W * g.C) : LinePrefetch();
+      const int64_t n = t / nb, i0 = (t % nb) * rows;
+      LinePrefetch pf = window_rows(x + n * g.H * g.W * g.C, i0, std::min(g.Ho, i0 + rows), g, g.W * g.C);
       pf.l2 = true;
       return pf;
     };
@@ -136,9 +133,7 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
               [&](const T* const* rows, int64_t ps, const DwGeom& piece, int64_t j0) {
                 cl_staged_row(rows, ps, xn, i, wt.data(), (const T*)nullptr, mr + j0 * g.Cm, piece);
               },
-              [&](int64_t j0, int64_t j1) {
-                for (int64_t j = j0; j < j1; ++j) cl_edge_pixel(xn, wt.data(), (const T*)nullptr, mr + j * g.Cm, i, j, g);
-              });
+              [&](int64_t j0, int64_t j1) { cl_edge_pixels(xn, wt.data(), (const T*)nullptr, mr, i, j0, j1, g); });
         } else {
           for (int64_t j = 0; j < g.Wo; ++j) dw_pixel_cl(xn, wt.data(), (const T*)nullptr, mr + j * g.Cm, i, j, g);
         }
