@@ -286,6 +286,11 @@ _BWD_IN_CONFIGS_NCHW = _configs(_FLAT_NCHW, _BLOCKS_NCHW)
 # The forward's row walk (ROWS > 0, see dw_walk): (BLOCK_P columns, BLOCK_C, ROWS, num_warps), a
 # column of 8 channels a thread; narrow blocks for the 10- and 19-wide Xception rows.
 _WALK_CL = [(16, 64, 16, 4), (8, 128, 16, 4), (16, 128, 16, 8), (32, 32, 16, 4), (8, 64, 32, 2), (4, 128, 16, 2)]
+# Tried and dropped (H200 run 11, 2026-11-27): more warps an SM. ncu had the 64x32 tile at 128
+# registers (16 warps an SM, 0.67 issued a cycle per scheduler) and the walk at 156 (12 warps,
+# 0.52). Register caps (maxnreg 80/96) spilled the tiles, 1.2-5x slower; tiles of 8 outputs a thread
+# lost to those of 16; the walk capped at 128 won the tuner's timing by 1-5 % and left the bench's
+# times unchanged (benchmarks/gpu/dwdiag.py times every config of a case).
 
 
 def _fwd_configs(tiles, walk=()):
