@@ -91,6 +91,12 @@ struct LinePrefetch {
   LinePrefetch(const T* begin, const T* end_)
       : next(reinterpret_cast<const char*>(begin)), end(reinterpret_cast<const char*>(end_)) {}
   int64_t count() const { return next < end ? (end - next + 63) / 64 : 0; }  // lines left
+  // Lines a step that spread what is left over `steps` steps (at least one).
+  int64_t share(int64_t steps) const { return share_of(count(), steps); }
+  static int64_t share_of(int64_t lines, int64_t steps) {
+    steps = std::max<int64_t>(1, steps);
+    return (lines + steps - 1) / steps;
+  }
   // Prefetches the next k lines.
   void step(int64_t k) {
     for (; k > 0 && next < end; --k, next += 64) {

@@ -660,7 +660,7 @@ void bwd_weight_plane_staged(const T* gyp, const T* xp, int64_t o, double* part,
   const int64_t K = g.kH * g.kW;
   const int64_t group = ceil_div(K, ceil_div(K, 8));  // 9 taps as 5 + 4, not 8 + a lone 1
   const int64_t steps = ceil_div(g.Ho, rb) * ceil_div(K, group);
-  const int64_t per_x = ceil_div(next_x.count(), steps), per_gy = ceil_div(next_gy.count(), steps);
+  const int64_t per_x = next_x.share(steps), per_gy = next_gy.share(steps);
   for (int64_t i0 = 0; i0 < g.Ho; i0 += rb) {
     const int64_t i1 = std::min(g.Ho, i0 + rb), nr = i1 - i0;
     const DwStage& st = xs.stage(g, nr);
@@ -887,8 +887,8 @@ void wgrad_row_cl_staged(const T* const* rows, int64_t ps, const T* gyr, const T
     // 1.63 -> 1.73, 8x256x38x38 0.63 -> 0.51, 5x5 unchanged). Not measured on the Zen3.
     NextRowPrefetch<T> pf;
     if (g.sH == 1) pf = NextRowPrefetch<T>(xn, i, j0, j1 < g.Wo ? j1 : g.Wo + g.kW * g.dW, g);
-    const int64_t per = ceil_div(pf.lines, std::max<int64_t>(1, cv / L));  // lines per 32-byte vector
-    const int64_t gper = ceil_div(gy_next.count(), std::max<int64_t>(1, ceil_div(g.Wo - j0, JC) * (cv / L)));
+    const int64_t per = pf.share(cv / L);  // lines per 32-byte vector
+    const int64_t gper = gy_next.share(ceil_div(g.Wo - j0, JC) * (cv / L));
     // channels [c0, c_end) in vectors of `width` bytes, their tap sums in s; returns where it stopped
     auto vectors = [&](auto width, int64_t c0, int64_t c_end, typename Vec<T, decltype(width)::value>::type* s) {
       constexpr int B = decltype(width)::value, LB = Vec<T, B>::lanes;

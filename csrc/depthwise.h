@@ -317,7 +317,7 @@ void dw_stage(const T* xp, int64_t i0, const DwGeom& g, const DwStage& st, DwScr
 // accumulators.
 template <int NV, int L, class B, bool BACK = false>
 DLK_INLINE void wide_blocks(int64_t rows, int64_t Wo, LinePrefetch& pf, B blk) {
-  const int64_t pf_step = pf.next < pf.end ? ceil_div(pf.count(), ceil_div(rows, 4)) : 0;
+  const int64_t pf_step = pf.share(ceil_div(rows, 4));
   auto group = [&](auto nr, int64_t i) {
     pf.step(pf_step);
     int64_t j = 0;
@@ -369,7 +369,7 @@ void dw_rows_staged(const T* X, int64_t Wp, const int64_t* offs, int64_t K, cons
     return;
   }
   const int64_t rc = flat_rows(Wp);
-  const int64_t pf_step = pf.next < pf.end ? ceil_div(pf.count(), ceil_div(rows, rc)) : 0;
+  const int64_t pf_step = pf.share(ceil_div(rows, rc));
   for (int64_t i0 = 0; i0 < rows; i0 += rc) {
     pf.step(pf_step);
     const int64_t nr = std::min(rc, rows - i0), n = ceil_div(nr * Wp - (Wp - Wo), L) * L;
@@ -554,6 +554,8 @@ struct NextRowPrefetch {
   LinePrefetch part[2];
   int64_t lines = 0;
 
+  int64_t share(int64_t steps) const { return LinePrefetch::share_of(lines, steps); }
+
   NextRowPrefetch() = default;  // nothing to prefetch
   NextRowPrefetch(const T* xn, int64_t i, int64_t j0, int64_t j1, const DwGeom& g) {
     if (g.sH > 1 && !(kAvx512Machine && g.sH == 2)) return;
@@ -706,7 +708,7 @@ void cl_staged_row_blocks(const T* const* rows, int64_t ps, const T* xn, int64_t
   constexpr int CB = NV * Vec<T, B>::lanes;
   auto group = [&](int64_t j) {
     NextRowPrefetch<T> pf(xn, i, j, j + NJ < g.Wo ? j + NJ : g.Wo + g.kW * g.dW, g);  // (the last group: up to W)
-    const int64_t per = ceil_div(pf.lines, std::max<int64_t>(1, g.Cm / CB));
+    const int64_t per = pf.share(g.Cm / CB);
     T* dst = yr + j * g.Cm;
     int64_t c = 0;
     for (; c + CB <= g.Cm; c += CB) {
@@ -777,7 +779,7 @@ void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t
   for (int64_t j0 = 0; j0 < g.Wo;) {
     const int64_t j1 = g.Wo - (j0 + JC) < NJ ? g.Wo : j0 + JC;  // no run shorter than a block
     NextRowPrefetch<T> pf(xn, i, j0, j1 < g.Wo ? j1 : g.Wo + g.kW * g.dW, g);
-    const int64_t per = ceil_div(pf.lines, std::max<int64_t>(1, g.Cm / L));
+    const int64_t per = pf.share(g.Cm / L);
     int64_t c = 0;
     for (; c + L <= g.Cm; c += L) {
       pf.step(per);

@@ -423,7 +423,7 @@ inline void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const T* a, const T
                          const T* bias_row, const T* bias_col, bool relu, bool stream, int64_t lda = 0,
                          T* a_tail = nullptr, LinePrefetch* pf = nullptr) {
   constexpr int MR = Kern::MR, NR = Kern::NR;
-  const int64_t pf_step = pf ? ceil_div(pf->count(), ceil_div(nc, NR) * ceil_div(mc, MR)) : 0;
+  const int64_t pf_step = pf ? pf->share(ceil_div(nc, NR) * ceil_div(mc, MR)) : 0;
   for (int64_t q = 0, j = 0; j < nc; ++q, j += NR) {
     const int nv = static_cast<int>(std::min<int64_t>(NR, nc - j));
     for (int64_t ir = 0; ir < mc; ir += MR) {
