@@ -785,6 +785,8 @@ void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t
       pf.step(per);
       cl_sweep3<T, SW, NJ, B>(rows, ps, wt, bias, yr, c, j0, j1, g);
     }
+    if constexpr (B == 64)  // a 32-byte vector left (see cl_staged_row)
+      for (; c + L / 2 <= g.Cm; c += L / 2) cl_sweep3<T, SW, 4, 32>(rows, ps, wt, bias, yr, c, j0, j1, g);
     pf.step(pf.lines);
     if (c < g.Cm)
       for (int64_t j = j0; j < j1; ++j) cl_staged_pixel(rows, ps, wt, bias, yr + j * g.Cm, c, j, g);
@@ -868,9 +870,17 @@ void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, con
     // cache: 1x128x75x75 0.127 -> 0.102 ms, 1x96x112x112 s2 0.096 -> 0.083, 1x256x38x38 s2 0.062 ->
     // 0.047; fused separable, channels-last, Xception entry 4.27 -> 4.08 ms. 8 pixels x one 32-byte
     // vector measured the same as 4 (0.125, 0.095, 0.058).
-    if (g.kH == 3 && g.kW == 3 && g.Wo >= 8 && wide_pixels<T>(g.Cm)) {
-      if (g.sW == 1) return cl_staged_row_sweep3<T, 1, 8, 64>(rows, ps, xn, i, wt, bias, yr, g);
-      if (g.sW == 2) return cl_staged_row_sweep3<T, 2, 8, 64>(rows, ps, xn, i, wt, bias, yr, g);
+    //
+    // At stride 1 also where the channels end in half a 64-byte vector (728 = 45.5 x 16 floats), the
+    // rest one 32-byte vector in 4-pixel blocks, though half the pixels' vectors then straddle two
+    // lines: against 4 pixels x one 32-byte vector for all, interleaved, two threads, from DRAM:
+    // 8x728x19x19 0.46 -> 0.37 ms (eager 0.65), 8x232x28x28 0.357 -> 0.247, 8x24x112x112 0.50 ->
+    // 0.42, 8x72x56x56 0.355 -> 0.300. At stride 2 they lost (8x40x112x112 0.527 -> 0.546, 8x72x56x56
+    // 0.209 -> 0.238), so stride 2 keeps whole vectors only.
+    if (g.kH == 3 && g.kW == 3 && g.Wo >= 8 && kAvx512Machine) {
+      if (g.sW == 1 && g.Cm * static_cast<int64_t>(sizeof(T)) >= 64)
+        return cl_staged_row_sweep3<T, 1, 8, 64>(rows, ps, xn, i, wt, bias, yr, g);
+      if (g.sW == 2 && wide_pixels<T>(g.Cm)) return cl_staged_row_sweep3<T, 2, 8, 64>(rows, ps, xn, i, wt, bias, yr, g);
     }
     if (g.kH == 3 && g.kW == 3 && g.sW == 1) return cl_staged_row_sweep3<T, 1>(rows, ps, xn, i, wt, bias, yr, g);
     if (g.kH == 3 && g.kW == 3 && g.sW == 2) return cl_staged_row_sweep3<T, 2>(rows, ps, xn, i, wt, bias, yr, g);
