@@ -873,10 +873,10 @@ void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, con
     //
     // At stride 1 also where the channels end in half a 64-byte vector (728 = 45.5 x 16 floats), the
     // rest one 32-byte vector in 4-pixel blocks, though half the pixels' vectors then straddle two
-    // lines: against 4 pixels x one 32-byte vector for all, interleaved, two threads, from DRAM:
-    // 8x728x19x19 0.46 -> 0.37 ms (eager 0.65), 8x232x28x28 0.357 -> 0.247, 8x24x112x112 0.50 ->
-    // 0.42, 8x72x56x56 0.355 -> 0.300. At stride 2 they lost (8x40x112x112 0.527 -> 0.546, 8x72x56x56
-    // 0.209 -> 0.238), so stride 2 keeps whole vectors only.
+    // lines: against 4 pixels x one 32-byte vector for all, interleaved, two threads, from DRAM (copy
+    // 42 GB/s): 8x728x19x19 0.53 -> 0.42 ms (eager 0.70; hot 0.45 -> 0.36, eager 0.32), 8x232x28x28
+    // 0.29 -> 0.25, 8x24x112x112 0.58 -> 0.53, 8x72x56x56 0.38 -> 0.34. At stride 2 they lost
+    // (8x40x112x112 0.527 -> 0.546, 8x72x56x56 0.209 -> 0.238), so stride 2 keeps whole vectors only.
     if (g.kH == 3 && g.kW == 3 && g.Wo >= 8 && kAvx512Machine) {
       if (g.sW == 1 && g.Cm * static_cast<int64_t>(sizeof(T)) >= 64)
         return cl_staged_row_sweep3<T, 1, 8, 64>(rows, ps, xn, i, wt, bias, yr, g);
