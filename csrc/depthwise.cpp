@@ -73,6 +73,7 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
   const int64_t K = g.kH * g.kW;
 #if defined(__AVX512F__)
   if (!cl && masked_planes(g)) return fwd_masked(x, w, bias, y, g);  // small "same" planes (depthwise_masked.h)
+  if (!cl && masked_phase_planes(g)) return fwd_masked_s2(x, w, bias, y, g);  // small planes at stride 2
 #endif
   if (!cl) {
     const int64_t rb = rows_per_task(g.N * g.Cm, g.Ho), nb = ceil_div(g.Ho, rb);

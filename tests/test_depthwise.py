@@ -214,6 +214,21 @@ def test_nchw_wide_rows(backend, dtype, case):
     test_forward_backward(backend, dtype, case, False)
 
 
+# NCHW at stride 2 on small planes: AVX-512 builds stage the input's four row/column-parity planes
+# and sweep the output plane whole (fwd_masked_s2): even and odd sizes (a last even column or row
+# without its odd partner), 5x5 and 3x5 windows, one-sided padding, a multiplier of 2, outputs
+# under one vector (3x3) and over (19x19); "valid" padding and padding that leaves input beyond the
+# phase planes fall back to the row kernels.
+@pytest.mark.parametrize("case", [(2, 5, 14, 14, 3, 2, 1, 1, 1), (1, 3, 15, 13, 5, 2, 2, 1, 2),
+                                  (1, 4, 7, 8, (3, 5), 2, (1, 2), 1, 1), (2, 3, 9, 20, 4, 2, 1, 1, 1),
+                                  (1, 2, 5, 6, 3, 2, (1, 0), 1, 1), (1, 3, 38, 37, 3, 2, 1, 1, 1),
+                                  (1, 2, 14, 15, 3, 2, "valid", 1, 1), (1, 2, 11, 11, 3, 2, 0, 1, 1)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+def test_nchw_stride2_small_planes(backend, dtype, case):
+    test_forward_backward(backend, dtype, case, False)
+
+
 # NCHW planes whose output keeps the input's size at stride 1 and that hold at most 7200 / K
 # elements: AVX-512 builds sweep them whole in masked 64-byte vectors (depthwise_masked.h), the
 # input gradient too (multipliers 2 and 3 sum several grad_y planes) and, with 8+ output channels,
