@@ -51,6 +51,12 @@ def _worker(rank, init_file, out_dir):
             torch.optim.SGD(model.parameters(), lr=0.1).step()
             result["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Gloo's worker threads free each finished collective's work, whose saved thread-local state
+        # can hold a Python object (a GIL acquire); destroy_process_group joins those threads while
+        # holding the GIL, and hung about one run in fifteen under load (torch 2.13) when a DDP
+        # all-reduce's work was still being freed. A barrier issued here, outside the autograd
+        # engine's hooks, is the last work either rank queues, so destruction meets idle threads.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
