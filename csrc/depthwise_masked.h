@@ -66,7 +66,6 @@ struct PlaneTaps {
   int64_t HW, nv, K, last;  // last: the last vector's start
   std::vector<int64_t> offs;
   std::vector<PlaneMask<T>> mask, live;
-  std::vector<PlaneMask<T>> by_vector;  // mask transposed: [v*K + t] (the weight gradient's order)
 
   PlaneTaps(int64_t H, int64_t W, const std::vector<int64_t>& di, const std::vector<int64_t>& dj, bool overlap)
       : HW(H * W), nv(ceil_div(H * W, L)), K(static_cast<int64_t>(di.size())),
@@ -83,11 +82,15 @@ struct PlaneTaps {
         for (int64_t t = 0; t < K; ++t)
           if (i + di[t] >= 0 && i + di[t] < H && j + dj[t] >= 0 && j + dj[t] < W) mask[t * nv + v] |= bit;
       }
-    by_vector.resize(mask.size());
-    for (int64_t t = 0; t < K; ++t)
-      for (int64_t v = 0; v < nv; ++v) by_vector[v * K + t] = mask[t * nv + v];
   }
   int64_t start(int64_t v) const { return v + 1 < nv ? v * L : last; }
+  // mask transposed, [v*K + t]: a vector's masks of all taps side by side (the weight gradient's order)
+  std::vector<PlaneMask<T>> by_vector() const {
+    std::vector<PlaneMask<T>> m(mask.size());
+    for (int64_t t = 0; t < K; ++t)
+      for (int64_t v = 0; v < nv; ++v) m[v * K + t] = mask[t * nv + v];
+    return m;
+  }
 };
 
 // Whether g's NCHW passes take the masked plane sweeps: stride 1, output of the input's size, planes
@@ -158,20 +161,29 @@ PlaneTaps<T> window_taps(const DwGeom& g, int64_t sign, bool overlap) {
   return PlaneTaps<T>(g.H, g.W, di, dj, overlap);
 }
 
+// A thread's staging buffer for sweep_planes: `scratch` zeros, and the source plane it holds.
+template <class T>
+struct PlaneScratch {
+  std::vector<T> buf;
+  const T* holds = nullptr;
+};
+
 // Sweeps `planes` output planes of pt's size, nt taps each (pt's K taps, repeated per source plane):
-// plane(p, src, scratch) fills src[0, nt) with the shifted source of each tap (in the thread's
-// scratch where it stages them), prefetches ahead and returns {weights, bias, destination}.
+// plane(p, src, sc) fills src[0, nt) with the shifted source of each tap (staged into the thread's
+// sc, `scratch` elements zeroed once, where it stages them), prefetches ahead and returns
+// {weights, bias, destination}.
 template <class T, class F>
-void sweep_planes(const PlaneTaps<T>& pt, int64_t nt, int64_t planes, F plane) {
+void sweep_planes(const PlaneTaps<T>& pt, int64_t nt, int64_t planes, F plane, int64_t scratch = 0) {
   std::vector<const PlaneMask<T>*> mrow(static_cast<size_t>(nt));
   for (int64_t t = 0; t < nt; ++t) mrow[t] = pt.mask.data() + (t % pt.K) * pt.nv;
 #pragma omp parallel if (worth_threads(planes * pt.HW * nt))
   {
     std::vector<const T*> src(static_cast<size_t>(nt));
-    std::vector<T> scratch;
+    PlaneScratch<T> sc;
+    sc.buf.assign(static_cast<size_t>(scratch), T(0));  // the same positions are staged for every plane
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < planes; ++p) {
-      const auto [w, b, dst] = plane(p, src.data(), scratch);
+      const auto [w, b, dst] = plane(p, src.data(), sc);
       sweep_plane(pt, src.data(), mrow.data(), w, nt, b, dst);
     }
   }
@@ -199,7 +211,7 @@ template <class T>
 void fwd_masked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g) {
   const int64_t K = g.kH * g.kW, HW = g.H * g.W;
   const PlaneTaps<T> pt = window_taps<T>(g, 1, true);
-  sweep_planes(pt, K, g.N * g.Cm, [&](int64_t plane, const T** src, std::vector<T>&) {
+  sweep_planes(pt, K, g.N * g.Cm, [&](int64_t plane, const T** src, PlaneScratch<T>&) {
     const int64_t n = plane / g.Cm, o = plane - n * g.Cm;
     const T* xp = x + (n * g.C + o / g.m) * HW;
     prefetch_plane_after_next(xp, HW, x + g.N * g.C * HW);
@@ -218,13 +230,18 @@ void fwd_masked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g) {
 // Interleaved, two threads, from DRAM (copy 47 GB/s), against the staged row kernels (eager): 3x3
 // 8x512x14x14 0.425 -> 0.224 ms (0.197), 8x256x38x38 0.477 -> 0.388 (0.551), 8x128x10x10 0.081 ->
 // 0.055 (0.054), 32x256x28x28 0.997 -> 0.743 (2.05); 5x5 8x240x28x28 0.301 -> 0.265 (0.329).
+struct Phase {
+  int64_t shift, parity;  // offset u = 2 * shift + parity
+  explicit Phase(int64_t u) : shift(floor_div(u, 2)), parity(u - 2 * floor_div(u, 2)) {}
+};
+
 inline bool masked_phase_planes(const DwGeom& g) {
   if (g.sH != 2 || g.sW != 2 || g.dH != 1 || g.dW != 1 || g.Ho * g.Wo == 0 || g.Ho * g.Wo * g.kH * g.kW > 7200)
     return false;
   auto fits = [](int64_t k, int64_t pad, int64_t out, int64_t in) {
     for (int64_t p = 0; p < k; ++p) {
-      const int64_t u = p - pad, d = floor_div(u, 2);
-      if (d > 0 && 2 * out + (u - 2 * d) < in) return false;  // phase row `out` would hold input
+      const Phase ph(p - pad);
+      if (ph.shift > 0 && 2 * out + ph.parity < in) return false;  // phase row `out` would hold input
     }
     return true;  // (input rows from 2 * out on are then read by no tap)
   };
@@ -237,28 +254,28 @@ void fwd_masked_s2(const T* x, const T* w, const T* bias, T* y, const DwGeom& g)
   std::vector<int64_t> di, dj, phase;
   for (int64_t p = 0; p < g.kH; ++p)
     for (int64_t q = 0; q < g.kW; ++q) {
-      const int64_t u = p - g.pT, v = q - g.pL;
-      di.push_back(floor_div(u, 2)), dj.push_back(floor_div(v, 2));
-      phase.push_back((u - 2 * floor_div(u, 2)) * 2 + (v - 2 * floor_div(v, 2)));
+      const Phase u(p - g.pT), v(q - g.pL);
+      di.push_back(u.shift), dj.push_back(v.shift), phase.push_back(u.parity * 2 + v.parity);
     }
   const PlaneTaps<T> pt(g.Ho, g.Wo, di, dj, true);
   const int64_t even = std::min(g.Wo, (g.W + 1) / 2), pairs = std::min(g.Wo, g.W / 2);
-  sweep_planes(pt, K, g.N * g.Cm, [&](int64_t plane, const T** src, std::vector<T>& buf) {
+  sweep_planes(pt, K, g.N * g.Cm, [&](int64_t plane, const T** src, PlaneScratch<T>& sc) {
     const int64_t n = plane / g.Cm, o = plane - n * g.Cm;
     const T* xp = x + (n * g.C + o / g.m) * HW;
+    T* P = sc.buf.data();
+    for (int64_t t = 0; t < K; ++t) src[t] = P + phase[t] * OW + pt.offs[t];
+    const auto out = std::tuple<const T*, T, T*>(w + o * K, bias ? bias[o] : T(0), y + plane * OW);
+    if (sc.holds == xp) return out;  // a multiplier's next output channel: the same input plane
+    sc.holds = xp;
     prefetch_plane_after_next(xp, HW, x + g.N * g.C * HW);
-    // the same positions are written for every plane, so the zeros around them stay
-    if (buf.size() != static_cast<size_t>(4 * OW)) buf.assign(static_cast<size_t>(4 * OW), T(0));
-    T* P = buf.data();
     for (int64_t ih = 0; ih < std::min(g.H, 2 * g.Ho); ++ih) {
       const int64_t a = ih & 1, r = ih >> 1;
       T *e = P + 2 * a * OW + r * g.Wo, *od = e + OW;
       split_even_odd(xp + ih * g.W, e, od, pairs);
       if (even > pairs) e[pairs] = xp[ih * g.W + 2 * pairs];
     }
-    for (int64_t t = 0; t < K; ++t) src[t] = P + phase[t] * OW + pt.offs[t];
-    return std::tuple<const T*, T, T*>(w + o * K, bias ? bias[o] : T(0), y + plane * OW);
-  });
+    return out;
+  }, 4 * OW);
 }
 
 // Input gradient: grad_x(n, c) = sum over its m output channels o = c*m + r and taps t of
@@ -267,7 +284,7 @@ template <class T>
 void bwd_input_masked(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t K = g.kH * g.kW, HW = g.H * g.W;
   const PlaneTaps<T> pt = window_taps<T>(g, -1, true);
-  sweep_planes(pt, K * g.m, g.N * g.C, [&](int64_t plane, const T** src, std::vector<T>&) {
+  sweep_planes(pt, K * g.m, g.N * g.C, [&](int64_t plane, const T** src, PlaneScratch<T>&) {
     const int64_t n = plane / g.C, c = plane - n * g.C;
     const T* gyc = gy + (n * g.Cm + c * g.m) * HW;  // its m grad_y planes, one after another
     prefetch_plane_after_next(gyc, g.m * HW, gy + g.N * g.Cm * HW);
@@ -281,13 +298,14 @@ void bwd_input_masked(const T* gy, const T* w, T* gx, const DwGeom& g) {
 // acc[t] += grad_y * x shifted by offs[t0 + t] over the pairs inside the plane, for NT taps, and
 // *accb += grad_y where BIAS: one plane's products, every vector of grad_y loaded once for all NT
 // taps. The accumulators live in memory (vectors) across the planes of one channel.
-// Each tap's plane pointer and a vector's masks side by side (by_vector) are set once a plane: read
+// Each tap's plane pointer and a vector's masks side by side (PlaneTaps::by_vector) are set once a plane: read
 // per tap and vector through pt, the offsets and mask indices were reloaded and recomputed in the
 // loop, five instructions an FMA. Interleaved, two threads, from DRAM (copy 43 GB/s): 8x728x19x19
 // 0.82 -> 0.72 ms, 32x512x7x7 1.42 -> 1.28, 8x1152x7x7 5x5 0.61 -> 0.52, 8x256x28x28 0.68 -> 0.62;
 // hot, 8x728x19x19 0.50 -> 0.40.
 template <class T, int NT, bool BIAS>
-DLK_INLINE void plane_dots(const PlaneTaps<T>& pt, const T* gyp, const T* xp, int64_t t0, Zv<T>* acc, Zv<T>* accb) {
+DLK_INLINE void plane_dots(const PlaneTaps<T>& pt, const PlaneMask<T>* by_vector, const T* gyp, const T* xp, int64_t t0,
+                           Zv<T>* acc, Zv<T>* accb) {
   constexpr int L = PlaneTaps<T>::L;
   Zv<T> a[NT], ab = BIAS ? *accb : Zv<T>{};
 #pragma GCC unroll 16
@@ -295,7 +313,7 @@ DLK_INLINE void plane_dots(const PlaneTaps<T>& pt, const T* gyp, const T* xp, in
   const T* xs[NT];  // each tap's shifted plane
 #pragma GCC unroll 16
   for (int t = 0; t < NT; ++t) xs[t] = xp + pt.offs[t0 + t];
-  const PlaneMask<T>* mv = pt.by_vector.data() + t0;  // vector v's masks of these taps, side by side
+  const PlaneMask<T>* mv = by_vector + t0;  // vector v's masks of these taps, side by side
   for (int64_t v = 0; v < pt.nv; ++v, mv += pt.K) {
     const Zv<T> gv = mload<T>(pt.live[v], gyp + v * L);
     if (BIAS) ab += gv;
@@ -318,6 +336,7 @@ void bwd_weight_masked(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
   constexpr int L = PlaneTaps<T>::L;
   const int64_t K = g.kH * g.kW, HW = g.H * g.W;
   const PlaneTaps<T> pt = window_taps<T>(g, 1, false);  // (an overlapping vector would count its lanes twice)
+  const std::vector<PlaneMask<T>> by_vector = pt.by_vector();
   const int64_t flush_every = std::max<int64_t>(1, 512 / pt.nv);  // planes
   const int64_t group = ceil_div(K, ceil_div(K, 8));              // 9 taps as 5 + 4, not 8 + a lone 1
 #pragma omp parallel if (worth_threads(g.N * g.Cm * HW * K))
@@ -347,9 +366,9 @@ void bwd_weight_masked(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
           with_count<8>(std::min(group, K - t0), [&](auto NT) {
             constexpr int nt = decltype(NT)::value;
             if (t0 == 0 && gb)
-              plane_dots<T, nt, true>(pt, gyp, xp, t0, acc.data() + t0, acc.data() + K);
+              plane_dots<T, nt, true>(pt, by_vector.data(), gyp, xp, t0, acc.data() + t0, acc.data() + K);
             else
-              plane_dots<T, nt, false>(pt, gyp, xp, t0, acc.data() + t0, nullptr);
+              plane_dots<T, nt, false>(pt, by_vector.data(), gyp, xp, t0, acc.data() + t0, nullptr);
           });
         if ((n + 1) % flush_every == 0 || n + 1 == g.N) flush();
       }
