@@ -217,18 +217,34 @@ inline int64_t cl_group_rows(int64_t C) { return std::max<int64_t>(1, RUN / std:
 // Planes up to this size (7x7, 8x8) take channel_sums2's small-plane path (no gain measured at 14x14).
 constexpr int64_t kSmallPlane = 64;
 
-// Calls seg(i0, c, len) for the runs within one plane (channel c) that make up NCS block blk, the
-// flat offsets [blk * RUN, (blk + 1) * RUN) clipped to the array: a block spans as many planes as fit,
-// so that small planes (7x7) are not one scheduling unit each.
+// Calls seg(i0, c, len) for the runs within one plane (channel c) that make up the flat range [b0, b1)
+// of an NCS array.
 template <class G>
-DLK_INLINE void ncs_segments(const Bn3& d, int64_t blk, G seg) {
-  const int64_t b0 = blk * RUN, b1 = std::min(d.N * d.C * d.S, b0 + RUN);
+DLK_INLINE void ncs_runs(const Bn3& d, int64_t b0, int64_t b1, G seg) {
   int64_t c = (b0 / d.S) % d.C, end = (b0 / d.S + 1) * d.S;
   for (int64_t i0 = b0; i0 < b1; end += d.S) {
     const int64_t len = std::min(b1, end) - i0;
     seg(i0, c, len);
     i0 += len;
     if (++c == d.C) c = 0;
+  }
+}
+// The runs of NCS block blk, the flat offsets [blk * RUN, (blk + 1) * RUN) clipped to the array: a
+// block spans as many planes as fit, so that small planes (7x7) are not one scheduling unit each.
+template <class G>
+DLK_INLINE void ncs_segments(const Bn3& d, int64_t blk, G seg) {
+  ncs_runs(d, blk * RUN, std::min(d.N * d.C * d.S, blk * RUN + RUN), seg);
+}
+// Calls blk(b0, b1) for the blocks of at most RUN elements that make up channels [c0, c1) of an NCS
+// array, n by n (at each n the group's planes are one contiguous segment), and q, the byte offset of
+// b0 in that sequence of segments.
+template <class T, class G>
+DLK_INLINE void group_blocks(const Bn3& d, int64_t c0, int64_t c1, G blk) {
+  const int64_t len = (c1 - c0) * d.S;
+  for (int64_t n = 0; n < d.N; ++n) {
+    const int64_t s0 = (n * d.C + c0) * d.S;
+    for (int64_t b0 = s0; b0 < s0 + len; b0 += RUN)
+      blk(b0, std::min(s0 + len, b0 + RUN), (n * len + b0 - s0) * static_cast<int64_t>(sizeof(T)));
   }
 }
 
@@ -253,6 +269,37 @@ DLK_INLINE void add_run(const F& f, int64_t i0, int64_t c, int64_t n, const T* w
   }
 }
 
+// acc_a += sum of a, acc_b += sum of b over one NCS run (channel c, n elements from flat offset i0):
+// lane-wise partial sums (independent adds vectorize without reassociating a reduction), folded in
+// T, added in double; 32 lanes: enough independent vector adds, few to clear and fold for a 7x7 plane.
+template <class T, class F>
+DLK_INLINE void run_sums(const F& f, int64_t i0, int64_t c, int64_t n, const T* w, double& acc_a, double& acc_b) {
+  constexpr int BL = 32;
+  T pa[BL] = {}, pb[BL] = {};
+  int64_t s = 0;
+  for (; s + BL <= n; s += BL) add_run<false>(f, i0 + s, c, BL, w + s, pa, pb);
+  add_run<false>(f, i0 + s, c, n - s, w + s, pa, pb);
+  acc_a += fold_lanes<BL>(pa);
+  acc_b += fold_lanes<BL>(pb);
+}
+
+// Small planes (up to kSmallPlane): the planes of channels [c0, c1) at one n are added elementwise into
+// S-wide accumulator rows per channel (A, B: (c1 - c0) x S, in L1), which fold_rows adds into the double
+// sums once per kFoldPlanes planes: folding 2 x 32 lanes for every 49-element plane cost more than
+// the sums (the 7x7 statistics pass ran at 7 GB/s, against 27 for the same bytes channels-last).
+constexpr int64_t kFoldPlanes = 16;
+template <class T>
+void fold_rows(const Bn3& d, int64_t nc, T* A, T* B, double* acc_a, double* acc_b) {
+  for (int64_t j = 0; j < nc; ++j) {
+    double sa = 0, sb = 0;
+    for (int64_t k = 0; k < d.S; ++k) sa += A[j * d.S + k], sb += B[j * d.S + k];
+    acc_a[j] += sa;
+    acc_b[j] += sb;
+  }
+  std::fill(A, A + nc * d.S, T(0));
+  std::fill(B, B + nc * d.S, T(0));
+}
+
 // Per-channel sums of two per-element values: f(i, c, wk, a, b) sets a and b for the element at flat
 // offset i in channel c. Short runs are summed in T (vectorized), runs are accumulated per thread in
 // double, threads merged at the end in a fixed order: accurate for large N*S and deterministic.
@@ -272,6 +319,76 @@ struct Ahead {
   const T* p[3] = {nullptr, nullptr, nullptr};
   bool any() const { return p[0] != nullptr; }
 };
+// Prefetches a channel group's planes (its n-major segments, one contiguous run of (c1 - c0) planes
+// at each n) of up to three arrays kSumsAhead bytes ahead of their reader: the hardware prefetchers
+// restart at each segment, and without this the statistics over 32x1024x14x14 read by segments ran
+// at half the rate of one sequential sweep (two threads, Zen5: 1.22 against 0.68 ms).
+template <class T>
+struct GroupPrefetch {
+  Ahead<T> a;
+  int64_t stride, len, nseg;  // bytes from one segment to the next, bytes in one, segments
+  int64_t n = 0, off = 0;     // the next line to fetch: segment and byte offset in it
+  GroupPrefetch(const Bn3& d, int64_t c0, int64_t c1, Ahead<T> ahead)
+      : a(ahead), stride(d.C * d.S * static_cast<int64_t>(sizeof(T))),
+        len((c1 - c0) * d.S * static_cast<int64_t>(sizeof(T))), nseg(d.N) {
+    for (int k = 0; k < 3; ++k)
+      if (a.p[k]) a.p[k] += c0 * d.S;
+  }
+  // before the reader starts the plane at byte q of the group's sequence (of `plane` bytes): that
+  // plane's lines and kSumsAhead bytes beyond
+  void before(int64_t q, int64_t plane) {
+    if (!a.any()) return;
+    const int64_t q_end = q + plane + kSumsAhead;
+    while (n < nseg && n * len + off < q_end) {
+      for (const T* p : a.p)
+        if (p) __builtin_prefetch(reinterpret_cast<const char*>(p) + n * stride + off);
+      off += 64;
+      if (off >= len) {
+        for (const T* p : a.p)  // the segment's last line, which off may have stepped past
+          if (p) __builtin_prefetch(reinterpret_cast<const char*>(p) + n * stride + len - 1);
+        ++n, off = 0;
+      }
+    }
+  }
+};
+
+// NCS: the per-channel sums (sa[c - c0], sb[c - c0], in double, zeroed here) of f's two values over the
+// planes of channels [c0, c1), n by n in order, block by block (group_blocks); f, pre, w as in
+// channel_sums2 below. A, B: the small-plane accumulator rows (fold_rows), (c1 - c0) x S each, unused
+// for larger planes. ahead: the arrays f reads, prefetched (GroupPrefetch).
+template <class T, class P, class F>
+void channel_group_sums(const Bn3& d, int64_t c0, int64_t c1, const P& pre, const F& f, T* w, T* A, T* B, double* sa,
+                        double* sb, Ahead<T> ahead) {
+  const int64_t nc = c1 - c0;
+  const bool small = d.S <= kSmallPlane;
+  GroupPrefetch<T> pf(d, c0, c1, ahead);
+  std::fill(sa, sa + nc, 0.0);
+  std::fill(sb, sb + nc, 0.0);
+  if (small) {
+    std::fill(A, A + nc * d.S, T(0));
+    std::fill(B, B + nc * d.S, T(0));
+  }
+  int64_t ns = 0;  // small: the n's whose planes are summed (A, B fold every kFoldPlanes of them)
+  group_blocks<T>(d, c0, c1, [&](int64_t b0, int64_t b1, int64_t q) {
+    pf.before(q, (b1 - b0) * static_cast<int64_t>(sizeof(T)));
+    if constexpr (P::active) {
+      ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) { pre.fill(i0, c, len, w + (i0 - b0)); });
+      pre.finish(w, b1 - b0);
+    }
+    ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) {
+      const int64_t j = c - c0;
+      if (small) {
+        const int64_t o = j * d.S + i0 % d.S;
+        add_run<false>(f, i0, c, len, w + (i0 - b0), A + o, B + o);
+        if (j == nc - 1 && (i0 + len) % d.S == 0 && (++ns % kFoldPlanes == 0 || i0 / d.S / d.C == d.N - 1))
+          fold_rows(d, nc, A, B, sa, sb);
+      } else {
+        run_sums(f, i0, c, len, w + (i0 - b0), sa[j], sb[j]);
+      }
+    });
+  });
+}
+
 template <class T, class P, class F>
 void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, Ahead<T> ahead = {}) {
   // Each thread's 2C partials padded to whole cache lines (plus one), so the two threads' blocks never
@@ -279,38 +396,21 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, Ahead
   const int64_t width = (2 * d.C + 7) / 8 * 8 + 8;
   ThreadPartials<double> part(width);
   if (!d.cl && d.S <= kSmallPlane) {
-    // Small planes (ResNet's 7x7, up to kSmallPlane): a thread takes a block of channels and, plane by plane
-    // (n), adds each channel's S values elementwise into an S-wide accumulator row per channel (L1),
-    // folded into the double partials once per kFold planes. The per-plane path below clears and
-    // folds 2 x 32 lanes for every plane, which on 49-element planes cost more than the sums (the
-    // 7x7 statistics pass ran at 7 GB/s, against 27 for the same bytes channels-last).
-    constexpr int64_t kFold = 16;
+    // Small planes (ResNet's 7x7): a thread takes a block of channels (fold_rows)
     const int64_t cb = std::max<int64_t>(1, 2048 / d.S), blocks = ceil_div(d.C, cb);
 #pragma omp parallel if (worth_threads(d.N * d.C * d.S))
     {
       std::vector<T> wbuf(cb * d.S), abuf(cb * d.S), bbuf(cb * d.S);
       T *w = wbuf.data(), *A = abuf.data(), *B = bbuf.data();
+      std::vector<double> sa(cb), sb(cb);
       double* acc = part.mine();
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t c0 = blk * cb, c1 = std::min(d.C, c0 + cb);
-        for (int64_t n0 = 0; n0 < d.N; n0 += kFold) {
-          std::fill(A, A + (c1 - c0) * d.S, T(0));
-          std::fill(B, B + (c1 - c0) * d.S, T(0));
-          for (int64_t n = n0; n < std::min(d.N, n0 + kFold); ++n) {
-            for (int64_t c = c0; c < c1; ++c) pre.fill((n * d.C + c) * d.S, c, d.S, w + (c - c0) * d.S);
-            pre.finish(w, (c1 - c0) * d.S);
-            for (int64_t c = c0; c < c1; ++c) {
-              const int64_t i0 = (n * d.C + c) * d.S;
-              add_run<false>(f, i0, c, d.S, w + (c - c0) * d.S, A + (c - c0) * d.S, B + (c - c0) * d.S);
-            }
-          }
-          for (int64_t c = c0; c < c1; ++c) {
-            double sa = 0, sb = 0;
-            for (int64_t k = 0; k < d.S; ++k) sa += A[(c - c0) * d.S + k], sb += B[(c - c0) * d.S + k];
-            acc[c] += sa;
-            acc[d.C + c] += sb;
-          }
+        channel_group_sums(d, c0, c1, pre, f, w, A, B, sa.data(), sb.data(), Ahead<T>{});
+        for (int64_t c = c0; c < c1; ++c) {
+          acc[c] += sa[c - c0];
+          acc[d.C + c] += sb[c - c0];
         }
       }
     }
@@ -329,16 +429,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, Ahead
           pre.finish(w, std::min(d.N * d.C * d.S, b0 + RUN) - b0);
         }
         ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) {
-          const T* wr = w + (i0 - b0);
-          // Lane-wise partial sums (independent adds vectorize without reassociating a reduction);
-          // 32 lanes: enough independent vector adds, few to clear and fold for a 7x7 plane.
-          constexpr int BL = 32;
-          T pa[BL] = {}, pb[BL] = {};
-          int64_t s = 0;
-          for (; s + BL <= len; s += BL) add_run<false>(f, i0 + s, c, BL, wr + s, pa, pb);
-          add_run<false>(f, i0 + s, c, len - s, wr + s, pa, pb);
-          acc[c] += fold_lanes<BL>(pa);
-          acc[d.C + c] += fold_lanes<BL>(pb);
+          run_sums(f, i0, c, len, w + (i0 - b0), acc[c], acc[d.C + c]);
         });
       }
     }
@@ -420,6 +511,13 @@ bool streams(const Bn3& d, int arrays) {
   return streams_outputs(arrays * d.N * d.C * d.S * static_cast<int64_t>(sizeof(T)));
 }
 
+// f(i, c, w[k], oa + k, ob + k) for the n elements of one NCS run of channel c from flat offset i0.
+template <class T, class F>
+DLK_INLINE void map_run_ncs(const F& f, int64_t i0, int64_t c, int64_t n, const T* w, T* oa, T* ob) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) f(i0 + k, c, w[k], oa + k, ob + k);
+}
+
 // Runs f(i, c, wk, oa, ob) for every element (flat offset i, channel c), vectorized along the
 // contiguous axis: f stores its values for out.a[i] (and out.b[i]) at *oa (and *ob). The work is split
 // in blocks of about RUN consecutive flat offsets: in NCS a block spans as many planes as fit, so that
@@ -444,8 +542,7 @@ void channel_map(const Bn3& d, P pre, F f, MapOut<T> out) {
         T* oa = out.stream ? abuf.data() + (i0 - b0) : out.a + i0;
         T* ob = !out.b ? oa : out.stream ? bbuf.data() + (i0 - b0) : out.b + i0;  // (unwritten without b)
         if (c >= 0) {
-#pragma omp simd
-          for (int64_t s = 0; s < len; ++s) f(i0 + s, c, wr[s], oa + s, ob + s);
+          map_run_ncs(f, i0, c, len, wr, oa, ob);
         } else {
           for (int64_t o = 0; o < len; o += d.C) {
 #pragma omp simd
@@ -467,6 +564,88 @@ void channel_map(const Bn3& d, P pre, F f, MapOut<T> out) {
         stream_copy(out.a + b0, abuf.data(), b1 - b0);
         if (out.b) stream_copy(out.b + b0, bbuf.data(), b1 - b0);
       }
+    }
+    if (out.stream) stream_fence();
+  }
+}
+
+// Training's second pass reads again what its first read: the forward's apply reads x after the
+// statistics did, the backward's apply grad_y, y (or the residual) and x after the reduce did. In the
+// order of channel_sums2 and channel_map those second reads come from DRAM again (a layer's tensors
+// are far beyond the caches). In NCS a channel's data is N contiguous planes, so a thread can take
+// whole channels and run both passes on each group of them back to back: the second pass finds the
+// group's planes in its L2 (or L3: the reuse distance is the group's bytes, whatever the tensor's).
+// A training step then moves 8 tensors instead of 11 (forward x, residual, y; backward grad_y, y, x,
+// grad_x, grad_residual). Channels-last has no such order: a channel's elements are strided through every
+// row, and reading 64 bytes of each 1 KiB row ran at half the sequential rate (two threads, Zen5,
+// 19 against 35 GB/s), more than the saved reads are worth.
+// Where it pays was measured (two threads, Zen5, interleaved in one process, input from DRAM, in both
+// of this host's bandwidth states, copy at ~42 and ~70 GB/s):
+// - planes up to kSmallPlane, forward and backward: 32x2048x7x7 forward 1.60-1.91 -> 1.01-1.09 ms,
+//   backward 2.42-2.76 -> 2.08-2.12; 8x1152x7x7 0.25 -> 0.19, 0.36 -> 0.31 (the two-pass order also
+//   costs more there than its bytes: its NCS blocks cut the 49-element planes);
+// - larger planes, the backward where one tensor is past half the LLC (its reduce pass's three
+//   inputs and dz then leave the LLC before the apply rereads them): at 42 GB/s 32x256x56x56
+//   16.3-18.8 -> 12.5-14.1, 32x512x28x28 9.0-9.3 -> 6.8-7.3, 32x1024x14x14 5.0-5.3 -> 4.1-4.2,
+//   8x128x75x75 3.5-3.9 -> 2.9-3.3; at 70 GB/s, where the passes are not bound by DRAM, 10.4 ->
+//   11.2, 5.7 -> 5.6, 4.0 -> 3.8, 2.4 -> 2.4 (the 26-32 GB/s Zen3 and the Xeon are always bound);
+// - not the forward on larger planes: 5-10 % faster at 42 GB/s, 0-37 % slower at 70 (by segments
+//   of a channel group's planes, DRAM reads ran slower than one sweep); nor smaller tensors, whose
+//   second reads the LLC already serves (8x728x19x19 backward 1.05 -> 1.18 ms at 70 GB/s).
+// Per thread, the arrays a group's planes span must stay cached (kResidentBytes a channel), and the
+// channels must be enough to keep the threads evenly busy.
+constexpr int64_t kResidentBytes = int64_t{4} << 20;
+template <class T>
+bool resident(const Bn3& d, int arrays, bool forward) {
+  const int64_t bytes = d.N * d.C * d.S * static_cast<int64_t>(sizeof(T));
+  if (d.cl || d.C < 4 * static_cast<int64_t>(omp_get_max_threads()) ||
+      arrays * d.N * d.S * static_cast<int64_t>(sizeof(T)) > kResidentBytes)
+    return false;
+  return d.S <= kSmallPlane || (!forward && 2 * bytes >= llc_bytes());
+}
+
+// Both passes per group of channels (NCS): sums of fs's two values over the group's planes
+// (channel_group_sums, prologue pre_s), then mid(c0, c1, sa, sb) with the group's sums (sa[c - c0]),
+// which sets the per-channel values fm reads, then fm over the same planes as channel_map runs it
+// (prologue pre_m, outputs out). Groups of channels of about kGroupBytes a plane set, so that 7x7
+// planes are not one scheduling unit each.
+template <class T, class PS, class FS, class MID, class PM, class FM>
+void ncs_resident(const Bn3& d, PS pre_s, FS fs, MID mid, PM pre_m, FM fm, MapOut<T> out, Ahead<T> ahead_s,
+                  Ahead<T> ahead_m) {
+  constexpr int64_t kGroupBytes = 64 << 10;
+  const int64_t planes = d.N * d.S * static_cast<int64_t>(sizeof(T));  // one channel's, one array
+  int64_t cg = std::clamp<int64_t>(kGroupBytes / planes, 1, ceil_div(d.C, omp_get_max_threads()));
+  if (d.S <= kSmallPlane) cg = std::min(cg, std::max<int64_t>(1, RUN / d.S));  // accumulator rows within RUN
+  const int64_t groups = ceil_div(d.C, cg);
+#pragma omp parallel if (worth_threads(d.N * d.C * d.S))
+  {
+    const bool small = d.S <= kSmallPlane;
+    std::vector<T> wbuf(RUN), abuf(small ? cg * d.S : 0), bbuf(small ? cg * d.S : 0);
+    std::vector<T> oabuf(out.stream ? RUN : 0), obbuf(out.stream && out.b ? RUN : 0);
+    std::vector<double> sa(cg), sb(cg);
+    T* w = wbuf.data();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * cg, c1 = std::min(d.C, c0 + cg);
+      channel_group_sums(d, c0, c1, pre_s, fs, w, abuf.data(), bbuf.data(), sa.data(), sb.data(), ahead_s);
+      mid(c0, c1, sa.data(), sb.data());
+      GroupPrefetch<T> pf(d, c0, c1, ahead_m);
+      group_blocks<T>(d, c0, c1, [&](int64_t b0, int64_t b1, int64_t q) {
+        pf.before(q, (b1 - b0) * static_cast<int64_t>(sizeof(T)));
+        if constexpr (PM::active) {
+          ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) { pre_m.fill(i0, c, len, w + (i0 - b0)); });
+          pre_m.finish(w, b1 - b0);
+        }
+        ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) {
+          T* oa = out.stream ? oabuf.data() + (i0 - b0) : out.a + i0;
+          T* ob = !out.b ? oa : out.stream ? obbuf.data() + (i0 - b0) : out.b + i0;
+          map_run_ncs(fm, i0, c, len, w + (i0 - b0), oa, ob);
+        });
+        if (out.stream) {
+          stream_copy(out.a + b0, oabuf.data(), b1 - b0);
+          if (out.b) stream_copy(out.b + b0, obbuf.data(), b1 - b0);
+        }
+      });
     }
     if (out.stream) stream_fence();
   }
@@ -534,44 +713,58 @@ T* out_vec(py::array& a, const char* name, const Bn3& d) {
 template <class T>
 struct Fold {
   std::vector<T> invstd, scale, shift;
+  explicit Fold(int64_t C) : invstd(C), scale(C), shift(C) {}
+  void set(int64_t c, T mu, T vr, const T* wt, const T* bs, double eps) {
+    invstd[c] = T(1) / std::sqrt(vr + static_cast<T>(eps));
+    scale[c] = wt ? wt[c] * invstd[c] : invstd[c];
+    shift[c] = -mu * scale[c] + (bs ? bs[c] : T(0));
+  }
 };
 template <class T>
 Fold<T> fold(const Bn3& d, const T* mu, const T* vr, const T* wt, const T* bs, double eps) {
-  Fold<T> f{std::vector<T>(d.C), std::vector<T>(d.C), std::vector<T>(d.C)};
-  for (int64_t c = 0; c < d.C; ++c) {
-    f.invstd[c] = T(1) / std::sqrt(vr[c] + static_cast<T>(eps));
-    f.scale[c] = wt ? wt[c] * f.invstd[c] : f.invstd[c];
-    f.shift[c] = -mu[c] * f.scale[c] + (bs ? bs[c] : T(0));
-  }
+  Fold<T> f(d.C);
+  for (int64_t c = 0; c < d.C; ++c) f.set(c, mu[c], vr[c], wt, bs, eps);
   return f;
 }
 
+// The statistics are sums of x - K[c] with K[c] a sample of channel c: no cancellation for a large
+// mean with a small spread, which E[x^2] - E[x]^2 on raw values would suffer.
+template <class T>
+struct Stats {
+  std::vector<T> K;
+  double count;
+  Stats(const Bn3& d, const T* x) : K(d.C, T(0)), count(static_cast<double>(d.N * d.S)) {
+    if (d.N * d.S > 0)
+      for (int64_t c = 0; c < d.C; ++c) K[c] = x[d.cl ? c : c * d.S];
+  }
+  // the two sums channel_sums2 takes, a = x - K[c] and a * a
+  auto sums(const T* x) const {
+    const T* k = K.data();
+    return [=](int64_t i, int64_t c, T, T& a, T& b) {
+      a = x[i] - k[c];
+      b = a * a;
+    };
+  }
+  // mean and biased variance of channel c from its two sums
+  void finish(int64_t c, double sa, double sb, T* mo, T* vo) const {
+    const double m1 = sa / count;
+    mo[c] = static_cast<T>(K[c] + m1);
+    vo[c] = static_cast<T>(std::max(0.0, sb / count - m1 * m1));
+  }
+};
+
 template <class T>
 void stats_pass(const Bn3& d, const T* x, T* mo, T* vo) {
-  // Sums of x - K[c] with K[c] a sample of channel c: no cancellation for a large mean with a
-  // small spread, which E[x^2] - E[x]^2 on raw values would suffer.
-  std::vector<T> shift(d.C, T(0));
-  if (d.N * d.S > 0)
-    for (int64_t c = 0; c < d.C; ++c) shift[c] = x[d.cl ? c : c * d.S];
-  const T* K = shift.data();
+  const Stats<T> st(d, x);
   std::vector<double> sa(d.C), sb(d.C);
-  channel_sums2<T>(d, NoPrep{}, [=](int64_t i, int64_t c, T, T& a, T& b) {
-    a = x[i] - K[c];
-    b = a * a;
-  }, sa.data(), sb.data(), Ahead<T>{{x}});
-  const double cnt = static_cast<double>(d.N * d.S);
-  for (int64_t c = 0; c < d.C; ++c) {
-    const double m1 = sa[c] / cnt;
-    mo[c] = static_cast<T>(K[c] + m1);
-    vo[c] = static_cast<T>(std::max(0.0, sb[c] / cnt - m1 * m1));
-  }
+  channel_sums2<T>(d, NoPrep{}, st.sums(x), sa.data(), sb.data(), Ahead<T>{{x}});
+  for (int64_t c = 0; c < d.C; ++c) st.finish(c, sa[c], sb[c], mo, vo);
 }
 
-// y = act(x * scale[c] + shift[c] (+ r))
-template <class T>
-void apply_pass(const Bn3& d, const T* x, const T* r, const Fold<T>& fo, Act act, T* y) {
-  const T* sc = fo.scale.data();
-  const T* sh = fo.shift.data();
+// Runs body(f, pre) with the apply's element functor y = act(x * scale[c] + shift[c] (+ r)) and its
+// prologue (silu's sigmoid), for the runtime activation and residual. sc and sh are read as f runs.
+template <class T, class B>
+void with_apply_fn(const T* x, const T* r, const T* sc, const T* sh, Act act, int64_t C, B body) {
   dispatch_act(act, r != nullptr, [&](auto A, auto R) {
     constexpr Act AV = decltype(A)::value;
     constexpr bool RV = decltype(R)::value;
@@ -580,11 +773,35 @@ void apply_pass(const Bn3& d, const T* x, const T* r, const Fold<T>& fo, Act act
       if constexpr (RV) z += r[i];
       *yi = activate<AV>(z, sig);
     };
-    const MapOut<T> out{y, nullptr, streams<T>(d, r ? 3 : 2)};
     if constexpr (AV == Act::Silu)
-      channel_map<T>(d, SiluPrep<false, RV, T>{x, sc, sh, r, d.C}, f, out);
+      body(f, SiluPrep<false, RV, T>{x, sc, sh, r, C});
     else
-      channel_map<T>(d, NoPrep{}, f, out);
+      body(f, NoPrep{});
+  });
+}
+
+template <class T>
+void apply_pass(const Bn3& d, const T* x, const T* r, const Fold<T>& fo, Act act, T* y) {
+  const MapOut<T> out{y, nullptr, streams<T>(d, r ? 3 : 2)};
+  with_apply_fn(x, r, fo.scale.data(), fo.shift.data(), act, d.C,
+                [&](auto f, auto pre) { channel_map<T>(d, pre, f, out); });
+}
+
+// The training forward with both passes per channel group (ncs_resident): statistics, the fold, apply.
+template <class T>
+void forward_train_resident(const Bn3& d, const T* x, const T* r, const T* wt, const T* bs, double eps, Act act,
+                            T* mo, T* vo, T* y) {
+  const Stats<T> st(d, x);
+  Fold<T> fo(d.C);
+  auto mid = [&](int64_t c0, int64_t c1, const double* sa, const double* sb) {
+    for (int64_t c = c0; c < c1; ++c) {
+      st.finish(c, sa[c - c0], sb[c - c0], mo, vo);
+      fo.set(c, mo[c], vo[c], wt, bs, eps);
+    }
+  };
+  const MapOut<T> out{y, nullptr, streams<T>(d, r ? 3 : 2)};
+  with_apply_fn(x, r, fo.scale.data(), fo.shift.data(), act, d.C, [&](auto f, auto pre) {
+    ncs_resident<T>(d, NoPrep{}, st.sums(x), mid, pre, f, out, Ahead<T>{{x}}, Ahead<T>{{r}});
   });
 }
 
@@ -616,54 +833,93 @@ DLK_INLINE void with_bwd_prep(const BwdInputs<T>& b, int64_t C, L loop) {
 // dz streamed out with non-temporal stores from a four-row buffer, as channel_map streams: slower at
 // 56x56, 28x28 and 14x14 (28x28 3.58 -> 4.02 ms at 73 GB/s; 1-3 % at 42), faster only at 8x128x75x75
 // (1.40 -> 1.31), in the same interleaved runs.
+// The reduce pass's element functor: dz and dz * (x - mean[c]), writing dz to dzo[i] when WRITE.
+template <Act A, bool RES, bool WRITE, class T>
+auto reduce_fn(const BwdInputs<T>& b, T* dzo) {
+  return [=](int64_t i, int64_t c, T wk, T& a, T& s) {
+    a = dz_at<A, RES>(b, i, wk);
+    if constexpr (WRITE) dzo[i] = a;
+    s = a * (b.x[i] - b.mean[c]);
+  };
+}
+
 template <class T>
 void reduce_pass(const Bn3& d, const BwdInputs<T>& b, Act act, T* dzo, double* sa, double* sb) {
   dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
     constexpr Act AV = decltype(A)::value;
     constexpr bool RV = decltype(R)::value;
     with_bwd_prep<AV, RV>(b, d.C, [&](auto pre) {
-      auto sums = [&](auto W) {
-        constexpr bool WV = decltype(W)::value;
-        channel_sums2<T>(d, pre, [=](int64_t i, int64_t c, T wk, T& a, T& s) {
-          a = dz_at<AV, RV>(b, i, wk);
-          if constexpr (WV) dzo[i] = a;
-          s = a * (b.x[i] - b.mean[c]);
-        }, sa, sb, Ahead<T>{{b.gy, b.x, AV == Act::Relu ? b.y : nullptr}});
-      };
+      const Ahead<T> ahead{{b.gy, b.x, AV == Act::Relu ? b.y : nullptr}};
       if (dzo)
-        sums(std::true_type{});
+        channel_sums2<T>(d, pre, reduce_fn<AV, RV, true>(b, dzo), sa, sb, ahead);
       else
-        sums(std::false_type{});
+        channel_sums2<T>(d, pre, reduce_fn<AV, RV, false>(b, dzo), sa, sb, ahead);
     });
   });
 }
 
-// grad_x = scale[c] * (dz - c_dz[c] - (x - mean[c]) * cx[c]) into gx, and dz into gr (either may be null).
+// The apply pass's element functor: grad_x = scale[c] * (dz - c_dz[c] - (x - mean[c]) * cx[c]) (GX) and
+// dz (GR), into the first output and the next.
+template <Act A, bool RES, bool GX, bool GR, class T>
+auto bwd_apply_fn(const BwdInputs<T>& b, const T* cdz, const T* cx) {
+  return [=](int64_t i, int64_t c, T wk, T* o1, T* o2) {
+    const T dz = dz_at<A, RES>(b, i, wk);
+    if constexpr (GX) *o1 = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
+    if constexpr (GR) *(GX ? o2 : o1) = dz;
+  };
+}
+
+// The arrays a backward apply pass streams (see streams): grad_y and the outputs, x for grad_x, y (relu)
+// or the residual (silu) where it reads them.
+template <class T>
+int bwd_apply_arrays(const BwdInputs<T>& b, const T* gx, const T* gr) {
+  return 1 + (gx ? 2 : 0) + (gr ? 1 : 0) + (b.y ? 1 : 0) + (b.r ? 1 : 0);
+}
+
+// grad_x (with c_dz, cx) into gx, and dz into gr (either may be null).
 template <class T>
 void bwd_apply_pass(const Bn3& d, const BwdInputs<T>& b, const T* cdz, const T* cx, Act act, T* gx, T* gr) {
+  const bool stream = streams<T>(d, bwd_apply_arrays(b, gx, gr));
   dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
     constexpr Act AV = decltype(A)::value;
     constexpr bool RV = decltype(R)::value;
     with_bwd_prep<AV, RV>(b, d.C, [&](auto pre) {
-      auto grad_x = [=](int64_t i, int64_t c, T dz) {
-        return b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
-      };
-      // grad_y and the outputs, x for grad_x, y (relu) or the residual (silu) where the pass reads them
-      const int arrays = 1 + (gx ? 2 : 0) + (gr ? 1 : 0) + (b.y ? 1 : 0) + (b.r ? 1 : 0);
       if (gx && gr)
-        channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk, T* gxi, T* gri) {
-          const T dz = dz_at<AV, RV>(b, i, wk);
-          *gxi = grad_x(i, c, dz);
-          *gri = dz;
-        }, MapOut<T>{gx, gr, streams<T>(d, arrays)});
+        channel_map<T>(d, pre, bwd_apply_fn<AV, RV, true, true>(b, cdz, cx), MapOut<T>{gx, gr, stream});
       else if (gx)
-        channel_map<T>(d, pre, [=](int64_t i, int64_t c, T wk, T* gxi, T*) {
-          *gxi = grad_x(i, c, dz_at<AV, RV>(b, i, wk));
-        }, MapOut<T>{gx, nullptr, streams<T>(d, arrays)});
+        channel_map<T>(d, pre, bwd_apply_fn<AV, RV, true, false>(b, cdz, cx), MapOut<T>{gx, nullptr, stream});
       else
-        channel_map<T>(d, pre, [=](int64_t i, int64_t, T wk, T* gri, T*) {
-          *gri = dz_at<AV, RV>(b, i, wk);
-        }, MapOut<T>{gr, nullptr, streams<T>(d, arrays)});
+        channel_map<T>(d, pre, bwd_apply_fn<AV, RV, false, true>(b, cdz, cx), MapOut<T>{gr, nullptr, stream});
+    });
+  });
+}
+
+// Both backward passes per channel group (ncs_resident), for grad_x (and grad_residual = dz into gr
+// unless null): terms(c, sum_dz, sum_dz_xc) turns a channel's sums into its c_dz and cx (and the sum
+// outputs) between them. The arrays both passes read: grad_y, x, and y (relu) or the residual (silu).
+template <class T>
+int bwd_resident_arrays(const BwdInputs<T>& b, Act act) {
+  return 2 + (act == Act::Relu ? 1 : 0) + (act == Act::Silu && b.r ? 1 : 0);
+}
+template <class T, class Terms>
+void backward_resident(const Bn3& d, const BwdInputs<T>& b, Act act, Terms terms, const T* cdz, const T* cx, T* gx,
+                       T* gr) {
+  const bool stream = streams<T>(d, bwd_apply_arrays(b, gx, gr));
+  auto mid = [&](int64_t c0, int64_t c1, const double* sa, const double* sb) {
+    for (int64_t c = c0; c < c1; ++c) terms(c, sa[c - c0], sb[c - c0]);
+  };
+  dispatch_act(act, b.r != nullptr, [&](auto A, auto R) {
+    constexpr Act AV = decltype(A)::value;
+    constexpr bool RV = decltype(R)::value;
+    with_bwd_prep<AV, RV>(b, d.C, [&](auto pre) {
+      auto fs = reduce_fn<AV, RV, false>(b, static_cast<T*>(nullptr));
+      const Ahead<T> ahead{{b.gy, b.x, AV == Act::Relu ? b.y : AV == Act::Silu ? b.r : nullptr}};
+      if (gr)
+        ncs_resident<T>(d, pre, fs, mid, pre, bwd_apply_fn<AV, RV, true, true>(b, cdz, cx), MapOut<T>{gx, gr, stream},
+                        ahead, Ahead<T>{});
+      else
+        ncs_resident<T>(d, pre, fs, mid, pre, bwd_apply_fn<AV, RV, true, false>(b, cdz, cx),
+                        MapOut<T>{gx, nullptr, stream}, ahead, Ahead<T>{});
     });
   });
 }
@@ -716,8 +972,12 @@ void py_forward_train(const py::array& x3, const py::object& res3, const py::obj
     T* vo = out_vec<T>(var, "var", d);
     T* y = out3<T>(y3, "y3", d);
     py::gil_scoped_release nogil;
-    stats_pass<T>(d, x, mo, vo);
-    apply_pass<T>(d, x, r, fold<T>(d, mo, vo, wt, bs, eps), act, y);
+    if (resident<T>(d, 1, true)) {
+      forward_train_resident<T>(d, x, r, wt, bs, eps, act, mo, vo, y);
+    } else {
+      stats_pass<T>(d, x, mo, vo);
+      apply_pass<T>(d, x, r, fold<T>(d, mo, vo, wt, bs, eps), act, y);
+    }
   });
 }
 
@@ -761,25 +1021,29 @@ void py_backward(const py::array& gy3, const py::object& y3, const py::array& x3
     py::gil_scoped_release nogil;
     const Fold<T> fo = a.fold(d, eps);
     const BwdInputs<T> b{gy, y, x, r, mu, fo.invstd.data(), fo.scale.data(), fo.shift.data()};
-    const bool dz_written = o_dz && gr && act != Act::None;
-    std::vector<double> sa(d.C, 0.0), sb(d.C, 0.0);
-    if (o_dz) {
-      reduce_pass<T>(d, b, act, dz_written ? gr : nullptr, sa.data(), sb.data());
-      for (int64_t c = 0; c < d.C; ++c) {
-        o_dz[c] = static_cast<T>(sa[c]);
-        o_dzx[c] = static_cast<T>(sb[c] * fo.invstd[c]);
+    // Per channel: the sum outputs, and grad_x's terms c_dz = sum_dz / count and invstd * c_xhat (zero
+    // in evaluation, where grad_x does not depend on the batch)
+    std::vector<T> cdz(d.C, T(0)), cx(d.C, T(0));
+    const double cnt = static_cast<double>(d.N * d.S);
+    auto terms = [&, training](int64_t c, double sdz, double sdzx) {
+      o_dz[c] = static_cast<T>(sdz);
+      o_dzx[c] = static_cast<T>(sdzx * fo.invstd[c]);
+      if (training) {
+        cdz[c] = static_cast<T>(sdz / cnt);
+        cx[c] = fo.invstd[c] * static_cast<T>(sdzx * fo.invstd[c] / cnt);
       }
+    };
+    if (o_dz && gx && resident<T>(d, bwd_resident_arrays(b, act), false)) {
+      backward_resident<T>(d, b, act, terms, cdz.data(), cx.data(), gx, gr);
+      return;
+    }
+    const bool dz_written = o_dz && gr && act != Act::None;
+    if (o_dz) {
+      std::vector<double> sa(d.C, 0.0), sb(d.C, 0.0);
+      reduce_pass<T>(d, b, act, dz_written ? gr : nullptr, sa.data(), sb.data());
+      for (int64_t c = 0; c < d.C; ++c) terms(c, sa[c], sb[c]);
     }
     if (!gx && (!gr || dz_written)) return;
-    // grad_x's per-channel terms: c_dz = sum_dz / count and invstd * c_xhat (zero in evaluation)
-    std::vector<T> cdz(d.C, T(0)), cx(d.C, T(0));
-    if (training && gx) {
-      const double cnt = static_cast<double>(d.N * d.S);
-      for (int64_t c = 0; c < d.C; ++c) {
-        cdz[c] = static_cast<T>(sa[c] / cnt);
-        cx[c] = fo.invstd[c] * static_cast<T>(sb[c] * fo.invstd[c] / cnt);
-      }
-    }
     if (dz_written)  // the apply reads dz and x instead of grad_y, y (or the residual) and x
       bwd_apply_pass<T>(d, BwdInputs<T>{gr, nullptr, x, nullptr, mu, b.invstd, b.scale, b.shift}, cdz.data(),
                         cx.data(), Act::None, gx, nullptr);

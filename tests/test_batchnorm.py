@@ -6,7 +6,7 @@ import torch
 
 import dlkernels
 from dlkernels.batchnorm.reference import batch_norm_residual as reference
-from helpers import DEVICE, KERNEL_BACKENDS, TOL, as64, assert_close, grads, leaf
+from helpers import DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, TOL, as64, assert_close, grads, leaf
 
 # name -> (shape, channels_last): the three ranks, both layouts, odd sizes
 LAYOUTS = {
@@ -89,6 +89,32 @@ def _check_forward_backward(backend, dtype, shape, cl, with_residual, activation
             assert_close(g, e, dtype, f"grad {name}", factor=4)  # reductions of N*S terms
     assert_close(rm, rm64, dtype, "running_mean")
     assert_close(rv, rv64, dtype, "running_var")
+
+
+# NCS training with at least four channels a thread runs both passes per group of channels while the
+# group's planes are cached (C++: ncs_resident): the forward and backward on small planes, the backward
+# on larger ones when a tensor is past half the LLC (here: the streamed cases, a tiny LLC). In blocks
+# that split planes (2048 elements) and, for small planes, accumulator rows folded every 16 planes. Two
+# threads, so the group and block edges fall the same on every machine; planes of 7x7 (N = 19 > 16),
+# 2 (C = 37), 11x13 and 91x91 (one channel a group).
+_GROUP_CASES = [(b, shape) for b in KERNEL_BACKENDS
+                for shape in [(19, 9, 7, 7), (5, 37, 2), (3, 8, 11, 13), (2, 9, 91, 91)]
+                if b in LARGE_BACKENDS or shape[-1] < 91]
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu"], ids=str)
+@pytest.mark.parametrize("backend,shape", _GROUP_CASES, ids=str)
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_channel_groups_in_cache(backend, dtype, streamed, shape, activation, monkeypatch):
+    if streamed:
+        monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_forward_backward(backend, dtype, shape, False, True, activation, True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # Autograd asks only for the gradients of inputs that require them: each subset takes its own path
