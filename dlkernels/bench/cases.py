@@ -238,12 +238,14 @@ def _build_batchnorm(case: Case, dtype, device, gen) -> Problem:
         return _dl_op("batch_norm_residual")(x, r, rm, rv, w, b, training, 0.1, 1e-5, activation=act, backend=be)
 
     t = _size((n, c, h, h), dtype)
-    # Forward: (statistics: one read of x) + read x (+ residual), write y. Backward, two passes: a
-    # reduce over grad_y and x (and y or the residual for the activation's derivative) and an apply
-    # that reads grad_y, or dz, and x and writes grad_x; grad_residual is dz, which the reduce writes
-    # when there is an activation (one tensor out, one fewer in), and grad_out itself without one.
-    fwd = t * (2 if training else 1) + t * has_res + t
-    bwd = 5 * t + 2 * t * (act is not None)
+    # The fewest bytes: each tensor read or written once. Forward: read x (+ residual), write y; in
+    # training the statistics read x first, and the apply's second read can come from cache (the
+    # C++ NCS kernels run both passes by groups of channels, so, on small planes, and their backward
+    # where a tensor is past half the LLC). Backward: read
+    # grad_y and x (and with an activation y or the residual for its derivative), write grad_x and,
+    # with an activation and a residual, grad_residual = dz (without one it is grad_y itself).
+    fwd = t * (2 + has_res)
+    bwd = 3 * t + t * (act is not None) + t * (act is not None and has_res)
     return Problem([x, r, rm, rv, w, b], eager, dl, fwd + (case.passes == "fwd+bwd") * bwd,
                    n * c * h * h * (8 if training else 4), grad_args=(0, 1, 4, 5) if has_res else (0, 4, 5),
                    state_args=(2, 3) if training else ())
