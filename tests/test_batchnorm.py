@@ -93,7 +93,8 @@ def _check_forward_backward(backend, dtype, shape, cl, with_residual, activation
 
 # NCS training with at least four channels a thread runs both passes per group of channels while the
 # group's planes are cached (C++: ncs_resident): the forward and backward on small planes, the backward
-# on larger ones when a tensor is past half the LLC (here: the streamed cases, a tiny LLC). In blocks
+# on larger ones when a tensor is past half the LLC (here: the streamed cases, a tiny LLC); evaluation's
+# backward too where it needs the sums (weight or bias grads beside the input's). In blocks
 # that split planes (2048 elements) and, for small planes, accumulator rows folded every 16 planes. Two
 # threads, so the group and block edges fall the same on every machine; planes of 7x7 (N = 19 > 16),
 # 2 (C = 37), 11x13 and 91x91 (one channel a group).
@@ -102,17 +103,18 @@ _GROUP_CASES = [(b, shape) for b in KERNEL_BACKENDS
                 if b in LARGE_BACKENDS or shape[-1] < 91]
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", [None, "relu", "silu"], ids=str)
 @pytest.mark.parametrize("backend,shape", _GROUP_CASES, ids=str)
 @pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_channel_groups_in_cache(backend, dtype, streamed, shape, activation, monkeypatch):
+def test_channel_groups_in_cache(backend, dtype, streamed, shape, activation, training, monkeypatch):
     if streamed:
         monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _check_forward_backward(backend, dtype, shape, False, True, activation, True)
+        _check_forward_backward(backend, dtype, shape, False, True, activation, training)
     finally:
         torch.set_num_threads(threads)
 
