@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import machine
 from .cases import Case, Problem, Unavailable, clone_args, format_of, to_float64
 
 EAGER, COMPILED = "torch", "torch.compile"
@@ -66,6 +67,7 @@ class CaseResult:
     flops: int = 0
     copies: int = 1             # input sets rotated so a memory-bound working set exceeds the LLC
     outcomes: dict = field(default_factory=dict)
+    copy_bytes_per_s: float | None = None  # memory-bound CPU cases: the copy timed in their rounds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,9 +208,12 @@ class _Clock:
         return (time.perf_counter() - t0) / iters
 
 
-def interleave(calls: dict[str, Callable], clock: _Clock, cfg: TimingConfig, single_iter: bool):
+def interleave(calls: dict[str, Callable], clock: _Clock, cfg: TimingConfig, single_iter: bool,
+               paired: Callable | None = None):
     """Samples per contender, taken in rounds; each round visits every contender, starting one
-    further along each time, so drifts of a shared machine fall on all of them alike."""
+    further along each time, so drifts of a shared machine fall on all of them alike. ``paired``
+    (a reference such as a large copy) is timed once a round too, under the key None, outside the
+    time budget."""
     for call in calls.values():  # warm-up: caches, allocator, lazy initialisation
         call()
         call()
@@ -217,12 +222,17 @@ def interleave(calls: dict[str, Callable], clock: _Clock, cfg: TimingConfig, sin
         once = clock(call, 1)
         iters[name] = 1 if single_iter else max(1, min(10_000, math.ceil(cfg.min_sample_s / max(once, 1e-9))))
     names = list(calls)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    samples: dict = {n: [] for n in names}
+    if paired is not None:
+        paired()
+        samples[None] = []
     spent = 0.0
     gc_was = gc.isenabled()
     gc.disable()
     try:
         for r in range(cfg.rounds):
+            if paired is not None:
+                samples[None].append(clock(paired, 1))
             for j in range(len(names)):
                 name = names[(r + j) % len(names)]
                 t = clock(calls[name], iters[name])
@@ -336,7 +346,15 @@ def measure_case(case: Case, dtype: torch.dtype, device: torch.device, contender
     flush = _flusher(device, cfg.llc_bytes) if case.bound == "memory" else None
     # the per-call overhead cases time the launch itself: no graph there
     clock = _Clock(device, flush, graphs=case.bound != "overhead")
-    samples, iters = interleave(calls, clock, cfg, single_iter=flush is not None)
+    # A memory-bound CPU case's floor and limit take the copy bandwidth timed in its own rounds: this
+    # host's moves between ~42 and ~78 GB/s within minutes, and against the run's best a case timed
+    # in a slow moment read up to 2.6x its floor, one timed fast after a slow measurement 0.59x.
+    paired = nbytes = None
+    if device.type == "cpu" and case.bound == "memory" and problem.bytes:
+        paired, nbytes = machine.copy_call(device, cfg.llc_bytes)
+    samples, iters = interleave(calls, clock, cfg, single_iter=flush is not None, paired=paired)
+    if paired is not None:
+        res.copy_bytes_per_s = 2 * nbytes / statistics.median(samples[None])
     for name in fns:
         res.outcomes[name].samples = samples[name]
         res.outcomes[name].iters = iters[name]

@@ -226,6 +226,7 @@ def bench_item(request, benchmark):
                "tier": case.tier, "dtype": str(dt).removeprefix("torch."), "device": st.device.type,
                "contender": who, "status": out.status, "reason": out.reason, "max_err": out.max_err,
                "tol": out.tol, "bytes": res.bytes, "flops": res.flops, "copies": res.copies,
+               "copy_bytes_per_s": res.copy_bytes_per_s,
                "iters": out.iters, "cuda_graph": out.graph, "samples": list(out.samples)}
         st.records.append(rec)
         partial = request.config.getoption("--bench-partial")

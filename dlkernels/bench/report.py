@@ -56,6 +56,12 @@ def contenders_of(rows: list[Row]) -> list[str]:
     return [c for c in seen if any(c in r.recs for r in rows)]
 
 
+def copy_rate_of(rec: dict, limits: dict) -> float:
+    """The copy bandwidth a memory-bound case is held to: the copy timed in the case's own rounds
+    where there is one (CPU), else the run's best."""
+    return rec.get("copy_bytes_per_s") or limits["copy_bytes_per_s"]
+
+
 def fraction(rec: dict, limits: dict | None) -> float | None:
     """Achieved share of the machine's limit: memory-bound cases of the copy bandwidth, compute-bound
     cases of the large torch.matmul's FLOP/s in the same dtype."""
@@ -63,7 +69,7 @@ def fraction(rec: dict, limits: dict | None) -> float | None:
     if t is None or not limits:
         return None
     if rec["bound"] == "memory" and rec["bytes"]:
-        return rec["bytes"] / t / limits["copy_bytes_per_s"]
+        return rec["bytes"] / t / copy_rate_of(rec, limits)
     if rec["bound"] == "compute" and rec["flops"]:
         peak = limits["matmul_flops"].get(rec["dtype"])
         return rec["flops"] / t / peak if peak else None
@@ -74,7 +80,7 @@ def floor_s(row: Row, limits: dict | None) -> float | None:
     rec = next(iter(row.recs.values()))
     if not limits or row.bound != "memory" or not rec["bytes"]:
         return None
-    return rec["bytes"] / limits["copy_bytes_per_s"]
+    return rec["bytes"] / copy_rate_of(rec, limits)
 
 
 def _fmt_t(t: float) -> str:
@@ -164,8 +170,11 @@ def markdown(meta: dict, charts: list[str]) -> str:
                 f"{lim['copy_size_bytes'] >> 20} MiB); torch.matmul {lim['matmul_size']}³: {flops}"]
     out += ["", "Cells: median time per call, speed-up over PyTorch eager (>1 is faster), spread. "
             "`FAILED`: wrong answer; `n/a`: not available here (reason below). "
-            "Floor: the fewest bytes the pass must move at the copy bandwidth (memory-bound cases). "
-            "Limit: achieved GB/s of the copy bandwidth, or FLOP/s of the torch.matmul above, by the best contender "
+            "Floor: the fewest bytes the pass must move at the copy bandwidth (memory-bound cases; on a CPU the "
+            "copy timed in the case's own rounds, beside its contenders, shown after the @: a shared host's bandwidth "
+            "moves within minutes, and the run's best would hold a case timed in a slow moment to a fast moment's "
+            "floor). Limit: achieved GB/s of that copy bandwidth, or FLOP/s of the torch.matmul above, by the best "
+            "contender "
             "(on a CPU, torch's copy stores through the cache, reading each line before it writes it, so a pass "
             "that streams its output with non-temporal stores can pass 100 %).",
             "", "## Summary (geometric mean of speed-ups over eager, per op group)", ""]
@@ -176,10 +185,12 @@ def markdown(meta: dict, charts: list[str]) -> str:
         body = []
         for r in (x for x in rows if x.group == g and x.bound != "overhead"):
             fl = floor_s(r, lim)
+            own = next(iter(r.recs.values())).get("copy_bytes_per_s")
             fr = [f for f in (fraction(rec, lim) for rec in r.recs.values()) if f]
             errs = [rec["max_err"] for rec in r.recs.values() if rec.get("max_err") is not None]
             body.append([r.case, r.dtype] + [cell(r.recs.get(c), r.eager) for c in conts]
-                        + [_fmt_t(fl) if fl else "-", f"{max(fr):.0%}" if fr else "-",
+                        + [(_fmt_t(fl) + (f" @ {own / 1e9:.0f} GB/s" if own else "")) if fl else "-",
+                           f"{max(fr):.0%}" if fr else "-",
                            f"{max(errs):.1e}" if errs else "-"])
         if body:
             out += ["", f"## {g}", "", _md_table(["case", "dtype", *conts, "floor", "limit", "rel err"], body)]
