@@ -235,19 +235,6 @@ template <class G>
 DLK_INLINE void ncs_segments(const Bn3& d, int64_t blk, G seg) {
   ncs_runs(d, blk * RUN, std::min(d.N * d.C * d.S, blk * RUN + RUN), seg);
 }
-// Calls blk(b0, b1) for the blocks of at most RUN elements that make up channels [c0, c1) of an NCS
-// array, n by n (at each n the group's planes are one contiguous segment), and q, the byte offset of
-// b0 in that sequence of segments.
-template <class T, class G>
-DLK_INLINE void group_blocks(const Bn3& d, int64_t c0, int64_t c1, G blk) {
-  const int64_t len = (c1 - c0) * d.S;
-  for (int64_t n = 0; n < d.N; ++n) {
-    const int64_t s0 = (n * d.C + c0) * d.S;
-    for (int64_t b0 = s0; b0 < s0 + len; b0 += RUN)
-      blk(b0, std::min(s0 + len, b0 + RUN), (n * len + b0 - s0) * static_cast<int64_t>(sizeof(T)));
-  }
-}
-
 // Sum of the BL lanes in a fixed tree order (the first halvings vectorize).
 template <int BL, class T>
 DLK_INLINE T fold_lanes(T* p) {
@@ -352,6 +339,26 @@ struct GroupPrefetch {
   }
 };
 
+// Calls blk(b0, b1) for the blocks of at most RUN elements that make up channels [c0, c1) of an NCS
+// array, n by n (at each n the group's planes are one contiguous segment): first each block's lines
+// are prefetched (pf) and its prologue run into w (pre, as channel_map runs it).
+template <class T, class P, class G>
+DLK_INLINE void group_blocks(const Bn3& d, int64_t c0, int64_t c1, GroupPrefetch<T>& pf, const P& pre, T* w, G blk) {
+  const int64_t len = (c1 - c0) * d.S;
+  for (int64_t n = 0; n < d.N; ++n) {
+    const int64_t s0 = (n * d.C + c0) * d.S;
+    for (int64_t b0 = s0; b0 < s0 + len; b0 += RUN) {
+      const int64_t b1 = std::min(s0 + len, b0 + RUN);
+      pf.before((n * len + b0 - s0) * static_cast<int64_t>(sizeof(T)), (b1 - b0) * static_cast<int64_t>(sizeof(T)));
+      if constexpr (P::active) {
+        ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t n_run) { pre.fill(i0, c, n_run, w + (i0 - b0)); });
+        pre.finish(w, b1 - b0);
+      }
+      blk(b0, b1);
+    }
+  }
+}
+
 // NCS: the per-channel sums (sa[c - c0], sb[c - c0], in double, zeroed here) of f's two values over the
 // planes of channels [c0, c1), n by n in order, block by block (group_blocks); f, pre, w as in
 // channel_sums2 below. A, B: the small-plane accumulator rows (fold_rows), (c1 - c0) x S each, unused
@@ -369,12 +376,7 @@ void channel_group_sums(const Bn3& d, int64_t c0, int64_t c1, const P& pre, cons
     std::fill(B, B + nc * d.S, T(0));
   }
   int64_t ns = 0;  // small: the n's whose planes are summed (A, B fold every kFoldPlanes of them)
-  group_blocks<T>(d, c0, c1, [&](int64_t b0, int64_t b1, int64_t q) {
-    pf.before(q, (b1 - b0) * static_cast<int64_t>(sizeof(T)));
-    if constexpr (P::active) {
-      ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) { pre.fill(i0, c, len, w + (i0 - b0)); });
-      pre.finish(w, b1 - b0);
-    }
+  group_blocks(d, c0, c1, pf, pre, w, [&](int64_t b0, int64_t b1) {
     ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) {
       const int64_t j = c - c0;
       if (small) {
@@ -630,12 +632,7 @@ void ncs_resident(const Bn3& d, PS pre_s, FS fs, MID mid, PM pre_m, FM fm, MapOu
       channel_group_sums(d, c0, c1, pre_s, fs, w, abuf.data(), bbuf.data(), sa.data(), sb.data(), ahead_s);
       mid(c0, c1, sa.data(), sb.data());
       GroupPrefetch<T> pf(d, c0, c1, ahead_m);
-      group_blocks<T>(d, c0, c1, [&](int64_t b0, int64_t b1, int64_t q) {
-        pf.before(q, (b1 - b0) * static_cast<int64_t>(sizeof(T)));
-        if constexpr (PM::active) {
-          ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) { pre_m.fill(i0, c, len, w + (i0 - b0)); });
-          pre_m.finish(w, b1 - b0);
-        }
+      group_blocks(d, c0, c1, pf, pre_m, w, [&](int64_t b0, int64_t b1) {
         ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) {
           T* oa = out.stream ? oabuf.data() + (i0 - b0) : out.a + i0;
           T* ob = !out.b ? oa : out.stream ? obbuf.data() + (i0 - b0) : out.b + i0;
