@@ -235,6 +235,17 @@ template <class G>
 DLK_INLINE void ncs_segments(const Bn3& d, int64_t blk, G seg) {
   ncs_runs(d, blk * RUN, std::min(d.N * d.C * d.S, blk * RUN + RUN), seg);
 }
+
+// pre's values for the NCS elements [b0, b1) into w[i - b0]: each plane's run filled, then all
+// finished at once (see SiluPrep); nothing for NoPrep.
+template <class P, class T>
+DLK_INLINE void ncs_prologue(const Bn3& d, const P& pre, int64_t b0, int64_t b1, T* w) {
+  if constexpr (P::active) {
+    ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) { pre.fill(i0, c, len, w + (i0 - b0)); });
+    pre.finish(w, b1 - b0);
+  }
+}
+
 // Sum of the BL lanes in a fixed tree order (the first halvings vectorize).
 template <int BL, class T>
 DLK_INLINE T fold_lanes(T* p) {
@@ -350,10 +361,7 @@ DLK_INLINE void group_blocks(const Bn3& d, int64_t c0, int64_t c1, GroupPrefetch
     for (int64_t b0 = s0; b0 < s0 + len; b0 += RUN) {
       const int64_t b1 = std::min(s0 + len, b0 + RUN);
       pf.before((n * len + b0 - s0) * static_cast<int64_t>(sizeof(T)), (b1 - b0) * static_cast<int64_t>(sizeof(T)));
-      if constexpr (P::active) {
-        ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t n_run) { pre.fill(i0, c, n_run, w + (i0 - b0)); });
-        pre.finish(w, b1 - b0);
-      }
+      ncs_prologue(d, pre, b0, b1, w);
       blk(b0, b1);
     }
   }
@@ -399,7 +407,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, Ahead
   ThreadPartials<double> part(width);
   if (!d.cl && d.S <= kSmallPlane) {
     // Small planes (ResNet's 7x7): a thread takes a block of channels (fold_rows)
-    const int64_t cb = std::max<int64_t>(1, 2048 / d.S), blocks = ceil_div(d.C, cb);
+    const int64_t cb = std::max<int64_t>(1, RUN / d.S), blocks = ceil_div(d.C, cb);  // accumulator rows within RUN
 #pragma omp parallel if (worth_threads(d.N * d.C * d.S))
     {
       std::vector<T> wbuf(cb * d.S), abuf(cb * d.S), bbuf(cb * d.S);
@@ -426,10 +434,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, Ahead
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t b0 = blk * RUN;
-        if constexpr (P::active) {
-          ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) { pre.fill(i0, c, len, w + (i0 - b0)); });
-          pre.finish(w, std::min(d.N * d.C * d.S, b0 + RUN) - b0);
-        }
+        ncs_prologue(d, pre, b0, std::min(d.N * d.C * d.S, b0 + RUN), w);
         ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) {
           run_sums(f, i0, c, len, w + (i0 - b0), acc[c], acc[d.C + c]);
         });
@@ -553,10 +558,7 @@ void channel_map(const Bn3& d, P pre, F f, MapOut<T> out) {
         }
       };
       if (!d.cl) {  // the block's planes: their prologue in one buffer (w[i - b0]), then the runs
-        if constexpr (P::active) {
-          ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) { pre.fill(i0, c, len, w + (i0 - b0)); });
-          pre.finish(w, b1 - b0);
-        }
+        ncs_prologue(d, pre, b0, b1, w);
         ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) { map_run(i0, c, len, w + (i0 - b0)); });
       } else {
         pre(b0, int64_t(-1), b1 - b0, w);  // the block's rows, one run
