@@ -128,6 +128,9 @@ def test_separable_matches_depthwise_then_pointwise(any_backend, cin, cout, k, s
     (3, 8, 7, 2, 3, 1, 1, False, (11, 10)),
     (4, 6, 3, (2, 1), (0, 2), (1, 2), 2, True, (8, 7)),
     (2, 3, 2, 1, "same", 1, 1, True, (4, 5)),  # asymmetric "same": padded explicitly
+    (2, 3, 3, 3, 2, 2, 1, True, (5, 6)),  # taps that land only in the padding for some outputs
+    (3, 5, 3, 2, 1, 1, 1, True, (13, 7)),
+    (2, 2, 3, 1, 1, 1, 1, False, (1, 1)),  # one pixel: every tap but the centre in the padding
 ])
 @pytest.mark.parametrize("layout", ["nchw", "cl", "cl-weight"])
 def test_conv2d_im2col_matches_conv2d(any_backend, cin, cout, k, stride, padding, dilation, groups, bias, hw,
@@ -147,6 +150,29 @@ def test_conv2d_im2col_matches_conv2d(any_backend, cin, cout, k, stride, padding
     run_both(ours, theirs, x)
     if layout == "cl-weight":  # the gradient is a view of the GEMM's: in the weight's own layout
         assert ours.weight.grad.stride() == ours.weight.stride()
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation,hw", [
+    ((3, 3), (1, 1), (1, 1), (1, 1), (5, 4)),
+    ((3, 2), (2, 3), (2, 0), (2, 1), (7, 8)),
+    ((5, 5), (2, 2), (2, 2), (1, 1), (3, 3)),   # kernel larger than the input, rows of padding only
+    ((1, 1), (1, 1), (0, 0), (1, 1), (2, 3)),
+])
+@pytest.mark.parametrize("taps_first", [False, True])
+def test_nhwc_windows_gradcheck(k, stride, padding, dilation, hw, taps_first):
+    """Conv2d's channels_last im2col (a strided view copied, its backward one strided add per tap):
+    rows equal F.unfold's, and its first and second derivatives pass gradcheck in float64."""
+    from dlkernels.nn.modules import _NHWCWindows
+    x = torch.randn(2, 3, *hw, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    rows = _NHWCWindows.apply(x, k, stride, padding, dilation, taps_first)
+    cols = F.unfold(x, k, dilation, padding, stride)  # (N, C*kH*kW, L), (C, kH, kW) order
+    if taps_first:
+        cols = cols.unflatten(1, (3, k[0] * k[1])).transpose(1, 2).flatten(1, 2)
+    torch.testing.assert_close(rows, cols.transpose(1, 2).reshape(rows.shape), rtol=0, atol=0)
+    fn = lambda t: _NHWCWindows.apply(t, k, stride, padding, dilation, taps_first)  # noqa: E731
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
 
 
 def test_conv2d_unbatched_and_padding_mode():
