@@ -93,12 +93,20 @@ def test_depthwise_channels_last_and_unbatched(any_backend):
 
 @pytest.mark.parametrize("cin,cout,stride,bias,hw", [(3, 5, 1, True, (4, 7)), (6, 2, 2, False, (5, 9)),
                                                      (1, 1, 1, True, (1, 1)), (4, 3, (3, 1), True, (7, 4))])
-def test_pointwise_matches_conv2d(any_backend, cin, cout, stride, bias, hw):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_pointwise_matches_conv2d(any_backend, cin, cout, stride, bias, hw, channels_last):
+    """A strided channels_last input is subsampled into a channels_last copy: the output stays
+    channels_last."""
     ours, theirs = twins(lambda: dnn.PointwiseConv2d(cin, cout, bias, stride=stride, backend=any_backend),
                          lambda: nn.Conv2d(cin, cout, 1, stride, bias=bias))
     assert_same_state(ours, theirs)
     assert repr(ours).startswith(repr(theirs).replace("Conv2d(", "PointwiseConv2d(")[:-1])
-    run_both(ours, theirs, torch.randn(3, cin, *hw, dtype=torch.float64))
+    x = torch.randn(3, cin, *hw, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = run_both(ours, theirs, x)
+    if channels_last and cin > 1 and any_backend != "torch":
+        assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 def _torch_separable(cin, cout, k, stride, padding, dilation, bias, m):

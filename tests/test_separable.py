@@ -181,6 +181,46 @@ def test_separable_unbatched_no_bias(backend):
     assert_close(out, ref, what="unbatched")
 
 
+# non-contiguous views: a subsampled channels_last tensor (ResNet's strided 1x1 shortcut), a
+# subsampled NCHW one, a channel slice of a channels_last one, an NCHW tensor with H and W swapped
+VIEWS = {
+    "cl-subsampled": lambda t: t.contiguous(memory_format=torch.channels_last)[..., ::2, 1::2],
+    "nchw-subsampled": lambda t: t[..., ::2, 1::2],
+    "cl-channel-slice": lambda t: t.contiguous(memory_format=torch.channels_last)[:, 1:],
+    "hw-transposed": lambda t: t.transpose(2, 3),
+}
+CONV_OPS = {
+    "pointwise": (lambda x, w, b, backend: dlkernels.pointwise_conv2d(x, w, b, backend=backend),
+                  lambda x, w, b: F.conv2d(x, w, b), (5, 4, 1, 1)),
+    "depthwise": (lambda x, w, b, backend: dlkernels.depthwise_conv2d(x, w, b, 1, 1, backend=backend),
+                  lambda x, w, b: F.conv2d(x, w, b, 1, 1, groups=4), (4, 1, 3, 3)),
+    "separable": (lambda x, w, b, backend: dlkernels.separable_conv2d(x, DW, w, b, 1, 1, backend=backend),
+                  lambda x, w, b: F.conv2d(F.conv2d(x, DW.double(), None, 1, 1, groups=4), w, b), (5, 4, 1, 1)),
+}
+DW = torch.randn(4, 1, 3, 3, device=DEVICE)
+
+
+@pytest.mark.parametrize("op", list(CONV_OPS))
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_non_contiguous_views(backend, op, view):
+    """A non-contiguous input is copied to NCHW (torch's own convs do not agree on a rule here: float64
+    keeps a subsampled channels_last input channels_last, float32 oneDNN gives NCHW), and an NCHW
+    output comes back whatever the input's strides, as the fake implementation says under
+    torch.compile, whose Inductor may hand the op other strides than it traced; values and gradients
+    equal to torch's."""
+    ours, theirs, wshape = CONV_OPS[op]
+    x = leaf(VIEWS[view](torch.randn(3, 5 if view == "cl-channel-slice" else 4, 9, 8, device=DEVICE)))
+    w, b = leaf(torch.randn(*wshape, device=DEVICE)), leaf(torch.randn(wshape[0], device=DEVICE))
+    out = ours(x, w, b, backend)
+    ins64 = [as64(t) for t in (x, w, b)]
+    ref = theirs(*ins64)
+    assert_close(out, ref, what=view)
+    assert out.is_contiguous()
+    g = torch.randn_like(ref)
+    for got, exp, name in zip(grads(out, [x, w, b], g.float()), grads(ref, ins64, g), "xwb"):
+        assert_close(got, exp, torch.float32, f"{view} grad {name}")
+
+
 def test_gradcheck(backend):
     f64 = dict(device=DEVICE, dtype=torch.float64)
     # small: gradcheck runs the op twice per input element, and Triton's interpreter is slow

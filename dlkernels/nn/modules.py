@@ -203,7 +203,14 @@ class PointwiseConv2d(nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         sh, sw = self.stride
-        x = input if sh == sw == 1 else input[..., ::sh, ::sw]
+        x = input
+        if sh != 1 or sw != 1:
+            x = input[..., ::sh, ::sw]
+            if x.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+                # one (N*H*W, C) GEMM on a channels_last copy of the subsample, where the op would copy
+                # the non-contiguous view to NCHW, N batched GEMMs of H*W columns (ResNet's shortcut
+                # 8x256x4x4 -> 512: 0.75 -> 0.06 ms)
+                x = x.contiguous(memory_format=torch.channels_last)
         return _dk.pointwise_conv2d(x, self.weight, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
