@@ -8,6 +8,7 @@ void init_matmul(py::module_& m);
 void init_depthwise(py::module_& m);
 void init_separable(py::module_& m);
 void init_batchnorm(py::module_& m);
+void init_im2col(py::module_& m);
 }  // namespace dlk
 
 PYBIND11_MODULE(_C, m) {
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_C, m) {
   dlk::init_depthwise(m);
   dlk::init_separable(m);
   dlk::init_batchnorm(m);
+  dlk::init_im2col(m);
 }

@@ -167,20 +167,27 @@ def test_conv2d_im2col_matches_conv2d(any_backend, cin, cout, k, stride, padding
     ((1, 1), (1, 1), (0, 0), (1, 1), (2, 3)),
 ])
 @pytest.mark.parametrize("taps_first", [False, True])
-def test_nhwc_windows_gradcheck(k, stride, padding, dilation, hw, taps_first):
-    """Conv2d's channels_last im2col (a strided view copied, its backward one strided add per tap):
-    rows equal F.unfold's, and its first and second derivatives pass gradcheck in float64."""
-    from dlkernels.nn.modules import _NHWCWindows
-    x = torch.randn(2, 3, *hw, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    rows = _NHWCWindows.apply(x, k, stride, padding, dilation, taps_first)
-    cols = F.unfold(x, k, dilation, padding, stride)  # (N, C*kH*kW, L), (C, kH, kW) order
-    if taps_first:
-        cols = cols.unflatten(1, (3, k[0] * k[1])).transpose(1, 2).flatten(1, 2)
-    torch.testing.assert_close(rows, cols.transpose(1, 2).reshape(rows.shape), rtol=0, atol=0)
-    fn = lambda t: _NHWCWindows.apply(t, k, stride, padding, dilation, taps_first)  # noqa: E731
-    x.requires_grad_()
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+def test_nhwc_windows(any_backend, k, stride, padding, dilation, hw, taps_first):
+    """Conv2d's channels_last im2col (dlkernels/im2col: C++ and Numba kernels, the torch version
+    elsewhere): rows equal F.unfold's, the backward equals F.unfold's, first and second derivatives
+    pass gradcheck in float64, float32 too."""
+    from dlkernels.im2col import nhwc_windows
+    for dtype in (torch.float64, torch.float32):
+        x = torch.randn(2, 3, *hw, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        rows = nhwc_windows(x, k, stride, padding, dilation, taps_first, any_backend)
+        x2 = x.detach().clone().requires_grad_()
+        cols = F.unfold(x2, k, dilation, padding, stride)  # (N, C*kH*kW, L), (C, kH, kW) order
+        if taps_first:
+            cols = cols.unflatten(1, (3, k[0] * k[1])).transpose(1, 2).flatten(1, 2)
+        cols = cols.transpose(1, 2).reshape(rows.shape)
+        torch.testing.assert_close(rows, cols, rtol=0, atol=0)
+        g = torch.randn_like(rows)
+        (gx,), (gx2,) = torch.autograd.grad(rows, x, g), torch.autograd.grad(cols, x2, g)
+        torch.testing.assert_close(gx, gx2)
+        assert gx.is_contiguous(memory_format=torch.channels_last)
+    fn = lambda t: nhwc_windows(t, k, stride, padding, dilation, taps_first, any_backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.detach().double().requires_grad_(),))
+    assert torch.autograd.gradgradcheck(fn, (x.detach().double().requires_grad_(),))
 
 
 def test_conv2d_unbatched_and_padding_mode():

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 import dlkernels as _dk
 from dlkernels import _dispatch
+from dlkernels.im2col import nhwc_windows
 
 
 def _backend_repr(backend: str | None) -> str:
@@ -48,60 +49,6 @@ class _ConvInput:
         return x, tuple(self.padding)
 
 
-def _tap_span(size: int, out: int, stride: int, pad: int, offset: int) -> tuple[int, int, int]:
-    """For one kernel tap at ``offset`` (= tap index * dilation) along a dimension: (first output
-    position, first input position, count) of the outputs whose input position ``o * stride + offset -
-    pad`` lies inside [0, size)."""
-    first = max(0, -((offset - pad) // stride))                     # ceil((pad - offset) / stride)
-    last = min(out - 1, (size - 1 + pad - offset) // stride)
-    return first, first * stride + offset - pad, max(0, last - first + 1)
-
-
-class _NHWCWindows(torch.autograd.Function):
-    """im2col of a channels_last (N, C, H, W) input: (N*Ho*Wo, C*kH*kW) rows, ordered (C, kH, kW), or
-    (kH, kW, C) when ``taps_first``.
-
-    Forward: one copy of a strided view of the (padded) NHWC tensor, where F.unfold's (N, C*kH*kW, L)
-    needs another copy to become row-major. Backward: the rows' gradient summed back onto the input by
-    one strided add per kernel tap, each over runs of C contiguous values; autograd through the view
-    would run ``unfold_backward`` twice, a zero-filled scatter 7-10x slower (ResNet-18 8x64x16x16
-    3x3: 1.73 -> 0.17 ms, 2 cores, Zen5), 12.5 of the 55 ms of its training step."""
-
-    @staticmethod
-    def forward(ctx, x, kernel_size, stride, padding, dilation, taps_first):
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-        n, c, h, w = x.shape
-        xh = x.permute(0, 2, 3, 1)
-        if ph or pw:
-            xh = F.pad(xh, (0, 0, pw, pw, ph, ph))
-        win = xh.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)  # (N, Ho, Wo, C, span, span)
-        if dh > 1 or dw > 1:
-            win = win[..., ::dh, ::dw]
-        if taps_first:
-            win = win.permute(0, 1, 2, 4, 5, 3)
-        ho, wo = win.shape[1], win.shape[2]
-        ctx.geometry = (n, c, h, w, ho, wo, kernel_size, stride, padding, dilation, taps_first)
-        return win.reshape(n * ho * wo, -1)
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        n, c, h, w, ho, wo, (kh, kw), (sh, sw), (ph, pw), (dh, dw), taps_first = ctx.geometry
-        g = grad_rows.reshape(n, ho, wo, kh, kw, c) if taps_first else grad_rows.reshape(n, ho, wo, c, kh, kw)
-        gx = grad_rows.new_zeros(n, h, w, c)
-        for i in range(kh):
-            oh, ih, cnt_h = _tap_span(h, ho, sh, ph, i * dh)
-            if not cnt_h:
-                continue
-            for j in range(kw):
-                ow, iw, cnt_w = _tap_span(w, wo, sw, pw, j * dw)
-                if not cnt_w:
-                    continue
-                tap = g[:, oh:oh + cnt_h, ow:ow + cnt_w]
-                tap = tap[:, :, :, i, j, :] if taps_first else tap[:, :, :, :, i, j]
-                gx[:, ih:ih + (cnt_h - 1) * sh + 1:sh, iw:iw + (cnt_w - 1) * sw + 1:sw] += tap
-        return gx.permute(0, 3, 1, 2), None, None, None, None, None
-
-
 class Conv2d(_ConvInput, nn.Conv2d):
     """``nn.Conv2d`` as im2col + ``dlkernels.linear`` (the dense convs of the reference models).
 
@@ -120,7 +67,8 @@ class Conv2d(_ConvInput, nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         x, pad = self._conv_input(input)
-        if _dispatch.resolve("matmul", self.backend, x.device) == "torch":
+        backend = _dispatch.resolve("matmul", self.backend, x.device)
+        if backend == "torch":
             # PyTorch's own convolution, as the other modules' "torch" backend is torch's own op (the
             # models bench's eager contender), not im2col over F.linear
             return F.conv2d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
@@ -133,8 +81,8 @@ class Conv2d(_ConvInput, nn.Conv2d):
         wo = (w + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
         g, o = self.groups, self.out_channels
         if g == 1 and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling():
-            # Channels-last input: the GEMM's rows from a strided view of the NHWC tensor (see
-            # _NHWCWindows), in the weight's memory order so that the weight (and its gradient) is a
+            # Channels-last input: the GEMM's rows straight from the NHWC tensor (dlkernels.im2col),
+            # in the weight's memory order so that the weight (and its gradient) is a
             # view: (kH, kW, C) for a channels_last weight (model.to(memory_format=torch.channels_last)
             # makes one; its rows also copy in runs of C), else (C, kH, kW). Eager only: torch 2.13's
             # Inductor fused the pad + unfold backward of an earlier version of it into a CPU kernel
@@ -144,7 +92,7 @@ class Conv2d(_ConvInput, nn.Conv2d):
             taps_first = not wt.is_contiguous() and wt.is_contiguous(memory_format=torch.channels_last)
             if taps_first:
                 wt = wt.permute(0, 2, 3, 1)
-            rows = _NHWCWindows.apply(x, (kh, kw), (sh, sw), pad, (dh, dw), taps_first)
+            rows = nhwc_windows(x, (kh, kw), (sh, sw), pad, (dh, dw), taps_first, backend)
             out = _dk.linear(rows, wt.reshape(o, -1), self.bias, backend=self.backend)
             out = out.view(n, ho, wo, o).permute(0, 3, 1, 2)
             return out if batched else out.squeeze(0)

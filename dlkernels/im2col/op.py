@@ -1,0 +1,63 @@
+"""nhwc_windows: the im2col rows of a channels_last input, for dlkernels.nn.Conv2d's GEMM.
+
+Kernel contract: a CPU backend's ``dlkernels/im2col/<backend>_impl.py`` provides
+
+    im2col(x, kernel_size, stride, padding, dilation, taps_first, out_hw) -> rows
+        x (N, C, H, W) channels_last-contiguous, float32 or float64; rows (N*Ho*Wo, kH*kW*C), row
+        (n, i, j) the window of output pixel (i, j) of image n in (kH, kW, C) order when taps_first
+        (a channels_last weight's order), else (C, kH, kW) (an NCHW weight's, F.unfold's); taps in the
+        zero padding are 0.
+    col2im(rows, x_shape, out_hw, kernel_size, stride, padding, dilation, taps_first) -> grad_x
+        the adjoint: grad_x (N, C, H, W) channels_last, each pixel the sum of its values in the rows
+        whose window reads it.
+
+The torch version (reference.py) runs everywhere else (GPU, other dtypes, the "torch" backend).
+An eager-mode helper, not a registered op: compiled graphs of Conv2d take F.unfold (see there).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from . import reference
+
+FAMILY = "im2col"
+_KERNEL_BACKENDS = ("cpp", "numba")
+
+
+def _kernels(backend: str, x: Tensor):
+    """The backend's kernel module, or the torch reference where it has none for x."""
+    if backend in _KERNEL_BACKENDS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return _dispatch.kernels(FAMILY, backend, x.device)
+    return reference
+
+
+class _NHWCWindows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, taps_first, out_hw, backend):
+        k = _kernels(backend, x)
+        ctx.geometry = (tuple(x.shape), out_hw, kernel_size, stride, padding, dilation, taps_first, k)
+        if k is reference:
+            return reference.im2col(x, kernel_size, stride, padding, dilation, taps_first)
+        return k.im2col(x, kernel_size, stride, padding, dilation, taps_first, out_hw)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        x_shape, out_hw, kernel_size, stride, padding, dilation, taps_first, k = ctx.geometry
+        if k is not reference and not torch.is_grad_enabled():
+            gx = k.col2im(grad_rows.contiguous(), x_shape, out_hw, kernel_size, stride, padding, dilation, taps_first)
+        else:  # double backward differentiates the torch version
+            gx = reference.col2im(grad_rows, x_shape, out_hw, kernel_size, stride, padding, dilation, taps_first)
+        return gx, None, None, None, None, None, None, None
+
+
+def nhwc_windows(x: Tensor, kernel_size, stride, padding, dilation, taps_first: bool, backend: str) -> Tensor:
+    """The (N*Ho*Wo, kH*kW*C) im2col rows of channels_last x (N, C, H, W), in (kH, kW, C) order when
+    ``taps_first`` else (C, kH, kW), for a conv of ``kernel_size``, ``stride``, ``padding`` (zeros, each
+    side) and ``dilation`` (pairs); differentiable. ``backend``: the conv's resolved backend name."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return _NHWCWindows.apply(x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), taps_first,
+                              (ho, wo), backend)
