@@ -190,6 +190,29 @@ def test_nhwc_windows(any_backend, k, stride, padding, dilation, hw, taps_first)
     assert torch.autograd.gradgradcheck(fn, (x.detach().double().requires_grad_(),))
 
 
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "cpp"])
+def test_im2col_cpp_checks_its_buffers(backend):
+    """The C++ im2col and its adjoint refuse buffers that do not match the geometry (a second fence
+    behind the Python glue): no access outside what they were handed."""
+    from dlkernels import _C
+    x = torch.randn(2, 3, 5, 4).contiguous(memory_format=torch.channels_last)
+    geo = (3, 3, 1, 1, 1, 1, 1, 1)
+    rows = torch.empty(2 * 5 * 4, 27)
+    _C.im2col(x.numpy(), rows.numpy(), *geo, True)  # the right buffers pass
+    bad = [
+        (lambda: _C.im2col(x.numpy(), torch.empty(2 * 5 * 4, 26).numpy(), *geo, True), "rows"),
+        (lambda: _C.im2col(x.contiguous().numpy(), rows.numpy(), *geo, True), "x: not laid out"),
+        (lambda: _C.im2col(x.double().numpy(), rows.numpy(), *geo, True), "rows: dtype"),
+        (lambda: _C.im2col(x.numpy(), rows.numpy(), 9, 9, 1, 1, 1, 1, 1, 1, True), "larger than"),
+        (lambda: _C.im2col(x.numpy(), rows.numpy(), 3, 3, 0, 1, 1, 1, 1, 1, True), "positive"),
+        (lambda: _C.col2im(rows.numpy(), torch.empty(2, 3, 5, 5).numpy(), *geo, True), "rows: size"),
+        (lambda: _C.col2im(rows.numpy(), x.int().numpy(), *geo, True), "float32 or float64"),
+    ]
+    for call, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
 def test_conv2d_unbatched_and_padding_mode():
     ours, theirs = twins(lambda: dnn.Conv2d(2, 3, 3, padding=1, padding_mode="replicate", backend="torch"),
                          lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="replicate"))
