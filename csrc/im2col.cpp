@@ -21,41 +21,56 @@ struct Im2colGeom {
   int64_t K() const { return kH * kW * C; }
 };
 
+// n values from src to dst: a plain loop where runs are short (a stem conv's C of 1-3 makes runs of a
+// few values, where a memcpy call costs more than the copy: 8x1x48x48 5x5 0.33 -> 0.05 ms).
+template <class T>
+DLK_INLINE void copy_run(T* dst, const T* src, int64_t n) {
+  if (n * int64_t(sizeof(T)) >= 256) {
+    std::memcpy(dst, src, sizeof(T) * n);
+    return;
+  }
+  for (int64_t e = 0; e < n; ++e) dst[e] = src[e];
+}
+
 template <class T>
 void im2col(const T* x, T* rows, const Im2colGeom& g, bool taps_first) {
   const int64_t K = g.K(), taps = g.kH * g.kW;
+  taps_first = taps_first || g.C == 1;  // one channel: both orders are the same
 #pragma omp parallel for schedule(static) if (worth_threads(g.N * g.Ho * g.Wo * K))
-  for (int64_t r = 0; r < g.N * g.Ho * g.Wo; ++r) {
-    const int64_t n = r / (g.Ho * g.Wo), i = (r / g.Wo) % g.Ho, j = r % g.Wo;
-    T* row = rows + r * K;
-    // the taps [b0, b1) of a kernel row that land inside the input's columns
-    const int64_t w0 = j * g.sW - g.pW;
-    const int64_t b0 = std::min(g.kW, std::max<int64_t>(0, ceil_div(-w0, g.dW)));
-    const int64_t b1 = std::max(b0, std::min(g.kW, floor_div(g.W - 1 - w0, g.dW) + 1));
-    for (int64_t kh = 0; kh < g.kH; ++kh) {
-      const int64_t h = i * g.sH - g.pH + kh * g.dH;
-      const bool row_inside = h >= 0 && h < g.H;
-      // tap kw of an inside row reads x + base + kw*dW*C (only formed for inside taps)
-      const int64_t base = ((n * g.H + h) * g.W + w0) * g.C;
-      if (taps_first) {
-        T* dst = row + kh * g.kW * g.C;
-        if (!row_inside) {
-          std::fill(dst, dst + g.kW * g.C, T(0));
-          continue;
-        }
-        std::fill(dst, dst + b0 * g.C, T(0));
-        if (g.dW == 1) {  // the inside taps are one run of the input row: one copy, not one per tap
-          if (b1 > b0) std::memcpy(dst + b0 * g.C, x + base + b0 * g.C, sizeof(T) * (b1 - b0) * g.C);
+  for (int64_t ni = 0; ni < g.N * g.Ho; ++ni) {
+    const int64_t n = ni / g.Ho, i = ni - n * g.Ho;
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      T* row = rows + (ni * g.Wo + j) * K;
+      // the taps [b0, b1) of a kernel row that land inside the input's columns
+      const int64_t w0 = j * g.sW - g.pW;
+      const int64_t b0 = g.dW == 1 ? std::clamp<int64_t>(-w0, 0, g.kW)
+                                   : std::min(g.kW, std::max<int64_t>(0, ceil_div(-w0, g.dW)));
+      const int64_t b1 = g.dW == 1 ? std::clamp<int64_t>(g.W - w0, b0, g.kW)
+                                   : std::max(b0, std::min(g.kW, floor_div(g.W - 1 - w0, g.dW) + 1));
+      for (int64_t kh = 0; kh < g.kH; ++kh) {
+        const int64_t h = i * g.sH - g.pH + kh * g.dH;
+        const bool row_inside = h >= 0 && h < g.H;
+        // tap kw of an inside row reads x + base + kw*dW*C (only formed for inside taps)
+        const int64_t base = ((n * g.H + h) * g.W + w0) * g.C;
+        if (taps_first) {
+          T* dst = row + kh * g.kW * g.C;
+          if (!row_inside) {
+            for (int64_t e = 0; e < g.kW * g.C; ++e) dst[e] = T(0);
+            continue;
+          }
+          for (int64_t e = 0; e < b0 * g.C; ++e) dst[e] = T(0);
+          if (g.dW == 1) {  // the inside taps are one run of the input row: one copy, not one per tap
+            copy_run(dst + b0 * g.C, x + base + b0 * g.C, (b1 - b0) * g.C);
+          } else {
+            for (int64_t kw = b0; kw < b1; ++kw) copy_run(dst + kw * g.C, x + base + kw * g.dW * g.C, g.C);
+          }
+          for (int64_t e = b1 * g.C; e < g.kW * g.C; ++e) dst[e] = T(0);
         } else {
-          for (int64_t kw = b0; kw < b1; ++kw)
-            std::memcpy(dst + kw * g.C, x + base + kw * g.dW * g.C, sizeof(T) * g.C);
-        }
-        std::fill(dst + b1 * g.C, dst + g.kW * g.C, T(0));
-      } else {
-        for (int64_t kw = 0; kw < g.kW; ++kw) {
-          const int64_t tap = kh * g.kW + kw;
-          const bool inside = row_inside && kw >= b0 && kw < b1;
-          for (int64_t c = 0; c < g.C; ++c) row[c * taps + tap] = inside ? x[base + kw * g.dW * g.C + c] : T(0);
+          for (int64_t kw = 0; kw < g.kW; ++kw) {
+            const int64_t tap = kh * g.kW + kw;
+            const bool inside = row_inside && kw >= b0 && kw < b1;
+            for (int64_t c = 0; c < g.C; ++c) row[c * taps + tap] = inside ? x[base + kw * g.dW * g.C + c] : T(0);
+          }
         }
       }
     }
