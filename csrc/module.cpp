@@ -16,6 +16,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("simd", &dlk::simd_name, "instruction set the kernels were compiled for");
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.def("get_max_threads", []() { return omp_get_max_threads(); });
+  m.def("llc_bytes", &dlk::llc_bytes, "bytes of the last-level cache the kernels size their passes by");
   dlk::init_matmul(m);
   dlk::init_depthwise(m);
   dlk::init_separable(m);

@@ -108,17 +108,31 @@ def test_non_finite_values(backend, channels_last):
 # C++ GEMM's 4 x 3-vector tile (17-24 float or 9-12 double outputs): 300 channels in two K slices,
 # 35 pixels, so a partial last tile of rows. And NCHW planes of wide rows (test_depthwise's
 # test_nchw_wide_rows).
+WIDE_CASES = [(1, 1024, 10, 10, 3, 1, 1, 1, 1, 24), (2, 512, 10, 10, 3, 2, 1, 1, 1, 8),
+              (1, 300, 7, 5, 3, 1, 1, 1, 1, 20), (1, 300, 7, 5, 3, 1, 1, 1, 1, 11),
+              # NCHW rows of 32 or more: the C++ 3x3 fixed-tap kernels, prefetched planes
+              (2, 6, 37, 35, 3, 1, 1, 1, 1, 7), (1, 4, 38, 71, 3, 2, 1, 1, 2, 5),
+              # channels-last stride 2, 19 interior pixels a row: x read in place
+              (1, 37, 9, 40, 3, 2, 1, 1, 1, 6)]
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("case", [(1, 1024, 10, 10, 3, 1, 1, 1, 1, 24), (2, 512, 10, 10, 3, 2, 1, 1, 1, 8),
-                                  (1, 300, 7, 5, 3, 1, 1, 1, 1, 20), (1, 300, 7, 5, 3, 1, 1, 1, 1, 11),
-                                  # NCHW rows of 32 or more: the C++ 3x3 fixed-tap kernels, prefetched planes
-                                  (2, 6, 37, 35, 3, 1, 1, 1, 1, 7), (1, 4, 38, 71, 3, 2, 1, 1, 2, 5),
-                                  # channels-last stride 2, 19 interior pixels a row: x read in place
-                                  (1, 37, 9, 40, 3, 2, 1, 1, 1, 6)],
-                         ids=_sep_ids)
+@pytest.mark.parametrize("case", WIDE_CASES, ids=_sep_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
 def test_separable_wide_channel_rows(backend, dtype, case, channels_last):
+    test_separable(backend, dtype, case, channels_last)
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "cpp"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", SEP_CASES + WIDE_CASES, ids=_sep_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_separable_cpp_fused_on_small_planes(backend, dtype, case, channels_last, monkeypatch):
+    """The C++ backend runs planes of up to 12x12 outputs as a depthwise pass then one GEMM; its
+    fused kernel still takes any plane given to it (the cases above at 12x12 or fewer reach it here)."""
+    from dlkernels.separable import cpp_impl
+    monkeypatch.setattr(cpp_impl, "TWO_PASS_MAX_PIXELS", 0)
     test_separable(backend, dtype, case, channels_last)
 
 
