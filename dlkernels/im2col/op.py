@@ -1,6 +1,6 @@
 """nhwc_windows: the im2col rows of a channels_last input, for dlkernels.nn.Conv2d's GEMM.
 
-Kernel contract: a CPU backend's ``dlkernels/im2col/<backend>_impl.py`` provides
+Kernel contract: each backend's ``dlkernels/im2col/<backend>_impl.py`` provides
 
     im2col(x, kernel_size, stride, padding, dilation, taps_first, out_hw) -> rows
         x (N, C, H, W) channels_last-contiguous, float32 or float64; rows (N*Ho*Wo, kH*kW*C), row
@@ -11,8 +11,9 @@ Kernel contract: a CPU backend's ``dlkernels/im2col/<backend>_impl.py`` provides
         the adjoint: grad_x (N, C, H, W) channels_last, each pixel the sum of its values in the rows
         whose window reads it.
 
-The torch version (reference.py) runs everywhere else (GPU, other dtypes, the "torch" backend).
-An eager-mode helper, not a registered op: compiled graphs of Conv2d take F.unfold (see there).
+(C++ and Numba: float32 and float64 on CPU; Triton: any float dtype.) The torch version
+(reference.py) runs everywhere else (other dtypes, the "torch" backend) and for double backward. An
+eager-mode helper, not a registered op: compiled graphs of Conv2d take F.unfold (see there).
 """
 from __future__ import annotations
 
@@ -23,14 +24,16 @@ from .. import _dispatch
 from . import reference
 
 FAMILY = "im2col"
-_KERNEL_BACKENDS = ("cpp", "numba")
 
 
 def _kernels(backend: str, x: Tensor):
-    """The backend's kernel module, or the torch reference where it has none for x."""
-    if backend in _KERNEL_BACKENDS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        return _dispatch.kernels(FAMILY, backend, x.device)
-    return reference
+    """The backend's kernel module, or the torch reference where it has none for x. ``backend`` comes
+    resolved for x's device (dlkernels._dispatch.resolve)."""
+    if backend in _dispatch.CPU_BACKENDS:
+        has = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    else:
+        has = backend == "triton" and x.dtype.is_floating_point
+    return _dispatch.kernels(FAMILY, backend, x.device) if has else reference
 
 
 class _NHWCWindows(torch.autograd.Function):
