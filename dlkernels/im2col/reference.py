@@ -4,7 +4,7 @@ Forward: one copy of a strided view of the (padded) NHWC tensor, where F.unfold'
 needs another copy to become row-major. Adjoint: one strided add per kernel tap, each over runs of C
 contiguous values, clipped to the input (no padded buffer); autograd through the view would run
 ``unfold_backward`` twice, a zero-filled scatter 7-10x slower (ResNet-18 8x64x16x16 3x3: 1.73 -> 0.17
-ms, 2 cores, Zen5). Any device and dtype; the kernels of the CPU backends replace both on CPU."""
+ms, 2 cores, Zen5). Any device and dtype; each backend's kernels replace both where they run (op.py)."""
 from __future__ import annotations
 
 import torch

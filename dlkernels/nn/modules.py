@@ -7,9 +7,9 @@ on dlkernels. ``backend=`` fixes the backend of one module (None: the ``use_back
 ``DLKERNELS_BACKEND`` variable, then the automatic choice; see dlkernels/_dispatch.py).
 
 Dense convolutions that are neither depthwise nor 1x1 (``Conv2d``) have no dedicated op: they run
-as im2col (``F.unfold``, or for channels_last input a strided view of the NHWC tensor) feeding one
-``dlkernels.linear`` GEMM per group, so their FLOPs still run on dlkernels' matmul kernels, with the
-bias fused into the GEMM's epilogue.
+as im2col (``F.unfold``, or for channels_last input the rows straight from the NHWC tensor,
+``dlkernels.im2col``) feeding one ``dlkernels.linear`` GEMM per group, so their FLOPs still run on
+dlkernels' matmul kernels, with the bias fused into the GEMM's epilogue.
 """
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ class Conv2d(_ConvInput, nn.Conv2d):
 
     The output of a GEMM over (N*Ho*Wo, C*kH*kW) rows is (N, Ho, Wo, O): it is returned as that
     channels_last tensor, viewed as (N, O, Ho, Wo), rather than copied to NCHW. A channels_last input
-    (groups 1, dilation 1) gives those rows as a view of its padded NHWC tensor (``Tensor.unfold``,
-    whose backward is a native scatter-add); others go through ``F.unfold``.
+    (groups 1) gives those rows straight from its NHWC tensor (``dlkernels.im2col``: each row written
+    once, the backward a gather); others go through ``F.unfold``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
