@@ -160,9 +160,25 @@ struct SimdKernel {
   static constexpr int NR = NV * S::W;
 
   // DIRECT: A read in place, row r at a + r * lda (see macro_kernel); else a packed panel.
+  // A last panel of nv <= (NV - 1) * W valid columns computes only the vectors that hold them: a
+  // 1x1 conv of 100 pixels an image (Xception's exit flow, NCHW) is 3 whole 32-float panels and one
+  // of 4 columns, which the whole tile computed as 32.
   template <bool DIRECT = false>
   static void run(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc, int mv, int nv,
                   const Epilogue<T>& e, int64_t lda = 0) {
+    if constexpr (NV > 1) {
+      if (nv <= S::W) return tile<DIRECT, 1>(kc, a, b, c, ldc, mv, nv, e, lda);
+    }
+    if constexpr (NV > 2) {
+      if (nv <= 2 * S::W) return tile<DIRECT, 2>(kc, a, b, c, ldc, mv, nv, e, lda);
+    }
+    tile<DIRECT, NV>(kc, a, b, c, ldc, mv, nv, e, lda);
+  }
+
+  // The first NVE of the panel's NV vectors of columns (the packed panel stays NR wide).
+  template <bool DIRECT, int NVE>
+  static DLK_INLINE void tile(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc, int mv,
+                              int nv, const Epilogue<T>& e, int64_t lda) {
     // C's tile is read (K blocks after the first) and written after the loop: start its lines
     // coming now, behind the FMAs (streamed tiles are not read).
     if (!e.stream)
@@ -170,31 +186,31 @@ struct SimdKernel {
         _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + nv - 1), _MM_HINT_T0);
       }
-    V acc[MR][NV];
+    V acc[MR][NVE];
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
+      for (int v = 0; v < NVE; ++v) acc[r][v] = S::zero();
 #pragma GCC unroll 4
     for (int64_t p = 0; p < kc; ++p) {
-      V bv[NV];
+      V bv[NVE];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = S::load(b + v * S::W);
+      for (int v = 0; v < NVE; ++v) bv[v] = S::load(b + v * S::W);
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
         const V av = S::set1(a[DIRECT ? r * lda : r]);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = S::fma(av, bv[v], acc[r][v]);
+        for (int v = 0; v < NVE; ++v) acc[r][v] = S::fma(av, bv[v], acc[r][v]);
       }
       a += DIRECT ? 1 : MR;
       b += NR;
     }
-    if (mv == MR && nv == NR) {
+    if (NVE == NV && mv == MR && nv == NR) {
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
         T* cr = c + r * ldc;
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
+        for (int v = 0; v < NVE; ++v) {
           V x = acc[r][v];
           if (e.load) x = S::add(x, S::load(cr + v * S::W));
           if (e.bias_col) x = S::add(x, S::load(e.bias_col + v * S::W));
@@ -207,10 +223,10 @@ struct SimdKernel {
         }
       }
     } else {
-      alignas(64) T tile[MR * NR];
+      alignas(64) T tile_buf[MR * NR];
       for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v) S::store(tile + r * NR + v * S::W, acc[r][v]);
-      store_tile(tile, NR, mv, nv, c, ldc, e);
+        for (int v = 0; v < NVE; ++v) S::store(tile_buf + r * NR + v * S::W, acc[r][v]);
+      store_tile(tile_buf, NR, mv, nv, c, ldc, e);
     }
   }
 };
