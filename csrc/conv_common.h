@@ -81,6 +81,22 @@ inline TapRange tap_range(int64_t o, int64_t stride, int64_t pad, int64_t dil, i
   return {lo, std::max(lo, hi)};
 }
 
+// Taps p and output positions o with o*stride - pad + p*dil == in: the (tap, output) pairs that read
+// input position `in` (the transposed conv's gather).
+struct TapOut {
+  int64_t tap, out;
+};
+
+inline void taps_reading(int64_t in, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t out_size,
+                         std::vector<TapOut>& list) {
+  list.clear();
+  for (int64_t p = 0; p < k; ++p) {
+    const int64_t t = in + pad - p * dil;
+    if (t < 0) break;
+    if (t % stride == 0 && t / stride < out_size) list.push_back({p, t / stride});
+  }
+}
+
 // Output positions [lo, hi) along one axis whose whole window lies inside the input: the interior,
 // where the inner loops run without bounds checks.
 inline TapRange interior_range(int64_t out, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t size) {

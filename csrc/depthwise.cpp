@@ -119,21 +119,6 @@ void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) 
 // ---------------------------------------------------------------------------------------------
 // backward input, NCHW
 // ---------------------------------------------------------------------------------------------
-// Taps p and output positions o with o*stride - pad + p*dil == in.
-struct TapOut {
-  int64_t tap, out;
-};
-
-inline void taps_reading(int64_t in, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t out_size,
-                         std::vector<TapOut>& list) {
-  list.clear();
-  for (int64_t p = 0; p < k; ++p) {
-    const int64_t t = in + pad - p * dil;
-    if (t < 0) break;
-    if (t % stride == 0 && t / stride < out_size) list.push_back({p, t / stride});
-  }
-}
-
 // Column tap q of a stride > 1 conv seen from grad_x: input column jj is read by q from output
 // column (jj + pL - q*dW) / sW when that divides, i.e. only by the columns of one phase
 // jj = phase + sW*t, and those read output columns t + off, consecutive in t. [lo, hi) are the t

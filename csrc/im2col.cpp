@@ -43,10 +43,8 @@ void im2col(const T* x, T* rows, const Im2colGeom& g, bool taps_first) {
       T* row = rows + (ni * g.Wo + j) * K;
       // the taps [b0, b1) of a kernel row that land inside the input's columns
       const int64_t w0 = j * g.sW - g.pW;
-      const int64_t b0 = g.dW == 1 ? std::clamp<int64_t>(-w0, 0, g.kW)
-                                   : std::min(g.kW, std::max<int64_t>(0, ceil_div(-w0, g.dW)));
-      const int64_t b1 = g.dW == 1 ? std::clamp<int64_t>(g.W - w0, b0, g.kW)
-                                   : std::max(b0, std::min(g.kW, floor_div(g.W - 1 - w0, g.dW) + 1));
+      const TapRange cols = tap_range(j, g.sW, g.pW, g.dW, g.kW, g.W);
+      const int64_t b0 = cols.lo, b1 = cols.hi;
       for (int64_t kh = 0; kh < g.kH; ++kh) {
         const int64_t h = i * g.sH - g.pH + kh * g.dH;
         const bool row_inside = h >= 0 && h < g.H;
@@ -77,40 +75,29 @@ void im2col(const T* x, T* rows, const Im2colGeom& g, bool taps_first) {
   }
 }
 
-// The (tap, output position) pairs that read input position p of one dimension: tap t with
-// o = (p + pad - t*dil) / stride whole and inside [0, out). Tabled once a call (at most k per
-// position), so the gather's loops divide nothing.
-struct TapTable {
-  int64_t k;
-  std::vector<int64_t> count, tap, out;  // count[p]; tap/out[p*k + e] for e < count[p]
-  TapTable(int64_t size, int64_t out_size, int64_t k_, int64_t stride, int64_t pad, int64_t dil)
-      : k(k_), count(size, 0), tap(size * k_), out(size * k_) {
-    for (int64_t p = 0; p < size; ++p)
-      for (int64_t t = 0; t < k; ++t) {
-        const int64_t q = p + pad - t * dil;
-        if (q < 0 || q % stride || q / stride >= out_size) continue;
-        tap[p * k + count[p]] = t;
-        out[p * k + count[p]++] = q / stride;
-      }
-  }
-};
+// The (tap, output position) pairs that read each input position of one dimension (taps_reading),
+// tabled once a call so that the gather's loops divide nothing.
+inline std::vector<std::vector<TapOut>> tap_table(int64_t size, int64_t out_size, int64_t k, int64_t stride,
+                                                  int64_t pad, int64_t dil) {
+  std::vector<std::vector<TapOut>> table(size);
+  for (int64_t p = 0; p < size; ++p) taps_reading(p, stride, pad, dil, k, out_size, table[p]);
+  return table;
+}
 
 template <class T>
 void col2im(const T* rows, T* gx, const Im2colGeom& g, bool taps_first) {
   const int64_t K = g.K(), taps = g.kH * g.kW;
-  const TapTable th(g.H, g.Ho, g.kH, g.sH, g.pH, g.dH), tw(g.W, g.Wo, g.kW, g.sW, g.pW, g.dW);
+  const auto th = tap_table(g.H, g.Ho, g.kH, g.sH, g.pH, g.dH), tw = tap_table(g.W, g.Wo, g.kW, g.sW, g.pW, g.dW);
 #pragma omp parallel for schedule(static) if (worth_threads(g.N * g.Ho * g.Wo * K))
   for (int64_t nh = 0; nh < g.N * g.H; ++nh) {
     const int64_t n = nh / g.H, h = nh % g.H;
     for (int64_t w = 0; w < g.W; ++w) {
       T* dst = gx + (nh * g.W + w) * g.C;
       std::fill(dst, dst + g.C, T(0));
-      for (int64_t a = 0; a < th.count[h]; ++a) {
-        const int64_t kh = th.tap[h * g.kH + a], i = th.out[h * g.kH + a];
-        for (int64_t b = 0; b < tw.count[w]; ++b) {
-          const int64_t kw = tw.tap[w * g.kW + b], j = tw.out[w * g.kW + b];
-          const T* row = rows + ((n * g.Ho + i) * g.Wo + j) * K;
-          const int64_t tap = kh * g.kW + kw;
+      for (const TapOut& ph : th[h]) {
+        for (const TapOut& pw : tw[w]) {
+          const T* row = rows + ((n * g.Ho + ph.out) * g.Wo + pw.out) * K;
+          const int64_t tap = ph.tap * g.kW + pw.tap;
           if (taps_first) {
             const T* src = row + tap * g.C;
 #pragma omp simd

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .. import _validation as V
 from . import reference
 
 FAMILY = "im2col"
@@ -59,8 +60,6 @@ def nhwc_windows(x: Tensor, kernel_size, stride, padding, dilation, taps_first: 
     """The (N*Ho*Wo, kH*kW*C) im2col rows of channels_last x (N, C, H, W), in (kH, kW, C) order when
     ``taps_first`` else (C, kH, kW), for a conv of ``kernel_size``, ``stride``, ``padding`` (zeros, each
     side) and ``dilation`` (pairs); differentiable. ``backend``: the conv's resolved backend name."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    _, _, _, out_hw = V.conv2d_geometry("dlkernels.nn.Conv2d", x, kernel_size, stride, padding, dilation)
     return _NHWCWindows.apply(x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), taps_first,
-                              (ho, wo), backend)
+                              out_hw, backend)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 import dlkernels as _dk
 from dlkernels import _dispatch
+from dlkernels import _validation as V
 from dlkernels.im2col import nhwc_windows
 
 
@@ -154,7 +155,7 @@ class PointwiseConv2d(nn.Conv2d):
         x = input
         if sh != 1 or sw != 1:
             x = input[..., ::sh, ::sw]
-            if x.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+            if x.dim() == 4 and V.memory_format(input) == torch.channels_last:
                 # one (N*H*W, C) GEMM on a channels_last copy of the subsample, where the op would copy
                 # the non-contiguous view to NCHW, N batched GEMMs of H*W columns (ResNet's shortcut
                 # 8x256x4x4 -> 512: 0.75 -> 0.06 ms)
