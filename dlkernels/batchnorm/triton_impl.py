@@ -13,6 +13,11 @@ and a second small kernel combines the splits, so the result does not depend on 
 NCS planes that would break the tiles' vectors (short, or not a multiple of 16 elements) take flat
 kernels instead, which read each image's C*S elements as one run (_flat_tile): the elementwise
 passes always there, the reductions where the plane is long and has no factor 4 (_flat_reduction).
+
+Training takes neither where it can: bn_forward_train and bn_backward run one kernel each, a program
+per block of channels that reduces over the block's rows and then re-reads them from L2 for the
+elementwise pass (_resident_plan says where the rows stay in L2). They decline (return None) where
+they would not, and the op composes the passes above.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import triton.language as tl
 
 from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
 from .._triton_common import launch as _launch
-from .._triton_common import align_of, cdiv, next_pow2, target_programs
+from .._triton_common import INTERPRET, align_of, cdiv, l2_bytes, next_pow2, target_programs
 
 # Elements per tile: 16 per thread at 4 warps, enough loads in flight to stream HBM.
 _TILE = 2048
@@ -467,6 +472,166 @@ def _backward_apply_flat_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# training kernels of one program per channel block (see _resident_plan)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _resident_columns(blk, RUN: tl.constexpr, SEG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CB: tl.constexpr):
+    """Channel block blk's run of RUN columns (BC = RUN // SEG channels of SEG columns each): the
+    offset of its first column, the column index r, which columns exist, and the one-hot [channel,
+    column] map through which per-column values become per-channel ones and back (Triton has no
+    gather from registers). RUN is constexpr, so the run's start is a known multiple of its factors."""
+    base = blk * RUN  # < C*S < 2**31 (_resident_plan)
+    r = tl.arange(0, BLOCK_R)
+    col = r < RUN
+    onehot = ((r // SEG)[None, :] == tl.arange(0, BLOCK_CB)[:, None]) & col[None, :]
+    return base, r, col, onehot
+
+
+@triton.jit
+def _resident_tile(m0, M, stride_m, base, r, col, ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Offsets and mask of rows m0 .. m0 + BLOCK_M of the run (row stride stride_m)."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs = tl.multiple_of(rows.to(tl.int64) * stride_m, ALIGN_M)[:, None] + (base + r)[None, :]
+    return offs, (rows < M)[:, None] & col[None, :]
+
+
+@triton.jit
+def _to_channels(v, onehot):
+    """Per-column values [BLOCK_R] summed per channel: [BLOCK_CB]."""
+    return tl.sum(tl.where(onehot, v[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _to_columns(v, onehot):
+    """A per-channel vector [BLOCK_CB] spread over its channels' columns: [BLOCK_R] (where, not a
+    product, so that another channel's inf or NaN stays out)."""
+    return tl.sum(tl.where(onehot, v[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _train_forward_resident_kernel(
+    x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, var_ptr, eps: tl.float64, eps32, M, stride_m, n_blocks,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SEG: tl.constexpr, RUN: tl.constexpr, ALIGN_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CB: tl.constexpr,
+):
+    """The whole training forward, a block of channels at a time (the grid is at most the programs
+    whose blocks fit in L2 together; each walks blocks pid, pid + grid, ...): statistics over the
+    block's M rows, then the fused normalize-add-activate over the same rows, which the first loop
+    has just brought into L2 (walked in reverse, the most recent first); and the block's mean and
+    biased variance."""
+    BC: tl.constexpr = RUN // SEG
+    ct = mean_ptr.dtype.element_ty
+    k = tl.arange(0, BLOCK_CB)
+    rows = tl.arange(0, BLOCK_M)
+    n_steps = (M + BLOCK_M - 1) // BLOCK_M
+    # values each row of accumulator slots sums (its rows of the run)
+    cnt_rows = tl.broadcast_to(((tl.maximum(M - rows, 0) + BLOCK_M - 1) // BLOCK_M).to(ct)[:, None],
+                               (BLOCK_M, BLOCK_R))
+    for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        base, r, col, onehot = _resident_columns(blk, RUN, SEG, BLOCK_R, BLOCK_CB)
+        c = blk * BC + k
+        # shifted by each channel's first value, as _stats_shift: a large mean costs no precision
+        shift_k = _load(x_ptr, base + k * SEG, k < BC, ct)
+        shift_k = tl.where(shift_k - shift_k == 0, shift_k, 0.0)
+        shift = _to_columns(shift_k, onehot)[None, :]
+        # plain sums per slot (each adds up at most n_steps shifted values), merged afterwards as
+        # Welford summaries: no division per element
+        s1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=ct)
+        s2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=ct)
+        for m0 in range(0, M, BLOCK_M):
+            offs, mask = _resident_tile(m0, M, stride_m, base, r, col, ALIGN_M, BLOCK_M)
+            d = tl.where(mask, _load(x_ptr, offs, mask, ct) - shift, 0.0)
+            s1 += d
+            s2 += d * d
+        mean = s1 / tl.where(cnt_rows == 0, 1.0, cnt_rows)
+        mean, m2, cnt = _welford_merge_axis(mean, s2 - s1 * mean, cnt_rows, 0)
+        # the columns' summaries merged per channel
+        n_k = _to_channels(cnt, onehot)
+        mean_k = _to_channels(cnt * mean, onehot) / tl.where(n_k == 0, 1.0, n_k)
+        dev = mean[None, :] - mean_k[:, None]
+        m2_k = tl.sum(tl.where(onehot, m2[None, :] + cnt[None, :] * dev * dev, 0.0), axis=1)
+        var_k = m2_k / tl.where(n_k == 0, 1.0, n_k)
+        mean_k += shift_k
+        tl.store(mean_ptr + c, mean_k, mask=k < BC)
+        tl.store(var_ptr + c, var_k, mask=k < BC)
+        if ct == tl.float64:
+            scale_k = tl.math.rsqrt(var_k + eps)
+        else:
+            scale_k = tl.math.rsqrt(var_k + eps32)
+        if HAS_WEIGHT:
+            scale_k = scale_k * _gather(w_ptr, c, k < BC)
+        shift_k = -mean_k * scale_k
+        if HAS_BIAS:
+            shift_k += _gather(b_ptr, c, k < BC)
+        scale = _to_columns(scale_k, onehot)[None, :]
+        shift = _to_columns(shift_k, onehot)[None, :]
+        for i in range(n_steps):
+            offs, mask = _resident_tile((n_steps - 1 - i) * BLOCK_M, M, stride_m, base, r, col, ALIGN_M, BLOCK_M)
+            z = _pre_activation(_load(x_ptr, offs, mask, ct), r_ptr, offs, mask, scale, shift, HAS_RESIDUAL)
+            tl.store(y_ptr + offs, _activate(z, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _train_backward_resident_kernel(
+    gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, gx_ptr, gr_ptr, sum_dz_ptr, sum_dzx_ptr,
+    eps: tl.float64, eps32, M, stride_m, n_blocks,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_R: tl.constexpr,
+    SEG: tl.constexpr, RUN: tl.constexpr, ALIGN_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CB: tl.constexpr,
+):
+    """The whole training backward, a block of channels at a time (blocks as the forward's): the
+    sums of dz and dz * xhat over the block's rows (written: they are grad_bias and grad_weight),
+    then grad_x and grad_residual = dz over the same rows, re-read from L2 in reverse. Scale, shift
+    and invstd are folded here from the statistics, no torch prologue."""
+    BC: tl.constexpr = RUN // SEG
+    k = tl.arange(0, BLOCK_CB)
+    n_steps = (M + BLOCK_M - 1) // BLOCK_M
+    for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        base, r, col, onehot = _resident_columns(blk, RUN, SEG, BLOCK_R, BLOCK_CB)
+        c = blk * BC + k
+        c_col = blk * BC + r // SEG
+        scale, shift = _fold(mean_ptr, var_ptr, w_ptr, b_ptr, c_col, col, eps, eps32, HAS_WEIGHT, HAS_BIAS)
+        ct = scale.dtype
+        mean = _gather(mean_ptr, c_col, col)[None, :]
+        var = _gather(var_ptr, c_col, col)
+        if ct == tl.float64:
+            invstd = tl.math.rsqrt(var + eps)[None, :]
+        else:
+            invstd = tl.math.rsqrt(var + eps32)[None, :]
+        scale = scale[None, :]
+        shift = shift[None, :]
+        acc_dz = tl.zeros((BLOCK_M, BLOCK_R), dtype=ct)
+        acc_dzx = tl.zeros((BLOCK_M, BLOCK_R), dtype=ct)
+        for m0 in range(0, M, BLOCK_M):
+            offs, mask = _resident_tile(m0, M, stride_m, base, r, col, ALIGN_M, BLOCK_M)
+            dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale, shift,
+                                         HAS_RESIDUAL, ACTIVATION)
+            dz = tl.where(mask, dz, 0.0)
+            acc_dz += dz
+            acc_dzx += dz * ((x - mean) * invstd)
+        sum_dz = _to_channels(tl.sum(acc_dz, axis=0), onehot)
+        sum_dzx = _to_channels(tl.sum(acc_dzx, axis=0), onehot)
+        tl.store(sum_dz_ptr + c, sum_dz, mask=k < BC)
+        tl.store(sum_dzx_ptr + c, sum_dzx, mask=k < BC)
+        if NEED_X or NEED_R:
+            count = tl.zeros_like(sum_dz) + M * SEG  # M may be specialized to the constant 1
+            c_dz = _to_columns(sum_dz / count, onehot)[None, :]
+            c_xhat = _to_columns(sum_dzx / count, onehot)[None, :]
+            for i in range(n_steps):
+                offs, mask = _resident_tile((n_steps - 1 - i) * BLOCK_M, M, stride_m, base, r, col, ALIGN_M,
+                                            BLOCK_M)
+                dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale, shift,
+                                             HAS_RESIDUAL, ACTIVATION)
+                if NEED_X:
+                    gx = scale * (dz - c_dz - (x - mean) * invstd * c_xhat)
+                    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+                if NEED_R:
+                    tl.store(gr_ptr + offs, dz.to(gr_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
 def _np2(v: int) -> int:
@@ -676,3 +841,112 @@ def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_
     flags = dict(HAS_RESIDUAL=has_res, ACTIVATION=activation, NEED_GRAD_RESIDUAL=need_grad_residual)
     _launch_elementwise(_backward_apply_flat_kernel, _backward_apply_kernel, x3, geo, args, flags)
     return grad_x3, grad_r3
+
+
+# ---------------------------------------------------------------------------------------------
+# training in one kernel a direction (a program per block of channels)
+# ---------------------------------------------------------------------------------------------
+# Share of the L2 that the resident kernels' working set may fill (tests set 0: the passes instead).
+RESIDENT_L2_SHARE = 0.75
+# Elements a program loads per step (and per input tensor): 8 KB of bfloat16 in flight per tensor, at
+# two programs an SM, where the forward's statistics loop streams x alone. Small under the interpreter
+# so that the test shapes take several steps and a partial last one.
+_RESIDENT_TILE = 16 if INTERPRET else 4096
+# A program's run of columns: NCS, BC whole planes of an image (a register tile row); channels-last,
+# BC channels of a row (more would leave too few programs at ResNet's channel counts).
+_RESIDENT_MAX_RUN = 4096
+_RESIDENT_MAX_BC_CL = 64
+
+
+def _resident_plan(n: int, c: int, s: int, cl: bool, itemsize: int, sms: int, l2: int):
+    """Channels a program of the resident training kernels takes (BC, a power of two dividing C, so
+    that every block is whole and the masks stay constant over vectors), or None where they should
+    not run. A training step at ResNet-50's later stages was 21 small kernels, and its passes read x
+    twice forward and three tensors twice backward (H200, 2026-11-27: stage 4 NCHW 90 us against a
+    25 us floor, torch.compile 72 us). One program per channel block instead reduces over the
+    block's rows and re-reads them for the elementwise pass; the re-read comes from L2 while the
+    backward's three streamed inputs of every program in flight (about two per SM) fit in
+    RESIDENT_L2_SHARE of it. The largest BC that still leaves 1.5 programs an SM (longer runs load
+    wider vectors); channels-last rows of at least 8 channels (16 bytes of bfloat16), fewer would
+    split memory sectors between programs."""
+    if n * c * s == 0 or c * s >= 2 ** 31:  # int32 column offsets within an image
+        return None
+    pow2 = c & -c
+    sizes = [1 << i for i in range(min(pow2, _RESIDENT_MAX_BC_CL if cl else pow2).bit_length())]
+    sizes = [bc for bc in sizes if (bc >= min(8, pow2) if cl else bc * s <= _RESIDENT_MAX_RUN)]
+
+    def fits(bc: int) -> bool:
+        return 3 * n * s * bc * itemsize * min(c // bc, 2 * sms) <= RESIDENT_L2_SHARE * l2
+
+    for bc in reversed(sizes):
+        if 2 * (c // bc) >= 3 * sms and fits(bc):
+            return bc
+    return sizes[0] if sizes and fits(sizes[0]) else None
+
+
+def _resident_programs(device: torch.device) -> int:
+    """Programs of a resident launch, about two an SM: the working set _resident_plan budgets."""
+    return max(1, target_programs(device) // 2)
+
+
+def _resident_launch(x3: torch.Tensor):
+    """(grid, (M, stride_m, blocks), meta) of the resident kernels for x3, or None (see _resident_plan). A
+    program's run: NCS, BC planes of each of the N images (M = N rows of C*S); channels-last, BC
+    channels of each of the N*S pixels (M = N*S rows of C)."""
+    n, c, s = x3.shape
+    cl = s == 1 or not x3.is_contiguous()
+    bc = _resident_plan(n, c, s, cl, x3.element_size(), max(1, target_programs(x3.device) // 4),
+                        l2_bytes(x3.device))
+    if bc is None:
+        return None
+    m, seg, stride_m = (n * s, 1, c) if cl else (n, s, c * s)
+    block_r = _np2(bc * seg)
+    block_m = min(_np2(m), max(1, _RESIDENT_TILE // block_r))
+    meta = dict(SEG=seg, RUN=bc * seg, ALIGN_M=align_of(stride_m), BLOCK_M=block_m, BLOCK_R=block_r,
+                BLOCK_CB=_np2(bc), num_warps=4 if block_m * block_r <= 2048 else 8)
+    n_blocks = c // bc
+    return (min(n_blocks, _resident_programs(x3.device)),), (m, stride_m, n_blocks), meta
+
+
+def bn_forward_train(x3, residual3, weight, bias, eps, activation):
+    plan = _resident_launch(x3)
+    if plan is None:
+        return None
+    grid, dims, meta = plan
+    c = x3.shape[1]
+    sdt = _stats_dtype(x3.dtype)
+    mean = torch.empty(c, dtype=sdt, device=x3.device)
+    var = torch.empty(c, dtype=sdt, device=x3.device)
+    y3 = _new_like_x(x3)
+    has_res = residual3 is not None
+    residual3 = _like_x(residual3, x3)
+    _launch(_train_forward_resident_kernel, grid)(
+        x3, residual3 if has_res else x3, mean if weight is None else weight, mean if bias is None else bias,
+        y3, mean, var, float(eps), _float32(eps), *dims, HAS_RESIDUAL=has_res, ACTIVATION=activation,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta)
+    return y3, mean, var
+
+
+def bn_backward(grad_y3, y3, x3, residual3, mean, var, weight, bias, eps, training, activation, need_x, need_r,
+                need_sums):
+    # evaluation's backward is one elementwise pass already, and so is grad_residual alone
+    if not (training and need_sums):
+        return None
+    plan = _resident_launch(x3)
+    if plan is None:
+        return None
+    grid, dims, meta = plan
+    c = x3.shape[1]
+    sum_dz = torch.empty(c, dtype=mean.dtype, device=x3.device)
+    sum_dz_xhat = torch.empty(c, dtype=mean.dtype, device=x3.device)
+    grad_x3 = _new_like_x(x3) if need_x else None
+    grad_r3 = _new_like_x(x3) if need_r else None
+    has_res = residual3 is not None
+    grad_y3, y3, residual3 = (_like_x(t, x3) for t in (grad_y3, y3, residual3))
+    _launch(_train_backward_resident_kernel, grid)(
+        grad_y3, x3 if y3 is None else y3, x3, residual3 if has_res else x3, mean, var,
+        mean if weight is None else weight, mean if bias is None else bias,
+        x3 if grad_x3 is None else grad_x3, x3 if grad_r3 is None else grad_r3, sum_dz, sum_dz_xhat,
+        float(eps), _float32(eps), *dims, HAS_RESIDUAL=has_res, ACTIVATION=activation,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, NEED_X=bool(need_x), NEED_R=bool(need_r), **meta)
+    return grad_x3, grad_r3, sum_dz, sum_dz_xhat
