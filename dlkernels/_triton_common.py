@@ -117,22 +117,6 @@ def target_programs(device: torch.device) -> int:
     return _gpu_programs(device.index)
 
 
-# L2 size for tensors not on a GPU (as HOST_PROGRAMS; precompile.py sets the GPU's).
-HOST_L2_BYTES = 64 << 20
-
-
-@functools.cache
-def _gpu_l2_bytes(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).L2_cache_size
-
-
-def l2_bytes(device: torch.device) -> int:
-    """The GPU's L2 cache size, for kernels that re-read data they streamed a moment before."""
-    if INTERPRET or device.type != "cuda":
-        return HOST_L2_BYTES
-    return _gpu_l2_bytes(device.index)
-
-
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of host integers (grids, splits). triton.cdiv is a constexpr_function (in
     triton 3.6 as in 3.9), whose call wrapper took about 2.6 us a call with triton 3.9 on the

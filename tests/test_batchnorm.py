@@ -22,8 +22,6 @@ LAYOUTS = {
     "4d_odd_planes": ((2, 5, 11, 13), False),
 }
 
-TRITON = [b for b in KERNEL_BACKENDS if b == "triton"]
-
 
 def _make(shape, channels_last, dtype, mean=0.5, std=2.0):
     x = torch.randn(shape, device=DEVICE, dtype=torch.float64) * std + mean
@@ -148,60 +146,12 @@ def test_gradients_of_each_subset(backend, wanted, activation, training):
         assert_close(gt, e, torch.float32, f"grad {name}", factor=4)
 
 
-@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_planes_longer_than_a_block(backend, training):
     # a 47x47 plane spans three of the flat kernels' 2048-element blocks of an image, and a block
     # two planes: every partial row of the flat reductions is used, and the merge skips none
     _check_forward_backward(backend, torch.float32, (2, 3, 47, 47), False, True, "relu", training)
-
-
-# Triton's training runs one kernel a direction, a program per block of channels (BC of them), where
-# its rows stay in L2 (triton_impl._resident_plan), else the passes. Each path and block size, forced:
-# NCS blocks of several planes (one-hot per-channel sums over a run of BC*S columns), channels-last
-# blocks of 8 channels, a batch of 1 (M specialized to the constant 1), one channel a block.
-_RESIDENT_CASES = [((3, 8, 7, 7), False, 1), ((3, 8, 7, 7), False, 4), ((1, 8, 3, 3), False, 8),
-                   ((2, 4, 5), False, 2), ((3, 16, 5, 3), True, 8), ((5, 24, 3), True, 8), ((9, 16), False, 4),
-                   ((2, 5, 7, 3), True, 1)]
-
-
-@pytest.mark.parametrize("backend", TRITON)
-@pytest.mark.parametrize("activation", [None, "relu", "silu"], ids=str)
-@pytest.mark.parametrize("shape,cl,bc", _RESIDENT_CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_triton_resident_blocks(backend, dtype, shape, cl, bc, activation, monkeypatch):
-    from dlkernels.batchnorm import triton_impl
-    monkeypatch.setattr(triton_impl, "_resident_plan", lambda *args: bc)
-    _check_forward_backward(backend, dtype, shape, cl, True, activation, True)
-
-
-@pytest.mark.parametrize("backend", TRITON)
-@pytest.mark.parametrize("activation", [None, "relu", "silu"], ids=str)
-@pytest.mark.parametrize("layout", list(LAYOUTS), ids=str)
-def test_triton_training_passes(backend, layout, activation, monkeypatch):
-    # the passes, where the resident kernels decline (every training test above takes those)
-    from dlkernels.batchnorm import triton_impl
-    monkeypatch.setattr(triton_impl, "RESIDENT_L2_SHARE", 0.0)
-    _check_forward_backward(backend, torch.float64, *LAYOUTS[layout], True, activation, True)
-
-
-@pytest.mark.parametrize("backend", TRITON)
-def test_triton_resident_plan(backend):
-    # The choice at the bench's shapes on an H200 (132 SMs, 60 MiB L2), batch 64, bfloat16: ResNet-50
-    # stages 3-4 NCHW and stage 4 channels-last run resident; stages 1-2, Xception entry (planes of
-    # 5625, past a register run) and channels-last at 14x14 and larger (rows not in L2) take the passes
-    from dlkernels.batchnorm.triton_impl import _resident_plan
-    plan = lambda n, c, s, cl, itemsize=2: _resident_plan(n, c, s, cl, itemsize, 132, 60 << 20)
-    assert plan(64, 2048, 49, False) == 8    # 256 programs, runs of 392 elements: 16-byte vectors
-    assert plan(64, 1024, 196, False) == 2   # 4 would put 77 MB in flight
-    assert plan(64, 2048, 49, True) == 8     # rows of 16 bytes, 256 programs
-    assert plan(64, 728, 361, False) == 1
-    for n, c, s, cl in ((64, 256, 3136, False), (64, 512, 784, False), (64, 128, 5625, False),
-                        (64, 1024, 196, True), (64, 728, 361, True), (64, 256, 3136, True)):
-        assert plan(n, c, s, cl) is None, (n, c, s, cl)
-    assert plan(64, 2048, 49, True, itemsize=4) is None  # float32 doubles the bytes
-    assert plan(2, 5, 3, True) == 1 and plan(2, 6, 3, True) == 2  # fewer than 8 channels: all of them
-    assert plan(0, 5, 3, False) is None
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 13, 9), (2, 3, 13, 11)], ids=str)
@@ -346,7 +296,7 @@ def test_relu_backward_matches_torch_on_nan(backend):
     assert torch.equal(torch.isnan(ga), torch.isnan(gb))
 
 
-@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["3d", "4d_cl"])
 def test_low_precision(backend, dtype, layout):

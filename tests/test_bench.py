@@ -119,7 +119,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ["DLKERNELS_TRITON_AUTOTUNE"] = "0"  # one config per kernel: seconds, not minutes
 import torch
 from dlkernels.bench import cases, precompile
-precompile._fake_gpu(90, 528, 60 << 20)
+precompile._fake_gpu(90, 528)
 os.environ["DLKERNELS_TRITON_AUTOTUNE"] = "1"  # tuned calls: the separable path choice runs
 failed = 0
 for case in cases.select("tiny", ["separable"]):

@@ -35,9 +35,7 @@ float16/bfloat16/float32 inputs, float64 for float64. activation is "", "relu" o
 A backend may instead provide the training forward and the backward whole, with the semantics of
 ``compose_forward_train`` and ``compose_backward`` below (which build them from the kernels above):
 one call each instead of two passes plus per-channel torch ops between them, which on a CPU cost more
-than a small layer's passes (the C++ backend does this). Either may return None to decline a call,
-which then runs as the passes (the Triton backend declines where its one-kernel version would not
-keep a channel block's data in L2):
+than a small layer's passes (the C++ backend does this):
 
     bn_forward_train(x3, residual3, weight, bias, eps, activation) -> (y3, mean, var)
     bn_backward(grad_y3, y3, x3, residual3, mean, var, weight, bias, eps, training, activation,
@@ -204,11 +202,9 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
 
 
 def compose_forward_train(k, x3, r3, w, b, eps, activation):
-    """(y3, mean, var): the backend's bn_forward_train, or (where it has none or declines) its statistics
-    pass then its apply pass."""
-    whole = k.bn_forward_train(x3, r3, w, b, eps, activation) if hasattr(k, "bn_forward_train") else None
-    if whole is not None:
-        return whole
+    """(y3, mean, var): the backend's bn_forward_train, or its statistics pass then its apply pass."""
+    if hasattr(k, "bn_forward_train"):
+        return k.bn_forward_train(x3, r3, w, b, eps, activation)
     mean, var = k.bn_stats(x3)
     return k.bn_apply(x3, r3, mean, var, w, b, eps, activation), mean, var
 
@@ -256,11 +252,10 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
 def compose_backward(k, g3, y3, x3, r3, mean, var, weight, bias, eps, training, activation, need_x, need_r,
                      need_sums):
     """(grad_x3, grad_r3, sum_dz, sum_dz_xhat), each None where not needed: the backend's bn_backward,
-    or (where it has none or declines) its reduce pass (where the sums are needed) then its apply pass."""
-    whole = k.bn_backward(g3, y3, x3, r3, mean, var, weight, bias, eps, training, activation, need_x, need_r,
-                          need_sums) if hasattr(k, "bn_backward") else None
-    if whole is not None:
-        return whole
+    or its reduce pass (where the sums are needed) then its apply pass."""
+    if hasattr(k, "bn_backward"):
+        return k.bn_backward(g3, y3, x3, r3, mean, var, weight, bias, eps, training, activation, need_x, need_r,
+                             need_sums)
     invstd = torch.rsqrt(var + eps)
     scale, shift = _scale_shift(mean, invstd, weight, bias)
     # grad_residual = dz is an output anyway: the reduce pass, which forms dz, writes it (see the contract)

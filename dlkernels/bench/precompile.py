@@ -24,7 +24,7 @@ import torch
 from . import cases as C
 
 
-def _fake_gpu(arch: int, programs: int, l2_bytes: int) -> None:
+def _fake_gpu(arch: int, programs: int) -> None:
     """Make this process's Triton compile for CUDA ``arch`` without a GPU, launching nothing."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.autotuner import Autotuner
@@ -60,7 +60,6 @@ def _fake_gpu(arch: int, programs: int, l2_bytes: int) -> None:
     from ..separable import triton_impl as separable
     _dispatch._runs_on = lambda name, device_type: True  # triton on CPU tensors, not interpreted
     _triton_common.HOST_PROGRAMS = programs  # grids sized for the GPU
-    _triton_common.HOST_L2_BYTES = l2_bytes  # and the kernel choices that depend on its L2
     # the separable forward's path choice runs both paths (compiling both) and then times them,
     # which needs the GPU: every path times alike here
     separable._time_path = lambda run: 0.0
@@ -96,8 +95,7 @@ def run(selected: list[C.Case], dtypes: list[torch.dtype], device: torch.device,
     """Compile the triton contender's kernels of every (case, dtype) that the -k expression
     ``keyword`` selects, if any; the number that failed."""
     major, minor = torch.cuda.get_device_capability(device)
-    props = torch.cuda.get_device_properties(device)
-    programs = 4 * props.multi_processor_count
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     tasks = [(case, dt) for case in selected for dt in dtypes if case.op != "model"
              and _matches(keyword, f"{case.id}-{str(dt).removeprefix('torch.')}-triton")]
     if not tasks:
@@ -108,7 +106,7 @@ def run(selected: list[C.Case], dtypes: list[torch.dtype], device: torch.device,
     t0 = time.perf_counter()
     failed = 0
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_fake_gpu, initargs=(major * 10 + minor, programs, props.L2_cache_size)) as pool:
+    with ctx.Pool(workers, initializer=_fake_gpu, initargs=(major * 10 + minor, programs)) as pool:
         for name, secs, err in pool.imap_unordered(_compile_case, tasks):
             if err:
                 failed += 1
