@@ -2,7 +2,7 @@
 // both contiguous layouts. NCHW vectorizes along W (a row of one channel), channels_last along C
 // (all channels of one pixel). Contract: dlkernels/depthwise/op.py.
 #include "depthwise.h"
-#include "depthwise_masked.h"
+#include "depthwise_blocked.h"
 
 #include <memory>
 #include <tuple>
@@ -72,6 +72,7 @@ template <class T>
 void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) {
   const int64_t K = g.kH * g.kW;
 #if defined(__AVX512F__)
+  if (!cl && blocked_planes(g)) return fwd_blocked(x, w, bias, y, g);  // small planes (depthwise_blocked.h)
   if (!cl && masked_planes(g)) return fwd_masked(x, w, bias, y, g);  // small "same" planes (depthwise_masked.h)
   if (!cl && masked_phase_planes(g)) return fwd_masked_s2(x, w, bias, y, g);  // small planes at stride 2
 #endif

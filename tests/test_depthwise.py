@@ -229,6 +229,23 @@ def test_nchw_stride2_small_planes(backend, dtype, case):
     test_forward_backward(backend, dtype, case, False)
 
 
+# NCHW planes of at most 16x16 with 8+ channels, multiplier 1, at stride > 1, with 25+ taps or on
+# planes of at most 8x8: AVX-512 builds transpose blocks of 16 (float64: 8) channels into a padded
+# [row][column][channel] buffer and back (depthwise_blocked.h). Whole blocks and a partial last one
+# (17, 33, 9 channels; 9 and 12 in one partial block), 5x5 and 7x7 windows, one larger than the plane
+# (taps in the padding only), non-square and even windows, strides 2, 3 and a pair, dilation 2,
+# "same" and "valid", 1x1 planes.
+@pytest.mark.parametrize("case", [(2, 16, 7, 7, 5, 1, 2, 1, 1), (1, 17, 7, 7, 5, 1, 2, 1, 1), (2, 9, 8, 8, 3, 1, 1, 1, 1),
+                                  (1, 33, 14, 14, 5, 2, 2, 1, 1), (2, 24, 13, 11, (3, 5), (1, 2), (1, 2), 1, 1),
+                                  (1, 8, 16, 16, 3, 2, 1, 2, 1), (1, 40, 5, 3, 7, 1, 3, 1, 1), (3, 16, 1, 1, 5, 1, 2, 1, 1),
+                                  (1, 12, 11, 13, 5, 3, 0, 1, 1), (1, 16, 8, 8, 4, 1, "same", 1, 1),
+                                  (1, 16, 15, 16, 3, 2, "valid", 1, 1)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+def test_nchw_channel_blocks(backend, dtype, case):
+    test_forward_backward(backend, dtype, case, False)
+
+
 # NCHW planes whose output keeps the input's size at stride 1 and that hold at most 7200 / K
 # elements: AVX-512 builds sweep them whole in masked 64-byte vectors (depthwise_masked.h), the
 # input gradient too (multipliers 2 and 3 sum several grad_y planes) and, with 8+ output channels,

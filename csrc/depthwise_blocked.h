@@ -1,0 +1,189 @@
+// NCHW depthwise forward on small planes through channel blocks (AVX-512 builds): L channels of one
+// image (a 64-byte vector's worth) are transposed into a zero-padded [row][column][L] buffer, the
+// window is summed there with one FMA per output pixel and tap, each a full vector of L channels
+// against the tap's L weights, and the result is transposed back into the L output planes.
+//
+// Why: on planes of 7x7 to 14x14 the masked plane sweep (depthwise_masked.h) loads every input vector
+// once per tap, 25 line-crossing masked loads (and their mask registers) per vector of 16 outputs
+// at 5x5; it ran at ~240 cycles a 7x7 plane (8x1152x7x7 5x5: 0.29 ms on two threads against
+// eager's 0.21, the same in cache as from DRAM; every load aligned, still 0.425 of 0.52 ms on one
+// thread). oneDNN blocks channels the same way.
+#pragma once
+
+#include "depthwise.h"
+#include "depthwise_masked.h"
+
+#if defined(__AVX512F__)
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+namespace dlk {
+
+template <class T>
+using Bv = typename Vec<T, 64>::type;
+
+// The L x L block r (r[i] a row of L lanes) transposed in place: swapping the off-diagonal b x b
+// sub-blocks for b = L/2, ..., 1 (row i with bit b clear trades its lanes with bit b set for row
+// i + b's lanes with it clear).
+template <class T>
+DLK_INLINE void transpose_block(Bv<T>* r) {
+  constexpr int L = Vec<T, 64>::lanes;
+  static_for<(L == 16 ? 4 : 3)>([&](auto s) DLK_LAMBDA_INLINE {
+    constexpr int b = L >> (decltype(s)::value + 1);
+    // lo: lanes with bit b clear from a, the others from b's lane - b; hi: lane + b from a where the
+    // bit is clear, b's own lane where it is set (indices >= L select the second operand)
+    alignas(64) int32_t lo_i[16], hi_i[16];
+    alignas(64) int64_t lo_q[8], hi_q[8];
+    for (int l = 0; l < L; ++l) {
+      const bool set = (l & b) != 0;
+      if constexpr (L == 16) lo_i[l] = set ? L + l - b : l, hi_i[l] = set ? L + l : l + b;
+      else lo_q[l] = set ? L + l - b : l, hi_q[l] = set ? L + l : l + b;
+    }
+    for (int i = 0; i < L; ++i) {
+      if (i & b) continue;
+      if constexpr (L == 16) {
+        const __m512i lo = _mm512_load_si512(lo_i), hi = _mm512_load_si512(hi_i);
+        const __m512 a = reinterpret_cast<__m512>(r[i]), c = reinterpret_cast<__m512>(r[i + b]);
+        r[i] = reinterpret_cast<Bv<T>>(_mm512_permutex2var_ps(a, lo, c));
+        r[i + b] = reinterpret_cast<Bv<T>>(_mm512_permutex2var_ps(a, hi, c));
+      } else {
+        const __m512i lo = _mm512_load_si512(lo_q), hi = _mm512_load_si512(hi_q);
+        const __m512d a = reinterpret_cast<__m512d>(r[i]), c = reinterpret_cast<__m512d>(r[i + b]);
+        r[i] = reinterpret_cast<Bv<T>>(_mm512_permutex2var_pd(a, lo, c));
+        r[i + b] = reinterpret_cast<Bv<T>>(_mm512_permutex2var_pd(a, hi, c));
+      }
+    }
+  });
+}
+
+template <class T>
+DLK_INLINE Bv<T> bload_n(const T* p, int64_t n) {  // p[0, n), zeros after (n <= L)
+  constexpr int L = Vec<T, 64>::lanes;
+  if (n >= L) return vload<T, 64>(p);
+  if constexpr (sizeof(T) == 4)
+    return reinterpret_cast<Bv<T>>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p));
+  else
+    return reinterpret_cast<Bv<T>>(_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p));
+}
+
+template <class T>
+DLK_INLINE void bstore_n(T* p, Bv<T> v, int64_t n) {  // v's first n lanes to p
+  constexpr int L = Vec<T, 64>::lanes;
+  if (n >= L) return vstore(p, v);
+  if constexpr (sizeof(T) == 4)
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
+  else
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), reinterpret_cast<__m512d>(v));
+}
+
+// Whether g's NCHW forward takes the channel blocks: multiplier 1, planes of at most 16x16 outputs
+// and inputs (the staged and output buffers stay within L1/L2), channels enough for a block; and
+// strides > 1, windows of 25 taps or more, or planes of at most 8x8, where they beat the masked
+// sweep and the staged rows. Alternating runs of both builds, two threads, from DRAM (ms; eager's
+// oneDNN in the same runs): 8x1152x7x7 5x5 0.28 -> 0.18 (0.22), 8x672x14x14 5x5 s2 0.38 -> 0.19
+// (0.25), 8x672x14x14 5x5 0.44 -> 0.38 (0.39-0.42), 8x480x14x14 5x5 0.32 -> 0.26-0.29 (0.29-0.31),
+// 8x512x14x14 3x3 s2 0.24 -> 0.11-0.12 (0.18-0.20), 32x512x7x7 3x3 0.25 -> 0.19 (0.25-0.28),
+// 32x512x8x8 0.26 -> 0.19, 8x1152x7x7 3x3 0.155 -> 0.12; but 3x3 at stride 1 on larger planes lost
+// (8x1024x10x10 0.187 -> 0.209, 8x256x14x14 0.095 -> 0.119): nine taps do not pay for the two
+// transposes there. Without the prefetch below, 5x5 7x7 took 0.23 (one thread in cache: 0.26 against
+// the sweep's 0.53).
+inline bool blocked_planes(const DwGeom& g) {
+  if (g.m != 1 || g.C < 8 || g.H * g.W > 256 || g.Ho * g.Wo > 256 || g.Ho * g.Wo == 0) return false;
+  return g.sH > 1 || g.sW > 1 || g.kH * g.kW >= 25 || g.H * g.W <= 64;
+}
+
+// One output row's NJ pixels from column j0: acc = bias + sum over taps of w[t] * the staged input.
+template <class T, int NJ>
+DLK_INLINE void blocked_row(const T* buf, const Bv<T>* wt, Bv<T> b, T* out, int64_t i, int64_t j0, int64_t Wb,
+                            const DwGeom& g) {
+  constexpr int L = Vec<T, 64>::lanes;
+  Bv<T> acc[NJ];
+#pragma GCC unroll 8
+  for (int k = 0; k < NJ; ++k) acc[k] = b;
+  for (int64_t p = 0; p < g.kH; ++p) {
+    const T* row = buf + ((i * g.sH + p * g.dH) * Wb + j0 * g.sW) * L;
+    for (int64_t q = 0; q < g.kW; ++q) {
+      const Bv<T> w = wt[p * g.kW + q];
+      const T* s = row + q * g.dW * L;
+#pragma GCC unroll 8
+      for (int k = 0; k < NJ; ++k) acc[k] += w * vload<T, 64>(s + k * g.sW * L);
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < NJ; ++k) vstore(out + k * L, acc[k]);
+}
+
+template <class T>
+void fwd_blocked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g) {
+  constexpr int L = Vec<T, 64>::lanes;
+  const int64_t K = g.kH * g.kW, HW = g.H * g.W, HoWo = g.Ho * g.Wo, nblk = ceil_div(g.C, int64_t{L});
+  // staged coordinates: input (i, j) at (i + pT, j + pL); output (i, j) tap (p, q) reads
+  // (i*sH + p*dH, j*sW + q*dW); rows and columns enough for both
+  const int64_t Hb = std::max((g.Ho - 1) * g.sH + (g.kH - 1) * g.dH + 1, g.pT + g.H);
+  const int64_t Wb = std::max((g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1, g.pL + g.W);
+  // input pixels whose staged place lies inside the buffer (a negative padding crops nothing here:
+  // the geometry check rejects it), as offsets in vectors
+  std::vector<int64_t> pos(static_cast<size_t>(HW));
+  for (int64_t f = 0; f < HW; ++f) pos[f] = ((f / g.W + g.pT) * Wb + f % g.W + g.pL) * L;
+  // weights and bias per block, tap-major, zero past the last channel
+  std::vector<Bv<T>> wt(static_cast<size_t>(nblk * K)), bv(static_cast<size_t>(nblk));
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    for (int64_t t = 0; t < K; ++t) {
+      alignas(64) T lanes[L] = {};
+      for (int l = 0; l < L && blk * L + l < g.C; ++l) lanes[l] = w[(blk * L + l) * K + t];
+      wt[blk * K + t] = vload<T, 64>(lanes);
+    }
+    alignas(64) T lanes[L] = {};
+    for (int l = 0; l < L && blk * L + l < g.C && bias; ++l) lanes[l] = bias[blk * L + l];
+    bv[blk] = vload<T, 64>(lanes);
+  }
+#pragma omp parallel if (worth_threads(g.N * g.C * HoWo * K))
+  {
+    // the padding stays zero: every block writes the same interior positions
+    std::unique_ptr<Bv<T>[]> stage(new Bv<T>[Hb * Wb]()), outb(new Bv<T>[ceil_div(HoWo, int64_t{L}) * L]());
+    T* buf = reinterpret_cast<T*>(stage.get());
+    T* ob = reinterpret_cast<T*>(outb.get());
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < g.N * nblk; ++task) {
+      const int64_t n = task / nblk, blk = task - n * nblk, c0 = blk * L, nc = std::min<int64_t>(L, g.C - c0);
+      const T* xb = x + (n * g.C + c0) * HW;
+      T* yb = y + (n * g.C + c0) * HoWo;
+      // the input of the block two tasks on (its L planes are one run): with the arithmetic this
+      // short, a block otherwise waits on DRAM for its lines one block at a time
+      if (task + 2 < g.N * nblk) {
+        const int64_t t2 = task + 2, n2 = t2 / nblk, c2 = (t2 - n2 * nblk) * L;
+        const T* x2 = x + (n2 * g.C + c2) * HW;
+        prefetch_lines(x2, x2 + std::min<int64_t>(L, g.C - c2) * HW);
+      }
+      Bv<T> r[L];
+      // stage: L planes' pixels f0 .. f0 + L, transposed to L pixels of L channels
+      for (int64_t f0 = 0; f0 < HW; f0 += L) {
+        const int64_t nf = std::min<int64_t>(L, HW - f0);
+        for (int l = 0; l < L; ++l) r[l] = l < nc ? bload_n(xb + l * HW + f0, nf) : Bv<T>{};
+        transpose_block<T>(r);
+        for (int64_t k = 0; k < nf; ++k) vstore(buf + pos[f0 + k], r[k]);
+      }
+      for (int64_t i = 0; i < g.Ho; ++i)
+        for (int64_t j = 0; j < g.Wo; j += 8)
+          with_count<8>(std::min<int64_t>(8, g.Wo - j), [&](auto NJ) {
+            blocked_row<T, decltype(NJ)::value>(buf, wt.data() + blk * K, bv[blk], ob + (i * g.Wo + j) * L, i, j,
+                                                Wb, g);
+          });
+      // back: L pixels of L channels at a time, transposed to L planes' runs
+      for (int64_t f0 = 0; f0 < HoWo; f0 += L) {
+        const int64_t nf = std::min<int64_t>(L, HoWo - f0);
+        for (int k = 0; k < L; ++k) r[k] = k < nf ? vload<T, 64>(ob + (f0 + k) * L) : Bv<T>{};
+        transpose_block<T>(r);
+        for (int64_t l = 0; l < nc; ++l) bstore_n(yb + l * HoWo + f0, r[l], nf);
+      }
+    }
+  }
+}
+
+}  // namespace dlk
+
+#endif  // __AVX512F__
