@@ -684,6 +684,7 @@ void bwd_weight_plane_staged(const T* gyp, const T* xp, int64_t o, double* part,
 template <class T, int VB = kAvx512Machine ? 64 : 32>
 void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
 #if defined(__AVX512F__)
+  if (blocked_weight_planes<T>(g, omp_get_max_threads())) return bwd_weight_blocked(gy, x, gw, gb, g);  // (depthwise_blocked.h)
   // (one thread per channel there: enough channels to share; 3x3 interleaved from DRAM, two threads:
   // 8x1024x10x10 0.48 -> 0.31 ms, 8x480x14x14 0.34 -> 0.23, 32x1024x10x10 1.91 -> 1.41; 5x5 within 4 %)
   if (masked_planes(g) && g.Cm >= 4 * omp_get_max_threads()) return bwd_weight_masked(gy, x, gw, gb, g);
