@@ -310,6 +310,7 @@ void bwd_input_nchw_phased(const T* gy, const T* w, T* gx, const DwGeom& g) {
 template <class T>
 void bwd_input_nchw(const T* gy, const T* w, T* gx, const DwGeom& g) {
 #if defined(__AVX512F__)
+  if (blocked_input_planes(g) && bwd_input_blocked(gy, w, gx, g)) return;  // small planes (depthwise_blocked.h)
   if (masked_planes(g)) return bwd_input_masked(gy, w, gx, g);
 #endif
   if (g.sH == 1 && g.sW == 1) return bwd_input_nchw_stride1(gy, w, gx, g);

@@ -1,9 +1,9 @@
-// NCHW depthwise forward and weight gradient on small planes through channel blocks (AVX-512
-// builds): L channels of one image (a 64-byte vector's worth) are transposed into a zero-padded
-// [row][column][L] buffer. The forward sums the window there with one FMA per output pixel and tap,
-// each a full vector of L channels against the tap's L weights, and transposes the result back into
-// the L output planes; the weight gradient transposes grad_y's block too and takes each tap's dot
-// product over the output pixels, L channels at once.
+// NCHW depthwise passes on small planes through channel blocks (AVX-512 builds): L channels of one
+// image (a 64-byte vector's worth) are transposed into a zero-padded [row][column][L] buffer. The
+// forward sums the window there with one FMA per output pixel and tap, each a full vector of L
+// channels against the tap's L weights, and transposes the result back into the L output planes; the
+// input gradient is that forward over grad_y (spread by the stride, taps flipped); the weight gradient
+// transposes grad_y's block too and takes each tap's dot product over the output pixels.
 //
 // Why: on planes of 7x7 to 14x14 the masked plane sweep (depthwise_masked.h) loads every input vector
 // once per tap, 25 line-crossing masked loads (and their mask registers) per vector of 16 outputs
@@ -96,15 +96,17 @@ DLK_INLINE void to_pixels(const T* src, int64_t len, int64_t nc, Dst dst) {
   }
 }
 
-// The staged input's geometry: input (i, j) at (i + pT, j + pL); output (i, j) tap (p, q) reads
-// (i*sH + p*dH, j*sW + q*dW); rows and columns enough for both, and each input pixel's staged place.
+// The staged input's geometry: input (i, j) at (i*uh + pT, j*uw + pL) (uh = uw = 1 but for the input
+// gradient's spread grad_y, below); output (i, j) tap (p, q) reads (i*sH + p*dH, j*sW + q*dW); rows and
+// columns enough for both, and each input pixel's staged place. pT, pL >= 0.
 struct BlockStage {
   int64_t Hb, Wb;
   std::vector<int64_t> pos;  // in elements of a [Hb][Wb][L] buffer
-  BlockStage(const DwGeom& g, int L)
-      : Hb(std::max((g.Ho - 1) * g.sH + (g.kH - 1) * g.dH + 1, g.pT + g.H)),
-        Wb(std::max((g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1, g.pL + g.W)), pos(static_cast<size_t>(g.H * g.W)) {
-    for (int64_t f = 0; f < g.H * g.W; ++f) pos[f] = ((f / g.W + g.pT) * Wb + f % g.W + g.pL) * L;
+  BlockStage(const DwGeom& g, int L, int64_t uh = 1, int64_t uw = 1)
+      : Hb(std::max((g.Ho - 1) * g.sH + (g.kH - 1) * g.dH + 1, (g.H - 1) * uh + g.pT + 1)),
+        Wb(std::max((g.Wo - 1) * g.sW + (g.kW - 1) * g.dW + 1, (g.W - 1) * uw + g.pL + 1)),
+        pos(static_cast<size_t>(g.H * g.W)) {
+    for (int64_t f = 0; f < g.H * g.W; ++f) pos[f] = ((f / g.W * uh + g.pT) * Wb + f % g.W * uw + g.pL) * L;
   }
 };
 
@@ -145,11 +147,12 @@ DLK_INLINE void blocked_row(const T* buf, const Bv<T>* wt, Bv<T> b, T* out, int6
   for (int k = 0; k < NJ; ++k) vstore(out + k * L, acc[k]);
 }
 
+// The forward; with uh, uw > 1 the input gradient of a strided conv (see bwd_input_blocked).
 template <class T>
-void fwd_blocked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g) {
+void fwd_blocked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, int64_t uh = 1, int64_t uw = 1) {
   constexpr int L = Vec<T, 64>::lanes;
   const int64_t K = g.kH * g.kW, HW = g.H * g.W, HoWo = g.Ho * g.Wo, nblk = ceil_div(g.C, int64_t{L});
-  const BlockStage st(g, L);
+  const BlockStage st(g, L, uh, uw);
   const int64_t Hb = st.Hb, Wb = st.Wb;
   const std::vector<int64_t>& pos = st.pos;
   // weights and bias per block, tap-major, zero past the last channel
@@ -199,6 +202,35 @@ void fwd_blocked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g) {
       }
     }
   }
+}
+
+// Whether g's NCHW input gradient takes the channel blocks: as the forward's planes, at stride > 1 or on
+// planes of at most 8x8. Alternating runs of both builds, two threads, from DRAM, forward + input
+// gradient (ms; eager's in the same runs): 8x512x14x14 3x3 s2 0.61-0.63 -> 0.36-0.45 (0.42-0.44),
+// 8x672x14x14 5x5 s2 0.82-0.86 -> 0.62-0.68 (0.59-0.63), 8x1152x7x7 5x5 0.50-0.53 -> 0.38-0.43 (0.50-0.54),
+// 32x512x7x7 3x3 0.51-0.59 -> 0.48-0.49 (0.65-0.75); but 8x672x14x14 5x5 at stride 1 0.95-0.97 ->
+// 1.10-1.21, so stride 1 on larger planes keeps the masked sweep.
+inline bool blocked_input_planes(const DwGeom& g) {
+  if (g.m != 1 || g.C < 8 || g.H * g.W > 256 || g.Ho * g.Wo > 256 || g.Ho * g.Wo == 0) return false;
+  return g.sH > 1 || g.sW > 1 || g.H * g.W <= 64;
+}
+
+// Input gradient, multiplier 1: grad_x(ii) = sum over taps p and outputs i with ii = i*s + p*d - pad of
+// w(p) * grad_y(i), which is a stride-1 forward over grad_y spread s apart (zeros between) with the
+// taps flipped and padding (k - 1)*d - pad: the forward's blocks with grad_y staged at (i*s + pad', ...).
+// Where pad > (k - 1)*d (a negative pad') it declines (false) and the caller takes another path.
+template <class T>
+bool bwd_input_blocked(const T* gy, const T* w, T* gx, const DwGeom& g) {
+  DwGeom t = g;  // "input" = grad_y (Ho, Wo), "output" = grad_x (H, W), stride 1
+  t.H = g.Ho, t.W = g.Wo, t.Ho = g.H, t.Wo = g.W, t.sH = t.sW = 1;
+  t.pT = (g.kH - 1) * g.dH - g.pT, t.pL = (g.kW - 1) * g.dW - g.pL;
+  if (t.pT < 0 || t.pL < 0) return false;
+  const int64_t K = g.kH * g.kW;
+  std::vector<T> wf(static_cast<size_t>(g.C * K));
+  for (int64_t o = 0; o < g.C; ++o)
+    for (int64_t k = 0; k < K; ++k) wf[o * K + k] = w[o * K + K - 1 - k];
+  fwd_blocked(gy, wf.data(), static_cast<const T*>(nullptr), gx, t, g.sH, g.sW);
+  return true;
 }
 
 // The outputs o in [lo, hi) of an axis (out of them, over an input of `size`) whose tap at offset

@@ -274,16 +274,18 @@ def test_nchw_stride2_small_planes(backend, dtype, case):
 # [row][column][channel] buffer and back (depthwise_blocked.h). Whole blocks and a partial last one
 # (17, 33, 9 channels; 9 and 12 in one partial block), 5x5 and 7x7 windows, one larger than the plane
 # (taps in the padding only), non-square and even windows, strides 2, 3 and a pair, dilation 2,
-# "same" and "valid", 1x1 planes. The weight gradient takes the blocks where there are at least two a
-# thread (two threads here, so the same cases do on every machine): 64-100 channels, a partial last
-# block (72, 65), and 10x10 3x3 at stride 1, whose forward keeps the masked sweep.
+# "same" and "valid", 1x1 planes. The input gradient too (a stride-1 forward over grad_y spread by the
+# stride, taps flipped) at stride > 1 or on planes up to 8x8; padding past the window's reach (c16 6x6
+# k3 s2 p3) declines to the phased gather. The weight gradient takes the blocks where there are at
+# least two a thread (two threads here, so the same cases do on every machine): 64-100 channels, a
+# partial last block (72, 65), and 10x10 3x3 at stride 1, whose forward keeps the masked sweep.
 @pytest.mark.parametrize("case", [(2, 16, 7, 7, 5, 1, 2, 1, 1), (1, 17, 7, 7, 5, 1, 2, 1, 1), (2, 9, 8, 8, 3, 1, 1, 1, 1),
                                   (1, 33, 14, 14, 5, 2, 2, 1, 1), (2, 24, 13, 11, (3, 5), (1, 2), (1, 2), 1, 1),
                                   (1, 8, 16, 16, 3, 2, 1, 2, 1), (1, 40, 5, 3, 7, 1, 3, 1, 1), (3, 16, 1, 1, 5, 1, 2, 1, 1),
                                   (1, 12, 11, 13, 5, 3, 0, 1, 1), (1, 16, 8, 8, 4, 1, "same", 1, 1),
                                   (1, 16, 15, 16, 3, 2, "valid", 1, 1), (2, 64, 7, 7, 3, 1, 1, 1, 1),
                                   (1, 72, 14, 14, 5, 2, 2, 1, 1), (3, 100, 10, 10, 3, 1, 1, 1, 1),
-                                  (1, 65, 9, 13, (3, 5), (2, 1), (0, 2), 2, 1)], ids=_ids)
+                                  (1, 65, 9, 13, (3, 5), (2, 1), (0, 2), 2, 1), (1, 16, 6, 6, 3, 2, 3, 1, 1)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
 def test_nchw_channel_blocks(backend, dtype, case):
