@@ -184,14 +184,6 @@ DwGeom flipped_geom(const DwGeom& g) {
   return t;
 }
 
-template <class T>
-std::vector<T> flipped_taps(const T* w, int64_t Cm, int64_t K) {
-  std::vector<T> wf(static_cast<size_t>(Cm * K));
-  for (int64_t o = 0; o < Cm; ++o)
-    for (int64_t t = 0; t < K; ++t) wf[o * K + t] = w[o * K + K - 1 - t];
-  return wf;
-}
-
 // Stride 1: grad_x is the forward conv of grad_y with the kernel flipped and padding
 // (k-1)*d - pad, so it reuses the register-blocked forward row kernel (a gather, no stores per tap).
 template <class T>

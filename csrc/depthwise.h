@@ -497,6 +497,16 @@ inline bool wide_pixels(int64_t channels) {
   return kAvx512Machine && channels * static_cast<int64_t>(sizeof(T)) % 64 == 0;
 }
 
+// Each channel's window reversed (tap t <-> K - 1 - t): the input gradient at stride 1 is the
+// forward conv of grad_y with these.
+template <class T>
+std::vector<T> flipped_taps(const T* w, int64_t Cm, int64_t K) {
+  std::vector<T> wf(static_cast<size_t>(Cm * K));
+  for (int64_t o = 0; o < Cm; ++o)
+    for (int64_t t = 0; t < K; ++t) wf[o * K + t] = w[o * K + K - 1 - t];
+  return wf;
+}
+
 // (C*m, kH*kW) weights -> (kH*kW, C*m): a tap's weights for all channels become one contiguous vector,
 // the taps ws >= Cm elements apart (zeros between).
 template <class T>

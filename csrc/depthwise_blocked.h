@@ -225,10 +225,7 @@ bool bwd_input_blocked(const T* gy, const T* w, T* gx, const DwGeom& g) {
   t.H = g.Ho, t.W = g.Wo, t.Ho = g.H, t.Wo = g.W, t.sH = t.sW = 1;
   t.pT = (g.kH - 1) * g.dH - g.pT, t.pL = (g.kW - 1) * g.dW - g.pL;
   if (t.pT < 0 || t.pL < 0) return false;
-  const int64_t K = g.kH * g.kW;
-  std::vector<T> wf(static_cast<size_t>(g.C * K));
-  for (int64_t o = 0; o < g.C; ++o)
-    for (int64_t k = 0; k < K; ++k) wf[o * K + k] = w[o * K + K - 1 - k];
+  const std::vector<T> wf = flipped_taps(w, g.C, g.kH * g.kW);
   fwd_blocked(gy, wf.data(), static_cast<const T*>(nullptr), gx, t, g.sH, g.sW);
   return true;
 }
