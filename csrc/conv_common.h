@@ -81,6 +81,14 @@ inline TapRange tap_range(int64_t o, int64_t stride, int64_t pad, int64_t dil, i
   return {lo, std::max(lo, hi)};
 }
 
+// The other view: the outputs o in [lo, hi) (of `out`) whose tap at offset `tap` (= p*dil) reads
+// inside [0, size): 0 <= o*stride - pad + tap < size.
+inline TapRange outputs_inside(int64_t tap, int64_t stride, int64_t pad, int64_t out, int64_t size) {
+  const int64_t lo = std::max<int64_t>(0, ceil_div(pad - tap, stride));
+  const int64_t hi = std::min<int64_t>(out, floor_div(size - 1 + pad - tap, stride) + 1);
+  return {lo, std::max(lo, hi)};
+}
+
 // Taps p and output positions o with o*stride - pad + p*dil == in: the (tap, output) pairs that read
 // input position `in` (the transposed conv's gather).
 struct TapOut {

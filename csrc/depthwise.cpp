@@ -175,15 +175,6 @@ void bwd_input_plane_gather(const T* gy, const T* w, T* gxp, int64_t n, int64_t 
   }
 }
 
-// Stride 1: grad_y seen as the input of a forward conv whose output is grad_x.
-DwGeom flipped_geom(const DwGeom& g) {
-  DwGeom t = g;  // "input" = grad_y (Ho, Wo), "output" = grad_x (H, W)
-  t.H = g.Ho, t.W = g.Wo, t.Ho = g.H, t.Wo = g.W;
-  t.pT = (g.kH - 1) * g.dH - g.pT, t.pL = (g.kW - 1) * g.dW - g.pL;
-  t.jin = interior_range(t.Wo, 1, t.pL, t.dW, t.kW, t.W);
-  return t;
-}
-
 // Stride 1: grad_x is the forward conv of grad_y with the kernel flipped and padding
 // (k-1)*d - pad, so it reuses the register-blocked forward row kernel (a gather, no stores per tap).
 template <class T>

@@ -497,6 +497,17 @@ inline bool wide_pixels(int64_t channels) {
   return kAvx512Machine && channels * static_cast<int64_t>(sizeof(T)) % 64 == 0;
 }
 
+// The input gradient as a stride-1 forward conv: grad_y is its input (Ho, Wo), grad_x its output (H, W),
+// with the taps flipped (flipped_taps) and padding (k-1)*d - pad (negative where pad > (k-1)*d). At
+// stride 1 that is the whole map; at stride s, over grad_y spread s apart (depthwise_blocked.h).
+inline DwGeom flipped_geom(const DwGeom& g) {
+  DwGeom t = g;
+  t.H = g.Ho, t.W = g.Wo, t.Ho = g.H, t.Wo = g.W, t.sH = t.sW = 1;
+  t.pT = (g.kH - 1) * g.dH - g.pT, t.pL = (g.kW - 1) * g.dW - g.pL;
+  t.jin = interior_range(t.Wo, 1, t.pL, t.dW, t.kW, t.W);
+  return t;
+}
+
 // Each channel's window reversed (tap t <-> K - 1 - t): the input gradient at stride 1 is the
 // forward conv of grad_y with these.
 template <class T>

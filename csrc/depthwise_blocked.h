@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace dlk {
@@ -31,29 +32,38 @@ using Bv = typename Vec<T, 64>::type;
 // The L x L block r (r[i] a row of L lanes) transposed in place: swapping the off-diagonal b x b
 // sub-blocks for b = L/2, ..., 1 (row i with bit b clear trades its lanes with bit b set for row
 // i + b's lanes with it clear).
+// permutex2var indices of one swap step (indices >= L select the second operand): lo takes the
+// lanes with bit b clear from the first row and the others from the second's lane - b; hi takes
+// lane + b of the first where the bit is clear and the second's own lane where it is set.
+template <class I, int L, int B>
+struct SwapIndex {
+  alignas(64) I lo[L], hi[L];
+  constexpr SwapIndex() : lo(), hi() {
+    for (int l = 0; l < L; ++l) {
+      const bool set = (l & B) != 0;
+      lo[l] = set ? L + l - B : l;
+      hi[l] = set ? L + l : l + B;
+    }
+  }
+};
+template <class I, int L, int B>
+inline constexpr SwapIndex<I, L, B> kSwapIndex{};
+
 template <class T>
 DLK_INLINE void transpose_block(Bv<T>* r) {
   constexpr int L = Vec<T, 64>::lanes;
   static_for<(L == 16 ? 4 : 3)>([&](auto s) DLK_LAMBDA_INLINE {
     constexpr int b = L >> (decltype(s)::value + 1);
-    // lo: lanes with bit b clear from a, the others from b's lane - b; hi: lane + b from a where the
-    // bit is clear, b's own lane where it is set (indices >= L select the second operand)
-    alignas(64) int32_t lo_i[16], hi_i[16];
-    alignas(64) int64_t lo_q[8], hi_q[8];
-    for (int l = 0; l < L; ++l) {
-      const bool set = (l & b) != 0;
-      if constexpr (L == 16) lo_i[l] = set ? L + l - b : l, hi_i[l] = set ? L + l : l + b;
-      else lo_q[l] = set ? L + l - b : l, hi_q[l] = set ? L + l : l + b;
-    }
+    const auto& idx = kSwapIndex<std::conditional_t<L == 16, int32_t, int64_t>, L, b>;
     for (int i = 0; i < L; ++i) {
       if (i & b) continue;
       if constexpr (L == 16) {
-        const __m512i lo = _mm512_load_si512(lo_i), hi = _mm512_load_si512(hi_i);
+        const __m512i lo = _mm512_load_si512(idx.lo), hi = _mm512_load_si512(idx.hi);
         const __m512 a = reinterpret_cast<__m512>(r[i]), c = reinterpret_cast<__m512>(r[i + b]);
         r[i] = reinterpret_cast<Bv<T>>(_mm512_permutex2var_ps(a, lo, c));
         r[i + b] = reinterpret_cast<Bv<T>>(_mm512_permutex2var_ps(a, hi, c));
       } else {
-        const __m512i lo = _mm512_load_si512(lo_q), hi = _mm512_load_si512(hi_q);
+        const __m512i lo = _mm512_load_si512(idx.lo), hi = _mm512_load_si512(idx.hi);
         const __m512d a = reinterpret_cast<__m512d>(r[i]), c = reinterpret_cast<__m512d>(r[i + b]);
         r[i] = reinterpret_cast<Bv<T>>(_mm512_permutex2var_pd(a, lo, c));
         r[i + b] = reinterpret_cast<Bv<T>>(_mm512_permutex2var_pd(a, hi, c));
@@ -110,9 +120,9 @@ struct BlockStage {
   }
 };
 
-// Whether g's NCHW forward takes the channel blocks: multiplier 1, planes of at most 16x16 outputs
-// and inputs (the staged and output buffers stay within L1/L2), channels enough for a block; and
-// strides > 1, windows of 25 taps or more, or planes of at most 8x8, where they beat the masked
+// Whether g's NCHW passes can take the channel blocks (block_sized): multiplier 1, planes of at most
+// 16x16 outputs and inputs (the staged and output buffers stay within L1/L2), channels enough for a
+// block. The forward takes them (blocked_planes) at strides > 1, windows of 25 taps or more, or planes of at most 8x8, where they beat the masked
 // sweep and the staged rows. Alternating runs of both builds, two threads, from DRAM (ms; eager's
 // oneDNN in the same runs): 8x1152x7x7 5x5 0.28 -> 0.18 (0.22), 8x672x14x14 5x5 s2 0.38 -> 0.19
 // (0.25), 8x672x14x14 5x5 0.44 -> 0.38 (0.39-0.42), 8x480x14x14 5x5 0.32 -> 0.26-0.29 (0.29-0.31),
@@ -121,9 +131,11 @@ struct BlockStage {
 // (8x1024x10x10 0.187 -> 0.209, 8x256x14x14 0.095 -> 0.119): nine taps do not pay for the two
 // transposes there. Without the prefetch below, 5x5 7x7 took 0.23 (one thread in cache: 0.26 against
 // the sweep's 0.53).
+inline bool block_sized(const DwGeom& g) {
+  return g.m == 1 && g.C >= 8 && g.H * g.W <= 256 && g.Ho * g.Wo <= 256 && g.Ho * g.Wo > 0;
+}
 inline bool blocked_planes(const DwGeom& g) {
-  if (g.m != 1 || g.C < 8 || g.H * g.W > 256 || g.Ho * g.Wo > 256 || g.Ho * g.Wo == 0) return false;
-  return g.sH > 1 || g.sW > 1 || g.kH * g.kW >= 25 || g.H * g.W <= 64;
+  return block_sized(g) && (g.sH > 1 || g.sW > 1 || g.kH * g.kW >= 25 || g.H * g.W <= 64);
 }
 
 // One output row's NJ pixels from column j0: acc = bias + sum over taps of w[t] * the staged input.
@@ -211,8 +223,7 @@ void fwd_blocked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, i
 // 32x512x7x7 3x3 0.51-0.59 -> 0.48-0.49 (0.65-0.75); but 8x672x14x14 5x5 at stride 1 0.95-0.97 ->
 // 1.10-1.21, so stride 1 on larger planes keeps the masked sweep.
 inline bool blocked_input_planes(const DwGeom& g) {
-  if (g.m != 1 || g.C < 8 || g.H * g.W > 256 || g.Ho * g.Wo > 256 || g.Ho * g.Wo == 0) return false;
-  return g.sH > 1 || g.sW > 1 || g.H * g.W <= 64;
+  return block_sized(g) && (g.sH > 1 || g.sW > 1 || g.H * g.W <= 64);
 }
 
 // Input gradient, multiplier 1: grad_x(ii) = sum over taps p and outputs i with ii = i*s + p*d - pad of
@@ -221,21 +232,11 @@ inline bool blocked_input_planes(const DwGeom& g) {
 // Where pad > (k - 1)*d (a negative pad') it declines (false) and the caller takes another path.
 template <class T>
 bool bwd_input_blocked(const T* gy, const T* w, T* gx, const DwGeom& g) {
-  DwGeom t = g;  // "input" = grad_y (Ho, Wo), "output" = grad_x (H, W), stride 1
-  t.H = g.Ho, t.W = g.Wo, t.Ho = g.H, t.Wo = g.W, t.sH = t.sW = 1;
-  t.pT = (g.kH - 1) * g.dH - g.pT, t.pL = (g.kW - 1) * g.dW - g.pL;
+  const DwGeom t = flipped_geom(g);
   if (t.pT < 0 || t.pL < 0) return false;
   const std::vector<T> wf = flipped_taps(w, g.C, g.kH * g.kW);
   fwd_blocked(gy, wf.data(), static_cast<const T*>(nullptr), gx, t, g.sH, g.sW);
   return true;
-}
-
-// The outputs o in [lo, hi) of an axis (out of them, over an input of `size`) whose tap at offset
-// `tap` (p*dil) reads inside the input: 0 <= o*stride - pad + tap < size.
-inline TapRange outputs_inside(int64_t tap, int64_t stride, int64_t pad, int64_t out, int64_t size) {
-  const int64_t lo = std::max<int64_t>(0, ceil_div(pad - tap, stride));
-  const int64_t hi = std::min<int64_t>(out, floor_div(size - 1 + pad - tap, stride) + 1);
-  return {lo, std::max(lo, hi)};
 }
 
 // Whether g's NCHW weight gradient takes the channel blocks: as the forward's planes, and blocks
@@ -249,8 +250,7 @@ inline TapRange outputs_inside(int64_t tap, int64_t stride, int64_t pad, int64_t
 template <class T>
 inline bool blocked_weight_planes(const DwGeom& g, int threads) {
   constexpr int L = Vec<T, 64>::lanes;
-  return g.m == 1 && g.H * g.W <= 256 && g.Ho * g.Wo <= 256 && g.Ho * g.Wo > 0 && g.N > 0 &&
-         ceil_div(g.C, int64_t{L}) >= 2 * threads;
+  return block_sized(g) && g.N > 0 && ceil_div(g.C, int64_t{L}) >= 2 * threads;
 }
 
 // Weight (and bias) gradient, a block of L channels a task over every image: grad_y's block and the
