@@ -33,6 +33,19 @@
 
 namespace dlk {
 
+// A batch of products that share A, run as one GEMM whose B and C columns come in runs of len,
+// one matrix each, its elements `stride` apart from the run before: column g of the whole is
+// column g % len of matrix g / len. len = 0: one matrix, plain columns. A 1x1 conv of NCHW images
+// with few pixels each (Xception's exit flow: 100) is one product of N * 100 columns instead of
+// N products whose last NR-wide panel is mostly padding.
+struct ColRuns {
+  int64_t len = 0, stride = 0;
+  // offset of column g from column 0, for a matrix whose columns are cs apart
+  int64_t at(int64_t g, int64_t cs = 1) const { return len ? (g / len) * stride + (g % len) * cs : g * cs; }
+  // columns g .. g + n - 1 lie in one matrix
+  bool whole(int64_t g, int64_t n) const { return len == 0 || g % len + n <= len; }
+};
+
 template <class T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
           int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool parallel,

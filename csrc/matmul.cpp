@@ -279,15 +279,27 @@ void pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out) 
 }
 
 // Panels [q0, q1) of the kc x nc block of B -> each kc steps of NR column values; columns past nc
-// are 0. Panel q lands at out + q * kc * NR.
+// are 0. Panel q lands at out + q * kc * NR. The block's column j is column g0 + j of the whole
+// (runs: see ColRuns; b is then column 0's address).
 template <int NR, class T>
-void pack_b(int64_t q0, int64_t q1, int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out) {
+void pack_b(int64_t q0, int64_t q1, int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out,
+            const ColRuns& runs = {}, int64_t g0 = 0) {
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t j = q * NR;
     const int nr = static_cast<int>(std::min<int64_t>(NR, nc - j));
-    const T* bj = b + j * cs;
+    const T* bj = b + runs.at(g0 + j, cs);
     T* o = out + q * kc * NR;
-    if (nr == NR && cs == 1) {
+    if (!runs.whole(g0 + j, nr)) {
+      // a panel across two matrices of the batch
+      for (int c = 0; c < NR; ++c) {
+        if (c >= nr) {
+          for (int64_t p = 0; p < kc; ++p) o[p * NR + c] = T(0);
+          continue;
+        }
+        const T* bc = b + runs.at(g0 + j + c, cs);
+        for (int64_t p = 0; p < kc; ++p) o[p * NR + c] = bc[p * rs];
+      }
+    } else if (nr == NR && cs == 1) {
       for (int64_t p = 0; p < kc; ++p) std::memcpy(o + p * NR, bj + p * rs, sizeof(T) * NR);
     } else if (nr == NR && rs == 1) {
       // a transposed B: read each column contiguously
@@ -434,14 +446,19 @@ struct Buffers {
 // lda > 0: A is not packed but read in place, row i at a + i * lda with unit stride along K
 // (gemm_serial's choice for one or two B panels); a partial last MR-row tile is packed into a_tail
 // (MR * kc values), which pads it with zeros.
+// runs / g0: the block's column j is column g0 + j of a batch's columns (ColRuns; c is then
+// column 0's address, and bias_col must be nullptr). A tile across two matrices is computed into a
+// local tile and copied out.
 template <class T, class Kern>
 inline void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool load,
                          const T* bias_row, const T* bias_col, bool relu, bool stream, int64_t lda = 0,
-                         T* a_tail = nullptr, LinePrefetch* pf = nullptr) {
+                         T* a_tail = nullptr, LinePrefetch* pf = nullptr, const ColRuns& runs = {},
+                         int64_t g0 = 0) {
   constexpr int MR = Kern::MR, NR = Kern::NR;
   const int64_t pf_step = pf ? pf->share(ceil_div(nc, NR) * ceil_div(mc, MR)) : 0;
   for (int64_t q = 0, j = 0; j < nc; ++q, j += NR) {
     const int nv = static_cast<int>(std::min<int64_t>(NR, nc - j));
+    const bool whole = runs.whole(g0 + j, nv);
     for (int64_t ir = 0; ir < mc; ir += MR) {
       const int mv = static_cast<int>(std::min<int64_t>(MR, mc - ir));
       Epilogue<T> e;
@@ -449,27 +466,45 @@ inline void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const T* a, const T
       e.bias_row = bias_row ? bias_row + ir : nullptr;
       e.bias_col = bias_col ? bias_col + j : nullptr;
       e.relu = relu;
-      e.stream = stream && !load;
+      e.stream = stream && !load && whole;
       if (pf) pf->step(pf_step);
       const T* bq = b + q * kc * NR;
-      T* cij = c + ir * ldc + j;
-      if (lda == 0) {
-        Kern::run(kc, a + ir * kc, bq, cij, ldc, mv, nv, e);
-      } else if (mv == MR) {
-        Kern::template run<true>(kc, a + ir * lda, bq, cij, ldc, mv, nv, e, lda);
-      } else {
-        pack_a<MR>(mv, kc, a + ir * lda, lda, 1, a_tail);
-        Kern::run(kc, a_tail, bq, cij, ldc, mv, nv, e);
+      auto run = [&](T* cij, int64_t ld) {
+        if (lda == 0) {
+          Kern::run(kc, a + ir * kc, bq, cij, ld, mv, nv, e);
+        } else if (mv == MR) {
+          Kern::template run<true>(kc, a + ir * lda, bq, cij, ld, mv, nv, e, lda);
+        } else {
+          pack_a<MR>(mv, kc, a + ir * lda, lda, 1, a_tail);
+          Kern::run(kc, a_tail, bq, cij, ld, mv, nv, e);
+        }
+      };
+      T* ci = c + ir * ldc;
+      if (whole) {
+        run(ci + runs.at(g0 + j), ldc);
+        continue;
+      }
+      // the bare product into a local tile, then each matrix's columns through the epilogue
+      alignas(64) T tile[MR * NR];
+      const Epilogue<T> full = e;
+      e = Epilogue<T>{false, nullptr, nullptr, false, false};
+      run(tile, NR);
+      for (int u = 0; u < nv;) {
+        const int seg = static_cast<int>(std::min<int64_t>(nv - u, runs.len - (g0 + j + u) % runs.len));
+        store_tile(tile + u, NR, mv, seg, ci + runs.at(g0 + j + u), ldc, full);
+        u += seg;
       }
     }
   }
 }
 
-// The BLIS loops on the calling thread, with the caller's packing buffers.
+// The BLIS loops on the calling thread, with the caller's packing buffers. Columns g0 .. g0 + N - 1
+// of B and C (with runs: of a batch's, B and C then column 0's addresses; bias_dim 0 only).
 template <class T, class Kern>
 void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
                  int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool accumulate,
-                 bool stream, int64_t kc_max, T* a_buf, T* b_buf) {
+                 bool stream, int64_t kc_max, T* a_buf, T* b_buf, const ColRuns& runs_b = {},
+                 const ColRuns& runs_c = {}, int64_t g0 = 0) {
   constexpr int MR = Kern::MR, NR = Kern::NR;
   using Blk = Blocking<T, Kern>;
   const int64_t nc_max = std::min(Blk::NC, round_up(N, NR));
@@ -481,7 +516,7 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
     for (int64_t pc = 0; pc < K; pc += kc_max) {
       const int64_t kc = std::min(kc_max, K - pc);
       const bool first = pc == 0, last = pc + kc >= K;
-      pack_b<NR>(0, np, nc, kc, B + pc * rs_b + jc * cs_b, rs_b, cs_b, b_buf);
+      pack_b<NR>(0, np, nc, kc, B + pc * rs_b, rs_b, cs_b, b_buf, runs_b, g0 + jc);
       // With one or two B panels, packing A (a transposing copy, about two instructions an element)
       // cost as much as the 2 * NR / W FMAs each element feeds: read rows of A in place instead
       // when they are contiguous along K (gemm_a_in_place). 25088 x 144 @ 144 x {16, 24,
@@ -492,10 +527,10 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
         const int64_t mc = std::min(mc_max, M - i0);
         const T* ai = A + i0 * rs_a + pc * cs_a;
         if (!direct) pack_a<MR>(mc, kc, ai, rs_a, cs_a, a_buf);
-        macro_kernel<T, Kern>(mc, nc, kc, direct ? ai : a_buf, b_buf, C + i0 * ldc + jc, ldc, accumulate || !first,
+        macro_kernel<T, Kern>(mc, nc, kc, direct ? ai : a_buf, b_buf, C + i0 * ldc, ldc, accumulate || !first,
                               (last && bias && bias_dim == 0) ? bias + i0 : nullptr,
                               (last && bias && bias_dim == 1) ? bias + jc : nullptr, last && relu, stream,
-                              direct ? rs_a : 0, a_buf);
+                              direct ? rs_a : 0, a_buf, nullptr, runs_c, g0 + jc);
       }
     }
   }
@@ -507,15 +542,18 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
 // lines (tile widths NR a multiple of a line, C and its rows line-aligned). A plain store reads
 // each line first. Two threads, interleaved A/B: 25088 x 24 @ 24 x {96, 144} (MobileNetV2's
 // channels-last pointwise input gradients) 1.08 -> 0.93 and 1.57 -> 1.35 ms (torch 0.92, 1.53);
-// 45000 x 128 @ 128 x 128 (Xception entry) 10.4 -> 9.8 ms (torch 10.1).
+// 45000 x 128 @ 128 x 128 (Xception entry) 10.4 -> 9.8 ms (torch 10.1). With runs, each run whole
+// tiles (len a multiple of NR) and each matrix line-aligned.
 template <class T, class Kern>
-bool gemm_streams_c(int64_t M, int64_t N, int64_t K, const T* C, int64_t ldc, bool accumulate, int64_t kc) {
+bool gemm_streams_c(int64_t M, int64_t N, int64_t K, const T* C, int64_t ldc, bool accumulate, int64_t kc,
+                    const ColRuns& runs_c) {
 #ifdef DLK_GEMM_SIMD
   constexpr int64_t line = 64, esz = sizeof(T);
   return !accumulate && K <= kc && (Kern::NR * esz) % line == 0 && (ldc * esz) % line == 0 &&
-         reinterpret_cast<uintptr_t>(C) % line == 0 && streams_outputs((M * K + K * N + M * N) * esz);
+         reinterpret_cast<uintptr_t>(C) % line == 0 && runs_c.len % Kern::NR == 0 &&
+         (runs_c.stride * esz) % line == 0 && streams_outputs((M * K + K * N + M * N) * esz);
 #else
-  (void)M, (void)N, (void)K, (void)C, (void)ldc, (void)accumulate, (void)kc;
+  (void)M, (void)N, (void)K, (void)C, (void)ldc, (void)accumulate, (void)kc, (void)runs_c;
   return false;
 #endif
 }
@@ -568,9 +606,17 @@ void gemm_split_k(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int
 template <class T, class Kern>
 void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
                  int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool parallel,
-                 bool accumulate) {
+                 bool accumulate, const ColRuns& runs_b = {}, const ColRuns& runs_c = {}) {
   constexpr int MR = Kern::MR, NR = Kern::NR;
   if (M <= 0 || N <= 0) return;
+  if (runs_c.len && (K <= 0 || M <= kSkinny || runs_c.len <= kSkinny || bias_dim == 1 ||
+                     gemm_splits_k(M, N, K, Buffers<T, Kern>(M, N, K).kc))) {
+    // the paths below that take plain columns only: one matrix at a time
+    for (int64_t g = 0; g < N; g += runs_c.len)
+      gemm_driver<T, Kern>(M, runs_c.len, K, A, rs_a, cs_a, B + runs_b.at(g, cs_b), rs_b, cs_b, C + runs_c.at(g), ldc,
+                           bias, bias_dim, relu, parallel, accumulate);
+    return;
+  }
   if (K <= 0) return gemm_no_k(M, N, C, ldc, bias, bias_dim, relu, accumulate);
   if (M <= kSkinny)
     return gemm_skinny(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, 1, bias, bias_dim, relu, accumulate,
@@ -586,10 +632,10 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
   const Buffers<T, Kern> buf(M, N, K);
   const int64_t per_thread = buf.a_size + buf.b_size;
   T* const scratch_all = scratch<T>(static_cast<size_t>(per_thread * nt));
-  const bool stream = gemm_streams_c<T, Kern>(M, N, K, C, ldc, accumulate, buf.kc);
+  const bool stream = gemm_streams_c<T, Kern>(M, N, K, C, ldc, accumulate, buf.kc, runs_c);
   if (nt == 1)
     return gemm_serial<T, Kern>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, accumulate,
-                                stream, buf.kc, scratch_all, scratch_all + buf.a_size);
+                                stream, buf.kc, scratch_all, scratch_all + buf.a_size, runs_b, runs_c);
 
   if (gemm_splits_k(M, N, K, buf.kc))
     return gemm_split_k<T, Kern>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, accumulate,
@@ -616,9 +662,9 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
     if (m1 > m0 && n1 > n0) {
       T* const mine = scratch_all + tid * per_thread;
       const T* bias_blk = bias ? bias + (bias_dim == 1 ? n0 : m0) : nullptr;
-      gemm_serial<T, Kern>(m1 - m0, n1 - n0, K, A + m0 * rs_a, rs_a, cs_a, B + n0 * cs_b, rs_b, cs_b,
-                           C + m0 * ldc + n0, ldc, bias_blk, bias_dim, relu, accumulate, stream, buf.kc, mine,
-                           mine + buf.a_size);
+      gemm_serial<T, Kern>(m1 - m0, n1 - n0, K, A + m0 * rs_a, rs_a, cs_a, B, rs_b, cs_b, C + m0 * ldc, ldc,
+                           bias_blk, bias_dim, relu, accumulate, stream, buf.kc, mine, mine + buf.a_size, runs_b,
+                           runs_c, n0);
     }
   }
 }
@@ -733,6 +779,27 @@ void mm_batched(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int6
   const bool balanced = batch % nt == 0 || batch >= 4 * nt || macs < kMinParallelMacs;
   const bool by_batch = nt > 1 && batch >= nt && macs <= kMaxMacsPerThreadGemm && balanced &&
                         batch * macs >= kMinParallelMacs;
+  // A shared by the batch (a 1x1 conv of NCHW images) and a few NR-wide panels a matrix: one GEMM
+  // over the batch's columns (ColRuns). Per matrix, A streamed from L3 served only those few panels
+  // (8 x 1536x1024 @ 1024xN, two threads: 375 GFLOP/s at N = 96, 457 at N = 800) and the last
+  // panel was part padding. Under two panels, nearly every panel would straddle two matrices (each
+  // a tile through a local copy). Zen5, two threads, interleaved, NCHW 1x1 forward, ms (eager):
+  // 8x1024x10x10 -> 1536 6.72-6.85 -> 6.10-6.50 (6.0-6.4), 32x1024x14x14 -> 256 9.44-9.54 ->
+  // 8.48-8.93 (9.4-10.0), 32x256x14x14 -> 1024 8.16-8.30 -> 7.50-7.65 (8.3-8.8); 7x7 planes (49
+  // pixels) 10.1 -> 10.5 with runs, so they keep the loop.
+  const int64_t nr = gemm_blocking<T>(batch * N).nr;
+  if (!by_batch && sb_a == 0 && batch > 1 && N >= 2 * nr && N <= 8 * nr) {
+    const ColRuns runs_b{N, sb_b}, runs_c{N, M * N};
+    auto go = [&](auto kern) {
+      gemm_driver<T, decltype(kern)>(M, batch * N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, N, bias, bias_dim, relu, true,
+                                     accumulate, runs_b, runs_c);
+    };
+    if (portable)
+      go(PortableKernel<T>{});
+    else
+      with_kernel<T>(gemm_blocking<T>(batch * N), go);
+    return;
+  }
   if (!by_batch) {
     for (int64_t i = 0; i < batch; ++i)
       g(M, N, K, A + i * sb_a, rs_a, cs_a, B + i * sb_b, rs_b, cs_b, C + i * M * N, N, bias, bias_dim, relu, true,

@@ -24,6 +24,9 @@ SHAPES = [
     # slices (K > 256)
     ((50, 301), (301, 12)),
     ((50, 301), (301, 20)),
+    # a shared by a batch of b with a few column panels each: the C++ GEMM runs the batch as one
+    # product over all its columns, panels straddling two matrices; two K slices
+    ((90, 301), (3, 301, 99)),
 ]
 
 
