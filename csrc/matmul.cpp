@@ -609,7 +609,7 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
                  bool accumulate, const ColRuns& runs_b = {}, const ColRuns& runs_c = {}) {
   constexpr int MR = Kern::MR, NR = Kern::NR;
   if (M <= 0 || N <= 0) return;
-  if (runs_c.len && (K <= 0 || M <= kSkinny || runs_c.len <= kSkinny || bias_dim == 1 ||
+  if (runs_c.len && (K <= 0 || M <= kSkinny || runs_c.len <= kSkinny || (bias && bias_dim == 1) ||
                      gemm_splits_k(M, N, K, Buffers<T, Kern>(M, N, K).kc))) {
     // the paths below that take plain columns only: one matrix at a time
     for (int64_t g = 0; g < N; g += runs_c.len)

@@ -67,11 +67,7 @@ def backward(grad: Tensor, x: Tensor, w2: Tensor, mask, backend: str):
         g2 = grad.reshape(n, o, h * w)
         x3 = x.reshape(n, c, h * w)
         if mask[0]:
-            # the weight transposed into rows (O * C values, against N * H * W * O * C multiply-adds),
-            # so the GEMM reads them in place: packing a column-major A read a new line every step
-            # of K. C++, Zen5, two threads, 8x1024x10x10 -> 1536: input gradient 9.4-10.0 -> 7.8-9.0
-            # ms with the copy; forward + backward 23.6-24.2 -> 22.0-22.2 (eager 20.5-20.9).
-            gx = mm(w2.t().contiguous().expand(n, c, o), g2, backend).view(n, c, h, w)
+            gx = mm(w2.t().expand(n, c, o), g2, backend).view(n, c, h, w)
         if mask[1]:
             if h * w * (o + c) < o * c:
                 # Few pixels an image (Xception's exit flow: 100 against 1536 x 1024): one GEMM over
