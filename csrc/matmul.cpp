@@ -290,14 +290,22 @@ void pack_b(int64_t q0, int64_t q1, int64_t nc, int64_t kc, const T* b, int64_t 
     const T* bj = b + runs.at(g0 + j, cs);
     T* o = out + q * kc * NR;
     if (!runs.whole(g0 + j, nr)) {
-      // a panel across two matrices of the batch
-      for (int c = 0; c < NR; ++c) {
-        if (c >= nr) {
-          for (int64_t p = 0; p < kc; ++p) o[p * NR + c] = T(0);
-          continue;
+      // a panel across matrices of the batch: each matrix's columns as a block of their own
+      for (int u = 0; u < NR;) {
+        if (u >= nr) {
+          for (int64_t p = 0; p < kc; ++p)
+            for (int c = u; c < NR; ++c) o[p * NR + c] = T(0);
+          break;
         }
-        const T* bc = b + runs.at(g0 + j + c, cs);
-        for (int64_t p = 0; p < kc; ++p) o[p * NR + c] = bc[p * rs];
+        const int seg = static_cast<int>(std::min<int64_t>(nr - u, runs.len - (g0 + j + u) % runs.len));
+        const T* bs = b + runs.at(g0 + j + u, cs);
+        if (cs == 1) {
+          for (int64_t p = 0; p < kc; ++p) std::memcpy(o + p * NR + u, bs + p * rs, sizeof(T) * seg);
+        } else {
+          for (int c = 0; c < seg; ++c)
+            for (int64_t p = 0; p < kc; ++p) o[p * NR + u + c] = bs[c * cs + p * rs];
+        }
+        u += seg;
       }
     } else if (nr == NR && cs == 1) {
       for (int64_t p = 0; p < kc; ++p) std::memcpy(o + p * NR, bj + p * rs, sizeof(T) * NR);
