@@ -1024,6 +1024,13 @@ void py_bwd_weight(const py::array& gy, const py::array& x, py::array& gw, const
 
 }  // namespace
 
+template <class T>
+void depthwise_forward(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) {
+  fwd(x, w, bias, y, g, cl);
+}
+template void depthwise_forward<float>(const float*, const float*, const float*, float*, const DwGeom&, bool);
+template void depthwise_forward<double>(const double*, const double*, const double*, double*, const DwGeom&, bool);
+
 void init_depthwise(py::module_& m) {
   using namespace pybind11::literals;
   m.def("depthwise_fwd", &py_fwd, "x"_a, "weight"_a, "bias"_a.none(true), "y"_a, "sH"_a, "sW"_a, "pT"_a, "pL"_a,

@@ -1159,4 +1159,10 @@ class ClRowSource {
   std::vector<const T*> rows_;
 };
 
+// The depthwise forward of dlkernels._C.depthwise_fwd (depthwise.cpp) on dense x and y (NCHW, or
+// channels_last with cl), for other kernels' use (the fused separable conv runs it on a block of
+// images into a cache-sized buffer). Runs its own OpenMP team where the pass is large enough.
+template <class T>
+void depthwise_forward(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl);
+
 }  // namespace dlk

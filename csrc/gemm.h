@@ -51,6 +51,14 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_
           int64_t cs_b, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool parallel,
           bool accumulate = false);
 
+// A batch of products sharing A: C[b] (M x N, row-major, b * M * N from C) = A @ B[b] (+ bias_row, M
+// values, or nullptr), B[b] at B + b * sb_b. As the batched matmul runs it (matmul.cpp: one matrix a
+// thread where they are small, else each with the team, or one product over the batch's columns,
+// ColRuns), with an OpenMP team inside: not for callers already in a parallel region.
+template <class T>
+void gemm_shared_a(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a,
+                   const T* B, int64_t sb_b, int64_t rs_b, int64_t cs_b, T* C, const T* bias_row);
+
 // The same GEMM through the portable scalar micro-kernel (the fallback a build without AVX2/FMA or
 // AVX-512 uses for gemm); always compiled, so tests can run it on any machine.
 template <class T>

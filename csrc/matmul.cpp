@@ -828,6 +828,20 @@ void mm_batched(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int6
   if (error) std::rethrow_exception(error);
 }
 
+}  // namespace
+
+template <class T>
+void gemm_shared_a(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a,
+                   const T* B, int64_t sb_b, int64_t rs_b, int64_t cs_b, T* C, const T* bias_row) {
+  mm_batched<T>(batch, M, N, K, A, 0, rs_a, cs_a, B, sb_b, rs_b, cs_b, C, bias_row, 0, false, false, false);
+}
+template void gemm_shared_a<float>(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
+                                   int64_t, int64_t, int64_t, float*, const float*);
+template void gemm_shared_a<double>(int64_t, int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
+                                    const double*, int64_t, int64_t, int64_t, double*, const double*);
+
+namespace {
+
 // Sum of a contiguous row in double, in 8 independent lanes (vectorizable without reassociation,
 // and a blocked sum: each lane adds only n / 8 values).
 template <class T>

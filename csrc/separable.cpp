@@ -1,11 +1,13 @@
-// Fused separable conv: depthwise k x k then pointwise 1 x 1, as one BLIS-style GEMM whose pixel
-// operand is produced by the depthwise conv. The pointwise weight is packed once into the GEMM's
-// panel layout, shared read-only by the threads (re-packing it per pixel block, as a call of
-// dlk::gemm per block does, cost more than the arithmetic at Xception's 728-1536 channels). Each
-// task then computes the depthwise output of a few whole output rows for all C*m channels into an
-// L2-sized thread buffer, packs it K slice by K slice into micro-panels and runs the GEMM's
-// micro-kernel against the packed weight, bias fused into the last slice's store: the depthwise
-// intermediate never goes to memory in full. Contract: dlkernels/separable/op.py.
+// Fused separable conv: depthwise k x k then pointwise 1 x 1, the depthwise intermediate kept in
+// cache rather than written to memory in full.
+// Channels_last: one BLIS-style GEMM whose pixel operand is produced by the depthwise conv. The
+// pointwise weight is packed once into the GEMM's panel layout, shared read-only by the threads
+// (re-packing it per pixel block, as a call of dlk::gemm per block does, cost more than the
+// arithmetic at Xception's 728-1536 channels). Each task then computes the depthwise output of a
+// few whole output rows for all C*m channels into an L2-sized thread buffer and runs the GEMM's
+// micro-kernel on it against the packed weight, bias fused into the last K slice's store.
+// NCHW: blocks of whole images, each's depthwise output into an LLC-sized buffer by the depthwise
+// forward's kernels, then the block's GEMM (fwd_nchw). Contract: dlkernels/separable/op.py.
 #include "depthwise.h"
 #include "gemm.h"
 
@@ -42,41 +44,35 @@ struct Slices {
   int64_t len(int64_t pc) const { return std::min(kc, K - pc); }
 };
 
+// A buffer kept by the calling thread between calls (grown on demand): the blocked NCHW forward's
+// depthwise output, a quarter of the LLC, allocated (and page-faulted) once rather than per call.
+template <class T>
+T* kept_buffer(size_t count) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < count) buf.resize(count);
+  return buf.data();
+}
+
+// NCHW: blocks of whole images, each's depthwise output (Cm x Ho*Wo an image) computed into a buffer
+// of about a quarter of the LLC by the depthwise forward's own kernels, then multiplied by the
+// pointwise weight while it is still in cache (gemm_shared_a: the weight is A, shared by the
+// block's images; small planes run as one product over the block's pixels). The intermediate never
+// goes to DRAM in full. The row-block fusion this replaced (each task a few output rows of one image
+// for all channels, packed into the GEMM's panels) computed the depthwise rows in short pieces and
+// copied them once more: slower than the two kernels apart at every bench shape (Zen5, two
+// threads, input from DRAM, ms, fused / apart: 8x144x56x56 k3 -> 24 1.99 / 1.09, 8x96x112x112 k3 s2
+// -> 24 2.09 / 1.45, 8x256x38x38 s2 -> 256 1.69 / 1.27, 8x128x75x75 -> 128 5.70 / 5.27).
 template <class T>
 void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O, const DwGeom& g) {
-  // y[n, :, rows] (O x P, row stride Ho*Wo) = pw (O x Cm) @ depthwise (Cm x P): the weight is A.
-  const GemmBlocking bl = gemm_blocking<T>();
-  const Slices ks(g.Cm, bl.kc);
-  const int64_t taps = g.kH * g.kW, HWo = g.Ho * g.Wo, Mp = round_up(O, bl.mr);
-  const int nt = team_size(g, O);
-  const int64_t rows = block_rows(g, ks.kc, sizeof(T), nt), nb = ceil_div(g.Ho, rows), pmax = rows * g.Wo;
-  std::vector<T> a(static_cast<size_t>(Mp * g.Cm));  // K slice pc at a + pc * Mp
-#pragma omp parallel num_threads(nt)
-  {
-#pragma omp for schedule(static)
-    for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) gemm_pack_a(bl, O, ks.len(pc), pw + pc, g.Cm, 1, a.data() + pc * Mp);
-    std::vector<T> mid(static_cast<size_t>(g.Cm * pmax)), b(static_cast<size_t>(round_up(pmax, bl.nr) * ks.kc));
-    DwScratch<T> pad;
-#pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < g.N * nb; ++t) {
-      const int64_t n = t / nb, i0 = (t % nb) * rows, i1 = std::min(g.Ho, i0 + rows), P = (i1 - i0) * g.Wo;
-      // each channel's input rows prefetched while the channel before computes (see depthwise.cpp's fwd)
-      const T* xn = x + n * g.C * g.H * g.W;
-      for (int64_t o = 0; o < g.Cm; ++o) {
-        const bool next = (o + 1) % g.m == 0 && o + 1 < g.Cm;
-        dw_rows_padded(xn + (o / g.m) * g.H * g.W, dw + o * taps, T(0), mid.data() + o * P, i0, i1, g, pad,
-                       next ? plane_rows_input(xn + ((o + 1) / g.m) * g.H * g.W, i0, i1, g) : LinePrefetch());
-      }
-      T* yb = y + n * O * HWo + i0 * g.Wo;
-      for (int64_t pc = 0; pc < g.Cm; pc += ks.kc) {
-        const int64_t kc = ks.len(pc);
-        const bool last = pc + kc >= g.Cm;
-        gemm_pack_b(bl, P, kc, mid.data() + pc * P, P, 1, b.data());
-        for (int64_t m0 = 0; m0 < O; m0 += bl.mc)
-          gemm_macro(bl, std::min(bl.mc, O - m0), P, kc, a.data() + pc * Mp + m0 * kc, b.data(), yb + m0 * HWo, HWo,
-                     pc > 0, last && bias ? bias + m0 : nullptr, (const T*)nullptr);
-      }
-    }
+  const int64_t HWo = g.Ho * g.Wo, per_image = g.Cm * HWo;
+  const int64_t fit = std::clamp<int64_t>(llc_bytes() / 4 / (per_image * static_cast<int64_t>(sizeof(T))), 1, g.N);
+  const int64_t imgs = ceil_div(g.N, ceil_div(g.N, fit));  // equal blocks: 8 images in 4 + 4, not 6 + 2
+  T* mid = kept_buffer<T>(static_cast<size_t>(imgs * per_image));
+  for (int64_t n0 = 0; n0 < g.N; n0 += imgs) {
+    DwGeom gb = g;
+    gb.N = std::min(imgs, g.N - n0);
+    depthwise_forward(x + n0 * g.C * g.H * g.W, dw, (const T*)nullptr, mid, gb, false);
+    gemm_shared_a(gb.N, O, HWo, g.Cm, pw, g.Cm, int64_t(1), mid, per_image, HWo, int64_t(1), y + n0 * O * HWo, bias);
   }
 }
 

@@ -180,6 +180,18 @@ def test_timed_path_choice(backend, monkeypatch):
     assert ran == ["_" + chosen] and len(triton_impl._timings) == 1
 
 
+@pytest.mark.parametrize("llc_bytes", ["1", "9216"], ids=["one_image_blocks", "blocks_2_2_1"])
+def test_separable_nchw_image_blocks(backend, llc_bytes, monkeypatch):
+    # The C++ NCHW forward runs blocks of whole images (the depthwise output of a block filling a
+    # quarter of the LLC) through the depthwise kernels and then the GEMM; a small
+    # DLKERNELS_LLC_BYTES makes several blocks: one image each, or 5 images of 1152 float64 bytes of
+    # intermediate as 2 + 2 + 1 (other backends ignore it)
+    monkeypatch.setenv("DLKERNELS_LLC_BYTES", llc_bytes)
+    _check_forward(backend, torch.float64, (5, 4, 6, 6, 3, 1, 1, 1, 1, 7), False)
+    _check_forward(backend, torch.float64, (3, 3, 13, 11, 3, 3, 2, 3, 3, 17), False)
+    _check_forward(backend, torch.float32, (4, 20, 6, 5, 3, 2, 1, 1, 1, 33), False)
+
+
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_pointwise_split_k(backend, channels_last, monkeypatch):
