@@ -243,6 +243,42 @@ template <class T>
 using WideKernel = SimdKernel<T, 4, 3>;
 template <class T>
 inline bool wide_tile(int64_t N) { return N > 2 * Vec<T>::W && N <= 3 * Vec<T>::W; }
+
+#if defined(__AVX512F__)
+// store_tile in masked vectors: the columns of a tile across two matrices of a batch (ColRuns),
+// which go out through it every K slice.
+template <class T>
+inline void store_tile_simd(const T* tile, int64_t ldt, int mv, int nv, T* c, int64_t ldc, const Epilogue<T>& e) {
+  using S = Vec<T>;
+  using V = typename S::V;
+  for (int r = 0; r < mv; ++r) {
+    T* cr = c + r * ldc;
+    const T* tr = tile + r * ldt;
+    for (int j = 0; j < nv; j += S::W) {
+      const int n = std::min(S::W, nv - j);
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+      V x, y;
+      if constexpr (sizeof(T) == 4) {
+        x = _mm512_maskz_loadu_ps(m, tr + j);
+        if (e.load) x = S::add(x, _mm512_maskz_loadu_ps(m, cr + j));
+        if (e.bias_col) x = S::add(x, _mm512_maskz_loadu_ps(m, e.bias_col + j));
+      } else {
+        x = _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), tr + j);
+        if (e.load) x = S::add(x, _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), cr + j));
+        if (e.bias_col) x = S::add(x, _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), e.bias_col + j));
+      }
+      if (e.bias_row) x = S::add(x, S::set1(e.bias_row[r]));
+      if (e.relu) x = S::relu(x);
+      y = x;
+      if constexpr (sizeof(T) == 4)
+        _mm512_mask_storeu_ps(cr + j, m, y);
+      else
+        _mm512_mask_storeu_pd(cr + j, static_cast<__mmask8>(m), y);
+    }
+  }
+}
+#define DLK_STORE_SEGMENT store_tile_simd
+#endif
 #else
 template <class T>
 using FastKernel = PortableKernel<T>;
@@ -499,7 +535,11 @@ inline void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const T* a, const T
       run(tile, NR);
       for (int u = 0; u < nv;) {
         const int seg = static_cast<int>(std::min<int64_t>(nv - u, runs.len - (g0 + j + u) % runs.len));
+#ifdef DLK_STORE_SEGMENT
+        DLK_STORE_SEGMENT(tile + u, NR, mv, seg, ci + runs.at(g0 + j + u), ldc, full);
+#else
         store_tile(tile + u, NR, mv, seg, ci + runs.at(g0 + j + u), ldc, full);
+#endif
         u += seg;
       }
     }
@@ -617,7 +657,7 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
                  bool accumulate, const ColRuns& runs_b = {}, const ColRuns& runs_c = {}) {
   constexpr int MR = Kern::MR, NR = Kern::NR;
   if (M <= 0 || N <= 0) return;
-  if (runs_c.len && (K <= 0 || M <= kSkinny || runs_c.len <= kSkinny || (bias && bias_dim == 1) ||
+  if (runs_c.len && (K <= 0 || M <= kSkinny || N <= kSkinny || (bias && bias_dim == 1) ||
                      gemm_splits_k(M, N, K, Buffers<T, Kern>(M, N, K).kc))) {
     // the paths below that take plain columns only: one matrix at a time
     for (int64_t g = 0; g < N; g += runs_c.len)
@@ -653,16 +693,27 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-    // the grid whose busiest thread has the fewest tiles; on ties, the one that packs the fewest
-    // elements (every thread packs its rows of A and its columns of B: K * (M * tn + N * tm)), and
-    // an M split where that ties too (A is the operand re-read per column block). A weight gradient
-    // of 24 x 96 over K = 25088 split its 24 rows and packed all of B twice: 1.83 ms, torch 1.43.
+    // Of the grids whose busiest thread has at most 5 % more tiles than the fewest, the one that
+    // reads the fewest elements (every thread reads its rows of A and packs its columns of B: K *
+    // (M * tn + N * tm)); on ties the fewest tiles, then an M split (A is the operand re-read per
+    // column block). A weight gradient of 24 x 96 over K = 25088 split its 24 rows and packed all of
+    // B twice: 1.83 ms, torch 1.43. The 5 %: 96 x 576 @ 576 x 1568 (8 NCHW images of 14x14 as one
+    // product) took the M split for 2 % fewer tiles, both threads packing all of B: 0.66 -> 0.53 ms
+    // (eager 0.55), 112 x 672 @ 672 x 392 0.23 -> 0.21 (0.22).
     int tm = 1;
-    int64_t best = -1, best_pack = -1;
+    int64_t fewest = -1;
+    for (int d = team; d >= 1; --d)
+      if (team % d == 0) {
+        const int64_t tiles = ceil_div(mp, d) * ceil_div(np, team / d);
+        fewest = fewest < 0 ? tiles : std::min(fewest, tiles);
+      }
+    int64_t best_tiles = -1, best_pack = -1;
     for (int d = team; d >= 1; --d) {
       if (team % d) continue;
       const int64_t tiles = ceil_div(mp, d) * ceil_div(np, team / d), pack = M * (team / d) + N * d;
-      if (best < 0 || tiles < best || (tiles == best && pack < best_pack)) best = tiles, best_pack = pack, tm = d;
+      if (tiles * 20 > fewest * 21) continue;
+      if (best_pack < 0 || pack < best_pack || (pack == best_pack && tiles < best_tiles))
+        best_pack = pack, best_tiles = tiles, tm = d;
     }
     const int tn = team / tm, ti = tid / tn, tj = tid % tn;
     const int64_t m0 = std::min(M, mp * ti / tm * MR), m1 = std::min(M, mp * (ti + 1) / tm * MR);
@@ -787,16 +838,15 @@ void mm_batched(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int6
   const bool balanced = batch % nt == 0 || batch >= 4 * nt || macs < kMinParallelMacs;
   const bool by_batch = nt > 1 && batch >= nt && macs <= kMaxMacsPerThreadGemm && balanced &&
                         batch * macs >= kMinParallelMacs;
-  // A shared by the batch (a 1x1 conv of NCHW images) and a few NR-wide panels a matrix: one GEMM
-  // over the batch's columns (ColRuns). Per matrix, A streamed from L3 served only those few panels
-  // (8 x 1536x1024 @ 1024xN, two threads: 375 GFLOP/s at N = 96, 457 at N = 800) and the last
-  // panel was part padding. Under two panels, nearly every panel would straddle two matrices (each
-  // a tile through a local copy). Zen5, two threads, interleaved, NCHW 1x1 forward, ms (eager):
-  // 8x1024x10x10 -> 1536 6.72-6.85 -> 6.10-6.50 (6.0-6.4), 32x1024x14x14 -> 256 9.44-9.54 ->
-  // 8.48-8.93 (9.4-10.0), 32x256x14x14 -> 1024 8.16-8.30 -> 7.50-7.65 (8.3-8.8); 7x7 planes (49
-  // pixels) 10.1 -> 10.5 with runs, so they keep the loop.
+  // A shared by the batch (a 1x1 conv of NCHW images) and at most 8 NR-wide panels a matrix: one
+  // GEMM over the batch's columns (ColRuns), rather than a product a matrix (with the team, or one a
+  // thread), whose few panels each re-streamed A and whose last panel was part padding (8 x
+  // 1536x1024 @ 1024xN, two threads: 375 GFLOP/s at N = 96, 457 at N = 800). Zen5, two threads,
+  // NCHW 1x1 forward, ms (eager): 8x1024x10x10 -> 1536 6.72-6.85 -> 5.5-5.8 (5.4-5.6),
+  // 32x1024x14x14 -> 256 9.44-9.54 -> 8.48-8.93 (9.4-10.0), 32x2048x7x7 -> 512 9.6-9.9 -> 7.9-8.5
+  // (7.4-7.9), 32x1024x3x3 -> 1024 3.56 -> 1.76-1.81 (1.35), 8x1024x2x2 -> 1024 5.2 -> 0.26 (0.25).
   const int64_t nr = gemm_blocking<T>(batch * N).nr;
-  if (!by_batch && sb_a == 0 && batch > 1 && N >= 2 * nr && N <= 8 * nr) {
+  if (sb_a == 0 && batch > 1 && N <= 8 * nr && M > kSkinny && K > 0 && !(bias && bias_dim == 1)) {
     const ColRuns runs_b{N, sb_b}, runs_c{N, M * N};
     auto go = [&](auto kern) {
       gemm_driver<T, decltype(kern)>(M, batch * N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, N, bias, bias_dim, relu, true,

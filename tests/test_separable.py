@@ -16,9 +16,10 @@ def _x(shape, dtype, channels_last):
 # (N, C, H, W, O)
 # (3, 24, 2, 3, 20): few pixels an image, whose NCHW weight gradient is one GEMM over all of them
 # (3, 300, 9, 11, 80): 99 pixels an image, whose NCHW forward and input gradient are each one GEMM
-# over the batch's pixels in C++ (ColRuns), two K slices forward
+# over the batch's pixels in C++ (ColRuns), two K slices forward; (4, 270, 2, 3, 9): panels across
+# several images, two K slices; (3, 5, 1, 1, 6): as few pixels in all as the GEMM's skinny path takes
 PW_CASES = [(2, 3, 5, 7, 4), (1, 1, 1, 1, 1), (3, 17, 4, 3, 13), (1, 32, 9, 11, 40), (3, 24, 2, 3, 20),
-            (3, 300, 9, 11, 80)]
+            (3, 300, 9, 11, 80), (4, 270, 2, 3, 9), (3, 5, 1, 1, 6)]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
