@@ -842,9 +842,9 @@ void mm_batched(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int6
   // GEMM over the batch's columns (ColRuns), rather than a product a matrix (with the team, or one a
   // thread), whose few panels each re-streamed A and whose last panel was part padding (8 x
   // 1536x1024 @ 1024xN, two threads: 375 GFLOP/s at N = 96, 457 at N = 800). Zen5, two threads,
-  // NCHW 1x1 forward, ms (eager): 8x1024x10x10 -> 1536 6.72-6.85 -> 5.5-5.8 (5.4-5.6),
+  // NCHW 1x1 forward, ms (eager): 8x1024x10x10 -> 1536 6.72-6.85 -> 5.5-6.2 (5.4-6.2),
   // 32x1024x14x14 -> 256 9.44-9.54 -> 8.48-8.93 (9.4-10.0), 32x2048x7x7 -> 512 9.6-9.9 -> 7.9-8.5
-  // (7.4-7.9), 32x1024x3x3 -> 1024 3.56 -> 1.76-1.81 (1.35), 8x1024x2x2 -> 1024 5.2 -> 0.26 (0.25).
+  // (7.5-8.8), 32x1024x3x3 -> 1024 3.56 -> 1.7-2.0 (1.3-1.75), 8x1024x2x2 -> 1024 5.2 -> 0.26 (0.25).
   const int64_t nr = gemm_blocking<T>(batch * N).nr;
   if (sb_a == 0 && batch > 1 && N <= 8 * nr && M > kSkinny && K > 0 && !(bias && bias_dim == 1)) {
     const ColRuns runs_b{N, sb_b}, runs_c{N, M * N};
