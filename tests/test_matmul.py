@@ -115,7 +115,8 @@ def test_streamed_output(backend, dtype, monkeypatch):
     # writes whole C tiles with non-temporal stores (rows of 16-float multiples; edge tiles stay
     # plain); a tiny DLKERNELS_LLC_BYTES reaches that path on small matrices (other backends ignore it)
     monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
-    for shapes in (((50, 37), (37, 32)), ((3, 7, 20), (3, 20, 16)), ((61, 300), (300, 48))):
+    # ((40, 37), (3, 37, 64)): a shared by a batch of whole-panel matrices, streamed as one product
+    for shapes in (((50, 37), (37, 32)), ((3, 7, 20), (3, 20, 16)), ((61, 300), (300, 48)), ((40, 37), (3, 37, 64))):
         test_matmul_forward_backward(backend, dtype, shapes, False)
     test_linear(backend, dtype, (2, 5, 29), True, "relu")
 
