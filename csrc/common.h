@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -50,6 +51,28 @@ inline bool worth_threads(int64_t elements) { return elements >= (int64_t{1} << 
 // The same for compute-bound work (GEMMs, the fused separable conv): below this many multiply-adds
 // (~50 us on one core) a second thread saves less than waking it can cost.
 constexpr int64_t kMinParallelMacs = 128 * 128 * 128;
+
+// Memory kept by the calling thread between calls, one buffer per Tag: grown on demand (64-byte
+// aligned, contents not kept across growth) and never shrunk, so a steady-state kernel allocates and
+// page-faults nothing. Distinct tags for buffers that are live at once on one thread (the GEMM's
+// packing buffers, the fused separable conv's intermediate that feeds that GEMM).
+template <class Tag, class T>
+T* thread_buffer(size_t count) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  const size_t bytes = (count * sizeof(T) + 63) / 64 * 64;
+  if (buf.bytes < bytes) {
+    std::free(buf.p);
+    buf.p = std::aligned_alloc(64, bytes);
+    buf.bytes = buf.p ? bytes : 0;
+    if (!buf.p) throw std::bad_alloc();
+  }
+  return static_cast<T*>(buf.p);
+}
 
 // Bytes of the last-level cache the calling CPU sees: sysfs's highest cache level, else glibc's sysconf
 // (which on the development VM reports the host's 256 MiB, not the 32 MiB the VM's L3 has), else

@@ -245,11 +245,12 @@ template <class T>
 inline bool wide_tile(int64_t N) { return N > 2 * Vec<T>::W && N <= 3 * Vec<T>::W; }
 
 #if defined(__AVX512F__)
-// store_tile in masked vectors (same operation order): the columns of a tile across two matrices of
-// a batch (ColRuns), which go out through it every K slice; on 2x2-7x7 planes most tiles do.
-// 32x2048x4x4 -> 512 NCHW 1x1, two threads: 2.83 -> 2.66 ms, 64x512x5x5 -> 512 2.28 -> 2.08.
+// store_tile in masked vectors where AVX-512 has them (same operation order): the columns of a tile
+// across two matrices of a batch (ColRuns), which go out through it every K slice; on 2x2-7x7
+// planes most tiles do. 32x2048x4x4 -> 512 NCHW 1x1, two threads: 2.83 -> 2.66 ms, 64x512x5x5 ->
+// 512 2.28 -> 2.08.
 template <class T>
-inline void store_tile_simd(const T* tile, int64_t ldt, int mv, int nv, T* c, int64_t ldc, const Epilogue<T>& e) {
+inline void store_columns(const T* tile, int64_t ldt, int mv, int nv, T* c, int64_t ldc, const Epilogue<T>& e) {
   using S = Vec<T>;
   using V = typename S::V;
   for (int r = 0; r < mv; ++r) {
@@ -277,11 +278,18 @@ inline void store_tile_simd(const T* tile, int64_t ldt, int mv, int nv, T* c, in
     }
   }
 }
-#define DLK_STORE_SEGMENT store_tile_simd
+#define DLK_MASKED_STORE 1
 #endif
 #else
 template <class T>
 using FastKernel = PortableKernel<T>;
+#endif
+
+#ifndef DLK_MASKED_STORE
+template <class T>
+inline void store_columns(const T* tile, int64_t ldt, int mv, int nv, T* c, int64_t ldc, const Epilogue<T>& e) {
+  store_tile(tile, ldt, mv, nv, c, ldc, e);
+}
 #endif
 
 // Cache blocking. KC: an NR x KC micro-panel of B (16 KiB for 6x16 float) stays in the 32 KiB L1
@@ -354,25 +362,6 @@ void pack_b(int64_t q0, int64_t q1, int64_t nc, int64_t kc, const T* b, int64_t 
         for (int c = 0; c < NR; ++c) o[p * NR + c] = c < nr ? bj[c * cs + p * rs] : T(0);
     }
   }
-}
-
-// Per-thread packing memory, kept between calls so a steady-state GEMM allocates nothing.
-template <class T>
-T* scratch(size_t count) {
-  struct Buffer {
-    void* p = nullptr;
-    size_t bytes = 0;
-    ~Buffer() { std::free(p); }
-  };
-  thread_local Buffer buf;
-  const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(count * sizeof(T)), 64));
-  if (buf.bytes < bytes) {
-    std::free(buf.p);
-    buf.p = std::aligned_alloc(64, bytes);
-    buf.bytes = buf.p ? bytes : 0;
-    if (!buf.p) throw std::bad_alloc();
-  }
-  return static_cast<T*>(buf.p);
 }
 
 template <class T>
@@ -535,11 +524,7 @@ inline void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const T* a, const T
       run(tile, NR);
       for (int u = 0; u < nv;) {
         const int seg = static_cast<int>(std::min<int64_t>(nv - u, runs.len - (g0 + j + u) % runs.len));
-#ifdef DLK_STORE_SEGMENT
-        DLK_STORE_SEGMENT(tile + u, NR, mv, seg, ci + runs.at(g0 + j + u), ldc, full);
-#else
-        store_tile(tile + u, NR, mv, seg, ci + runs.at(g0 + j + u), ldc, full);
-#endif
+        store_columns(tile + u, NR, mv, seg, ci + runs.at(g0 + j + u), ldc, full);
         u += seg;
       }
     }
@@ -679,7 +664,7 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
   // only the pages a thread's block touches are ever faulted in.
   const Buffers<T, Kern> buf(M, N, K);
   const int64_t per_thread = buf.a_size + buf.b_size;
-  T* const scratch_all = scratch<T>(static_cast<size_t>(per_thread * nt));
+  T* const scratch_all = thread_buffer<struct GemmPacking, T>(static_cast<size_t>(per_thread * nt));
   const bool stream = gemm_streams_c<T, Kern>(M, N, K, C, ldc, accumulate, buf.kc, runs_c);
   if (nt == 1)
     return gemm_serial<T, Kern>(M, N, K, A, rs_a, cs_a, B, rs_b, cs_b, C, ldc, bias, bias_dim, relu, accumulate,

@@ -6,8 +6,9 @@
 // arithmetic at Xception's 728-1536 channels). Each task then computes the depthwise output of a
 // few whole output rows for all C*m channels into an L2-sized thread buffer and runs the GEMM's
 // micro-kernel on it against the packed weight, bias fused into the last K slice's store.
-// NCHW: blocks of whole images, each's depthwise output into an LLC-sized buffer by the depthwise
-// forward's kernels, then the block's GEMM (fwd_nchw). Contract: dlkernels/separable/op.py.
+// NCHW, and channels_last on small planes: blocks of whole images, each's depthwise output into an
+// LLC-sized buffer by the depthwise forward's kernels, then the block's GEMM (fwd_image_blocks).
+// Contract: dlkernels/separable/op.py.
 #include "depthwise.h"
 #include "gemm.h"
 
@@ -44,36 +45,48 @@ struct Slices {
   int64_t len(int64_t pc) const { return std::min(kc, K - pc); }
 };
 
-// A buffer kept by the calling thread between calls (grown on demand): the blocked NCHW forward's
-// depthwise output, a quarter of the LLC (or one image's, if larger), allocated (and page-faulted)
-// once rather than per call.
-template <class T>
-T* kept_buffer(size_t count) {
-  thread_local std::vector<T> buf;
-  if (buf.size() < count) buf.resize(count);
-  return buf.data();
-}
-
-// NCHW: blocks of whole images, each's depthwise output (Cm x Ho*Wo an image) computed into a buffer
-// of about a quarter of the LLC by the depthwise forward's own kernels, then multiplied by the
-// pointwise weight while it is still in cache (gemm_shared_a: the weight is A, shared by the
-// block's images; small planes run as one product over the block's pixels). The intermediate never
-// goes to DRAM in full. The row-block fusion this replaced (each task a few output rows of one image
+// Blocks of whole images, each's depthwise output computed into a buffer of about a quarter of the
+// LLC (or one image's, if larger, kept by the thread between calls) by the depthwise forward's own
+// kernels, then multiplied by the pointwise weight while it is still in cache; the intermediate
+// never goes to DRAM in full. NCHW (Cm x Ho*Wo an image): gemm_shared_a, the weight A shared by the
+// block's images (small planes as one product over the block's pixels). Channels_last (Ho*Wo x Cm
+// an image): one GEMM over the block's pixels.
+// NCHW always: the row-block fusion this replaced there (each task a few output rows of one image
 // for all channels, packed into the GEMM's panels) computed the depthwise rows in short pieces and
 // copied them once more: slower than the two kernels apart at every bench shape (Zen5, two
 // threads, input from DRAM, ms, fused / apart: 8x144x56x56 k3 -> 24 1.99 / 1.09, 8x96x112x112 k3 s2
 // -> 24 2.09 / 1.45, 8x256x38x38 s2 -> 256 1.69 / 1.27, 8x128x75x75 -> 128 5.70 / 5.27).
+// Channels_last on planes of up to max_pixels outputs whose whole batch's intermediate fits one
+// block (image_blocks_cl): there fwd_cl's tasks (a few output rows of one image) feed its GEMM a
+// pixel operand of a few dozen rows, mostly padding of the micro-kernel's tiles. Two threads, Zen5,
+// 3x3, C -> O, fused -> blocks (ms): 8x512x3x3 -> 512 0.220 -> 0.148, 8x128x11x11 -> 128 0.103 ->
+// 0.099, 32x512x7x7 -> 512 2.19 -> 1.97, Xception exit 8x1024x10x10 -> 1536 6.35 -> 5.98. From
+// 14x14 on fwd_cl is as fast or faster (8x728x19x19 7.17 against 7.31); blocks on larger
+// channels-last planes measured within the noise of it, slower at 8x144x56x56 k3 and
+// 8x96x112x112 k3 s2.
 template <class T>
-void fwd_nchw(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O, const DwGeom& g) {
+bool image_blocks_cl(const DwGeom& g, int64_t max_pixels) {
+  const int64_t mid_bytes = g.N * g.Cm * g.Ho * g.Wo * static_cast<int64_t>(sizeof(T));
+  return g.Ho * g.Wo <= max_pixels && 4 * mid_bytes <= llc_bytes();
+}
+
+template <class T>
+void fwd_image_blocks(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O, const DwGeom& g,
+                      bool cl) {
   const int64_t HWo = g.Ho * g.Wo, per_image = g.Cm * HWo;
   const int64_t fit = std::clamp<int64_t>(llc_bytes() / 4 / (per_image * static_cast<int64_t>(sizeof(T))), 1, g.N);
   const int64_t imgs = ceil_div(g.N, ceil_div(g.N, fit));  // equal blocks: 8 images in 4 + 4, not 6 + 2
-  T* mid = kept_buffer<T>(static_cast<size_t>(imgs * per_image));
+  T* mid = thread_buffer<struct SeparableMid, T>(static_cast<size_t>(imgs * per_image));
   for (int64_t n0 = 0; n0 < g.N; n0 += imgs) {
     DwGeom gb = g;
     gb.N = std::min(imgs, g.N - n0);
-    depthwise_forward(x + n0 * g.C * g.H * g.W, dw, (const T*)nullptr, mid, gb, false);
-    gemm_shared_a(gb.N, O, HWo, g.Cm, pw, g.Cm, int64_t(1), mid, per_image, HWo, int64_t(1), y + n0 * O * HWo, bias);
+    depthwise_forward(x + n0 * g.C * g.H * g.W, dw, (const T*)nullptr, mid, gb, cl);
+    if (cl)
+      gemm(gb.N * HWo, O, g.Cm, mid, g.Cm, int64_t(1), pw, int64_t(1), g.Cm, y + n0 * HWo * O, O, bias, 1, false,
+           true);
+    else
+      gemm_shared_a(gb.N, O, HWo, g.Cm, pw, g.Cm, int64_t(1), mid, per_image, HWo, int64_t(1), y + n0 * O * HWo,
+                    bias);
   }
 }
 
@@ -148,7 +161,8 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
 }
 
 void py_fwd(const py::array& x, const py::array& dw, const py::array& pw, const py::object& bias, py::array& y,
-            int64_t sH, int64_t sW, int64_t pT, int64_t pL, int64_t dH, int64_t dW, bool cl) {
+            int64_t sH, int64_t sW, int64_t pT, int64_t pL, int64_t dH, int64_t dW, bool cl,
+            int64_t max_block_pixels) {
   require(x.ndim() == 4 && dw.ndim() == 4 && pw.ndim() == 2 && y.ndim() == 4,
           "separable_fwd: 4-D x, dw_weight, y and 2-D pw_weight expected");
   const DwGeom g = make_geom(x.shape(0), x.shape(1), x.shape(2), x.shape(3), dw.shape(0), dw.shape(2), dw.shape(3),
@@ -168,10 +182,10 @@ void py_fwd(const py::array& x, const py::array& dw, const py::array& pw, const 
     }
     py::gil_scoped_release nogil;
     if (g.N * g.Ho * g.Wo == 0 || O == 0) return;
-    if (cl)
+    if (cl && !image_blocks_cl<T>(g, max_block_pixels))
       fwd_cl(cptr<T>(x), cptr<T>(dw), cptr<T>(pw), b, mptr<T>(y), O, g);
     else
-      fwd_nchw(cptr<T>(x), cptr<T>(dw), cptr<T>(pw), b, mptr<T>(y), O, g);
+      fwd_image_blocks(cptr<T>(x), cptr<T>(dw), cptr<T>(pw), b, mptr<T>(y), O, g, cl);
   });
 }
 
@@ -180,8 +194,9 @@ void py_fwd(const py::array& x, const py::array& dw, const py::array& pw, const 
 void init_separable(py::module_& m) {
   using namespace pybind11::literals;
   m.def("separable_fwd", &py_fwd, "x"_a, "dw_weight"_a, "pw_weight"_a, "bias"_a.none(true), "y"_a, "sH"_a, "sW"_a,
-        "pT"_a, "pL"_a, "dH"_a, "dW"_a, "channels_last"_a,
-        "y = pointwise(depthwise(x)) + bias, fused: the depthwise output stays in per-thread cache-sized blocks");
+        "pT"_a, "pL"_a, "dH"_a, "dW"_a, "channels_last"_a, "max_block_pixels"_a,
+        "y = pointwise(depthwise(x)) + bias, fused: the depthwise output stays in cache-sized blocks (NCHW, and "
+        "channels_last planes of up to max_block_pixels outputs: blocks of whole images)");
 }
 
 }  // namespace dlk

@@ -133,8 +133,9 @@ def test_separable_wide_channel_rows(backend, dtype, case, channels_last):
 @pytest.mark.parametrize("case", SEP_CASES + WIDE_CASES, ids=_sep_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_separable_cpp_fused_on_small_planes(backend, dtype, case, channels_last, monkeypatch):
-    """The C++ backend runs planes of up to 12x12 outputs as a depthwise pass then one GEMM; its
-    fused kernel still takes any plane given to it (the cases above at 12x12 or fewer reach it here)."""
+    """The C++ backend runs channels-last planes of up to 12x12 outputs as blocks of images (a
+    depthwise pass then one GEMM); its row-block fused kernel still takes any plane given to it (the
+    cases above at 12x12 or fewer reach it here; NCHW always runs as image blocks)."""
     from dlkernels.separable import cpp_impl
     monkeypatch.setattr(cpp_impl, "TWO_PASS_MAX_PIXELS", 0)
     test_separable(backend, dtype, case, channels_last)

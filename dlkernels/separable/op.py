@@ -9,10 +9,8 @@ Kernel contract: every backend module ``dlkernels/separable/<backend>_impl.py`` 
         in x's memory format. ONE fused kernel: the depthwise intermediate is never written to
         memory in full (Triton: a tile of it lives in registers and feeds tl.dot; CPU: a block of it
         stays in cache and feeds the GEMM: a few output rows of an image for all channels, or in C++
-        NCHW a block of whole images, a quarter of the LLC, through the depthwise kernels and then
-        the GEMM). On planes too small to give the GEMM whole tiles (C++ channels_last: 12x12 output
-        pixels or fewer), the depthwise and the GEMM may run one after the other over the whole
-        batch, with the intermediate small enough to stay in cache.
+        NCHW, and channels_last planes of 12x12 outputs or fewer, a block of whole images, a quarter
+        of the LLC, through the depthwise kernels and then the GEMM).
 
 Its backward recomputes the depthwise output and runs on the depthwise and matmul kernels of the
 same backend.
