@@ -1,10 +1,12 @@
 """batch_norm_residual on every backend against PyTorch's unfused act(F.batch_norm(x) + r):
 outputs, all gradients and running statistics over ranks, layouts, residual, activations, training
 and evaluation; large means, size-1 channels; gradcheck, opcheck, torch.compile, bad inputs."""
+import numpy as np
 import pytest
 import torch
 
 import dlkernels
+from dlkernels.batchnorm.op import as_ncs, relu_gate_bytes, writes_relu_gate
 from dlkernels.batchnorm.reference import batch_norm_residual as reference
 from helpers import DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, TOL, as64, assert_close, grads, leaf
 
@@ -25,10 +27,13 @@ LAYOUTS = {
 
 def _make(shape, channels_last, dtype, mean=0.5, std=2.0):
     x = torch.randn(shape, device=DEVICE, dtype=torch.float64) * std + mean
-    x = x.to(dtype)
+    return leaf(_in_layout(x.to(dtype), channels_last))
+
+
+def _in_layout(x, channels_last):
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.transpose(1, 2).contiguous().transpose(1, 2)
-    return leaf(x)
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.contiguous()
 
 
 def _stats(c, dtype):
@@ -213,6 +218,45 @@ def test_relu_keeps_nan(backend):
     assert torch.isnan(out[1, 2, 3]) and torch.isnan(out).sum() == 1
 
 
+# Backends whose training forward hands relu's backward gate bits instead of the output (op.py's contract)
+GATE_BACKENDS = [b for b in KERNEL_BACKENDS if writes_relu_gate(b, DEVICE, True, "relu")]
+
+
+# The gate bits themselves, against the output they gate: exact zeros and a NaN among the outputs, and
+# blocks whose ends fall inside a byte: planes straddling the 2048-element blocks (4d_runs), channel
+# groups of 7x7 planes taken by two threads (groups), channels-last rows of 70 and of 5, streamed
+# outputs (a tiny DLKERNELS_LLC_BYTES).
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("shape_cl", [((7, 5), False), ((2, 3, 37, 41), False), ((19, 9, 7, 7), False),
+                                      ((2, 70, 5, 3), True), ((3, 5, 11), True)],
+                         ids=["2d", "4d_runs", "groups", "4d_cl70", "3d_cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("gate_backend", GATE_BACKENDS)
+def test_relu_gate_bits(gate_backend, dtype, shape_cl, streamed, monkeypatch):
+    if streamed:
+        monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
+    shape, cl = shape_cl
+    x = _make(shape, cl, dtype).detach()
+    r = torch.randn(shape, device=DEVICE, dtype=dtype).view(-1)
+    r[::5] = -1e30  # exact zeros out of relu
+    r[7] = float("nan")
+    r = _in_layout(r.view(shape), cl)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, _, _, gate = torch.ops.dlkernels.batch_norm_residual_functional(
+            x, r, None, None, None, None, True, 1e-5, "relu", gate_backend)
+    finally:
+        torch.set_num_threads(threads)
+    assert gate.dtype == torch.uint8 and gate.numel() == relu_gate_bytes(x.numel())
+    y3 = as_ncs(out, cl)
+    flat = (y3.transpose(1, 2) if cl else y3).reshape(-1)  # memory order of the layout
+    bits = torch.from_numpy(np.unpackbits(gate.cpu().numpy(), bitorder="little")[: flat.numel()].astype(bool))
+    expect = ~(flat <= 0).cpu()
+    assert (flat == 0).any() and torch.isnan(flat).any()
+    assert torch.equal(bits, expect), f"{int((bits != expect).sum())} of {flat.numel()} gate bits wrong"
+
+
 def test_gradcheck(backend):
     f64 = dict(device=DEVICE, dtype=torch.float64)
     for act, cl in (("relu", False), ("silu", True), (None, False)):
@@ -235,26 +279,28 @@ def test_opcheck(backend):
             rm, rv = _stats(3, torch.float32)
             torch.library.opcheck(torch.ops.dlkernels.batch_norm_residual.default,
                                   (x, r, rm, rv, w, b, training, 0.1, 1e-5, "relu", backend))
-            torch.library.opcheck(torch.ops.dlkernels.batch_norm_residual_functional.default,
-                                  (x, None, rm, rv, w, None, training, 1e-5, "silu", backend))
+            for act in ("silu", "relu"):
+                torch.library.opcheck(torch.ops.dlkernels.batch_norm_residual_functional.default,
+                                      (x, None, rm, rv, w, None, training, 1e-5, act, backend))
 
 
 def test_compile_fullgraph_updates_running_stats(backend):
     def block(x, r, rm, rv, w, b):
         return dlkernels.batch_norm_residual(x, r, rm, rv, w, b, True, 0.1, 1e-5, activation="relu", backend=backend)
 
-    x = torch.randn(4, 3, 5, 5, device=DEVICE)
-    r = torch.randn_like(x)
+    x, r = leaf(torch.randn(4, 3, 5, 5, device=DEVICE)), leaf(torch.randn(4, 3, 5, 5, device=DEVICE))
     w, b = leaf(torch.rand(3, device=DEVICE) + 0.5), leaf(torch.randn(3, device=DEVICE))
     rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, r, rm, rv, w, b)
     rm64, rv64 = torch.zeros(3, dtype=torch.float64, device=DEVICE), torch.ones(3, dtype=torch.float64, device=DEVICE)
-    ref = reference(x.double(), r.double(), rm64, rv64, w.double(), b.double(), True, 0.1, 1e-5, "relu")
+    ins64 = [as64(t) for t in (x, r, w, b)]
+    ref = reference(ins64[0], ins64[1], rm64, rv64, ins64[2], ins64[3], True, 0.1, 1e-5, "relu")
     assert_close(out, ref, torch.float32, "compiled")
     assert_close(rm, rm64, torch.float32, "compiled running_mean")
     assert_close(rv, rv64, torch.float32, "compiled running_var")
-    out.sum().backward()
-    assert w.grad is not None
+    g = torch.randn_like(ref)
+    for got, exp, name in zip(grads(out, [x, r, w, b], g.float()), grads(ref, ins64, g), "xrwb"):
+        assert_close(got, exp, torch.float32, f"compiled grad {name}")
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["torch"])

@@ -8,6 +8,7 @@ import torch
 from .. import _C
 from .._cpp_common import np_view as _np
 from .op import reads_channels_last as _channels_last
+from .op import relu_gate_bytes
 
 
 def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
@@ -17,24 +18,29 @@ def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
     return y3
 
 
+# bn_forward_train writes relu's gate bits, which bn_backward then reads instead of y (op.py's contract)
+RELU_GATE = True
+
+
 def bn_forward_train(x3, residual3, weight, bias, eps, activation):
     c = x3.shape[1]
     mean = torch.empty(c, dtype=x3.dtype)
     var = torch.empty(c, dtype=x3.dtype)
     y3 = torch.empty_like(x3)
+    gate = torch.empty(relu_gate_bytes(x3.numel()), dtype=torch.uint8) if activation == "relu" else None
     _C.bn_forward_train(_np(x3), _np(residual3), _np(weight), _np(bias), eps, activation or "", _np(mean), _np(var),
-                        _np(y3), _channels_last(x3))
-    return y3, mean, var
+                        _np(y3), _np(gate), _channels_last(x3))
+    return y3, mean, var, gate
 
 
-def bn_backward(grad_y3, y3, x3, residual3, mean, var, weight, bias, eps, training, activation, need_x, need_r,
-                need_sums):
+def bn_backward(grad_y3, y3, relu_gate, x3, residual3, mean, var, weight, bias, eps, training, activation, need_x,
+                need_r, need_sums):
     c = x3.shape[1]
     sum_dz = torch.empty(c, dtype=mean.dtype) if need_sums else None
     sum_dz_xhat = torch.empty(c, dtype=mean.dtype) if need_sums else None
     grad_x3 = torch.empty_like(x3) if need_x else None
     grad_r3 = torch.empty_like(x3) if need_r else None
-    _C.bn_backward(_np(grad_y3), _np(y3), _np(x3), _np(residual3), _np(mean), _np(var), _np(weight), _np(bias), eps,
-                   bool(training), activation or "", _np(sum_dz), _np(sum_dz_xhat), _np(grad_x3), _np(grad_r3),
-                   _channels_last(x3))
+    _C.bn_backward(_np(grad_y3), _np(y3), _np(relu_gate), _np(x3), _np(residual3), _np(mean), _np(var), _np(weight),
+                   _np(bias), eps, bool(training), activation or "", _np(sum_dz), _np(sum_dz_xhat), _np(grad_x3),
+                   _np(grad_r3), _channels_last(x3))
     return grad_x3, grad_r3, sum_dz, sum_dz_xhat

@@ -37,9 +37,14 @@ A backend may instead provide the training forward and the backward whole, with 
 one call each instead of two passes plus per-channel torch ops between them, which on a CPU cost more
 than a small layer's passes (the C++ backend does this):
 
-    bn_forward_train(x3, residual3, weight, bias, eps, activation) -> (y3, mean, var)
-    bn_backward(grad_y3, y3, x3, residual3, mean, var, weight, bias, eps, training, activation,
+    bn_forward_train(x3, residual3, weight, bias, eps, activation) -> (y3, mean, var, relu_gate)
+    bn_backward(grad_y3, y3, relu_gate, x3, residual3, mean, var, weight, bias, eps, training, activation,
                 need_x, need_residual, need_sums) -> (grad_x3, grad_residual3, sum_dz, sum_dz_xhat)
+
+relu_gate: None, or where the module sets ``RELU_GATE = True`` and the activation is relu, a uint8
+tensor of relu_gate_bytes(x3.numel()) whose bit i (byte i // 8, bit i % 8) is ``not y <= 0`` for the
+element at flat offset i of x3's layout: the mask relu's gradient needs, in 1/32 of y's bytes. The op
+saves it instead of y, and bn_backward then reads it instead of y3 (which is None).
 
 The op itself updates running_mean/running_var (a small per-channel step, once per call).
 """
@@ -56,6 +61,17 @@ from . import reference
 
 FAMILY = "batchnorm"
 OP = "dlkernels.batch_norm_residual"
+
+
+def relu_gate_bytes(elements: int) -> int:
+    """Bytes of a relu gate (see the contract): a bit per element and 8 bytes of padding past the last,
+    which the C++ reader's 8-byte loads may touch (csrc/batchnorm.cpp's gate_bytes, checked there)."""
+    return (elements + 7) // 8 + 8
+
+
+def writes_relu_gate(backend: str, device: torch.device, training: bool, activation: str) -> bool:
+    """Whether the training forward hands the backward relu's gate bits rather than its output."""
+    return training and activation == "relu" and getattr(_dispatch.kernels(FAMILY, backend, device), "RELU_GATE", False)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -153,7 +169,7 @@ def _scale_shift(mean, invstd, weight, bias):
     "Tensor? bias, bool training, float momentum, float eps, str activation, str backend) -> Tensor")
 def batch_norm_residual_op(input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
                            activation, backend):
-    out, mean, var = batch_norm_residual_functional_op(
+    out, mean, var, _gate = batch_norm_residual_functional_op(
         input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend)
     if training and running_mean is not None:
         count = input.numel() // input.shape[1]
@@ -183,10 +199,11 @@ def _(running_mean, running_var, mean, var, momentum, count):
 def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
                                       running_var: Optional[Tensor], weight: Optional[Tensor],
                                       bias: Optional[Tensor], training: bool, eps: float, activation: str,
-                                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, mean, var): in training the batch statistics that normalized the input (biased variance);
-    in evaluation empty tensors: the running statistics, inputs already, are what the backward uses
-    (no copies of them per call)."""
+                                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, mean, var, relu_gate): in training the batch statistics that normalized the input (biased
+    variance); in evaluation empty tensors: the running statistics, inputs already, are what the
+    backward uses (no copies of them per call). relu_gate: the gate bits the backward reads instead of
+    out (writes_relu_gate), else an empty uint8 tensor."""
     _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
     k = _dispatch.kernels(FAMILY, backend, input.device)
     sdtype = stats_dtype(input.dtype)
@@ -194,19 +211,21 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
     x3 = as_ncs(input, cl)
     r3 = None if residual is None else as_ncs(residual, cl)
     w, b = _to(weight, sdtype), _to(bias, sdtype)
+    no_gate = input.new_empty(0, dtype=torch.uint8)
     if training:
-        y3, mean, var = compose_forward_train(k, x3, r3, w, b, eps, activation)
-        return y3.view_as(input), mean, var
+        y3, mean, var, gate = compose_forward_train(k, x3, r3, w, b, eps, activation)
+        return y3.view_as(input), mean, var, no_gate if gate is None else gate
     y3 = k.bn_apply(x3, r3, _to(running_mean, sdtype), _to(running_var, sdtype), w, b, eps, activation)
-    return y3.view_as(input), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype)
+    return y3.view_as(input), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype), no_gate
 
 
 def compose_forward_train(k, x3, r3, w, b, eps, activation):
-    """(y3, mean, var): the backend's bn_forward_train, or its statistics pass then its apply pass."""
+    """(y3, mean, var, relu_gate or None): the backend's bn_forward_train, or its statistics pass then
+    its apply pass."""
     if hasattr(k, "bn_forward_train"):
         return k.bn_forward_train(x3, r3, w, b, eps, activation)
     mean, var = k.bn_stats(x3)
-    return k.bn_apply(x3, r3, mean, var, w, b, eps, activation), mean, var
+    return k.bn_apply(x3, r3, mean, var, w, b, eps, activation), mean, var, None
 
 
 def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -222,17 +241,20 @@ def _(input, residual, running_mean, running_var, weight, bias, training, eps, a
     _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
     sdtype = stats_dtype(input.dtype)
     c = input.shape[1] if training else 0
-    return empty_ncs(input, channels_last(input)), input.new_empty(c, dtype=sdtype), input.new_empty(c, dtype=sdtype)
+    gate = relu_gate_bytes(input.numel()) if writes_relu_gate(backend, input.device, training, activation) else 0
+    return (empty_ncs(input, channels_last(input)), input.new_empty(c, dtype=sdtype), input.new_empty(c, dtype=sdtype),
+            input.new_empty(gate, dtype=torch.uint8))
 
 
 @_registration.custom_op("dlkernels::batch_norm_residual_backward", mutates_args=())
-def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], input: Tensor,
-                                    residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], relu_gate: Optional[Tensor],
+                                    input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                                    bias: Optional[Tensor],
                                     mean: Tensor, var: Tensor, eps: float, training: bool, activation: str,
                                     output_mask: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_input, grad_residual, grad_weight, grad_bias); those not asked for are empty tensors.
-    ``mean``, ``var``: the statistics that normalized the input. ``out`` is needed for relu (its mask),
-    ``residual`` for silu (to recompute the pre-activation)."""
+    ``mean``, ``var``: the statistics that normalized the input. relu needs its mask: ``relu_gate``
+    where the forward wrote one, else ``out``; silu needs ``residual`` (to recompute the pre-activation)."""
     k = _dispatch.kernels(FAMILY, backend, input.device)
     sdtype = stats_dtype(input.dtype)
     cl = channels_last(input)
@@ -240,7 +262,7 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
     need_x, need_r, need_w, need_b = output_mask
     need_sums = (need_x and training) or need_w or need_b
     grad_x3, grad_r3, sum_dz, sum_dz_xhat = compose_backward(
-        k, as_ncs(grad_out, cl), None if out is None else as_ncs(out, cl), x3,
+        k, as_ncs(grad_out, cl), None if out is None else as_ncs(out, cl), relu_gate, x3,
         None if residual is None else as_ncs(residual, cl), mean, var, _to(weight, sdtype), _to(bias, sdtype), eps,
         training, activation, need_x, need_r, need_sums)
     empty = input.new_empty(0)
@@ -249,13 +271,14 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], inp
             sum_dz.to(bias.dtype) if (need_b and bias is not None) else empty)
 
 
-def compose_backward(k, g3, y3, x3, r3, mean, var, weight, bias, eps, training, activation, need_x, need_r,
-                     need_sums):
+def compose_backward(k, g3, y3, relu_gate, x3, r3, mean, var, weight, bias, eps, training, activation, need_x,
+                     need_r, need_sums):
     """(grad_x3, grad_r3, sum_dz, sum_dz_xhat), each None where not needed: the backend's bn_backward,
-    or its reduce pass (where the sums are needed) then its apply pass."""
+    or its reduce pass (where the sums are needed) then its apply pass (backends without bn_backward
+    write no gate: relu_gate is None there)."""
     if hasattr(k, "bn_backward"):
-        return k.bn_backward(g3, y3, x3, r3, mean, var, weight, bias, eps, training, activation, need_x, need_r,
-                             need_sums)
+        return k.bn_backward(g3, y3, relu_gate, x3, r3, mean, var, weight, bias, eps, training, activation, need_x,
+                             need_r, need_sums)
     invstd = torch.rsqrt(var + eps)
     scale, shift = _scale_shift(mean, invstd, weight, bias)
     # grad_residual = dz is an output anyway: the reduce pass, which forms dz, writes it (see the contract)
@@ -281,7 +304,8 @@ def compose_backward(k, g3, y3, x3, r3, mean, var, weight, bias, eps, training, 
 
 
 @batch_norm_residual_backward_op.register_fake
-def _(grad_out, out, input, residual, weight, bias, mean, var, eps, training, activation, output_mask, backend):
+def _(grad_out, out, relu_gate, input, residual, weight, bias, mean, var, eps, training, activation, output_mask,
+      backend):
     need_x, need_r, need_w, need_b = output_mask
     cl = channels_last(input)
     return (empty_ncs(input, cl) if need_x else input.new_empty(0),
@@ -292,19 +316,20 @@ def _(grad_out, out, input, residual, weight, bias, mean, var, eps, training, ac
 
 def _setup(ctx, inputs, output):
     input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend = inputs
-    out, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
+    out, mean, var, gate = output
+    ctx.mark_non_differentiable(mean, var, gate)
     if not training:  # the statistics that normalized the input (the op returned empty ones)
         sdtype = stats_dtype(input.dtype)
         mean, var = _to(running_mean, sdtype), _to(running_var, sdtype)
-    ctx.save_for_backward(input, out if activation == "relu" else None,
+    relu_out = activation == "relu" and gate.numel() == 0  # relu's mask from the output, not its gate bits
+    ctx.save_for_backward(input, out if relu_out else None, gate if gate.numel() else None,
                           residual if activation == "silu" else None, weight, bias, mean, var)
     ctx.training, ctx.eps, ctx.activation, ctx.backend = training, eps, activation, backend
     ctx.has_residual = residual is not None
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
-    input, out, residual, weight, bias, mean, var = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_gate):
+    input, out, gate, residual, weight, bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     need_r = ctx.has_residual and needs[1]
     # Without an activation grad_residual is grad_out itself (as for eager's add): handing it back
@@ -312,7 +337,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     mask = [needs[0], need_r and ctx.activation != "", weight is not None and needs[4],
             bias is not None and needs[5]]
     gx, gr, gw, gb = batch_norm_residual_backward_op(
-        grad_out, out, input, residual, weight, bias, mean, var, ctx.eps, ctx.training, ctx.activation, mask,
+        grad_out, out, gate, input, residual, weight, bias, mean, var, ctx.eps, ctx.training, ctx.activation, mask,
         ctx.backend)
     if need_r and not mask[1]:
         gr = grad_out

@@ -242,10 +242,13 @@ def _build_batchnorm(case: Case, dtype, device, gen) -> Problem:
     # training the statistics read x first, and the apply's second read can come from cache (the
     # C++ NCS kernels run both passes by groups of channels, so, on small planes, and their backward
     # where a tensor is past half the LLC). Backward: read
-    # grad_y and x (and with an activation y or the residual for its derivative), write grad_x and,
-    # with an activation and a residual, grad_residual = dz (without one it is grad_y itself).
+    # grad_y and x (and for silu the residual or y, for its derivative), write grad_x and, with an
+    # activation and a residual, grad_residual = dz (without one it is grad_y itself). Relu's derivative
+    # needs one bit an element: written by the training forward, read by the backward (the C++ relu
+    # gate; the output itself in evaluation, where the forward writes none).
     fwd = t * (2 + has_res)
-    bwd = 3 * t + t * (act is not None) + t * (act is not None and has_res)
+    gate = t // 32 * 2 if training else t
+    bwd = 3 * t + {None: 0, "relu": gate, "silu": t}[act] + t * (act is not None and has_res)
     return Problem([x, r, rm, rv, w, b], eager, dl, fwd + (case.passes == "fwd+bwd") * bwd,
                    n * c * h * h * (8 if training else 4), grad_args=(0, 1, 4, 5) if has_res else (0, 4, 5),
                    state_args=(2, 3) if training else ())
