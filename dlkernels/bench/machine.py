@@ -79,6 +79,16 @@ def cpu_isa(info: dict[str, str] | None = None) -> str:
     return "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else ""
 
 
+def amd_core(family: int, model: int) -> str:
+    """The Zen generation of an AMD x86 family/model ("" if unknown): VMs name a Zen3, a Zen4 and a
+    Zen5 all "AMD EPYC", and the last two both have AVX-512 (Zen4 at half the FMA width)."""
+    if family == 23:
+        return "zen2" if model >= 0x30 else "zen"
+    if family == 25:
+        return "zen4" if (0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF) else "zen3"
+    return "zen5" if family == 26 else ""
+
+
 def cpu_name() -> str:
     """The CPU's model name, with its x86 family/model and vector ISA where known: VMs report
     "AMD EPYC" for a Zen3 (AVX2) and a Zen5 (AVX-512) alike, and their results differ."""
@@ -115,7 +125,10 @@ class MachineInfo:
         """Directory name under benchmarks/results/ for this machine."""
         name = self.device_name if self.device == "cuda" else re.sub(r"\s*\((?!R\)|TM\)).*\)$", "", self.cpu)
         name = re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*$|\d+-Core", "", name)
-        if self.device != "cuda":  # one folder per ISA: same-named VMs differ (see cpu_name)
+        if self.device != "cuda":  # one folder per core and ISA: same-named VMs differ (see cpu_name)
+            fm = re.search(r"family (\d+) model (\d+)", self.cpu)
+            core = amd_core(int(fm[1]), int(fm[2])) if fm and "AMD" in self.cpu else ""
+            name += f" {core}" if core else ""
             name += " avx512" if "AVX-512" in self.cpu else " avx2" if "AVX2" in self.cpu else ""
         return f"{self.device}-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown")
 
