@@ -189,10 +189,12 @@ struct NoPrep {
 // beside y (1/32 of y's bytes) so that the backward, which reads the gate in both its passes, streams
 // the bits instead of y: a relu training step moves ~10 tensors instead of 11 (channels-last) or 7
 // instead of 8 (NCS by channel groups). Relu with a residual, forward + backward, all gradients, two
-// threads, Zen5 at 23-30 GB/s copy, both builds interleaved in one process (11 pairs, median): the
-// backward 0.81-0.95x in channels-last, the forward 1.00-1.11x (the packing), the step 0.94-1.00x
-// (32x256x56x56 0.94, 32x512x28x28 0.96, 32x1024x14x14 1.00, 32x2048x7x7 0.97, 8x128x75x75 0.96,
-// 8x728x19x19 0.95); NCS 0.97-1.01x. kGatePad: bytes past the last bit the readers may load (8-byte words).
+// threads, Zen4, both builds interleaved in one process (11 pairs, median): the backward 0.81-0.95x
+// channels-last, 0.85-0.99x NCS; the forward 1.00-1.11x (the packing); the step 0.94-1.00x
+// channels-last (32x256x56x56 0.94, 32x512x28x28 0.96, 32x1024x14x14 1.00, 32x2048x7x7 0.97,
+// 8x128x75x75 0.96, 8x728x19x19 0.95), 0.97-1.01x NCS (7x7 planes: their short blocks' edge bytes
+// and packing cost the forward ~18 %, which the backward wins back).
+// kGatePad: bytes past the last bit the readers may load (8-byte words).
 constexpr int64_t kGatePad = 8;
 inline int64_t gate_bytes(int64_t elements) { return (elements + 7) / 8 + kGatePad; }
 
@@ -230,10 +232,8 @@ DLK_INLINE void pack_gate_bytes(const double* v, int64_t nbytes, uint8_t* bytes)
 }
 
 // A byte of gate bits that a block shares with the neighbouring block, perhaps another thread's: its
-// bits are set after the parallel region (GateEdges::apply), so no byte is written by two threads.
-// Atomic updates in place cost more than the bits themselves where blocks are short (a locked
-// instruction waits for the block's streamed stores): 32x2048x7x7 training forward, 1.61 -> 1.91 ms
-// with the gate, two threads, Zen5.
+// bits are set after the parallel region (GateEdges::apply), so no byte is written by two threads and
+// no store needs a locked instruction (atomic updates in place measured alike).
 struct GateEdge {
   int64_t byte;
   uint8_t mine, set;  // the block's bits in the byte, and those of them that are set
@@ -741,9 +741,10 @@ void ncs_resident(const Bn3& d, PS pre_s, FS fs, MID mid, PM pre_m, FM fm, MapOu
   int64_t cg = std::clamp<int64_t>(kGroupBytes / planes, 1, ceil_div(d.C, omp_get_max_threads()));
   if (d.S <= kSmallPlane) cg = std::min(cg, std::max<int64_t>(1, RUN / d.S));  // accumulator rows within RUN
   const int64_t groups = ceil_div(d.C, cg);
-  // Runs of consecutive groups to one thread: at each n, neighbouring groups' relu gate bits share
-  // cache lines, and two threads writing them in turn made the 7x7 forward 20-29 % slower than
-  // without a gate (32x2048x7x7, two threads, Zen5; groups of 10 channels dealt one at a time).
+  // Runs of consecutive groups to one thread, so that neighbouring groups' relu gate bytes (at each n
+  // they share cache lines) are seldom written by both threads; the 32x2048x7x7 training forward,
+  // groups of 10 channels, two threads, Zen4, took 1.70 and 1.61 ms against 1.90 and 1.74 dealt one
+  // group at a time (no gate; two runs, interleaved).
   const int64_t chunk = std::max<int64_t>(1, groups / (8 * omp_get_max_threads()));
   GateEdges edges;
 #pragma omp parallel if (worth_threads(d.N * d.C * d.S))
@@ -756,10 +757,6 @@ void ncs_resident(const Bn3& d, PS pre_s, FS fs, MID mid, PM pre_m, FM fm, MapOu
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t c0 = g * cg, c1 = std::min(d.C, c0 + cg);
-      if (out.gate)  // the group's gate lines, one short piece at each n: fetched for writing while the sums run
-        for (int64_t n = 0; n < d.N; ++n)
-          for (int64_t q = (n * d.C + c0) * d.S / 8; q <= ((n * d.C + c1) * d.S - 1) / 8 + 63; q += 64)
-            __builtin_prefetch(out.gate + q, 1);
       channel_group_sums(d, c0, c1, pre_s, fs, w, abuf.data(), bbuf.data(), sa.data(), sb.data(), ahead_s);
       mid(c0, c1, sa.data(), sb.data());
       GroupPrefetch<T> pf(d, c0, c1, ahead_m);
