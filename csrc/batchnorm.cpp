@@ -13,7 +13,9 @@
 namespace dlk {
 namespace {
 
-enum class Act { None, Relu, Silu };
+// ReluGate: relu in a backward that reads the forward's gate bits (see store_gate) instead of y; never
+// parsed from a name.
+enum class Act { None, Relu, Silu, ReluGate };
 
 Act parse_act(const std::string& a) {
   if (a.empty() || a == "none") return Act::None;
@@ -41,6 +43,7 @@ void dispatch_act(Act act, bool has_res, F&& f) {
     case Act::None: return with_res(std::integral_constant<Act, Act::None>{});
     case Act::Relu: return with_res(std::integral_constant<Act, Act::Relu>{});
     case Act::Silu: return with_res(std::integral_constant<Act, Act::Silu>{});
+    case Act::ReluGate: return with_res(std::integral_constant<Act, Act::ReluGate>{});
   }
 }
 
@@ -190,10 +193,10 @@ struct NoPrep {
 // the bits instead of y: a relu training step moves ~10 tensors instead of 11 (channels-last) or 7
 // instead of 8 (NCS by channel groups). Relu with a residual, forward + backward, all gradients, two
 // threads, Zen4, both builds interleaved in one process (11 pairs, median): the backward 0.81-0.95x
-// channels-last, 0.85-0.99x NCS; the forward 1.00-1.11x (the packing); the step 0.94-1.00x
-// channels-last (32x256x56x56 0.94, 32x512x28x28 0.96, 32x1024x14x14 1.00, 32x2048x7x7 0.97,
-// 8x128x75x75 0.96, 8x728x19x19 0.95), 0.97-1.01x NCS (7x7 planes: their short blocks' edge bytes
-// and packing cost the forward ~18 %, which the backward wins back).
+// channels-last, 0.85-0.99x NCS; the forward 1.00-1.11x (the packing); the step, two runs,
+// channels-last 0.91-1.00x (32x256x56x56 0.94/0.97, 32x512x28x28 0.96/0.94, 32x1024x14x14 1.00/0.93,
+// 32x2048x7x7 0.97/0.95, 8x128x75x75 0.96/0.94, 8x728x19x19 0.95/0.91), NCS 0.83-1.03x (on 7x7
+// planes the short blocks' edge bytes and packing cost the forward ~18 %, which the backward wins back).
 // kGatePad: bytes past the last bit the readers may load (8-byte words).
 constexpr int64_t kGatePad = 8;
 inline int64_t gate_bytes(int64_t elements) { return (elements + 7) / 8 + kGatePad; }
@@ -269,22 +272,16 @@ void store_gate(const T* v, int64_t b0, int64_t b1, uint8_t* bits, std::vector<G
   if (b1 > e) partial(e, b1);
 }
 
-// The runs' prologue for relu's gradient (see channel_map): w[k] = 1 where the element at flat offset
-// i0 + k passes the gradient, else 0, from the gate bits, or from the output y where there are none
-// (evaluation's backward: its forward wrote no gate).
+// The runs' prologue for Act::ReluGate's gradient (see channel_map): w[k] = 1 where the element at flat
+// offset i0 + k passes the gradient, else 0, from the gate bits. (Reading y through this buffer instead of
+// in the element loop, as evaluation's backward does without bits, measured up to 16 % slower.)
 template <class T>
-struct ReluGate {
+struct GatePrep {
   static constexpr bool active = true, flat = true;  // see ncs_prologue
   const uint8_t* bits;
-  const T* y;
   void operator()(int64_t i0, int64_t c, int64_t len, T* w) const { fill(i0, c, len, w); }
   void finish(T*, int64_t) const {}
   void fill(int64_t i0, int64_t, int64_t len, T* w) const {
-    if (!bits) {
-#pragma omp simd
-      for (int64_t k = 0; k < len; ++k) w[k] = y[i0 + k] <= T(0) ? T(0) : T(1);
-      return;
-    }
     for (int64_t k = 0; k < len; k += 32) {  // 32 bits at a time from an unaligned 8-byte word
       const int64_t i = i0 + k, n = std::min<int64_t>(32, len - k);
       uint64_t word;
@@ -298,17 +295,19 @@ struct ReluGate {
 
 template <Act A, class T>
 DLK_INLINE T activate(T z, T sig) {
-  if constexpr (A == Act::Relu) return z < T(0) ? T(0) : z;  // keeps NaN, as torch.relu
+  if constexpr (A == Act::Relu || A == Act::ReluGate) return z < T(0) ? T(0) : z;  // keeps NaN, as torch.relu
   else if constexpr (A == Act::Silu) return z * sig;             // sig: sigmoid(z) from SiluPrep
   else return z;
 }
 
-// grad of act at z = x*scale + shift + residual, from the prologue's w: relu's gate (ReluGate: 0 where
-// y <= 0, as PyTorch's threshold_backward masks, so a NaN output passes its gradient through; a select,
-// not a product, so an infinite gradient is masked to 0 too), silu's derivative (SiluPrep<true>).
+// grad of act at z = x*scale + shift + residual: relu masks with the output y as PyTorch's
+// threshold_backward does (y <= 0 -> 0, so a NaN output passes its gradient through), or with the
+// gate the prologue's w holds (ReluGate: the same mask from the forward's bits); a select, not a
+// product, so an infinite gradient is masked to 0 too. silu's derivative is w (SiluPrep<true>).
 template <Act A, class T>
-DLK_INLINE T act_grad(T gy, T w) {
-  if constexpr (A == Act::Relu) return w == T(0) ? T(0) : gy;
+DLK_INLINE T act_grad(T gy, T y, T w) {
+  if constexpr (A == Act::Relu) return y <= T(0) ? T(0) : gy;
+  else if constexpr (A == Act::ReluGate) return w == T(0) ? T(0) : gy;
   else if constexpr (A == Act::Silu) return gy * w;
   else return gy;
 }
@@ -933,7 +932,7 @@ void forward_train_resident(const Bn3& d, const T* x, const T* r, const T* wt, c
 }
 
 // The per-element pieces both backward passes share.
-// relu's gradient reads its gate from gate (the forward's bits) or else from y.
+// gate: the forward's relu gate bits, for Act::ReluGate.
 template <class T>
 struct BwdInputs {
   const T *gy, *y, *x, *r, *mean, *invstd, *scale, *shift;
@@ -942,7 +941,7 @@ struct BwdInputs {
 
 template <Act A, bool RES, class T>
 DLK_INLINE T dz_at(const BwdInputs<T>& b, int64_t i, T wk) {
-  return act_grad<A>(b.gy[i], wk);
+  return act_grad<A>(b.gy[i], A == Act::Relu ? b.y[i] : T(0), wk);
 }
 
 // Runs loop(pre) with the prologue act_grad's w comes from: silu's derivative, relu's gate, or none.
@@ -950,17 +949,17 @@ template <Act A, bool RES, class T, class L>
 DLK_INLINE void with_bwd_prep(const BwdInputs<T>& b, int64_t C, L loop) {
   if constexpr (A == Act::Silu)
     loop(SiluPrep<true, RES, T>{b.x, b.scale, b.shift, b.r, C});
-  else if constexpr (A == Act::Relu)
-    loop(ReluGate<T>{b.gate, b.y});
+  else if constexpr (A == Act::ReluGate)
+    loop(GatePrep<T>{b.gate});
   else
     loop(NoPrep{});
 }
 
-// The third array the backward's passes stream besides grad_y and x: y for relu without gate bits, the
-// residual for silu, none otherwise (prefetched as Ahead's third).
+// The third array the backward's passes stream besides grad_y and x: y for relu, the residual for silu,
+// none otherwise (prefetched as Ahead's third).
 template <class T>
 const T* bwd_third(const BwdInputs<T>& b, Act act) {
-  return act == Act::Relu && !b.gate ? b.y : act == Act::Silu ? b.r : nullptr;
+  return act == Act::Relu ? b.y : act == Act::Silu ? b.r : nullptr;
 }
 
 // Per-channel sums of dz and dz * (x - mean) in double (sa, sb), and dz itself into dzo unless null.
@@ -1158,7 +1157,7 @@ void py_backward(const py::array& gy3, const py::object& y3, const py::object& g
                  const py::object& sum_dz, const py::object& sum_dz_xhat, const py::object& gx3,
                  const py::object& gr3, bool cl) {
   const Bn3 d = dims_of(x3, cl);
-  const Act act = parse_act(activation);
+  const Act named = parse_act(activation);
   dispatch_float(x3, "bn_backward", [&](auto tag) {
     using T = decltype(tag);
     const T* gy = in3<T>(gy3, "grad_y3", d);
@@ -1171,8 +1170,9 @@ void py_backward(const py::array& gy3, const py::object& y3, const py::object& g
     T* o_dzx = out_vec_opt<T>(sum_dz_xhat, "sum_dz_xhat", d);
     T* gx = out3_opt<T>(gx3, "grad_x3", d);
     T* gr = out3_opt<T>(gr3, "grad_residual3", d);
-    const uint8_t* gate = gate_arg(gate3, d, act);
-    require(act != Act::Relu || y || gate, "bn_backward: relu needs y3 or its gate");
+    const uint8_t* gate = gate_arg(gate3, d, named);
+    require(named != Act::Relu || y || gate, "bn_backward: relu needs y3 or its gate");
+    const Act act = gate ? Act::ReluGate : named;
     require((o_dz == nullptr) == (o_dzx == nullptr), "bn_backward: sum_dz and sum_dz_xhat go together");
     require(!(training && gx) || o_dz, "bn_backward: grad_x3 in training needs the sums");
     py::gil_scoped_release nogil;
