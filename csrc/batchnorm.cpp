@@ -196,7 +196,8 @@ struct NoPrep {
 // channels-last, 0.85-0.99x NCS; the forward 1.00-1.11x (the packing); the step, two runs,
 // channels-last 0.91-1.00x (32x256x56x56 0.94/0.97, 32x512x28x28 0.96/0.94, 32x1024x14x14 1.00/0.93,
 // 32x2048x7x7 0.97/0.95, 8x128x75x75 0.96/0.94, 8x728x19x19 0.95/0.91), NCS 0.83-1.03x (on 7x7
-// planes the short blocks' edge bytes and packing cost the forward ~18 %, which the backward wins back).
+// planes the short blocks' edge bytes and packing cost the forward 20-30 %, which the backward about
+// wins back).
 // kGatePad: bytes past the last bit the readers may load (8-byte words).
 constexpr int64_t kGatePad = 8;
 inline int64_t gate_bytes(int64_t elements) { return (elements + 7) / 8 + kGatePad; }
