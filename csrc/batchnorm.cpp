@@ -202,6 +202,16 @@ struct NoPrep {
 constexpr int64_t kGatePad = 8;
 inline int64_t gate_bytes(int64_t elements) { return (elements + 7) / 8 + kGatePad; }
 
+// bytes[j] = the gate bits of v[8j, 8j + 8) for j in [j0, nbytes): the scalar form of the packing.
+template <class T>
+DLK_INLINE void pack_gate_bytes_scalar(const T* v, int64_t j0, int64_t nbytes, uint8_t* bytes) {
+  for (int64_t j = j0; j < nbytes; ++j) {
+    uint8_t b = 0;
+    for (int k = 0; k < 8; ++k) b |= static_cast<uint8_t>(!(v[8 * j + k] <= T(0))) << k;
+    bytes[j] = b;
+  }
+}
+
 // bytes[j] = the gate bits of v[8j, 8j + 8), j < nbytes.
 DLK_INLINE void pack_gate_bytes(const float* v, int64_t nbytes, uint8_t* bytes) {
   int64_t j = 0;
@@ -221,18 +231,10 @@ DLK_INLINE void pack_gate_bytes(const float* v, int64_t nbytes, uint8_t* bytes) 
   for (; j < nbytes; ++j)
     bytes[j] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + 8 * j), zero, _CMP_NLE_UQ)));
 #endif
-  for (; j < nbytes; ++j) {
-    uint8_t b = 0;
-    for (int k = 0; k < 8; ++k) b |= static_cast<uint8_t>(!(v[8 * j + k] <= 0.0f)) << k;
-    bytes[j] = b;
-  }
+  pack_gate_bytes_scalar(v, j, nbytes, bytes);
 }
 DLK_INLINE void pack_gate_bytes(const double* v, int64_t nbytes, uint8_t* bytes) {
-  for (int64_t j = 0; j < nbytes; ++j) {
-    uint8_t b = 0;
-    for (int k = 0; k < 8; ++k) b |= static_cast<uint8_t>(!(v[8 * j + k] <= 0.0)) << k;
-    bytes[j] = b;
-  }
+  pack_gate_bytes_scalar(v, 0, nbytes, bytes);
 }
 
 // A byte of gate bits that a block shares with the neighbouring block, perhaps another thread's: its
@@ -246,7 +248,8 @@ class GateEdges {
   std::vector<std::vector<GateEdge>> per_thread_;
 
  public:
-  GateEdges() : per_thread_(omp_get_max_threads()) {}
+  // used: whether the pass writes a gate (else nothing is allocated: every batch norm pass makes one)
+  explicit GateEdges(bool used) : per_thread_(used ? omp_get_max_threads() : 0) {}
   std::vector<GateEdge>& mine() { return per_thread_[omp_get_thread_num()]; }
   void apply(uint8_t* bits) const {
     for (const auto& edges : per_thread_)
@@ -652,7 +655,7 @@ void channel_map(const Bn3& d, P pre, F f, MapOut<T> out) {
   if (total == 0) return;
   const int64_t rb = d.cl ? cl_group_rows(d.C) : 0;  // channels-last: rows per block
   const int64_t blocks = ceil_div(total, d.cl ? rb * d.C : RUN);
-  GateEdges edges;
+  GateEdges edges(out.gate != nullptr);
 #pragma omp parallel if (worth_threads(total))
   {
     const int64_t blk_len = d.cl ? rb * d.C : RUN;
@@ -746,7 +749,7 @@ void ncs_resident(const Bn3& d, PS pre_s, FS fs, MID mid, PM pre_m, FM fm, MapOu
   // groups of 10 channels, two threads, Zen4, took 1.70 and 1.61 ms against 1.90 and 1.74 dealt one
   // group at a time (no gate; two runs, interleaved).
   const int64_t chunk = std::max<int64_t>(1, groups / (8 * omp_get_max_threads()));
-  GateEdges edges;
+  GateEdges edges(out.gate != nullptr);
 #pragma omp parallel if (worth_threads(d.N * d.C * d.S))
   {
     const bool small = d.S <= kSmallPlane;

@@ -137,7 +137,7 @@ def test_separable_cpp_fused_on_small_planes(backend, dtype, case, channels_last
     depthwise pass then one GEMM); its row-block fused kernel still takes any plane given to it (the
     cases above at 12x12 or fewer reach it here; NCHW always runs as image blocks)."""
     from dlkernels.separable import cpp_impl
-    monkeypatch.setattr(cpp_impl, "TWO_PASS_MAX_PIXELS", 0)
+    monkeypatch.setattr(cpp_impl, "IMAGE_BLOCK_MAX_PIXELS", 0)
     test_separable(backend, dtype, case, channels_last)
 
 

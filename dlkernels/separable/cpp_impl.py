@@ -9,12 +9,12 @@ from ..depthwise.cpp_impl import is_channels_last, new_output
 # Channels_last planes of up to this many output pixels (12x12) run as blocks of whole images, the
 # depthwise pass then one GEMM (csrc/separable.cpp, fwd_image_blocks: measurements there); NCHW
 # always does.
-TWO_PASS_MAX_PIXELS = 144
+IMAGE_BLOCK_MAX_PIXELS = 144
 
 
 def separable_fwd(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
     cl = is_channels_last(x)
     y = new_output(x, (x.shape[0], pw_weight.shape[0], *out_hw), cl)
     _C.separable_fwd(np_view(x), np_view(dw_weight), np_view(pw_weight), np_view(bias), np_view(y),
-                     *stride, *pad, *dilation, cl, TWO_PASS_MAX_PIXELS)
+                     *stride, *pad, *dilation, cl, IMAGE_BLOCK_MAX_PIXELS)
     return y
