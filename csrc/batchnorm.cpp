@@ -418,10 +418,11 @@ void fold_rows(const Bn3& d, int64_t nc, T* A, T* B, double* acc_a, double* acc_
 // Per-channel sums of two per-element values: f(i, c, wk, a, b) sets a and b for the element at flat
 // offset i in channel c. Short runs are summed in T (vectorized), runs are accumulated per thread in
 // double, threads merged at the end in a fixed order: accurate for large N*S and deterministic.
-// ahead (channels-last): the arrays f reads (up to three). Rows are then summed four at a time (the
-// prologue filled first for ~RUN elements of whole rows) and those arrays prefetched kSumsAhead bytes
-// ahead. Row by row, every element's two partial sums went through an L1 load and store (pa, pb), and
-// the pass read DRAM at a third of the NCS pass's rate.
+// ahead (channels-last): the arrays f reads (up to three); how the rows are then walked depends on
+// the CPU (cl_sums_walk). Four rows a step (the prologue filled first for ~RUN elements of whole
+// rows), those arrays prefetched kSumsAhead bytes ahead: on the Zen5, row by row, every element's two
+// partial sums went through an L1 load and store (pa, pb), and the pass read DRAM at a third of the
+// NCS pass's rate.
 // Statistics pass, two threads, interleaved, input from DRAM (Zen5): 8x128x75x75 0.59 -> 0.50 ms
 // (NCS 0.55), 32x256x56x56 2.48 -> 2.26 (NCS 2.33), 8x728x19x19 0.227 -> 0.195; in an earlier run
 // on the same machine 0.92 -> 0.50 and 3.61 -> 2.29. Four rows without the prefetch were no faster
@@ -430,6 +431,29 @@ void fold_rows(const Bn3& d, int64_t nc, T* A, T* B, double* acc_a, double* acc_
 // prefetched (8x128x75x75, interleaved, copy 69-78 GB/s: three 1.63 ms, the first two 1.78, one
 // 1.88, none 2.57), and 4 to 32 KiB ahead measured alike there too (at 44 GB/s, also 32x256x56x56).
 constexpr int64_t kSumsAhead = 8192;
+// How channel_sums2 walks channels-last rows (named: the caller named its arrays in Ahead): four rows a
+// step or one, the named arrays prefetched or not. On AMD family 19h the Zen4 measured the opposite of
+// the Zen5 (two threads, interleaved in one process, copy at 50-65 GB/s, float32, the old walk first):
+// four rows interleave four streams an array, and those rows at most a page apart ran at half the
+// sequential rate, the prefetch no help (it cost a little more); rows one at a time, no prefetch,
+// where a row is 256 B to 4 KiB: reduce pass 8x128x75x75 2.26 -> 1.49 ms, 32x256x56x56 8.29 -> 5.92,
+// 32x512x28x28 3.91 -> 2.03, 32x1024x14x14 1.60 -> 1.25 (relu with its gate 13.3 -> 7.5 at 56x56;
+// one thread 8x128x75x75 4.66 -> 2.07, the NCS pass's time); whole backward 4.34 -> 3.51,
+// 15.8 -> 13.3, 7.00 -> 5.31; the forward 3-10 % faster. Shorter rows (16 to 48 channels) lose to the
+// per-row loop's cost, longer ones (1536, 2048 channels: the two accumulator rows no longer stay in L1
+// beside the rows streaming through) run faster four at a time: 8x2048x28x28 reduce 3.72 (four rows,
+// prefetched) 4.32 (one) 2.96 (four, not prefetched). Tensors the LLC holds (8x1024x10x10) measured
+// alike either way. The Zen3, same family, is unmeasured.
+struct ClSumsWalk {
+  bool four_rows, prefetch;
+};
+template <class T>
+ClSumsWalk cl_sums_walk(int64_t C, bool named) {
+  if (!named) return {false, false};
+  if (!amd_family_19h()) return {true, true};
+  const int64_t row = C * static_cast<int64_t>(sizeof(T));
+  return {row < 256 || row > 4096, false};
+}
 template <class T>
 struct Ahead {
   const T* p[3] = {nullptr, nullptr, nullptr};
@@ -564,6 +588,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, Ahead
     const int64_t rows = d.N * d.S, rb = std::max<int64_t>(1, std::min<int64_t>(RUN, 65536 / d.C + 1));
     const int64_t bytes = rows * d.C * static_cast<int64_t>(sizeof(T));  // ahead's extent
     const int64_t blocks = ceil_div(rows, rb);
+    const ClSumsWalk walk = cl_sums_walk<T>(d.C, ahead.any());
 #pragma omp parallel if (worth_threads(d.N * d.C * d.S))
     {
       // rows per prologue run: about RUN elements, in whole fours for the four-row sums
@@ -582,14 +607,14 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, Ahead
           const int64_t g = std::min(G, r1 - r), i0 = r * C;
           pre(i0, int64_t(-1), g * C, w);
           int64_t q = 0;
-          if (ahead.any())
+          if (walk.four_rows)
             for (; q + 4 <= g; q += 4) {
               const int64_t j0 = i0 + q * C;
               const T* wq = w + q * C;
               const int64_t b0 = j0 * static_cast<int64_t>(sizeof(T)) + kSumsAhead;
               const int64_t b1 = std::min(bytes, b0 + 4 * C * static_cast<int64_t>(sizeof(T)));
               for (const T* a : ahead.p)
-                if (a)
+                if (a && walk.prefetch)
                   for (int64_t o = b0; o < b1; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(a) + o);
 #pragma omp simd
               for (int64_t k = 0; k < C; ++k) {
