@@ -244,13 +244,18 @@ using WideKernel = SimdKernel<T, 4, 3>;
 template <class T>
 inline bool wide_tile(int64_t N) { return N > 2 * Vec<T>::W && N <= 3 * Vec<T>::W; }
 
-#if defined(__AVX512F__)
-// store_tile in masked vectors where AVX-512 has them (same operation order): the columns of a tile
+#else
+template <class T>
+using FastKernel = PortableKernel<T>;
+#endif
+
+// store_tile, in masked vectors where AVX-512 has them (same operation order): the columns of a tile
 // across two matrices of a batch (ColRuns), which go out through it every K slice; on 2x2-7x7
 // planes most tiles do. 32x2048x4x4 -> 512 NCHW 1x1, two threads: 2.83 -> 2.66 ms, 64x512x5x5 ->
 // 512 2.28 -> 2.08.
 template <class T>
 inline void store_columns(const T* tile, int64_t ldt, int mv, int nv, T* c, int64_t ldc, const Epilogue<T>& e) {
+#if defined(__AVX512F__)
   using S = Vec<T>;
   using V = typename S::V;
   for (int r = 0; r < mv; ++r) {
@@ -277,20 +282,10 @@ inline void store_columns(const T* tile, int64_t ldt, int mv, int nv, T* c, int6
         _mm512_mask_storeu_pd(cr + j, static_cast<__mmask8>(m), x);
     }
   }
-}
-#define DLK_MASKED_STORE 1
-#endif
 #else
-template <class T>
-using FastKernel = PortableKernel<T>;
-#endif
-
-#ifndef DLK_MASKED_STORE
-template <class T>
-inline void store_columns(const T* tile, int64_t ldt, int mv, int nv, T* c, int64_t ldc, const Epilogue<T>& e) {
   store_tile(tile, ldt, mv, nv, c, ldc, e);
-}
 #endif
+}
 
 // Cache blocking. KC: an NR x KC micro-panel of B (16 KiB for 6x16 float) stays in the 32 KiB L1
 // beside the streaming A panel. MC: the MC x KC block of A (144 KiB) sits in a 512 KiB+ L2 with
@@ -322,45 +317,45 @@ void pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out) 
   }
 }
 
+// Columns [u, u + seg) of one packed panel (kc steps of NR values) from seg columns of B at bs: rows
+// by memcpy where columns are contiguous (NR at a time a fixed-size copy), each column read
+// contiguously where B is transposed (rs == 1).
+template <int NR, class T>
+DLK_INLINE void pack_panel_columns(const T* bs, int64_t rs, int64_t cs, int64_t kc, int u, int seg, T* o) {
+  if (cs == 1 && seg == NR) {
+    for (int64_t p = 0; p < kc; ++p) std::memcpy(o + p * NR, bs + p * rs, sizeof(T) * NR);
+  } else if (cs == 1) {
+    for (int64_t p = 0; p < kc; ++p) std::memcpy(o + p * NR + u, bs + p * rs, sizeof(T) * seg);
+  } else if (rs == 1) {
+    for (int c = 0; c < seg; ++c)
+      for (int64_t p = 0; p < kc; ++p) o[p * NR + u + c] = bs[c * cs + p];
+  } else {
+    for (int64_t p = 0; p < kc; ++p)
+      for (int c = 0; c < seg; ++c) o[p * NR + u + c] = bs[c * cs + p * rs];
+  }
+}
+
 // Panels [q0, q1) of the kc x nc block of B -> each kc steps of NR column values; columns past nc
 // are 0. Panel q lands at out + q * kc * NR. The block's column j is column g0 + j of the whole
-// (runs: see ColRuns; b is then column 0's address).
+// (runs: see ColRuns; b is then column 0's address): a panel across matrices of the batch takes each
+// matrix's columns as a run of their own.
 template <int NR, class T>
 void pack_b(int64_t q0, int64_t q1, int64_t nc, int64_t kc, const T* b, int64_t rs, int64_t cs, T* out,
             const ColRuns& runs = {}, int64_t g0 = 0) {
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t j = q * NR;
     const int nr = static_cast<int>(std::min<int64_t>(NR, nc - j));
-    const T* bj = b + runs.at(g0 + j, cs);
     T* o = out + q * kc * NR;
-    if (!runs.whole(g0 + j, nr)) {
-      // a panel across matrices of the batch: each matrix's columns as a block of their own
-      for (int u = 0; u < NR;) {
-        if (u >= nr) {
-          for (int64_t p = 0; p < kc; ++p)
-            for (int c = u; c < NR; ++c) o[p * NR + c] = T(0);
-          break;
-        }
-        const int seg = static_cast<int>(std::min<int64_t>(nr - u, runs.len - (g0 + j + u) % runs.len));
-        const T* bs = b + runs.at(g0 + j + u, cs);
-        if (cs == 1) {
-          for (int64_t p = 0; p < kc; ++p) std::memcpy(o + p * NR + u, bs + p * rs, sizeof(T) * seg);
-        } else {
-          for (int c = 0; c < seg; ++c)
-            for (int64_t p = 0; p < kc; ++p) o[p * NR + u + c] = bs[c * cs + p * rs];
-        }
-        u += seg;
-      }
-    } else if (nr == NR && cs == 1) {
-      for (int64_t p = 0; p < kc; ++p) std::memcpy(o + p * NR, bj + p * rs, sizeof(T) * NR);
-    } else if (nr == NR && rs == 1) {
-      // a transposed B: read each column contiguously
-      for (int c = 0; c < NR; ++c)
-        for (int64_t p = 0; p < kc; ++p) o[p * NR + c] = bj[c * cs + p];
-    } else {
-      for (int64_t p = 0; p < kc; ++p)
-        for (int c = 0; c < NR; ++c) o[p * NR + c] = c < nr ? bj[c * cs + p * rs] : T(0);
+    for (int u = 0; u < nr;) {
+      const int seg = runs.whole(g0 + j + u, nr - u)
+                          ? nr - u
+                          : static_cast<int>(runs.len - (g0 + j + u) % runs.len);
+      pack_panel_columns<NR>(b + runs.at(g0 + j + u, cs), rs, cs, kc, u, seg, o);
+      u += seg;
     }
+    if (nr < NR)
+      for (int64_t p = 0; p < kc; ++p)
+        for (int c = nr; c < NR; ++c) o[p * NR + c] = T(0);
   }
 }
 
