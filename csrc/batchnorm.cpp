@@ -657,6 +657,32 @@ struct MapOut {
   uint8_t* gate = nullptr;
 };
 
+// A thread's side of a MapOut, for blocks of up to len elements: where a run's values go (a(b0, i),
+// b(b0, i): flat offset i of the block starting at b0, in the block's buffers when streamed, else in
+// place; b is a's when there is no second output), and the end of each block (finish: its gate bits,
+// then its buffers streamed out) and of the thread's blocks (done).
+template <class T>
+class MapBlock {
+  const MapOut<T>& out_;
+  std::vector<T> abuf_, bbuf_;
+
+ public:
+  MapBlock(const MapOut<T>& out, int64_t len)
+      : out_(out), abuf_(out.stream ? len : 0), bbuf_(out.stream && out.b ? len : 0) {}
+  T* a(int64_t b0, int64_t i) { return out_.stream ? abuf_.data() + (i - b0) : out_.a + i; }
+  T* b(int64_t b0, int64_t i) { return !out_.b ? a(b0, i) : out_.stream ? bbuf_.data() + (i - b0) : out_.b + i; }
+  void finish(int64_t b0, int64_t b1, GateEdges& edges) {
+    if (out_.gate) store_gate(out_.stream ? abuf_.data() : out_.a + b0, b0, b1, out_.gate, edges.mine());
+    if (out_.stream) {
+      stream_copy(out_.a + b0, abuf_.data(), b1 - b0);
+      if (out_.b) stream_copy(out_.b + b0, bbuf_.data(), b1 - b0);
+    }
+  }
+  void done() const {
+    if (out_.stream) stream_fence();
+  }
+};
+
 // Whether a pass over `arrays` arrays of d's size (inputs and outputs) streams its outputs (MapOut).
 template <class T>
 bool streams(const Bn3& d, int arrays) {
@@ -684,16 +710,16 @@ void channel_map(const Bn3& d, P pre, F f, MapOut<T> out) {
 #pragma omp parallel if (worth_threads(total))
   {
     const int64_t blk_len = d.cl ? rb * d.C : RUN;
-    std::vector<T> wbuf(d.cl ? blk_len : RUN), abuf(out.stream ? blk_len : 0), bbuf(out.stream && out.b ? blk_len : 0);
+    std::vector<T> wbuf(d.cl ? blk_len : RUN);
+    MapBlock<T> dst(out, blk_len);
     T* w = wbuf.data();
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t b0 = blk * blk_len, b1 = std::min(total, b0 + blk_len);
-      // one run [i0, i0 + len), its prologue values at wr: its values go to the outputs, or to the
-      // block's buffers
+      // one run [i0, i0 + len), its prologue values at wr, its values into dst's places
       auto map_run = [&](int64_t i0, int64_t c, int64_t len, const T* wr) {
-        T* oa = out.stream ? abuf.data() + (i0 - b0) : out.a + i0;
-        T* ob = !out.b ? oa : out.stream ? bbuf.data() + (i0 - b0) : out.b + i0;  // (unwritten without b)
+        T* oa = dst.a(b0, i0);
+        T* ob = dst.b(b0, i0);  // (unwritten without b)
         if (c >= 0) {
           map_run_ncs(f, i0, c, len, wr, oa, ob);
         } else {
@@ -710,13 +736,9 @@ void channel_map(const Bn3& d, P pre, F f, MapOut<T> out) {
         pre(b0, int64_t(-1), b1 - b0, w);  // the block's rows, one run
         map_run(b0, int64_t(-1), b1 - b0, w);
       }
-      if (out.gate) store_gate(out.stream ? abuf.data() : out.a + b0, b0, b1, out.gate, edges.mine());
-      if (out.stream) {
-        stream_copy(out.a + b0, abuf.data(), b1 - b0);
-        if (out.b) stream_copy(out.b + b0, bbuf.data(), b1 - b0);
-      }
+      dst.finish(b0, b1, edges);
     }
-    if (out.stream) stream_fence();
+    dst.done();
   }
   if (out.gate) edges.apply(out.gate);
 }
@@ -779,7 +801,7 @@ void ncs_resident(const Bn3& d, PS pre_s, FS fs, MID mid, PM pre_m, FM fm, MapOu
   {
     const bool small = d.S <= kSmallPlane;
     std::vector<T> wbuf(RUN), abuf(small ? cg * d.S : 0), bbuf(small ? cg * d.S : 0);
-    std::vector<T> oabuf(out.stream ? RUN : 0), obbuf(out.stream && out.b ? RUN : 0);
+    MapBlock<T> dst(out, RUN);
     std::vector<double> sa(cg), sb(cg);
     T* w = wbuf.data();
 #pragma omp for schedule(dynamic, chunk)
@@ -790,18 +812,12 @@ void ncs_resident(const Bn3& d, PS pre_s, FS fs, MID mid, PM pre_m, FM fm, MapOu
       GroupPrefetch<T> pf(d, c0, c1, ahead_m);
       group_blocks(d, c0, c1, pf, pre_m, w, [&](int64_t b0, int64_t b1) {
         ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) {
-          T* oa = out.stream ? oabuf.data() + (i0 - b0) : out.a + i0;
-          T* ob = !out.b ? oa : out.stream ? obbuf.data() + (i0 - b0) : out.b + i0;
-          map_run_ncs(fm, i0, c, len, w + (i0 - b0), oa, ob);
+          map_run_ncs(fm, i0, c, len, w + (i0 - b0), dst.a(b0, i0), dst.b(b0, i0));
         });
-        if (out.gate) store_gate(out.stream ? oabuf.data() : out.a + b0, b0, b1, out.gate, edges.mine());
-        if (out.stream) {
-          stream_copy(out.a + b0, oabuf.data(), b1 - b0);
-          if (out.b) stream_copy(out.b + b0, obbuf.data(), b1 - b0);
-        }
+        dst.finish(b0, b1, edges);
       });
     }
-    if (out.stream) stream_fence();
+    dst.done();
   }
   if (out.gate) edges.apply(out.gate);
 }
