@@ -1145,8 +1145,8 @@ uint8_t* gate_arg(const py::object& g, const Bn3& d, Act act) {
   py::array a = g.cast<py::array>();
   require(a.dtype().is(py::dtype::of<uint8_t>()) && a.ndim() == 1 && (a.shape(0) <= 1 || a.strides(0) == 1),
           "relu_gate: a contiguous 1-D uint8 array expected");
-  require(a.shape(0) >= gate_bytes(d.N * d.C * d.S),
-          "relu_gate: " + std::to_string(a.shape(0)) + " bytes, expected " + std::to_string(gate_bytes(d.N * d.C * d.S)));
+  require(a.shape(0) >= gate_bytes(d.N * d.C * d.S), "relu_gate: ", a.shape(0), " bytes, expected ",
+          gate_bytes(d.N * d.C * d.S));
   require(a.writeable(), "relu_gate: read-only array");
   return static_cast<uint8_t*>(a.mutable_data());
 }

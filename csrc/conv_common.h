@@ -27,31 +27,39 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 // of size > 1 (a size-1 dimension's stride never moves an index, so any value there is harmless).
 // The strides passed are those of a dense layout of `shape`, so every index the kernels form from
 // `shape` stays inside the buffer.
+// Sizes or element strides of an array of up to 4 dimensions, held in place (check_dense runs on every
+// array of every call: no heap).
+struct Dims {
+  int64_t v[4] = {};
+  size_t n = 0;
+  Dims(std::initializer_list<int64_t> l) : n(l.size()) { std::copy(l.begin(), l.begin() + std::min<size_t>(n, 4), v); }
+  size_t size() const { return n; }
+  int64_t operator[](size_t d) const { return v[d]; }
+};
+
 template <class T>
-void check_dense(const py::array& a, const char* name, const std::vector<int64_t>& shape,
-                 const std::vector<int64_t>& strides, bool writable) {
-  std::string n(name);
-  require(a.dtype().is(py::dtype::of<T>()), n + ": dtype differs from the input's (float32 or float64 expected)");
-  require(a.ndim() == static_cast<py::ssize_t>(shape.size()),
-          n + ": expected " + std::to_string(shape.size()) + " dimensions, got " + std::to_string(a.ndim()));
+void check_dense(const py::array& a, const char* name, const Dims& shape, const Dims& strides, bool writable) {
+  require(shape.size() <= 4 && strides.size() == shape.size(), name, ": check_dense takes up to 4 dimensions");
+  require(a.dtype().is(py::dtype::of<T>()), name, ": dtype differs from the input's (float32 or float64 expected)");
+  require(a.ndim() == static_cast<py::ssize_t>(shape.size()), name, ": expected ", shape.size(), " dimensions, got ",
+          a.ndim());
   for (size_t d = 0; d < shape.size(); ++d) {
-    require(a.shape(d) == shape[d], n + ": size of dimension " + std::to_string(d) + " is " +
-                                        std::to_string(a.shape(d)) + ", expected " + std::to_string(shape[d]));
-    require(shape[d] <= 1 || elem_stride(a, static_cast<int>(d)) == strides[d],
-            n + ": not laid out as expected (stride of dimension " + std::to_string(d) + ")");
-    require(a.strides(d) % a.itemsize() == 0, n + ": misaligned strides");
+    require(a.shape(d) == shape[d], name, ": size of dimension ", d, " is ", a.shape(d), ", expected ", shape[d]);
+    require(shape[d] <= 1 || elem_stride(a, static_cast<int>(d)) == strides[d], name,
+            ": not laid out as expected (stride of dimension ", d, ")");
+    require(a.strides(d) % a.itemsize() == 0, name, ": misaligned strides");
   }
-  if (writable) require(a.writeable(), n + ": output array is read-only");
+  if (writable) require(a.writeable(), name, ": output array is read-only");
 }
 
 // Strides of an (N, C, H, W) tensor, NCHW-contiguous or channels_last-contiguous.
-inline std::vector<int64_t> strides4(int64_t C, int64_t H, int64_t W, bool channels_last) {
+inline Dims strides4(int64_t C, int64_t H, int64_t W, bool channels_last) {
   if (channels_last) return {H * W * C, 1, W * C, C};
   return {C * H * W, H * W, W, 1};
 }
 
 // Strides of an (N, C, S) view: NCS-contiguous or channels-last (contiguous (N, S, C)).
-inline std::vector<int64_t> strides3(int64_t C, int64_t S, bool channels_last) {
+inline Dims strides3(int64_t C, int64_t S, bool channels_last) {
   if (channels_last) return {S * C, 1, C};
   return {C * S, S, 1};
 }

@@ -115,13 +115,13 @@ void col2im(const T* rows, T* gx, const Im2colGeom& g, bool taps_first) {
 // arrays and the geometry, and every array is checked against it before any access.
 Im2colGeom geom_of(const py::array& x, const py::array& rows, int64_t kH, int64_t kW, int64_t sH, int64_t sW,
                    int64_t pH, int64_t pW, int64_t dH, int64_t dW, const char* op) {
-  require(x.ndim() == 4 && rows.ndim() == 2, std::string(op) + ": 4-D input and 2-D rows expected");
+  require(x.ndim() == 4 && rows.ndim() == 2, op, ": 4-D input and 2-D rows expected");
   require(kH >= 1 && kW >= 1 && sH >= 1 && sW >= 1 && dH >= 1 && dW >= 1 && pH >= 0 && pW >= 0,
-          std::string(op) + ": kernel, stride and dilation must be positive, padding not negative");
+          op, ": kernel, stride and dilation must be positive, padding not negative");
   Im2colGeom g{x.shape(0), x.shape(2), x.shape(3), x.shape(1), kH, kW, sH, sW, pH, pW, dH, dW, 0, 0};
   g.Ho = floor_div(g.H + 2 * pH - dH * (kH - 1) - 1, sH) + 1;
   g.Wo = floor_div(g.W + 2 * pW - dW * (kW - 1) - 1, sW) + 1;
-  require(g.Ho >= 1 && g.Wo >= 1, std::string(op) + ": the window is larger than the padded input");
+  require(g.Ho >= 1 && g.Wo >= 1, op, ": the window is larger than the padded input");
   return g;
 }
 

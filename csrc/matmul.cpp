@@ -970,7 +970,7 @@ std::vector<int64_t> strides_of(const py::array& a, const char* name) {
   std::vector<int64_t> s(a.ndim());
   for (int d = 0; d < a.ndim(); ++d) {
     require(a.strides(d) >= 0 && a.strides(d) % a.itemsize() == 0,
-            std::string(name) + " needs non-negative strides in whole elements");
+            name, " needs non-negative strides in whole elements");
     s[d] = elem_stride(a, d);
   }
   return s;
@@ -991,8 +991,8 @@ bool overlaps(const py::array& x, const py::array& y) {
 }
 
 void check_output(const py::array& out, const char* name) {
-  require(out.writeable(), std::string(name) + " must be writeable");
-  require((out.flags() & py::array::c_style) != 0, std::string(name) + " must be C-contiguous");
+  require(out.writeable(), name, " must be writeable");
+  require((out.flags() & py::array::c_style) != 0, name, " must be C-contiguous");
 }
 
 template <class T>
@@ -1032,7 +1032,7 @@ void mm_typed(const py::array& a, const py::array& b, const py::object& bias_obj
 // Outputs must be real numpy arrays: pybind11 would otherwise convert e.g. a list into a
 // temporary array and the results would be silently lost.
 py::array output_array(const py::object& obj, const char* name) {
-  require(py::isinstance<py::array>(obj), std::string(name) + " must be a numpy array");
+  require(py::isinstance<py::array>(obj), name, " must be a numpy array");
   return py::reinterpret_borrow<py::array>(obj);
 }
 

@@ -72,3 +72,34 @@ def test_torch_backend_is_pytorch():
 def test_compiled_c_extension_reports_isa():
     from dlkernels import _C
     assert _C.simd() in ("avx512", "avx2-fma", "scalar")
+
+
+def test_compiled_c_extension_refuses_buffers_that_do_not_match():
+    """The C++ entry points check every array they are handed against the geometry (a second fence
+    behind the Python validation; see also the im2col test in test_nn.py), with the sizes in the message."""
+    from dlkernels import _C
+    v = lambda t: t.numpy()  # noqa: E731
+    x, w, b = torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3), torch.randn(3)
+    y = torch.empty(2, 3, 5, 5)
+    _C.depthwise_fwd(v(x), v(w), v(b), v(y), 1, 1, 1, 1, 1, 1, False)  # the right buffers pass
+    x3, m, var = torch.randn(4, 3, 5), torch.randn(3), torch.rand(3) + 0.5
+    y3 = torch.empty(4, 3, 5)
+    a, bb, out = torch.randn(4, 6), torch.randn(6, 2), torch.empty(4, 2)
+    bad = [
+        (lambda: _C.depthwise_fwd(v(x), v(w), v(b), v(torch.empty(3, 3, 5, 5)), 1, 1, 1, 1, 1, 1, False),
+         "y: size of dimension 0 is 3, expected 2"),
+        (lambda: _C.depthwise_fwd(v(x), v(w), v(torch.randn(4)), v(y), 1, 1, 1, 1, 1, 1, False),
+         "bias: size of dimension 0 is 4, expected 3"),
+        (lambda: _C.depthwise_fwd(v(x), v(w), v(b), v(y), 1, 1, 1, 1, 1, 1, True), "x: not laid out"),
+        (lambda: _C.depthwise_fwd(v(x), v(w.double()), v(b), v(y), 1, 1, 1, 1, 1, 1, False), "weight: dtype"),
+        (lambda: _C.bn_apply(v(x3), None, v(m), v(var), None, None, 1e-5, "", v(torch.empty(4, 3)), False),
+         "y3: expected 3 dimensions, got 2"),
+        (lambda: _C.bn_forward_train(v(x3), None, None, None, 1e-5, "relu", v(m), v(var), v(y3),
+                                     v(torch.empty(3, dtype=torch.uint8)), False),
+         "relu_gate: 3 bytes, expected 16"),
+        (lambda: _C.mm(v(a), v(bb), None, 1, False, v(torch.empty(4, 3))), r"out must have shape \(\.\., M, N\)"),
+        (lambda: _C.mm(v(a), v(bb), None, 1, False, v(torch.empty(2, 4).t())), "out must be C-contiguous"),
+    ]
+    for call, msg in bad:
+        with pytest.raises(ValueError, match="dlkernels._C: .*" + msg):
+            call()
