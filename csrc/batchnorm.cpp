@@ -768,11 +768,23 @@ void channel_map(const Bn3& d, P pre, F f, MapOut<T> out) {
 //   second reads the LLC already serves (8x728x19x19 backward 1.05 -> 1.18 ms at 70 GB/s).
 // Per thread, the arrays a group's planes span must stay cached (kResidentBytes a channel), and the
 // channels must be enough to keep the threads evenly busy.
+// Not on AMD family 19h (Zen3/Zen4; see cl_sums_walk): on the Zen4 a group's short runs of planes
+// (a few KiB at each n, the next n a channel stride away) read DRAM so much slower than the two
+// sequential sweeps that the saved reads never paid. Two threads, interleaved in one process, inputs
+// from DRAM, relu + residual, resident -> two passes, in three runs at copy 30-40 GB/s:
+// 32x2048x7x7 forward 2.35-2.52 -> 1.94-2.02 ms, backward 3.20-3.31 -> 2.57-2.75; 8x1152x7x7 0.45 ->
+// 0.33, 0.68 -> 0.41; backward 32x1024x14x14 5.45-5.91 -> 3.41-4.13, 32x512x28x28 8.96-9.50 ->
+// 8.28-8.37, 32x256x56x56 17.2-17.5 -> 16.4-16.8, 8x128x75x75 3.91-3.99 -> 3.63-3.76 (one run at
+// 7x7 read 3.15 / 3.53 the other way). Group sizes of 256 KiB and 1 MiB instead of 64 KiB did not
+// recover the 14x14 backward (5.28, 5.38 against 5.23 and 3.97 two-pass). Later in the same session
+// the host slowed (the 14x14 forward, either way, 2.8 -> 4.5 ms), and there the two orders came out
+// closer: 14x14 backward 6.74-8.51 against 7.32-8.00 two-pass (resident ahead by 2-15 % in four runs
+// of five), 7x7 3.31-4.00 against 2.94-3.90 (two-pass ahead in three). The Zen3 is unmeasured.
 constexpr int64_t kResidentBytes = int64_t{4} << 20;
 template <class T>
 bool resident(const Bn3& d, int arrays, bool forward) {
   const int64_t bytes = d.N * d.C * d.S * static_cast<int64_t>(sizeof(T));
-  if (d.cl || d.C < 4 * static_cast<int64_t>(omp_get_max_threads()) ||
+  if (d.cl || amd_family_19h() || d.C < 4 * static_cast<int64_t>(omp_get_max_threads()) ||
       arrays * d.N * d.S * static_cast<int64_t>(sizeof(T)) > kResidentBytes)
     return false;
   return d.S <= kSmallPlane || (!forward && 2 * bytes >= llc_bytes());
