@@ -40,7 +40,7 @@ namespace py = pybind11;
 // checks that pass (a std::string per literal, std::to_string per size) cost microseconds a call.
 template <class... Parts>
 DLK_INLINE void require(bool ok, const Parts&... parts) {
-  if (__builtin_expect(!ok, 0)) [[unlikely]] {
+  if (__builtin_expect(!ok, 0)) {
     std::ostringstream msg;
     msg << "dlkernels._C: ";
     (msg << ... << parts);

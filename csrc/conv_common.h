@@ -23,10 +23,6 @@ namespace dlk {
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 
-// Checks that `a` holds T, has exactly `shape`, and that its strides are `strides` on every dimension
-// of size > 1 (a size-1 dimension's stride never moves an index, so any value there is harmless).
-// The strides passed are those of a dense layout of `shape`, so every index the kernels form from
-// `shape` stays inside the buffer.
 // Sizes or element strides of an array of up to 4 dimensions, held in place (check_dense runs on every
 // array of every call: no heap).
 struct Dims {
@@ -37,6 +33,10 @@ struct Dims {
   int64_t operator[](size_t d) const { return v[d]; }
 };
 
+// Checks that `a` holds T, has exactly `shape`, and that its strides are `strides` on every dimension
+// of size > 1 (a size-1 dimension's stride never moves an index, so any value there is harmless).
+// The strides passed are those of a dense layout of `shape`, so every index the kernels form from
+// `shape` stays inside the buffer.
 template <class T>
 void check_dense(const py::array& a, const char* name, const Dims& shape, const Dims& strides, bool writable) {
   require(shape.size() <= 4 && strides.size() == shape.size(), name, ": check_dense takes up to 4 dimensions");
