@@ -104,8 +104,7 @@ def _check_forward_backward(backend, dtype, shape, cl, with_residual, activation
 # threads, so the group and block edges fall the same on every machine; planes of 7x7 (N = 19 > 16),
 # 2 (C = 37), 11x13 and 91x91 (one channel a group).
 # The C++ backend skips that order on AMD family 19h, where it measured slower (csrc/batchnorm.cpp:
-# resident), and walks channels-last rows differently there (cl_sums_walk): DLKERNELS_AMD_FAMILY_19H
-# stands in for cpuid, so that both orders run on every machine.
+# resident): DLKERNELS_AMD_FAMILY_19H stands in for cpuid, so that both orders run on every machine.
 _GROUP_CASES = [(b, shape, family) for b in KERNEL_BACKENDS
                 for shape in [(19, 9, 7, 7), (5, 37, 2), (3, 8, 11, 13), (2, 9, 91, 91)]
                 for family in (["other", "amd19h"] if b == "cpp" else ["any"])
