@@ -87,6 +87,13 @@ T* thread_buffer(size_t count) {
   return static_cast<T*>(buf.p);
 }
 
+// A machine fact's override from the environment, read on every call (the tests set it per case):
+// the variable's value, or nullptr where it is unset or empty.
+inline const char* env_override(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v ? v : nullptr;
+}
+
 // Bytes of the last-level cache the calling CPU sees: sysfs's highest cache level, else glibc's sysconf
 // (which on the development VM reports the host's 256 MiB, not the 32 MiB the VM's L3 has), else
 // 32 MiB; or the environment's DLKERNELS_LLC_BYTES (read per call: the tests use it to reach the
@@ -111,8 +118,8 @@ inline int64_t llc_bytes() {
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
     return l3 > 0 ? static_cast<int64_t>(l3) : (int64_t{32} << 20);
   }();
-  const char* env = std::getenv("DLKERNELS_LLC_BYTES");
-  return env && *env ? std::max<int64_t>(0, std::atoll(env)) : detected;
+  const char* env = env_override("DLKERNELS_LLC_BYTES");
+  return env ? std::max<int64_t>(0, std::atoll(env)) : detected;
 }
 
 // Whether the CPU is an AMD of family 19h (Zen3, Zen4), read once from cpuid: where a kernel's best
@@ -121,8 +128,7 @@ inline int64_t llc_bytes() {
 // DLKERNELS_AMD_FAMILY_19H=0 or 1 in the environment (read per call) stands in for cpuid, so that the
 // tests run both orders on any machine.
 inline bool amd_family_19h() {
-  const char* env = std::getenv("DLKERNELS_AMD_FAMILY_19H");
-  if (env && *env) return *env != '0';
+  if (const char* env = env_override("DLKERNELS_AMD_FAMILY_19H")) return *env != '0';
 #if defined(__x86_64__) || defined(__i386__)
   static const bool is = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;

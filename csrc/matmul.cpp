@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -965,9 +966,11 @@ bool has_dtype(const py::array& a) {
   return a.dtype().is(py::dtype::of<T>());
 }
 
-// Element strides, each non-negative and a whole number of elements.
-std::vector<int64_t> strides_of(const py::array& a, const char* name) {
-  std::vector<int64_t> s(a.ndim());
+// Element strides of an array of up to 3 dimensions, each non-negative and a whole number of
+// elements (held in place: every mm call checks two arrays).
+std::array<int64_t, 3> strides_of(const py::array& a, const char* name) {
+  require(a.ndim() <= 3, name, " must have at most 3 dimensions");
+  std::array<int64_t, 3> s{};
   for (int d = 0; d < a.ndim(); ++d) {
     require(a.strides(d) >= 0 && a.strides(d) % a.itemsize() == 0,
             name, " needs non-negative strides in whole elements");
