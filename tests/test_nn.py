@@ -95,8 +95,8 @@ def test_depthwise_channels_last_and_unbatched(any_backend):
                                                      (1, 1, 1, True, (1, 1)), (4, 3, (3, 1), True, (7, 4))])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_pointwise_matches_conv2d(any_backend, cin, cout, stride, bias, hw, channels_last):
-    """A strided channels_last input is subsampled into a channels_last copy: the output stays
-    channels_last."""
+    """A strided channels_last input is subsampled into a channels_last copy: the output and the
+    input's gradient stay channels_last."""
     ours, theirs = twins(lambda: dnn.PointwiseConv2d(cin, cout, bias, stride=stride, backend=any_backend),
                          lambda: nn.Conv2d(cin, cout, 1, stride, bias=bias))
     assert_same_state(ours, theirs)
@@ -107,6 +107,12 @@ def test_pointwise_matches_conv2d(any_backend, cin, cout, stride, bias, hw, chan
     y = run_both(ours, theirs, x)
     if channels_last and cin > 1 and any_backend != "torch":
         assert y.is_contiguous(memory_format=torch.channels_last)
+        # so is the input's gradient as autograd hands it on (in a model, to the layers before, which
+        # would copy it back; .grad is restrided to the input's layout anyway)
+        xg = x.detach().clone().requires_grad_()
+        yg = ours(xg)
+        (grad_x,) = torch.autograd.grad(yg, xg, torch.randn_like(yg))
+        assert grad_x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _torch_separable(cin, cout, k, stride, padding, dilation, bias, m):
