@@ -152,7 +152,8 @@ class _SubsampleChannelsLast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         sh, sw = ctx.steps
-        grad_x = grad.new_zeros(ctx.shape).contiguous(memory_format=torch.channels_last)
+        n, c, h, w = ctx.shape
+        grad_x = grad.new_zeros((n, h, w, c)).permute(0, 3, 1, 2)
         grad_x[..., ::sh, ::sw] = grad
         return grad_x, None, None
 
