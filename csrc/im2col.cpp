@@ -21,15 +21,40 @@ struct Im2colGeom {
   int64_t K() const { return kH * kW * C; }
 };
 
-// n values from src to dst: a plain loop where runs are short (a stem conv's C of 1-3 makes runs of a
-// few values, where a memcpy call costs more than the copy: 8x1x48x48 5x5 0.33 -> 0.05 ms).
+// Bytes [0, N) from s to d through a register: a fixed-size memcpy, which compiles to one move.
+template <int N>
+DLK_INLINE void move_bytes(char* d, const char* s) {
+  char tmp[N];
+  std::memcpy(tmp, s, N);
+  std::memcpy(d, tmp, N);
+}
+
+// n values from src to dst (not overlapping). Short runs (a stem conv's C of 1-3 makes runs of a few
+// values) as two fixed-size moves that overlap in the middle, the small-size trick of memcpy itself
+// without its call: a plain element loop was compiled to one scalar move an element, and a memcpy
+// call costs more than the copy (two threads, interleaved with the loop: 8x1x48x48 5x5 217 -> 186 us,
+// 8x3x64x64 7x7 s2 203 -> 153, 8x8x32x32 3x3 89 -> 73; C >= 64 unchanged). Every byte read
+// and written lies in [0, n) values of src and dst.
 template <class T>
 DLK_INLINE void copy_run(T* dst, const T* src, int64_t n) {
-  if (n * int64_t(sizeof(T)) >= 256) {
-    std::memcpy(dst, src, sizeof(T) * n);
-    return;
+  const int64_t bytes = n * int64_t(sizeof(T));
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  if (bytes >= 256) {
+    std::memcpy(d, s, bytes);
+  } else if (bytes > 32) {
+    for (int64_t i = 0; i < bytes - 32; i += 32) move_bytes<32>(d + i, s + i);
+    move_bytes<32>(d + bytes - 32, s + bytes - 32);
+  } else if (bytes >= 16) {
+    move_bytes<16>(d, s);
+    move_bytes<16>(d + bytes - 16, s + bytes - 16);
+  } else if (bytes >= 8) {
+    move_bytes<8>(d, s);
+    move_bytes<8>(d + bytes - 8, s + bytes - 8);
+  } else if (bytes >= 4) {
+    move_bytes<4>(d, s);
+    move_bytes<4>(d + bytes - 4, s + bytes - 4);
   }
-  for (int64_t e = 0; e < n; ++e) dst[e] = src[e];
 }
 
 template <class T>

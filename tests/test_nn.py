@@ -198,6 +198,25 @@ def test_nhwc_windows(any_backend, k, stride, padding, dilation, hw, taps_first)
     assert torch.autograd.gradgradcheck(fn, (x.detach().double().requires_grad_(),), fast_mode=fast)
 
 
+@pytest.mark.parametrize("c", [1, 2, 5, 23])
+def test_nhwc_windows_channel_counts(any_backend, c):
+    """Window runs of every length the C++ copies by size (a few bytes to past 256, float32 and
+    float64), at a 5x5 kernel with padding: rows and their backward equal F.unfold's."""
+    from dlkernels.im2col import nhwc_windows
+    for dtype in (torch.float64, torch.float32):
+        for taps_first in (False, True):
+            x = torch.randn(2, c, 6, 7, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+            rows = nhwc_windows(x, (5, 5), (1, 1), (2, 1), (1, 1), taps_first, any_backend)
+            x2 = x.detach().clone().requires_grad_()
+            cols = F.unfold(x2, (5, 5), 1, (2, 1), 1)
+            if taps_first:
+                cols = cols.unflatten(1, (c, 25)).transpose(1, 2).flatten(1, 2)
+            cols = cols.transpose(1, 2).reshape(rows.shape)
+            torch.testing.assert_close(rows, cols, rtol=0, atol=0)
+            g = torch.randn_like(rows)
+            torch.testing.assert_close(torch.autograd.grad(rows, x, g)[0], torch.autograd.grad(cols, x2, g)[0])
+
+
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "cpp"])
 def test_im2col_cpp_checks_its_buffers(backend):
     """The C++ im2col and its adjoint refuse buffers that do not match the geometry (a second fence
