@@ -50,6 +50,17 @@ class _ConvInput:
         return x, tuple(self.padding)
 
 
+# Conv2d's im2col rows in (kH, kW, C) order, an NCHW weight permuted (copied) to match, where the rows
+# number at least this many times the output channels: (C, kH, kW) rows scatter each run of C values
+# with a stride of kH*kW, 2-4x slower to write (and to gather back) than the runs (kH, kW, C) copies
+# whole, which outweighs a copy of the weight and of its gradient once the rows outnumber its rows.
+# C++, two threads, fwd+bwd at 8 images, channels_last input, NCHW weight, (C, kH, kW) / (kH, kW, C):
+# 64ch 56x56 3x3 1.17x, 16x16 1.10x (rows/O 392, 32); 128ch 8x8 1.06x (4); 256ch 4x4 0.95x (0.5),
+# 512ch 2x2 0.85x (0.1). ResNet-18 NCHW 8x3x64x64, interleaved: training 0.863x -> 0.882x of eager,
+# evaluation 0.739x -> 0.783x.
+TAPS_FIRST_ROWS = 8
+
+
 class Conv2d(_ConvInput, nn.Conv2d):
     """``nn.Conv2d`` as im2col + ``dlkernels.linear`` (the dense convs of the reference models).
 
@@ -87,15 +98,16 @@ class Conv2d(_ConvInput, nn.Conv2d):
             # forward and the backward (ResNet's NCHW stem, 8x3x64x64 k7 s2: 6.9 -> 2.6 ms fwd+bwd;
             # eager's oneDNN conv 1.7 ms).
             x = x.contiguous(memory_format=torch.channels_last)
-            # The GEMM's rows straight from the NHWC tensor (dlkernels.im2col),
-            # in the weight's memory order so that the weight (and its gradient) is a
-            # view: (kH, kW, C) for a channels_last weight (model.to(memory_format=torch.channels_last)
-            # makes one; its rows also copy in runs of C), else (C, kH, kW). Eager only: torch 2.13's
+            # The GEMM's rows straight from the NHWC tensor (dlkernels.im2col), in (kH, kW, C)
+            # order for a channels_last weight (model.to(memory_format=torch.channels_last) makes one;
+            # the weight and its gradient are views) or where the rows far outnumber the weight's
+            # (TAPS_FIRST_ROWS), else in an NCHW weight's (C, kH, kW) order. Eager only: torch 2.13's
             # Inductor fused the pad + unfold backward of an earlier version of it into a CPU kernel
             # that corrupted the heap ("free(): invalid next size" in the training step of the models
             # bench's compiled contender); compiled graphs keep F.unfold, which compiles correctly.
             wt = self.weight
-            taps_first = not wt.is_contiguous() and wt.is_contiguous(memory_format=torch.channels_last)
+            taps_first = ((not wt.is_contiguous() and wt.is_contiguous(memory_format=torch.channels_last))
+                          or n * ho * wo >= TAPS_FIRST_ROWS * o)
             if taps_first:
                 wt = wt.permute(0, 2, 3, 1)
             rows = nhwc_windows(x, (kh, kw), (sh, sw), pad, (dh, dw), taps_first, backend)
