@@ -37,14 +37,18 @@ def _kernels(backend: str, x: Tensor):
     return _dispatch.kernels(FAMILY, backend, x.device) if has else reference
 
 
+def _windows(k, x, kernel_size, stride, padding, dilation, taps_first, out_hw):
+    if k is reference:
+        return reference.im2col(x, kernel_size, stride, padding, dilation, taps_first)
+    return k.im2col(x, kernel_size, stride, padding, dilation, taps_first, out_hw)
+
+
 class _NHWCWindows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel_size, stride, padding, dilation, taps_first, out_hw, backend):
         k = _kernels(backend, x)
         ctx.geometry = (tuple(x.shape), out_hw, kernel_size, stride, padding, dilation, taps_first, k)
-        if k is reference:
-            return reference.im2col(x, kernel_size, stride, padding, dilation, taps_first)
-        return k.im2col(x, kernel_size, stride, padding, dilation, taps_first, out_hw)
+        return _windows(k, x, kernel_size, stride, padding, dilation, taps_first, out_hw)
 
     @staticmethod
     def backward(ctx, grad_rows):
@@ -61,5 +65,8 @@ def nhwc_windows(x: Tensor, kernel_size, stride, padding, dilation, taps_first: 
     ``taps_first`` else (C, kH, kW), for a conv of ``kernel_size``, ``stride``, ``padding`` (zeros, each
     side) and ``dilation`` (pairs); differentiable. ``backend``: the conv's resolved backend name."""
     _, _, _, out_hw = V.conv2d_geometry("dlkernels.nn.Conv2d", x, kernel_size, stride, padding, dilation)
+    if not (torch.is_grad_enabled() and x.requires_grad):  # nothing to record: no autograd.Function (~25 us)
+        return _windows(_kernels(backend, x), x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
+                        taps_first, out_hw)
     return _NHWCWindows.apply(x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), taps_first,
                               out_hw, backend)
