@@ -110,6 +110,27 @@ def test_linear(backend, dtype, in_shape, with_bias, activation):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_few_rows_against_transposed_b(backend, dtype):
+    # A few rows of a against many columns of a b stored column-major (a linear layer's weight.t() at
+    # a small batch): the C++ GEMM computes (a @ b)^T = b^T a^T and transposes it back, the bias and
+    # ReLU fused into the swapped product (csrc/matmul.cpp, gemm_swaps): full and partial row tiles,
+    # one and two K slices, the largest M it swaps
+    for shapes in (((5, 40), (40, 70)), ((33, 301), (301, 130)), ((128, 128), (128, 257)), ((70, 90), (90, 149))):
+        test_matmul_forward_backward(backend, dtype, shapes, True)
+    for m, k, n in ((6, 50, 40), (31, 77, 200), (100, 257, 300)):
+        x = leaf(torch.randn(m, k, device=DEVICE).to(dtype))
+        w = leaf(torch.randn(n, k, device=DEVICE).to(dtype) / k ** 0.5)
+        b = leaf(torch.randn(n, device=DEVICE).to(dtype))
+        out = dlkernels.linear(x, w, b, activation="relu", backend=backend)
+        x64, w64, b64 = as64(x), as64(w), as64(b)
+        ref = torch.relu(F.linear(x64, w64, b64))
+        assert_close(out, ref, what="linear")
+        g = torch.randn_like(ref)
+        for got, exp, name in zip(grads(out, [x, w, b], g.to(dtype)), grads(ref, [x64, w64, b64], g), "xwb"):
+            assert_close(got, exp, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_streamed_output(backend, dtype, monkeypatch):
     # Where a GEMM's operands and C outgrow a third of the LLC and K is one slice, the C++ GEMM
     # writes whole C tiles with non-temporal stores (rows of 16-float multiples; edge tiles stay
@@ -263,3 +284,30 @@ def test_relu_backward_matches_torch_on_nan(backend):
     gx_pre, _ = torch.ops.dlkernels.bias_act_backward(g, torch.relu(x), "relu", 1, False, backend)
     assert torch.equal(torch.isnan(gx_pre), torch.isnan(torch.where(torch.relu(x) <= 0, 0, g)))
     assert torch.equal(torch.isnan(gw), torch.isnan(gr))
+
+
+@pytest.mark.parametrize("kernel", ["mm", "mm_scalar_for_test"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpp_gemm_epilogue(kernel, dtype):
+    # The C++ GEMM's whole contract, as its other C++ callers use it: out = act((out if accumulate
+    # else 0) + a @ b + bias), bias per column or per row, through the SIMD and the portable scalar
+    # micro-kernels, in the plain order and the swapped one (few rows against a column-major b)
+    pytest.importorskip("dlkernels._C")
+    from dlkernels import _C
+    mm = getattr(_C, kernel)
+    torch.manual_seed(7)
+    for (m, k, n), b_col_major in (((37, 61, 45), False), ((37, 61, 45), True), ((37, 61, 90), True),
+                                   ((9, 130, 70), True)):
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(n, k, dtype=dtype).t() if b_col_major else torch.randn(k, n, dtype=dtype)
+        for bias_dim in (0, 1):
+            bias = torch.randn(m if bias_dim == 0 else n, dtype=dtype)
+            for relu in (False, True):
+                for accumulate in (False, True):
+                    out = torch.randn(m, n, dtype=dtype)
+                    pre = (out.double() if accumulate else 0) + a.double() @ b.double() + (
+                        bias.double()[:, None] if bias_dim == 0 else bias.double())
+                    mm(a.numpy(), b.numpy(), bias.numpy(), bias_dim, relu, out.numpy(), accumulate)
+                    assert_close(out, torch.relu(pre) if relu else pre, dtype,
+                                 f"{kernel} {m}x{k}x{n} col-major b {b_col_major} bias_dim {bias_dim} relu {relu} "
+                                 f"accumulate {accumulate}")
