@@ -36,6 +36,20 @@ inline T relu_keep_nan(T x) {
   return x < T(0) ? T(0) : x;
 }
 
+// The bias element of C's (i, j): one per column (bias_dim 1) or per row (bias_dim 0); nullptr without one.
+template <class T>
+inline const T* bias_at(const T* bias, int bias_dim, int64_t i, int64_t j) {
+  return bias ? (bias_dim == 1 ? bias + j : bias + i) : nullptr;
+}
+
+// One element of C through the epilogue, outside the micro-kernel (edges, skinny and summed products).
+template <class T>
+inline void store_one(T x, T* c, bool accumulate, const T* bias, bool relu) {
+  if (accumulate) x += *c;
+  if (bias) x += *bias;
+  *c = relu ? relu_keep_nan(x) : x;
+}
+
 // What storing a C tile does besides writing the product.
 template <class T>
 struct Epilogue {
@@ -362,14 +376,8 @@ void pack_b(int64_t q0, int64_t q1, int64_t nc, int64_t kc, const T* b, int64_t 
 
 template <class T>
 void gemm_no_k(int64_t M, int64_t N, T* C, int64_t ldc, const T* bias, int bias_dim, bool relu, bool accumulate) {
-  for (int64_t i = 0; i < M; ++i) {
-    T* ci = C + i * ldc;
-    for (int64_t j = 0; j < N; ++j) {
-      T x = accumulate ? ci[j] : T(0);
-      if (bias) x += bias_dim == 1 ? bias[j] : bias[i];
-      ci[j] = relu ? relu_keep_nan(x) : x;
-    }
-  }
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) store_one(T(0), C + i * ldc + j, accumulate, bias_at(bias, bias_dim, i, j), relu);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,21 +406,11 @@ inline T dot(const T* a, int64_t sa, const T* b, int64_t sb, int64_t K) {
   return lane[0];
 }
 
-template <class T>
-inline void store_one(T x, T* c, bool accumulate, const T* bias, bool relu) {
-  if (accumulate) x += *c;
-  if (bias) x += *bias;
-  *c = relu ? relu_keep_nan(x) : x;
-}
-
 // C (M x N, element (i, j) at C[i * rs_c + j * cs_c]) for M <= kSkinny.
 template <class T>
 void gemm_skinny(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t rs_b,
                  int64_t cs_b, T* C, int64_t rs_c, int64_t cs_c, const T* bias, int bias_dim, bool relu,
                  bool accumulate, bool parallel) {
-  auto bias_at = [&](int64_t i, int64_t j) -> const T* {
-    return bias ? (bias_dim == 1 ? bias + j : bias + i) : nullptr;
-  };
   const bool par = parallel && M * N * K >= kMinParallelMacs && omp_get_max_threads() > 1;
   if (cs_b == 1) {
     // rows of B are contiguous: C's rows += A[i, k] * B[k, :], one L1-sized chunk of columns at a
@@ -433,7 +431,7 @@ void gemm_skinny(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
       }
       for (int64_t i = 0; i < M; ++i)
         for (int64_t j = 0; j < nj; ++j)
-          store_one(acc[i][j], C + i * rs_c + (j0 + j) * cs_c, accumulate, bias_at(i, j0 + j), relu);
+          store_one(acc[i][j], C + i * rs_c + (j0 + j) * cs_c, accumulate, bias_at(bias, bias_dim, i, j0 + j), relu);
     };
     if (par) {
 #pragma omp parallel for schedule(static)
@@ -446,7 +444,7 @@ void gemm_skinny(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
     auto column = [&](int64_t j) {
       for (int64_t i = 0; i < M; ++i)
         store_one(dot(A + i * rs_a, cs_a, B + j * cs_b, rs_b, K), C + i * rs_c + j * cs_c, accumulate,
-                  bias_at(i, j), relu);
+                  bias_at(bias, bias_dim, i, j), relu);
     };
     if (par) {
 #pragma omp parallel for schedule(static)
@@ -623,7 +621,7 @@ void gemm_split_k(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int
     for (int64_t j = 0; j < N; ++j) {
       T x = 0;
       for (int t = 0; t < used; ++t) x += part[(t * M + i) * N + j];
-      store_one(x, C + i * ldc + j, accumulate, bias ? (bias_dim == 1 ? bias + j : bias + i) : nullptr, relu);
+      store_one(x, C + i * ldc + j, accumulate, bias_at(bias, bias_dim, i, j), relu);
     }
 }
 
@@ -658,15 +656,10 @@ void gemm_swapped(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int
   constexpr int64_t JB = 64;  // C^T rows per block: a block of (JB, M) stays in L1
   for (int64_t j0 = 0; j0 < N; j0 += JB) {
     const int64_t j1 = std::min(N, j0 + JB);
-    for (int64_t i = 0; i < M; ++i) {
-      T* ci = C + i * ldc;
-      if (fused) {
-        for (int64_t j = j0; j < j1; ++j) ci[j] = ct[j * M + i];
-      } else {
-        for (int64_t j = j0; j < j1; ++j)
-          store_one(ct[j * M + i], ci + j, true, bias ? (bias_dim == 1 ? bias + j : bias + i) : nullptr, relu);
-      }
-    }
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = j0; j < j1; ++j)
+        store_one(ct[j * M + i], C + i * ldc + j, accumulate, fused ? nullptr : bias_at(bias, bias_dim, i, j),
+                  !fused && relu);
   }
 }
 
