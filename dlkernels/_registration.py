@@ -45,7 +45,7 @@ class Op:
     def __call__(self, *args):
         if not plain_eager(args):
             return call(self.default, *args)
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if records_autograd(*args):
             if self.function is None:  # no autograd formula: the dispatcher raises torch's error
                 return self.default(*args)
             return self.function.apply(*args)
@@ -91,13 +91,21 @@ def plain_eager(args: tuple) -> bool:
 _Parameter = torch.nn.Parameter
 
 
+def records_autograd(*args) -> bool:
+    """Whether autograd records a call on ``args``: grad mode on and a tensor among them requiring grad.
+    Where it does not, an ``autograd.Function`` is pure cost (``apply`` ~25 us a call even then)."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace _any_requires_grad; it folds these to constants
+        return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+
+
 def call(op: torch._ops.OpOverload, *args):
     """``op(*args)``, below the autograd layer when autograd has nothing to record (grad mode off, or
     no argument requires grad) and torch.compile is not tracing: that layer would only redispatch below
     itself (torch's ``forward_no_grad``), through ~17 us of Python a call on the 2-core Zen3 machine
     (a tiny depthwise conv: 72 -> 56 us). Every other dispatch key (fake tensors, functionalization,
     profiler, modes) still sees the op."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+    if torch.compiler.is_compiling() or records_autograd(*args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

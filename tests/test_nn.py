@@ -115,6 +115,22 @@ def test_pointwise_matches_conv2d(any_backend, cin, cout, stride, bias, hw, chan
         assert grad_x.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b in ("cpp", "numba")][:1] or ["torch"])
+def test_strided_pointwise_compiles_with_gradients(backend):
+    """torch.compile(fullgraph=True) traces the strided channels_last subsample (its autograd.Function and
+    the test for whether autograd records anything) with gradients on: output and gradients as eager."""
+    torch._dynamo.reset()
+    m = dnn.PointwiseConv2d(6, 4, True, stride=2, backend=backend).double()
+    x = torch.randn(3, 6, 5, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    compiled = torch.compile(m, fullgraph=True)
+    y, y_ref = compiled(x), m(x)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y_ref)
+    got, want = torch.autograd.grad(y, (x, m.weight), g), torch.autograd.grad(y_ref, (x, m.weight), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def _torch_separable(cin, cout, k, stride, padding, dilation, bias, m):
     return nn.Sequential(OrderedDict(
         depthwise=nn.Conv2d(cin, cin * m, k, stride, padding, dilation, groups=cin, bias=False),

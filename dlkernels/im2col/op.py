@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _dispatch, _registration
 from .. import _validation as V
 from . import reference
 
@@ -65,7 +65,7 @@ def nhwc_windows(x: Tensor, kernel_size, stride, padding, dilation, taps_first: 
     ``taps_first`` else (C, kH, kW), for a conv of ``kernel_size``, ``stride``, ``padding`` (zeros, each
     side) and ``dilation`` (pairs); differentiable. ``backend``: the conv's resolved backend name."""
     _, _, _, out_hw = V.conv2d_geometry("dlkernels.nn.Conv2d", x, kernel_size, stride, padding, dilation)
-    if not (torch.is_grad_enabled() and x.requires_grad):  # nothing to record: no autograd.Function (~25 us)
+    if not _registration.records_autograd(x):
         return _windows(_kernels(backend, x), x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
                         taps_first, out_hw)
     return _NHWCWindows.apply(x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), taps_first,
