@@ -21,13 +21,9 @@ struct Im2colGeom {
   int64_t K() const { return kH * kW * C; }
 };
 
-// Bytes [0, N) from s to d through a register: a fixed-size memcpy, which compiles to one move.
+// Bytes [0, N) from s to d through one register (conv_common.h's vector load and store).
 template <int N>
-DLK_INLINE void move_bytes(char* d, const char* s) {
-  char tmp[N];
-  std::memcpy(tmp, s, N);
-  std::memcpy(d, tmp, N);
-}
+DLK_INLINE void move_bytes(char* d, const char* s) { vstore(d, vload<char, N>(s)); }
 
 // n values from src to dst (not overlapping). Short runs (a stem conv's C of 1-3 makes runs of a few
 // values) as two fixed-size moves that overlap in the middle, the small-size trick of memcpy itself
