@@ -14,14 +14,23 @@ In eager mode on plain tensors, calling an ``Op`` object skips the dispatcher al
 setup_context and backward where autograd has something to record. The dispatcher's Python layers cost
 more than a small layer's kernels (a training-mode batch norm of 256x128: 176 us a call through them,
 90 us of it in the kernel body). Everywhere else (torch.compile, fake tensors and other dispatch or
-torch-function modes, functorch transforms, tensor subclasses, meta tensors, the profiler) the call
-goes through the dispatcher as registered.
+torch-function modes, functorch transforms, tensor subclasses, meta tensors, the profiler, autocast)
+the call goes through the dispatcher as registered.
+
+Under ``torch.autocast`` an op's Autocast kernel (``Op.register_autocast``) casts its inputs first, as
+autocast casts torch's own: the convolutions and GEMMs (``lower_precision``) to autocast's dtype where
+the backend has kernels for it (Triton), else to float32, what the CPU backends compute in; batch norm
+(``promote_activations``) runs in its input's dtype, the residual promoted with it, as torch's
+``bn(x) + residual`` does. Without this, a layer fed by a torch op under autocast (a bfloat16 or
+float16 activation against float32 weights) raised a dtype mismatch.
 """
 from __future__ import annotations
 
 from typing import Callable, Iterable
 
 import torch
+
+from ._validation import BACKEND_DTYPES
 
 NAMESPACE = "dlkernels"
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
@@ -70,17 +79,34 @@ class Op:
         self.function = type(f"{self.name}_autograd", (torch.autograd.Function,), {
             "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
+    def register_autocast(self, cast: Callable[[tuple, str], tuple]) -> None:
+        """Under torch.autocast on a device type, the op runs on ``cast(args, device_type)`` with that
+        device's autocast excluded (what torch.library.register_autocast builds, with a cast that
+        depends on the arguments: the backend, the input's dtype)."""
+        for device_type in ("cpu", "cuda"):
+            key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+            dispatch_key = getattr(torch._C.DispatchKey, key)
+            excluded = torch._C.DispatchKeySet(dispatch_key)
+
+            def run(*args, device_type=device_type, excluded=excluded):
+                with torch._C._ExcludeDispatchKeyGuard(excluded):
+                    return self.default(*cast(args, device_type))
+
+            self.default.py_impl(dispatch_key)(run)  # the Python dispatcher's (tracing) view of the same
+            _lib.impl(self.name, lambda _keyset, *args, run=run: run(*args), key, with_keyset=True)
+
 
 def plain_eager(args: tuple) -> bool:
     """Whether nothing but autograd would see this call in the dispatcher: eager mode (not traced by
     torch.compile or torch.jit.trace, no dispatch or torch-function mode, no functorch transform, no
-    profiler) and every tensor argument a plain, non-meta Tensor or Parameter. Then ``Op.__call__`` may
+    profiler, no autocast) and every tensor argument a plain, non-meta Tensor or Parameter. Then ``Op.__call__`` may
     skip it."""
     if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces none of the rest
         return False
     C = torch._C
     if (C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled() or C._get_tracing_state() is not None
-            or C._functorch.peek_interpreter_stack() is not None or torch.autograd.profiler._is_profiler_enabled):
+            or C._functorch.peek_interpreter_stack() is not None or torch.autograd.profiler._is_profiler_enabled
+            or C._is_any_autocast_enabled()):
         return False
     for a in args:
         if isinstance(a, torch.Tensor) and ((type(a) is not torch.Tensor and type(a) is not _Parameter) or a.is_meta):
@@ -109,6 +135,48 @@ def call(op: torch._ops.OpOverload, *args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def autocast_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
+    """What an op on ``backend`` computes in under autocast where torch would compute in ``dtype``:
+    ``dtype`` where the backend has kernels for it, else float32 (the CPU backends' half-precision
+    answer: float32 kernels, a float32 result)."""
+    return dtype if dtype in BACKEND_DTYPES[backend] else torch.float32
+
+
+def _cast(t, device_type: str, dtype: torch.dtype):
+    """t as autocast casts an argument: floating-point tensors of that device but float64 to dtype."""
+    if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type
+            and t.dtype != torch.float64 and t.dtype != dtype):
+        return t.to(dtype)
+    return t
+
+
+def lower_precision(args: tuple, device_type: str) -> tuple:
+    """The cast of autocast's lower-precision ops (conv2d, linear, matmul) for an op whose last
+    argument is its backend: every floating-point tensor to autocast's dtype (float32 on the CPU
+    backends, see autocast_dtype)."""
+    dtype = autocast_dtype(args[-1], torch.get_autocast_dtype(device_type))
+    return tuple(_cast(a, device_type, dtype) for a in args)
+
+
+def promote_activations(args: tuple, device_type: str) -> tuple:
+    """Batch norm's cast (input, residual first, backend last): torch runs batch norm in its input's
+    dtype and ``bn(x) + residual`` in the two dtypes' promotion, so both go to that dtype (float32 on
+    the CPU backends for half precision); the per-channel tensors stay as they are."""
+    x, residual = args[0], args[1]
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    dtype = autocast_dtype(args[-1], dtype)
+    return (_cast(x, device_type, dtype), _cast(residual, device_type, dtype)) + tuple(args[2:])
+
+
+def autocast_input(t: torch.Tensor, backend: str) -> torch.Tensor:
+    """t cast as lower_precision casts an op's tensors, where autocast is on for t's device: for a
+    module that computes on its input before its op does (Conv2d's im2col rows)."""
+    device_type = t.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return t
+    return _cast(t, device_type, autocast_dtype(backend, torch.get_autocast_dtype(device_type)))
 
 
 def _op_name(qualname: str) -> str:

@@ -346,6 +346,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_gate):
 
 
 batch_norm_residual_functional_op.register_autograd(_backward, setup_context=_setup)
+batch_norm_residual_functional_op.register_autocast(_registration.promote_activations)
 
 
 def batch_norm_residual(input: Tensor, residual: Tensor | None, running_mean: Tensor | None,

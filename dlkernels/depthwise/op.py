@@ -158,6 +158,7 @@ def _backward(ctx, grad):
 
 
 depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup)
+depthwise_conv2d_op.register_autocast(_registration.lower_precision)
 
 
 # ---------------------------------------------------------------------------------------------

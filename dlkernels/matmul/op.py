@@ -138,6 +138,7 @@ def _matmul_backward(ctx, grad):
 
 
 matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+matmul_op.register_autocast(_registration.lower_precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +204,7 @@ def _linear_backward(ctx, grad):
 
 
 linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+linear_op.register_autocast(_registration.lower_precision)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import dlkernels as _dk
 from dlkernels import _dispatch
-from dlkernels._registration import records_autograd
+from dlkernels._registration import autocast_input, records_autograd
 from dlkernels import _validation as V
 from dlkernels.im2col import nhwc_windows
 
@@ -85,6 +85,7 @@ class Conv2d(_ConvInput, nn.Conv2d):
             # PyTorch's own convolution, as the other modules' "torch" backend is torch's own op (the
             # models bench's eager contender), not im2col over F.linear
             return F.conv2d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
+        x = autocast_input(x, backend)  # the rows are computed here, before linear's own cast
         batched = x.dim() == 4
         if not batched:
             x = x.unsqueeze(0)

@@ -112,6 +112,7 @@ def _backward(ctx, grad):
 
 
 pointwise_conv2d_op.register_autograd(_backward, setup_context=_setup)
+pointwise_conv2d_op.register_autocast(_registration.lower_precision)
 
 
 def pointwise_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,

@@ -87,6 +87,7 @@ def _backward(ctx, grad):
 
 
 separable_conv2d_op.register_autograd(_backward, setup_context=_setup)
+separable_conv2d_op.register_autocast(_registration.lower_precision)
 
 
 def separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwise_weight: Tensor, bias: Tensor | None = None,
