@@ -288,6 +288,23 @@ def test_gradcheck(backend):
                                                                  activation=act, backend=backend), (x, r, w, b))
 
 
+def test_gradgradcheck(backend):
+    """Second derivatives (create_graph=True: double backward, gradient penalties): the backward then runs
+    in torch ops (dlkernels/batchnorm/reference.py: grads_differentiable), through the batch statistics
+    and relu's gate bits where the forward wrote them (C++ training), in both layouts."""
+    f64 = dict(device=DEVICE, dtype=torch.float64)
+    fast = backend == "triton"  # Triton's interpreter: a launch costs ~10-30 ms, so random projections
+    for act, cl, training in (("relu", True, True), ("relu", False, False), ("silu", False, True), (None, True, False)):
+        x = _make((3, 2, 3, 2), cl, torch.float64)
+        r = _make((3, 2, 3, 2), cl, torch.float64)
+        w, b = leaf(torch.randn(2, **f64)), leaf(torch.randn(2, **f64))
+        rm, rv = _stats(2, torch.float64)
+        assert torch.autograd.gradgradcheck(
+            lambda x, r, w, b: dlkernels.batch_norm_residual(x, r, rm.clone(), rv.clone(), w, b, training,
+                                                             activation=act, backend=backend), (x, r, w, b),
+            fast_mode=fast), (act, cl, training)
+
+
 def test_opcheck(backend):
     for cl in (False, True):
         x = _make((2, 3, 4, 5), cl, torch.float32)

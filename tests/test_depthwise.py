@@ -371,6 +371,21 @@ def test_gradcheck(backend):
                                     (xc, w))
 
 
+def test_gradgradcheck(backend):
+    """Second derivatives: the backward's own gradients are the forward, input- and weight-gradient
+    kernels again (depthwise/op.py: _double_backward), at a stride, a multiplier of 2 and channels_last."""
+    x = leaf(torch.randn(1, 2, 4, 5, device=DEVICE, dtype=torch.float64))
+    w = leaf(torch.randn(4, 1, 3, 2, device=DEVICE, dtype=torch.float64))
+    b = leaf(torch.randn(4, device=DEVICE, dtype=torch.float64))
+    fast = backend == "triton"
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: dlkernels.depthwise_conv2d(x, w, b, (2, 1), (1, 0), (1, 2), backend=backend), (x, w, b),
+        fast_mode=fast)
+    xc = leaf(x.detach().contiguous(memory_format=torch.channels_last))
+    assert torch.autograd.gradgradcheck(
+        lambda x, w: dlkernels.depthwise_conv2d(x, w, None, 1, "same", backend=backend), (xc, w), fast_mode=fast)
+
+
 def test_opcheck(backend):
     for cl in (False, True):
         x = torch.randn(2, 3, 7, 6, device=DEVICE)

@@ -223,6 +223,20 @@ def test_gradcheck(backend):
                                     (x, w, bias))
 
 
+def test_gradgradcheck(backend):
+    """Second derivatives, the bias and ReLU epilogue's backward (bias_act_backward) included."""
+    a = leaf(torch.randn(3, 4, 5, device=DEVICE, dtype=torch.float64))
+    b = leaf(torch.randn(5, 2, device=DEVICE, dtype=torch.float64))
+    fast = backend == "triton"
+    assert torch.autograd.gradgradcheck(lambda a, b: dlkernels.matmul(a, b, backend=backend), (a, b), fast_mode=fast)
+    x = leaf(torch.randn(2, 3, 5, device=DEVICE, dtype=torch.float64))
+    w = leaf(torch.randn(4, 5, device=DEVICE, dtype=torch.float64))
+    bias = leaf(torch.randn(4, device=DEVICE, dtype=torch.float64))
+    for act in ("relu", None):
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, b: dlkernels.linear(x, w, b, activation=act, backend=backend), (x, w, bias), fast_mode=fast)
+
+
 def test_opcheck(backend):
     a = leaf(torch.randn(2, 5, 7, device=DEVICE))
     b = leaf(torch.randn(7, 3, device=DEVICE))

@@ -264,6 +264,22 @@ def test_gradcheck(backend):
                                     (xc, leaf(torch.randn(2, 3, 1, 1, **f64)), leaf(torch.randn(2, **f64))))
 
 
+def test_gradgradcheck(backend):
+    """Second derivatives of the fused op and of the 1x1 conv with a bias (per-row bias sums)."""
+    f64 = dict(device=DEVICE, dtype=torch.float64)
+    x = leaf(torch.randn(1, 3, 4, 3, **f64))
+    dw, pw, b = leaf(torch.randn(6, 1, 2, 2, **f64)), leaf(torch.randn(3, 6, 1, 1, **f64)), leaf(torch.randn(3, **f64))
+    fast = backend == "triton"
+    assert torch.autograd.gradgradcheck(
+        lambda x, dw, pw, b: dlkernels.separable_conv2d(x, dw, pw, b, 2, 1, backend=backend), (x, dw, pw, b),
+        fast_mode=fast)
+    for cl in (False, True):
+        xp = leaf(x.detach().contiguous(memory_format=torch.channels_last) if cl else x.detach())
+        assert torch.autograd.gradgradcheck(lambda x, w, b: dlkernels.pointwise_conv2d(x, w, b, backend=backend),
+                                            (xp, leaf(torch.randn(2, 3, 1, 1, **f64)), leaf(torch.randn(2, **f64))),
+                                            fast_mode=fast)
+
+
 def test_opcheck(backend):
     for cl in (False, True):
         x = _x((2, 3, 6, 5), torch.float32, cl)

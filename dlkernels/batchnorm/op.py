@@ -69,6 +69,17 @@ def relu_gate_bytes(elements: int) -> int:
     return (elements + 7) // 8 + 8
 
 
+def relu_gate_passes(gate: Tensor, input: Tensor) -> Tensor:
+    """A relu gate (see the contract) as a bool tensor of input's shape, True where relu passed its
+    gradient: the bits are in the order of the kernels' view of input (as_ncs)."""
+    n = input.numel()
+    shifts = torch.arange(8, device=gate.device, dtype=torch.uint8)
+    flat = (gate[:(n + 7) // 8, None] >> shifts).bitwise_and_(1).view(-1)[:n].bool()
+    if channels_last(input):
+        return flat.view(input.shape[0], -1, input.shape[1]).transpose(1, 2).reshape(input.shape)
+    return flat.view(input.shape)
+
+
 def writes_relu_gate(backend: str, device: torch.device, training: bool, activation: str) -> bool:
     """Whether the training forward hands the backward relu's gate bits rather than its output."""
     return training and activation == "relu" and getattr(_dispatch.kernels(FAMILY, backend, device), "RELU_GATE", False)
@@ -332,6 +343,16 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_gate):
     input, out, gate, residual, weight, bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     need_r = ctx.has_residual and needs[1]
+    if torch.is_grad_enabled():
+        # create_graph=True: this backward will be differentiated, through the batch statistics too,
+        # which the kernels' backward takes as constants: the same gradients in torch ops instead
+        passes = None
+        if ctx.activation == "relu":
+            passes = relu_gate_passes(gate, input) if gate is not None else ~(out <= 0)
+        gx, gr, gw, gb = reference.grads_differentiable(grad_out, passes, input, residual, weight, bias, mean, var,
+                                                        ctx.eps, ctx.training, ctx.activation)
+        return (gx if needs[0] else None, gr if need_r else None, None, None, gw if needs[4] else None,
+                gb if needs[5] else None, None, None, None, None)
     # Without an activation grad_residual is grad_out itself (as for eager's add): handing it back
     # costs nothing, where the op (which may not return an alias of its input) would copy it.
     mask = [needs[0], need_r and ctx.activation != "", weight is not None and needs[4],
@@ -346,6 +367,16 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_gate):
 
 
 batch_norm_residual_functional_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "dlkernels::batch_norm_residual_backward is not differentiable; differentiate "
+        "dlkernels.batch_norm_residual's backward with create_graph=True instead (its backward then runs "
+        "in differentiable torch ops)")
+
+
+batch_norm_residual_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 batch_norm_residual_functional_op.register_autocast(_registration.promote_activations)
 
 

@@ -65,3 +65,37 @@ def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_
     xhat = (x3 - mean[:, None]) * invstd[:, None]
     gx = scale[:, None] * (dz - c_dz[:, None] - xhat * c_xhat[:, None])
     return gx.to(x3.dtype), (dz.to(x3.dtype, copy=True) if need_grad_residual else None)
+
+
+def grads_differentiable(grad_out, passes, input, residual, weight, bias, mean, var, eps, training, activation):
+    """(grad_input, grad_residual, grad_weight, grad_bias) of batch_norm_residual in torch ops, for a
+    backward that must itself be differentiated (create_graph=True: double backward, gradient
+    penalties). In training the statistics are recomputed from ``input`` so that their dependence on it
+    is differentiated too (the forward's are constants to autograd). ``passes``: relu's gate, True where
+    the output passed its gradient (``not out <= 0``); silu recomputes its pre-activation instead, from
+    ``residual`` and ``bias``."""
+    dims = [0] + list(range(2, input.dim()))
+    per_channel = [1, -1] + [1] * (input.dim() - 2)
+    if training:
+        var, mean = torch.var_mean(input, dims, correction=0)
+    invstd = torch.rsqrt(var + eps)
+    xhat = (input - mean.view(per_channel)) * invstd.view(per_channel)
+    if activation == "relu":
+        dz = torch.where(passes, grad_out, 0)
+    elif activation == "silu":
+        z = xhat if weight is None else xhat * weight.view(per_channel)
+        z = z if bias is None else z + bias.view(per_channel)
+        z = z if residual is None else z + residual
+        s = torch.sigmoid(z)
+        dz = grad_out * s * (1 + z * (1 - s))
+    else:
+        dz = grad_out
+    sum_dz, sum_dz_xhat = dz.sum(dims), (dz * xhat).sum(dims)
+    scale = invstd if weight is None else weight * invstd
+    centred = dz
+    if training:
+        count = input.numel() // input.shape[1]
+        centred = dz - (sum_dz / count).view(per_channel) - xhat * (sum_dz_xhat / count).view(per_channel)
+    grad_input = (centred * scale.view(per_channel)).to(input.dtype)
+    return (grad_input, dz.to(input.dtype), None if weight is None else sum_dz_xhat.to(weight.dtype),
+            None if bias is None else sum_dz.to(bias.dtype))

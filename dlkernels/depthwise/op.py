@@ -141,6 +141,41 @@ def _(grad_out, input, weight, stride, pad, dilation, output_mask, backend):
     return gx, gw, gb
 
 
+def _backward_setup(ctx, inputs, output):
+    grad_out, input, weight, stride, pad, dilation, output_mask, backend = inputs
+    ctx.save_for_backward(grad_out, input, weight)
+    ctx.geometry, ctx.output_mask, ctx.backend = (stride, pad, dilation), output_mask, backend
+
+
+def _double_backward(ctx, v_x, v_w, v_b):
+    """The backward is bilinear: grad_input = convT(grad_out, weight), grad_weight = corr(grad_out, input),
+    grad_bias = sum(grad_out). So its own gradients are the same three kernels again: grad_out's is the
+    forward conv of v_x by the weight plus that of the input by v_w plus v_b; the input's, the input
+    gradient of grad_out through v_w; the weight's, the weight gradient of grad_out against v_x."""
+    g, x, w = ctx.saved_tensors
+    stride, pad, dilation = ctx.geometry
+    v_x, v_w, v_b = (v if (m and v is not None and v.numel()) else None for v, m in zip((v_x, v_w, v_b), ctx.output_mask))
+    need_g, need_x, need_w = ctx.needs_input_grad[:3]
+    backend, out_hw = ctx.backend, list(g.shape[-2:])
+    gg = gx = gw = None
+    if need_g:
+        if v_x is not None:
+            gg = depthwise_conv2d_op(v_x, w, v_b, stride, pad, dilation, out_hw, backend)
+        if v_w is not None:
+            part = depthwise_conv2d_op(x, v_w, v_b if gg is None else None, stride, pad, dilation, out_hw, backend)
+            gg = part if gg is None else gg + part
+        if gg is None and v_b is not None:
+            gg = v_b[:, None, None].expand(g.shape)
+    if need_x and v_w is not None:
+        gx = depthwise_conv2d_backward_op(g, x, v_w, stride, pad, dilation, [True, False, False], backend)[0]
+    if need_w and v_x is not None:
+        gw = depthwise_conv2d_backward_op(g, v_x, w, stride, pad, dilation, [False, True, False], backend)[1]
+    return gg, gx, gw, None, None, None, None, None
+
+
+depthwise_conv2d_backward_op.register_autograd(_double_backward, setup_context=_backward_setup)
+
+
 def _setup(ctx, inputs, output):
     input, weight, bias, stride, pad, dilation, out_hw, backend = inputs
     ctx.save_for_backward(input, weight)

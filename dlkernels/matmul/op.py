@@ -177,6 +177,29 @@ def _(grad_out, out, activation, bias_dim, need_bias, backend):
     return g, grad_out.new_empty(grad_out.shape[-2 + bias_dim] if need_bias else 0)
 
 
+def _bias_act_setup(ctx, inputs, output):
+    grad_out, out, activation, bias_dim, need_bias, backend = inputs
+    ctx.save_for_backward(out if activation else None)
+    ctx.shape, ctx.activation, ctx.bias_dim, ctx.need_bias = grad_out.shape, activation, bias_dim, need_bias
+
+
+def _bias_act_double_backward(ctx, v_pre, v_bias):
+    """bias_act_backward is linear in grad_out (relu's mask is constant almost everywhere, so out gets
+    no gradient): grad_pre's and grad_bias's cotangents, the latter spread along the summed dimensions,
+    masked as grad_out was. Torch ops, differentiable again for any order."""
+    (out,) = ctx.saved_tensors
+    total = v_pre if (ctx.activation and v_pre is not None) else None
+    if ctx.need_bias and v_bias is not None:
+        spread = (v_bias if ctx.bias_dim == 1 else v_bias[:, None]).expand(ctx.shape)
+        total = spread if total is None else total + spread
+    if total is not None and ctx.activation == "relu":
+        total = torch.ops.aten.threshold_backward(total, out, 0)  # the first order's mask, NaN passing
+    return total, None, None, None, None, None
+
+
+bias_act_backward_op.register_autograd(_bias_act_double_backward, setup_context=_bias_act_setup)
+
+
 def _linear_setup(ctx, inputs, output):
     input, weight, bias, activation, backend = inputs
     ctx.save_for_backward(input, weight, output if activation else None)
