@@ -50,6 +50,7 @@ The op itself updates running_mean/running_var (a small per-channel step, once p
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -111,8 +112,6 @@ def _check(x, residual, running_mean, running_var, weight, bias, training: bool,
         raise ValueError(f"{OP}: running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
         raise ValueError(f"{OP}: running_mean and running_var must be defined in evaluation mode")
-    if x.numel() == 0:
-        raise ValueError(f"{OP}: input is empty: {tuple(x.shape)}")
     if training and x.numel() // c == 1:
         raise ValueError(f"{OP}: expected more than 1 value per channel when training, got input size "
                          f"{tuple(x.shape)}")
@@ -149,7 +148,7 @@ def as_ncs(t: Tensor, cl: bool) -> Tensor:
 def empty_ncs(x: Tensor, cl: bool) -> Tensor:
     """A new tensor of x's shape in the layout as_ncs(x, cl) has (works on fake tensors too)."""
     n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c)
+    s = math.prod(x.shape[2:])
     if cl:
         return x.new_empty((n, s, c)).transpose(1, 2).view(x.shape)
     return x.new_empty(x.shape)
@@ -182,7 +181,7 @@ def batch_norm_residual_op(input, residual, running_mean, running_var, weight, b
                            activation, backend):
     out, mean, var, _gate = batch_norm_residual_functional_op(
         input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend)
-    if training and running_mean is not None:
+    if training and running_mean is not None and input.numel() > 0:  # torch leaves them as they are
         count = input.numel() // input.shape[1]
         update_running_stats_op(running_mean, running_var, mean, var, momentum, count)
     return out
@@ -216,9 +215,14 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
     backward uses (no copies of them per call). relu_gate: the gate bits the backward reads instead of
     out (writes_relu_gate), else an empty uint8 tensor."""
     _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
-    k = _dispatch.kernels(FAMILY, backend, input.device)
     sdtype = stats_dtype(input.dtype)
     cl = channels_last(input)
+    if input.numel() == 0:  # an empty batch: an empty output as torch's, and no kernel on empty arrays
+        gate = relu_gate_bytes(0) if writes_relu_gate(backend, input.device, training, activation) else 0
+        c = input.shape[1] if training else 0
+        return (empty_ncs(input, cl), input.new_zeros(c, dtype=sdtype), input.new_zeros(c, dtype=sdtype),
+                input.new_zeros(gate, dtype=torch.uint8))
+    k = _dispatch.kernels(FAMILY, backend, input.device)
     x3 = as_ncs(input, cl)
     r3 = None if residual is None else as_ncs(residual, cl)
     w, b = _to(weight, sdtype), _to(bias, sdtype)
@@ -343,6 +347,10 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_gate):
     input, out, gate, residual, weight, bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     need_r = ctx.has_residual and needs[1]
+    if input.numel() == 0:  # an empty batch: every gradient is zero (the parameters' sums have no terms)
+        zero = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+        return (zero(input) if needs[0] else None, zero(input) if need_r else None, None, None,
+                zero(weight) if needs[4] else None, zero(bias) if needs[5] else None, None, None, None, None)
     if torch.is_grad_enabled():
         # create_graph=True: this backward will be differentiated, through the batch statistics too,
         # which the kernels' backward takes as constants: the same gradients in torch ops instead

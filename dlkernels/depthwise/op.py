@@ -53,8 +53,15 @@ def check_weights(op: str, x: Tensor, weight, bias, backend: str) -> None:
         raise ValueError(f"{op}: kernel size must be >= 1, got {tuple(weight.shape[2:])}")
     if bias is not None:
         V.shape(op, "bias", bias, (co,), "weight.shape[0]")
-    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{op}: input has an empty dimension: {tuple(x.shape)}")
+    if x.shape[2] == 0 or x.shape[3] == 0:  # an empty batch is fine; torch rejects empty images too
+        raise ValueError(f"{op}: input has an empty spatial dimension: {tuple(x.shape)}")
+
+
+def no_input_output(x: Tensor, shape, bias: Optional[Tensor], fmt: torch.memory_format) -> Tensor:
+    """A conv's output for an empty batch, as torch's: no kernel runs on empty arrays. Shared with
+    separable."""
+    out = empty_like_format(x, shape, fmt)
+    return out.zero_() if bias is None else out.copy_(bias.view(1, -1, 1, 1).expand(shape))
 
 
 def _out_shape(x: Tensor, weight: Tensor, out_hw) -> tuple[int, int, int, int]:
@@ -94,6 +101,8 @@ def depthwise_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], s
                         pad: list[int], dilation: list[int], out_hw: list[int], backend: str) -> Tensor:
     check_weights(OP, input, weight, bias, backend)
     fmt = V.memory_format(input)
+    if input.numel() == 0:
+        return no_input_output(input, _out_shape(input, weight, out_hw), bias, fmt)
     k = _dispatch.kernels(FAMILY, backend, input.device)
     y = k.depthwise_fwd(in_format(input, fmt), weight.contiguous(), None if bias is None else bias.contiguous(),
                         tuple(stride), tuple(pad), tuple(dilation), tuple(out_hw))
@@ -112,6 +121,10 @@ def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor
                                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias); an output not asked for in output_mask is an empty tensor."""
     fmt = V.memory_format(input)
+    if input.numel() == 0 or grad_out.numel() == 0:  # nothing for a kernel: the windows read padding only
+        return (empty_like_format(input, input.shape, fmt).zero_() if output_mask[0] else input.new_empty(0),
+                weight.new_zeros(weight.shape) if output_mask[1] else input.new_empty(0),
+                grad_out.sum((0, 2, 3)) if output_mask[2] else input.new_empty(0))
     x = in_format(input, fmt)
     g = in_format(grad_out, fmt)
     k = _dispatch.kernels(FAMILY, backend, input.device)

@@ -28,8 +28,10 @@ FAMILY = "im2col"
 
 
 def _kernels(backend: str, x: Tensor):
-    """The backend's kernel module, or the torch reference where it has none for x. ``backend`` comes
-    resolved for x's device (dlkernels._dispatch.resolve)."""
+    """The backend's kernel module, or the torch reference where it has none for x or x is empty.
+    ``backend`` comes resolved for x's device (dlkernels._dispatch.resolve)."""
+    if x.numel() == 0:  # an empty batch (or rows of padding only): nothing for a kernel to read
+        return reference
     if backend in _dispatch.CPU_BACKENDS:
         has = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     else:

@@ -23,7 +23,7 @@ def im2col(x: Tensor, kernel_size, stride, padding, dilation, taps_first: bool) 
         win = win[..., ::dh, ::dw]
     if taps_first:
         win = win.permute(0, 1, 2, 4, 5, 3)
-    return win.reshape(n * win.shape[1] * win.shape[2], -1)
+    return win.reshape(n * win.shape[1] * win.shape[2], x.shape[1] * kh * kw)  # sizes given: N may be 0
 
 
 def _tap_span(size: int, out: int, stride: int, pad: int, offset: int) -> tuple[int, int, int]:

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import _dispatch, _registration
 from .. import _validation as V
 from ..depthwise.op import (check_weights, depthwise_conv2d_backward_op, depthwise_conv2d_op, empty_like_format,
-                           in_format)
+                           in_format, no_input_output)
 from ..pointwise import op as pointwise
 from . import reference
 
@@ -45,6 +45,9 @@ def separable_conv2d_op(input: Tensor, depthwise_weight: Tensor, pointwise_weigh
                         backend: str) -> Tensor:
     _check(input, depthwise_weight, pointwise_weight, bias, backend)
     fmt = V.memory_format(input)
+    if input.numel() == 0:
+        shape = (input.shape[0], pointwise_weight.shape[0], out_hw[0], out_hw[1])
+        return no_input_output(input, shape, bias, fmt)
     k = _dispatch.kernels(FAMILY, backend, input.device)
     y = k.separable_fwd(in_format(input, fmt), depthwise_weight.contiguous(),
                         pointwise_weight.reshape(pointwise_weight.shape[0], -1).contiguous(),
