@@ -932,7 +932,8 @@ struct Stats {
   void finish(int64_t c, double sa, double sb, T* mo, T* vo) const {
     const double m1 = sa / count;
     mo[c] = static_cast<T>(K[c] + m1);
-    vo[c] = static_cast<T>(std::max(0.0, sb / count - m1 * m1));
+    const double v = sb / count - m1 * m1;
+    vo[c] = static_cast<T>(v < 0.0 ? 0.0 : v);  // rounding below 0 clipped; a NaN kept (std::max dropped it)
   }
 };
 
@@ -1052,15 +1053,27 @@ void reduce_pass(const Bn3& d, const BwdInputs<T>& b, Act act, T* dzo, double* s
   });
 }
 
-// The apply pass's element functor: grad_x = scale[c] * (dz - c_dz[c] - (x - mean[c]) * cx[c]) (GX) and
-// dz (GR), into the first output and the next.
-template <Act A, bool RES, bool GX, bool GR, class T>
+// The apply pass's element functor: grad_x = scale[c] * (dz - c_dz[c] - (x - mean[c]) * cx[c]) in
+// training (CENTRE), scale[c] * dz in evaluation (GX), and dz (GR), into the first output and the next.
+// Evaluation's grad_x does not read x: with zero terms instead, an infinite or NaN input made its own
+// gradient NaN (inf * 0), where torch's is finite.
+template <Act A, bool RES, bool GX, bool GR, bool CENTRE, class T>
 auto bwd_apply_fn(const BwdInputs<T>& b, const T* cdz, const T* cx) {
   return [=](int64_t i, int64_t c, T wk, T* o1, T* o2) {
     const T dz = dz_at<A, RES>(b, i, wk);
-    if constexpr (GX) *o1 = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
+    if constexpr (GX && CENTRE) *o1 = b.scale[c] * (dz - cdz[c] - (b.x[i] - b.mean[c]) * cx[c]);
+    if constexpr (GX && !CENTRE) *o1 = b.scale[c] * dz;
     if constexpr (GR) *(GX ? o2 : o1) = dz;
   };
+}
+
+// Runs f(std::bool_constant<centre>): the training (centring) or the evaluation form of grad_x.
+template <class F>
+void with_centre(bool centre, F&& f) {
+  if (centre)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
 }
 
 // The arrays a backward apply pass streams (see streams): grad_y and the outputs, x for grad_x, and
@@ -1070,7 +1083,7 @@ int bwd_apply_arrays(const BwdInputs<T>& b, Act act, const T* gx, const T* gr) {
   return 1 + (gx ? 2 : 0) + (gr ? 1 : 0) + (bwd_third(b, act) ? 1 : 0);
 }
 
-// grad_x (with c_dz, cx) into gx, and dz into gr (either may be null).
+// grad_x (with c_dz, cx; both null in evaluation) into gx, and dz into gr (either may be null).
 template <class T>
 void bwd_apply_pass(const Bn3& d, const BwdInputs<T>& b, const T* cdz, const T* cx, Act act, T* gx, T* gr) {
   const bool stream = streams<T>(d, bwd_apply_arrays(b, act, gx, gr));
@@ -1078,12 +1091,17 @@ void bwd_apply_pass(const Bn3& d, const BwdInputs<T>& b, const T* cdz, const T* 
     constexpr Act AV = decltype(A)::value;
     constexpr bool RV = decltype(R)::value;
     with_bwd_prep<AV, RV>(b, d.C, [&](auto pre) {
-      if (gx && gr)
-        channel_map<T>(d, pre, bwd_apply_fn<AV, RV, true, true>(b, cdz, cx), MapOut<T>{gx, gr, stream});
-      else if (gx)
-        channel_map<T>(d, pre, bwd_apply_fn<AV, RV, true, false>(b, cdz, cx), MapOut<T>{gx, nullptr, stream});
-      else
-        channel_map<T>(d, pre, bwd_apply_fn<AV, RV, false, true>(b, cdz, cx), MapOut<T>{gr, nullptr, stream});
+      if (!gx) {
+        channel_map<T>(d, pre, bwd_apply_fn<AV, RV, false, true, false>(b, cdz, cx), MapOut<T>{gr, nullptr, stream});
+        return;
+      }
+      with_centre(cx != nullptr, [&](auto CT) {
+        constexpr bool CV = decltype(CT)::value;
+        if (gr)
+          channel_map<T>(d, pre, bwd_apply_fn<AV, RV, true, true, CV>(b, cdz, cx), MapOut<T>{gx, gr, stream});
+        else
+          channel_map<T>(d, pre, bwd_apply_fn<AV, RV, true, false, CV>(b, cdz, cx), MapOut<T>{gx, nullptr, stream});
+      });
     });
   });
 }
@@ -1108,12 +1126,15 @@ void backward_resident(const Bn3& d, const BwdInputs<T>& b, Act act, Terms terms
     with_bwd_prep<AV, RV>(b, d.C, [&](auto pre) {
       auto fs = reduce_fn<AV, RV, false>(b, static_cast<T*>(nullptr));
       const Ahead<T> ahead{{b.gy, b.x, bwd_third(b, AV)}};
-      if (gr)
-        ncs_resident<T>(d, pre, fs, mid, pre, bwd_apply_fn<AV, RV, true, true>(b, cdz, cx), MapOut<T>{gx, gr, stream},
-                        ahead, Ahead<T>{});
-      else
-        ncs_resident<T>(d, pre, fs, mid, pre, bwd_apply_fn<AV, RV, true, false>(b, cdz, cx),
-                        MapOut<T>{gx, nullptr, stream}, ahead, Ahead<T>{});
+      with_centre(cx != nullptr, [&](auto CT) {
+        constexpr bool CV = decltype(CT)::value;
+        if (gr)
+          ncs_resident<T>(d, pre, fs, mid, pre, bwd_apply_fn<AV, RV, true, true, CV>(b, cdz, cx),
+                          MapOut<T>{gx, gr, stream}, ahead, Ahead<T>{});
+        else
+          ncs_resident<T>(d, pre, fs, mid, pre, bwd_apply_fn<AV, RV, true, false, CV>(b, cdz, cx),
+                          MapOut<T>{gx, nullptr, stream}, ahead, Ahead<T>{});
+      });
     });
   });
 }
@@ -1235,7 +1256,7 @@ void py_backward(const py::array& gy3, const py::object& y3, const py::object& g
     py::gil_scoped_release nogil;
     const Fold<T> fo = a.fold(d, eps);
     const BwdInputs<T> b{gy, y, x, r, mu, fo.invstd.data(), fo.scale.data(), fo.shift.data(), gate};
-    // Per channel: the sum outputs, and grad_x's terms c_dz = sum_dz / count and invstd * c_xhat (zero
+    // Per channel: the sum outputs, and grad_x's terms c_dz = sum_dz / count and invstd * c_xhat (unused
     // in evaluation, where grad_x does not depend on the batch)
     std::vector<T> cdz(d.C, T(0)), cx(d.C, T(0));
     const double cnt = static_cast<double>(d.N * d.S);
@@ -1247,8 +1268,10 @@ void py_backward(const py::array& gy3, const py::object& y3, const py::object& g
         cx[c] = fo.invstd[c] * static_cast<T>(sdzx * fo.invstd[c] / cnt);
       }
     };
+    T* const cdz_or_null = training ? cdz.data() : nullptr;  // null: evaluation's grad_x, no centring
+    T* const cx_or_null = training ? cx.data() : nullptr;
     if (o_dz && gx && resident<T>(d, bwd_resident_arrays(b, act), false)) {
-      backward_resident<T>(d, b, act, terms, cdz.data(), cx.data(), gx, gr);
+      backward_resident<T>(d, b, act, terms, cdz_or_null, cx_or_null, gx, gr);
       return;
     }
     const bool dz_written = o_dz && gr && act != Act::None;
@@ -1259,10 +1282,10 @@ void py_backward(const py::array& gy3, const py::object& y3, const py::object& g
     }
     if (!gx && (!gr || dz_written)) return;
     if (dz_written)  // the apply reads dz and x instead of grad_y, y (or the residual) and x
-      bwd_apply_pass<T>(d, BwdInputs<T>{gr, nullptr, x, nullptr, mu, b.invstd, b.scale, b.shift, nullptr}, cdz.data(),
-                        cx.data(), Act::None, gx, nullptr);
+      bwd_apply_pass<T>(d, BwdInputs<T>{gr, nullptr, x, nullptr, mu, b.invstd, b.scale, b.shift, nullptr},
+                        cdz_or_null, cx_or_null, Act::None, gx, nullptr);
     else
-      bwd_apply_pass<T>(d, b, cdz.data(), cx.data(), act, gx, gr);
+      bwd_apply_pass<T>(d, b, cdz_or_null, cx_or_null, act, gx, gr);
   });
 }
 

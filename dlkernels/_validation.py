@@ -73,6 +73,13 @@ def activation(op: str, family: str, act) -> str:
     return act or ""
 
 
+def number(op: str, name: str, v) -> float:
+    """A real number (not a bool or None) as a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(v).__name__}")
+    return float(v)
+
+
 def shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
     if tuple(t.shape) != tuple(expected):
         extra = f" ({what})" if what else ""

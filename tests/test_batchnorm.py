@@ -361,6 +361,12 @@ def test_bad_inputs(backend_name, on_test_device):
         f(x, None, None, None, training=False, backend=backend_name)
     with pytest.raises(ValueError, match="2, 3 or 4 dimensions"):
         f(torch.randn(5), None, None, None, training=True, backend=backend_name)
+    with pytest.raises(ValueError, match="eps must be positive"):  # torch's rule: it keeps 1/sqrt finite
+        f(x, None, rm, rv, training=True, eps=0.0, backend=backend_name)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        f(x, None, rm, rv, training=False, eps=-1e-5, backend=backend_name)
+    with pytest.raises(TypeError, match="momentum must be a float"):
+        f(x, None, rm, rv, training=True, momentum=None, backend=backend_name)
 
 
 def test_relu_backward_matches_torch_on_nan(backend):
@@ -375,6 +381,33 @@ def test_relu_backward_matches_torch_on_nan(backend):
     (gb,) = grads(ref, [xs[1]], g)
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.equal(torch.isnan(ga), torch.isnan(gb))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_non_finite_input_matches_torch(backend, bad, channels_last):
+    """An infinite or NaN input value: in training its channel's statistics are NaN, so are its outputs and
+    its running variance (the C++ clipped a NaN variance to 0: an infinite value then gave relu outputs of
+    0 and blocked gradients torch passes); in evaluation the input's gradient is grad * scale, finite
+    (every backend computed inf * 0 there)."""
+    for training in (True, False):
+        x = torch.randn(4, 3, 2, 3, device=DEVICE, dtype=torch.float64)
+        x[1, 0, 1, 2] = bad
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        r, w, b = torch.randn_like(x), torch.randn(3, device=DEVICE, dtype=torch.float64), torch.randn(3, device=DEVICE, dtype=torch.float64)
+        g = torch.randn_like(x)
+        stats = _stats(3, torch.float64)
+        results = []
+        for f in (lambda *a: dlkernels.batch_norm_residual(*a, activation="relu", backend=backend),
+                  lambda *a: reference(*a, activation="relu")):
+            rm, rv = (s.clone() for s in stats)
+            ins = [leaf(x.clone()), leaf(r.clone()), rm, rv, leaf(w.clone()), leaf(b.clone())]
+            out = f(*ins, training)
+            results.append([out, *grads(out, [ins[0], ins[1], ins[4], ins[5]], g), rm, rv])
+        for i, (a, e) in enumerate(zip(*results)):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, equal_nan=True,
+                                       msg=lambda m: f"training={training}, result {i}: {m}")
 
 
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])

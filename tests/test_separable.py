@@ -311,6 +311,8 @@ def test_bad_inputs(backend_name, on_test_device):
         dlkernels.separable_conv2d(x, dw, torch.randn(4, 5, 1, 1), backend=backend_name)
     with pytest.raises(ValueError, match=r"weight must have shape \(O, 3, 1, 1\)"):
         dlkernels.pointwise_conv2d(x, torch.randn(4, 3, 3, 3), backend=backend_name)
+    with pytest.raises(ValueError, match=r"O >= 1"):  # as torch: no output channels is an error
+        dlkernels.separable_conv2d(x, dw, torch.randn(0, 3, 1, 1), backend=backend_name)
     with pytest.raises(ValueError, match=r"\(C\*m, 1, kH, kW\)"):
         dlkernels.separable_conv2d(x, torch.randn(2, 1, 3, 3), pw, backend=backend_name)
     with pytest.raises(ValueError, match="stride must be >= 1"):

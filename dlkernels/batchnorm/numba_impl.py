@@ -150,13 +150,15 @@ def _apply_cl(x, r, has_r, scale, shift, act, out):
 
 
 @jit(inline="always")
-def _grad_x(d, x, mean, invstd, scale, c_dz, c_xhat):
-    return scale * (d - c_dz - (x - mean) * invstd * c_xhat)
+def _grad_x(d, x, mean, invstd, scale, c_dz, c_xhat, centre):
+    if centre:
+        return scale * (d - c_dz - (x - mean) * invstd * c_xhat)
+    return scale * d  # evaluation: x not read (an infinite x would make it inf * 0)
 
 
 @pjit
-def _backward_apply_ncs(g, y, x, r, has_r, mean, invstd, scale, shift, c_dz, c_xhat, act, need_r, nsplit,
-                        gx, gr):
+def _backward_apply_ncs(g, y, x, r, has_r, mean, invstd, scale, shift, c_dz, c_xhat, centre, act, need_r,
+                        nsplit, gx, gr):
     nn, cc, ss = x.shape
     zero = np.zeros(1, x.dtype)[0]
     for t in prange(nn * cc * nsplit):
@@ -166,13 +168,14 @@ def _backward_apply_ncs(g, y, x, r, has_r, mean, invstd, scale, shift, c_dz, c_x
         mu, inv, sc, sh, cd, cx = mean[c], invstd[c], scale[c], shift[c], c_dz[c], c_xhat[c]
         for s in range(sp * ss // nsplit, (sp + 1) * ss // nsplit):
             d = _dz(g[n, c, s], y[n, c, s], x[n, c, s], r[n, c, s], has_r, sc, sh, act, zero)
-            gx[n, c, s] = _grad_x(d, x[n, c, s], mu, inv, sc, cd, cx)
+            gx[n, c, s] = _grad_x(d, x[n, c, s], mu, inv, sc, cd, cx, centre)
             if need_r:
                 gr[n, c, s] = d
 
 
 @pjit
-def _backward_apply_cl(g, y, x, r, has_r, mean, invstd, scale, shift, c_dz, c_xhat, act, need_r, gx, gr):
+def _backward_apply_cl(g, y, x, r, has_r, mean, invstd, scale, shift, c_dz, c_xhat, centre, act, need_r, gx,
+                       gr):
     nn, ss, cc = x.shape
     zero = np.zeros(1, x.dtype)[0]
     for row in prange(nn * ss):
@@ -180,7 +183,7 @@ def _backward_apply_cl(g, y, x, r, has_r, mean, invstd, scale, shift, c_dz, c_xh
         s = row % ss
         for c in range(cc):
             d = _dz(g[n, s, c], y[n, s, c], x[n, s, c], r[n, s, c], has_r, scale[c], shift[c], act, zero)
-            gx[n, s, c] = _grad_x(d, x[n, s, c], mean[c], invstd[c], scale[c], c_dz[c], c_xhat[c])
+            gx[n, s, c] = _grad_x(d, x[n, s, c], mean[c], invstd[c], scale[c], c_dz[c], c_xhat[c], centre)
             if need_r:
                 gr[n, s, c] = d
 
@@ -243,9 +246,10 @@ def bn_stats(x3):
     center = x3[0, :, 0].detach().to(torch.float64).contiguous().numpy()
     unused = dummy(x3.dtype)
     sums = _reduce(None, None, x3, None, center, unused, unused, False, "")
-    d_mean = sums[:, 0] / count
-    mean = center + d_mean
-    var = np.maximum(sums[:, 1] / count - d_mean * d_mean, 0.0)  # np.maximum keeps nan
+    with np.errstate(invalid="ignore"):  # an infinite input's NaN statistics are torch's too, silently
+        d_mean = sums[:, 0] / count
+        mean = center + d_mean
+        var = np.maximum(sums[:, 1] / count - d_mean * d_mean, 0.0)  # np.maximum keeps nan
     return torch.from_numpy(mean).to(sdtype), torch.from_numpy(var).to(sdtype)
 
 
@@ -283,8 +287,10 @@ def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_
     y = _arr(y3, cl) if activation == "relu" else x
     grad_x, gx = _new(x3, cl)
     grad_r, gr = _new(x3, cl) if need_grad_residual else (None, gx)
-    args = (g, y, x, r, residual3 is not None, _vec(mean), _vec(invstd), _vec(scale), _vec(shift), _vec(c_dz),
-            _vec(c_xhat), _ACT[activation], bool(need_grad_residual))
+    centre = c_dz is not None  # None in evaluation (see the contract); the arrays are then unread
+    args = (g, y, x, r, residual3 is not None, _vec(mean), _vec(invstd), _vec(scale), _vec(shift),
+            _vec(c_dz if centre else mean), _vec(c_xhat if centre else mean), centre, _ACT[activation],
+            bool(need_grad_residual))
     if cl:
         _backward_apply_cl(*args, gx, gr)
     else:

@@ -29,8 +29,10 @@ float16/bfloat16/float32 inputs, float64 for float64. activation is "", "relu" o
     bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_dz, c_xhat,
                       activation, need_grad_residual) -> (grad_x3, grad_residual3)
         grad_x = scale[c] * (dz - c_dz[c] - xhat * c_xhat[c]) (scale = weight * invstd; training
-        passes c_dz = sum_dz / count, c_xhat = sum_dz_xhat / count; evaluation passes zeros),
-        grad_residual = dz (None unless need_grad_residual); new tensors in x3's layout.
+        passes c_dz = sum_dz / count, c_xhat = sum_dz_xhat / count), in evaluation (c_dz and c_xhat
+        None) scale[c] * dz: x is not read there, so an infinite or NaN input does not make its own
+        gradient NaN (inf * 0) where torch's is finite; grad_residual = dz (None unless
+        need_grad_residual); new tensors in x3's layout.
 
 A backend may instead provide the training forward and the backward whole, with the semantics of
 ``compose_forward_train`` and ``compose_backward`` below (which build them from the kernels above):
@@ -90,7 +92,7 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check(x, residual, running_mean, running_var, weight, bias, training: bool, activation: str,
+def _check(x, residual, running_mean, running_var, weight, bias, training: bool, eps: float, activation: str,
            backend: str) -> None:
     V.tensor(x, "input", OP, ndim=(2, 3, 4))
     V.optional_tensor(residual, "residual", OP)
@@ -112,6 +114,8 @@ def _check(x, residual, running_mean, running_var, weight, bias, training: bool,
         raise ValueError(f"{OP}: running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
         raise ValueError(f"{OP}: running_mean and running_var must be defined in evaluation mode")
+    if eps < 0 or (training and eps == 0):  # as torch: eps is what keeps a constant channel finite
+        raise ValueError(f"{OP}: eps must be {'positive' if training else 'non-negative'}, got {eps}")
     if training and x.numel() // c == 1:
         raise ValueError(f"{OP}: expected more than 1 value per channel when training, got input size "
                          f"{tuple(x.shape)}")
@@ -214,7 +218,7 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
     variance); in evaluation empty tensors: the running statistics, inputs already, are what the
     backward uses (no copies of them per call). relu_gate: the gate bits the backward reads instead of
     out (writes_relu_gate), else an empty uint8 tensor."""
-    _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
+    _check(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend)
     sdtype = stats_dtype(input.dtype)
     cl = channels_last(input)
     if input.numel() == 0:  # an empty batch: an empty output as torch's, and no kernel on empty arrays
@@ -253,7 +257,7 @@ def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 @batch_norm_residual_functional_op.register_fake
 def _(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend):
-    _check(input, residual, running_mean, running_var, weight, bias, training, activation, backend)
+    _check(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend)
     sdtype = stats_dtype(input.dtype)
     c = input.shape[1] if training else 0
     gate = relu_gate_bytes(input.numel()) if writes_relu_gate(backend, input.device, training, activation) else 0
@@ -310,7 +314,7 @@ def compose_backward(k, g3, y3, relu_gate, x3, r3, mean, var, weight, bias, eps,
             count = x3.shape[0] * x3.shape[2]
             c_dz, c_xhat = torch._foreach_div([sum_dz, sum_dz_xhat], count)  # one launch on a GPU
         else:  # evaluation, or only grad_residual (= dz), which does not depend on them
-            c_dz = c_xhat = torch.zeros_like(mean)
+            c_dz = c_xhat = None
         grad_x3, gr3 = k.bn_backward_apply(g3, y3, x3, r3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
                                            bool(need_r))
         if need_r:
@@ -399,13 +403,14 @@ def batch_norm_residual(input: Tensor, residual: Tensor | None, running_mean: Te
     V.tensor(input, "input", OP, ndim=(2, 3, 4))
     name = _dispatch.resolve(FAMILY, backend, input.device)
     act = V.activation(OP, "batchnorm", activation)
+    momentum, eps = V.number(OP, "momentum", momentum), V.number(OP, "eps", eps)
     if name == "torch":  # the custom op checks its arguments itself
-        _check(input, residual, running_mean, running_var, weight, bias, training, act, name)
+        _check(input, residual, running_mean, running_var, weight, bias, training, eps, act, name)
         return reference.batch_norm_residual(input, residual, running_mean, running_var, weight, bias, training,
                                              momentum, eps, activation)
     if not training:
         # nothing to update: the functional op is the whole op, one dispatcher layer (~10 us) fewer
         return batch_norm_residual_functional_op(input, residual, running_mean, running_var, weight, bias, False,
-                                                 float(eps), act, name)[0]
-    return batch_norm_residual_op(input, residual, running_mean, running_var, weight, bias, True, float(momentum),
-                                  float(eps), act, name)
+                                                 eps, act, name)[0]
+    return batch_norm_residual_op(input, residual, running_mean, running_var, weight, bias, True, momentum, eps, act,
+                                  name)

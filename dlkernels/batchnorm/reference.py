@@ -62,8 +62,11 @@ def bn_backward_reduce(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, a
 def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_dz, c_xhat, activation,
                       need_grad_residual):
     dz = _dz(grad_y3, y3, x3, residual3, scale, shift, activation)
-    xhat = (x3 - mean[:, None]) * invstd[:, None]
-    gx = scale[:, None] * (dz - c_dz[:, None] - xhat * c_xhat[:, None])
+    if c_dz is None:  # evaluation: grad_x does not read x
+        gx = scale[:, None] * dz
+    else:
+        xhat = (x3 - mean[:, None]) * invstd[:, None]
+        gx = scale[:, None] * (dz - c_dz[:, None] - xhat * c_xhat[:, None])
     return gx.to(x3.dtype), (dz.to(x3.dtype, copy=True) if need_grad_residual else None)
 
 

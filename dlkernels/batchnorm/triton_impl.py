@@ -422,12 +422,16 @@ def _sum_splits_kernel(part_a_ptr, part_b_ptr, out_a_ptr, out_b_ptr, C, n_splits
 @triton.jit
 def _backward_apply_body(gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c_dz_ptr,
                          c_xhat_ptr, gx_ptr, gr_ptr, offs, mask, c, mask_c,
-                         HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, NEED_GRAD_RESIDUAL: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, NEED_GRAD_RESIDUAL: tl.constexpr,
+                         CENTRE: tl.constexpr):
     scale = _gather(scale_ptr, c, mask_c)
     dz, x = _grad_pre_activation(gy_ptr, y_ptr, x_ptr, r_ptr, offs, mask, scale,
                                  _gather(shift_ptr, c, mask_c), HAS_RESIDUAL, ACTIVATION)
-    xhat = (x - _gather(mean_ptr, c, mask_c)) * _gather(invstd_ptr, c, mask_c)
-    gx = scale * (dz - _gather(c_dz_ptr, c, mask_c) - xhat * _gather(c_xhat_ptr, c, mask_c))
+    if CENTRE:  # training
+        xhat = (x - _gather(mean_ptr, c, mask_c)) * _gather(invstd_ptr, c, mask_c)
+        gx = scale * (dz - _gather(c_dz_ptr, c, mask_c) - xhat * _gather(c_xhat_ptr, c, mask_c))
+    else:  # evaluation: x not read (an infinite x would make it inf * 0)
+        gx = scale * dz
     tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
     if NEED_GRAD_RESIDUAL:
         tl.store(gr_ptr + offs, dz.to(gr_ptr.dtype.element_ty), mask=mask)
@@ -438,7 +442,7 @@ def _backward_apply_kernel(
     gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c_dz_ptr, c_xhat_ptr,
     gx_ptr, gr_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, n_sblocks, n_cblocks,
-    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, NEED_GRAD_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, NEED_GRAD_RESIDUAL: tl.constexpr, CENTRE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ALIGN_N: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_S: tl.constexpr,
     COUNT_C: tl.constexpr, COUNT_S: tl.constexpr,
@@ -450,20 +454,20 @@ def _backward_apply_kernel(
     c = offs_c[None, :, None]
     _backward_apply_body(gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c_dz_ptr,
                          c_xhat_ptr, gx_ptr, gr_ptr, offs, mask, c, c < C,
-                         HAS_RESIDUAL, ACTIVATION, NEED_GRAD_RESIDUAL)
+                         HAS_RESIDUAL, ACTIVATION, NEED_GRAD_RESIDUAL, CENTRE)
 
 
 @triton.jit
 def _backward_apply_flat_kernel(
     gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c_dz_ptr, c_xhat_ptr,
     gx_ptr, gr_ptr, C, S: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, NEED_GRAD_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, NEED_GRAD_RESIDUAL: tl.constexpr, CENTRE: tl.constexpr,
     ALIGN_IMG: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs, mask, c = _flat_tile(C, S, ALIGN_IMG, BLOCK)
     _backward_apply_body(gy_ptr, y_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c_dz_ptr,
                          c_xhat_ptr, gx_ptr, gr_ptr, offs, mask, c, mask,
-                         HAS_RESIDUAL, ACTIVATION, NEED_GRAD_RESIDUAL)
+                         HAS_RESIDUAL, ACTIVATION, NEED_GRAD_RESIDUAL, CENTRE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,8 +675,9 @@ def bn_backward_apply(grad_y3, y3, x3, residual3, mean, invstd, scale, shift, c_
     has_res = residual3 is not None
     grad_y3, y3, residual3 = (_like_x(t, x3) for t in (grad_y3, y3, residual3))
     y3 = x3 if y3 is None else y3  # only "relu" reads y
-    args = (grad_y3, y3, x3, residual3 if has_res else x3, mean, invstd, scale, shift, c_dz, c_xhat,
-            grad_x3, grad_r3 if need_grad_residual else grad_x3)
-    flags = dict(HAS_RESIDUAL=has_res, ACTIVATION=activation, NEED_GRAD_RESIDUAL=need_grad_residual)
+    centre = c_dz is not None  # None in evaluation (see the contract): those pointers are then unread
+    args = (grad_y3, y3, x3, residual3 if has_res else x3, mean, invstd, scale, shift,
+            c_dz if centre else mean, c_xhat if centre else mean, grad_x3, grad_r3 if need_grad_residual else grad_x3)
+    flags = dict(HAS_RESIDUAL=has_res, ACTIVATION=activation, NEED_GRAD_RESIDUAL=need_grad_residual, CENTRE=centre)
     _launch_elementwise(_backward_apply_flat_kernel, _backward_apply_kernel, x3, geo, args, flags)
     return grad_x3, grad_r3

@@ -29,8 +29,8 @@ def check(op: str, x, weight, bias, backend: str, in_channels: int | None = None
     V.same_device_dtype(op, "input", x, weight=weight, bias=bias)
     V.backend_dtype(op, backend, x)
     c = x.shape[1] if in_channels is None else in_channels
-    if weight.shape[1] != c or weight.shape[2:] != (1, 1):
-        raise ValueError(f"{op}: weight must have shape (O, {c}, 1, 1) for {c} input channels, "
+    if weight.shape[0] < 1 or weight.shape[1] != c or weight.shape[2:] != (1, 1):
+        raise ValueError(f"{op}: weight must have shape (O, {c}, 1, 1) with O >= 1 for {c} input channels, "
                          f"got {tuple(weight.shape)}")
     if bias is not None:
         V.shape(op, "bias", bias, (weight.shape[0],), "weight.shape[0]")
