@@ -969,8 +969,14 @@ void bias_act_backward(int64_t batch, int64_t M, int64_t N, const T* go, const T
   }
   // bias_dim 1: column sums over all batch * M rows. Each thread sums its rows in blocks of
   // kRowBlock (double), adding each block's sums into its own total; totals are then combined in
-  // thread order.
+  // thread order. Rows of up to 256 bytes go into the block's sums four at a time: one at a time,
+  // each row's adds waited on the previous row's stores to the same sums (store-to-load forwarding,
+  // a chain per row), which bound narrow rows. Interleaved with the row-at-a-time build, two threads,
+  // Zen4: 15488x32 40 -> 28 us (torch's column sum 28), 25088x24 132 -> 52, 600000x16 1.26 -> 0.69 ms,
+  // 150000x64 1.15 -> 1.01 ms. Wider rows keep one at a time: four 384- or 512-byte rows at once,
+  // from DRAM, ran 1.3-2x slower (100000x96 1.01 -> 1.35 ms, 45000x128 0.45 -> 0.89 ms).
   constexpr int64_t kRowBlock = 128;
+  const int64_t rows_at_once = N * static_cast<int64_t>(sizeof(T)) <= 256 ? 4 : 1;
   const int64_t rows = batch * M;
   const int nt = par ? omp_get_max_threads() : 1;
   std::vector<double> part(static_cast<size_t>(nt) * 2 * N, 0.0);
@@ -983,7 +989,15 @@ void bias_act_backward(int64_t batch, int64_t M, int64_t N, const T* go, const T
     for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
       const int64_t re = std::min(r1, rb + kRowBlock);
       std::fill(blk, blk + N, 0.0);
-      for (int64_t r = rb; r < re; ++r) {
+      int64_t r = rb;
+      for (; rows_at_once == 4 && r + 4 <= re; r += 4) {
+        if (gp) mask_row(r * N, 4 * N);
+        const T *g0 = g + r * N, *g1 = g0 + N, *g2 = g1 + N, *g3 = g2 + N;
+        for (int64_t j = 0; j < N; ++j)
+          blk[j] += (static_cast<double>(g0[j]) + static_cast<double>(g1[j])) +
+                    (static_cast<double>(g2[j]) + static_cast<double>(g3[j]));
+      }
+      for (; r < re; ++r) {
         if (gp) mask_row(r * N, N);
         const T* gr = g + r * N;
         for (int64_t j = 0; j < N; ++j) blk[j] += static_cast<double>(gr[j]);

@@ -300,6 +300,26 @@ def test_relu_backward_matches_torch_on_nan(backend):
     assert torch.equal(torch.isnan(gw), torch.isnan(gr))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 129, 263], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bias_act_backward_sums(backend, rows, dtype):
+    """The bias gradient's sums (per column, bias_dim 1; per row over a batch, bias_dim 0) and relu's
+    masked gradient: rows not a multiple of the C++ kernel's four at a time nor of its 128-row blocks,
+    columns below and above the 256-byte width where it switches to one row at a time."""
+    for n in (1, 5, 24, 64, 65, 130):
+        g = torch.randn(rows, n, device=DEVICE, dtype=dtype)
+        out = torch.randn(rows, n, device=DEVICE, dtype=dtype)
+        for act in ("relu", ""):
+            pre, gb = torch.ops.dlkernels.bias_act_backward(g, out, act, 1, True, backend)
+            want = torch.where(out <= 0, 0, g) if act else g
+            if act:
+                assert torch.equal(pre, want)
+            assert_close(gb, want.double().sum(0), what=f"column sums {rows}x{n} {act}")
+        g3 = torch.randn(3, rows, n, device=DEVICE, dtype=dtype)
+        _, gb = torch.ops.dlkernels.bias_act_backward(g3, g3, "", 0, True, backend)
+        assert_close(gb, g3.double().sum((0, 2)), what=f"row sums 3x{rows}x{n}")
+
+
 @pytest.mark.parametrize("kernel", ["mm", "mm_scalar_for_test"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cpp_gemm_epilogue(kernel, dtype):
