@@ -99,8 +99,8 @@ class Op:
 def plain_eager(args: tuple) -> bool:
     """Whether nothing but autograd would see this call in the dispatcher: eager mode (not traced by
     torch.compile or torch.jit.trace, no dispatch or torch-function mode, no functorch transform, no
-    profiler, no autocast) and every tensor argument a plain, non-meta Tensor or Parameter. Then ``Op.__call__`` may
-    skip it."""
+    profiler, no autocast) and every tensor argument a plain, non-meta Tensor or Parameter. Then
+    ``Op.__call__`` may skip it."""
     if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces none of the rest
         return False
     C = torch._C

@@ -395,7 +395,8 @@ def test_non_finite_input_matches_torch(backend, bad, channels_last):
         x[1, 0, 1, 2] = bad
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        r, w, b = torch.randn_like(x), torch.randn(3, device=DEVICE, dtype=torch.float64), torch.randn(3, device=DEVICE, dtype=torch.float64)
+        r = torch.randn_like(x)
+        w, b = (torch.randn(3, device=DEVICE, dtype=torch.float64) for _ in range(2))
         g = torch.randn_like(x)
         stats = _stats(3, torch.float64)
         results = []

@@ -121,7 +121,7 @@ def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor
                                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias); an output not asked for in output_mask is an empty tensor."""
     fmt = V.memory_format(input)
-    if input.numel() == 0 or grad_out.numel() == 0:  # nothing for a kernel: the windows read padding only
+    if input.numel() == 0 or grad_out.numel() == 0:  # an empty batch: nothing for a kernel to read
         return (empty_like_format(input, input.shape, fmt).zero_() if output_mask[0] else input.new_empty(0),
                 weight.new_zeros(weight.shape) if output_mask[1] else input.new_empty(0),
                 grad_out.sum((0, 2, 3)) if output_mask[2] else input.new_empty(0))
@@ -167,7 +167,9 @@ def _double_backward(ctx, v_x, v_w, v_b):
     gradient of grad_out through v_w; the weight's, the weight gradient of grad_out against v_x."""
     g, x, w = ctx.saved_tensors
     stride, pad, dilation = ctx.geometry
-    v_x, v_w, v_b = (v if (m and v is not None and v.numel()) else None for v, m in zip((v_x, v_w, v_b), ctx.output_mask))
+    # the cotangents of the outputs the backward computed (the others are empty placeholders)
+    v_x, v_w, v_b = (v if (m and v is not None and v.numel()) else None
+                     for v, m in zip((v_x, v_w, v_b), ctx.output_mask))
     need_g, need_x, need_w = ctx.needs_input_grad[:3]
     backend, out_hw = ctx.backend, list(g.shape[-2:])
     gg = gx = gw = None
