@@ -45,9 +45,10 @@ class Op:
         self.name = name
         self.qualname = f"{NAMESPACE}::{name}"
         _lib.define(name + torch.library.infer_schema(fn, mutates_args=tuple(mutates_args)))
-        _lib.impl(name, fn, "CompositeExplicitAutograd")
+        impl = _owning_outputs(fn)
+        _lib.impl(name, impl, "CompositeExplicitAutograd")
         self.default = getattr(getattr(torch.ops, NAMESPACE), name).default
-        self.impl = fn  # the Python kernel itself (what the dispatcher calls below autograd)
+        self.impl = impl  # the Python kernel itself (what the dispatcher calls below autograd)
         self.function: type[torch.autograd.Function] | None = None  # its autograd, for eager calls
         self.__doc__ = fn.__doc__
 
@@ -94,6 +95,22 @@ class Op:
 
             self.default.py_impl(dispatch_key)(run)  # the Python dispatcher's (tracing) view of the same
             _lib.impl(self.name, lambda _keyset, *args, run=run: run(*args), key, with_keyset=True)
+
+
+def _owning_outputs(fn: Callable) -> Callable:
+    """fn with every output that is a view (a kernel's (N, C, S) result viewed as the input's shape, a
+    GEMM's rows viewed as an image) returned as a tensor of its own over the same memory (``detach``:
+    no copy). Autograd forbids modifying in place a view made inside a custom Function, so without this
+    ``nn.ReLU(inplace=True)`` or ``out += identity`` after a batch norm, a 1x1 conv or a batched GEMM
+    raised (torchvision's blocks do both)."""
+    def owning(*args):
+        out = fn(*args)
+        if isinstance(out, tuple):
+            return tuple(t.detach() if isinstance(t, torch.Tensor) and t._is_view() else t for t in out)
+        return out.detach() if isinstance(out, torch.Tensor) and out._is_view() else out
+
+    owning.__name__, owning.__doc__, owning.__wrapped__ = fn.__name__, fn.__doc__, fn
+    return owning
 
 
 def plain_eager(args: tuple) -> bool:

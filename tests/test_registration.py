@@ -98,3 +98,39 @@ def test_jit_trace_records_the_op(backend):
     traced = torch.jit.trace(layer, x)
     assert "dlkernels::linear" in str(traced.graph)
     assert torch.equal(traced(x2), layer(x2))
+
+
+def _view_output_cases(backend):
+    """Ops whose kernels' results are reshaped views (a batch norm's (N, C, S) result, a batched or
+    3-D GEMM's rows, a 1x1 conv's pixels): (name, fn, inputs), odd sizes, both layouts."""
+    rm, rv = torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE) + 0.5
+    return [
+        ("linear 3-D", lambda x, w, b: dlkernels.linear(x, w, b, backend=backend),
+         [leaf(_r(2, 5, 3)), leaf(_r(4, 3)), leaf(_r(4))]),
+        ("matmul batched", lambda a, b: dlkernels.matmul(a, b, backend=backend), [leaf(_r(2, 3, 4)), leaf(_r(4, 5))]),
+        ("pointwise nchw", lambda x, w, b: dlkernels.pointwise_conv2d(x, w, b, backend=backend),
+         [leaf(_r(2, 3, 5, 4)), leaf(_r(6, 3, 1, 1)), leaf(_r(6))]),
+        ("pointwise cl", lambda x, w, b: dlkernels.pointwise_conv2d(x, w, b, backend=backend),
+         [leaf(_r(2, 3, 5, 4, cl=True)), leaf(_r(6, 3, 1, 1)), leaf(_r(6))]),
+        ("batch norm train cl", lambda x, r, w, b: dlkernels.batch_norm_residual(
+            x, r, rm, rv, w, b, True, 0.1, 1e-5, activation="silu", backend=backend),
+         [leaf(_r(3, 3, 4, 5, cl=True)), leaf(_r(3, 3, 4, 5, cl=True)), leaf(_r(3)), leaf(_r(3))]),
+        ("batch norm eval 3-D", lambda x, w, b: dlkernels.batch_norm_residual(
+            x, None, rm, rv, w, b, False, 0.1, 1e-5, backend=backend), [leaf(_r(4, 3, 7)), leaf(_r(3)), leaf(_r(3))]),
+        ("batch norm train 2-D", lambda x, w, b: dlkernels.batch_norm_residual(
+            x, None, rm, rv, w, b, True, 0.1, 1e-5, backend=backend), [leaf(_r(6, 3)), leaf(_r(3)), leaf(_r(3))]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_outputs_can_be_modified_in_place(backend, case):
+    """``nn.ReLU(inplace=True)`` or ``out += identity`` after an op (torchvision's blocks): autograd forbids
+    modifying in place a view made inside a custom Function, and these ops' results were such views
+    (RuntimeError in the forward). The gradients through the in-place op are the out-of-place ones."""
+    name, fn, inputs = _view_output_cases(backend)[case]
+    out = fn(*inputs)
+    assert not out._is_view(), name
+    got = torch.autograd.grad(out.mul_(2).sum(), inputs)
+    want = torch.autograd.grad((fn(*inputs) * 2).sum(), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
