@@ -424,7 +424,8 @@ def test_low_precision_grad_input_with_residual_gradient(backend, dtype):
         xx, rr = leaf(x.clone()), leaf(r.clone(), need_r)
         y = dlkernels.batch_norm_residual(xx, rr, None, None, None, None, True, activation="silu", backend=backend)
         got.append(torch.autograd.grad(y, xx, g)[0])
-    assert torch.equal(got[0], got[1])
+    if DEVICE.type == "cpu":  # the interpreter: bit for bit (a GPU's reductions may order adds otherwise)
+        assert torch.equal(got[0], got[1])
     xx, rr = leaf(x.double()), leaf(r.double())
     ref = torch.autograd.grad(reference(xx, rr, None, None, None, None, True, activation="silu"), xx, g.double())[0]
     assert (got[0].double() - ref).norm() <= 0.05 * ref.norm()
