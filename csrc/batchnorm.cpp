@@ -29,16 +29,21 @@ struct Bn3 {
   bool cl;
 };
 
+// Runs f(std::bool_constant<b>) for a runtime b: one compiled branch each (the residual's presence,
+// the training or the evaluation form of the backward's grad_x).
+template <class F>
+void with_bool(bool b, F&& f) {
+  if (b)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
 // Runs f(std::integral_constant<Act, A>, std::bool_constant<RES>) for the runtime act / residual,
 // so that each combination compiles to its own branch-free inner loop.
 template <class F>
 void dispatch_act(Act act, bool has_res, F&& f) {
-  auto with_res = [&](auto a) {
-    if (has_res)
-      f(a, std::true_type{});
-    else
-      f(a, std::false_type{});
-  };
+  auto with_res = [&](auto a) { with_bool(has_res, [&](auto r) { f(a, r); }); };
   switch (act) {
     case Act::None: return with_res(std::integral_constant<Act, Act::None>{});
     case Act::Relu: return with_res(std::integral_constant<Act, Act::Relu>{});
@@ -1067,15 +1072,6 @@ auto bwd_apply_fn(const BwdInputs<T>& b, const T* cdz, const T* cx) {
   };
 }
 
-// Runs f(std::bool_constant<centre>): the training (centring) or the evaluation form of grad_x.
-template <class F>
-void with_centre(bool centre, F&& f) {
-  if (centre)
-    f(std::true_type{});
-  else
-    f(std::false_type{});
-}
-
 // The arrays a backward apply pass streams (see streams): grad_y and the outputs, x for grad_x, and
 // bwd_third's.
 template <class T>
@@ -1095,7 +1091,7 @@ void bwd_apply_pass(const Bn3& d, const BwdInputs<T>& b, const T* cdz, const T* 
         channel_map<T>(d, pre, bwd_apply_fn<AV, RV, false, true, false>(b, cdz, cx), MapOut<T>{gr, nullptr, stream});
         return;
       }
-      with_centre(cx != nullptr, [&](auto CT) {
+      with_bool(cx != nullptr, [&](auto CT) {
         constexpr bool CV = decltype(CT)::value;
         if (gr)
           channel_map<T>(d, pre, bwd_apply_fn<AV, RV, true, true, CV>(b, cdz, cx), MapOut<T>{gx, gr, stream});
@@ -1126,7 +1122,7 @@ void backward_resident(const Bn3& d, const BwdInputs<T>& b, Act act, Terms terms
     with_bwd_prep<AV, RV>(b, d.C, [&](auto pre) {
       auto fs = reduce_fn<AV, RV, false>(b, static_cast<T*>(nullptr));
       const Ahead<T> ahead{{b.gy, b.x, bwd_third(b, AV)}};
-      with_centre(cx != nullptr, [&](auto CT) {
+      with_bool(cx != nullptr, [&](auto CT) {
         constexpr bool CV = decltype(CT)::value;
         if (gr)
           ncs_resident<T>(d, pre, fs, mid, pre, bwd_apply_fn<AV, RV, true, true, CV>(b, cdz, cx),

@@ -191,9 +191,7 @@ def autocast_input(t: torch.Tensor, backend: str) -> torch.Tensor:
     """t cast as lower_precision casts an op's tensors, where autocast is on for t's device: for a
     module that computes on its input before its op does (Conv2d's im2col rows)."""
     device_type = t.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return t
-    return _cast(t, device_type, autocast_dtype(backend, torch.get_autocast_dtype(device_type)))
+    return lower_precision((t, backend), device_type)[0] if torch.is_autocast_enabled(device_type) else t
 
 
 def _op_name(qualname: str) -> str:
