@@ -189,12 +189,16 @@ void sweep_planes(const PlaneTaps<T>& pt, int64_t nt, int64_t planes, F plane, i
   }
 }
 
-// The lines of [begin, end), prefetched. An asm prefetch: GCC dropped LinePrefetch's
-// __builtin_prefetch loop inside the sweep's OpenMP lambda (no instruction in the binary).
+// The lines of [begin, end), prefetched (into L1, or into L2 where prefetch_into_l2). An asm prefetch:
+// GCC dropped LinePrefetch's __builtin_prefetch loop inside the sweep's OpenMP lambda (no instruction
+// in the binary).
 template <class T>
 DLK_INLINE void prefetch_lines(const T* begin, const T* end) {
-  for (const char* a = reinterpret_cast<const char*>(begin); a < reinterpret_cast<const char*>(end); a += 64)
-    asm volatile("prefetcht0 %0" : : "m"(*a));
+  const char *a = reinterpret_cast<const char*>(begin), *e = reinterpret_cast<const char*>(end);
+  if (prefetch_into_l2())
+    for (; a < e; a += 64) asm volatile("prefetcht1 %0" : : "m"(*a));
+  else
+    for (; a < e; a += 64) asm volatile("prefetcht0 %0" : : "m"(*a));
 }
 
 // The plane of `len` elements two after p, prefetched where it lies before `end`: a sweep reads its
