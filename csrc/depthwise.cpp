@@ -711,7 +711,7 @@ void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
       // interleaved, from DRAM: 8x96x112x112 s2 3.11-3.17 -> 2.02 ms (eager 2.84-3.34), 8x256x38x38
       // 0.66-0.71 -> 0.54 (eager 0.66), 5x5 8x96x112x112 3.21 -> 2.75. At stride 1 it cost: 8x128x75x75
       // 1.97-2.07 -> 2.31-2.50, 5x5 8x144x56x56 1.82 -> 1.98 (into L2 only: 2.55, 2.01; slower at
-      // stride 2 too).
+      // stride 2 too). On AMD family 19h they go into L2 (prefetch_into_l2).
       LinePrefetch next_x, next_gy;
       const int64_t n1 = g.sH > 1 || g.sW > 1 ? plane(t + 1, o1) : -1;
       if (n1 >= 0) {
@@ -923,7 +923,8 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
       // from DRAM: 8x128x75x75 2.48-2.51 -> 1.36-1.48 ms (eager 2.0-2.36), 8x728x19x19 0.94 -> 0.48-0.51
       // (eager 0.78-0.81), 8x144x56x56 1.57 -> 0.94, 5x5 1.81 -> 1.32, 8x1024x10x10 0.37 -> 0.20, stride 2
       // 8x96x112x112 1.29 -> 1.21, 5x5 1.59-1.79 -> 1.32-1.40, but 8x256x38x38 0.45-0.50 -> 0.47-0.53;
-      // into L2 only, slower at stride 1 (75x75 1.76 ms).
+      // into L2 only, slower at stride 1 (75x75 1.76 ms). On AMD family 19h into L2 (prefetch_into_l2;
+      // with every pass's prefetches there the Zen4's 8x128x75x75 forward+backward took 8.29 -> 6.10 ms).
       LinePrefetch gy_next;
       if (r + 1 < r1) gy_next = LinePrefetch(gyr + g.Wo * g.Cm, gyr + 2 * g.Wo * g.Cm);
       if (staged) {
