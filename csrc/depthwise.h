@@ -348,10 +348,21 @@ DLK_INLINE void wide_blocks(int64_t rows, int64_t Wo, LinePrefetch& pf, B blk) {
 // of the FixedTaps pass's samples sat on its stores). Rows past a task's are the next task's, usually
 // this thread's next plane. Interleaved, two threads, from DRAM, copy 45 GB/s: 8x128x75x75 1.39 ->
 // 1.05 ms, 8x144x56x56 0.64 -> 0.54, 5x5 0.94 -> 0.87, 8x96x112x112 s2 1.31 -> 1.17 (one group ahead:
-// 1.11, 0.56, 0.88, 1.19).
+// 1.11, 0.56, 0.88, 1.19). On AMD family 19h (prefetch_into_l2) into L2 with a read prefetch
+// (prefetcht1; x86 has no write prefetch into L2) instead of prefetchw into L1, which stalled there as
+// the input's prefetcht0 did. Zen4, two threads, from DRAM, interleaved in one process (15 rounds),
+// prefetchw -> prefetcht1: forward 8x144x56x56 1.18 -> 0.98 ms and 1.10 -> 1.02 in a second run,
+// 8x128x75x75 1.83 -> 1.42 and 2.12 -> 1.68, 8x96x112x112 s2 2.05 -> 1.82, 5x5 s2 2.12 -> 1.88, 5x5
+// 8x144x56x56 1.57 -> 1.35, 8x240x28x28 0.62 -> 0.59, 8x32x112x112 0.92 -> 0.86, 7x7 8x96x56x56
+// 1.59 / 1.57; forward+backward 8x128x75x75 8.82 -> 7.66, 8x144x56x56 6.49 -> 6.15. No prefetch at
+// all fell between the two (8x128x75x75 1.75, 8x144x56x56 1.07).
 template <class T>
 DLK_INLINE void prefetch_output_rows(const T* out, int64_t r0, int64_t r1, int64_t Wo) {
-  for (const T* a = out + r0 * Wo; a < out + r1 * Wo; a += 64 / sizeof(T)) __builtin_prefetch(a, 1);
+  const T *a = out + r0 * Wo, *e = out + r1 * Wo;
+  if (prefetch_into_l2())
+    for (; a < e; a += 64 / sizeof(T)) __builtin_prefetch(a, 0, 2);
+  else
+    for (; a < e; a += 64 / sizeof(T)) __builtin_prefetch(a, 1);
 }
 
 // Output rows [0, rows) from a staged block X of row stride Wp, output (i, j) = b + sum over taps t
