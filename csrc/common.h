@@ -147,8 +147,8 @@ inline bool amd_family_19h() {
 // Whether the prefetches of a coming task's lines (LinePrefetch, the masked sweeps' planes) go into L2
 // only (prefetcht1) rather than L1 (prefetcht0): on AMD family 19h. There a task's lines prefetched
 // into L1 (a plane of 50 KiB, or rows beside the staged ones) exceed its 32 KiB and hold its miss
-// buffers: the hottest instruction of the stride-2 NCHW forward was the prefetcht0 itself, waiting
-// for a buffer. Zen4, two threads, from DRAM, interleaved in one process, L1 -> L2: depthwise forward
+// buffers: after the staging loads, the stride-2 NCHW forward's hottest instruction was the
+// prefetcht0 itself, waiting for a buffer. Zen4, two threads, from DRAM, interleaved in one process, L1 -> L2: depthwise forward
 // NCHW 8x96x112x112 s2 3.27 -> 1.90 ms, 5x5 s2 3.70 -> 2.07, 8x256x38x38 s2 0.59 -> 0.55, 8x144x56x56
 // 1.03 -> 0.95, 8x128x75x75 2.01 -> 1.92; channels-last 5x5 8x144x56x56 2.37 -> 1.21, 3x3 0.89 ->
 // 0.73, 8x128x75x75 1.53 -> 1.20, 8x96x112x112 s2 2.22 -> 1.50; forward+backward channels-last
