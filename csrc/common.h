@@ -155,11 +155,10 @@ inline bool amd_family_19h() {
 // 8x128x75x75 8.29 -> 6.10, 8x144x56x56 5.35 -> 3.91; fused separable NCHW 8x96x112x112 s2 -> 24 4.24 ->
 // 2.74; the rest of 42 cases within 5 %. On the Zen5 (48 KiB L1) the L1 prefetches were measured
 // faster where compared (the weight gradients' comments), so other CPUs keep them. The Zen3 (family
-// 19h, 32 KiB L1 too) takes the L2 prefetches unmeasured. Read once: a prefetch changes no result.
-inline bool prefetch_into_l2() {
-  static const bool l2 = amd_family_19h();
-  return l2;
-}
+// 19h, 32 KiB L1 too) takes the L2 prefetches unmeasured. Read once, when the module loads (a prefetch
+// changes no result): a function-local static cost a guard check, and in one sweep a call, per plane.
+inline const bool kPrefetchIntoL2 = amd_family_19h();
+inline bool prefetch_into_l2() { return kPrefetchIntoL2; }
 
 // The cache lines of [begin, end), prefetched a few at a time (step) while other work runs, so that a
 // later copy of them reads cache instead of waiting on DRAM alone.
