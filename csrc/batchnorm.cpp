@@ -648,12 +648,10 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, Ahead
 }
 
 // The one or two arrays channel_map writes at every flat offset (b: nullptr for one). With stream,
-// each block is computed into a per-thread buffer and copied out with non-temporal stores: for a pass
-// whose arrays are past streams_outputs's threshold a plain store first reads the line it writes, a fourth
-// more DRAM traffic for evaluation's x + residual -> y (two threads, 8x128x75x75: 2.0 -> 1.6 ms).
-// Whole blocks, not runs: a block is one contiguous range, where NCS runs of 7x7 planes copied one
-// by one made every line a partial one (ResNet-50 stage 4 evaluation 1.1 -> 6.3 ms).
-// gate: where not null, a's relu gate bits (store_gate) are written too, block by block.
+// they are written with non-temporal stores: for a pass whose arrays are past streams_outputs's
+// threshold a plain store first reads the line it writes, a fourth more DRAM traffic for evaluation's
+// x + residual -> y (two threads, 8x128x75x75: 2.0 -> 1.6 ms).
+// gate: where not null, a's relu gate bits (store_gate) are written too.
 template <class T>
 struct MapOut {
   T* a;
@@ -662,25 +660,127 @@ struct MapOut {
   uint8_t* gate = nullptr;
 };
 
-// A thread's side of a MapOut, for blocks of up to len elements: where a run's values go (a(b0, i),
-// b(b0, i): flat offset i of the block starting at b0, in the block's buffers when streamed, else in
-// place; b is a's when there is no second output), and the end of each block (finish: its gate bits,
-// then its buffers streamed out) and of the thread's blocks (done).
+// A thread's writer of a MapOut, block by block (begin, then the block's runs in flat order, then
+// finish; done after the thread's last block). A run's element functor e(k, oa, ob) stores the values
+// of the run's element k at *oa (and *ob; ob is oa where there is no second output).
+//
+// Streamed, a run's whole cache lines are computed into a line-sized local array and stored from
+// registers with non-temporal stores as they are done (lines); the elements of a line the run only
+// starts or ends (a plane's edges in NCS) wait in a pending line, which the next run completes (each
+// run streamed out by itself made every line of 7x7 planes a partial one: ResNet-50 stage 4 evaluation
+// 1.1 -> 6.3 ms), and a line the block shares with its neighbour goes out with plain stores, the
+// block's part only. It
+// replaced computing the whole block (~RUN elements) into a cached buffer and streaming that out
+// afterwards: on the Zen4 that buffer's stores and reloads, and the block's reads and writes in two
+// phases instead of interleaved, held the pass ~30 % under its bandwidth (a standalone 32x2048x7x7
+// evaluation loop, two threads, from DRAM: channels-last 0.95 -> 0.65 ms, as a flat loop 1.1 -> 0.8).
+// Runs shorter than kMinLineRun (NCS planes, channels-last rows) keep that block buffer: a 7x7 plane is
+// mostly its two partial lines, and 32x2048x7x7 NCHW evaluation ran 0.80 -> 0.86 ms by lines. Runs
+// from 64 up gained in both layouts (same loop, interleaved A/B against the block buffer, two threads,
+// from DRAM, relu + residual): evaluation 32x256x56x56 5.14 -> 4.16 ms NCHW, 5.66 -> 4.58 channels-last,
+// 32x512x28x28 3.98 -> 3.61, 32x1024x14x14 1.93 -> 1.81 NCHW, 1.54 -> 1.20 channels-last, 8x128x75x75
+// 1.19 -> 1.02 and 1.18 -> 1.05, 8x728x19x19 0.71 -> 0.64 and 0.77 -> 0.69 (rows of 728: lines span
+// rows), 32x2048x7x7 channels-last 0.96 -> 0.80. Training steps moved within the noise (-4 to +9 %):
+// their statistics and reduce passes, which write nothing, take most of the time. The AVX2 Zen3 and
+// the Zen5 are unmeasured.
+constexpr int64_t kMinLineRun = 64;
 template <class T>
 class MapBlock {
+  static constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(T));  // elements in a cache line
+  static constexpr int B = kAvx512Machine ? 64 : 32;                   // bytes in a stream store
   const MapOut<T>& out_;
-  std::vector<T> abuf_, bbuf_;
+  const bool lines_;                  // streamed line by line (else buffered when streamed)
+  std::vector<GateEdge>* edges_;      // this thread's, where there is a gate
+  std::vector<T> abuf_, bbuf_;        // the block buffers (streamed, not by lines)
+  int64_t b0_ = 0, b1_ = 0;           // the block
+  int64_t pend_ = -1;                 // the flat offset of the pending line's first element, or -1
+  alignas(64) T pa_[L], pb_[L];       // the pending line's values
+
+  static void stream_line(T* dst, const T* v) {
+    for (int64_t j = 0; j < L; j += Vec<T, B>::lanes) vstream(dst + j, vload<T, B>(v + j));
+  }
+  // Writes the line at flat offset l0 with values va (vb): whole and within the block, streamed;
+  // else the block's part of it, plain.
+  void put_line(int64_t l0, const T* va, const T* vb) {
+    const int64_t lo = std::max(l0, b0_), hi = std::min(l0 + L, b1_);
+    if (lo == l0 && hi == l0 + L) {
+      stream_line(out_.a + l0, va);
+      if (out_.b) stream_line(out_.b + l0, vb);
+    } else {
+      std::memcpy(out_.a + lo, va + (lo - l0), (hi - lo) * sizeof(T));
+      if (out_.b) std::memcpy(out_.b + lo, vb + (lo - l0), (hi - lo) * sizeof(T));
+    }
+    if (out_.gate) store_gate(va + (lo - l0), lo, hi, out_.gate, *edges_);
+  }
+  void flush_pending() {
+    if (pend_ >= 0) put_line(pend_, pa_, pb_);
+    pend_ = -1;
+  }
 
  public:
-  MapBlock(const MapOut<T>& out, int64_t len)
-      : out_(out), abuf_(out.stream ? len : 0), bbuf_(out.stream && out.b ? len : 0) {}
-  T* a(int64_t b0, int64_t i) { return out_.stream ? abuf_.data() + (i - b0) : out_.a + i; }
-  T* b(int64_t b0, int64_t i) { return !out_.b ? a(b0, i) : out_.stream ? bbuf_.data() + (i - b0) : out_.b + i; }
-  void finish(int64_t b0, int64_t b1, GateEdges& edges) {
-    if (out_.gate) store_gate(out_.stream ? abuf_.data() : out_.a + b0, b0, b1, out_.gate, edges.mine());
+  // d: the pass's shape (channels-last rows of C % L channels are buffered); len: the longest block
+  MapBlock(const MapOut<T>& out, const Bn3& d, int64_t len, GateEdges& edges)
+      : out_(out),
+        lines_(out.stream && (d.cl ? d.C : d.S) >= kMinLineRun && reinterpret_cast<uintptr_t>(out.a) % sizeof(T) == 0 &&
+               (!out.b || (reinterpret_cast<uintptr_t>(out.b) - reinterpret_cast<uintptr_t>(out.a)) % 64 == 0)),
+        edges_(out.gate ? &edges.mine() : nullptr),
+        abuf_(out.stream && !lines_ ? len : 0),
+        bbuf_(out.stream && !lines_ && out.b ? len : 0) {}
+
+  void begin(int64_t b0, int64_t b1) {
+    b0_ = b0;
+    b1_ = b1;
+  }
+
+  // The run of the n elements from flat offset i0.
+  template <class E>
+  DLK_INLINE void run(int64_t i0, int64_t n, const E& e) {
+    if (!lines_) {
+      T* oa = out_.stream ? abuf_.data() + (i0 - b0_) : out_.a + i0;
+      T* ob = !out_.b ? oa : out_.stream ? bbuf_.data() + (i0 - b0_) : out_.b + i0;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) e(k, oa + k, ob + k);
+      return;
+    }
+    // i0 inside a line (off elements in): that line is the pending one, which this run continues
+    const int64_t off = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out_.a + i0) % 64 / sizeof(T));
+    int64_t k = 0;
+    if (off != 0) {
+      if (pend_ != i0 - off) {  // the block's first line, shared with the block before
+        flush_pending();
+        pend_ = i0 - off;
+      }
+      k = std::min(n, L - off);
+      T* qa = pa_ + off;
+      T* qb = out_.b ? pb_ + off : qa;
+#pragma omp simd
+      for (int64_t j = 0; j < k; ++j) e(j, qa + j, qb + j);
+      if (off + k == L) flush_pending();
+    }
+    for (; k + L <= n; k += L) {  // whole lines, from registers (the local arrays vanish without a gate)
+      alignas(64) T va[L], vb[L];
+      T* qb = out_.b ? vb : va;
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j) e(k + j, va + j, qb + j);
+      put_line(i0 + k, va, vb);
+    }
+    if (k < n) {  // the start of a line the next run completes
+      pend_ = i0 + k;
+      T* qb = out_.b ? pb_ : pa_;
+#pragma omp simd
+      for (int64_t j = 0; j < n - k; ++j) e(k + j, pa_ + j, qb + j);
+    }
+  }
+
+  void finish() {
+    if (lines_) {
+      flush_pending();
+      return;
+    }
+    if (out_.gate) store_gate(out_.stream ? abuf_.data() : out_.a + b0_, b0_, b1_, out_.gate, *edges_);
     if (out_.stream) {
-      stream_copy(out_.a + b0, abuf_.data(), b1 - b0);
-      if (out_.b) stream_copy(out_.b + b0, bbuf_.data(), b1 - b0);
+      stream_copy(out_.a + b0_, abuf_.data(), b1_ - b0_);
+      if (out_.b) stream_copy(out_.b + b0_, bbuf_.data(), b1_ - b0_);
     }
   }
   void done() const {
@@ -694,13 +794,6 @@ bool streams(const Bn3& d, int arrays) {
   return streams_outputs(arrays * d.N * d.C * d.S * static_cast<int64_t>(sizeof(T)));
 }
 
-// f(i, c, w[k], oa + k, ob + k) for the n elements of one NCS run of channel c from flat offset i0.
-template <class T, class F>
-DLK_INLINE void map_run_ncs(const F& f, int64_t i0, int64_t c, int64_t n, const T* w, T* oa, T* ob) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) f(i0 + k, c, w[k], oa + k, ob + k);
-}
-
 // Runs f(i, c, wk, oa, ob) for every element (flat offset i, channel c), vectorized along the
 // contiguous axis: f stores its values for out.a[i] (and out.b[i]) at *oa (and *ob). The work is split
 // in blocks of about RUN consecutive flat offsets: in NCS a block spans as many planes as fit, so that
@@ -709,39 +802,32 @@ template <class T, class P, class F>
 void channel_map(const Bn3& d, P pre, F f, MapOut<T> out) {
   const int64_t total = d.N * d.C * d.S;
   if (total == 0) return;
-  const int64_t rb = d.cl ? cl_group_rows(d.C) : 0;  // channels-last: rows per block
-  const int64_t blocks = ceil_div(total, d.cl ? rb * d.C : RUN);
+  const int64_t blk_len = d.cl ? cl_group_rows(d.C) * d.C : RUN;
+  const int64_t blocks = ceil_div(total, blk_len);
   GateEdges edges(out.gate != nullptr);
 #pragma omp parallel if (worth_threads(total))
   {
-    const int64_t blk_len = d.cl ? rb * d.C : RUN;
-    std::vector<T> wbuf(d.cl ? blk_len : RUN);
-    MapBlock<T> dst(out, blk_len);
+    std::vector<T> wbuf(blk_len);
+    MapBlock<T> dst(out, d, blk_len, edges);
     T* w = wbuf.data();
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t b0 = blk * blk_len, b1 = std::min(total, b0 + blk_len);
-      // one run [i0, i0 + len), its prologue values at wr, its values into dst's places
-      auto map_run = [&](int64_t i0, int64_t c, int64_t len, const T* wr) {
-        T* oa = dst.a(b0, i0);
-        T* ob = dst.b(b0, i0);  // (unwritten without b)
-        if (c >= 0) {
-          map_run_ncs(f, i0, c, len, wr, oa, ob);
-        } else {
-          for (int64_t o = 0; o < len; o += d.C) {
-#pragma omp simd
-            for (int64_t s = 0; s < d.C; ++s) f(i0 + o + s, s, wr[o + s], oa + o + s, ob + o + s);
-          }
-        }
-      };
+      dst.begin(b0, b1);
       if (!d.cl) {  // the block's planes: their prologue in one buffer (w[i - b0]), then the runs
         ncs_prologue(d, pre, b0, b1, w);
-        ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) { map_run(i0, c, len, w + (i0 - b0)); });
-      } else {
-        pre(b0, int64_t(-1), b1 - b0, w);  // the block's rows, one run
-        map_run(b0, int64_t(-1), b1 - b0, w);
+        ncs_segments(d, blk, [&](int64_t i0, int64_t c, int64_t len) {
+          const T* wr = w + (i0 - b0);
+          dst.run(i0, len, [&](int64_t k, T* oa, T* ob) DLK_LAMBDA_INLINE { f(i0 + k, c, wr[k], oa, ob); });
+        });
+      } else {  // the block's rows, one prologue run; a row's element k is channel k
+        pre(b0, int64_t(-1), b1 - b0, w);
+        for (int64_t i0 = b0; i0 < b1; i0 += d.C) {
+          const T* wr = w + (i0 - b0);
+          dst.run(i0, d.C, [&](int64_t k, T* oa, T* ob) DLK_LAMBDA_INLINE { f(i0 + k, k, wr[k], oa, ob); });
+        }
       }
-      dst.finish(b0, b1, edges);
+      dst.finish();
     }
     dst.done();
   }
@@ -818,7 +904,7 @@ void ncs_resident(const Bn3& d, PS pre_s, FS fs, MID mid, PM pre_m, FM fm, MapOu
   {
     const bool small = d.S <= kSmallPlane;
     std::vector<T> wbuf(RUN), abuf(small ? cg * d.S : 0), bbuf(small ? cg * d.S : 0);
-    MapBlock<T> dst(out, RUN);
+    MapBlock<T> dst(out, d, RUN, edges);
     std::vector<double> sa(cg), sb(cg);
     T* w = wbuf.data();
 #pragma omp for schedule(dynamic, chunk)
@@ -828,10 +914,12 @@ void ncs_resident(const Bn3& d, PS pre_s, FS fs, MID mid, PM pre_m, FM fm, MapOu
       mid(c0, c1, sa.data(), sb.data());
       GroupPrefetch<T> pf(d, c0, c1, ahead_m);
       group_blocks(d, c0, c1, pf, pre_m, w, [&](int64_t b0, int64_t b1) {
+        dst.begin(b0, b1);
         ncs_runs(d, b0, b1, [&](int64_t i0, int64_t c, int64_t len) {
-          map_run_ncs(fm, i0, c, len, w + (i0 - b0), dst.a(b0, i0), dst.b(b0, i0));
+          const T* wr = w + (i0 - b0);
+          dst.run(i0, len, [&](int64_t k, T* oa, T* ob) DLK_LAMBDA_INLINE { fm(i0 + k, c, wr[k], oa, ob); });
         });
-        dst.finish(b0, b1, edges);
+        dst.finish();
       });
     }
     dst.done();
