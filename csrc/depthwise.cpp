@@ -67,7 +67,14 @@ void fwd_cl_staged(const T* x, const T* w, const T* bias, T* y, const DwGeom& g0
 // threads) whether it is in cache or comes from DRAM. So streaming its output does not pay: rows
 // computed into an L1 buffer and written as whole non-temporal lines (carried across planes, one
 // fence) took 2.79 ms against 2.28 at 8x128x75x75 and 1.41 against 1.04 at 8x728x19x19; through the
-// same buffer with plain stores, 3.09 and 1.00 (interleaved A/B, two threads, 2026-11-26).
+// same buffer with plain stores, 3.09 and 1.00 (interleaved A/B, two threads, 2026-11-26). Without
+// the buffer (2026-11-28, Zen4): each task's rows as one flat range of whole 64-byte lines, a vector
+// each, computed from the staged rows (two masked loads a tap where a line wraps to the next row) and
+// stored from registers, non-temporal. That loses the FixedTaps kernels' row blocking (an input
+// vector loaded once for four rows), and the per-vector tap loads, most splitting a line, cost more
+// than the write-allocate reads saved: 3x3 stride 1 8x128x75x75 1.70 -> 2.20 ms, 8x144x56x56 1.01
+// -> 1.28, 5x5 1.29 -> 2.87; stride 2 gained only on wide rows, 8x32x224x224 3.24 -> 2.40,
+// 8x96x112x112 2.44 -> 2.24, and lost at 28 outputs a row (0.95-0.97x), 5x5 8x96x112x112 2.14 -> 2.57.
 template <class T>
 void fwd(const T* x, const T* w, const T* bias, T* y, const DwGeom& g, bool cl) {
   const int64_t K = g.kH * g.kW;
