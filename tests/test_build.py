@@ -1,6 +1,7 @@
 """The C++ extension's portable build (CMake option DLKERNELS_PORTABLE=ON: baseline x86-64, the
 scalar and SSE paths instead of -march=native) still compiles and computes: make test builds only the
-native one, and an AVX-only construct once broke the portable build unnoticed."""
+native one, and an AVX-only construct once broke the portable build unnoticed. The check runs the
+depthwise forward and batch norm's streamed evaluation (its plain-store fallback without AVX)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,24 @@ for (n, c, h, w_), s, cl in [((2, 37, 13, 11), 1, False), ((2, 37, 13, 11), 1, T
     C.depthwise_fwd(x.numpy(), w.numpy(), b.numpy(), y.numpy(), s, s, 1, 1, 1, 1, cl)
     err = (y - ref).abs().max().item()
     assert err < 1e-12, (x.shape, s, cl, err)
+# batch norm evaluation with streamed outputs (a 1-byte LLC): NCHW planes of 1517 that leave partial lines
+# at their edges, channels-last rows of 70, planes of 7x7 (through the block buffer)
+import os
+os.environ["DLKERNELS_LLC_BYTES"] = "1"
+for shape, cl in [((2, 3, 37, 41), False), ((2, 70, 5, 3), True), ((3, 5, 7, 7), False)]:
+    c = shape[1]
+    x, r = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    m, v = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    w, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    ref = torch.relu(F.batch_norm(x, m, v, w, b, False, 0.1, 1e-5) + r)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x, r = x.contiguous(memory_format=fmt), r.contiguous(memory_format=fmt)
+    y = torch.empty_like(x)
+    as3 = lambda t: t.view(shape[0], c, -1)  # the (N, C, S) view the op hands over, in either layout
+    C.bn_apply(as3(x).numpy(), as3(r).numpy(), m.numpy(), v.numpy(), w.numpy(), b.numpy(), 1e-5, "relu",
+               as3(y).numpy(), cl)
+    err = (y - ref).abs().max().item()
+    assert err < 1e-12, (shape, cl, err)
 print("ok")
 """
 
