@@ -669,11 +669,11 @@ struct MapOut {
 // starts or ends (a plane's edges in NCS) wait in a pending line, which the next run completes (each
 // run streamed out by itself made every line of 7x7 planes a partial one: ResNet-50 stage 4 evaluation
 // 1.1 -> 6.3 ms), and a line the block shares with its neighbour goes out with plain stores, the
-// block's part only. It
-// replaced computing the whole block (~RUN elements) into a cached buffer and streaming that out
-// afterwards: on the Zen4 that buffer's stores and reloads, and the block's reads and writes in two
-// phases instead of interleaved, held the pass ~30 % under its bandwidth (a standalone 32x2048x7x7
-// evaluation loop, two threads, from DRAM: channels-last 0.95 -> 0.65 ms, as a flat loop 1.1 -> 0.8).
+// block's part only. It replaced computing the whole block (~RUN elements) into a cached buffer and
+// streaming that out afterwards: on the Zen4 that buffer's stores and reloads, and the block's reads
+// and writes in two phases instead of interleaved, held the pass ~30 % under its bandwidth (a
+// standalone 32x2048x7x7 evaluation loop, two threads, from DRAM: channels-last 0.95 -> 0.65 ms, as a
+// flat loop 1.1 -> 0.8).
 // Runs shorter than kMinLineRun (NCS planes, channels-last rows) keep that block buffer: a 7x7 plane is
 // mostly its two partial lines, and 32x2048x7x7 NCHW evaluation ran 0.80 -> 0.86 ms by lines. Runs
 // from 64 up gained in both layouts (same loop, interleaved A/B against the block buffer, two threads,
@@ -718,7 +718,7 @@ class MapBlock {
   }
 
  public:
-  // d: the pass's shape (channels-last rows of C % L channels are buffered); len: the longest block
+  // d: the pass's shape (its runs, planes or rows, under kMinLineRun are buffered); len: the longest block
   MapBlock(const MapOut<T>& out, const Bn3& d, int64_t len, GateEdges& edges)
       : out_(out),
         lines_(out.stream && (d.cl ? d.C : d.S) >= kMinLineRun && reinterpret_cast<uintptr_t>(out.a) % sizeof(T) == 0 &&

@@ -65,11 +65,11 @@ def test_forward_backward_running_stats(backend, dtype, layout, with_residual, a
     _check_forward_backward(backend, dtype, *LAYOUTS[layout], with_residual, activation, training)
 
 
-# Passes whose arrays are past a third of the last-level cache write their outputs through per-thread buffers and
-# non-temporal stores (C++); a tiny DLKERNELS_LLC_BYTES reaches that path on small tensors. Planes that
-# straddle the kernels' 2048-element runs, and channels-last rows of 70, leave unaligned run ends; planes
-# and rows of 64 elements or more are written line by line (lines spanning runs and blocks), shorter
-# ones through a block buffer.
+# Passes whose arrays are past a third of the last-level cache write their outputs with non-temporal stores
+# (C++); a tiny DLKERNELS_LLC_BYTES reaches that path on small tensors. Planes that straddle the kernels'
+# 2048-element runs, and channels-last rows of 70, leave unaligned run ends; planes and rows of 64
+# elements or more are written line by line (lines spanning runs and blocks), shorter ones through a
+# per-thread block buffer.
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", [None, "relu", "silu"], ids=str)
 @pytest.mark.parametrize("shape_cl", [((7, 5), False), ((2, 3, 37, 41), False), ((2, 70, 5, 3), True),
