@@ -687,7 +687,6 @@ constexpr int64_t kMinLineRun = 64;
 template <class T>
 class MapBlock {
   static constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(T));  // elements in a cache line
-  static constexpr int B = kAvx512Machine ? 64 : 32;                   // bytes in a stream store
   const MapOut<T>& out_;
   const bool lines_;                  // streamed line by line (else buffered when streamed)
   std::vector<GateEdge>* edges_;      // this thread's, where there is a gate
@@ -696,9 +695,6 @@ class MapBlock {
   int64_t pend_ = -1;                 // the flat offset of the pending line's first element, or -1
   alignas(64) T pa_[L], pb_[L];       // the pending line's values
 
-  static void stream_line(T* dst, const T* v) {
-    for (int64_t j = 0; j < L; j += Vec<T, B>::lanes) vstream(dst + j, vload<T, B>(v + j));
-  }
   // Writes the line at flat offset l0 with values va (vb): whole and within the block, streamed;
   // else the block's part of it, plain.
   void put_line(int64_t l0, const T* va, const T* vb) {

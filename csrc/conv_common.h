@@ -172,14 +172,22 @@ inline void vstream(T* p, V v) {
 #endif
   vstore(p, v);
 }
-// dst[0, n) = src[0, n), non-temporal where aligned (plain stores for the unaligned ends). Whole
-// 64-byte lines per store on the AVX-512 machine: batch norm's streamed passes (its only user) ran
-// 2-10 % faster than with two 32-byte halves per line (evaluation, two threads, interleaved, input
-// from DRAM, both layouts: 32x2048x7x7 0.83-0.93 -> 0.80-0.85 ms, 32x1024x14x14 1.55-1.61 ->
-// 1.50-1.58, 8x128x75x75 1.35-1.48 -> 1.32-1.45; 12 of 12 pairs faster).
+// Bytes per non-temporal store in stream_copy and stream_line: whole 64-byte lines on the AVX-512
+// machine, where batch norm's streamed passes ran 2-10 % faster than with two 32-byte halves per line
+// (evaluation, two threads, interleaved, input from DRAM, both layouts: 32x2048x7x7 0.83-0.93 ->
+// 0.80-0.85 ms, 32x1024x14x14 1.55-1.61 -> 1.50-1.58, 8x128x75x75 1.35-1.48 -> 1.32-1.45; 12 of 12
+// pairs faster).
+constexpr int kStreamBytes = kAvx512Machine ? 64 : 32;
+// dst[0, 64 bytes) = v[...], non-temporal: one whole cache line from a line-aligned dst.
+template <class T>
+DLK_INLINE void stream_line(T* dst, const T* v) {
+  constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(T)), V = Vec<T, kStreamBytes>::lanes;
+  for (int64_t j = 0; j < L; j += V) vstream(dst + j, vload<T, kStreamBytes>(v + j));
+}
+// dst[0, n) = src[0, n), non-temporal where aligned (plain stores for the unaligned ends).
 template <class T>
 inline void stream_copy(T* dst, const T* src, int64_t n) {
-  constexpr int B = kAvx512Machine ? 64 : 32;
+  constexpr int B = kStreamBytes;
   int64_t i = 0;
 #if defined(__AVX__)
   for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % B != 0; ++i) dst[i] = src[i];
