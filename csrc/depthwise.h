@@ -80,6 +80,19 @@ DLK_INLINE void with_count(int64_t n, F&& f) {
   f(std::integral_constant<int, N>{});
 }
 
+// f(integral_constant<int, nb>, j) for blocks [j, j + nb) that tile [j0, j1): as few blocks of at most
+// NJ as cover it, their sizes as equal as the count allows (9 pixels in 8-wide blocks: 5, 4), so that
+// no pixel is computed twice.
+template <int NJ, class F>
+DLK_INLINE void balanced_blocks(int64_t j0, int64_t j1, F&& f) {
+  const int64_t n = j1 - j0, nb = ceil_div(n, int64_t{NJ}), q = n / std::max<int64_t>(nb, 1), big = n - q * nb;
+  for (int64_t b = 0, j = j0; b < nb; ++b) {
+    const int64_t size = q + (b < big);  // the first n % nb blocks take one more
+    with_count<NJ>(size, [&](auto k) { f(k, j); });
+    j += size;
+  }
+}
+
 // v as an opaque register value: an empty asm the compiler cannot see through, so that a loaded
 // vector feeding several FMAs stays one load instead of being folded into each FMA as a memory
 // operand. A no-op without AVX, where the 32-byte vector fits no single register.
@@ -762,26 +775,30 @@ void cl_staged_row_blocks(const T* const* rows, int64_t ps, const T* xn, int64_t
 }
 
 // 3x3 windows (dilation 1 along the row, column stride SW): one channel vector c of output pixels
-// [j0, j1) (j1 - j0 >= 4) of one output row, four pixels at a time, with all nine weight vectors held
+// [j0, j1) (j1 - j0 >= NJ) of one output row, NJ pixels at a time, with all nine weight vectors held
 // in registers for the whole run (9 weights + 4 accumulators + 1 input of 16 registers). The
 // per-block loads of the window-row blocks above (weights, bias, the block's setup) cost as much
 // as the 3x3 arithmetic itself: one thread, hot cache, they ran at ~40 GFLOP/s on 3x3 against ~57
 // on 5x5, whose blocks do 25 taps per setup.
-template <class T, int SW, int NJ = 4, int B = 32>
+// DJ = 2: every other pixel, j0, j0 + 2, ... < j1 (see cl_staged_row_pairs); STREAM: non-temporal
+// stores (dst line-aligned).
+template <class T, int SW, int NJ = 4, int B = 32, int DJ = 1, bool STREAM = false>
 inline void cl_sweep3(const T* const* rows, int64_t ps, const T* wt, const T* bias, T* yr, int64_t c, int64_t j0,
                       int64_t j1, const DwGeom& g) {
+  constexpr int PS = DJ * SW;  // input columns from one block pixel to the next
   using V = typename Vec<T, B>::type;
-  constexpr int U = (NJ - 1) * SW + 3;  // input columns a block reads
   V w[3][3];
 #pragma GCC unroll 3
   for (int p = 0; p < 3; ++p)
 #pragma GCC unroll 3
     for (int q = 0; q < 3; ++q) w[p][q] = vload<T, B>(wt + (p * 3 + q) * g.ws + c);
-  auto block = [&](int64_t j) {
-    V acc[NJ];
+  auto block = [&](auto nb, int64_t j) {
+    constexpr int NB = decltype(nb)::value;
+    constexpr int U = (NB - 1) * PS + 3;  // input columns the block reads
+    V acc[NB];
     const V b = bias ? vload<T, B>(bias + c) : V{};
 #pragma GCC unroll 8
-    for (int jj = 0; jj < NJ; ++jj) acc[jj] = b;
+    for (int jj = 0; jj < NB; ++jj) acc[jj] = b;
 #pragma GCC unroll 3
     for (int p = 0; p < 3; ++p) {
       const T* xs = rows[p] + j * SW * ps + c;
@@ -790,19 +807,34 @@ inline void cl_sweep3(const T* const* rows, int64_t ps, const T* wt, const T* bi
         V xv = vload<T, B>(xs);
         opaque(xv);  // one load feeding up to three FMAs, not one folded load per FMA
 #pragma GCC unroll 8
-        for (int jj = 0; jj < NJ; ++jj)
-          if (u - SW * jj >= 0 && u - SW * jj < 3) acc[jj] += w[p][u - SW * jj] * xv;
+        for (int jj = 0; jj < NB; ++jj)
+          if (u - PS * jj >= 0 && u - PS * jj < 3) acc[jj] += w[p][u - PS * jj] * xv;
         xs += ps;
         asm("" : "+r"(xs));  // (as in cl_staged_block: keeps the column offsets from spilling)
       }
     }
     T* dst = yr + j * g.Cm + c;
 #pragma GCC unroll 8
-    for (int jj = 0; jj < NJ; ++jj) vstore(dst + jj * g.Cm, acc[jj]);
+    for (int jj = 0; jj < NB; ++jj) {
+      if constexpr (STREAM)
+        vstream(dst + jj * DJ * g.Cm, acc[jj]);
+      else
+        vstore(dst + jj * DJ * g.Cm, acc[jj]);
+    }
   };
-  int64_t j = j0;
-  for (; j + NJ <= j1; j += NJ) block(j);
-  if (j < j1) block(j1 - NJ);  // recomputes a few pixels with equal values
+  if constexpr (DJ == 1) {
+    // Blocks of one size, the last moved back to end at j1 (recomputing a few pixels with equal
+    // values): each load instruction then steps by one stride from block to block, which the
+    // hardware's stride prefetcher follows. Balanced blocks (balanced_blocks: 17 pixels as 6, 6, 5
+    // instead of 8, 8, 8 from 9) ran 1.02-1.08x hot but 0.86-0.95x with the input in L3 (two threads,
+    // interleaved: 4x256x19x19, 2x728x19x19, 8x40x28x28, 8x120x28x28).
+    int64_t j = j0;
+    for (; j + NJ <= j1; j += NJ) block(std::integral_constant<int, NJ>{}, j);
+    if (j < j1) block(std::integral_constant<int, NJ>{}, j1 - NJ);
+    return;
+  }
+  // Every other pixel (DJ = 2), streamed: a moved-back block would store lines twice.
+  balanced_blocks<NJ>(0, ceil_div(j1 - j0, int64_t{DJ}), [&](auto nb, int64_t b) { block(nb, j0 + b * DJ); });
 }
 
 // A whole output row of a 3x3 window (cl_sweep3; Wo >= 4) in runs of 32 pixels, each run swept
@@ -827,6 +859,65 @@ void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t
     pf.step(pf.lines);
     if (c < g.Cm)
       for (int64_t j = j0; j < j1; ++j) cl_staged_pixel(rows, ps, wt, bias, yr + j * g.Cm, c, j, g);
+    j0 = j1;
+  }
+}
+
+// Half a 64-byte vector of channels [c, c + L/2) of output pixel j of a 3x3 window at column stride 1
+// (bias included), for cl_staged_row_pairs' line seams.
+template <class T>
+inline typename Vec<T, 32>::type cl_half3(const T* const* rows, int64_t ps, const T* wt, const T* bias, int64_t c,
+                                          int64_t j, const DwGeom& g) {
+  using H = typename Vec<T, 32>::type;
+  H acc = bias ? vload<T, 32>(bias + c) : H{};
+  for (int p = 0; p < 3; ++p)
+    for (int q = 0; q < 3; ++q) acc += vload<T, 32>(wt + (p * 3 + q) * g.ws + c) * vload<T, 32>(rows[p] + (j + q) * ps + c);
+  return acc;
+}
+
+// A 3x3 output row at column stride 1, streamed, where a pixel's channels are an odd number of half
+// lines (pixel_bytes % 64 == 32: 728 floats, Xception's middle flow; 40, 72, 120 in MobileNetV3), so
+// that every other pixel starts mid-line and no per-pixel channel vector lines up for all pixels.
+// Each pixel's whole lines are its channels [0, Cm - L/2) where it starts on a line, [L/2, Cm) where it
+// starts mid-line: the two sets of pixels are swept apart (cl_sweep3 over every other pixel) at their
+// own channel offsets and stored non-temporally; the line a pixel that starts on a line shares with
+// the next one (its last half vector, the next one's first) goes out whole from two half vectors.
+// Only the row piece's end halves, whose lines the neighbouring pixels' writers complete (an edge
+// pixel, the next row), are stored plainly. Plain stores everywhere read each output line before
+// writing it (write-allocate): a third more traffic for a pass that is otherwise bound by DRAM.
+// Against plain stores from whole-row sweeps (a 32-byte vector for the last half line), two threads,
+// Zen4, interleaved, input from DRAM at a 31-32 GB/s copy: 8x728x19x19 0.72-0.74 -> 0.54-0.57 ms
+// (eager 0.76-0.78, floor 0.52), 8x72x56x56 0.68 -> 0.46 (eager 0.77), hot 0.56 -> 0.42 and 0.52 -> 0.37.
+template <class T>
+void cl_staged_row_pairs(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias, T* yr,
+                         const DwGeom& g) {
+  constexpr int L = Vec<T, 64>::lanes, H = L / 2;
+  constexpr int64_t JC = 32;
+  const int64_t nv = (g.Cm - H) / L;  // whole lines in each pixel
+  auto on_line = [&](int64_t j) { return reinterpret_cast<uintptr_t>(yr + j * g.Cm) % 64 == 0; };
+  for (int64_t j0 = 0; j0 < g.Wo;) {
+    const int64_t j1 = g.Wo - (j0 + JC) < 8 ? g.Wo : j0 + JC;
+    NextRowPrefetch<T> pf(xn, i, j0, j1 < g.Wo ? j1 : g.Wo + g.kW * g.dW, g);
+    const int64_t per = pf.share(2 * nv);
+    const int64_t ja = on_line(j0) ? j0 : j0 + 1, jm = on_line(j0) ? j0 + 1 : j0;  // first of each set
+    for (int64_t k = 0; k < nv; ++k) {
+      pf.step(per);
+      cl_sweep3<T, 1, 8, 64, 2, true>(rows, ps, wt, bias, yr, k * L, ja, j1, g);
+      pf.step(per);
+      cl_sweep3<T, 1, 8, 64, 2, true>(rows, ps, wt, bias, yr, k * L + H, jm, j1, g);
+    }
+    pf.step(pf.lines);
+    if (jm == 0) vstore(yr, cl_half3(rows, ps, wt, bias, 0, 0, g));  // the piece's first pixel's head
+    for (int64_t j = ja; j < j1; j += 2) {
+      alignas(64) T line[L];  // pixel j's last half vector, pixel j + 1's first
+      vstore(line, cl_half3(rows, ps, wt, bias, g.Cm - H, j, g));
+      if (j + 1 == g.Wo) {  // the piece's last pixel
+        std::memcpy(yr + (j + 1) * g.Cm - H, line, sizeof(T) * H);
+        continue;
+      }
+      vstore(line + H, cl_half3(rows, ps, wt, bias, 0, j + 1, g));
+      vstream(yr + (j + 1) * g.Cm - H, vload<T, 64>(line));
+    }
     j0 = j1;
   }
 }
@@ -933,6 +1024,14 @@ void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, con
   for (int64_t j = 0; j < g.Wo; ++j) cl_staged_pixel(rows, ps, wt, bias, yr + j * g.Cm, 0, j, g);
 }
 
+// Whether cl_staged_row_pairs streams output rows starting at y (AVX-512; y on a half line, so that
+// every other pixel starts on a line).
+template <class T>
+inline bool cl_row_pairs(const DwGeom& g, const T* y) {
+  return kAvx512Machine && g.Cm * static_cast<int64_t>(sizeof(T)) % 64 == 32 && g.kH == 3 && g.kW == 3 &&
+         g.sW == 1 && g.dW == 1 && g.Wo >= 8 && reinterpret_cast<uintptr_t>(y) % 32 == 0;
+}
+
 // Whether cl_staged_row_streamed can write output rows starting at y: 3x3 windows at column stride 1
 // or 2 (the 5-pixel x 2-vector blocks), or, on the AVX-512 machine, 5-wide windows (and 7-wide at
 // stride 1) of 8+ output pixels (8- to 16-pixel blocks of 64-byte vectors); whole 64-byte lines of channels per pixel from a
@@ -943,6 +1042,7 @@ template <class T>
 bool cl_streams_rows(const DwGeom& g, const T* y) {
 #if defined(__AVX__)
   const int64_t pixel_bytes = g.Cm * static_cast<int64_t>(sizeof(T));
+  if (cl_row_pairs(g, y)) return true;
   if (g.dW != 1 || g.sW > 2 || pixel_bytes % 64 != 0 || same_l1_set(pixel_bytes) ||
       reinterpret_cast<uintptr_t>(y) % 64 != 0)
     return false;
@@ -975,6 +1075,8 @@ bool cl_streams_rows(const DwGeom& g, const T* y) {
 template <class T>
 void cl_staged_row_streamed(const T* const* rows, int64_t ps, const T* xn, int64_t i, const T* wt, const T* bias,
                             T* yr, const DwGeom& g) {
+  if constexpr (kAvx512Machine)
+    if (cl_row_pairs(g, yr)) return cl_staged_row_pairs(rows, ps, xn, i, wt, bias, yr, g);
   // 7-wide windows (ConvNeXt's 7x7) the same way: two threads, interleaved, from DRAM, against plain
   // stores: 8x96x56x56 0.86 -> 0.76 ms (eager 1.19), 16x96x56x56 1.64 -> 1.52.
   if (g.kW == 7)

@@ -216,12 +216,19 @@ def test_channels_last_rows_in_place(backend, dtype, case):
 # (with_pixel_block: rows of 13, 21 and 29 leave a last block moved back) or, on rows of 5-7 pixels,
 # one block of the row's width (4 pixels under 5); a 3x5 window reaches the same kernel. Rows of 1024
 # floats (pixels 4 KiB apart) take 10- or 5-pixel blocks. streamed: every output treated as leaving the
-# cache, so that the rows go out in non-temporal stores (cl_staged_row_streamed).
+# cache, so that the rows go out in non-temporal stores (cl_staged_row_streamed). 3x3 at stride 1 with
+# pixels of an odd number of half lines (72, 56 and 24 floats, 20 doubles) stream every other pixel's
+# lines and the lines two pixels share (cl_staged_row_pairs): rows of odd widths (the pixels' line
+# phase alternating from row to row), of 45 (two runs, a shared line across them), of 9 from staged
+# rows ("valid": the whole row one piece).
 @pytest.mark.parametrize("case", [(2, 32, 11, 13, 5, 1, 2, 1, 1), (1, 48, 12, 21, 5, 2, 2, 1, 1),
                                   (1, 16, 9, 10, (3, 5), 1, (1, 2), 1, 1), (2, 32, 6, 7, 5, 1, 2, 1, 1),
                                   (1, 32, 10, 13, 7, 1, 3, 1, 1), (1, 16, 9, 6, 7, 1, 3, 1, 1),
                                   (1, 16, 8, 29, 5, 1, 2, 1, 1), (1, 32, 5, 4, 5, 1, 2, 1, 1),
-                                  (1, 1024, 3, 10, 3, 1, 1, 1, 1), (1, 1024, 3, 15, 3, 1, 1, 1, 1)], ids=_ids)
+                                  (1, 1024, 3, 10, 3, 1, 1, 1, 1), (1, 1024, 3, 15, 3, 1, 1, 1, 1),
+                                  (1, 72, 5, 19, 3, 1, 1, 1, 1), (1, 56, 4, 20, 3, 1, 1, 1, 1),
+                                  (1, 24, 3, 45, 3, 1, 1, 1, 1), (2, 20, 3, 23, 3, 1, 1, 1, 1),
+                                  (2, 40, 4, 11, 3, 1, "valid", 1, 1)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
