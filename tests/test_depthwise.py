@@ -214,8 +214,9 @@ def test_channels_last_rows_in_place(backend, dtype, case):
 # Channels-last windows 5 and 7 wide, channels a multiple of 16 floats (8 doubles): on AVX-512 builds
 # the C++ forward takes 64-byte vectors there (cl_staged_row_kw), in blocks of 8-16 pixels
 # (with_pixel_block: rows of 13, 21 and 29 leave a last block moved back) or, on rows of 5-7 pixels,
-# one block of the row's width (4 pixels under 5); a 3x5 window reaches the same kernel. Rows of 1024
-# floats (pixels 4 KiB apart) take 10- or 5-pixel blocks. streamed: every output treated as leaving the
+# one block of the row's width (4 pixels under 5); a 3x5 window reaches the same kernel, and at
+# stride 1 so do channels that end in half a 64-byte vector (72, 40, 24 floats; the rest in 32-byte
+# blocks). Rows of 1024 floats (pixels 4 KiB apart) take 10- or 5-pixel blocks. streamed: every output treated as leaving the
 # cache, so that the rows go out in non-temporal stores (cl_staged_row_streamed). 3x3 at stride 1 with
 # pixels of an odd number of half lines (72, 56 and 24 floats, 20 doubles) stream every other pixel's
 # lines and the lines two pixels share (cl_staged_row_pairs): rows of odd widths (the pixels' line
@@ -228,7 +229,8 @@ def test_channels_last_rows_in_place(backend, dtype, case):
                                   (1, 1024, 3, 10, 3, 1, 1, 1, 1), (1, 1024, 3, 15, 3, 1, 1, 1, 1),
                                   (1, 72, 5, 19, 3, 1, 1, 1, 1), (1, 56, 4, 20, 3, 1, 1, 1, 1),
                                   (1, 24, 3, 45, 3, 1, 1, 1, 1), (2, 20, 3, 23, 3, 1, 1, 1, 1),
-                                  (2, 40, 4, 11, 3, 1, "valid", 1, 1)], ids=_ids)
+                                  (2, 40, 4, 11, 3, 1, "valid", 1, 1), (1, 72, 6, 13, 5, 1, 2, 1, 1),
+                                  (1, 40, 5, 19, 7, 1, 3, 1, 1), (2, 24, 5, 11, (5, 3), 1, (2, 1), 1, 1)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
