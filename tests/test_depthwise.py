@@ -200,11 +200,13 @@ def test_random_geometries(backend, case, channels_last):
 # rows in place and computes the edge pixels apart, as does the weight gradient of 3x3 windows at
 # stride 2 (ClRowSource); channels with vector tails, padding on one side or both, dilation 2. At
 # 3x3 stride 1, channels ending in half a 64-byte vector and a scalar rest (29 floats: 16 + 8 + 5;
-# 29 doubles: 3 x 8 + 4 + 1; 728 floats), in place and, on rows under 16, staged.
+# 29 doubles: 3 x 8 + 4 + 1; 728 floats), in place and, on rows under 16, staged. Rows of 10 and of
+# 17 in place are swept in blocks of 5 and 6 (with_sweep_block).
 @pytest.mark.parametrize("case", [(2, 37, 9, 40, 3, 2, 1, 1, 1), (1, 24, 7, 36, 3, 1, 1, 1, 1),
                                   (1, 40, 6, 45, 5, 2, 2, 1, 1), (1, 16, 5, 38, 3, 2, (1, 0), 1, 1),
                                   (1, 16, 8, 40, 3, 2, 2, 2, 1), (1, 29, 6, 20, 3, 1, 1, 1, 1),
-                                  (2, 29, 5, 11, 3, 1, 1, 1, 1), (1, 728, 4, 19, 3, 1, 1, 1, 1)], ids=_ids)
+                                  (2, 29, 5, 11, 3, 1, 1, 1, 1), (1, 728, 4, 19, 3, 1, 1, 1, 1),
+                                  (2, 48, 3, 10, 3, 1, 1, 1, 1)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
 def test_channels_last_rows_in_place(backend, dtype, case):
