@@ -828,11 +828,11 @@ inline void cl_sweep3(const T* const* rows, int64_t ps, const T* wt, const T* bi
     }
   };
   if constexpr (DJ == 1) {
-    // Blocks of one size, the last moved back to end at j1 (recomputing a few pixels with equal
-    // values): each load instruction then steps by one stride from block to block, which the
-    // hardware's stride prefetcher follows. Balanced blocks (balanced_blocks: 17 pixels as 6, 6, 5
-    // instead of 8, 8, 8 from 9) ran 1.02-1.08x hot but 0.86-0.95x with the input in L3 (two threads,
-    // interleaved: 4x256x19x19, 2x728x19x19, 8x40x28x28, 8x120x28x28).
+    // Blocks of one width (the caller's, with_sweep_block), the last moved back to end at j1
+    // (recomputing a few pixels with equal values): each load instruction then steps by one stride
+    // from block to block, which the hardware's stride prefetcher follows. Blocks of mixed widths
+    // (balanced_blocks: 17 pixels as 6, 6, 5) ran 1.02-1.08x hot but 0.86-0.95x with the input in L3
+    // against 8-wide ones (two threads, interleaved: 4x256x19x19, 2x728x19x19, 8x40x28x28, 8x120x28x28).
     int64_t j = j0;
     for (; j + NJ <= j1; j += NJ) block(std::integral_constant<int, NJ>{}, j);
     if (j < j1) block(std::integral_constant<int, NJ>{}, j1 - NJ);
