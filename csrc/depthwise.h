@@ -520,6 +520,13 @@ template <class T>
 inline bool wide_pixels(int64_t channels) {
   return kAvx512Machine && channels * static_cast<int64_t>(sizeof(T)) % 64 == 0;
 }
+// Whether an AVX-512 build's pixel of `channels` ends in half a 64-byte vector (728 floats: 45.5
+// lines), which the channels-last kernels run as 64-byte vectors and one 32-byte vector
+// (cl_staged_row_kw) or, streamed, by pixel pairs (cl_staged_row_pairs).
+template <class T>
+inline bool half_line_tail(int64_t channels) {
+  return kAvx512Machine && channels * static_cast<int64_t>(sizeof(T)) % 64 == 32;
+}
 
 // The input gradient as a stride-1 forward conv: grad_y is its input (Ho, Wo), grad_x its output (H, W),
 // with the taps flipped (flipped_taps) and padding (k-1)*d - pad (negative where pad > (k-1)*d). At
@@ -725,20 +732,28 @@ inline void cl_staged_block(const T* const* rows, int64_t ps, const T* wt, const
     }
 }
 
+// One 32-byte vector of channels [c, c + L) of pixel j (bias included): g's geometry, or with K > 0 a
+// K x K window at column stride and dilation 1 known while compiling (unrolled: the pair seams of
+// cl_staged_row_pairs ran 0.90x with the loops at run time, 72 channels).
+template <class T, int K = 0>
+inline typename Vec<T>::type cl_staged_vector(const T* const* rows, int64_t ps, const T* wt, const T* bias, int64_t c,
+                                              int64_t j, const DwGeom& g) {
+  using V = typename Vec<T>::type;
+  const int64_t kH = K ? K : g.kH, kW = K ? K : g.kW, sW = K ? 1 : g.sW, dW = K ? 1 : g.dW;
+  V acc = bias ? vload(bias + c) : V{};
+  for (int64_t p = 0; p < kH; ++p)
+    for (int64_t q = 0; q < kW; ++q)
+      acc += vload(wt + (p * kW + q) * g.ws + c) * vload(rows[p] + (j * sW + q * dW) * ps + c);
+  return acc;
+}
+
 // Channels [c0, Cm) of pixel j, any geometry: one vector at a time, then the scalar tail.
 template <class T>
 inline void cl_staged_pixel(const T* const* rows, int64_t ps, const T* wt, const T* bias, T* dst, int64_t c0,
                             int64_t j, const DwGeom& g) {
-  using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   int64_t c = c0;
-  for (; c + L <= g.Cm; c += L) {
-    V acc = bias ? vload(bias + c) : V{};
-    for (int64_t p = 0; p < g.kH; ++p)
-      for (int64_t q = 0; q < g.kW; ++q)
-        acc += vload(wt + (p * g.kW + q) * g.ws + c) * vload(rows[p] + (j * g.sW + q * g.dW) * ps + c);
-    vstore(dst + c, acc);
-  }
+  for (; c + L <= g.Cm; c += L) vstore(dst + c, cl_staged_vector(rows, ps, wt, bias, c, j, g));
   for (; c < g.Cm; ++c) {
     T acc = bias ? bias[c] : T(0);
     for (int64_t p = 0; p < g.kH; ++p)
@@ -890,25 +905,14 @@ void cl_staged_row_sweep3(const T* const* rows, int64_t ps, const T* xn, int64_t
   }
 }
 
-// Half a 64-byte vector of channels [c, c + L/2) of output pixel j of a 3x3 window at column stride 1
-// (bias included), for cl_staged_row_pairs' line seams.
-template <class T>
-inline typename Vec<T, 32>::type cl_half3(const T* const* rows, int64_t ps, const T* wt, const T* bias, int64_t c,
-                                          int64_t j, const DwGeom& g) {
-  using H = typename Vec<T, 32>::type;
-  H acc = bias ? vload<T, 32>(bias + c) : H{};
-  for (int p = 0; p < 3; ++p)
-    for (int q = 0; q < 3; ++q) acc += vload<T, 32>(wt + (p * 3 + q) * g.ws + c) * vload<T, 32>(rows[p] + (j + q) * ps + c);
-  return acc;
-}
-
 // A 3x3 output row at column stride 1, streamed, where a pixel's channels are an odd number of half
 // lines (pixel_bytes % 64 == 32: 728 floats, Xception's middle flow; 40, 72, 120 in MobileNetV3), so
 // that every other pixel starts mid-line and no per-pixel channel vector lines up for all pixels.
 // Each pixel's whole lines are its channels [0, Cm - L/2) where it starts on a line, [L/2, Cm) where it
 // starts mid-line: the two sets of pixels are swept apart (cl_sweep3 over every other pixel) at their
 // own channel offsets and stored non-temporally; the line a pixel that starts on a line shares with
-// the next one (its last half vector, the next one's first) goes out whole from two half vectors.
+// the next one (its last half vector, the next one's first) goes out whole from two half vectors
+// (cl_staged_vector: a 32-byte vector is half a line).
 // Only the row piece's end halves, whose lines the neighbouring pixels' writers complete (an edge
 // pixel, the next row), are stored plainly. Plain stores everywhere read each output line before
 // writing it (write-allocate): a third more traffic for a pass that is otherwise bound by DRAM.
@@ -934,15 +938,15 @@ void cl_staged_row_pairs(const T* const* rows, int64_t ps, const T* xn, int64_t 
       cl_sweep3<T, 1, 8, 64, 2, true>(rows, ps, wt, bias, yr, k * L + H, jm, j1, g);
     }
     pf.step(pf.lines);
-    if (jm == 0) vstore(yr, cl_half3(rows, ps, wt, bias, 0, 0, g));  // the piece's first pixel's head
+    if (jm == 0) vstore(yr, cl_staged_vector<T, 3>(rows, ps, wt, bias, 0, 0, g));  // the piece's first pixel's head
     for (int64_t j = ja; j < j1; j += 2) {
       alignas(64) T line[L];  // pixel j's last half vector, pixel j + 1's first
-      vstore(line, cl_half3(rows, ps, wt, bias, g.Cm - H, j, g));
+      vstore(line, cl_staged_vector<T, 3>(rows, ps, wt, bias, g.Cm - H, j, g));
       if (j + 1 == g.Wo) {  // the piece's last pixel
         std::memcpy(yr + (j + 1) * g.Cm - H, line, sizeof(T) * H);
         continue;
       }
-      vstore(line + H, cl_half3(rows, ps, wt, bias, 0, j + 1, g));
+      vstore(line + H, cl_staged_vector<T, 3>(rows, ps, wt, bias, 0, j + 1, g));
       vstream(yr + (j + 1) * g.Cm - H, vload<T, 64>(line));
     }
     j0 = j1;
@@ -983,9 +987,8 @@ void cl_staged_row_kw(const T* const* rows, int64_t ps, const T* xn, int64_t i, 
   // 32-byte blocks throughout, two threads, Zen4, interleaved, input from DRAM: 5x5 32x120x28x28 1.81
   // -> 1.49 ms (eager 1.82; hot 1.76 -> 1.43, eager 1.38), 8x72x56x56 0.89 -> 0.85 (hot 0.84 -> 0.75),
   // 7x7 8x120x56x56 2.57 -> 2.30; 8x40x112x112 (two and a half lines) unchanged.
-  const bool half_tail = SW == 1 && g.Wo >= 8 && g.Cm * static_cast<int64_t>(sizeof(T)) % 64 == 32 &&
-                         g.Cm * static_cast<int64_t>(sizeof(T)) > 64;
-  if (wide_pixels<T>(g.Cm) || (kAvx512Machine && half_tail)) {
+  const bool half_tail = SW == 1 && g.Wo >= 8 && half_line_tail<T>(g.Cm) && g.Cm * static_cast<int64_t>(sizeof(T)) > 64;
+  if (wide_pixels<T>(g.Cm) || half_tail) {
     if (g.Wo >= 8)
       return with_pixel_block(g.Wo, [&](auto NJ) {
         cl_staged_row_blocks<T, decltype(NJ)::value, 1, KW, SW, false, 64>(rows, ps, xn, i, wt, bias, yr, g);
@@ -1062,8 +1065,8 @@ void cl_staged_row(const T* const* rows, int64_t ps, const T* xn, int64_t i, con
 // every other pixel starts on a line).
 template <class T>
 inline bool cl_row_pairs(const DwGeom& g, const T* y) {
-  return kAvx512Machine && g.Cm * static_cast<int64_t>(sizeof(T)) % 64 == 32 && g.kH == 3 && g.kW == 3 &&
-         g.sW == 1 && g.dW == 1 && g.Wo >= 8 && reinterpret_cast<uintptr_t>(y) % 32 == 0;
+  return half_line_tail<T>(g.Cm) && g.kH == 3 && g.kW == 3 && g.sW == 1 && g.dW == 1 && g.Wo >= 8 &&
+         reinterpret_cast<uintptr_t>(y) % 32 == 0;
 }
 
 // Whether cl_staged_row_streamed can write output rows starting at y: 3x3 windows at column stride 1

@@ -218,8 +218,9 @@ def test_channels_last_rows_in_place(backend, dtype, case):
 # (with_pixel_block: rows of 13, 21 and 29 leave a last block moved back) or, on rows of 5-7 pixels,
 # one block of the row's width (4 pixels under 5); a 3x5 window reaches the same kernel, and at
 # stride 1 so do channels that end in half a 64-byte vector (72, 40, 24 floats; the rest in 32-byte
-# blocks). Rows of 1024 floats (pixels 4 KiB apart) take 10- or 5-pixel blocks. streamed: every output treated as leaving the
-# cache, so that the rows go out in non-temporal stores (cl_staged_row_streamed). 3x3 at stride 1 with
+# blocks). Rows of 1024 floats (pixels 4 KiB apart) take 10- or 5-pixel blocks. streamed: every
+# output treated as leaving the cache, so that the rows go out in non-temporal stores
+# (cl_staged_row_streamed). 3x3 at stride 1 with
 # pixels of an odd number of half lines (72, 56 and 24 floats, 20 doubles) stream every other pixel's
 # lines and the lines two pixels share (cl_staged_row_pairs): rows of odd widths (the pixels' line
 # phase alternating from row to row), of 45 (two runs, a shared line across them), of 9 from staged
