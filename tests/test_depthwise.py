@@ -310,12 +310,16 @@ def test_nchw_channel_blocks(backend, dtype, case):
 
 
 # NCHW planes whose output keeps the input's size at stride 1 and that hold at most 7200 / K
-# elements: AVX-512 builds sweep them whole in masked 64-byte vectors (depthwise_masked.h), the
-# input gradient too (multipliers 2 and 3 sum several grad_y planes) and, with 8+ output channels,
-# the weight gradient (one thread per channel). Planes of 1 to 361 elements, dilation 2, a non-square
-# and an even ("same": asymmetric padding) window.
+# elements: AVX-512 builds sweep them whole in 64-byte vectors (depthwise_masked.h), the input
+# gradient too (multipliers 2 and 3 sum several grad_y planes) and, with 8+ output channels, the
+# weight gradient (one thread per channel). Where the taps' flat offsets span at most four vectors
+# (all of these in float32; in float64, 8 lanes, the 7x7 and smaller) the forward and the multiplier-1 input
+# gradient load each plane vector once and shift it in registers (register_block: 28x28's 49 whole
+# vectors in blocks of 8, the last moved back; 361 and 49 elements end in a partial vector), else
+# each tap loads masked. Planes of 1 to 784 elements, dilation 2, a non-square and an even ("same":
+# asymmetric padding) window.
 @pytest.mark.parametrize("case", [(2, 5, 7, 7, 3, 1, 1, 1, 2), (1, 3, 10, 10, 5, 1, 2, 1, 3), (2, 9, 19, 19, 3, 1, 1, 1, 1),
-                                  (3, 16, 4, 4, 3, 1, "same", 2, 1), (1, 8, 1, 1, 3, 1, 1, 1, 1),
+                                  (1, 6, 28, 28, 3, 1, 1, 1, 1), (3, 16, 4, 4, 3, 1, "same", 2, 1), (1, 8, 1, 1, 3, 1, 1, 1, 1),
                                   (2, 4, 5, 3, (3, 5), 1, "same", 1, 2), (2, 8, 6, 7, 2, 1, "same", 1, 1)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", LARGE_BACKENDS)
