@@ -372,7 +372,9 @@ DLK_INLINE void prefetch_lines(const T* begin, const T* end) {
 // The plane of `len` elements two after p, prefetched where it lies before `end`: a sweep reads its
 // plane K times, tap by tap, and without this its first reads of each line waited on DRAM one plane
 // at a time (interleaved, two threads, from DRAM: 32x512x8x8 0.67 -> 0.36 ms, 8x1024x10x10 0.46 ->
-// 0.29, 8x728x19x19 0.98 -> 0.46; one, four or eight planes ahead the same).
+// 0.29, 8x728x19x19 0.98 -> 0.46; one, four or eight planes ahead the same). The forwards no longer
+// take it: the register sweep and the stride-2 staging read each plane once, front to back, and the
+// burst of prefetches lost there (see fwd_masked); the input gradient keeps it.
 template <class T>
 DLK_INLINE void prefetch_plane_after_next(const T* p, int64_t len, const T* end) {
   if (p + 3 * len <= end) prefetch_lines(p + 2 * len, p + 3 * len);
@@ -387,7 +389,10 @@ void fwd_masked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g) {
   sweep_planes(pt, K, g.N * g.Cm, [&](int64_t plane, const T** src, PlaneScratch<T>&) {
     const int64_t n = plane / g.Cm, o = plane - n * g.Cm;
     const T* xp = x + (n * g.C + o / g.m) * HW;
-    prefetch_plane_after_next(xp, HW, x + g.N * g.C * HW);
+    // No prefetch_plane_after_next: with the register sweep (one load per plane vector, in
+    // order) it lost (interleaved, two threads, from DRAM, copy 33 GB/s: without it 8x728x19x19
+    // 0.49 -> 0.45-0.46 ms, 8x256x28x28 0.39 -> 0.35, 8x1024x10x10 0.206 -> 0.198; 8x8 and 7x7
+    // planes level). The input gradient keeps it (fwd+bwd level either way).
     for (int64_t t = 0; t < K; ++t) src[t] = xp + pt.offs[t];
     return std::tuple<const T*, T, T*>(w + o * K, bias ? bias[o] : T(0), y + plane * HW);
   }, 0, rt ? &*rt : nullptr);
