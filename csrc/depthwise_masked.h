@@ -9,6 +9,8 @@
 // rows; on planes of 7x7 to 19x19 that staging and the short rows' partial vectors cost more than
 // the arithmetic (8x1024x10x10: ~250 cycles per plane measured, where its 900 multiply-adds need
 // ~30 cycles of 16-lane FMAs).
+// Where the taps' offsets span at most four vectors, the shifted planes come from registers instead
+// (register_block: each plane vector loaded once, every tap's source one shift of two of them).
 // The input gradient is the same sweep with offsets negated (the transposed conv at stride 1), the
 // weight gradient the K masked dot products of grad_y with the shifted planes.
 #pragma once
@@ -168,7 +170,8 @@ void sweep_plane(const PlaneTaps<T>& pt, const T* const* src, const PlaneMask<T>
 // without masks). Interleaved, two threads, against sweep_plane (copy 32-51 GB/s): forward
 // 8x1024x10x10 0.295 -> 0.212 ms from DRAM (hot alike), 8x728x19x19 0.540 -> 0.502, 8x256x28x28
 // 0.416 -> 0.372; input gradient with it, fwd+bwd 8x1024x10x10 1.25 -> 1.06; 32x512x8x8 and 5x5 on
-// 7x7 and 14x14 planes level (per-plane overhead, 25 dispatched taps). The stride-2 phase planes
+// 7x7 and 14x14 planes level (not traced; per-plane overhead and 25 switched taps a plane are the
+// suspects). The stride-2 phase planes
 // (four source planes, X reloaded per phase) ran 0.76-0.85x of their masked loads (8x256x38x38):
 // not used there.
 template <class T>
