@@ -244,6 +244,12 @@ DLK_INLINE Zv<T> shifted(PlaneMask<T> m, __m512i lo, __m512i hi) {
   return reinterpret_cast<Zv<T>>(s);
 }
 
+// The first n < L lanes, for a plane's partial last vector.
+template <class T>
+DLK_INLINE PlaneMask<T> lanes_below(int64_t n) {
+  return static_cast<PlaneMask<T>>((PlaneMask<T>(1) << n) - 1);
+}
+
 // Output vectors [k0, k0 + NB) of an HW-element output plane, written at dst, from the source plane
 // at xp. A partial last vector is stored masked: against sweep_block's overlapping last vector
 // (nine masked loads), 8x1024x10x10 0.237 -> 0.212 ms.
@@ -259,7 +265,7 @@ DLK_INLINE void register_block(const RegisterTaps<T>& rt, const T* xp, const T* 
     if (f >= 0 && f + L <= HW)
       X[i] = _mm512_loadu_si512(xp + f);
     else if (f >= 0 && f < HW)
-      X[i] = reinterpret_cast<__m512i>(mload<T>(static_cast<PlaneMask<T>>((PlaneMask<T>(1) << (HW - f)) - 1), xp + f));
+      X[i] = reinterpret_cast<__m512i>(mload<T>(lanes_below<T>(HW - f), xp + f));
     else
       X[i] = _mm512_setzero_si512();
   });
@@ -281,14 +287,14 @@ DLK_INLINE void register_block(const RegisterTaps<T>& rt, const T* xp, const T* 
     if (f + L <= HW)
       vstore(dst + f, acc[k]);
     else
-      mstore(dst + f, static_cast<PlaneMask<T>>((PlaneMask<T>(1) << (HW - f)) - 1), acc[k]);
+      mstore(dst + f, lanes_below<T>(HW - f), acc[k]);
   });
 }
 
 // A plane's output from registers: blocks of 8 vectors (the last moved back to end at the plane's
 // end, rewriting equal values), or one block of them all.
 template <class T, int SPAN>
-void register_plane(const RegisterTaps<T>& rt, const T* xp, const T* w, T b, T* dst) {
+void register_plane_span(const RegisterTaps<T>& rt, const T* xp, const T* w, T b, T* dst) {
   const int64_t G = rt.grid;
   if (G >= 8) {
     int64_t k = 0;
@@ -296,6 +302,17 @@ void register_plane(const RegisterTaps<T>& rt, const T* xp, const T* w, T b, T* 
     if (k < G) register_block<T, 8, SPAN>(rt, xp, w, b, dst, G - 8);
   } else {
     with_count<7>(G, [&](auto NB) { register_block<T, decltype(NB)::value, SPAN>(rt, xp, w, b, dst, 0); });
+  }
+}
+
+// register_plane_span for rt's span.
+template <class T>
+void register_plane(const RegisterTaps<T>& rt, const T* xp, const T* w, T b, T* dst) {
+  switch (rt.span) {
+    case 0: return register_plane_span<T, 0>(rt, xp, w, b, dst);
+    case 1: return register_plane_span<T, 1>(rt, xp, w, b, dst);
+    case 2: return register_plane_span<T, 2>(rt, xp, w, b, dst);
+    default: return register_plane_span<T, 3>(rt, xp, w, b, dst);
   }
 }
 
@@ -348,12 +365,7 @@ void sweep_planes(const PlaneTaps<T>& pt, int64_t nt, int64_t planes, F plane, i
     for (int64_t p = 0; p < planes; ++p) {
       const auto [w, b, dst] = plane(p, src.data(), sc);
       if (rt)
-        switch (rt->span) {  // (every tap reads one plane, src[t] - offs[t])
-          case 0: register_plane<T, 0>(*rt, src[0] - pt.offs[0], w, b, dst); break;
-          case 1: register_plane<T, 1>(*rt, src[0] - pt.offs[0], w, b, dst); break;
-          case 2: register_plane<T, 2>(*rt, src[0] - pt.offs[0], w, b, dst); break;
-          default: register_plane<T, 3>(*rt, src[0] - pt.offs[0], w, b, dst); break;
-        }
+        register_plane(*rt, src[0] - pt.offs[0], w, b, dst);  // (every tap reads one plane, src[t] - offs[t])
       else
         sweep_plane(pt, src.data(), mrow.data(), w, nt, b, dst);
     }
