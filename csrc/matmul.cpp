@@ -322,7 +322,14 @@ void pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out) 
   for (int64_t i = 0; i < mc; i += MR, out += kc * MR) {
     const int mr = static_cast<int>(std::min<int64_t>(MR, mc - i));
     const T* ai = a + i * rs;
-    if (mr == MR) {
+    if (mr == MR && rs == 1) {
+      // A column-major (a weight gradient's grad_y^T, any matmul's backward A^T): each K step's MR values
+      // are contiguous, one fixed-size copy; the strided loop below, with rs known only at run time, stayed
+      // scalar and took a fifth of the GEMM. Two threads, Zen4, interleaved with the previous build:
+      // 32 x 15488 @ 15488 x 32 283 -> 250 us, 15488 x 32 @ 32 x 32 259 -> 215, 128 x 45000 @ 45000 x 128
+      // 9.9 -> 9.4 ms; square products level.
+      for (int64_t p = 0; p < kc; ++p) std::memcpy(out + p * MR, ai + p * cs, MR * sizeof(T));
+    } else if (mr == MR) {
       for (int64_t p = 0; p < kc; ++p)
         for (int r = 0; r < MR; ++r) out[p * MR + r] = ai[r * rs + p * cs];
     } else {
