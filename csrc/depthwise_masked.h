@@ -350,12 +350,13 @@ struct PlaneScratch {
 // Sweeps `planes` output planes of pt's size, nt taps each (pt's K taps, repeated per source plane):
 // plane(p, src, sc) fills src[0, nt) with the shifted source of each tap (staged into the thread's
 // sc, `scratch` elements zeroed once, where it stages them), prefetches ahead and returns
-// {weights, bias, destination}.
+// {weights, bias, destination}. rt: pt's taps in register form (register_taps), which then sweep each
+// plane from registers (register_plane) instead of the masked taps' rows.
 template <class T, class F>
 void sweep_planes(const PlaneTaps<T>& pt, int64_t nt, int64_t planes, F plane, int64_t scratch = 0,
                   const RegisterTaps<T>* rt = nullptr) {
-  std::vector<const PlaneMask<T>*> mrow(static_cast<size_t>(nt));
-  for (int64_t t = 0; t < nt; ++t) mrow[t] = pt.mask.data() + (t % pt.K) * pt.nv;
+  std::vector<const PlaneMask<T>*> mrow(rt ? 0 : static_cast<size_t>(nt));  // each tap's mask row
+  for (size_t t = 0; t < mrow.size(); ++t) mrow[t] = pt.mask.data() + (static_cast<int64_t>(t) % pt.K) * pt.nv;
 #pragma omp parallel if (worth_threads(planes * pt.HW * nt))
   {
     std::vector<const T*> src(static_cast<size_t>(nt));
