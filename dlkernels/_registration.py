@@ -215,19 +215,26 @@ def _op_name(qualname: str) -> str:
 
 class CompositeOp:
     """An op defined by its schema string whose CompositeImplicitAutograd body calls Op objects, so its
-    autograd is theirs (register_autograd cannot give a mutating op a formula). Calling it runs the body
-    directly where ``Op.__call__`` would skip the dispatcher (``plain_eager``), else
-    ``torch.ops.dlkernels.<name>.default``."""
+    autograd is theirs (register_autograd cannot give a mutating op a formula). Calling it runs its eager
+    body (``register_eager``; by default the body itself) where ``Op.__call__`` would skip the dispatcher
+    (``plain_eager``), else ``torch.ops.dlkernels.<name>.default``."""
 
     def __init__(self, name: str, schema: str, body: Callable):
         _lib.define(name + schema)
         torch.library.impl(_lib, name, "CompositeImplicitAutograd")(body)
         self.default = getattr(getattr(torch.ops, NAMESPACE), name).default
-        self.impl = body
+        self.impl = self.eager = body
         self.__doc__ = body.__doc__
 
+    def register_eager(self, fn: Callable) -> Callable:
+        """fn runs the op in plain eager mode instead of the body: the same computation with fewer
+        layers (one autograd.Function around what the body's ops do one by one, say), the check of
+        plain_eager made once for the whole op."""
+        self.eager = fn
+        return fn
+
     def __call__(self, *args):
-        return self.impl(*args) if plain_eager(args) else self.default(*args)
+        return self.eager(*args) if plain_eager(args) else self.default(*args)
 
 
 def composite_op(qualname: str, schema: str) -> Callable[[Callable], CompositeOp]:
