@@ -1269,35 +1269,6 @@ uint8_t* gate_arg(const py::object& g, const Bn3& d, Act act) {
   return static_cast<uint8_t*>(a.mutable_data());
 }
 
-// Training forward in one call: the statistics pass, then the apply pass with them; relu's gate bits
-// too where gate is given.
-void py_forward_train(const py::array& x3, const py::object& res3, const py::object& weight,
-                      const py::object& bias, double eps, const std::string& activation, py::array& mean,
-                      py::array& var, py::array& y3, const py::object& gate3, bool cl) {
-  const Bn3 d = dims_of(x3, cl);
-  const Act act = parse_act(activation);
-  dispatch_float(x3, "bn_forward_train", [&](auto tag) {
-    using T = decltype(tag);
-    const T* x = in3<T>(x3, "x3", d);
-    const T* r = in3_opt<T>(res3, "residual3", d);
-    const T* wt = vec_opt<T>(weight, "weight", d);
-    const T* bs = vec_opt<T>(bias, "bias", d);
-    T* mo = out_vec<T>(mean, "mean", d);
-    T* vo = out_vec<T>(var, "var", d);
-    T* y = out3<T>(y3, "y3", d);
-    uint8_t* gate = gate_arg(gate3, d, act);
-    // the bytes past the last whole byte of bits, zero: the passes set only the tensor's bits in them
-    if (gate) std::memset(gate + d.N * d.C * d.S / 8, 0, gate_bytes(d.N * d.C * d.S) - d.N * d.C * d.S / 8);
-    py::gil_scoped_release nogil;
-    if (resident<T>(d, 1, true)) {
-      forward_train_resident<T>(d, x, r, wt, bs, eps, act, mo, vo, y, gate);
-    } else {
-      stats_pass<T>(d, x, mo, vo);
-      apply_pass<T>(d, x, r, fold<T>(d, mo, vo, wt, bs, eps), act, y, gate);
-    }
-  });
-}
-
 template <class T>
 T* out3_opt(const py::object& a, const char* name, const Bn3& d) {
   if (a.is_none()) return nullptr;
@@ -1309,6 +1280,60 @@ T* out_vec_opt(const py::object& a, const char* name, const Bn3& d) {
   if (a.is_none()) return nullptr;
   py::array arr = a.cast<py::array>();
   return out_vec<T>(arr, name, d);
+}
+
+// running = running + momentum * (batch - running), the batch variance unbiased (count values a
+// channel), in the arithmetic of op.update_running_stats_op's torch ops on a CPU tensor, so that the two
+// update paths agree to the bit: the variance times the factor rounded to T, then ATen's lerp (a fused
+// multiply-add from the nearer end).
+template <class T>
+void update_running(const T* mean, const T* var, double momentum, double count, int64_t C, T* run_mean, T* run_var) {
+  const T w = static_cast<T>(momentum), unbias = static_cast<T>(count / (count - 1));
+  auto lerp = [w](T start, T end) {
+    const T diff = end - start;
+    return std::abs(w) < T(0.5) ? std::fma(w, diff, start) : std::fma(w - T(1), diff, end);
+  };
+  for (int64_t c = 0; c < C; ++c) {
+    run_mean[c] = lerp(run_mean[c], mean[c]);
+    // rounded on its own, as torch's multiply is: contracted into lerp's subtraction (an fma) it was not
+    const volatile T unbiased = var[c] * unbias;
+    run_var[c] = lerp(run_var[c], unbiased);
+  }
+}
+
+// Training forward in one call: the statistics pass, then the apply pass with them; relu's gate bits
+// too where gate is given, and the running statistics' update where they are given.
+void py_forward_train(const py::array& x3, const py::object& res3, const py::object& weight,
+                      const py::object& bias, double eps, const std::string& activation, py::array& mean,
+                      py::array& var, py::array& y3, const py::object& gate3, bool cl,
+                      const py::object& running_mean, const py::object& running_var, double momentum) {
+  const Bn3 d = dims_of(x3, cl);
+  const Act act = parse_act(activation);
+  require(running_mean.is_none() == running_var.is_none(), "bn_forward_train: running_mean and running_var go together");
+  require(running_mean.is_none() || d.N * d.S > 1, "bn_forward_train: the running update needs two values a channel");
+  dispatch_float(x3, "bn_forward_train", [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = in3<T>(x3, "x3", d);
+    const T* r = in3_opt<T>(res3, "residual3", d);
+    const T* wt = vec_opt<T>(weight, "weight", d);
+    const T* bs = vec_opt<T>(bias, "bias", d);
+    T* mo = out_vec<T>(mean, "mean", d);
+    T* vo = out_vec<T>(var, "var", d);
+    T* rmo = out_vec_opt<T>(running_mean, "running_mean", d);
+    T* rvo = out_vec_opt<T>(running_var, "running_var", d);
+    T* y = out3<T>(y3, "y3", d);
+    uint8_t* gate = gate_arg(gate3, d, act);
+    // the bytes past the last whole byte of bits, zero: the passes set only the tensor's bits in them
+    if (gate) std::memset(gate + d.N * d.C * d.S / 8, 0, gate_bytes(d.N * d.C * d.S) - d.N * d.C * d.S / 8);
+    py::gil_scoped_release nogil;
+    if (resident<T>(d, 1, true)) {
+      forward_train_resident<T>(d, x, r, wt, bs, eps, act, mo, vo, y, gate);
+    } else {
+      stats_pass<T>(d, x, mo, vo);
+      apply_pass<T>(d, x, r, fold<T>(d, mo, vo, wt, bs, eps), act, y, gate);
+    }
+    if (rmo) update_running<T>(mo, vo, momentum, static_cast<double>(d.N * d.S), d.C, rmo, rvo);
+  });
 }
 
 // The whole backward in one call, as op.compose_backward runs it from the two passes (see there): the
@@ -1383,9 +1408,11 @@ void init_batchnorm(py::module_& m) {
         "y3 = act((x3 - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] + residual3)");
   m.def("bn_forward_train", &py_forward_train, "x3"_a, "residual3"_a.none(true), "weight"_a.none(true),
         "bias"_a.none(true), "eps"_a, "activation"_a, "mean"_a, "var"_a, "y3"_a, "relu_gate"_a.none(true),
-        "channels_last"_a,
+        "channels_last"_a, "running_mean"_a.none(true) = py::none(), "running_var"_a.none(true) = py::none(),
+        "momentum"_a = 0.0,
         "batch mean and biased variance of x3 into mean and var, then bn_apply with them into y3 (and, for relu, "
-        "the gate bits !(y <= 0) into relu_gate unless None)");
+        "the gate bits !(y <= 0) into relu_gate unless None); then, unless None, running_mean and running_var "
+        "updated in place with momentum (the variance unbiased), as batch norm's training does");
   m.def("bn_backward", &py_backward, "grad_y3"_a, "y3"_a.none(true), "relu_gate"_a.none(true), "x3"_a,
         "residual3"_a.none(true), "mean"_a, "var"_a, "weight"_a.none(true), "bias"_a.none(true), "eps"_a, "training"_a, "activation"_a,
         "sum_dz"_a.none(true), "sum_dz_xhat"_a.none(true), "grad_x3"_a.none(true), "grad_residual3"_a.none(true),

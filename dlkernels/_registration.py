@@ -105,12 +105,15 @@ def _owning_outputs(fn: Callable) -> Callable:
     raised (torchvision's blocks do both)."""
     def owning(*args):
         out = fn(*args)
-        if isinstance(out, tuple):
-            return tuple(t.detach() if isinstance(t, torch.Tensor) and t._is_view() else t for t in out)
-        return out.detach() if isinstance(out, torch.Tensor) and out._is_view() else out
+        return tuple(owned(t) for t in out) if isinstance(out, tuple) else owned(out)
 
     owning.__name__, owning.__doc__, owning.__wrapped__ = fn.__name__, fn.__doc__, fn
     return owning
+
+
+def owned(t):
+    """t (an output), as a tensor of its own over the same memory where it is a view (see _owning_outputs)."""
+    return t.detach() if isinstance(t, torch.Tensor) and t._is_view() else t
 
 
 def plain_eager(args: tuple) -> bool:

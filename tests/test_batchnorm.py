@@ -219,6 +219,24 @@ def test_one_value_per_channel(backend):
         dlkernels.batch_norm_residual(x, None, rm, rv, training=True, backend=backend)
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 0.9, 0.0, 1.0], ids=str)
+@pytest.mark.parametrize("channels", [1, 37, 256], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_running_stats_update_paths_agree(backend, dtype, channels, momentum):
+    """With autograd recording, plain eager training hands the running statistics to a kernel that can
+    update them itself (C++); without it, update_running_stats_op does it in torch ops: the same numbers to
+    the bit, for momenta on both sides of lerp's switch at 0.5 and channel counts past a vector."""
+    x = torch.randn(3, channels, 5, 2, device=DEVICE, dtype=dtype) * 3 + 1
+    start = _stats(channels, dtype)
+    rm, rv = (t.clone() for t in start)
+    dlkernels.batch_norm_residual(leaf(x), None, rm, rv, None, None, True, momentum, backend=backend).sum().backward()
+    rm2, rv2 = (t.clone() for t in start)
+    dlkernels.batch_norm_residual(x, None, rm2, rv2, None, None, True, momentum, backend=backend)
+    assert torch.equal(rm, rm2) and torch.equal(rv, rv2)
+    if momentum > 0:
+        assert not torch.equal(rm, start[0]) and not torch.equal(rv, start[1])
+
+
 def test_single_channel_and_no_running_stats(backend):
     x = leaf(torch.randn(6, 1, 5, device=DEVICE, dtype=torch.float64))
     out = dlkernels.batch_norm_residual(x, None, None, None, training=True, activation="silu", backend=backend)

@@ -18,18 +18,21 @@ def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
     return y3
 
 
-# bn_forward_train writes relu's gate bits, which bn_backward then reads instead of y (op.py's contract)
+# bn_forward_train writes relu's gate bits, which bn_backward then reads instead of y, and updates the
+# running statistics when handed them (op.py's contract)
 RELU_GATE = True
+UPDATES_RUNNING = True
 
 
-def bn_forward_train(x3, residual3, weight, bias, eps, activation):
+def bn_forward_train(x3, residual3, weight, bias, eps, activation, running=None):
     c = x3.shape[1]
     mean = torch.empty(c, dtype=x3.dtype)
     var = torch.empty(c, dtype=x3.dtype)
     y3 = torch.empty_like(x3)
     gate = torch.empty(relu_gate_bytes(x3.numel()), dtype=torch.uint8) if activation == "relu" else None
+    run_mean, run_var, momentum = (None, None, 0.0) if running is None else running
     _C.bn_forward_train(_np(x3), _np(residual3), _np(weight), _np(bias), eps, activation or "", _np(mean), _np(var),
-                        _np(y3), _np(gate), _channels_last(x3))
+                        _np(y3), _np(gate), _channels_last(x3), _np(run_mean), _np(run_var), momentum)
     return y3, mean, var, gate
 
 

@@ -43,6 +43,11 @@ than a small layer's passes (the C++ backend does this):
     bn_backward(grad_y3, y3, relu_gate, x3, residual3, mean, var, weight, bias, eps, training, activation,
                 need_x, need_residual, need_sums) -> (grad_x3, grad_residual3, sum_dz, sum_dz_xhat)
 
+Where the module sets ``UPDATES_RUNNING = True``, bn_forward_train also takes ``running=(running_mean,
+running_var, momentum)`` (vectors contiguous in the statistics dtype) and updates them in place as
+update_running_stats_op does, to the bit: the eager training path (_TrainingEager) passes it, saving that op's
+torch calls (the functional op itself mutates nothing).
+
 relu_gate: None, or where the module sets ``RELU_GATE = True`` and the activation is relu, a uint8
 tensor of relu_gate_bytes(x3.numel()) whose bit i (byte i // 8, bit i % 8) is ``not y <= 0`` for the
 element at flat offset i of x3's layout: the mask relu's gradient needs, in 1/32 of y's bytes. The op
@@ -224,6 +229,13 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
     variance); in evaluation empty tensors: the running statistics, inputs already, are what the
     backward uses (no copies of them per call). relu_gate: the gate bits the backward reads instead of
     out (writes_relu_gate), else an empty uint8 tensor."""
+    return _functional(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend)
+
+
+def _functional(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend,
+                running=None):
+    """The functional op's body; ``running``: (running_mean, running_var, momentum) for the training kernel to
+    update (the contract's UPDATES_RUNNING), from the eager training path only."""
     _check(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend)
     sdtype = stats_dtype(input.dtype)
     cl = channels_last(input)
@@ -238,15 +250,17 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
     w, b = _to(weight, sdtype), _to(bias, sdtype)
     no_gate = input.new_empty(0, dtype=torch.uint8)
     if training:
-        y3, mean, var, gate = compose_forward_train(k, x3, r3, w, b, eps, activation)
+        y3, mean, var, gate = compose_forward_train(k, x3, r3, w, b, eps, activation, running)
         return y3.view_as(input), mean, var, no_gate if gate is None else gate
     y3 = k.bn_apply(x3, r3, _to(running_mean, sdtype), _to(running_var, sdtype), w, b, eps, activation)
     return y3.view_as(input), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype), no_gate
 
 
-def compose_forward_train(k, x3, r3, w, b, eps, activation):
+def compose_forward_train(k, x3, r3, w, b, eps, activation, running=None):
     """(y3, mean, var, relu_gate or None): the backend's bn_forward_train, or its statistics pass then
-    its apply pass."""
+    its apply pass. running: see the contract's UPDATES_RUNNING (only for backends that set it)."""
+    if running is not None:
+        return k.bn_forward_train(x3, r3, w, b, eps, activation, running)
     if hasattr(k, "bn_forward_train"):
         return k.bn_forward_train(x3, r3, w, b, eps, activation)
     mean, var = k.bn_stats(x3)
@@ -416,15 +430,32 @@ class _TrainingEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, residual, running_mean, running_var, weight, bias, momentum, eps, activation, backend):
         args = (input, residual, running_mean, running_var, weight, bias, True, eps, activation, backend)
-        out = batch_norm_residual_functional_op.impl(*args)
-        _update_running_stats(update_running_stats_op.impl, input, running_mean, running_var, out[1], out[2],
-                              momentum)
+        running = None
+        if _kernel_updates(backend, input, running_mean, running_var):
+            running = (running_mean, running_var, momentum)
+        out = _functional(*args, running=running)
+        if running is None:
+            _update_running_stats(update_running_stats_op.impl, input, running_mean, running_var, out[1], out[2],
+                                  momentum)
         _setup(ctx, args, out)
-        return out[0]
+        return _registration.owned(out[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         return _backward(ctx, grad_out, None, None, None)
+
+
+def _kernel_updates(backend, input, running_mean, running_var) -> bool:
+    """Whether the training kernel can update these running statistics itself (UPDATES_RUNNING): given,
+    a non-empty batch, vectors contiguous in the statistics dtype (checked, like every argument, before any
+    kernel runs). A wrong argument fails the same way either way: in _functional's checks."""
+    if running_mean is None or running_var is None or input.numel() == 0 or backend not in _dispatch.BACKENDS:
+        return False
+    if not getattr(_dispatch.kernels(FAMILY, backend, input.device), "UPDATES_RUNNING", False):
+        return False
+    sdtype = stats_dtype(input.dtype)
+    return all(isinstance(t, Tensor) and t.dtype == sdtype and t.is_contiguous() and t.dim() == 1
+               and t.shape[0] == input.shape[1] and t.device == input.device for t in (running_mean, running_var))
 
 
 @batch_norm_residual_op.register_eager
