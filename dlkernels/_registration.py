@@ -105,7 +105,7 @@ def _owning_outputs(fn: Callable) -> Callable:
     raised (torchvision's blocks do both)."""
     def owning(*args):
         out = fn(*args)
-        return tuple(owned(t) for t in out) if isinstance(out, tuple) else owned(out)
+        return tuple(map(owned, out)) if isinstance(out, tuple) else owned(out)  # map: no generator frame
 
     owning.__name__, owning.__doc__, owning.__wrapped__ = fn.__name__, fn.__doc__, fn
     return owning

@@ -1,5 +1,9 @@
 """Argument checks that every op runs before any kernel.
 
+The checks that run on every call are written without generator expressions and comprehensions
+(each a frame of its own on Python 3.11): an op call runs after a layer-sized pass has been through
+the caches, where every distinct piece of interpreter work costs microseconds.
+
 Errors say what was expected and what came. The C++ kernels trust these checks (and repeat the
 cheap ones), so nothing reaches them that could make them read or write outside their buffers.
 Type problems raise TypeError, bad values or shapes ValueError, device problems RuntimeError.
@@ -92,11 +96,15 @@ def pair(op: str, name: str, v, *, minimum: int) -> tuple[int, int]:
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
     if isinstance(v, int):
         v = (v, v)
-    if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+    if not (isinstance(v, (tuple, list)) and len(v) == 2 and _is_int(v[0]) and _is_int(v[1])):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
-    if any(i < minimum for i in v):
+    if v[0] < minimum or v[1] < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(v)}")
     return int(v[0]), int(v[1])
+
+
+def _is_int(i) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool)
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -113,8 +121,7 @@ def conv2d_geometry(op: str, x: torch.Tensor, kernel_hw: Sequence[int], stride, 
     "same"/"valid"; "same" pads as torch does (the odd extra row/column goes after)."""
     stride = pair(op, "stride", stride, minimum=1)
     dilation = pair(op, "dilation", dilation, minimum=1)
-    in_hw = (x.shape[-2], x.shape[-1])
-    span = [dilation[i] * (kernel_hw[i] - 1) + 1 for i in range(2)]
+    span = (dilation[0] * (kernel_hw[0] - 1) + 1, dilation[1] * (kernel_hw[1] - 1) + 1)
     if isinstance(padding, str):
         if padding == "valid":
             before = after = (0, 0)
@@ -122,17 +129,16 @@ def conv2d_geometry(op: str, x: torch.Tensor, kernel_hw: Sequence[int], stride, 
             if stride != (1, 1):
                 raise ValueError(f"{op}: padding='same' is not supported for strided convolutions "
                                  f"(stride {stride}), as in torch")
-            total = [s - 1 for s in span]
-            before = (total[0] // 2, total[1] // 2)
-            after = (total[0] - before[0], total[1] - before[1])
+            before = ((span[0] - 1) // 2, (span[1] - 1) // 2)
+            after = (span[0] - 1 - before[0], span[1] - 1 - before[1])
         else:
             raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
     else:
         before = after = pair(op, "padding", padding, minimum=0)
-    padded = [in_hw[i] + before[i] + after[i] for i in range(2)]
+    padded = (x.shape[-2] + before[0] + after[0], x.shape[-1] + before[1] + after[1])
     if padded[0] < span[0] or padded[1] < span[1]:
         raise ValueError(f"{op}: calculated padded input size per channel: ({padded[0]} x {padded[1]}); "
                          f"kernel size (with dilation): ({span[0]} x {span[1]}); the kernel can't be "
                          "greater than the padded input")
-    out_hw = tuple((padded[i] - span[i]) // stride[i] + 1 for i in range(2))
+    out_hw = ((padded[0] - span[0]) // stride[0] + 1, (padded[1] - span[1]) // stride[1] + 1)
     return stride, before, dilation, out_hw

@@ -453,9 +453,12 @@ def _kernel_updates(backend, input, running_mean, running_var) -> bool:
         return False
     if not getattr(_dispatch.kernels(FAMILY, backend, input.device), "UPDATES_RUNNING", False):
         return False
-    sdtype = stats_dtype(input.dtype)
-    return all(isinstance(t, Tensor) and t.dtype == sdtype and t.is_contiguous() and t.dim() == 1
-               and t.shape[0] == input.shape[1] and t.device == input.device for t in (running_mean, running_var))
+    return _kernel_vector(running_mean, input) and _kernel_vector(running_var, input)
+
+
+def _kernel_vector(t, input) -> bool:
+    return (isinstance(t, Tensor) and t.dtype == stats_dtype(input.dtype) and t.dim() == 1 and t.is_contiguous()
+            and t.shape[0] == input.shape[1] and t.device == input.device)
 
 
 @batch_norm_residual_op.register_eager

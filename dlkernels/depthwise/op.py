@@ -76,6 +76,9 @@ def _canonical_strides(shape, fmt: torch.memory_format) -> tuple[int, ...]:
     if fmt == torch.channels_last:  # as torch lays out a fresh channels_last tensor
         n, c, h, w = shape
         return (h * w * c, 1, w * c, c)
+    if len(shape) == 4:  # the loop below, unrolled for the one rank the convolutions call it with
+        c, h, w = max(shape[1], 1), max(shape[2], 1), max(shape[3], 1)
+        return (c * h * w, h * w, w, 1)
     strides, acc = [], 1
     for size in reversed(shape):
         strides.append(acc)
@@ -231,5 +234,5 @@ def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     geo = V.conv2d_geometry(OP, input, weight.shape[2:], stride, padding, dilation)
     if name == "torch":
         return reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
-    stride, pad, dilation, out_hw = (list(g) for g in geo)
-    return depthwise_conv2d_op(input, weight, bias, stride, pad, dilation, out_hw, name)
+    stride, pad, dilation, out_hw = geo
+    return depthwise_conv2d_op(input, weight, bias, list(stride), list(pad), list(dilation), list(out_hw), name)

@@ -110,5 +110,6 @@ def separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwise_weight: 
     geo = V.conv2d_geometry(OP, input, depthwise_weight.shape[2:], stride, padding, dilation)
     if name == "torch":
         return reference.separable_conv2d(input, depthwise_weight, pointwise_weight, bias, stride, padding, dilation)
-    stride, pad, dilation, out_hw = (list(g) for g in geo)
-    return separable_conv2d_op(input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, out_hw, name)
+    stride, pad, dilation, out_hw = geo
+    return separable_conv2d_op(input, depthwise_weight, pointwise_weight, bias, list(stride), list(pad), list(dilation),
+                               list(out_hw), name)
