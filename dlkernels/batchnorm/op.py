@@ -248,12 +248,12 @@ def _functional(input, residual, running_mean, running_var, weight, bias, traini
     x3 = as_ncs(input, cl)
     r3 = None if residual is None else as_ncs(residual, cl)
     w, b = _to(weight, sdtype), _to(bias, sdtype)
-    no_gate = input.new_empty(0, dtype=torch.uint8)
     if training:
         y3, mean, var, gate = compose_forward_train(k, x3, r3, w, b, eps, activation, running)
-        return y3.view_as(input), mean, var, no_gate if gate is None else gate
+        return y3.view_as(input), mean, var, input.new_empty(0, dtype=torch.uint8) if gate is None else gate
     y3 = k.bn_apply(x3, r3, _to(running_mean, sdtype), _to(running_var, sdtype), w, b, eps, activation)
-    return y3.view_as(input), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype), no_gate
+    return (y3.view_as(input), input.new_empty(0, dtype=sdtype), input.new_empty(0, dtype=sdtype),
+            input.new_empty(0, dtype=torch.uint8))
 
 
 def compose_forward_train(k, x3, r3, w, b, eps, activation, running=None):
@@ -304,10 +304,15 @@ def batch_norm_residual_backward_op(grad_out: Tensor, out: Optional[Tensor], rel
         k, as_ncs(grad_out, cl), None if out is None else as_ncs(out, cl), relu_gate, x3,
         None if residual is None else as_ncs(residual, cl), mean, var, _to(weight, sdtype), _to(bias, sdtype), eps,
         training, activation, need_x, need_r, need_sums)
-    empty = input.new_empty(0)
+    need_w, need_b = need_w and weight is not None, need_b and bias is not None
+    # each allocation or no-op cast from Python costs microseconds on a cold cache: only those needed
+    empty = None if (need_x and need_r and need_w and need_b) else input.new_empty(0)
     return (grad_x3.view_as(input) if need_x else empty, grad_r3.view_as(input) if need_r else empty,
-            sum_dz_xhat.to(weight.dtype) if (need_w and weight is not None) else empty,
-            sum_dz.to(bias.dtype) if (need_b and bias is not None) else empty)
+            _as(sum_dz_xhat, weight.dtype) if need_w else empty, _as(sum_dz, bias.dtype) if need_b else empty)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def compose_backward(k, g3, y3, relu_gate, x3, r3, mean, var, weight, bias, eps, training, activation, need_x,
