@@ -237,6 +237,24 @@ def test_running_stats_update_paths_agree(backend, dtype, channels, momentum):
         assert not torch.equal(rm, start[0]) and not torch.equal(rv, start[1])
 
 
+@pytest.mark.parametrize("layout", ["2d", "3d_cl", "4d", "4d_cl"], ids=str)
+def test_evaluation_without_autograd_is_the_same_kernel(backend, layout):
+    """Evaluation with nothing for autograd to record takes the kernel without the functional op's
+    placeholder outputs: the same values as with autograd, a tensor of its own (not a view)."""
+    shape, cl = LAYOUTS[layout]
+    x, r = _make(shape, cl, torch.float32), _make(shape, cl, torch.float32)
+    rm, rv = _stats(shape[1], torch.float32)
+    w, b = leaf(torch.randn(shape[1], device=DEVICE)), leaf(torch.randn(shape[1], device=DEVICE))
+    want = dlkernels.batch_norm_residual(x, r, rm, rv, w, b, activation="silu", backend=backend)
+    with torch.no_grad():
+        got = dlkernels.batch_norm_residual(x, r, rm, rv, w, b, activation="silu", backend=backend)
+    plain = dlkernels.batch_norm_residual(x.detach(), r.detach(), rm, rv, w.detach(), b.detach(), activation="silu",
+                                          backend=backend)
+    for out in (got, plain):
+        assert torch.equal(out, want.detach()) and out.stride() == want.stride() and not out._is_view()
+        assert out.grad_fn is None
+
+
 def test_single_channel_and_no_running_stats(backend):
     x = leaf(torch.randn(6, 1, 5, device=DEVICE, dtype=torch.float64))
     out = dlkernels.batch_norm_residual(x, None, None, None, training=True, activation="silu", backend=backend)
