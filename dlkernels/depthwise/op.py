@@ -131,7 +131,10 @@ def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor
     x = in_format(input, fmt)
     g = in_format(grad_out, fmt)
     k = _dispatch.kernels(FAMILY, backend, input.device)
-    grad_x = input.new_empty(0)
+    # an output not asked for is one shared empty tensor, allocated only then (each allocation from Python
+    # costs microseconds on a cold cache)
+    empty = None if (output_mask[0] and output_mask[1] and output_mask[2]) else input.new_empty(0)
+    grad_x = grad_w = grad_b = empty
     if output_mask[0]:
         m = weight.shape[0] // x.shape[1]
         geo = ((x.shape[2], x.shape[3]), tuple(stride), tuple(pad), tuple(dilation))
@@ -140,12 +143,13 @@ def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor
             part = k.depthwise_bwd_input(gj, weight[j::m].contiguous(), *geo)
             grad_x = part if j == 0 else grad_x.add_(part)
         grad_x = in_format(grad_x, fmt)
-    grad_w, grad_b = input.new_empty(0), input.new_empty(0)
     if output_mask[1] or output_mask[2]:
         gw, gb = k.depthwise_bwd_weight(g, x, (weight.shape[2], weight.shape[3]), tuple(stride), tuple(pad),
                                         tuple(dilation), bool(output_mask[2]))
-        grad_w = gw.contiguous() if output_mask[1] else input.new_empty(0)
-        grad_b = gb if output_mask[2] else input.new_empty(0)
+        if output_mask[1]:
+            grad_w = gw.contiguous()
+        if output_mask[2]:
+            grad_b = gb
     return grad_x, grad_w, grad_b
 
 
