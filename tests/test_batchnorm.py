@@ -235,6 +235,8 @@ def test_running_stats_update_paths_agree(backend, dtype, channels, momentum):
     assert torch.equal(rm, rm2) and torch.equal(rv, rv2)
     if momentum > 0:
         assert not torch.equal(rm, start[0]) and not torch.equal(rv, start[1])
+    # both count as in-place updates: an evaluation graph that saved them refuses a stale backward alike
+    assert rm._version == rm2._version > 0 and rv._version == rv2._version > 0
 
 
 @pytest.mark.parametrize("layout", ["2d", "3d_cl", "4d", "4d_cl"], ids=str)

@@ -455,12 +455,17 @@ class _TrainingEager(torch.autograd.Function):
         if running is None:
             _update_running_stats(update_running_stats_op.impl, input, running_mean, running_var, out[1], out[2],
                                   momentum)
+        else:  # written through numpy views: count it as torch's in-place update would (saved-tensor checks)
+            _increment_version((running_mean, running_var))
         _setup(ctx, args, out)
         return _registration.owned(out[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         return _backward(ctx, grad_out, None, None, None)
+
+
+_increment_version = torch.autograd.graph.increment_version
 
 
 def _kernel_updates(backend, input, running_mean, running_var) -> bool:
