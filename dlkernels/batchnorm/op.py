@@ -486,6 +486,8 @@ def _kernel_vector(t, input) -> bool:
 
 @batch_norm_residual_op.register_eager
 def _(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend):
+    """The op in plain eager mode: training with autograd recording as one Function, else the body (whose ops
+    then take the kernels directly)."""
     if training and _registration.records_autograd(input, residual, running_mean, running_var, weight, bias):
         return _TrainingEager.apply(input, residual, running_mean, running_var, weight, bias, momentum, eps,
                                     activation, backend)
