@@ -233,9 +233,10 @@ def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor],
 
 
 def _functional(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend,
-                running=None):
-    """The functional op's body; ``running``: (running_mean, running_var, momentum) for the training kernel to
-    update (the contract's UPDATES_RUNNING), from the eager training path only."""
+                momentum=None):
+    """The functional op's body. ``momentum`` (the eager training path only, _TrainingEager): also update the
+    running statistics, in the training kernel where it can (the contract's UPDATES_RUNNING: vectors
+    contiguous in the statistics dtype; _check has vetted the rest), else with update_running_stats_op's body."""
     sdtype = stats_dtype(input.dtype)
     if not training:
         out = _evaluate(input, residual, running_mean, running_var, weight, bias, eps, activation, backend)
@@ -251,9 +252,24 @@ def _functional(input, residual, running_mean, running_var, weight, bias, traini
     k = _dispatch.kernels(FAMILY, backend, input.device)
     x3 = as_ncs(input, cl)
     r3 = None if residual is None else as_ncs(residual, cl)
+    running = None
+    if (momentum is not None and running_mean is not None and getattr(k, "UPDATES_RUNNING", False)
+            and _kernel_vector(running_mean, sdtype) and _kernel_vector(running_var, sdtype)):
+        running = (running_mean, running_var, momentum)
     y3, mean, var, gate = compose_forward_train(k, x3, r3, _to(weight, sdtype), _to(bias, sdtype), eps, activation,
                                                 running)
+    if running is not None:  # written through numpy views: counted as torch's in-place update would be
+        _increment_version((running_mean, running_var))
+    elif momentum is not None:
+        _update_running_stats(update_running_stats_op.impl, input, running_mean, running_var, mean, var, momentum)
     return y3.view_as(input), mean, var, input.new_empty(0, dtype=torch.uint8) if gate is None else gate
+
+
+_increment_version = torch.autograd.graph.increment_version
+
+
+def _kernel_vector(t: Tensor, sdtype: torch.dtype) -> bool:
+    return t.dtype == sdtype and t.is_contiguous()
 
 
 def _evaluate(input, residual, running_mean, running_var, weight, bias, eps, activation, backend) -> Tensor:
@@ -448,40 +464,13 @@ class _TrainingEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, residual, running_mean, running_var, weight, bias, momentum, eps, activation, backend):
         args = (input, residual, running_mean, running_var, weight, bias, True, eps, activation, backend)
-        running = None
-        if _kernel_updates(backend, input, running_mean, running_var):
-            running = (running_mean, running_var, momentum)
-        out = _functional(*args, running=running)
-        if running is None:
-            _update_running_stats(update_running_stats_op.impl, input, running_mean, running_var, out[1], out[2],
-                                  momentum)
-        else:  # written through numpy views: count it as torch's in-place update would (saved-tensor checks)
-            _increment_version((running_mean, running_var))
+        out = _functional(*args, momentum=momentum)
         _setup(ctx, args, out)
         return _registration.owned(out[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         return _backward(ctx, grad_out, None, None, None)
-
-
-_increment_version = torch.autograd.graph.increment_version
-
-
-def _kernel_updates(backend, input, running_mean, running_var) -> bool:
-    """Whether the training kernel can update these running statistics itself (UPDATES_RUNNING): given,
-    a non-empty batch, vectors contiguous in the statistics dtype (checked, like every argument, before any
-    kernel runs). A wrong argument fails the same way either way: in _functional's checks."""
-    if running_mean is None or running_var is None or input.numel() == 0 or backend not in _dispatch.BACKENDS:
-        return False
-    if not getattr(_dispatch.kernels(FAMILY, backend, input.device), "UPDATES_RUNNING", False):
-        return False
-    return _kernel_vector(running_mean, input) and _kernel_vector(running_var, input)
-
-
-def _kernel_vector(t, input) -> bool:
-    return (isinstance(t, Tensor) and t.dtype == stats_dtype(input.dtype) and t.dim() == 1 and t.is_contiguous()
-            and t.shape[0] == input.shape[1] and t.device == input.device)
 
 
 @batch_norm_residual_op.register_eager
