@@ -72,18 +72,13 @@ def empty_like_format(x: Tensor, shape, fmt: torch.memory_format) -> Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
-def _canonical_strides(shape, fmt: torch.memory_format) -> tuple[int, ...]:
-    if fmt == torch.channels_last:  # as torch lays out a fresh channels_last tensor
-        n, c, h, w = shape
+def _canonical_strides(shape, fmt: torch.memory_format) -> tuple[int, int, int, int]:
+    """The strides torch gives a fresh (N, C, H, W) tensor of that format."""
+    n, c, h, w = shape
+    if fmt == torch.channels_last:
         return (h * w * c, 1, w * c, c)
-    if len(shape) == 4:  # the loop below, unrolled for the one rank the convolutions call it with
-        c, h, w = max(shape[1], 1), max(shape[2], 1), max(shape[3], 1)
-        return (c * h * w, h * w, w, 1)
-    strides, acc = [], 1
-    for size in reversed(shape):
-        strides.append(acc)
-        acc *= max(size, 1)
-    return tuple(reversed(strides))
+    c, h, w = max(c, 1), max(h, 1), max(w, 1)  # size-0 dims stride as size-1 ones
+    return (c * h * w, h * w, w, 1)
 
 
 def in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
