@@ -146,14 +146,16 @@ _autocast = torch._C._is_any_autocast_enabled
 _profiler = torch.autograd.profiler
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
+_grad_enabled = torch.is_grad_enabled  # records_autograd's, bound alike: it runs beside plain_eager
+_any_requires_grad = torch._C._any_requires_grad
 
 
 def records_autograd(*args) -> bool:
     """Whether autograd records a call on ``args``: grad mode on and a tensor among them requiring grad.
     Where it does not, an ``autograd.Function`` is pure cost (``apply`` ~25 us a call even then)."""
-    if torch.compiler.is_compiling():  # Dynamo cannot trace _any_requires_grad; it folds these to constants
+    if _is_compiling():  # Dynamo cannot trace _any_requires_grad; it folds these to constants
         return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+    return _grad_enabled() and _any_requires_grad(*args)
 
 
 def call(op: torch._ops.OpOverload, *args):
