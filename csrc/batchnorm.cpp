@@ -566,8 +566,7 @@ void ncs_small_plane_sums(const Bn3& d, const P& pre, const F& f, ThreadPartials
   constexpr int64_t L = 64 / sizeof(T);
   const int64_t S = d.S, C = d.C, planes = d.N * d.C;
   const int64_t bp = std::max<int64_t>(1, RUN / S), blocks = ceil_div(planes, bp);  // planes a block
-  const int64_t nv = S / L, rem = S % L;  // whole vectors a plane, and the elements after them
-  const int64_t W = std::min(L, S);
+  const int64_t nv = S / L, W = std::min(L, S);  // whole vectors a plane; lanes a channel
 #pragma omp parallel if (worth_threads(planes * S))
   {
     std::vector<T> wbuf(bp * S), abuf(C * W, T(0)), bbuf(C * W, T(0));
