@@ -68,14 +68,14 @@ DLK_INLINE Zv<T> mfma(Zv<T> acc, PlaneMask<T> m, Zv<T> a, Zv<T> b) {
 template <class T>
 struct PlaneTaps {
   static constexpr int L = Vec<T, 64>::lanes;
-  int64_t HW, nv, K, last;  // last: the last vector's start
-  std::vector<int64_t> offs;
+  int64_t W, HW, nv, K, last;  // last: the last vector's start
+  std::vector<int64_t> offs, cols;  // each tap's flat offset, and its column offset
   std::vector<PlaneMask<T>> mask, live;
 
   PlaneTaps(int64_t H, int64_t W, const std::vector<int64_t>& di, const std::vector<int64_t>& dj, bool overlap)
-      : HW(H * W), nv(ceil_div(H * W, L)), K(static_cast<int64_t>(di.size())),
-        last(overlap && HW >= L ? HW - L : (nv - 1) * L), offs(di.size()), mask(static_cast<size_t>(K * nv), 0),
-        live(static_cast<size_t>(nv), 0) {
+      : W(W), HW(H * W), nv(ceil_div(H * W, L)), K(static_cast<int64_t>(di.size())),
+        last(overlap && HW >= L ? HW - L : (nv - 1) * L), offs(di.size()), cols(dj),
+        mask(static_cast<size_t>(K * nv), 0), live(static_cast<size_t>(nv), 0) {
     for (int64_t t = 0; t < K; ++t) offs[t] = di[t] * W + dj[t];
     for (int64_t v = 0; v < nv; ++v)
       for (int l = 0; l < L; ++l) {
@@ -178,14 +178,16 @@ template <class T>
 struct RegisterTaps {
   static constexpr int L = Vec<T, 64>::lanes;
   static constexpr int kMaxSpan = 3;  // X holds NB + span + 1 vectors: 12 at NB = 8
-  int64_t HW = 0, grid = 0, qmin = 0, span = -1;
+  int64_t qmin = 0, span = -1;
   std::vector<int> tap, code;         // the taps by column offset; each one's (q - qmin) * L + r
   std::vector<int64_t> cls;           // column offset class c: tap[cls[c], cls[c + 1])
   std::vector<PlaneMask<T>> colmask;  // [c * grid + v]: lanes of vector v whose tap column is inside
 
-  // pt's taps, tap t at column offset dj[t], over planes of W columns.
-  RegisterTaps(const PlaneTaps<T>& pt, int64_t W, const std::vector<int64_t>& dj) : HW(pt.HW), grid(pt.nv) {
-    if (grid == 0) return;
+  // pt's taps (colmask by pt.nv vectors a class).
+  explicit RegisterTaps(const PlaneTaps<T>& pt) {
+    if (pt.nv == 0) return;
+    const int64_t W = pt.W, HW = pt.HW;
+    const std::vector<int64_t>& dj = pt.cols;
     std::vector<int64_t> cols(dj);
     std::sort(cols.begin(), cols.end());
     cols.erase(std::unique(cols.begin(), cols.end()), cols.end());
@@ -200,7 +202,7 @@ struct RegisterTaps {
           const int64_t q = floor_div(pt.offs[t], L);
           tap.push_back(static_cast<int>(t)), code.push_back(static_cast<int>((q - qmin) * L + pt.offs[t] - q * L));
         }
-      for (int64_t v = 0; v < grid; ++v) {
+      for (int64_t v = 0; v < pt.nv; ++v) {
         PlaneMask<T> m = 0;
         for (int l = 0; l < L && v * L + l < HW; ++l) {
           const int64_t j = (v * L + l) % W + col;
@@ -211,7 +213,7 @@ struct RegisterTaps {
     }
     cls.push_back(static_cast<int64_t>(tap.size()));
   }
-  bool usable() const { return grid > 0 && span >= 0 && span <= kMaxSpan; }
+  bool usable() const { return span >= 0 && span <= kMaxSpan; }
 };
 
 // f(integral_constant q, integral_constant r) for code = q * L + r < (SPAN + 1) * L: one jump.
@@ -254,9 +256,10 @@ DLK_INLINE PlaneMask<T> lanes_below(int64_t n) {
 // at xp. A partial last vector is stored masked: against sweep_block's overlapping last vector
 // (nine masked loads), 8x1024x10x10 0.237 -> 0.212 ms.
 template <class T, int NB, int SPAN>
-DLK_INLINE void register_block(const RegisterTaps<T>& rt, const T* xp, const T* w, T b, T* dst, int64_t k0) {
+DLK_INLINE void register_block(const PlaneTaps<T>& pt, const RegisterTaps<T>& rt, const T* xp, const T* w, T b, T* dst,
+                               int64_t k0) {
   constexpr int L = RegisterTaps<T>::L, NX = NB + SPAN + 1;
-  const int64_t HW = rt.HW;
+  const int64_t HW = pt.HW;
   __m512i X[NX];
   Zv<T> acc[NB];
   static_for<NB>([&](auto k) DLK_LAMBDA_INLINE { acc[k] = vbroadcast<T, 64>(b); });
@@ -272,7 +275,7 @@ DLK_INLINE void register_block(const RegisterTaps<T>& rt, const T* xp, const T* 
   const int64_t classes = static_cast<int64_t>(rt.cls.size()) - 1;
   for (int64_t c = 0; c < classes; ++c) {
     PlaneMask<T> m[NB];
-    static_for<NB>([&](auto k) DLK_LAMBDA_INLINE { m[k] = rt.colmask[c * rt.grid + k0 + k]; });
+    static_for<NB>([&](auto k) DLK_LAMBDA_INLINE { m[k] = rt.colmask[c * pt.nv + k0 + k]; });
     for (int64_t i = rt.cls[c]; i < rt.cls[c + 1]; ++i) {
       const Zv<T> wt = vbroadcast<T, 64>(w[rt.tap[i]]);
       with_shift<SPAN, L>(rt.code[i], [&](auto Q, auto R) DLK_LAMBDA_INLINE {
@@ -294,48 +297,41 @@ DLK_INLINE void register_block(const RegisterTaps<T>& rt, const T* xp, const T* 
 // A plane's output from registers: blocks of 8 vectors (the last moved back to end at the plane's
 // end, rewriting equal values), or one block of them all.
 template <class T, int SPAN>
-void register_plane_span(const RegisterTaps<T>& rt, const T* xp, const T* w, T b, T* dst) {
-  const int64_t G = rt.grid;
+void register_plane_span(const PlaneTaps<T>& pt, const RegisterTaps<T>& rt, const T* xp, const T* w, T b, T* dst) {
+  const int64_t G = pt.nv;
   if (G >= 8) {
     int64_t k = 0;
-    for (; k + 8 <= G; k += 8) register_block<T, 8, SPAN>(rt, xp, w, b, dst, k);
-    if (k < G) register_block<T, 8, SPAN>(rt, xp, w, b, dst, G - 8);
+    for (; k + 8 <= G; k += 8) register_block<T, 8, SPAN>(pt, rt, xp, w, b, dst, k);
+    if (k < G) register_block<T, 8, SPAN>(pt, rt, xp, w, b, dst, G - 8);
   } else {
-    with_count<7>(G, [&](auto NB) { register_block<T, decltype(NB)::value, SPAN>(rt, xp, w, b, dst, 0); });
+    with_count<7>(G, [&](auto NB) { register_block<T, decltype(NB)::value, SPAN>(pt, rt, xp, w, b, dst, 0); });
   }
 }
 
 // register_plane_span for rt's span.
 template <class T>
-void register_plane(const RegisterTaps<T>& rt, const T* xp, const T* w, T b, T* dst) {
+void register_plane(const PlaneTaps<T>& pt, const RegisterTaps<T>& rt, const T* xp, const T* w, T b, T* dst) {
   switch (rt.span) {
-    case 0: return register_plane_span<T, 0>(rt, xp, w, b, dst);
-    case 1: return register_plane_span<T, 1>(rt, xp, w, b, dst);
-    case 2: return register_plane_span<T, 2>(rt, xp, w, b, dst);
-    default: return register_plane_span<T, 3>(rt, xp, w, b, dst);
+    case 0: return register_plane_span<T, 0>(pt, rt, xp, w, b, dst);
+    case 1: return register_plane_span<T, 1>(pt, rt, xp, w, b, dst);
+    case 2: return register_plane_span<T, 2>(pt, rt, xp, w, b, dst);
+    default: return register_plane_span<T, 3>(pt, rt, xp, w, b, dst);
   }
 }
 
-// The column offset of each tap of g's window (sign as window_taps).
-inline std::vector<int64_t> window_cols(const DwGeom& g, int64_t sign) {
-  std::vector<int64_t> dj;
-  for (int64_t p = 0; p < g.kH; ++p)
-    for (int64_t q = 0; q < g.kW; ++q) dj.push_back(sign * (q * g.dW - g.pL));
-  return dj;
-}
 // The taps of g's window as PlaneTaps: sign 1, output (i, j) reads input (i + p*dH - pT, j + q*dW -
 // pL) (forward, weight gradient); sign -1, the transposed map (input gradient).
 template <class T>
 PlaneTaps<T> window_taps(const DwGeom& g, int64_t sign, bool overlap) {
-  std::vector<int64_t> di;
+  std::vector<int64_t> di, dj;
   for (int64_t p = 0; p < g.kH; ++p)
-    for (int64_t q = 0; q < g.kW; ++q) di.push_back(sign * (p * g.dH - g.pT));
-  return PlaneTaps<T>(g.H, g.W, di, window_cols(g, sign), overlap);
+    for (int64_t q = 0; q < g.kW; ++q) di.push_back(sign * (p * g.dH - g.pT)), dj.push_back(sign * (q * g.dW - g.pL));
+  return PlaneTaps<T>(g.H, g.W, di, dj, overlap);
 }
-// pt's taps in register form where they fit it (see RegisterTaps), else nothing; dj: their column offsets.
+// pt's taps in register form where they fit it (see RegisterTaps), else nothing.
 template <class T>
-std::optional<RegisterTaps<T>> register_taps(const PlaneTaps<T>& pt, int64_t W, const std::vector<int64_t>& dj) {
-  RegisterTaps<T> rt(pt, W, dj);
+std::optional<RegisterTaps<T>> register_taps(const PlaneTaps<T>& pt) {
+  RegisterTaps<T> rt(pt);
   if (!rt.usable()) return std::nullopt;
   return rt;
 }
@@ -366,7 +362,7 @@ void sweep_planes(const PlaneTaps<T>& pt, int64_t nt, int64_t planes, F plane, i
     for (int64_t p = 0; p < planes; ++p) {
       const auto [w, b, dst] = plane(p, src.data(), sc);
       if (rt)
-        register_plane(*rt, src[0] - pt.offs[0], w, b, dst);  // (every tap reads one plane, src[t] - offs[t])
+        register_plane(pt, *rt, src[0] - pt.offs[0], w, b, dst);  // (every tap reads one plane, src[t] - offs[t])
       else
         sweep_plane(pt, src.data(), mrow.data(), w, nt, b, dst);
     }
@@ -401,15 +397,16 @@ template <class T>
 void fwd_masked(const T* x, const T* w, const T* bias, T* y, const DwGeom& g) {
   const int64_t K = g.kH * g.kW, HW = g.H * g.W;
   const PlaneTaps<T> pt = window_taps<T>(g, 1, true);
-  const auto rt = register_taps(pt, g.W, window_cols(g, 1));
+  const auto rt = register_taps(pt);
   sweep_planes(pt, K, g.N * g.Cm, [&](int64_t plane, const T** src, PlaneScratch<T>&) {
     const int64_t n = plane / g.Cm, o = plane - n * g.Cm;
     const T* xp = x + (n * g.C + o / g.m) * HW;
     // No prefetch_plane_after_next: with the register sweep (one load per plane vector, in
     // order) it lost (interleaved, two threads, from DRAM, copy 33 GB/s: without it 8x728x19x19
     // 0.49 -> 0.45-0.46 ms, 8x256x28x28 0.39 -> 0.35, 8x1024x10x10 0.206 -> 0.198; 8x8 and 7x7
-    // planes level). The input gradient keeps it (fwd+bwd level either way).
-    for (int64_t t = 0; t < K; ++t) src[t] = xp + pt.offs[t];
+    // planes level). The input gradient keeps it (fwd+bwd level either way). The register sweep
+    // reads the plane through src[0] alone.
+    for (int64_t t = 0, nt = rt ? 1 : K; t < nt; ++t) src[t] = xp + pt.offs[t];
     return std::tuple<const T*, T, T*>(w + o * K, bias ? bias[o] : T(0), y + plane * HW);
   }, 0, rt ? &*rt : nullptr);
 }
@@ -482,7 +479,7 @@ void bwd_input_masked(const T* gy, const T* w, T* gx, const DwGeom& g) {
   const int64_t K = g.kH * g.kW, HW = g.H * g.W;
   const PlaneTaps<T> pt = window_taps<T>(g, -1, true);
   // (m > 1: each tap reads m grad_y planes, which register_block's one source plane does not hold)
-  const auto rt = g.m == 1 ? register_taps(pt, g.W, window_cols(g, -1)) : std::nullopt;
+  const auto rt = g.m == 1 ? register_taps(pt) : std::nullopt;
   sweep_planes(pt, K * g.m, g.N * g.C, [&](int64_t plane, const T** src, PlaneScratch<T>&) {
     const int64_t n = plane / g.C, c = plane - n * g.C;
     const T* gyc = gy + (n * g.Cm + c * g.m) * HW;  // its m grad_y planes, one after another
