@@ -181,7 +181,7 @@ struct RegisterTaps {
   int64_t qmin = 0, span = -1;
   std::vector<int> tap, code;         // the taps by column offset; each one's (q - qmin) * L + r
   std::vector<int64_t> cls;           // column offset class c: tap[cls[c], cls[c + 1])
-  std::vector<PlaneMask<T>> colmask;  // [c * grid + v]: lanes of vector v whose tap column is inside
+  std::vector<PlaneMask<T>> colmask;  // [c * pt.nv + v]: lanes of vector v whose tap column is inside
 
   // pt's taps (colmask by pt.nv vectors a class).
   explicit RegisterTaps(const PlaneTaps<T>& pt) {
