@@ -139,6 +139,16 @@ def _env_backend() -> str | None:
     return None if raw is None else os.fsdecode(raw)
 
 
+_CPU = torch.device("cpu")
+
+
+def _device_type(device: torch.device) -> str:
+    """``device.type``, without building that string for the CPU: torch.device.type makes a new str
+    through c10's DeviceTypeName on each access, 29 us the first time after a layer-sized pass has
+    flushed the caches (Zen4), where comparing the device with a CPU one costs 1."""
+    return "cpu" if device == _CPU else device.type
+
+
 @torch.compiler.assume_constant_result
 def resolve(family: str, backend: str | None, device: torch.device) -> str:
     """The backend that runs an op of ``family`` on tensors of ``device``.
@@ -146,19 +156,19 @@ def resolve(family: str, backend: str | None, device: torch.device) -> str:
     Under torch.compile the choice is made once, when the function is traced (a constant of the graph).
     """
     name = backend or _scoped.get() or _env_backend() or "auto"
-    dtype = device.type
+    dev_type = _device_type(device)
     if name == "auto":
-        if dtype == "cuda" and _backend_installed("triton"):
+        if dev_type == "cuda" and _backend_installed("triton"):
             return "triton"
-        if dtype == "cpu":
+        if dev_type == "cpu":
             preferred = CPU_AUTO.get(family)
             for cand in ((preferred,) if preferred else ()) + _CPU_FALLBACK_ORDER:
                 if _backend_installed(cand):
                     return cand
         return "torch"
     _check_name(name)
-    if not (_backend_installed(name) and _runs_on(name, dtype)):
-        raise RuntimeError(_unavailable_msg(name, dtype))
+    if not (_backend_installed(name) and _runs_on(name, dev_type)):
+        raise RuntimeError(_unavailable_msg(name, dev_type))
     return name
 
 
@@ -175,6 +185,7 @@ def kernels(family: str, backend: str, device: torch.device) -> ModuleType:
     if backend == "torch" or backend not in BACKENDS:
         raise ValueError(f"dlkernels: the custom ops run backends {[b for b in BACKENDS if b != 'torch']}; "
                          f"got {backend!r} (backend 'torch' is PyTorch's own ops, called without them)")
-    if not (_backend_installed(backend) and _runs_on(backend, device.type)):
-        raise RuntimeError(_unavailable_msg(backend, device.type))
+    dev_type = _device_type(device)
+    if not (_backend_installed(backend) and _runs_on(backend, dev_type)):
+        raise RuntimeError(_unavailable_msg(backend, dev_type))
     return _kernel_module(family, backend)

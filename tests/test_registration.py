@@ -82,6 +82,35 @@ def test_eager_path_equals_dispatcher_path(backend, case):
         assert torch.equal(a, b), f"{name}: result {i} differs between the two paths"
 
 
+@pytest.mark.parametrize("case", range(5))
+def test_tensor_left_by_a_finished_transform(backend, case):
+    """A tensor kept from inside a finished torch.func transform (a dead functorch wrapper) goes into the
+    eager path's autograd.Function unwrapped, as autograd.Function.apply unwraps it (_registration's
+    eager_apply): the output and the other inputs' gradients are the plain tensor's (as for torch's own
+    ops, the wrapper itself is not in the graph)."""
+    name, fn, inputs, state = _cases(backend)[case]
+    kept = []
+
+    def keep(x):
+        kept.append(x)
+        return (x * 2).sum()
+
+    torch.func.grad(keep)(inputs[0].detach())
+    dead = kept[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    saved = [s.clone() for s in state]
+    results = []
+    for first in (inputs[0], dead):
+        for s, v in zip(state, saved):
+            s.copy_(v)
+        out = fn(first, *inputs[1:])
+        assert out.grad_fn is not None
+        grads = torch.autograd.grad(out, inputs[1:], torch.ones_like(out).mul_(0.5).add_(out.detach().sin()))
+        results.append([out.detach(), *grads, *(s.clone() for s in state)])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), f"{name}: result {i} differs for the transform's leftover tensor"
+
+
 def test_profiler_sees_the_ops(backend):
     x, w = leaf(_r(4, 3)), leaf(_r(2, 3))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

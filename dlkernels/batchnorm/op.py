@@ -473,13 +473,16 @@ class _TrainingEager(torch.autograd.Function):
         return _backward(ctx, grad_out, None, None, None)
 
 
+_training_eager = _registration.eager_apply(_TrainingEager)
+
+
 @batch_norm_residual_op.register_eager
 def _(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend):
     """The op in plain eager mode: training with autograd recording as one Function, else the body (whose ops
     then take the kernels directly)."""
     if training and _registration.records_autograd(input, residual, running_mean, running_var, weight, bias):
-        return _TrainingEager.apply(input, residual, running_mean, running_var, weight, bias, momentum, eps,
-                                    activation, backend)
+        return _training_eager(input, residual, running_mean, running_var, weight, bias, momentum, eps,
+                               activation, backend)
     return batch_norm_residual_op.impl(input, residual, running_mean, running_var, weight, bias, training, momentum,
                                        eps, activation, backend)
 batch_norm_residual_functional_op.register_autocast(_registration.promote_activations)
