@@ -3,7 +3,115 @@
 
 #include <omp.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
 namespace dlk {
+namespace {
+
+// Vectors of the widest width the build targets and their multiply-add: one fused instruction where
+// the ISA has one; the scalar fallback's a * m + c is a multiply and an add, two FLOPs all the same.
+template <class S>
+struct Peak;
+#if defined(__AVX512F__)
+template <>
+struct Peak<float> {
+  using V = __m512;
+  static constexpr int lanes = 16;
+  static V set(float v) { return _mm512_set1_ps(v); }
+  static V fma(V a, V m, V c) { return _mm512_fmadd_ps(a, m, c); }
+};
+template <>
+struct Peak<double> {
+  using V = __m512d;
+  static constexpr int lanes = 8;
+  static V set(double v) { return _mm512_set1_pd(v); }
+  static V fma(V a, V m, V c) { return _mm512_fmadd_pd(a, m, c); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+template <>
+struct Peak<float> {
+  using V = __m256;
+  static constexpr int lanes = 8;
+  static V set(float v) { return _mm256_set1_ps(v); }
+  static V fma(V a, V m, V c) { return _mm256_fmadd_ps(a, m, c); }
+};
+template <>
+struct Peak<double> {
+  using V = __m256d;
+  static constexpr int lanes = 4;
+  static V set(double v) { return _mm256_set1_pd(v); }
+  static V fma(V a, V m, V c) { return _mm256_fmadd_pd(a, m, c); }
+};
+#else
+template <class S>
+struct Peak {
+  using V = S;
+  static constexpr int lanes = 1;
+  static V set(S v) { return v; }
+  static V fma(V a, V m, V c) { return a * m + c; }
+};
+#endif
+
+// Independent multiply-add chains a thread runs: enough to cover an FMA's latency times the issue
+// width of the CPUs met so far (4 cycles x 2 pipes), few enough to stay in the 16 registers of an
+// AVX2 build beside the two constants.
+constexpr int kPeakChains = 12;
+
+// FLOP/s of kPeakChains chains held in registers (no memory traffic), `steps` multiply-adds each, on
+// every OpenMP thread at once. The seed is unknown at compile time and the result is kept, so that the
+// compiler can neither fold the chains into one nor drop them.
+template <class S>
+double peak_flops(int64_t steps, S seed) {
+  using P = Peak<S>;
+  int threads = 1;
+  S sink = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel reduction(+ : sink)
+  {
+#pragma omp single
+    threads = omp_get_num_threads();
+    typename P::V a[kPeakChains];
+    for (int k = 0; k < kPeakChains; ++k) a[k] = P::set(seed + S(k));
+    const typename P::V m = P::set(S(0.999999)), c = P::set(S(1e-7));
+    for (int64_t i = 0; i < steps; ++i)
+      for (int k = 0; k < kPeakChains; ++k) a[k] = P::fma(a[k], m, c);
+    for (int k = 1; k < kPeakChains; ++k) a[0] = P::fma(a[k], m, a[0]);
+    S lanes[P::lanes];
+    std::memcpy(lanes, &a[0], sizeof(lanes));
+    sink += lanes[0];
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  volatile S keep = sink;
+  (void)keep;
+  return 2.0 * P::lanes * kPeakChains * static_cast<double>(steps) * threads / s;
+}
+
+// The best of `repeats` runs of about `seconds` each, a short first run sizing them: the arithmetic
+// peak the kernels' instruction set reaches on this machine, all threads at once, float32 or float64.
+template <class S>
+double fma_peak_of(double seconds, int repeats, S seed) {
+  const int64_t probe = 1 << 14;
+  const double step_flops = 2.0 * Peak<S>::lanes * kPeakChains * omp_get_max_threads();
+  const double steps_per_s = peak_flops<S>(probe, seed) / step_flops;
+  const int64_t steps = std::max<int64_t>(probe, static_cast<int64_t>(seconds * steps_per_s));
+  double best = 0;
+  for (int r = 0; r < repeats; ++r) best = std::max(best, peak_flops<S>(steps, seed));
+  return best;
+}
+
+double fma_peak(bool float64, double seconds, int repeats) {
+  require(seconds > 0 && seconds <= 10 && repeats >= 1 && repeats <= 100,
+          "fma_peak: seconds in (0, 10] and repeats in [1, 100] expected");
+  volatile double seed = 1.0;  // unknown to the compiler (see peak_flops)
+  py::gil_scoped_release nogil;
+  if (float64) return fma_peak_of<double>(seconds, repeats, seed);
+  return fma_peak_of<float>(seconds, repeats, static_cast<float>(seed));
+}
+
+}  // namespace
+
 void init_matmul(py::module_& m);
 void init_depthwise(py::module_& m);
 void init_separable(py::module_& m);
@@ -17,6 +125,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.def("get_max_threads", []() { return omp_get_max_threads(); });
   m.def("llc_bytes", &dlk::llc_bytes, "bytes of the last-level cache the kernels size their passes by");
+  m.def("fma_peak", &dlk::fma_peak, pybind11::arg("float64") = false, pybind11::arg("seconds") = 0.05,
+        pybind11::arg("repeats") = 5,
+        "FLOP/s of multiply-add chains in registers on every OpenMP thread: the arithmetic peak the kernels' "
+        "instruction set reaches here (the best of `repeats` runs of ~`seconds`)");
   dlk::init_matmul(m);
   dlk::init_depthwise(m);
   dlk::init_separable(m);

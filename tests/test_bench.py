@@ -77,6 +77,7 @@ def test_tiny_run_writes_report_with_expected_cases(tmp_path, monkeypatch):
         assert r["status"] == "ok", r
         assert r["max_err"] < 1e-5 and len(r["samples"]) >= 2 and all(s > 0 for s in r["samples"])
     assert meta["limits"]["copy_bytes_per_s"] > 0 and meta["limits"]["matmul_flops"]["float32"] > 0
+    assert meta["limits"]["peak_flops"]["float32"] > 0
     assert meta["machine"]["versions"]["torch"] == torch.__version__
     # pytest-benchmark's own entries hold the interleaved samples
     raw = json.loads((tmp_path / "benchmark.json").read_text())
@@ -84,7 +85,7 @@ def test_tiny_run_writes_report_with_expected_cases(tmp_path, monkeypatch):
     md = (tmp_path / "report.md").read_text()
     for cid in MATMUL_TINY:
         assert cid in md
-    assert "copy bandwidth" in md and "torch 2" in md and "## Not timed" not in md
+    assert "copy bandwidth" in md and "arithmetic peak" in md and "torch 2" in md and "## Not timed" not in md
     for png in ("speedup.png", "limits.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -141,6 +142,17 @@ def test_precompile_compiles_without_gpu(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count(" ok") == len(cases.select("tiny", ["separable"])) > 0
+
+
+def test_compute_bound_cases_are_held_to_the_arithmetic_peak():
+    """A compute-bound case's limit is the measured arithmetic peak of its dtype; reports written before
+    it was measured (and GPU runs) fall back to the large torch.matmul's FLOP/s."""
+    from dlkernels.bench import report
+    rec = {"bound": "compute", "flops": 4e9, "dtype": "float32", "samples": [0.02, 0.02, 0.02], "status": "ok"}
+    lim = {"copy_bytes_per_s": 40e9, "matmul_flops": {"float32": 250e9}, "peak_flops": {"float32": 400e9}}
+    assert report.fraction(rec, lim) == pytest.approx(0.5)
+    del lim["peak_flops"]
+    assert report.fraction(rec, lim) == pytest.approx(0.8)
 
 
 def test_copy_limit_is_the_best_of_the_runs_measurements(monkeypatch):

@@ -74,6 +74,16 @@ def test_compiled_c_extension_reports_isa():
     assert _C.simd() in ("avx512", "avx2-fma", "scalar")
 
 
+def test_compiled_c_extension_measures_the_arithmetic_peak():
+    """The bench's compute limit (dlkernels/bench/machine.py): FLOP/s of register-only multiply-add chains,
+    float64 at most about float32's rate (half of it in vector builds), bad arguments refused."""
+    from dlkernels import _C
+    f32, f64 = _C.fma_peak(False, 0.01, 2), _C.fma_peak(True, 0.01, 2)
+    assert 1e8 < f32 < 1e14 and 1e8 < f64 < 1.5 * f32
+    with pytest.raises(ValueError, match="fma_peak"):
+        _C.fma_peak(False, 0.0, 1)
+
+
 def test_compiled_c_extension_refuses_buffers_that_do_not_match():
     """The C++ entry points check every array they are handed against the geometry (a second fence
     behind the Python validation; see also the im2col test in test_nn.py), with the sizes in the message."""

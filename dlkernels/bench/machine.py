@@ -1,7 +1,8 @@
 """The machine a run measures on: its description, its allocator setting and its own limits.
 
-The limits (copy bandwidth, matmul FLOP/s) are measured at the start of every run, on the same
-machine, so each case's achieved GB/s or FLOP/s is stated as a fraction of what this machine did.
+The limits (copy bandwidth; on a CPU the arithmetic peak, on a GPU a large matmul's FLOP/s) are
+measured at the start of every run, on the same machine, so each case's achieved GB/s or FLOP/s is
+stated as a fraction of what this machine did.
 """
 from __future__ import annotations
 
@@ -183,6 +184,10 @@ class Limits:
     matmul_flops: dict             # dtype name -> FLOP/s of a large torch.matmul
     matmul_size: int
     copy_samples: list = field(default_factory=list)  # every copy measurement of the run, in order
+    # dtype name -> FLOP/s of multiply-add chains in registers on every thread (CPU: dlkernels._C.fma_peak,
+    # the C++ build's vector ISA): what compute-bound cases are held to there. A torch.matmul is a
+    # contender, not a limit: the C++ GEMM ran at 1.17x its rate (Zen4), "117 % of the limit".
+    peak_flops: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -218,7 +223,8 @@ def copy_rate(device: torch.device, llc: int, quick: bool = False) -> tuple[floa
 
 
 def measure_limits(device: torch.device, dtypes: list[torch.dtype], llc: int, quick: bool = False) -> Limits:
-    """A large copy (well past the last-level cache) and a large torch.matmul per dtype."""
+    """A large copy (well past the last-level cache), a large torch.matmul per dtype and, on a CPU, the
+    arithmetic peak."""
     rate, nbytes = copy_rate(device, llc, quick)
     n = (8192 if device.type == "cuda" else 2048) // (2 if quick else 1)
     flops = {}
@@ -228,4 +234,17 @@ def measure_limits(device: torch.device, dtypes: list[torch.dtype], llc: int, qu
         tm = _median_time(lambda: torch.matmul(a, b), device, 3 if quick else 7)
         flops[str(dt).removeprefix("torch.")] = 2 * n**3 / tm
     return Limits(copy_bytes_per_s=rate, copy_size_bytes=nbytes, matmul_flops=flops, matmul_size=n,
-                  copy_samples=[rate])
+                  copy_samples=[rate], peak_flops=arithmetic_peak(device, dtypes, quick))
+
+
+def arithmetic_peak(device: torch.device, dtypes: list[torch.dtype], quick: bool = False) -> dict:
+    """dtype name -> the CPU's arithmetic peak in FLOP/s (see Limits.peak_flops), for the dtypes the C++
+    kernels compute in; empty on a GPU or without the C++ extension."""
+    if device.type != "cpu":
+        return {}
+    try:
+        from .. import _C
+    except ImportError:
+        return {}
+    return {str(dt).removeprefix("torch."): _C.fma_peak(dt == torch.float64, 0.02 if quick else 0.05)
+            for dt in dict.fromkeys([torch.float32, *dtypes]) if dt in (torch.float32, torch.float64)}

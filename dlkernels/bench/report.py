@@ -64,14 +64,15 @@ def copy_rate_of(rec: dict, limits: dict) -> float:
 
 def fraction(rec: dict, limits: dict | None) -> float | None:
     """Achieved share of the machine's limit: memory-bound cases of the copy bandwidth, compute-bound
-    cases of the large torch.matmul's FLOP/s in the same dtype."""
+    cases of the arithmetic peak in the same dtype (a CPU's; elsewhere, or in reports from before it was
+    measured, the large torch.matmul's FLOP/s)."""
     t = _median(rec)
     if t is None or not limits:
         return None
     if rec["bound"] == "memory" and rec["bytes"]:
         return rec["bytes"] / t / copy_rate_of(rec, limits)
     if rec["bound"] == "compute" and rec["flops"]:
-        peak = limits["matmul_flops"].get(rec["dtype"])
+        peak = limits.get("peak_flops", {}).get(rec["dtype"]) or limits["matmul_flops"].get(rec["dtype"])
         return rec["flops"] / t / peak if peak else None
     return None
 
@@ -167,14 +168,17 @@ def markdown(meta: dict, charts: list[str]) -> str:
                 f"{min(samples) / 1e9:.1f}-{max(samples) / 1e9:.1f} GB/s; " if len(samples) > 1 else "")
         out += [f"- machine limits, measured in this run: copy bandwidth "
                 f"{lim['copy_bytes_per_s'] / 1e9:.1f} GB/s ({seen}read+write, torch copy of "
-                f"{lim['copy_size_bytes'] >> 20} MiB); torch.matmul {lim['matmul_size']}³: {flops}"]
+                f"{lim['copy_size_bytes'] >> 20} MiB); torch.matmul {lim['matmul_size']}³: {flops}"
+                + ("; arithmetic peak (multiply-add chains in registers, every thread, the C++ build's vector ISA): "
+                   + ", ".join(f"{k} {f / 1e9:.0f} GFLOP/s" for k, f in lim["peak_flops"].items())
+                   if lim.get("peak_flops") else "")]
     out += ["", "Cells: median time per call, speed-up over PyTorch eager (>1 is faster), spread. "
             "`FAILED`: wrong answer; `n/a`: not available here (reason below). "
             "Floor: the fewest bytes the pass must move at the copy bandwidth (memory-bound cases; on a CPU the "
             "copy timed in the case's own rounds, beside its contenders, shown after the @: a shared host's bandwidth "
             "moves within minutes, and the run's best would hold a case timed in a slow moment to a fast moment's "
-            "floor). Limit: achieved GB/s of that copy bandwidth, or FLOP/s of the torch.matmul above, by the best "
-            "contender "
+            "floor). Limit: achieved GB/s of that copy bandwidth, or FLOP/s of the arithmetic peak above (where "
+            "measured; else of the torch.matmul above), by the best contender "
             "(on a CPU, torch's copy stores through the cache, reading each line before it writes it, so a pass "
             "that streams its output with non-temporal stores can pass 100 %).",
             "", "## Summary (geometric mean of speed-ups over eager, per op group)", ""]
@@ -242,7 +246,7 @@ def charts(meta: dict, out_dir: Path) -> list[str]:
             ("speedup.png", "speed-up over PyTorch eager (log scale; >1 is faster)",
              lambda r, c: (r.eager / _median(r.recs[c])) if r.eager and _median(r.recs[c]) else None,
              [c for c in conts if c != EAGER]),
-            ("limits.png", "achieved fraction of the machine's limit (copy GB/s or torch.matmul FLOP/s)",
+            ("limits.png", "achieved fraction of the machine's limit (copy GB/s or peak FLOP/s)",
              lambda r, c: fraction(r.recs[c], meta["limits"]), conts)):
         data = defaultdict(dict)
         for r in rows:
