@@ -987,19 +987,19 @@ void ncs_resident(const Bn3& d, PS pre_s, FS fs, MID mid, PM pre_m, FM fm, MapOu
 // ---------------------------------------------------------------------------------------------
 // argument checks
 // ---------------------------------------------------------------------------------------------
-Bn3 dims_of(const py::array& x3, bool cl) {
+Bn3 dims_of(const Buf& x3, bool cl) {
   require(x3.ndim() == 3, "batch norm: 3-D (N, C, S) views expected");
   return {x3.shape(0), x3.shape(1), x3.shape(2), cl};
 }
 
 template <class T>
-const T* in3(const py::array& a, const char* name, const Bn3& d) {
+const T* in3(const Buf& a, const char* name, const Bn3& d) {
   check_dense<T>(a, name, {d.N, d.C, d.S}, strides3(d.C, d.S, d.cl), false);
   return cptr<T>(a);
 }
 template <class T>
 const T* in3_opt(const py::object& a, const char* name, const Bn3& d) {
-  return a.is_none() ? nullptr : in3<T>(a.cast<py::array>(), name, d);
+  return a.is_none() ? nullptr : in3<T>(a.cast<Buf>(), name, d);
 }
 // A fresh output this large has its own mmap (glibc serves 32 MiB and more that way by default), so
 // the pass's first writes fault it in 4 KiB page by page: ~70-130 ms of faults for a 103 MB output
@@ -1017,22 +1017,22 @@ void advise_huge_pages(void* p, int64_t bytes) {
 }
 
 template <class T>
-T* out3(py::array& a, const char* name, const Bn3& d) {
+T* out3(const Buf& a, const char* name, const Bn3& d) {
   check_dense<T>(a, name, {d.N, d.C, d.S}, strides3(d.C, d.S, d.cl), true);
   advise_huge_pages(mptr<T>(a), d.N * d.C * d.S * static_cast<int64_t>(sizeof(T)));
   return mptr<T>(a);
 }
 template <class T>
-const T* vec(const py::array& a, const char* name, const Bn3& d) {
+const T* vec(const Buf& a, const char* name, const Bn3& d) {
   check_dense<T>(a, name, {d.C}, {1}, false);
   return cptr<T>(a);
 }
 template <class T>
 const T* vec_opt(const py::object& a, const char* name, const Bn3& d) {
-  return a.is_none() ? nullptr : vec<T>(a.cast<py::array>(), name, d);
+  return a.is_none() ? nullptr : vec<T>(a.cast<Buf>(), name, d);
 }
 template <class T>
-T* out_vec(py::array& a, const char* name, const Bn3& d) {
+T* out_vec(const Buf& a, const char* name, const Bn3& d) {
   check_dense<T>(a, name, {d.C}, {1}, true);
   return mptr<T>(a);
 }
@@ -1290,15 +1290,15 @@ struct Affine {
   Fold<T> fold(const Bn3& d, double eps) const { return dlk::fold<T>(d, mean, var, weight, bias, eps); }
 };
 template <class T>
-Affine<T> affine(const py::array& mean, const py::array& var, const py::object& weight, const py::object& bias,
+Affine<T> affine(const Buf& mean, const Buf& var, const py::object& weight, const py::object& bias,
                  const Bn3& d) {
   return {vec<T>(mean, "mean", d), vec<T>(var, "var", d), vec_opt<T>(weight, "weight", d),
           vec_opt<T>(bias, "bias", d)};
 }
 
-void py_apply(const py::array& x3, const py::object& res3, const py::array& mean, const py::array& var,
+void py_apply(const Buf& x3, const py::object& res3, const Buf& mean, const Buf& var,
               const py::object& weight, const py::object& bias, double eps, const std::string& activation,
-              py::array& y3, bool cl) {
+              const Buf& y3, bool cl) {
   const Bn3 d = dims_of(x3, cl);
   const Act act = parse_act(activation);
   dispatch_float(x3, "bn_apply", [&](auto tag) {
@@ -1316,8 +1316,8 @@ void py_apply(const py::array& x3, const py::object& res3, const py::array& mean
 uint8_t* gate_arg(const py::object& g, const Bn3& d, Act act) {
   if (g.is_none()) return nullptr;
   require(act == Act::Relu, "relu_gate: only relu has a gate");
-  py::array a = g.cast<py::array>();
-  require(a.dtype().is(py::dtype::of<uint8_t>()) && a.ndim() == 1 && (a.shape(0) <= 1 || a.strides(0) == 1),
+  Buf a = g.cast<Buf>();
+  require(a.holds<uint8_t>() && a.ndim() == 1 && (a.shape(0) <= 1 || a.strides(0) == 1),
           "relu_gate: a contiguous 1-D uint8 array expected");
   require(a.shape(0) >= gate_bytes(d.N * d.C * d.S), "relu_gate: ", a.shape(0), " bytes, expected ",
           gate_bytes(d.N * d.C * d.S));
@@ -1328,13 +1328,13 @@ uint8_t* gate_arg(const py::object& g, const Bn3& d, Act act) {
 template <class T>
 T* out3_opt(const py::object& a, const char* name, const Bn3& d) {
   if (a.is_none()) return nullptr;
-  py::array arr = a.cast<py::array>();  // a view of the caller's array: its data outlives the call
+  Buf arr = a.cast<Buf>();  // a view of the caller's array: its data outlives the call
   return out3<T>(arr, name, d);
 }
 template <class T>
 T* out_vec_opt(const py::object& a, const char* name, const Bn3& d) {
   if (a.is_none()) return nullptr;
-  py::array arr = a.cast<py::array>();
+  Buf arr = a.cast<Buf>();
   return out_vec<T>(arr, name, d);
 }
 
@@ -1359,9 +1359,9 @@ void update_running(const T* mean, const T* var, double momentum, double count, 
 
 // Training forward in one call: the statistics pass, then the apply pass with them; relu's gate bits
 // too where gate is given, and the running statistics' update where they are given.
-void py_forward_train(const py::array& x3, const py::object& res3, const py::object& weight,
-                      const py::object& bias, double eps, const std::string& activation, py::array& mean,
-                      py::array& var, py::array& y3, const py::object& gate3, bool cl,
+void py_forward_train(const Buf& x3, const py::object& res3, const py::object& weight,
+                      const py::object& bias, double eps, const std::string& activation, const Buf& mean,
+                      const Buf& var, const Buf& y3, const py::object& gate3, bool cl,
                       const py::object& running_mean, const py::object& running_var, double momentum) {
   const Bn3 d = dims_of(x3, cl);
   const Act act = parse_act(activation);
@@ -1395,8 +1395,8 @@ void py_forward_train(const py::array& x3, const py::object& res3, const py::obj
 // The whole backward in one call, as op.compose_backward runs it from the two passes (see there): the
 // reduce pass where sums are asked for (writing dz into grad_r3 where it is grad_residual under an
 // activation), then the apply pass for grad_x3 (and grad_r3 where the reduce did not write it).
-void py_backward(const py::array& gy3, const py::object& y3, const py::object& gate3, const py::array& x3,
-                 const py::object& res3, const py::array& mean, const py::array& var, const py::object& weight,
+void py_backward(const Buf& gy3, const py::object& y3, const py::object& gate3, const Buf& x3,
+                 const py::object& res3, const Buf& mean, const Buf& var, const py::object& weight,
                  const py::object& bias, double eps, bool training, const std::string& activation,
                  const py::object& sum_dz, const py::object& sum_dz_xhat, const py::object& gx3,
                  const py::object& gr3, bool cl) {

@@ -38,16 +38,15 @@ struct Dims {
 // The strides passed are those of a dense layout of `shape`, so every index the kernels form from
 // `shape` stays inside the buffer.
 template <class T>
-void check_dense(const py::array& a, const char* name, const Dims& shape, const Dims& strides, bool writable) {
+void check_dense(const Buf& a, const char* name, const Dims& shape, const Dims& strides, bool writable) {
   require(shape.size() <= 4 && strides.size() == shape.size(), name, ": check_dense takes up to 4 dimensions");
-  require(a.dtype().is(py::dtype::of<T>()), name, ": dtype differs from the input's (float32 or float64 expected)");
+  require(a.holds<T>(), name, ": dtype differs from the input's (float32 or float64 expected)");
   require(a.ndim() == static_cast<py::ssize_t>(shape.size()), name, ": expected ", shape.size(), " dimensions, got ",
           a.ndim());
   for (size_t d = 0; d < shape.size(); ++d) {
     require(a.shape(d) == shape[d], name, ": size of dimension ", d, " is ", a.shape(d), ", expected ", shape[d]);
     require(shape[d] <= 1 || elem_stride(a, static_cast<int>(d)) == strides[d], name,
             ": not laid out as expected (stride of dimension ", d, ")");
-    require(a.strides(d) % a.itemsize() == 0, name, ": misaligned strides");
   }
   if (writable) require(a.writeable(), name, ": output array is read-only");
 }
@@ -65,13 +64,13 @@ inline Dims strides3(int64_t C, int64_t S, bool channels_last) {
 }
 
 template <class T>
-const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
+const T* cptr(const Buf& a) { return static_cast<const T*>(a.data()); }
 template <class T>
-T* mptr(py::array& a) { return static_cast<T*>(a.mutable_data()); }
+T* mptr(const Buf& a) { return static_cast<T*>(a.mutable_data()); }
 
 // Calls f(T{}) with T = float or double, after the dtype of `a`.
 template <class F>
-auto dispatch_float(const py::array& a, const char* op, F&& f) {
+auto dispatch_float(const Buf& a, const char* op, F&& f) {
   if (is_float32(a)) return f(float{});
   if (is_float64(a)) return f(double{});
   throw std::invalid_argument(std::string("dlkernels._C.") + op + ": float32 or float64 expected");

@@ -966,7 +966,7 @@ void bwd_weight_cl(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g0) {
 // ---------------------------------------------------------------------------------------------
 using Strides = std::vector<int64_t>;
 
-void py_fwd(const py::array& x, const py::array& w, const py::object& bias, py::array& y, int64_t sH, int64_t sW,
+void py_fwd(const Buf& x, const Buf& w, const py::object& bias, const Buf& y, int64_t sH, int64_t sW,
             int64_t pT, int64_t pL, int64_t dH, int64_t dW, bool cl) {
   require(x.ndim() == 4 && w.ndim() == 4 && y.ndim() == 4, "depthwise_fwd: 4-D x, weight and y expected");
   const DwGeom g = make_geom(x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.shape(0), w.shape(2), w.shape(3),
@@ -978,7 +978,7 @@ void py_fwd(const py::array& x, const py::array& w, const py::object& bias, py::
     check_dense<T>(y, "y", {g.N, g.Cm, g.Ho, g.Wo}, strides4(g.Cm, g.Ho, g.Wo, cl), true);
     const T* b = nullptr;
     if (!bias.is_none()) {
-      py::array ba = bias.cast<py::array>();
+      Buf ba = bias.cast<Buf>();
       check_dense<T>(ba, "bias", {g.Cm}, {1}, false);
       b = cptr<T>(ba);
     }
@@ -987,7 +987,7 @@ void py_fwd(const py::array& x, const py::array& w, const py::object& bias, py::
   });
 }
 
-void py_bwd_input(const py::array& gy, const py::array& w, py::array& gx, int64_t sH, int64_t sW, int64_t pT,
+void py_bwd_input(const Buf& gy, const Buf& w, const Buf& gx, int64_t sH, int64_t sW, int64_t pT,
                   int64_t pL, int64_t dH, int64_t dW, bool cl) {
   require(gy.ndim() == 4 && w.ndim() == 4 && gx.ndim() == 4, "depthwise_bwd_input: 4-D arrays expected");
   const DwGeom g = make_geom(gx.shape(0), gx.shape(1), gx.shape(2), gx.shape(3), w.shape(0), w.shape(2),
@@ -1005,7 +1005,7 @@ void py_bwd_input(const py::array& gy, const py::array& w, py::array& gx, int64_
   });
 }
 
-void py_bwd_weight(const py::array& gy, const py::array& x, py::array& gw, const py::object& gb, int64_t sH,
+void py_bwd_weight(const Buf& gy, const Buf& x, const Buf& gw, const py::object& gb, int64_t sH,
                    int64_t sW, int64_t pT, int64_t pL, int64_t dH, int64_t dW, bool cl) {
   require(gy.ndim() == 4 && x.ndim() == 4 && gw.ndim() == 4, "depthwise_bwd_weight: 4-D arrays expected");
   const DwGeom g = make_geom(x.shape(0), x.shape(1), x.shape(2), x.shape(3), gw.shape(0), gw.shape(2),
@@ -1016,9 +1016,9 @@ void py_bwd_weight(const py::array& gy, const py::array& x, py::array& gw, const
     check_dense<T>(x, "x", {g.N, g.C, g.H, g.W}, strides4(g.C, g.H, g.W, cl), false);
     check_dense<T>(gw, "grad_weight", {g.Cm, 1, g.kH, g.kW}, {g.kH * g.kW, g.kH * g.kW, g.kW, 1}, true);
     T* b = nullptr;
-    py::array ba;
+    Buf ba;
     if (!gb.is_none()) {
-      ba = gb.cast<py::array>();
+      ba = gb.cast<Buf>();
       check_dense<T>(ba, "grad_bias", {g.Cm}, {1}, true);
       b = mptr<T>(ba);
     }

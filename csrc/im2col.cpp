@@ -134,7 +134,7 @@ void col2im(const T* rows, T* gx, const Im2colGeom& g, bool taps_first) {
 
 // x (N, C, H, W) channels_last-contiguous; rows (N*Ho*Wo, K) contiguous. Every size comes from the
 // arrays and the geometry, and every array is checked against it before any access.
-Im2colGeom geom_of(const py::array& x, const py::array& rows, int64_t kH, int64_t kW, int64_t sH, int64_t sW,
+Im2colGeom geom_of(const Buf& x, const Buf& rows, int64_t kH, int64_t kW, int64_t sH, int64_t sW,
                    int64_t pH, int64_t pW, int64_t dH, int64_t dW, const char* op) {
   require(x.ndim() == 4 && rows.ndim() == 2, op, ": 4-D input and 2-D rows expected");
   require(kH >= 1 && kW >= 1 && sH >= 1 && sW >= 1 && dH >= 1 && dW >= 1 && pH >= 0 && pW >= 0,
@@ -146,7 +146,7 @@ Im2colGeom geom_of(const py::array& x, const py::array& rows, int64_t kH, int64_
   return g;
 }
 
-void py_im2col(const py::array& x, py::array& rows, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH,
+void py_im2col(const Buf& x, const Buf& rows, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH,
                int64_t pW, int64_t dH, int64_t dW, bool taps_first) {
   const Im2colGeom g = geom_of(x, rows, kH, kW, sH, sW, pH, pW, dH, dW, "im2col");
   dispatch_float(x, "im2col", [&](auto tag) {
@@ -158,7 +158,7 @@ void py_im2col(const py::array& x, py::array& rows, int64_t kH, int64_t kW, int6
   });
 }
 
-void py_col2im(const py::array& rows, py::array& gx, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH,
+void py_col2im(const Buf& rows, const Buf& gx, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH,
                int64_t pW, int64_t dH, int64_t dW, bool taps_first) {
   const Im2colGeom g = geom_of(gx, rows, kH, kW, sH, sW, pH, pW, dH, dW, "col2im");
   dispatch_float(gx, "col2im", [&](auto tag) {

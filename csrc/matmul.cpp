@@ -1023,13 +1023,13 @@ void bias_act_backward(int64_t batch, int64_t M, int64_t N, const T* go, const T
 // argument checks (a second fence behind dlkernels/_validation.py)
 // ---------------------------------------------------------------------------------------------
 template <class T>
-bool has_dtype(const py::array& a) {
-  return a.dtype().is(py::dtype::of<T>());
+bool has_dtype(const Buf& a) {
+  return a.holds<T>();
 }
 
 // Element strides of an array of up to 3 dimensions, each non-negative and a whole number of
 // elements (held in place: every mm call checks two arrays).
-std::array<int64_t, 3> strides_of(const py::array& a, const char* name) {
+std::array<int64_t, 3> strides_of(const Buf& a, const char* name) {
   require(a.ndim() <= 3, name, " must have at most 3 dimensions");
   std::array<int64_t, 3> s{};
   for (int d = 0; d < a.ndim(); ++d) {
@@ -1041,7 +1041,7 @@ std::array<int64_t, 3> strides_of(const py::array& a, const char* name) {
 }
 
 // Byte range [first, last) that an array's elements span (empty arrays span nothing).
-std::pair<const char*, const char*> span_of(const py::array& a) {
+std::pair<const char*, const char*> span_of(const Buf& a) {
   const char* p = static_cast<const char*>(a.data());
   if (a.size() == 0) return {p, p};
   int64_t last = 0;
@@ -1049,19 +1049,19 @@ std::pair<const char*, const char*> span_of(const py::array& a) {
   return {p, p + last + a.itemsize()};
 }
 
-bool overlaps(const py::array& x, const py::array& y) {
+bool overlaps(const Buf& x, const Buf& y) {
   const auto a = span_of(x), b = span_of(y);
   return a.first < b.second && b.first < a.second;
 }
 
-void check_output(const py::array& out, const char* name) {
+void check_output(const Buf& out, const char* name) {
   require(out.writeable(), name, " must be writeable");
-  require((out.flags() & py::array::c_style) != 0, name, " must be C-contiguous");
+  require(out.c_contiguous(), name, " must be C-contiguous");
 }
 
 template <class T>
-void mm_typed(const py::array& a, const py::array& b, const py::object& bias_obj, int bias_dim, bool relu,
-              py::array out, bool portable, bool accumulate) {
+void mm_typed(const Buf& a, const Buf& b, const py::object& bias_obj, int bias_dim, bool relu,
+              const Buf& out, bool portable, bool accumulate) {
   const int nd = static_cast<int>(a.ndim());
   require(nd == 2 || nd == 3, "mm: a must be 2-D or 3-D");
   require(b.ndim() == nd && out.ndim() == nd, "mm: a, b and out must have the same rank");
@@ -1078,7 +1078,7 @@ void mm_typed(const py::array& a, const py::array& b, const py::object& bias_obj
   const auto sa = strides_of(a, "mm: a"), sb = strides_of(b, "mm: b");
   const T* bias = nullptr;
   if (!bias_obj.is_none()) {
-    const auto bias_arr = bias_obj.cast<py::array>();
+    const auto bias_arr = bias_obj.cast<Buf>();
     require(has_dtype<T>(bias_arr), "mm: bias must have the dtype of a");
     require(bias_arr.ndim() == 1 && bias_arr.shape(0) == (bias_dim == 1 ? N : M),
             "mm: bias must be 1-D of length N (bias_dim=1) or M (bias_dim=0)");
@@ -1093,32 +1093,33 @@ void mm_typed(const py::array& a, const py::array& b, const py::object& bias_obj
                 pc, bias, bias_dim, relu, portable, accumulate);
 }
 
-// Outputs must be real numpy arrays: pybind11 would otherwise convert e.g. a list into a
-// temporary array and the results would be silently lost.
-py::array output_array(const py::object& obj, const char* name) {
-  require(py::isinstance<py::array>(obj), name, " must be a numpy array");
-  return py::reinterpret_borrow<py::array>(obj);
+// An output argument: a DLPack capsule or a numpy array (the Buf caster converts nothing else, so a
+// list cannot become a temporary array whose results would be lost).
+Buf output_array(const py::object& obj, const char* name) {
+  py::detail::make_caster<Buf> caster;
+  require(caster.load(obj, false), name, " must be a DLPack capsule or a numpy array");
+  return py::detail::cast_op<Buf>(caster);
 }
 
-void mm_entry(const py::array& a, const py::array& b, const py::object& bias, int bias_dim, bool relu,
-              py::array out, bool portable, bool accumulate) {
+void mm_entry(const Buf& a, const Buf& b, const py::object& bias, int bias_dim, bool relu,
+              const Buf& out, bool portable, bool accumulate) {
   if (has_dtype<float>(a)) return mm_typed<float>(a, b, bias, bias_dim, relu, out, portable, accumulate);
   if (has_dtype<double>(a)) return mm_typed<double>(a, b, bias, bias_dim, relu, out, portable, accumulate);
   require(false, "mm: dtype must be float32 or float64");
 }
 
 template <class T>
-void bias_act_backward_typed(const py::array& go, const py::array& out, bool relu, int bias_dim,
+void bias_act_backward_typed(const Buf& go, const Buf& out, bool relu, int bias_dim,
                              const py::object& gp_obj, const py::object& gb_obj) {
   const int nd = static_cast<int>(go.ndim());
   require(nd == 2 || nd == 3, "bias_act_backward: grad_out must be 2-D or 3-D");
   require(bias_dim == 0 || bias_dim == 1, "bias_act_backward: bias_dim must be 0 or 1");
-  require((go.flags() & py::array::c_style) != 0, "bias_act_backward: grad_out must be C-contiguous");
+  require(go.c_contiguous(), "bias_act_backward: grad_out must be C-contiguous");
   const int o = nd - 2;
   const int64_t batch = nd == 3 ? go.shape(0) : 1, M = go.shape(o), N = go.shape(o + 1);
   T* gp = nullptr;
   if (relu) {
-    require(has_dtype<T>(out) && out.ndim() == nd && (out.flags() & py::array::c_style) != 0,
+    require(has_dtype<T>(out) && out.ndim() == nd && out.c_contiguous(),
             "bias_act_backward: out must be C-contiguous with grad_out's dtype and rank");
     for (int d = 0; d < nd; ++d) require(out.shape(d) == go.shape(d), "bias_act_backward: out's shape differs");
     require(!gp_obj.is_none(), "bias_act_backward: relu needs a grad_pre output");
@@ -1149,7 +1150,7 @@ void bias_act_backward_typed(const py::array& go, const py::array& out, bool rel
 void init_matmul(py::module_& m) {
   m.def(
       "mm",
-      [](const py::array& a, const py::array& b, const py::object& bias, int bias_dim, bool relu,
+      [](const Buf& a, const Buf& b, const py::object& bias, int bias_dim, bool relu,
          const py::object& out, bool accumulate) {
         mm_entry(a, b, bias, bias_dim, relu, output_array(out, "mm: out"), false, accumulate);
       },
@@ -1159,7 +1160,7 @@ void init_matmul(py::module_& m) {
       "(B, K, N), any non-negative strides; out C-contiguous (M, N) or (B, M, N); bias None or contiguous 1-D (N for bias_dim=1, M for bias_dim=0)");
   m.def(
       "mm_scalar_for_test",
-      [](const py::array& a, const py::array& b, const py::object& bias, int bias_dim, bool relu,
+      [](const Buf& a, const Buf& b, const py::object& bias, int bias_dim, bool relu,
          const py::object& out, bool accumulate) {
         mm_entry(a, b, bias, bias_dim, relu, output_array(out, "mm: out"), true, accumulate);
       },
@@ -1168,7 +1169,7 @@ void init_matmul(py::module_& m) {
       "mm through the portable scalar micro-kernel (the fallback of builds without AVX2/FMA), for tests");
   m.def(
       "bias_act_backward",
-      [](const py::array& grad_out, const py::array& out, bool relu, int bias_dim, const py::object& grad_pre,
+      [](const Buf& grad_out, const Buf& out, bool relu, int bias_dim, const py::object& grad_pre,
          const py::object& grad_bias) {
         if (has_dtype<float>(grad_out))
           return bias_act_backward_typed<float>(grad_out, out, relu, bias_dim, grad_pre, grad_bias);

@@ -160,7 +160,7 @@ void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O
   }
 }
 
-void py_fwd(const py::array& x, const py::array& dw, const py::array& pw, const py::object& bias, py::array& y,
+void py_fwd(const Buf& x, const Buf& dw, const Buf& pw, const py::object& bias, const Buf& y,
             int64_t sH, int64_t sW, int64_t pT, int64_t pL, int64_t dH, int64_t dW, bool cl,
             int64_t max_block_pixels) {
   require(x.ndim() == 4 && dw.ndim() == 4 && pw.ndim() == 2 && y.ndim() == 4,
@@ -176,7 +176,7 @@ void py_fwd(const py::array& x, const py::array& dw, const py::array& pw, const 
     check_dense<T>(y, "y", {g.N, O, g.Ho, g.Wo}, strides4(O, g.Ho, g.Wo, cl), true);
     const T* b = nullptr;
     if (!bias.is_none()) {
-      py::array ba = bias.cast<py::array>();
+      Buf ba = bias.cast<Buf>();
       check_dense<T>(ba, "bias", {O}, {1}, false);
       b = cptr<T>(ba);
     }

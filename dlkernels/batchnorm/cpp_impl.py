@@ -1,4 +1,4 @@
-"""C++ kernels for batch_norm_residual (csrc/batchnorm.cpp): zero-copy numpy views of the (N, C, S)
+"""C++ kernels for batch_norm_residual (csrc/batchnorm.cpp): zero-copy DLPack capsules of the (N, C, S)
 views in, outputs allocated here in x3's layout and filled in place. Contract: dlkernels/batchnorm/op.py.
 Training runs whole (bn_forward_train, bn_backward): one C++ call each, the per-channel folds inside."""
 from __future__ import annotations
@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 
 from .. import _C
-from .._cpp_common import np_view as _np
+from .._cpp_common import c_arg as _c
 from .op import reads_channels_last as _channels_last
 from .op import relu_gate_bytes
 
 
 def bn_apply(x3, residual3, mean, var, weight, bias, eps, activation):
     y3 = torch.empty_like(x3)
-    _C.bn_apply(_np(x3), _np(residual3), _np(mean), _np(var), _np(weight), _np(bias), eps, activation or "", _np(y3),
+    _C.bn_apply(_c(x3), _c(residual3), _c(mean), _c(var), _c(weight), _c(bias), eps, activation or "", _c(y3),
                 _channels_last(x3))
     return y3
 
@@ -31,8 +31,8 @@ def bn_forward_train(x3, residual3, weight, bias, eps, activation, running=None)
     y3 = torch.empty_like(x3)
     gate = torch.empty(relu_gate_bytes(x3.numel()), dtype=torch.uint8) if activation == "relu" else None
     run_mean, run_var, momentum = (None, None, 0.0) if running is None else running
-    _C.bn_forward_train(_np(x3), _np(residual3), _np(weight), _np(bias), eps, activation or "", _np(mean), _np(var),
-                        _np(y3), _np(gate), _channels_last(x3), _np(run_mean), _np(run_var), momentum)
+    _C.bn_forward_train(_c(x3), _c(residual3), _c(weight), _c(bias), eps, activation or "", _c(mean), _c(var),
+                        _c(y3), _c(gate), _channels_last(x3), _c(run_mean), _c(run_var), momentum)
     return y3, mean, var, gate
 
 
@@ -43,7 +43,7 @@ def bn_backward(grad_y3, y3, relu_gate, x3, residual3, mean, var, weight, bias, 
     sum_dz_xhat = torch.empty(c, dtype=mean.dtype) if need_sums else None
     grad_x3 = torch.empty_like(x3) if need_x else None
     grad_r3 = torch.empty_like(x3) if need_r else None
-    _C.bn_backward(_np(grad_y3), _np(y3), _np(relu_gate), _np(x3), _np(residual3), _np(mean), _np(var), _np(weight),
-                   _np(bias), eps, bool(training), activation or "", _np(sum_dz), _np(sum_dz_xhat), _np(grad_x3),
-                   _np(grad_r3), _channels_last(x3))
+    _C.bn_backward(_c(grad_y3), _c(y3), _c(relu_gate), _c(x3), _c(residual3), _c(mean), _c(var), _c(weight),
+                   _c(bias), eps, bool(training), activation or "", _c(sum_dz), _c(sum_dz_xhat), _c(grad_x3),
+                   _c(grad_r3), _channels_last(x3))
     return grad_x3, grad_r3, sum_dz, sum_dz_xhat

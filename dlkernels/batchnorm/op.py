@@ -258,7 +258,7 @@ def _functional(input, residual, running_mean, running_var, weight, bias, traini
         running = (running_mean, running_var, momentum)
     y3, mean, var, gate = compose_forward_train(k, x3, r3, _to(weight, sdtype), _to(bias, sdtype), eps, activation,
                                                 running)
-    if running is not None:  # written through numpy views: counted as torch's in-place update would be
+    if running is not None:  # written in place by the kernel, not a torch op: counted as torch's update would be
         _increment_version((running_mean, running_var))
     elif momentum is not None:
         _update_running_stats(update_running_stats_op.impl, input, running_mean, running_var, mean, var, momentum)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import torch
 
 from .. import _C
-from .._cpp_common import np_view as _np
+from .._cpp_common import c_arg as _c
 
 
 def im2col(x, kernel_size, stride, padding, dilation, taps_first, out_hw):
     rows = x.new_empty(x.shape[0] * out_hw[0] * out_hw[1], kernel_size[0] * kernel_size[1] * x.shape[1])
-    _C.im2col(_np(x), rows.numpy(), *kernel_size, *stride, *padding, *dilation, taps_first)
+    _C.im2col(_c(x), _c(rows), *kernel_size, *stride, *padding, *dilation, taps_first)
     return rows
 
 
 def col2im(rows, x_shape, out_hw, kernel_size, stride, padding, dilation, taps_first):
     gx = torch.empty(x_shape, dtype=rows.dtype, memory_format=torch.channels_last)
-    _C.col2im(_np(rows), gx.numpy(), *kernel_size, *stride, *padding, *dilation, taps_first)
+    _C.col2im(_c(rows), _c(gx), *kernel_size, *stride, *padding, *dilation, taps_first)
     return gx
