@@ -13,46 +13,28 @@ namespace {
 // Vectors of the widest width the build targets and their multiply-add: one fused instruction where
 // the ISA has one; the scalar fallback's a * m + c is a multiply and an add, two FLOPs all the same.
 template <class S>
-struct Peak;
-#if defined(__AVX512F__)
-template <>
-struct Peak<float> {
-  using V = __m512;
-  static constexpr int lanes = 16;
-  static V set(float v) { return _mm512_set1_ps(v); }
-  static V fma(V a, V m, V c) { return _mm512_fmadd_ps(a, m, c); }
-};
-template <>
-struct Peak<double> {
-  using V = __m512d;
-  static constexpr int lanes = 8;
-  static V set(double v) { return _mm512_set1_pd(v); }
-  static V fma(V a, V m, V c) { return _mm512_fmadd_pd(a, m, c); }
-};
-#elif defined(__AVX2__) && defined(__FMA__)
-template <>
-struct Peak<float> {
-  using V = __m256;
-  static constexpr int lanes = 8;
-  static V set(float v) { return _mm256_set1_ps(v); }
-  static V fma(V a, V m, V c) { return _mm256_fmadd_ps(a, m, c); }
-};
-template <>
-struct Peak<double> {
-  using V = __m256d;
-  static constexpr int lanes = 4;
-  static V set(double v) { return _mm256_set1_pd(v); }
-  static V fma(V a, V m, V c) { return _mm256_fmadd_pd(a, m, c); }
-};
-#else
-template <class S>
 struct Peak {
   using V = S;
   static constexpr int lanes = 1;
   static V set(S v) { return v; }
   static V fma(V a, V m, V c) { return a * m + c; }
 };
+#define DLK_PEAK_VECTORS(S, VEC, LANES, SET, FMA)                 \
+  template <>                                                     \
+  struct Peak<S> {                                                \
+    using V = VEC;                                                \
+    static constexpr int lanes = LANES;                           \
+    static V set(S v) { return SET(v); }                          \
+    static V fma(V a, V m, V c) { return FMA(a, m, c); }          \
+  };
+#if defined(__AVX512F__)
+DLK_PEAK_VECTORS(float, __m512, 16, _mm512_set1_ps, _mm512_fmadd_ps)
+DLK_PEAK_VECTORS(double, __m512d, 8, _mm512_set1_pd, _mm512_fmadd_pd)
+#elif defined(__AVX2__) && defined(__FMA__)
+DLK_PEAK_VECTORS(float, __m256, 8, _mm256_set1_ps, _mm256_fmadd_ps)
+DLK_PEAK_VECTORS(double, __m256d, 4, _mm256_set1_pd, _mm256_fmadd_pd)
 #endif
+#undef DLK_PEAK_VECTORS
 
 // Independent multiply-add chains a thread runs: enough to cover an FMA's latency times the issue
 // width of the CPUs met so far (4 cycles x 2 pipes), few enough to stay in the 16 registers of an

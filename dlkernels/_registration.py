@@ -156,11 +156,12 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def eager_apply(function: type[torch.autograd.Function]) -> Callable:
-    """``function.apply`` for the calls plain_eager lets through, where no functorch transform is active:
-    what autograd.Function.apply's Python layer does there, without that layer. It unwraps the tensors
-    a finished functorch transform left behind (as this does) in a generator, after looking up the
-    class's setup_context: a bare Function's forward, cold (after a 64 MiB pass), 70-93 -> 49-64 us
-    (Zen4). ``function`` must not define setup_context (apply would bind its defaults first)."""
+    """``function.apply`` for the calls plain_eager lets through (no functorch transform active): the C++
+    apply that autograd.Function.apply ends in, after the one thing its Python layer does there,
+    unwrapping the tensors a finished functorch transform left behind. That layer (a setup_context
+    lookup, a generator over the arguments) cost 20-30 us a call after a 64 MiB pass: a bare Function's
+    forward 70-93 -> 49-64 us (Zen4). ``function`` must not define setup_context (apply would first bind
+    the forward's default arguments)."""
     if torch.autograd.function._is_setup_context_defined(function.setup_context):
         raise TypeError(f"eager_apply: {function.__name__} defines setup_context; call its apply")
     apply = _c_apply.__get__(None, function)
