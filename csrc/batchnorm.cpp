@@ -1317,7 +1317,7 @@ uint8_t* gate_arg(const py::object& g, const Bn3& d, Act act) {
   if (g.is_none()) return nullptr;
   require(act == Act::Relu, "relu_gate: only relu has a gate");
   Buf a = g.cast<Buf>();
-  require(a.holds<uint8_t>() && a.ndim() == 1 && (a.shape(0) <= 1 || a.strides(0) == 1),
+  require(a.holds<uint8_t>() && a.ndim() == 1 && (a.shape(0) <= 1 || a.stride(0) == 1),
           "relu_gate: a contiguous 1-D uint8 array expected");
   require(a.shape(0) >= gate_bytes(d.N * d.C * d.S), "relu_gate: ", a.shape(0), " bytes, expected ",
           gate_bytes(d.N * d.C * d.S));

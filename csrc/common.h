@@ -82,10 +82,10 @@ struct ManagedTensor {
 // An array argument of a kernel entry point: a CPU tensor's memory, its shape and element strides
 // (up to kMaxDims), dtype and writability, read from a DLPack capsule or a numpy array by the caster
 // below. The capsule (or array) is the caller's argument and keeps the memory alive for the call; a Buf
-// is not kept past it. The accessors mirror numpy's (strides in bytes) so the checks read alike.
+// is not kept past it. Strides are in elements (numpy's bytes are converted on the way in).
 // Why capsules: after a layer-sized pass has flushed the caches, exporting a tensor as a capsule costs
 // ~2.4 us, as a numpy view ~6.5 (torch's numpy bridge and numpy's array constructor, cold; the first
-// view of a call ~40), and a C++ call of a kernel takes 10 to 14 arrays.
+// view of a call ~40), and a C++ call of a kernel takes up to 16 arrays.
 class Buf {
  public:
   static constexpr int kMaxDims = 8;
@@ -134,8 +134,7 @@ class Buf {
 
   int64_t ndim() const { return ndim_; }
   int64_t shape(int d) const { return shape_[d]; }
-  int64_t strides(int d) const { return strides_[d] * itemsize_; }  // bytes, as numpy's
-  int64_t elem_stride(int d) const { return strides_[d]; }
+  int64_t stride(int d) const { return strides_[d]; }  // in elements
   int64_t itemsize() const { return itemsize_; }
   int64_t size() const {
     int64_t n = 1;
@@ -171,10 +170,6 @@ class Buf {
   int64_t shape_[kMaxDims] = {};
   int64_t strides_[kMaxDims] = {};
 };
-
-inline int64_t elem_stride(const Buf& a, int dim) { return a.elem_stride(dim); }
-inline bool is_float32(const Buf& a) { return a.holds<float>(); }
-inline bool is_float64(const Buf& a) { return a.holds<double>(); }
 
 // Whether a pass over `elements` values is worth a parallel region: starting and joining the
 // OpenMP team costs microseconds quiet and milliseconds on a loaded machine (threads that lost
@@ -362,8 +357,8 @@ struct type_caster<dlk::Buf> {
   bool load(handle src, bool) {
     if (PyCapsule_CheckExact(src.ptr())) {
       if (!PyCapsule_IsValid(src.ptr(), "dltensor")) return false;  // consumed, or another kind
-      const auto* m = static_cast<const dlk::dlpack::ManagedTensor*>(PyCapsule_GetPointer(src.ptr(), "dltensor"));
-      value = dlk::Buf::of_dlpack(m->dl_tensor);
+      const void* p = PyCapsule_GetPointer(src.ptr(), "dltensor");
+      value = dlk::Buf::of_dlpack(static_cast<const dlk::dlpack::ManagedTensor*>(p)->dl_tensor);
       return true;
     }
     if (!isinstance<array>(src)) return false;

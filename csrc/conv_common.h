@@ -45,7 +45,7 @@ void check_dense(const Buf& a, const char* name, const Dims& shape, const Dims& 
           a.ndim());
   for (size_t d = 0; d < shape.size(); ++d) {
     require(a.shape(d) == shape[d], name, ": size of dimension ", d, " is ", a.shape(d), ", expected ", shape[d]);
-    require(shape[d] <= 1 || elem_stride(a, static_cast<int>(d)) == strides[d], name,
+    require(shape[d] <= 1 || a.stride(static_cast<int>(d)) == strides[d], name,
             ": not laid out as expected (stride of dimension ", d, ")");
   }
   if (writable) require(a.writeable(), name, ": output array is read-only");
@@ -71,8 +71,8 @@ T* mptr(const Buf& a) { return static_cast<T*>(a.mutable_data()); }
 // Calls f(T{}) with T = float or double, after the dtype of `a`.
 template <class F>
 auto dispatch_float(const Buf& a, const char* op, F&& f) {
-  if (is_float32(a)) return f(float{});
-  if (is_float64(a)) return f(double{});
+  if (a.holds<float>()) return f(float{});
+  if (a.holds<double>()) return f(double{});
   throw std::invalid_argument(std::string("dlkernels._C.") + op + ": float32 or float64 expected");
 }
 

@@ -1022,20 +1022,14 @@ void bias_act_backward(int64_t batch, int64_t M, int64_t N, const T* go, const T
 // ---------------------------------------------------------------------------------------------
 // argument checks (a second fence behind dlkernels/_validation.py)
 // ---------------------------------------------------------------------------------------------
-template <class T>
-bool has_dtype(const Buf& a) {
-  return a.holds<T>();
-}
-
-// Element strides of an array of up to 3 dimensions, each non-negative and a whole number of
-// elements (held in place: every mm call checks two arrays).
+// Element strides of an array of up to 3 dimensions, each non-negative (held in place: every mm
+// call checks two arrays).
 std::array<int64_t, 3> strides_of(const Buf& a, const char* name) {
   require(a.ndim() <= 3, name, " must have at most 3 dimensions");
   std::array<int64_t, 3> s{};
   for (int d = 0; d < a.ndim(); ++d) {
-    require(a.strides(d) >= 0 && a.strides(d) % a.itemsize() == 0,
-            name, " needs non-negative strides in whole elements");
-    s[d] = elem_stride(a, d);
+    require(a.stride(d) >= 0, name, " needs non-negative strides");
+    s[d] = a.stride(d);
   }
   return s;
 }
@@ -1045,8 +1039,8 @@ std::pair<const char*, const char*> span_of(const Buf& a) {
   const char* p = static_cast<const char*>(a.data());
   if (a.size() == 0) return {p, p};
   int64_t last = 0;
-  for (int d = 0; d < a.ndim(); ++d) last += (a.shape(d) - 1) * a.strides(d);
-  return {p, p + last + a.itemsize()};
+  for (int d = 0; d < a.ndim(); ++d) last += (a.shape(d) - 1) * a.stride(d);
+  return {p, p + (last + 1) * a.itemsize()};
 }
 
 bool overlaps(const Buf& x, const Buf& y) {
@@ -1065,7 +1059,7 @@ void mm_typed(const Buf& a, const Buf& b, const py::object& bias_obj, int bias_d
   const int nd = static_cast<int>(a.ndim());
   require(nd == 2 || nd == 3, "mm: a must be 2-D or 3-D");
   require(b.ndim() == nd && out.ndim() == nd, "mm: a, b and out must have the same rank");
-  require(has_dtype<T>(b) && has_dtype<T>(out), "mm: a, b and out must have one dtype");
+  require(b.holds<T>() && out.holds<T>(), "mm: a, b and out must have one dtype");
   const int o = nd - 2;
   const int64_t batch = nd == 3 ? a.shape(0) : 1;
   const int64_t M = a.shape(o), K = a.shape(o + 1), N = b.shape(o + 1);
@@ -1079,10 +1073,10 @@ void mm_typed(const Buf& a, const Buf& b, const py::object& bias_obj, int bias_d
   const T* bias = nullptr;
   if (!bias_obj.is_none()) {
     const auto bias_arr = bias_obj.cast<Buf>();
-    require(has_dtype<T>(bias_arr), "mm: bias must have the dtype of a");
+    require(bias_arr.holds<T>(), "mm: bias must have the dtype of a");
     require(bias_arr.ndim() == 1 && bias_arr.shape(0) == (bias_dim == 1 ? N : M),
             "mm: bias must be 1-D of length N (bias_dim=1) or M (bias_dim=0)");
-    require(bias_arr.shape(0) <= 1 || bias_arr.strides(0) == bias_arr.itemsize(), "mm: bias must be contiguous");
+    require(bias_arr.shape(0) <= 1 || bias_arr.stride(0) == 1, "mm: bias must be contiguous");
     bias = static_cast<const T*>(bias_arr.data());
   }
   const T* pa = static_cast<const T*>(a.data());
@@ -1103,8 +1097,8 @@ Buf output_array(const py::object& obj, const char* name) {
 
 void mm_entry(const Buf& a, const Buf& b, const py::object& bias, int bias_dim, bool relu,
               const Buf& out, bool portable, bool accumulate) {
-  if (has_dtype<float>(a)) return mm_typed<float>(a, b, bias, bias_dim, relu, out, portable, accumulate);
-  if (has_dtype<double>(a)) return mm_typed<double>(a, b, bias, bias_dim, relu, out, portable, accumulate);
+  if (a.holds<float>()) return mm_typed<float>(a, b, bias, bias_dim, relu, out, portable, accumulate);
+  if (a.holds<double>()) return mm_typed<double>(a, b, bias, bias_dim, relu, out, portable, accumulate);
   require(false, "mm: dtype must be float32 or float64");
 }
 
@@ -1119,12 +1113,12 @@ void bias_act_backward_typed(const Buf& go, const Buf& out, bool relu, int bias_
   const int64_t batch = nd == 3 ? go.shape(0) : 1, M = go.shape(o), N = go.shape(o + 1);
   T* gp = nullptr;
   if (relu) {
-    require(has_dtype<T>(out) && out.ndim() == nd && out.c_contiguous(),
+    require(out.holds<T>() && out.ndim() == nd && out.c_contiguous(),
             "bias_act_backward: out must be C-contiguous with grad_out's dtype and rank");
     for (int d = 0; d < nd; ++d) require(out.shape(d) == go.shape(d), "bias_act_backward: out's shape differs");
     require(!gp_obj.is_none(), "bias_act_backward: relu needs a grad_pre output");
     auto gpa = output_array(gp_obj, "bias_act_backward: grad_pre");
-    require(has_dtype<T>(gpa) && gpa.ndim() == nd, "bias_act_backward: grad_pre must match grad_out");
+    require(gpa.holds<T>() && gpa.ndim() == nd, "bias_act_backward: grad_pre must match grad_out");
     for (int d = 0; d < nd; ++d) require(gpa.shape(d) == go.shape(d), "bias_act_backward: grad_pre's shape differs");
     check_output(gpa, "bias_act_backward: grad_pre");
     require(!overlaps(gpa, go) && !overlaps(gpa, out), "bias_act_backward: grad_pre must not overlap the inputs");
@@ -1133,7 +1127,7 @@ void bias_act_backward_typed(const Buf& go, const Buf& out, bool relu, int bias_
   T* gb = nullptr;
   if (!gb_obj.is_none()) {
     auto gba = output_array(gb_obj, "bias_act_backward: grad_bias");
-    require(has_dtype<T>(gba) && gba.ndim() == 1 && gba.shape(0) == (bias_dim == 1 ? N : M),
+    require(gba.holds<T>() && gba.ndim() == 1 && gba.shape(0) == (bias_dim == 1 ? N : M),
             "bias_act_backward: grad_bias must be 1-D of length N (bias_dim=1) or M (bias_dim=0)");
     check_output(gba, "bias_act_backward: grad_bias");
     gb = static_cast<T*>(gba.mutable_data());
@@ -1171,9 +1165,9 @@ void init_matmul(py::module_& m) {
       "bias_act_backward",
       [](const Buf& grad_out, const Buf& out, bool relu, int bias_dim, const py::object& grad_pre,
          const py::object& grad_bias) {
-        if (has_dtype<float>(grad_out))
+        if (grad_out.holds<float>())
           return bias_act_backward_typed<float>(grad_out, out, relu, bias_dim, grad_pre, grad_bias);
-        if (has_dtype<double>(grad_out))
+        if (grad_out.holds<double>())
           return bias_act_backward_typed<double>(grad_out, out, relu, bias_dim, grad_pre, grad_bias);
         require(false, "bias_act_backward: dtype must be float32 or float64");
       },

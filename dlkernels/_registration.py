@@ -55,7 +55,7 @@ class Op:
     def __call__(self, *args):
         if not plain_eager(args):
             return call(self.default, *args)
-        if records_autograd(*args):
+        if records_autograd_eager(*args):
             if self.function is None:  # no autograd formula: the dispatcher raises torch's error
                 return self.default(*args)
             return self._apply(*args)
@@ -180,6 +180,11 @@ def records_autograd(*args) -> bool:
     Where it does not, an ``autograd.Function`` is pure cost (``apply`` ~25 us a call even then)."""
     if _is_compiling():  # Dynamo cannot trace _any_requires_grad; it folds these to constants
         return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return records_autograd_eager(*args)
+
+
+def records_autograd_eager(*args) -> bool:
+    """records_autograd where plain_eager has just held (not compiling): without asking again."""
     return _grad_enabled() and _any_requires_grad(*args)
 
 

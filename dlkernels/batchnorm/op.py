@@ -480,7 +480,7 @@ _training_eager = _registration.eager_apply(_TrainingEager)
 def _(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend):
     """The op in plain eager mode: training with autograd recording as one Function, else the body (whose ops
     then take the kernels directly)."""
-    if training and _registration.records_autograd(input, residual, running_mean, running_var, weight, bias):
+    if training and _registration.records_autograd_eager(input, residual, running_mean, running_var, weight, bias):
         return _training_eager(input, residual, running_mean, running_var, weight, bias, momentum, eps,
                                activation, backend)
     return batch_norm_residual_op.impl(input, residual, running_mean, running_var, weight, bias, training, momentum,
@@ -507,7 +507,7 @@ def batch_norm_residual(input: Tensor, residual: Tensor | None, running_mean: Te
     if not training:
         # nothing to update: the functional op is the whole op, one dispatcher layer (~10 us) fewer
         args = (input, residual, running_mean, running_var, weight, bias, False, eps, act, name)
-        if _registration.plain_eager(args) and not _registration.records_autograd(*args):
+        if _registration.plain_eager(args) and not _registration.records_autograd_eager(*args):
             # nothing for autograd either: its kernel alone, without three placeholder outputs to allocate
             # (interleaved, Zen4, 32x2048x7x7 NCHW with residual and relu, inputs from DRAM: 1022 -> 955 us
             # and 1254 -> 1213, eager 2281 and 2743; 2x8x4x4 32 -> 27)
