@@ -275,11 +275,14 @@ inline bool amd_family_19h() {
 inline const bool kPrefetchIntoL2 = amd_family_19h();
 inline bool prefetch_into_l2() { return kPrefetchIntoL2; }
 
-// The cache lines of [begin, end), prefetched a few at a time (step) while other work runs, so that a
-// later copy of them reads cache instead of waiting on DRAM alone.
+// The cache lines of [begin, end), or of `rows` runs of len elements `stride` apart, prefetched a few
+// at a time (step) while other work runs, so that a later read of them finds cache instead of waiting
+// on DRAM alone.
 struct LinePrefetch {
   const char* next = nullptr;  // the next line to prefetch
-  const char* end = nullptr;
+  const char* end = nullptr;   // the end of the run it is in
+  // the runs after that one: `rows` more of row_bytes each, row_step bytes after the one before
+  int64_t rows = 0, row_bytes = 0, row_step = 0;
   // into L2 only (prefetcht1): the machine's choice (prefetch_into_l2), or set for data wanted after
   // other work that uses L1
   bool l2 = prefetch_into_l2();
@@ -288,7 +291,19 @@ struct LinePrefetch {
   template <class T>
   LinePrefetch(const T* begin, const T* end_)
       : next(reinterpret_cast<const char*>(begin)), end(reinterpret_cast<const char*>(end_)) {}
-  int64_t count() const { return next < end ? (end - next + 63) / 64 : 0; }  // lines left
+  // n runs of len elements, the first at begin, each stride elements after the one before (one run
+  // where they abut).
+  template <class T>
+  LinePrefetch(const T* begin, int64_t len, int64_t n, int64_t stride) {
+    if (n <= 0 || len <= 0) return;
+    if (stride == len) len *= n, n = 1;
+    next = reinterpret_cast<const char*>(begin);
+    end = next + len * static_cast<int64_t>(sizeof(T));
+    rows = n - 1, row_bytes = len * static_cast<int64_t>(sizeof(T)), row_step = stride * static_cast<int64_t>(sizeof(T));
+  }
+  int64_t count() const {  // lines left
+    return (next < end ? (end - next + 63) / 64 : 0) + rows * ((row_bytes + 63) / 64);
+  }
   // Lines a step that spread what is left over `steps` steps (at least one).
   int64_t share(int64_t steps) const { return share_of(count(), steps); }
   static int64_t share_of(int64_t lines, int64_t steps) {
@@ -297,7 +312,11 @@ struct LinePrefetch {
   }
   // Prefetches the next k lines.
   void step(int64_t k) {
-    for (; k > 0 && next < end; --k, next += 64) {
+    for (; k > 0; --k, next += 64) {
+      if (next >= end) {
+        if (rows == 0) return;
+        next = end - row_bytes + row_step, end = next + row_bytes, --rows;
+      }
       if (l2)
         __builtin_prefetch(next, 0, 2);
       else

@@ -91,8 +91,8 @@ extern template void gemm_portable<double>(int64_t, int64_t, int64_t, const doub
 //     (+ bias_row[i] per row, + bias_col[j] per column, where not nullptr). With lda > 0, A is not
 //     packed but read in place (row i at a + i * lda, unit stride along K), and a_tail (mr * kc
 //     values) holds the packed copy of a partial last row tile: cheaper where gemm_a_in_place.
-//     pf: lines the caller wants fetched while the block computes (its next block's input), stepped
-//     an equal share per micro-tile.
+//     pf: lines the caller wants fetched while the block computes (its next block's input), an
+//     equal share per micro-tile, spread over its K loop.
 struct GemmBlocking {
   int64_t mr, nr, kc, mc;
 };

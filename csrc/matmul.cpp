@@ -87,7 +87,8 @@ struct PortableKernel {
   // DIRECT: A read in place, row r at a + r * lda (see macro_kernel); else a packed panel.
   template <bool DIRECT = false>
   static void run(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc, int mv, int nv,
-                  const Epilogue<T>& e, int64_t lda = 0) {
+                  const Epilogue<T>& e, int64_t lda = 0, LinePrefetch* pf = nullptr, int64_t pf_lines = 0) {
+    if (pf) pf->step(pf_lines);
     T acc[MR][NR] = {};
     for (int64_t p = 0; p < kc; ++p, a += DIRECT ? 1 : MR, b += NR)
       for (int r = 0; r < MR; ++r)
@@ -130,8 +131,39 @@ struct Vec<double> {
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
   static V relu(V x) { return _mm512_mask_mov_pd(x, _mm512_cmp_pd_mask(x, zero(), _CMP_LT_OQ), zero()); }
 };
+// Half of an AVX-512 vector (256 bits): the last columns of HalfKernel's tile.
+template <class T>
+struct HalfVec;
+template <>
+struct HalfVec<float> {
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static void stream(float* p, V x) { _mm256_stream_ps(p, x); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V relu(V x) { return _mm256_andnot_ps(_mm256_cmp_ps(x, zero(), _CMP_LT_OQ), x); }
+};
+template <>
+struct HalfVec<double> {
+  using V = __m256d;
+  static constexpr int W = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
+  static void stream(double* p, V x) { _mm256_stream_pd(p, x); }
+  static V set1(double x) { return _mm256_set1_pd(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static V relu(V x) { return _mm256_andnot_pd(_mm256_cmp_pd(x, zero(), _CMP_LT_OQ), x); }
+};
 #elif defined(__AVX2__) && defined(__FMA__)
 #define DLK_GEMM_SIMD 1
+template <class T>
+struct HalfVec;  // no half-vector tiles on AVX2 (WideKernel covers 17-24 float columns there)
 template <class T>
 struct Vec;
 template <>
@@ -166,13 +198,14 @@ struct Vec<double> {
 #ifdef DLK_GEMM_SIMD
 // MR_ rows x NV vectors of C held in registers: 6 x 2 uses 12 accumulators + 2 B vectors + 1
 // broadcast of the 16 AVX2 registers (the BLIS Haswell/Zen shape: 6x16 float, 6x8 double); on
-// AVX-512 the same shape is 6x32 / 6x16.
-template <class T, int MR_, int NV>
+// AVX-512 the same shape is 6x32 / 6x16. HALF: one more half vector (HalfVec) of columns after the NV.
+template <class T, int MR_, int NV, bool HALF = false>
 struct SimdKernel {
   using S = Vec<T>;
   using V = typename S::V;
+  using H = std::conditional_t<HALF, HalfVec<T>, S>;  // S itself (unused) without HALF
   static constexpr int MR = MR_;
-  static constexpr int NR = NV * S::W;
+  static constexpr int NR = NV * S::W + (HALF ? S::W / 2 : 0);
 
   // DIRECT: A read in place, row r at a + r * lda (see macro_kernel); else a packed panel.
   // A last panel of nv <= (NV - 1) * W valid columns computes only the vectors that hold them: a
@@ -180,20 +213,24 @@ struct SimdKernel {
   // of 4 columns, which the whole tile computed as 32.
   template <bool DIRECT = false>
   static void run(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc, int mv, int nv,
-                  const Epilogue<T>& e, int64_t lda = 0) {
+                  const Epilogue<T>& e, int64_t lda = 0, LinePrefetch* pf = nullptr, int64_t pf_lines = 0) {
+    if constexpr (HALF) {
+      if (nv <= NV * S::W) return tile<DIRECT, NV, false>(kc, a, b, c, ldc, mv, nv, e, lda, pf, pf_lines);
+    }
     if constexpr (NV > 1) {
-      if (nv <= S::W) return tile<DIRECT, 1>(kc, a, b, c, ldc, mv, nv, e, lda);
+      if (nv <= S::W) return tile<DIRECT, 1, false>(kc, a, b, c, ldc, mv, nv, e, lda, pf, pf_lines);
     }
     if constexpr (NV > 2) {
-      if (nv <= 2 * S::W) return tile<DIRECT, 2>(kc, a, b, c, ldc, mv, nv, e, lda);
+      if (nv <= 2 * S::W) return tile<DIRECT, 2, false>(kc, a, b, c, ldc, mv, nv, e, lda, pf, pf_lines);
     }
-    tile<DIRECT, NV>(kc, a, b, c, ldc, mv, nv, e, lda);
+    tile<DIRECT, NV, HALF>(kc, a, b, c, ldc, mv, nv, e, lda, pf, pf_lines);
   }
 
-  // The first NVE of the panel's NV vectors of columns (the packed panel stays NR wide).
-  template <bool DIRECT, int NVE>
+  // The first NVE of the panel's NV vectors of columns, and its half vector where HE (the packed
+  // panel stays NR wide).
+  template <bool DIRECT, int NVE, bool HE>
   static DLK_INLINE void tile(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc, int mv,
-                              int nv, const Epilogue<T>& e, int64_t lda) {
+                              int nv, const Epilogue<T>& e, int64_t lda, LinePrefetch* pf, int64_t pf_lines) {
     // C's tile is read (K blocks after the first) and written after the loop: start its lines
     // coming now, behind the FMAs (streamed tiles are not read).
     if (!e.stream)
@@ -202,47 +239,68 @@ struct SimdKernel {
         _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + nv - 1), _MM_HINT_T0);
       }
     V acc[MR][NVE];
+    typename H::V hacc[MR];
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
       for (int v = 0; v < NVE; ++v) acc[r][v] = S::zero();
-#pragma GCC unroll 4
-    for (int64_t p = 0; p < kc; ++p) {
-      V bv[NVE];
-#pragma GCC unroll 4
-      for (int v = 0; v < NVE; ++v) bv[v] = S::load(b + v * S::W);
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        const V av = S::set1(a[DIRECT ? r * lda : r]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NVE; ++v) acc[r][v] = S::fma(av, bv[v], acc[r][v]);
-      }
-      a += DIRECT ? 1 : MR;
-      b += NR;
+      if constexpr (HE) hacc[r] = H::zero();
     }
-    if (NVE == NV && mv == MR && nv == NR) {
+    // pf: a share of its lines every kChunk steps of K, so that the prefetches trickle out behind the
+    // FMAs (see macro_kernel).
+    constexpr int64_t kChunk = 16;
+    const int64_t pf_chunk = pf ? LinePrefetch::share_of(pf_lines, ceil_div(kc, kChunk)) : 0;
+    for (int64_t p0 = 0; p0 < kc; p0 += kChunk) {
+      if (pf) pf->step(pf_chunk);
+      const int64_t p1 = std::min(kc, p0 + kChunk);
+#pragma GCC unroll 4
+      for (int64_t p = p0; p < p1; ++p) {
+        V bv[NVE];
+#pragma GCC unroll 4
+        for (int v = 0; v < NVE; ++v) bv[v] = S::load(b + v * S::W);
+        typename H::V bh;
+        if constexpr (HE) bh = H::load(b + NVE * S::W);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+          const T ar = a[DIRECT ? r * lda : r];
+          const V av = S::set1(ar);
+#pragma GCC unroll 4
+          for (int v = 0; v < NVE; ++v) acc[r][v] = S::fma(av, bv[v], acc[r][v]);
+          if constexpr (HE) hacc[r] = H::fma(H::set1(ar), bh, hacc[r]);
+        }
+        a += DIRECT ? 1 : MR;
+        b += NR;
+      }
+    }
+    if (NVE == NV && HE == HALF && mv == MR && nv == NR) {
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
         T* cr = c + r * ldc;
 #pragma GCC unroll 4
-        for (int v = 0; v < NVE; ++v) {
-          V x = acc[r][v];
-          if (e.load) x = S::add(x, S::load(cr + v * S::W));
-          if (e.bias_col) x = S::add(x, S::load(e.bias_col + v * S::W));
-          if (e.bias_row) x = S::add(x, S::set1(e.bias_row[r]));
-          if (e.relu) x = S::relu(x);
-          if (e.stream)
-            S::stream(cr + v * S::W, x);
-          else
-            S::store(cr + v * S::W, x);
-        }
+        for (int v = 0; v < NVE; ++v) store_vector<S>(acc[r][v], cr + v * S::W, e, r, v * S::W);
+        if constexpr (HE) store_vector<H>(hacc[r], cr + NVE * S::W, e, r, NVE * S::W);
       }
     } else {
       alignas(64) T tile_buf[MR * NR];
-      for (int r = 0; r < MR; ++r)
+      for (int r = 0; r < MR; ++r) {
         for (int v = 0; v < NVE; ++v) S::store(tile_buf + r * NR + v * S::W, acc[r][v]);
+        if constexpr (HE) H::store(tile_buf + r * NR + NVE * S::W, hacc[r]);
+      }
       store_tile(tile_buf, NR, mv, nv, c, ldc, e);
     }
+  }
+
+  // One vector of a full tile's row r, columns j.. of the tile, through the epilogue into cr.
+  template <class X>
+  static DLK_INLINE void store_vector(typename X::V x, T* cr, const Epilogue<T>& e, int r, int j) {
+    if (e.load) x = X::add(x, X::load(cr));
+    if (e.bias_col) x = X::add(x, X::load(e.bias_col + j));
+    if (e.bias_row) x = X::add(x, X::set1(e.bias_row[r]));
+    if (e.relu) x = X::relu(x);
+    if (e.stream)
+      X::stream(cr, x);
+    else
+      X::store(cr, x);
   }
 };
 // On the AVX-512 machine (32 registers) larger tiles measured slower, interleaved, two threads
@@ -258,6 +316,18 @@ template <class T>
 using WideKernel = SimdKernel<T, 4, 3>;
 template <class T>
 inline bool wide_tile(int64_t N) { return N > 2 * Vec<T>::W && N <= 3 * Vec<T>::W; }
+#if defined(__AVX512F__)
+// For C of W < N <= 1.5 W columns (17-24 floats): a vector and a half a row, none of it padding,
+// where the 6 x 2-vector tile computed a quarter of its columns on padding and stored every tile
+// through its edge path (24 of 32 columns). A half-vector FMA costs half a full one's issue slots on
+// the Zen4 (two 256-bit units), the same on CPUs with 512-bit units. Two threads, Zen4, A from DRAM,
+// interleaved (MobileNetV2's channels-last 1x1 projections): 25088 x 144 @ 144 x 24 1.23 -> 0.94 ms,
+// 25088 x 96 @ 96 x 24 0.80 -> 0.61, 100352 x 96 @ 96 x 24 3.25 -> 2.43. 12 rows measured alike.
+template <class T>
+using HalfKernel = SimdKernel<T, 8, 1, true>;
+template <class T>
+inline bool half_tile(int64_t N) { return N > Vec<T>::W && 2 * N <= 3 * Vec<T>::W; }
+#endif
 
 #else
 template <class T>
@@ -483,6 +553,15 @@ struct Buffers {
 // runs / g0: the block's column j is column g0 + j of a batch's columns (ColRuns; c is then
 // column 0's address, and bias_col must be nullptr). A tile across two matrices is computed into a
 // local tile and copied out.
+// pf: lines to fetch while the block computes, an equal share per micro-tile, which the micro-kernel
+// spreads over its K loop (gemm_serial's next rows of A, the fused separable's next task's input).
+// Issued all at once before each tile, the prefetches held the miss buffers the tile's own loads
+// waited on: two threads, Zen4, interleaved, inputs from DRAM, spread against at once (ms):
+// 25088 x 144 @ 144 x 24 0.88-1.12 against 0.97-1.19, 25088 x 576 @ 576 x 96 13.99-14.47 against
+// 14.44-14.91, 45000 x 128 @ 128 x 128 6.91-7.10 against 7.19-7.26, 32 x 2048 @ 2048 x 1000 (the
+// swapped order: the weight's rows are the A read in place) 0.74-0.77 against 0.76-0.82 (0.73-0.83
+// without any prefetch); the fused separable forward, channels-last, 8x144x56x56 k3 -> 24 1.74 ->
+// 1.60, k5 2.29 -> 2.10, 8x256x38x38 s2 -> 256 2.49 -> 2.36, 8x728x19x19 the same.
 template <class T, class Kern>
 inline void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool load,
                          const T* bias_row, const T* bias_col, bool relu, bool stream, int64_t lda = 0,
@@ -501,16 +580,15 @@ inline void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const T* a, const T
       e.bias_col = bias_col ? bias_col + j : nullptr;
       e.relu = relu;
       e.stream = stream && !load && whole;
-      if (pf) pf->step(pf_step);
       const T* bq = b + q * kc * NR;
       auto run = [&](T* cij, int64_t ld) {
         if (lda == 0) {
-          Kern::run(kc, a + ir * kc, bq, cij, ld, mv, nv, e);
+          Kern::run(kc, a + ir * kc, bq, cij, ld, mv, nv, e, 0, pf, pf_step);
         } else if (mv == MR) {
-          Kern::template run<true>(kc, a + ir * lda, bq, cij, ld, mv, nv, e, lda);
+          Kern::template run<true>(kc, a + ir * lda, bq, cij, ld, mv, nv, e, lda, pf, pf_step);
         } else {
           pack_a<MR>(mv, kc, a + ir * lda, lda, 1, a_tail);
-          Kern::run(kc, a_tail, bq, cij, ld, mv, nv, e);
+          Kern::run(kc, a_tail, bq, cij, ld, mv, nv, e, 0, pf, pf_step);
         }
       };
       T* ci = c + ir * ldc;
@@ -561,10 +639,21 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
         const int64_t mc = std::min(mc_max, M - i0);
         const T* ai = A + i0 * rs_a + pc * cs_a;
         if (!direct) pack_a<MR>(mc, kc, ai, rs_a, cs_a, a_buf);
+        // Read in place, A's next block comes from DRAM row by row of tiles: MR short runs at a time
+        // (kc elements of MR rows), which the hardware prefetchers barely start on before the tile
+        // moves on, so the FMAs waited on DRAM and DRAM on the FMAs. Its lines are fetched while this
+        // block computes (macro_kernel's pf). Two threads, Zen4, A from DRAM, interleaved (ms):
+        // 25088 x 144 @ 144 x 24 1.92 -> 0.94, 25088 x 384 @ 384 x 64 8.27 -> 6.50, 25088 x 576 @ 576
+        // x 96 16.8 -> 14.6, 45000 x 128 @ 128 x 128 7.91 -> 6.81; 2888 x 728 @ 728 x 728, 800 x 1024
+        // @ 1024 x 1536, 512 x 1024 @ 1024 x 4096, 2048^3 and the swapped 32 x 2048 @ 2048 x 1000
+        // within 2 %.
+        LinePrefetch next_rows;
+        if (direct && i0 + mc < M)
+          next_rows = LinePrefetch(ai + mc * rs_a, kc, std::min(mc_max, M - i0 - mc), rs_a);
         macro_kernel<T, Kern>(mc, nc, kc, direct ? ai : a_buf, b_buf, C + i0 * ldc, ldc, accumulate || !first,
                               (last && bias && bias_dim == 0) ? bias + i0 : nullptr,
                               (last && bias && bias_dim == 1) ? bias + jc : nullptr, last && relu, stream,
-                              direct ? rs_a : 0, a_buf, nullptr, runs_c, g0 + jc);
+                              direct ? rs_a : 0, a_buf, next_rows.count() ? &next_rows : nullptr, runs_c, g0 + jc);
       }
     }
   }
@@ -771,6 +860,9 @@ void with_kernel(const GemmBlocking& bl, F&& f) {
 #ifdef DLK_GEMM_SIMD
   if (bl.mr == WideKernel<T>::MR && bl.nr == WideKernel<T>::NR) return f(WideKernel<T>{});
 #endif
+#if defined(__AVX512F__)
+  if (bl.mr == HalfKernel<T>::MR && bl.nr == HalfKernel<T>::NR) return f(HalfKernel<T>{});
+#endif
   f(FastKernel<T>{});
 }
 }  // namespace
@@ -779,6 +871,9 @@ template <class T>
 GemmBlocking gemm_blocking(int64_t n) {
 #ifdef DLK_GEMM_SIMD
   if (wide_tile<T>(n)) return blocking_of<T, WideKernel<T>>();
+#endif
+#if defined(__AVX512F__)
+  if (half_tile<T>(n)) return blocking_of<T, HalfKernel<T>>();
 #endif
   (void)n;
   return blocking_of<T, FastKernel<T>>();

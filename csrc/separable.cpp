@@ -94,7 +94,8 @@ template <class T>
 void fwd_cl(const T* x, const T* dw, const T* pw, const T* bias, T* y, int64_t O, const DwGeom& g0) {
   const DwGeom g = cl_padded<T>(g0);
   // y pixels (P x O) = depthwise (P x Cm) @ pw^T (Cm x O): the weight is B, O columns of C (the
-  // tile gemm would take for them: MobileNetV2's 24-output projections get the 4 x 3-vector tile).
+  // tile gemm would take for them: MobileNetV2's 24-output projections get the 4 x 3-vector tile on
+  // AVX2, the vector-and-a-half one on AVX-512).
   const GemmBlocking bl = gemm_blocking<T>(O);
   const Slices ks(g.Cm, bl.kc);
   const int64_t HWo = g.Ho * g.Wo, Np = round_up(O, bl.nr);

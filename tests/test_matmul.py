@@ -24,6 +24,7 @@ SHAPES = [
     # slices (K > 256)
     ((50, 301), (301, 12)),
     ((50, 301), (301, 20)),
+    ((50, 301), (301, 24)),          # the AVX-512 vector-and-a-half tile, whole (float32)
     # a shared by a batch of b with a few column panels each: the C++ GEMM runs the batch as one
     # product over all its columns, panels straddling two matrices; two K slices
     ((90, 301), (3, 301, 99)),
@@ -330,8 +331,9 @@ def test_cpp_gemm_epilogue(kernel, dtype):
     from dlkernels import _C
     mm = getattr(_C, kernel)
     torch.manual_seed(7)
+    # (24 and 12 columns: AVX-512's vector-and-a-half tile, float32 and float64, over two K slices)
     for (m, k, n), b_col_major in (((37, 61, 45), False), ((37, 61, 45), True), ((37, 61, 90), True),
-                                   ((9, 130, 70), True)):
+                                   ((9, 130, 70), True), ((37, 300, 24), False), ((37, 300, 12), True)):
         a = torch.randn(m, k, dtype=dtype)
         b = torch.randn(n, k, dtype=dtype).t() if b_col_major else torch.randn(k, n, dtype=dtype)
         for bias_dim in (0, 1):
