@@ -100,8 +100,40 @@ struct PortableKernel {
 // ---------------------------------------------------------------------------------------------
 // SIMD micro-kernel, written once over a small vector wrapper
 // ---------------------------------------------------------------------------------------------
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define DLK_GEMM_SIMD 1
+// 256-bit vectors: the AVX2 build's Vec, and on AVX-512 the half vector of HalfKernel's tile.
+template <class T>
+struct Vec256;
+template <>
+struct Vec256<float> {
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static void stream(float* p, V x) { _mm256_stream_ps(p, x); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  // only lanes with x < 0 become 0: NaN lanes compare false (ordered) and stay NaN
+  static V relu(V x) { return _mm256_andnot_ps(_mm256_cmp_ps(x, zero(), _CMP_LT_OQ), x); }
+};
+template <>
+struct Vec256<double> {
+  using V = __m256d;
+  static constexpr int W = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
+  static void stream(double* p, V x) { _mm256_stream_pd(p, x); }
+  static V set1(double x) { return _mm256_set1_pd(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static V relu(V x) { return _mm256_andnot_pd(_mm256_cmp_pd(x, zero(), _CMP_LT_OQ), x); }
+};
+#endif
+#if defined(__AVX512F__)
 template <class T>
 struct Vec;
 template <>
@@ -131,68 +163,13 @@ struct Vec<double> {
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
   static V relu(V x) { return _mm512_mask_mov_pd(x, _mm512_cmp_pd_mask(x, zero(), _CMP_LT_OQ), zero()); }
 };
-// Half of an AVX-512 vector (256 bits): the last columns of HalfKernel's tile.
 template <class T>
-struct HalfVec;
-template <>
-struct HalfVec<float> {
-  using V = __m256;
-  static constexpr int W = 8;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
-  static void stream(float* p, V x) { _mm256_stream_ps(p, x); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V relu(V x) { return _mm256_andnot_ps(_mm256_cmp_ps(x, zero(), _CMP_LT_OQ), x); }
-};
-template <>
-struct HalfVec<double> {
-  using V = __m256d;
-  static constexpr int W = 4;
-  static V zero() { return _mm256_setzero_pd(); }
-  static V load(const double* p) { return _mm256_loadu_pd(p); }
-  static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
-  static void stream(double* p, V x) { _mm256_stream_pd(p, x); }
-  static V set1(double x) { return _mm256_set1_pd(x); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_pd(a, b); }
-  static V relu(V x) { return _mm256_andnot_pd(_mm256_cmp_pd(x, zero(), _CMP_LT_OQ), x); }
-};
-#elif defined(__AVX2__) && defined(__FMA__)
-#define DLK_GEMM_SIMD 1
+using HalfVec = Vec256<T>;
+#elif defined(DLK_GEMM_SIMD)
+template <class T>
+using Vec = Vec256<T>;
 template <class T>
 struct HalfVec;  // no half-vector tiles on AVX2 (WideKernel covers 17-24 float columns there)
-template <class T>
-struct Vec;
-template <>
-struct Vec<float> {
-  using V = __m256;
-  static constexpr int W = 8;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
-  static void stream(float* p, V x) { _mm256_stream_ps(p, x); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  // only lanes with x < 0 become 0: NaN lanes compare false (ordered) and stay NaN
-  static V relu(V x) { return _mm256_andnot_ps(_mm256_cmp_ps(x, zero(), _CMP_LT_OQ), x); }
-};
-template <>
-struct Vec<double> {
-  using V = __m256d;
-  static constexpr int W = 4;
-  static V zero() { return _mm256_setzero_pd(); }
-  static V load(const double* p) { return _mm256_loadu_pd(p); }
-  static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
-  static void stream(double* p, V x) { _mm256_stream_pd(p, x); }
-  static V set1(double x) { return _mm256_set1_pd(x); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_pd(a, b); }
-  static V relu(V x) { return _mm256_andnot_pd(_mm256_cmp_pd(x, zero(), _CMP_LT_OQ), x); }
-};
 #endif
 
 #ifdef DLK_GEMM_SIMD
