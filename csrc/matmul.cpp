@@ -20,10 +20,7 @@
 #include <vector>
 
 #include "common.h"
-
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace dlk {
 namespace {
@@ -100,79 +97,10 @@ struct PortableKernel {
 // ---------------------------------------------------------------------------------------------
 // SIMD micro-kernel, written once over a small vector wrapper
 // ---------------------------------------------------------------------------------------------
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#define DLK_GEMM_SIMD 1
-// 256-bit vectors: the AVX2 build's Vec, and on AVX-512 the half vector of HalfKernel's tile.
-template <class T>
-struct Vec256;
-template <>
-struct Vec256<float> {
-  using V = __m256;
-  static constexpr int W = 8;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
-  static void stream(float* p, V x) { _mm256_stream_ps(p, x); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  // only lanes with x < 0 become 0: NaN lanes compare false (ordered) and stay NaN
-  static V relu(V x) { return _mm256_andnot_ps(_mm256_cmp_ps(x, zero(), _CMP_LT_OQ), x); }
-};
-template <>
-struct Vec256<double> {
-  using V = __m256d;
-  static constexpr int W = 4;
-  static V zero() { return _mm256_setzero_pd(); }
-  static V load(const double* p) { return _mm256_loadu_pd(p); }
-  static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
-  static void stream(double* p, V x) { _mm256_stream_pd(p, x); }
-  static V set1(double x) { return _mm256_set1_pd(x); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_pd(a, b); }
-  static V relu(V x) { return _mm256_andnot_pd(_mm256_cmp_pd(x, zero(), _CMP_LT_OQ), x); }
-};
-#endif
-#if defined(__AVX512F__)
-template <class T>
-struct Vec;
-template <>
-struct Vec<float> {
-  using V = __m512;
-  static constexpr int W = 16;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
-  static void stream(float* p, V x) { _mm512_stream_ps(p, x); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  // only lanes with x < 0 become 0: NaN lanes compare false (ordered) and stay NaN
-  static V relu(V x) { return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, zero(), _CMP_LT_OQ), zero()); }
-};
-template <>
-struct Vec<double> {
-  using V = __m512d;
-  static constexpr int W = 8;
-  static V zero() { return _mm512_setzero_pd(); }
-  static V load(const double* p) { return _mm512_loadu_pd(p); }
-  static void store(double* p, V x) { _mm512_storeu_pd(p, x); }
-  static void stream(double* p, V x) { _mm512_stream_pd(p, x); }
-  static V set1(double x) { return _mm512_set1_pd(x); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
-  static V add(V a, V b) { return _mm512_add_pd(a, b); }
-  static V relu(V x) { return _mm512_mask_mov_pd(x, _mm512_cmp_pd_mask(x, zero(), _CMP_LT_OQ), zero()); }
-};
-template <class T>
-using HalfVec = Vec256<T>;
-#elif defined(DLK_GEMM_SIMD)
-template <class T>
-using Vec = Vec256<T>;
-template <class T>
-struct HalfVec;  // no half-vector tiles on AVX2 (WideKernel covers 17-24 float columns there)
-#endif
+#ifdef DLK_SIMD_VEC
+using simd::HalfVec;
+using simd::Vec;
 
-#ifdef DLK_GEMM_SIMD
 // MR_ rows x NV vectors of C held in registers: 6 x 2 uses 12 accumulators + 2 B vectors + 1
 // broadcast of the 16 AVX2 registers (the BLIS Haswell/Zen shape: 6x16 float, 6x8 double); on
 // AVX-512 the same shape is 6x32 / 6x16. HALF: one more half vector (HalfVec) of columns after the NV.
@@ -386,7 +314,7 @@ void pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, T* out) 
   }
 }
 
-#ifdef DLK_GEMM_SIMD
+#ifdef DLK_SIMD_VEC
 // dst[p * ld + c] = src[c * cs + p] for a square block of one 256-bit vector's lanes (8 floats, 4
 // doubles): each of its columns of B loaded as a vector, transposed in registers.
 DLK_INLINE void transpose_block(const float* src, int64_t cs, float* dst, int64_t ld) {
@@ -431,7 +359,7 @@ DLK_INLINE void pack_panel_columns(const T* bs, int64_t rs, int64_t cs, int64_t 
     for (int64_t p = 0; p < kc; ++p) std::memcpy(o + p * NR + u, bs + p * rs, sizeof(T) * seg);
   } else if (rs == 1) {
     int c = 0;
-#ifdef DLK_GEMM_SIMD
+#ifdef DLK_SIMD_VEC
     constexpr int TB = 32 / sizeof(T);
     for (; c + TB <= seg; c += TB) {
       int64_t p = 0;
@@ -708,7 +636,7 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
 template <class T, class Kern>
 bool gemm_streams_c(int64_t M, int64_t N, int64_t K, const T* C, int64_t ldc, bool accumulate, int64_t kc,
                     const ColRuns& runs_c) {
-#ifdef DLK_GEMM_SIMD
+#ifdef DLK_SIMD_VEC
   constexpr int64_t line = 64, esz = sizeof(T);
   return !accumulate && K <= kc && (Kern::NR * esz) % line == 0 && (ldc * esz) % line == 0 &&
          reinterpret_cast<uintptr_t>(C) % line == 0 && runs_c.len % Kern::NR == 0 &&
@@ -895,7 +823,7 @@ GemmBlocking blocking_of() {
 // f(Kern{}) for the micro-kernel whose tile bl names (gemm_blocking made it).
 template <class T, class F>
 void with_kernel(const GemmBlocking& bl, F&& f) {
-#ifdef DLK_GEMM_SIMD
+#ifdef DLK_SIMD_VEC
   if (bl.mr == WideKernel<T>::MR && bl.nr == WideKernel<T>::NR) return f(WideKernel<T>{});
 #endif
 #if defined(__AVX512F__)
@@ -907,7 +835,7 @@ void with_kernel(const GemmBlocking& bl, F&& f) {
 
 template <class T>
 GemmBlocking gemm_blocking(int64_t n) {
-#ifdef DLK_GEMM_SIMD
+#ifdef DLK_SIMD_VEC
   if (wide_tile<T>(n)) return blocking_of<T, WideKernel<T>>();
 #endif
 #if defined(__AVX512F__)

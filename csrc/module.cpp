@@ -1,5 +1,6 @@
 // The extension dlkernels._C: one init function per op family, each in its own file.
 #include "common.h"
+#include "simd.h"
 
 #include <omp.h>
 
@@ -10,31 +11,20 @@
 namespace dlk {
 namespace {
 
-// Vectors of the widest width the build targets and their multiply-add: one fused instruction where
-// the ISA has one; the scalar fallback's a * m + c is a multiply and an add, two FLOPs all the same.
+// Vectors of the widest width the build targets and their multiply-add (simd.h): one fused
+// instruction; without vectors, the scalar a * m + c is a multiply and an add, two FLOPs all the same.
+#ifdef DLK_SIMD_VEC
+template <class S>
+using Peak = simd::Vec<S>;
+#else
 template <class S>
 struct Peak {
   using V = S;
-  static constexpr int lanes = 1;
-  static V set(S v) { return v; }
+  static constexpr int W = 1;
+  static V set1(S v) { return v; }
   static V fma(V a, V m, V c) { return a * m + c; }
 };
-#define DLK_PEAK_VECTORS(S, VEC, LANES, SET, FMA)                 \
-  template <>                                                     \
-  struct Peak<S> {                                                \
-    using V = VEC;                                                \
-    static constexpr int lanes = LANES;                           \
-    static V set(S v) { return SET(v); }                          \
-    static V fma(V a, V m, V c) { return FMA(a, m, c); }          \
-  };
-#if defined(__AVX512F__)
-DLK_PEAK_VECTORS(float, __m512, 16, _mm512_set1_ps, _mm512_fmadd_ps)
-DLK_PEAK_VECTORS(double, __m512d, 8, _mm512_set1_pd, _mm512_fmadd_pd)
-#elif defined(__AVX2__) && defined(__FMA__)
-DLK_PEAK_VECTORS(float, __m256, 8, _mm256_set1_ps, _mm256_fmadd_ps)
-DLK_PEAK_VECTORS(double, __m256d, 4, _mm256_set1_pd, _mm256_fmadd_pd)
 #endif
-#undef DLK_PEAK_VECTORS
 
 // Independent multiply-add chains a thread runs: enough to cover an FMA's latency times the issue
 // width of the CPUs met so far (4 cycles x 2 pipes), few enough to stay in the 16 registers of an
@@ -55,19 +45,19 @@ double peak_flops(int64_t steps, S seed) {
 #pragma omp single
     threads = omp_get_num_threads();
     typename P::V a[kPeakChains];
-    for (int k = 0; k < kPeakChains; ++k) a[k] = P::set(seed + S(k));
-    const typename P::V m = P::set(S(0.999999)), c = P::set(S(1e-7));
+    for (int k = 0; k < kPeakChains; ++k) a[k] = P::set1(seed + S(k));
+    const typename P::V m = P::set1(S(0.999999)), c = P::set1(S(1e-7));
     for (int64_t i = 0; i < steps; ++i)
       for (int k = 0; k < kPeakChains; ++k) a[k] = P::fma(a[k], m, c);
     for (int k = 1; k < kPeakChains; ++k) a[0] = P::fma(a[k], m, a[0]);
-    S lanes[P::lanes];
+    S lanes[P::W];
     std::memcpy(lanes, &a[0], sizeof(lanes));
     sink += lanes[0];
   }
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   volatile S keep = sink;
   (void)keep;
-  return 2.0 * P::lanes * kPeakChains * static_cast<double>(steps) * threads / s;
+  return 2.0 * P::W * kPeakChains * static_cast<double>(steps) * threads / s;
 }
 
 // The best of `repeats` runs of about `seconds` each, a short first run sizing them: the arithmetic
@@ -75,7 +65,7 @@ double peak_flops(int64_t steps, S seed) {
 template <class S>
 double fma_peak_of(double seconds, int repeats, S seed) {
   const int64_t probe = 1 << 14;
-  const double step_flops = 2.0 * Peak<S>::lanes * kPeakChains * omp_get_max_threads();
+  const double step_flops = 2.0 * Peak<S>::W * kPeakChains * omp_get_max_threads();
   const double steps_per_s = peak_flops<S>(probe, seed) / step_flops;
   const int64_t steps = std::max<int64_t>(probe, static_cast<int64_t>(seconds * steps_per_s));
   double best = 0;
