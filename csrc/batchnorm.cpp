@@ -334,8 +334,16 @@ constexpr int64_t RUN = 2048;
 
 // Channels-last rows a prologue run covers: whole rows, about RUN elements.
 inline int64_t cl_group_rows(int64_t C) { return std::max<int64_t>(1, RUN / std::max<int64_t>(1, C)); }
-// Planes up to this size (7x7, 8x8) take channel_sums2's small-plane path (no gain measured at 14x14).
+// Planes up to this size (7x7, 8x8) take channel_sums2's small-plane path (no gain measured at 14x14
+// then, on another machine).
 constexpr int64_t kSmallPlane = 64;
+// Planes channel_sums2 sweeps with ncs_small_plane_sums: those up to kSmallPlane and, on AMD family 19h,
+// up to 16x16, where run_sums' fold of 2 x 32 lanes a plane held the pass under the Zen4's bandwidth.
+// Training kernels, relu + residual, NCHW, two threads, inputs from DRAM, interleaved in one process,
+// run_sums -> sweep (ms): 32x1024x14x14 forward 3.99 -> 3.94 and 4.34 -> 4.03, backward 5.31 -> 5.04
+// and 6.29 -> 5.23; 8x1024x10x10 forward 0.64 -> 0.52, backward 0.64 -> 0.56; 16x512x16x16 1.18 ->
+// 1.16, 1.30 -> 1.29; 7x7 unchanged. Other machines are unmeasured.
+inline bool sweeps_small_planes(int64_t S) { return S <= kSmallPlane || (amd_family_19h() && S <= 256); }
 
 // Calls seg(i0, c, len) for the runs within one plane (channel c) that make up the flat range [b0, b1)
 // of an NCS array.
@@ -547,11 +555,12 @@ void channel_group_sums(const Bn3& d, int64_t c0, int64_t c1, const P& pre, cons
   });
 }
 
-// Small planes (ResNet's 7x7), NCS: one sequential sweep, each thread a contiguous range of the N*C
-// planes (by blocks of whole planes, about RUN elements, for the prologue); a plane's whole vectors
-// are added lane-wise into its channel's W = min(L, S) accumulators (C x W each per thread, in L2),
-// its last S % L elements into the first lanes, and the lanes fold into the double sums every
-// kFoldPlanes planes a channel. It replaced summing channel groups (a group's planes at each n, a few KiB a
+// Small planes (ResNet's 7x7; on AMD family 19h up to 16x16, sweeps_small_planes), NCS: one sequential
+// sweep, each thread a contiguous range of the N*C planes (by blocks of whole planes, about RUN
+// elements, for the prologue); a plane's whole vectors are added lane-wise into its channel's W =
+// min(L, S) accumulators (C x W each per thread, in L2), its last S % L elements into the first
+// lanes, and the lanes fold into the double sums after about kFoldPlanes planes of four vectors a
+// channel. It replaced summing channel groups (a group's planes at each n, a few KiB a
 // channel stride apart, into (c1 - c0) x S rows, fold_rows): two threads, Zen4, both in one process
 // interleaved, three input sets rotated past a 64 MiB flush, median of 40: statistics 32x2048x7x7
 // 0.95 -> 0.55 ms, 32x512x8x8 0.27 -> 0.12, 64x300x6x6 0.23 -> 0.13, 8x1152x7x7 0.15 -> 0.13;
@@ -612,8 +621,10 @@ void ncs_small_plane_sums(const Bn3& d, const P& pre, const F& f, ThreadPartials
         }
         if (++c == C) c = 0;
       }
-      since += p1 - p0;
-      if (since >= kFoldPlanes * C) fold(), since = 0;
+      // folded after about kFoldPlanes 4-vector planes a channel, however many vectors a plane has:
+      // the float partials then add ~64 values a lane at any plane size
+      since += (p1 - p0) * std::max<int64_t>(1, ceil_div(S, L));
+      if (since >= kFoldPlanes * 4 * C) fold(), since = 0;
     }
     fold();
   }
@@ -625,7 +636,7 @@ void channel_sums2(const Bn3& d, P pre, F f, double* sum_a, double* sum_b, Ahead
   // share a line.
   const int64_t width = (2 * d.C + 7) / 8 * 8 + 8;
   ThreadPartials<double> part(width);
-  if (!d.cl && d.S <= kSmallPlane) {
+  if (!d.cl && sweeps_small_planes(d.S)) {
     ncs_small_plane_sums<T>(d, pre, f, part);
   } else if (!d.cl) {
     const int64_t blocks = ceil_div(d.N * d.C * d.S, RUN);

@@ -105,11 +105,12 @@ def _check_forward_backward(backend, dtype, shape, cl, with_residual, activation
 # backward too where it needs the sums (weight or bias grads beside the input's). In blocks
 # that split planes (2048 elements) and, for small planes, accumulator rows folded every 16 planes. Two
 # threads, so the group and block edges fall the same on every machine; planes of 7x7 (N = 19 > 16),
-# 2 (C = 37), 11x13 and 91x91 (one channel a group).
+# 2 (C = 37), 11x13 and 91x91 (one channel a group); 11x13 at N = 24 also folds the C++ sweep's
+# accumulators between planes of 9 vectors (ncs_small_plane_sums, AMD family 19h).
 # The C++ backend skips that order on AMD family 19h, where it measured slower (csrc/batchnorm.cpp:
 # resident): DLKERNELS_AMD_FAMILY_19H stands in for cpuid, so that both orders run on every machine.
 _GROUP_CASES = [(b, shape, family) for b in KERNEL_BACKENDS
-                for shape in [(19, 9, 7, 7), (5, 37, 2), (3, 8, 11, 13), (2, 9, 91, 91)]
+                for shape in [(19, 9, 7, 7), (5, 37, 2), (3, 8, 11, 13), (24, 3, 11, 13), (2, 9, 91, 91)]
                 for family in (["other", "amd19h"] if b == "cpp" else ["any"])
                 if b in LARGE_BACKENDS or shape[-1] < 91]
 _FAMILY_ENV = {"other": "0", "amd19h": "1"}
