@@ -171,6 +171,14 @@ class Buf {
   int64_t strides_[kMaxDims] = {};
 };
 
+// Calls f(T{}) with T = float or double, after the dtype of `a`.
+template <class F>
+auto dispatch_float(const Buf& a, const char* op, F&& f) {
+  if (a.holds<float>()) return f(float{});
+  if (a.holds<double>()) return f(double{});
+  throw std::invalid_argument(std::string("dlkernels._C.") + op + ": float32 or float64 expected");
+}
+
 // Whether a pass over `elements` values is worth a parallel region: starting and joining the
 // OpenMP team costs microseconds quiet and milliseconds on a loaded machine (threads that lost
 // their core), more than a small layer's whole pass. Use as `#pragma omp parallel if (...)`.

@@ -68,13 +68,6 @@ const T* cptr(const Buf& a) { return static_cast<const T*>(a.data()); }
 template <class T>
 T* mptr(const Buf& a) { return static_cast<T*>(a.mutable_data()); }
 
-// Calls f(T{}) with T = float or double, after the dtype of `a`.
-template <class F>
-auto dispatch_float(const Buf& a, const char* op, F&& f) {
-  if (a.holds<float>()) return f(float{});
-  if (a.holds<double>()) return f(double{});
-  throw std::invalid_argument(std::string("dlkernels._C.") + op + ": float32 or float64 expected");
-}
 
 // The window taps p in [lo, hi) of one output position that land inside [0, size):
 // input index = o*stride - pad + p*dil.

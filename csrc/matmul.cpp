@@ -1160,9 +1160,9 @@ Buf output_array(const py::object& obj, const char* name) {
 
 void mm_entry(const Buf& a, const Buf& b, const py::object& bias, int bias_dim, bool relu,
               const Buf& out, bool portable, bool accumulate) {
-  if (a.holds<float>()) return mm_typed<float>(a, b, bias, bias_dim, relu, out, portable, accumulate);
-  if (a.holds<double>()) return mm_typed<double>(a, b, bias, bias_dim, relu, out, portable, accumulate);
-  require(false, "mm: dtype must be float32 or float64");
+  dispatch_float(a, "mm", [&](auto tag) {
+    mm_typed<decltype(tag)>(a, b, bias, bias_dim, relu, out, portable, accumulate);
+  });
 }
 
 template <class T>
@@ -1228,11 +1228,9 @@ void init_matmul(py::module_& m) {
       "bias_act_backward",
       [](const Buf& grad_out, const Buf& out, bool relu, int bias_dim, const py::object& grad_pre,
          const py::object& grad_bias) {
-        if (grad_out.holds<float>())
-          return bias_act_backward_typed<float>(grad_out, out, relu, bias_dim, grad_pre, grad_bias);
-        if (grad_out.holds<double>())
-          return bias_act_backward_typed<double>(grad_out, out, relu, bias_dim, grad_pre, grad_bias);
-        require(false, "bias_act_backward: dtype must be float32 or float64");
+        dispatch_float(grad_out, "bias_act_backward", [&](auto tag) {
+          bias_act_backward_typed<decltype(tag)>(grad_out, out, relu, bias_dim, grad_pre, grad_bias);
+        });
       },
       py::arg("grad_out"), py::arg("out"), py::arg("relu"), py::arg("bias_dim"), py::arg("grad_pre"),
       py::arg("grad_bias"),

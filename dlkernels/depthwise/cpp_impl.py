@@ -6,7 +6,7 @@ import torch
 
 from .. import _C
 from .. import _validation as V
-from .._cpp_common import c_arg
+from .._cpp_common import c_arg as _c
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -21,7 +21,7 @@ def new_output(ref: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
 def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
     cl = is_channels_last(x)
     y = new_output(x, (x.shape[0], weight.shape[0], *out_hw), cl)
-    _C.depthwise_fwd(c_arg(x), c_arg(weight), c_arg(bias), c_arg(y),
+    _C.depthwise_fwd(_c(x), _c(weight), _c(bias), _c(y),
                      *stride, *pad, *dilation, cl)
     return y
 
@@ -32,7 +32,7 @@ def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_chan
     c = grad_y.shape[1] if in_channels is None else int(in_channels)
     cl = is_channels_last(grad_y)
     gx = new_output(grad_y, (grad_y.shape[0], c, *in_hw), cl)
-    _C.depthwise_bwd_input(c_arg(grad_y), c_arg(weight), c_arg(gx), *stride, *pad, *dilation, cl)
+    _C.depthwise_bwd_input(_c(grad_y), _c(weight), _c(gx), *stride, *pad, *dilation, cl)
     return gx
 
 
@@ -40,5 +40,5 @@ def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias)
     cl = is_channels_last(x)
     gw = torch.empty((grad_y.shape[1], 1, *kernel_hw), dtype=x.dtype)
     gb = torch.empty((grad_y.shape[1],), dtype=x.dtype) if need_bias else None
-    _C.depthwise_bwd_weight(c_arg(grad_y), c_arg(x), c_arg(gw), c_arg(gb), *stride, *pad, *dilation, cl)
+    _C.depthwise_bwd_weight(_c(grad_y), _c(x), _c(gw), _c(gb), *stride, *pad, *dilation, cl)
     return gw, gb

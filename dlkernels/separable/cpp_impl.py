@@ -3,7 +3,7 @@ output allocated here in x's memory format and filled in place. Contract: dlkern
 from __future__ import annotations
 
 from .. import _C
-from .._cpp_common import c_arg
+from .._cpp_common import c_arg as _c
 from ..depthwise.cpp_impl import is_channels_last, new_output
 
 # Channels_last planes of up to this many output pixels (12x12) run as blocks of whole images, the
@@ -15,6 +15,6 @@ IMAGE_BLOCK_MAX_PIXELS = 144
 def separable_fwd(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
     cl = is_channels_last(x)
     y = new_output(x, (x.shape[0], pw_weight.shape[0], *out_hw), cl)
-    _C.separable_fwd(c_arg(x), c_arg(dw_weight), c_arg(pw_weight), c_arg(bias), c_arg(y),
+    _C.separable_fwd(_c(x), _c(dw_weight), _c(pw_weight), _c(bias), _c(y),
                      *stride, *pad, *dilation, cl, IMAGE_BLOCK_MAX_PIXELS)
     return y
