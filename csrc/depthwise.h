@@ -184,8 +184,9 @@ inline void split_even_odd(const T* s, T* e, T* o, int64_t n) {
 }
 
 // d[2c] = e[c] for c < ne, d[2c + 1] = o[c] for c < no (ne - no is 0 or 1): the inverse of
-// split_even_odd, interleaving the two column phases of a stride-2 row.
-template <class T>
+// split_even_odd, interleaving the two column phases of a stride-2 row. STREAM: the whole vectors
+// with non-temporal stores (d aligned to a vector; whole lines where 2 * no is a multiple of 64 bytes).
+template <class T, bool STREAM = false>
 inline void merge_even_odd(const T* e, const T* o, T* d, int64_t ne, int64_t no) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
@@ -195,8 +196,13 @@ inline void merge_even_odd(const T* e, const T* o, T* d, int64_t ne, int64_t no)
   int64_t c = 0;
   for (; c + L <= no; c += L) {
     const V a = vload(e + c), b = vload(o + c);
-    vstore(d + 2 * c, __builtin_shuffle(a, b, lo));
-    vstore(d + 2 * c + L, __builtin_shuffle(a, b, hi));
+    if constexpr (STREAM) {
+      vstream(d + 2 * c, __builtin_shuffle(a, b, lo));
+      vstream(d + 2 * c + L, __builtin_shuffle(a, b, hi));
+    } else {
+      vstore(d + 2 * c, __builtin_shuffle(a, b, lo));
+      vstore(d + 2 * c + L, __builtin_shuffle(a, b, hi));
+    }
   }
   for (; c < no; ++c) d[2 * c] = e[c], d[2 * c + 1] = o[c];
   if (c < ne) d[2 * c] = e[c];

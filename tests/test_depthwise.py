@@ -266,6 +266,21 @@ def test_nchw_wide_rows(backend, dtype, case):
     test_forward_backward(backend, dtype, case, False)
 
 
+# NCHW at stride 2 on planes past the small-plane kernels, multiplier 1: the C++ input gradient runs by
+# phases and interleaves them into grad_x's rows, with non-temporal stores where a row is whole cache
+# lines (32, 48, 64 floats; 16 doubles at 16 wide) and grad_x leaves the cache (a tiny
+# DLKERNELS_LLC_BYTES here); odd heights, 3x3 and 5x5, one-sided padding, rows that are not whole
+# lines (40 floats) beside them.
+@pytest.mark.parametrize("case", [(1, 3, 21, 32, 3, 2, 1, 1, 1), (2, 2, 17, 48, 5, 2, 2, 1, 1),
+                                  (1, 2, 18, 64, 3, 2, (1, 0), 1, 1), (1, 3, 19, 16, 3, 2, 1, 1, 1),
+                                  (1, 2, 20, 40, 3, 2, 1, 1, 1)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+def test_nchw_stride2_streamed_input_grad(backend, dtype, case, monkeypatch):
+    monkeypatch.setenv("DLKERNELS_LLC_BYTES", "1")
+    test_forward_backward(backend, dtype, case, False)
+
+
 # NCHW at stride 2 on small planes: AVX-512 builds stage the input's four row/column-parity planes
 # and sweep the output plane whole (fwd_masked_s2): even and odd sizes (a last even column or row
 # without its odd partner), 5x5 and 3x5 windows, one-sided padding, a multiplier of 2, outputs
