@@ -651,11 +651,22 @@ void bwd_weight_plane_staged(const T* gyp, const T* xp, int64_t o, double* part,
   const int64_t group = ceil_div(K, ceil_div(K, 8));  // 9 taps as 5 + 4, not 8 + a lone 1
   const int64_t steps = ceil_div(g.Ho, rb) * ceil_div(K, group);
   const int64_t per_x = next_x.share(steps), per_gy = next_gy.share(steps);
+  // At column stride > 1 the staging (split_even_odd) takes about as long as the flat dots: a block's
+  // share of the next plane's x is prefetched over its staged rows, the flat dots then prefetch what is
+  // left (as the forward does, dw_rows_padded). Interleaved, two threads, from DRAM (Zen4): 3x3 s2
+  // 8x96x112x112 3.13 -> 2.08 ms and 2.96 -> 2.13 (4.99 -> 3.67 in a slower moment), 8x32x224x224
+  // 4.36 -> 3.81, 8x128x76x76 1.78 -> 1.32; 5x5 s2 8x96x112x112 3.43 -> 2.66. Twice that share while
+  // staging: 2.34, 3.30, 2.83. Planes under 16 KiB lost (8x256x38x38 0.81 -> 0.85, 1.38 -> 1.45, 1.36
+  // -> 1.41), so they keep the flat dots' prefetch only.
+  const bool stage_prefetch = g.sW > 1 && g.H * g.W * static_cast<int64_t>(sizeof(T)) >= 16384;
   for (int64_t i0 = 0; i0 < g.Ho; i0 += rb) {
     const int64_t i1 = std::min(g.Ho, i0 + rb), nr = i1 - i0;
     const DwStage& st = xs.stage(g, nr);
     const int64_t Wp = st.Wp, n = ceil_div(nr * Wp, L) * L;
-    dw_stage(xp, i0, g, st, xs);
+    if (stage_prefetch)
+      dw_stage(xp, i0, g, st, xs, &next_x, per_x * ceil_div(K, group));
+    else
+      dw_stage(xp, i0, g, st, xs);
     // G's zero columns are never written; only the slack past this block's rows can hold data.
     for (int64_t i = 0; i < nr; ++i) copy_row(G.data() + i * Wp, gyp + (i0 + i) * g.Wo, g.Wo);
     std::fill(G.data() + nr * Wp, G.data() + n, T(0));
