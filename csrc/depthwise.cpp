@@ -750,9 +750,12 @@ void bwd_weight_nchw(const T* gy, const T* x, T* gw, T* gb, const DwGeom& g) {
       // interleaved, from DRAM: 8x96x112x112 s2 3.11-3.17 -> 2.02 ms (eager 2.84-3.34), 8x256x38x38
       // 0.66-0.71 -> 0.54 (eager 0.66), 5x5 8x96x112x112 3.21 -> 2.75. At stride 1 it cost: 8x128x75x75
       // 1.97-2.07 -> 2.31-2.50, 5x5 8x144x56x56 1.82 -> 1.98 (into L2 only: 2.55, 2.01; slower at
-      // stride 2 too). On AMD family 19h they go into L2 (prefetch_into_l2).
+      // stride 2 too). On AMD family 19h they go into L2 (prefetch_into_l2), and there they pay at stride
+      // 1 too (Zen4, same setting, two runs: 8x144x56x56 1.97 -> 1.75 and 2.53 -> 2.10 ms, 5x5 2.96 ->
+      // 2.37 and 3.11 -> 2.53, 7x7 8x96x56x56 3.54 -> 3.09, 8x128x75x75 3.12 -> 3.17 and 3.88 -> 3.65;
+      // the Zen3 is unmeasured).
       LinePrefetch next_x, next_gy;
-      const int64_t n1 = g.sH > 1 || g.sW > 1 ? plane(t + 1, o1) : -1;
+      const int64_t n1 = g.sH > 1 || g.sW > 1 || amd_family_19h() ? plane(t + 1, o1) : -1;
       if (n1 >= 0) {
         const T* x1 = x + (n1 * g.C + o1 / g.m) * g.H * g.W;
         const T* gy1 = gy + (n1 * g.Cm + o1) * g.Ho * g.Wo;
