@@ -68,7 +68,6 @@ const T* cptr(const Buf& a) { return static_cast<const T*>(a.data()); }
 template <class T>
 T* mptr(const Buf& a) { return static_cast<T*>(a.mutable_data()); }
 
-
 // The window taps p in [lo, hi) of one output position that land inside [0, size):
 // input index = o*stride - pad + p*dil.
 struct TapRange {

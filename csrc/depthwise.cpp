@@ -672,10 +672,7 @@ void bwd_weight_plane_staged(const T* gyp, const T* xp, int64_t o, double* part,
     const int64_t i1 = std::min(g.Ho, i0 + rb), nr = i1 - i0;
     const DwStage& st = xs.stage(g, nr);
     const int64_t Wp = st.Wp, n = ceil_div(nr * Wp, L) * L;
-    if (stage_prefetch)
-      dw_stage(xp, i0, g, st, xs, &next_x, per_x * ceil_div(K, group));
-    else
-      dw_stage(xp, i0, g, st, xs);
+    dw_stage(xp, i0, g, st, xs, stage_prefetch ? &next_x : nullptr, per_x * ceil_div(K, group));
     // G's zero columns are never written; only the slack past this block's rows can hold data.
     for (int64_t i = 0; i < nr; ++i) copy_row(G.data() + i * Wp, gyp + (i0 + i) * g.Wo, g.Wo);
     std::fill(G.data() + nr * Wp, G.data() + n, T(0));

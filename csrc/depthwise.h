@@ -281,7 +281,8 @@ struct DwScratch {
 
 // Copies the input rows that output rows [i0, i0 + PR - rx) read into the phase planes at X
 // (sc.buf), writing the zeros around them first if sc does not hold them for this layout.
-// pf_lines of pf (the next task's input) are prefetched over the strided copy's rows.
+// pf_lines of pf (the next task's input) are prefetched over the strided copy's rows (column stride
+// 1 takes none: its copy is cheap, and prefetching there measured the same or slower).
 template <class T>
 void dw_stage(const T* xp, int64_t i0, const DwGeom& g, const DwStage& st, DwScratch<T>& sc, LinePrefetch* pf = nullptr,
               int64_t pf_lines = 0) {
@@ -473,8 +474,7 @@ void dw_rows_padded(const T* xp, const T* wo, T b, T* out, int64_t i0, int64_t i
   // -> 1.89, 3x3 s3 8x64x97x97 1.57 -> 1.33. In earlier runs the first three with a third of it while
   // staging 1.70 / 2.59 / 1.99 against half's 1.66 / 2.52 / 1.95, with all of it 1.80 / 2.74 / 2.31
   // against 1.66 / 2.67 / 2.03. Stride 1 (copy_row, cheap) measured the same or slower.
-  if (g.sW > 1) dw_stage(xp, i0, g, st, sc, &pf, pf.count() / 2);
-  else dw_stage(xp, i0, g, st, sc);
+  dw_stage(xp, i0, g, st, sc, &pf, pf.count() / 2);  // (stride 1's copy ignores pf)
   T *X = sc.buf.data(), *F = X + st.size() - st.flat;
   const int64_t rows = i1 - i0;
   // 3x3 and 5x5 windows of dilation 1 and stride 1 or 2 in kernels whose taps are fixed while compiling
