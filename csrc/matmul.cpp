@@ -585,7 +585,9 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int6
       // when they are contiguous along K (gemm_a_in_place). 25088 x 144 @ 144 x {16, 24,
       // 32} (MobileNetV2's 1x1 projections, channels-last), two threads: 1.39 / 2.02 / 2.03 ms
       // packed, 1.20 / 1.39 / 1.37 in place (torch 0.94 / 1.50 / 1.56).
-      const bool direct = gemm_a_in_place(nc, NR) && cs_a == 1;
+      // Not a broadcast A (rs_a == 0: an expanded row, e.g. a gradient expanded from a vector):
+      // macro_kernel takes lda == 0 for "packed", and read that row as MR x kc packed values, past its end.
+      const bool direct = gemm_a_in_place(nc, NR) && cs_a == 1 && rs_a > 0;
       for (int64_t i0 = 0; i0 < M; i0 += mc_max) {
         const int64_t mc = std::min(mc_max, M - i0);
         const T* ai = A + i0 * rs_a + pc * cs_a;

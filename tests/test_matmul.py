@@ -74,6 +74,33 @@ def test_matmul_non_contiguous_slices(backend):
     assert_close(dlkernels.matmul(ab, b, backend=backend), ab.double() @ b.double(), what="expanded")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("m,k,n", [(55, 70, 22), (1, 70, 22), (7, 18, 1), (263, 300, 40)], ids=str)
+def test_matmul_stride_zero_operands(backend, dtype, m, k, n):
+    # Expanded operands (a row or column broadcast, stride 0) come to the kernels as they are. An A
+    # whose rows were one expanded row was once read past its end as a packed panel (NaN, garbage).
+    row_a = torch.randn(k, device=DEVICE, dtype=dtype).expand(m, k)       # strides (0, 1)
+    col_a = torch.randn(m, 1, device=DEVICE, dtype=dtype).expand(m, k)    # strides (1, 0)
+    row_b = torch.randn(n, device=DEVICE, dtype=dtype).expand(k, n)       # strides (0, 1)
+    col_b = torch.randn(k, 1, device=DEVICE, dtype=dtype).expand(k, n)    # strides (1, 0)
+    dense_a, dense_b = torch.randn(m, k, device=DEVICE, dtype=dtype), torch.randn(k, n, device=DEVICE, dtype=dtype)
+    for name, a, b in [("row a", row_a, dense_b), ("column a", col_a, dense_b), ("row b", dense_a, row_b),
+                       ("column b", dense_a, col_b), ("both", row_a, col_b)]:
+        assert_close(dlkernels.matmul(a, b, backend=backend), a.double() @ b.double(), dtype, name)
+    # the backward multiplies by an expanded output gradient (e.g. of a mean or a sum)
+    a, b = leaf(dense_a), leaf(dense_b)
+    a64, b64 = as64(a), as64(b)
+    g = torch.randn(n, device=DEVICE, dtype=torch.float64).expand(m, n)
+    out = dlkernels.matmul(a, b, backend=backend)
+    for got, exp, name in zip(grads(out, [a, b], g.to(dtype)), grads(a64 @ b64, [a64, b64], g), "ab"):
+        assert_close(got, exp, dtype, f"grad {name}, expanded grad_out")
+    w = leaf(torch.randn(n, k, device=DEVICE, dtype=dtype))
+    w64 = as64(w)
+    out, ref = dlkernels.linear(row_a, w, backend=backend), F.linear(row_a.double(), w64)
+    assert_close(out, ref, dtype, "linear of an expanded input")
+    assert_close(grads(out, [w], g.to(dtype))[0], grads(ref, [w64], g)[0], dtype, "linear grad w, expanded input")
+
+
 def test_matmul_one_dim(backend):
     a, b, v = torch.randn(5, 7, device=DEVICE), torch.randn(2, 7, 3, device=DEVICE), torch.randn(7, device=DEVICE)
     assert_close(dlkernels.matmul(a, v, backend=backend), a.double() @ v.double(), what="matrix @ vector")
