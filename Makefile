@@ -1,6 +1,7 @@
 # make test   set up everything on a fresh machine (venv, deps, C++ build), then run the tests
 # make bench  the same set-up, then the benchmark and accuracy report (python -m dlkernels bench)
-# Both are idempotent: a second run skips the set-up unless requirements, csrc/ or the CPU changed.
+# make asan   the cpp backend's tests under AddressSanitizer (tools/asan/run.sh)
+# All are idempotent: a second run skips the set-up unless requirements, csrc/ or the CPU changed.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -17,13 +18,17 @@ CSRC   := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 # above 32 MiB, hence 33554432; the bench also sets these with mallopt() in its own process.
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=268435456
 
-.PHONY: test bench setup build clean
+.PHONY: test bench asan setup build clean
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 bench: setup
 	$(BENCH_ENV) $(PY) -m dlkernels bench $(BENCH_ARGS)
+
+# The cpp backend's tests under AddressSanitizer (tools/asan/run.sh; ~7 minutes, not part of make test)
+asan: setup
+	tools/asan/run.sh
 
 setup: $(BUILD)
 
@@ -44,4 +49,4 @@ $(BUILD): $(DEPS) $(CPU_STAMP) $(CSRC)
 	touch $@
 
 clean:
-	rm -rf build *.egg-info dlkernels/_C*.so $(BUILD)
+	rm -rf build .asan *.egg-info dlkernels/_C*.so $(BUILD)
