@@ -29,13 +29,16 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 export ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:halt_on_error=0:log_path=$OUT/logs/asan"
 cd "$OUT/src"
 "$PY" -c 'import dlkernels, sys; assert dlkernels.__file__.startswith(sys.argv[1]), dlkernels.__file__' "$OUT/src"
-# tests/test_build.py builds the portable library with the compiler, which must not run under ASan
-"$PY" -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -k cpp --ignore tests/test_build.py tests
+# tests/test_build.py builds the portable library with the compiler, which must not run under ASan.
+# A test that fails (or a worker that dies in a bad access) does not stop the run before the reports.
+status=0
+"$PY" -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -k cpp --ignore tests/test_build.py tests || status=$?
 DLKERNELS_LLC_BYTES=4096 "$PY" -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -k cpp \
-  tests/test_depthwise.py tests/test_separable.py tests/test_batchnorm.py tests/test_matmul.py
+  tests/test_depthwise.py tests/test_separable.py tests/test_batchnorm.py tests/test_matmul.py || status=$?
 if compgen -G "$OUT/logs/asan.*" > /dev/null; then
   cat "$OUT/logs/"asan.* | head -200
   echo "ASan reported errors: $OUT/logs/asan.*" >&2
   exit 1
 fi
+[ "$status" -eq 0 ] || { echo "tests failed under ASan (no ASan report)" >&2; exit "$status"; }
 echo "ASan: no reports"
