@@ -120,15 +120,17 @@ def owned(t):
 def plain_eager(args: tuple) -> bool:
     """Whether nothing but autograd would see this call in the dispatcher: eager mode (not traced by
     torch.compile or torch.jit.trace, no dispatch or torch-function mode, no functorch transform, no
-    profiler, no autocast) and every tensor argument a plain, non-meta Tensor or Parameter. Then
-    ``Op.__call__`` may skip it."""
+    profiler, no autocast) and every tensor argument a plain, non-meta Tensor or Parameter, not a functorch
+    wrapper (a tensor kept from a finished torch.func transform: the dispatcher's functorch layer unwraps
+    it; the kernels cannot read it). Then ``Op.__call__`` may skip it."""
     if _is_compiling():  # first: Dynamo folds it to True and traces none of the rest
         return False
     if (_dispatch_modes() or _function_modes() or _tracing_state() is not None or _functorch_level() is not None
             or _profiler._is_profiler_enabled or _autocast()):
         return False
     for a in args:
-        if isinstance(a, _Tensor) and ((type(a) is not _Tensor and type(a) is not _Parameter) or a.is_meta):
+        if isinstance(a, _Tensor) and ((type(a) is not _Tensor and type(a) is not _Parameter) or a.is_meta
+                                       or _functorch_wrapped(a)):
             return False
     return True
 
@@ -143,6 +145,7 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _tracing_state = torch._C._get_tracing_state
 _functorch_level = torch._C._functorch.peek_interpreter_stack
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _autocast = torch._C._is_any_autocast_enabled
 _profiler = torch.autograd.profiler
 _Tensor = torch.Tensor
@@ -152,27 +155,19 @@ _any_requires_grad = torch._C._any_requires_grad
 
 
 _c_apply = torch._C._FunctionBase.__dict__["apply"]  # the C++ classmethod autograd.Function.apply ends in
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def eager_apply(function: type[torch.autograd.Function]) -> Callable:
-    """``function.apply`` for the calls plain_eager lets through (no functorch transform active): the C++
-    apply that autograd.Function.apply ends in, after the one thing its Python layer does there,
-    unwrapping the tensors a finished functorch transform left behind. That layer (a setup_context
-    lookup, a generator over the arguments) cost 20-30 us a call after a 64 MiB pass: a bare Function's
-    forward 70-93 -> 49-64 us (Zen4). ``function`` must not define setup_context (apply would first bind
-    the forward's default arguments)."""
+    """``function.apply`` for the calls plain_eager lets through: the C++ apply that
+    autograd.Function.apply ends in, without its Python layer, whose one task there (no functorch
+    transform active, no functorch wrapper among the arguments: plain_eager) would be to unwrap the
+    tensors a finished transform left behind. That layer (a setup_context lookup, a generator over the
+    arguments) cost 20-30 us a call after a 64 MiB pass: a bare Function's forward 70-93 -> 49-64 us
+    (Zen4). ``function`` must not define setup_context (apply would first bind the forward's default
+    arguments)."""
     if torch.autograd.function._is_setup_context_defined(function.setup_context):
         raise TypeError(f"eager_apply: {function.__name__} defines setup_context; call its apply")
-    apply = _c_apply.__get__(None, function)
-
-    def call(*args):
-        unwrapped = []
-        for a in args:
-            unwrapped.append(_unwrap_if_dead(a) if isinstance(a, _Tensor) else a)
-        return apply(*unwrapped)
-
-    return call
+    return _c_apply.__get__(None, function)
 
 
 def records_autograd(*args) -> bool:

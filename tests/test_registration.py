@@ -84,10 +84,10 @@ def test_eager_path_equals_dispatcher_path(backend, case):
 
 @pytest.mark.parametrize("case", range(5))
 def test_tensor_left_by_a_finished_transform(backend, case):
-    """A tensor kept from inside a finished torch.func transform (a dead functorch wrapper) goes into the
-    eager path's autograd.Function unwrapped, as autograd.Function.apply unwraps it (_registration's
-    eager_apply): the output and the other inputs' gradients are the plain tensor's (as for torch's own
-    ops, the wrapper itself is not in the graph)."""
+    """A tensor kept from inside a finished torch.func transform (a dead functorch wrapper) goes through
+    the dispatcher, whose functorch layer unwraps it (plain_eager): the output and the other inputs'
+    gradients are the plain tensor's (as for torch's own ops, the wrapper itself is not in the graph),
+    also where autograd records nothing (the cpp backend then raised "Cannot access data pointer")."""
     name, fn, inputs, state = _cases(backend)[case]
     kept = []
 
@@ -109,6 +109,8 @@ def test_tensor_left_by_a_finished_transform(backend, case):
         results.append([out.detach(), *grads, *(s.clone() for s in state)])
     for i, (a, b) in enumerate(zip(*results)):
         assert torch.equal(a, b), f"{name}: result {i} differs for the transform's leftover tensor"
+    with torch.no_grad():  # where nothing is recorded: the kernels cannot read the wrapper itself
+        assert torch.equal(fn(dead, *inputs[1:]), fn(inputs[0], *inputs[1:])), name
 
 
 def test_profiler_sees_the_ops(backend):
