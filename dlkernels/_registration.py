@@ -13,9 +13,11 @@ In eager mode on plain tensors, calling an ``Op`` object skips the dispatcher al
 ``Op.__call__``): the Python kernel runs directly, inside an ``autograd.Function`` built from the same
 setup_context and backward where autograd has something to record. The dispatcher's Python layers cost
 more than a small layer's kernels (a training-mode batch norm of 256x128: 176 us a call through them,
-90 us of it in the kernel body). Everywhere else (torch.compile, fake tensors and other dispatch or
-torch-function modes, functorch transforms, tensor subclasses, meta tensors, the profiler, autocast)
-the call goes through the dispatcher as registered.
+90 us of it in the kernel body). Under a torch.func transform (grad, vjp, jacrev, vmap, functional_call
+training, per-example gradients) the op applies a third Function, one the transforms accept
+(``transformable_function``), whose forward calls the op through the dispatcher. Everywhere else
+(torch.compile, fake tensors and other dispatch or torch-function modes, tensor subclasses, meta tensors,
+functorch wrappers, the profiler, autocast) the call goes through the dispatcher as registered.
 
 Under ``torch.autocast`` an op's Autocast kernel (``Op.register_autocast``) casts its inputs first, as
 autocast casts torch's own: the convolutions and GEMMs (``lower_precision``) to autocast's dtype where
@@ -50,10 +52,13 @@ class Op:
         self.default = getattr(getattr(torch.ops, NAMESPACE), name).default
         self.impl = impl  # the Python kernel itself (what the dispatcher calls below autograd)
         self.function: type[torch.autograd.Function] | None = None  # its autograd, for eager calls
+        self.transformable: type[torch.autograd.Function] | None = None  # the same, for torch.func's transforms
         self.__doc__ = fn.__doc__
 
     def __call__(self, *args):
         if not plain_eager(args):
+            if self.transformable is not None and transforming():
+                return self.transformable.apply(*args)
             return call(self.default, *args)
         if records_autograd_eager(*args):
             if self.function is None:  # no autograd formula: the dispatcher raises torch's error
@@ -63,6 +68,11 @@ class Op:
 
     def register_fake(self, fn: Callable) -> Callable:
         torch.library.register_fake(self.qualname, fn, lib=_lib)
+        return fn
+
+    def register_vmap(self, fn: Callable) -> Callable:
+        """fn(info, in_dims, *args) -> (output, out_dims): the op under torch.vmap (torch.library.register_vmap)."""
+        torch.library.register_vmap(self.qualname, fn, lib=_lib)
         return fn
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
@@ -80,6 +90,7 @@ class Op:
         self.function = type(f"{self.name}_autograd", (torch.autograd.Function,), {
             "forward": staticmethod(forward), "backward": staticmethod(backward)})
         self._apply = eager_apply(self.function)
+        self.transformable = transformable_function(self.default, self.name, backward, setup_context)
 
     def register_autocast(self, cast: Callable[[tuple, str], tuple]) -> None:
         """Under torch.autocast on a device type, the op runs on ``cast(args, device_type)`` with that
@@ -96,6 +107,42 @@ class Op:
 
             self.default.py_impl(dispatch_key)(run)  # the Python dispatcher's (tracing) view of the same
             _lib.impl(self.name, lambda _keyset, *args, run=run: run(*args), key, with_keyset=True)
+
+
+def transformable_function(op: torch._ops.OpOverload, name: str, backward: Callable,
+                           setup_context: Callable) -> type[torch.autograd.Function]:
+    """The op's autograd as an ``autograd.Function`` that torch.func's transforms take, applied where one
+    is active (``Op.__call__``): the Function torch.library.register_autograd generates takes ctx in its
+    forward and calls setup_context from there, which ``torch.func.grad``, ``vjp``, ``jacrev`` and
+    ``vmap(grad(...))`` reject ("it must override the setup_context staticmethod"; pytorch issues
+    168393, 170834, 179652), and a Function applied inside the op's Autograd kernel is already past
+    the transforms' dispatch layer. Here the forward takes no ctx and calls the op itself (through the
+    dispatcher, below the transform's level: a batched tensor meets vmap's fallback there),
+    setup_context is a staticmethod of its own, and vmap's rule over the Function is generated from
+    the forward and the backward (both made of dispatcher ops)."""
+    def forward(*args):
+        return op(*args)
+
+    return type(f"{name}_transformable", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "generate_vmap_rule": True})
+
+
+def transforming() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is active, in eager mode. Under
+    torch.compile the ops keep the dispatcher's registrations, so torch.compile of a torch.func transform
+    over them raises torch's error, as over any op torch.library registers autograd for (applied while
+    Dynamo traced a transform, the Function ran its forward on the transform's wrapped tensors, and one
+    gradient came out wrong: batch norm's evaluation, torch 2.13)."""
+    return not _is_compiling() and _functorch_level() is not None
+
+
+def functorch_involved(t: torch.Tensor) -> bool:
+    """Whether t meets torch.func: a transform is active (transforming) or t is a functorch wrapper (one kept
+    from a finished transform; Dynamo cannot ask, and traces no such tensor). Eager helpers with a kernel
+    or an autograd.Function of their own (not a registered op) then run in torch ops, which the
+    transforms differentiate, batch and unwrap."""
+    return transforming() or (not _is_compiling() and _functorch_wrapped(t))
 
 
 def _owning_outputs(fn: Callable) -> Callable:
@@ -264,7 +311,11 @@ class CompositeOp:
         return fn
 
     def __call__(self, *args):
-        return self.eager(*args) if plain_eager(args) else self.default(*args)
+        if plain_eager(args):
+            return self.eager(*args)
+        # under a torch.func transform the body itself, whose Op calls apply their transformable Functions
+        # (the body run by the dispatcher would call them past the transform's layer)
+        return self.impl(*args) if transforming() else self.default(*args)
 
 
 def composite_op(qualname: str, schema: str) -> Callable[[Callable], CompositeOp]:

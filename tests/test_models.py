@@ -71,6 +71,44 @@ def any_backend(request):
     return request.param
 
 
+@pytest.mark.parametrize("name", ["mini_xception", "resnet18", "mlp"])
+def test_torch_func_training_step_matches_backward(backend, name):
+    """A training step through torch.func (functional_call, grad; the batch norms without running
+    statistics, torch.func.replace_all_batch_norm_modules_, as torch.func asks of torch's own) gives the
+    parameters' gradients loss.backward() gives: every layer, the im2col stem and strided shortcut
+    included, under the transform. In evaluation, per-example gradients (vmap of grad) equal a loop."""
+    ours, _, x = _pair(name, backend)
+    ours.train()
+    if name == "mini_xception":  # the same (no) dropout mask either way
+        ours.dropout.p = 0.0
+    torch.func.replace_all_batch_norm_modules_(ours)
+    labels = torch.arange(len(x)) % 3
+
+    def loss(params, xb, yb):
+        return F.cross_entropy(torch.func.functional_call(ours, params, (xb,)), yb)
+
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    grads = torch.func.grad(loss)(params, x, labels)
+    loss(dict(ours.named_parameters()), x, labels).backward()
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+    if name == "mlp":
+        ours, _, x = _pair(name, backend)
+        ours.eval()
+        params = {k: v.detach() for k, v in ours.named_parameters()}
+        buffers = dict(ours.named_buffers())
+
+        def example_loss(p, xi, yi):
+            return F.cross_entropy(torch.func.functional_call(ours, (p, buffers), (xi[None],)), yi[None])
+
+        per_example = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))(params, x, labels)
+        for i in range(len(x)):
+            ours.zero_grad()
+            example_loss(dict(ours.named_parameters()), x[i], labels[i]).backward()
+            for n, p in ours.named_parameters():
+                torch.testing.assert_close(per_example[n][i], p.grad, rtol=1e-9, atol=1e-12, msg=f"{i}: {n}")
+
+
 @pytest.mark.parametrize("builder,params,last", [
     (models.resnet18, 11_689_512, "layer4.1.bn2.num_batches_tracked"),
     (models.resnet34, 21_797_672, "layer4.2.bn2.num_batches_tracked"),

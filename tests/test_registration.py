@@ -1,7 +1,8 @@
-"""The two ways an op call runs (dlkernels/_registration.py): in plain eager mode the kernel body
-directly, under its own autograd.Function; anywhere else (a dispatch mode, the profiler) through the
-dispatcher with the autograd torch.library registered. Both must give the same answer, and
-everything that watches the dispatcher must still see the ops."""
+"""The ways an op call runs (dlkernels/_registration.py): in plain eager mode the kernel body
+directly, under its own autograd.Function; under a torch.func transform through an autograd.Function
+the transforms accept; anywhere else (a dispatch mode, the profiler) through the dispatcher with the
+autograd torch.library registered. All must give the same answer, and everything that watches the
+dispatcher must still see the ops."""
 import sys
 
 import pytest
@@ -11,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dlkernels
 from dlkernels import _registration
 from dlkernels.batchnorm.op import _TrainingEager
-from helpers import DEVICE, leaf
+from helpers import DEVICE, KERNEL_BACKENDS, leaf
 
 
 class Recorder(TorchDispatchMode):
@@ -113,6 +114,73 @@ def test_tensor_left_by_a_finished_transform(backend, case):
         assert torch.equal(fn(dead, *inputs[1:]), fn(inputs[0], *inputs[1:])), name
 
 
+def _cotangent(out):
+    return torch.ones_like(out).mul_(0.5).add_(out.detach().sin())
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_torch_func_vjp_and_grad_equal_eager(backend, case):
+    """torch.func.vjp and torch.func.grad over each op give eager autograd's output, gradients and running
+    statistics (torch.library's own autograd registration is rejected there: "must override the
+    setup_context staticmethod")."""
+    name, fn, inputs, state = _cases(backend)[case]
+    saved = [s.clone() for s in state]
+    eager = _run(fn, inputs, state)
+    plain = [t.detach() for t in inputs]
+    for s, v in zip(state, saved):
+        s.copy_(v)
+    out, vjp_fn = torch.func.vjp(fn, *plain)
+    got = [out, *vjp_fn(_cotangent(eager[0])), *(s.clone() for s in state)]
+    for i, (a, b) in enumerate(zip(got, eager)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name}: vjp result {i}")
+    for s, v in zip(state, saved):
+        s.copy_(v)
+    cot = _cotangent(eager[0])
+    grads = torch.func.grad(lambda *a: (fn(*a) * cot).sum(), argnums=tuple(range(len(plain))))(*plain)
+    for i, (a, b) in enumerate(zip(grads, eager[1:])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name}: grad {i}")
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_torch_func_vmap_equals_a_loop(backend, case):
+    """torch.vmap over the first input of each op, and per-example gradients (vmap of grad), equal a loop
+    over the examples. A training batch norm whose running statistics are not batched raises torch's
+    error: one running estimate cannot take a step per example."""
+    name, fn, inputs, state = _cases(backend)[case]
+    rest = [t.detach() for t in inputs[1:]]
+    xs = torch.stack([inputs[0].detach(), torch.randn_like(inputs[0])])
+    if state:
+        with pytest.raises(RuntimeError, match="running_mean or running_var"):
+            torch.func.vmap(lambda x: fn(x, *rest))(xs)
+        return
+    torch.testing.assert_close(torch.func.vmap(lambda x: fn(x, *rest))(xs), torch.stack([fn(x, *rest) for x in xs]),
+                               rtol=1e-6, atol=1e-6)
+    per_example = torch.func.vmap(torch.func.grad(lambda x: fn(x, *rest).sin().sum()))(xs)
+    loop = [torch.autograd.grad(fn(x, *rest).sin().sum(), x)[0] for x in (leaf(x) for x in xs)]
+    torch.testing.assert_close(per_example, torch.stack(loop), rtol=1e-6, atol=1e-6)
+
+
+def test_vmap_batch_norm_with_batched_running_stats(backend):
+    """An ensemble's batch norms vmapped over (running statistics stacked, one row per model): each model
+    normalizes its own batch and updates its own running statistics, as torch's batch norm does, also
+    where every model sees the same batch."""
+    x = torch.randn(3, 4, 5, 6, device=DEVICE, dtype=torch.float64)
+    for shared in (False, True):
+        rm, rv = torch.randn(3, 5, device=DEVICE, dtype=torch.float64), torch.rand(3, 5, device=DEVICE, dtype=torch.float64) + 0.5
+        rm2, rv2 = rm.clone(), rv.clone()
+        args = (x, rm, rv) if not shared else (rm, rv)
+        fn = (lambda a, m, v: dlkernels.batch_norm_residual(a, None, m, v, None, None, True, 0.3, activation="relu",
+                                                            backend=backend)) if not shared else \
+             (lambda m, v: dlkernels.batch_norm_residual(x[0], None, m, v, None, None, True, 0.3, activation="relu",
+                                                         backend=backend))
+        out = torch.func.vmap(fn)(*args)
+        ref = torch.stack([torch.relu(torch.nn.functional.batch_norm(x[0] if shared else x[i], rm2[i], rv2[i], None, None,
+                                                                     True, 0.3)) for i in range(3)])
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(rm, rm2, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rv, rv2, rtol=1e-12, atol=1e-12)
+
+
 def test_profiler_sees_the_ops(backend):
     x, w = leaf(_r(4, 3)), leaf(_r(2, 3))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -178,3 +246,21 @@ def test_outputs_can_be_modified_in_place(backend, case):
     want = torch.autograd.grad((fn(*inputs) * 2).sum(), inputs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b in ("cpp", "numba")])
+def test_compiled_torch_func_transform_raises_rather_than_answers(backend):
+    """torch.compile of a torch.func transform over the ops is not supported (as for any op whose autograd
+    torch.library registers): it must raise, never return a gradient (a Function applied while Dynamo
+    traced the transform gave batch norm's evaluation gradient wrong)."""
+    torch._dynamo.reset()
+    x, rm, rv = torch.randn(2, 3, 4, 5), torch.randn(3), torch.rand(3) + 0.5
+
+    def loss(a):
+        return dlkernels.batch_norm_residual(a, a.cos(), rm, rv, None, None, False, activation="silu",
+                                             backend=backend).sin().sum()
+
+    with pytest.raises(Exception, match="setup_context"):
+        torch.compile(lambda a: torch.func.grad(loss)(a), fullgraph=True)(x)
+    torch._dynamo.reset()

@@ -220,6 +220,29 @@ def _(running_mean, running_var, mean, var, momentum, count):
     return None
 
 
+@update_running_stats_op.register_vmap
+def _(info, in_dims, running_mean, running_var, mean, var, momentum, count):
+    """Under torch.vmap (a batch norm in training vmapped over, its batch statistics one per example or
+    model): running statistics that carry the vmapped dimension too (an ensemble's, stacked) take their
+    own example's step, as torch's batch norm does; unbatched ones cannot hold a step per example, and
+    raise torch's error (without a rule the fallback raised one about out= and view ops)."""
+    rm_dim, rv_dim, mean_dim, var_dim = in_dims[:4]
+    if (mean_dim is not None and rm_dim is None) or (var_dim is not None and rv_dim is None):
+        raise RuntimeError(
+            f"{OP}: batch norm got a batched tensor as input while the running_mean or running_var, which "
+            "will be updated in place, were not batched. If you are using a module and do not need eval mode, "
+            "set `track_running_stats` to False (torch.func.replace_all_batch_norm_modules_ does it for a model)")
+
+    def front(t, dim, like):  # the vmapped dimension first; an unbatched statistic the same for every example
+        if dim is not None:
+            return t.movedim(dim, 0)
+        return t if like is None else t.expand(info.batch_size, *t.shape)
+
+    update_running_stats_op.impl(front(running_mean, rm_dim, None), front(running_var, rv_dim, None),
+                                 front(mean, mean_dim, rm_dim), front(var, var_dim, rv_dim), momentum, count)
+    return None, None
+
+
 @_registration.custom_op("dlkernels::batch_norm_residual_functional", mutates_args=())
 def batch_norm_residual_functional_op(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
                                       running_var: Optional[Tensor], weight: Optional[Tensor],

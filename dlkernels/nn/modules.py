@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import dlkernels as _dk
 from dlkernels import _dispatch
-from dlkernels._registration import autocast_input, records_autograd
+from dlkernels._registration import autocast_input, functorch_involved, records_autograd
 from dlkernels import _validation as V
 from dlkernels.im2col import nhwc_windows
 
@@ -201,7 +201,7 @@ class PointwiseConv2d(nn.Conv2d):
                 # one (N*H*W, C) GEMM on a channels_last copy of the subsample, where the op would copy
                 # the non-contiguous view to NCHW, N batched GEMMs of H*W columns (ResNet's shortcut
                 # 8x256x4x4 -> 512: 0.75 -> 0.06 ms)
-                if records_autograd(input):
+                if records_autograd(input) and not functorch_involved(input):  # (a Function torch.func rejects)
                     x = _SubsampleChannelsLast.apply(input, sh, sw)
                 else:
                     x = _subsample_channels_last(input, sh, sw)
