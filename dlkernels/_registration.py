@@ -137,12 +137,20 @@ def transforming() -> bool:
     return not _is_compiling() and _functorch_level() is not None
 
 
+def kernel_readable(t: torch.Tensor) -> bool:
+    """Whether a kernel can read t's memory: t has storage of its own, unlike a functorch wrapper (a
+    transform's tensor, or one kept from a finished transform) or a batched tensor of torch's older vmap
+    (the gradients of ``autograd.grad(is_grads_batched=True)``, of ``jacobian(vectorize=True)``, of
+    ``gradcheck(check_batched_grad=True)``), which the dispatcher unwraps or runs example by example."""
+    return _has_storage(t)
+
+
 def functorch_involved(t: torch.Tensor) -> bool:
-    """Whether t meets torch.func: a transform is active (transforming) or t is a functorch wrapper (one kept
-    from a finished transform; Dynamo cannot ask, and traces no such tensor). Eager helpers with a kernel
-    or an autograd.Function of their own (not a registered op) then run in torch ops, which the
-    transforms differentiate, batch and unwrap."""
-    return transforming() or (not _is_compiling() and _functorch_wrapped(t))
+    """Whether t meets torch.func or vmap: a transform is active (transforming) or the kernels cannot read t
+    (kernel_readable; Dynamo cannot ask, and traces no such tensor). Eager helpers with a kernel or an
+    autograd.Function of their own (not a registered op) then run in torch ops, which the transforms
+    differentiate, batch and unwrap."""
+    return transforming() or (not _is_compiling() and not _has_storage(t))
 
 
 def _owning_outputs(fn: Callable) -> Callable:
@@ -167,9 +175,8 @@ def owned(t):
 def plain_eager(args: tuple) -> bool:
     """Whether nothing but autograd would see this call in the dispatcher: eager mode (not traced by
     torch.compile or torch.jit.trace, no dispatch or torch-function mode, no functorch transform, no
-    profiler, no autocast) and every tensor argument a plain, non-meta Tensor or Parameter, not a functorch
-    wrapper (a tensor kept from a finished torch.func transform: the dispatcher's functorch layer unwraps
-    it; the kernels cannot read it). Then ``Op.__call__`` may skip it."""
+    profiler, no autocast) and every tensor argument a plain, non-meta Tensor or Parameter with memory of its
+    own (kernel_readable). Then ``Op.__call__`` may skip it."""
     if _is_compiling():  # first: Dynamo folds it to True and traces none of the rest
         return False
     if (_dispatch_modes() or _function_modes() or _tracing_state() is not None or _functorch_level() is not None
@@ -177,7 +184,7 @@ def plain_eager(args: tuple) -> bool:
         return False
     for a in args:
         if isinstance(a, _Tensor) and ((type(a) is not _Tensor and type(a) is not _Parameter) or a.is_meta
-                                       or _functorch_wrapped(a)):
+                                       or not _has_storage(a)):
             return False
     return True
 
@@ -192,7 +199,7 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _tracing_state = torch._C._get_tracing_state
 _functorch_level = torch._C._functorch.peek_interpreter_stack
-_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_has_storage = torch._C._has_storage
 _autocast = torch._C._is_any_autocast_enabled
 _profiler = torch.autograd.profiler
 _Tensor = torch.Tensor

@@ -55,10 +55,13 @@ class _NHWCWindows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         x_shape, out_hw, kernel_size, stride, padding, dilation, taps_first, k = ctx.geometry
-        if k is not reference and not torch.is_grad_enabled():
-            gx = k.col2im(grad_rows.contiguous(), x_shape, out_hw, kernel_size, stride, padding, dilation, taps_first)
+        geometry = (x_shape, out_hw, kernel_size, stride, padding, dilation, taps_first)
+        if not _registration.kernel_readable(grad_rows):  # batched gradients (torch's older vmap)
+            gx = reference.col2im_batchable(grad_rows, *geometry)
+        elif k is not reference and not torch.is_grad_enabled():
+            gx = k.col2im(grad_rows.contiguous(), *geometry)
         else:  # double backward differentiates the torch version
-            gx = reference.col2im(grad_rows, x_shape, out_hw, kernel_size, stride, padding, dilation, taps_first)
+            gx = reference.col2im(grad_rows, *geometry)
         return gx, None, None, None, None, None, None, None
 
 
