@@ -1,6 +1,8 @@
 """dlkernels.models: each reference model against its pure-PyTorch twin (same weights, float64):
 outputs, gradients and running statistics on every backend; torchvision's ResNet names and sizes;
 torch.compile(fullgraph=True) equal to eager."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,30 @@ def test_model_matches_torch_twin(any_backend, name):
 @pytest.fixture(params=ALL_BACKENDS)
 def any_backend(request):
     return request.param
+
+
+@pytest.mark.parametrize("name", ["mini_xception", "resnet18"])
+def test_vmapped_ensemble_matches_each_model(backend, name):
+    """Three models' parameters and buffers stacked (torch.func.stack_module_state) and run at once by vmap
+    over functional_call, in evaluation and in training (each model's running statistics updated as its
+    own): the modules' layout choices are not asked of vmap's batched tensors (it cannot answer)."""
+    members = [_pair(name, backend)[0] for _ in range(3)]
+    x = _pair(name, backend)[2]
+    for member in members:
+        for m in member.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    base = copy.deepcopy(members[0]).to("meta")
+    for mode in (False, True):
+        for member in members:
+            member.train(mode)
+        params, buffers = torch.func.stack_module_state(members)
+        out = torch.func.vmap(lambda p, b: torch.func.functional_call(base.train(mode), (p, b), (x,)))(params, buffers)
+        want = torch.stack([member(x) for member in members])
+        torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
+        for k, stacked in buffers.items():
+            torch.testing.assert_close(stacked, torch.stack([dict(m.named_buffers())[k] for m in members]),
+                                       rtol=1e-10, atol=1e-12, msg=k)
 
 
 @pytest.mark.parametrize("name", ["mini_xception", "resnet18", "mlp"])

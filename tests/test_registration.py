@@ -191,17 +191,17 @@ def test_vmap_batch_norm_with_batched_running_stats(backend):
     normalizes its own batch and updates its own running statistics, as torch's batch norm does, also
     where every model sees the same batch."""
     x = torch.randn(3, 4, 5, 6, device=DEVICE, dtype=torch.float64)
+
+    def bn(a, m, v):
+        return dlkernels.batch_norm_residual(a, None, m, v, None, None, True, 0.3, activation="relu", backend=backend)
+
     for shared in (False, True):
-        rm, rv = torch.randn(3, 5, device=DEVICE, dtype=torch.float64), torch.rand(3, 5, device=DEVICE, dtype=torch.float64) + 0.5
+        rm = torch.randn(3, 5, device=DEVICE, dtype=torch.float64)
+        rv = torch.rand(3, 5, device=DEVICE, dtype=torch.float64) + 0.5
         rm2, rv2 = rm.clone(), rv.clone()
-        args = (x, rm, rv) if not shared else (rm, rv)
-        fn = (lambda a, m, v: dlkernels.batch_norm_residual(a, None, m, v, None, None, True, 0.3, activation="relu",
-                                                            backend=backend)) if not shared else \
-             (lambda m, v: dlkernels.batch_norm_residual(x[0], None, m, v, None, None, True, 0.3, activation="relu",
-                                                         backend=backend))
-        out = torch.func.vmap(fn)(*args)
-        ref = torch.stack([torch.relu(torch.nn.functional.batch_norm(x[0] if shared else x[i], rm2[i], rv2[i], None, None,
-                                                                     True, 0.3)) for i in range(3)])
+        out = torch.func.vmap(lambda m, v: bn(x[0], m, v))(rm, rv) if shared else torch.func.vmap(bn)(x, rm, rv)
+        ref = torch.stack([torch.relu(torch.nn.functional.batch_norm(x[0] if shared else x[i], rm2[i], rv2[i], None,
+                                                                     None, True, 0.3)) for i in range(3)])
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(rm, rm2, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(rv, rv2, rtol=1e-12, atol=1e-12)

@@ -70,8 +70,6 @@ def nhwc_windows(x: Tensor, kernel_size, stride, padding, dilation, taps_first: 
     ``taps_first`` else (C, kH, kW), for a conv of ``kernel_size``, ``stride``, ``padding`` (zeros, each
     side) and ``dilation`` (pairs); differentiable. ``backend``: the conv's resolved backend name."""
     _, _, _, out_hw = V.conv2d_geometry("dlkernels.nn.Conv2d", x, kernel_size, stride, padding, dilation)
-    if _registration.functorch_involved(x):
-        return reference.im2col(x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), taps_first)
     if not _registration.records_autograd(x):
         return _windows(_kernels(backend, x), x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
                         taps_first, out_hw)

@@ -94,7 +94,8 @@ class Conv2d(_ConvInput, nn.Conv2d):
         ho = (h + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
         g, o = self.groups, self.out_channels
-        if g == 1 and not torch.compiler.is_compiling():
+        # (F.unfold too under torch.func's transforms, whose batched tensors cannot be asked for a layout)
+        if g == 1 and not torch.compiler.is_compiling() and not functorch_involved(x):
             # An NCHW input is copied channels_last: one pass over the input, where F.unfold writes
             # kH*kW times its size, transposed for the GEMM, which copied those columns again in the
             # forward and the backward (ResNet's NCHW stem, 8x3x64x64 k7 s2: 6.9 -> 2.6 ms fwd+bwd;
@@ -197,11 +198,11 @@ class PointwiseConv2d(nn.Conv2d):
         sh, sw = self.stride
         x = input
         if sh != 1 or sw != 1:
-            if input.dim() == 4 and V.memory_format(input) == torch.channels_last:
+            if input.dim() == 4 and not functorch_involved(input) and V.memory_format(input) == torch.channels_last:
                 # one (N*H*W, C) GEMM on a channels_last copy of the subsample, where the op would copy
                 # the non-contiguous view to NCHW, N batched GEMMs of H*W columns (ResNet's shortcut
                 # 8x256x4x4 -> 512: 0.75 -> 0.06 ms)
-                if records_autograd(input) and not functorch_involved(input):  # (a Function torch.func rejects)
+                if records_autograd(input):
                     x = _SubsampleChannelsLast.apply(input, sh, sw)
                 else:
                     x = _subsample_channels_last(input, sh, sw)
