@@ -33,11 +33,13 @@ def _fmt_dtypes(dtypes: Sequence[torch.dtype]) -> str:
 
 
 def tensor(t, name: str, op: str, ndim: int | Sequence[int] | None = None) -> torch.Tensor:
-    """``t`` is a floating-point tensor (of one of the ranks ``ndim``)."""
+    """``t`` is a dense floating-point tensor (of one of the ranks ``ndim``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.layout != torch.strided:  # sparse, nested or mkldnn: no strided memory for a kernel to read
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:

@@ -385,6 +385,8 @@ def test_bad_inputs(backend_name, on_test_device):
     x = torch.randn(2, 3, 4, 4)
     rm, rv = torch.zeros(3), torch.ones(3)
     f = dlkernels.batch_norm_residual
+    with pytest.raises(TypeError, match="dense"):
+        f(x, x.to_sparse(), rm, rv, backend=backend_name)
     with pytest.raises(ValueError, match="running_mean must have shape"):
         f(x, None, torch.zeros(4), torch.ones(4), backend=backend_name)
     with pytest.raises(ValueError, match="weight must have shape"):

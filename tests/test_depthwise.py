@@ -446,6 +446,8 @@ def test_bad_inputs(backend_name, on_test_device):
     x = torch.randn(2, 3, 8, 8)
     w = torch.randn(3, 1, 3, 3)
     f = dlkernels.depthwise_conv2d
+    with pytest.raises(TypeError, match="dense"):
+        f(x.to_sparse(), w, backend=backend_name)
     with pytest.raises(ValueError, match=r"\(C\*m, 1, kH, kW\)"):
         f(x, torch.randn(3, 3, 3, 3), backend=backend_name)
     with pytest.raises(ValueError, match=r"C = input.shape\[-3\] = 3"):

@@ -307,6 +307,12 @@ def test_bad_inputs(backend_name, on_test_device):
         dlkernels.linear(torch.randn(3, 4), torch.randn(2, 4), torch.randn(3), backend=backend_name)
     with pytest.raises(ValueError, match="activation"):
         dlkernels.linear(torch.randn(3, 4), torch.randn(2, 4), activation="gelu", backend=backend_name)
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        dlkernels.matmul(torch.randn(()), torch.randn(3), backend=backend_name)
+    with pytest.raises(TypeError, match="dense"):  # (the cpp backend raised torch's "Cannot access data pointer")
+        dlkernels.matmul(torch.randn(3, 4).to_sparse(), torch.randn(4, 2), backend=backend_name)
+    with pytest.raises(TypeError, match="dense"):
+        dlkernels.linear(torch.randn(3, 4), torch.randn(2, 4).to_sparse(), backend=backend_name)
 
 
 def test_mixed_devices(backend):

@@ -265,6 +265,9 @@ def matmul(a: Tensor, b: Tensor, *, backend: str | None = None) -> Tensor:
     dimension is removed from the result.
     """
     name = _dispatch.resolve(FAMILY, backend, _device_of(a))
+    if isinstance(a, Tensor) and isinstance(b, Tensor) and (a.dim() == 0 or b.dim() == 0):
+        raise ValueError(f"dlkernels.matmul: both arguments need at least 1 dimension (as torch.matmul's), got "
+                         f"{a.dim()}-D and {b.dim()}-D")
     if name == "torch":
         _check_matmul(a if a.dim() != 1 else a[None], b if b.dim() != 1 else b[:, None], name)
         return reference.matmul(a, b)
