@@ -128,6 +128,16 @@ def transformable_function(op: torch._ops.OpOverload, name: str, backward: Calla
         "backward": staticmethod(backward), "generate_vmap_rule": True})
 
 
+def vmap_loop(info, in_dims: tuple, op: Callable, args: tuple):
+    """``(outputs, out_dims)`` of op run example by example, for a vmap rule (``Op.register_vmap``) where
+    the op has no batched form of its own: what torch's fallback does, outputs stacked on dimension 0."""
+    results = [op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)])
+               for i in range(info.batch_size)]
+    if isinstance(results[0], tuple):
+        return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+    return torch.stack(results), 0
+
+
 def transforming() -> bool:
     """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is active, in eager mode. Under
     torch.compile the ops keep the dispatcher's registrations, so torch.compile of a torch.func transform

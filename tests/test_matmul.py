@@ -1,5 +1,7 @@
 """matmul and linear on every backend against torch in float64: forward, every gradient, odd and
 transposed shapes, broadcasting, gradcheck, opcheck, torch.compile, and bad inputs."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -380,3 +382,56 @@ def test_cpp_gemm_epilogue(kernel, dtype):
                     assert_close(out, torch.relu(pre) if relu else pre, dtype,
                                  f"{kernel} {m}x{k}x{n} col-major b {b_col_major} bias_dim {bias_dim} relu {relu} "
                                  f"accumulate {accumulate}")
+
+
+@pytest.mark.parametrize("sa,sb", [((4, 5), (5, 6)), ((2, 4, 5), (5, 6)), ((4, 5), (3, 5, 6)), ((2, 1, 4, 5), (3, 5, 6))])
+@pytest.mark.parametrize("batched", ["a", "b", "both"])
+def test_matmul_under_vmap_is_one_batched_gemm(backend, sa, sb, batched):
+    """torch.vmap over matmul equals a loop over the examples, with either or both operands vmapped and
+    per-example ranks that differ, in one batched call (the vmap rule; torch's per-example fallback,
+    which warns, would be one call an example)."""
+    n = 3
+    a = torch.randn(n, *sa, device=DEVICE) if batched != "b" else torch.randn(*sa, device=DEVICE)
+    b = torch.randn(n, *sb, device=DEVICE) if batched != "a" else torch.randn(*sb, device=DEVICE)
+    dims = (None if batched == "b" else 0, None if batched == "a" else 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*performance drop.*")
+        out = torch.func.vmap(lambda x, y: dlkernels.matmul(x, y, backend=backend), in_dims=dims)(a, b)
+    want = torch.stack([torch.matmul(a[i] if dims[0] == 0 else a, b[i] if dims[1] == 0 else b) for i in range(n)])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape", [(7,), (4, 7), (2, 4, 7)])
+@pytest.mark.parametrize("batched", ["x", "w", "b", "x+w", "w+b", "x+w+b"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_linear_under_vmap(backend, x_shape, batched, activation):
+    """torch.vmap over linear: the examples' inputs as rows of one linear, or an ensemble's weights and
+    biases as one batched GEMM; equal to a loop, without torch's per-example fallback. Per-example
+    gradients (vmap of grad) through linear and matmul equal autograd example by example."""
+    n = 3
+    x = torch.randn(n, *x_shape, device=DEVICE) if "x" in batched else torch.randn(*x_shape, device=DEVICE)
+    w = torch.randn(n, 5, 7, device=DEVICE) if "w" in batched else torch.randn(5, 7, device=DEVICE)
+    bias = torch.randn(n, 5, device=DEVICE) if "b" in batched else torch.randn(5, device=DEVICE)
+    dims = tuple(0 if k in batched else None for k in ("x", "w", "b"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*performance drop.*")
+        out = torch.func.vmap(lambda x_, w_, b_: dlkernels.linear(x_, w_, b_, activation=activation, backend=backend),
+                              in_dims=dims)(x, w, bias)
+    pick = [lambda t, i, d=d: t[i] if d == 0 else t for d in dims]
+    want = torch.stack([F.linear(pick[0](x, i), pick[1](w, i), pick[2](bias, i)) for i in range(n)])
+    torch.testing.assert_close(out, want.relu() if activation else want, rtol=1e-5, atol=1e-5)
+    if batched != "x":
+        return
+    w2 = torch.randn(5, 3, device=DEVICE)
+
+    def f(p, xi):
+        return dlkernels.matmul(dlkernels.linear(xi, p[0], p[1], activation=activation, backend=backend), p[2],
+                                backend=backend).sin().sum()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*performance drop.*")
+        per_example = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))((w, bias, w2), x)
+    for i in range(n):
+        params = [leaf(t) for t in (w, bias, w2)]
+        for got, want in zip(per_example, torch.autograd.grad(f(params, x[i]), params)):
+            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)

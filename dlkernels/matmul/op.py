@@ -116,6 +116,22 @@ def _(a, b, backend):
     return a.new_empty(_matmul_shape(a, b))
 
 
+@matmul_op.register_vmap
+def _(info, in_dims, a, b, backend):
+    """Under torch.vmap one batched GEMM (the op broadcasts batch dimensions) instead of one a example: the
+    vmapped dimension first, the batched operands' own batch dimensions padded to the larger rank."""
+    a_dim, b_dim = in_dims[:2]
+    rank = max(a.dim() - (a_dim is not None), b.dim() - (b_dim is not None))
+
+    def leading(t, dim):
+        if dim is None:  # broadcast against the other's leading vmapped dimension
+            return t
+        t = t.movedim(dim, 0)
+        return t.reshape(t.shape[0], *([1] * (rank + 1 - t.dim())), *t.shape[1:])
+
+    return matmul_op.default(leading(a, a_dim), leading(b, b_dim), backend), 0
+
+
 def _backward_ops(backend: str, *tensors):
     """(mm, bias_act_backward) for a backward over ``tensors``: the ops, or, in a first-order backward
     in plain eager mode (grad mode off, nothing but autograd would see the ops), their kernels called
@@ -181,6 +197,26 @@ def _(input, weight, bias, activation, backend):
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
+@linear_op.register_vmap
+def _(info, in_dims, input, weight, bias, activation, backend):
+    """Under torch.vmap: the examples' inputs are rows of one linear (per-example gradients); an ensemble's
+    weights (batched) one batched GEMM, the bias and relu after it; both instead of one call an example."""
+    x_dim, w_dim, b_dim = in_dims[:3]
+    n = info.batch_size
+    x = input.movedim(x_dim, 0) if x_dim is not None else input.expand(n, *input.shape)
+    if w_dim is None and b_dim is None:
+        return linear_op.default(x, weight, bias, activation, backend), 0
+    _check_linear(x, weight.select(w_dim, 0) if w_dim is not None else weight,
+                  bias.select(b_dim, 0) if b_dim is not None else bias, activation, backend)
+    w = weight.movedim(w_dim, 0) if w_dim is not None else weight.expand(n, *weight.shape)
+    out = matmul_op.default(x.reshape(n, -1, x.shape[-1]), w.mT, backend)
+    if bias is not None:
+        out = out + (bias.movedim(b_dim, 0)[:, None] if b_dim is not None else bias)
+    if activation == "relu":
+        out = out.relu()
+    return out.reshape(*x.shape[:-1], w.shape[1]), 0
+
+
 @_registration.custom_op("dlkernels::bias_act_backward", mutates_args=())
 def bias_act_backward_op(grad_out: Tensor, out: Tensor, activation: str, bias_dim: int, need_bias: bool,
                          backend: str) -> tuple[Tensor, Tensor]:
@@ -196,6 +232,22 @@ def bias_act_backward_op(grad_out: Tensor, out: Tensor, activation: str, bias_di
 def _(grad_out, out, activation, bias_dim, need_bias, backend):
     g = torch.empty_like(grad_out, memory_format=torch.contiguous_format) if activation else grad_out.new_empty(0)
     return g, grad_out.new_empty(grad_out.shape[-2 + bias_dim] if need_bias else 0)
+
+
+@bias_act_backward_op.register_vmap
+def _(info, in_dims, grad_out, out, activation, bias_dim, need_bias, backend):
+    """Under torch.vmap (per-example gradients of a linear layer): relu's mask over all the examples' rows
+    in one call, each example's bias gradient summed on its own."""
+    n = info.batch_size
+    g = grad_out.movedim(in_dims[0], 0) if in_dims[0] is not None else grad_out.expand(n, *grad_out.shape)
+    pre = g
+    if activation:
+        o = out.movedim(in_dims[1], 0) if in_dims[1] is not None else out.expand(n, *out.shape)
+        pre = bias_act_backward_op.default(g.reshape(-1, g.shape[-1]), o.reshape(-1, o.shape[-1]), activation, bias_dim,
+                                   False, backend)[0].reshape(g.shape)
+    grad_bias = pre.sum(dim=1 if bias_dim == 1 else 2) if need_bias else grad_out.new_empty(0)
+    return (pre if activation else grad_out.new_empty(0), grad_bias), (0 if activation else None,
+                                                                       0 if need_bias else None)
 
 
 def _bias_act_setup(ctx, inputs, output):
