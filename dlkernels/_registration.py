@@ -131,11 +131,33 @@ def transformable_function(op: torch._ops.OpOverload, name: str, backward: Calla
 def vmap_loop(info, in_dims: tuple, op: Callable, args: tuple):
     """``(outputs, out_dims)`` of op run example by example, for a vmap rule (``Op.register_vmap``) where
     the op has no batched form of its own: what torch's fallback does, outputs stacked on dimension 0."""
-    results = [op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)])
-               for i in range(info.batch_size)]
+    results = [op(*[a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                     for a, d in zip(args, in_dims)]) for i in range(info.batch_size)]
     if isinstance(results[0], tuple):
         return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
     return torch.stack(results), 0
+
+
+# Ops whose channels never mix (depthwise conv, batch norm) run a vmapped call as one call over the
+# examples' channels: per example they take a batch (N, C, ...) and per-channel weights (C*m, ...); the
+# vmapped ones are (N, B*C, ...) and (B*C*m, ...), outputs mapped back alike.
+def channels_of_examples(t: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
+    """(N, C, ...) per example, vmapped at dim (None: the same for all n examples) -> (N, n*C, ...)."""
+    t = t.unsqueeze(1).expand(t.shape[0], n, *t.shape[1:]) if dim is None else t.movedim(dim, 1)
+    return t.reshape(t.shape[0], -1, *t.shape[3:])
+
+
+def examples_of_channels(t: torch.Tensor, n: int) -> torch.Tensor:
+    """channels_of_examples' inverse for an output: (N, n*C, ...) -> (N, n, C, ...), the examples at dim 1."""
+    return t.reshape(t.shape[0], n, -1, *t.shape[2:])
+
+
+def per_channel_of_examples(t: torch.Tensor | None, dim: int | None, n: int) -> torch.Tensor | None:
+    """Per-channel weights (C*m, ...) or vectors (C,) per example, vmapped at dim -> (n*C*m, ...)."""
+    if t is None:
+        return None
+    t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(-1, *t.shape[2:])
 
 
 def transforming() -> bool:

@@ -4,7 +4,9 @@
 spawned DDP worker can leave another directory's conftest under that module name.)"""
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import torch
 
@@ -68,3 +70,12 @@ DTYPES_CPU = [torch.float32, torch.float64]
 
 def dtypes_for(backend: str):
     return DTYPES_CPU + ([torch.float16, torch.bfloat16] if backend == "triton" else [])
+
+
+@contextlib.contextmanager
+def no_vmap_fallback():
+    """torch.vmap inside: torch's per-example fallback (an op without a vmap rule; it warns "There is a
+    performance drop") is an error, so a test checks that the op's own rule ran."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*performance drop.*")
+        yield

@@ -8,7 +8,7 @@ import torch
 import dlkernels
 from dlkernels.batchnorm.op import as_ncs, relu_gate_bytes, writes_relu_gate
 from dlkernels.batchnorm.reference import batch_norm_residual as reference
-from helpers import DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, TOL, as64, assert_close, grads, leaf
+from helpers import DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, TOL, as64, assert_close, grads, leaf, no_vmap_fallback
 
 # name -> (shape, channels_last): the three ranks, both layouts, odd sizes
 LAYOUTS = {
@@ -490,3 +490,62 @@ def test_low_precision(backend, dtype, layout):
     for g, e, name in zip(got, exp, ["input", "residual", "weight", "bias"]):
         assert_close(g, e, dtype, f"grad {name}", factor=8)
     assert_close(rm, rm64, torch.float32, "running_mean", factor=100)  # mean of bf16-rounded inputs
+
+
+@pytest.mark.parametrize("layout", ["2d", "nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("batched", ["x", "x+params", "x+stats", "x+residual+params+stats"])
+def test_batch_norm_under_vmap(backend, layout, training, activation, batched):
+    """torch.vmap over batch_norm_residual runs as one call over the examples' channels (no per-example
+    fallback) and equals a loop: each example normalized by its own batch statistics in training, by the
+    (shared or its own) running ones in evaluation, an ensemble's parameters and running statistics each
+    its own; per-example gradients of the input and weight (vmap of grad) too, relu's mask included (the
+    cpp training forward writes no gate bits there: they would follow the whole call's layout)."""
+    n, c = 3, 5
+    shape = {"2d": (4, c), "nchw": (4, c, 3, 2), "channels_last": (4, c, 3, 2)}[layout]
+    x = torch.randn(n, *shape, device=DEVICE, dtype=torch.float64) + 0.5
+    if layout == "channels_last":
+        x = x.transpose(-3, -1).contiguous().transpose(-3, -1)
+    r = torch.randn(n, *shape, device=DEVICE, dtype=torch.float64) if "residual" in batched else None
+    stats = "stats" in batched
+    rm = torch.randn(n, c, device=DEVICE, dtype=torch.float64) if stats else torch.randn(c, device=DEVICE, dtype=torch.float64)
+    rv = torch.rand(*rm.shape, device=DEVICE, dtype=torch.float64) + 0.5
+    if training and not stats:
+        rm = rv = None  # one running estimate cannot take a step per example (test_registration checks the error)
+    w = torch.randn(n, c, device=DEVICE, dtype=torch.float64) if "params" in batched else torch.randn(c, device=DEVICE, dtype=torch.float64)
+    b = torch.randn(*w.shape, device=DEVICE, dtype=torch.float64)
+    d_stats = 0 if (stats and rm is not None) else None
+    dims = (0, 0 if r is not None else None, d_stats, d_stats, 0 if "params" in batched else None,
+            0 if "params" in batched else None)
+    saved = None if rm is None else (rm.clone(), rv.clone())
+
+    def f(x_, w_, r_, m_, v_, b_):
+        return dlkernels.batch_norm_residual(x_, r_, m_, v_, w_, b_, training, 0.2, activation=activation,
+                                             backend=backend)
+
+    def ref(x_, w_, r_, m_, v_, b_):
+        y = torch.nn.functional.batch_norm(x_, m_, v_, w_, b_, training, 0.2) + (0 if r_ is None else r_)
+        return torch.relu(y) if activation == "relu" else torch.nn.functional.silu(y)
+
+    def pick(t, d, i):
+        return None if t is None else (t[i] if d == 0 else t)
+
+    in_dims = (0, dims[4], dims[1], dims[2], dims[3], dims[5])
+    with no_vmap_fallback():
+        out = torch.func.vmap(f, in_dims=in_dims)(x, w, r, rm, rv, b)
+        after = None if rm is None else (rm.clone(), rv.clone())
+        per_example = torch.func.vmap(torch.func.grad(lambda *a: f(*a).sin().sum(), argnums=(0, 1)),
+                                      in_dims=in_dims)(x, w, r, rm, rv, b)
+    ref_stats = None if saved is None else [t.clone() for t in saved]
+    for i in range(n):
+        args = (x[i], pick(w, dims[4], i), pick(r, dims[1], i), pick(ref_stats[0], d_stats, i) if ref_stats else None,
+                pick(ref_stats[1], d_stats, i) if ref_stats else None, pick(b, dims[5], i))
+        torch.testing.assert_close(out[i], ref(*args), rtol=1e-9, atol=1e-9)
+        want = torch.func.grad(lambda *a: ref(*a).sin().sum(), argnums=(0, 1))(
+            *(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        torch.testing.assert_close(per_example[0][i], want[0], rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(per_example[1][i], want[1], rtol=1e-7, atol=1e-9)
+    if after is not None:  # each model's running statistics took its own step (once, in the first vmap)
+        torch.testing.assert_close(after[0], ref_stats[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(after[1], ref_stats[1], rtol=1e-12, atol=1e-12)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import dlkernels
 from dlkernels import _dispatch
-from helpers import DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, as64, assert_close, assert_close_non_finite, grads, leaf
+from helpers import (DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, as64, assert_close, assert_close_non_finite, grads, leaf,
+                     no_vmap_fallback)
 
 # (N, C, H, W, kernel, stride, padding, dilation, multiplier)
 CASES = [
@@ -508,3 +509,40 @@ def test_input_gradient_kernel_multiplier(backend, case):
     (ref,) = torch.autograd.grad(y, x, gy)
     got = kernels.depthwise_bwd_input(gy, weight, (h, w), (s, s), (p, p), (1, 1), in_channels=c)
     assert_close(got, ref, torch.float64, "grad x")
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batched", ["x", "w", "b", "x+w", "x+w+b"])
+def test_depthwise_under_vmap(backend, multiplier, channels_last, batched):
+    """torch.vmap over depthwise_conv2d, whichever of input, weight and bias is vmapped (per-example inputs,
+    an ensemble's weights), runs as one call over the examples' channels (no per-example fallback) and
+    equals a loop; so do per-example gradients of everything vmapped (vmap of grad)."""
+    n, c = 3, 3
+    x = torch.randn(n, 2, c, 7, 6, device=DEVICE, dtype=torch.float64)
+    x = x if "x" in batched else x[0]
+    if channels_last:
+        x = x.transpose(-3, -1).contiguous().transpose(-3, -1)
+    w = torch.randn(n, c * multiplier, 1, 3, 3, device=DEVICE, dtype=torch.float64)
+    w = w if "w" in batched else w[0]
+    b = torch.randn(n, c * multiplier, device=DEVICE, dtype=torch.float64)
+    b = b if "b" in batched else b[0]
+    dims = tuple(0 if k in batched else None for k in ("x", "w", "b"))
+    pick = [lambda t, i, d=d: t[i] if d == 0 else t for d in dims]
+
+    def f(*a):
+        return dlkernels.depthwise_conv2d(*a, 2, 1, backend=backend)
+
+    def ref(*a):
+        return F.conv2d(*a, 2, 1, 1, c)
+
+    argnums = tuple(i for i, d in enumerate(dims) if d == 0)
+    with no_vmap_fallback():
+        out = torch.func.vmap(f, in_dims=dims)(x, w, b)
+        per_example = torch.func.vmap(torch.func.grad(lambda *a: f(*a).sin().sum(), argnums=argnums), in_dims=dims)(x, w, b)
+    for i in range(n):
+        args = [p(t, i) for p, t in zip(pick, (x, w, b))]
+        torch.testing.assert_close(out[i], ref(*args), rtol=1e-9, atol=1e-9)
+        want = torch.func.grad(lambda *a: ref(*a).sin().sum(), argnums=argnums)(*args)
+        for got, wnt in zip(per_example, want):
+            torch.testing.assert_close(got[i], wnt, rtol=1e-9, atol=1e-9)

@@ -1,13 +1,11 @@
 """matmul and linear on every backend against torch in float64: forward, every gradient, odd and
 transposed shapes, broadcasting, gradcheck, opcheck, torch.compile, and bad inputs."""
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dlkernels
-from helpers import DEVICE, KERNEL_BACKENDS, as64, assert_close, grads, leaf
+from helpers import DEVICE, KERNEL_BACKENDS, as64, assert_close, grads, leaf, no_vmap_fallback
 
 # (a shape, b shape): 1, primes, non-multiples of any block, batched and broadcast
 SHAPES = [
@@ -394,8 +392,7 @@ def test_matmul_under_vmap_is_one_batched_gemm(backend, sa, sb, batched):
     a = torch.randn(n, *sa, device=DEVICE) if batched != "b" else torch.randn(*sa, device=DEVICE)
     b = torch.randn(n, *sb, device=DEVICE) if batched != "a" else torch.randn(*sb, device=DEVICE)
     dims = (None if batched == "b" else 0, None if batched == "a" else 0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*performance drop.*")
+    with no_vmap_fallback():
         out = torch.func.vmap(lambda x, y: dlkernels.matmul(x, y, backend=backend), in_dims=dims)(a, b)
     want = torch.stack([torch.matmul(a[i] if dims[0] == 0 else a, b[i] if dims[1] == 0 else b) for i in range(n)])
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
@@ -413,8 +410,7 @@ def test_linear_under_vmap(backend, x_shape, batched, activation):
     w = torch.randn(n, 5, 7, device=DEVICE) if "w" in batched else torch.randn(5, 7, device=DEVICE)
     bias = torch.randn(n, 5, device=DEVICE) if "b" in batched else torch.randn(5, device=DEVICE)
     dims = tuple(0 if k in batched else None for k in ("x", "w", "b"))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*performance drop.*")
+    with no_vmap_fallback():
         out = torch.func.vmap(lambda x_, w_, b_: dlkernels.linear(x_, w_, b_, activation=activation, backend=backend),
                               in_dims=dims)(x, w, bias)
     pick = [lambda t, i, d=d: t[i] if d == 0 else t for d in dims]
@@ -428,8 +424,7 @@ def test_linear_under_vmap(backend, x_shape, batched, activation):
         return dlkernels.matmul(dlkernels.linear(xi, p[0], p[1], activation=activation, backend=backend), p[2],
                                 backend=backend).sin().sum()
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*performance drop.*")
+    with no_vmap_fallback():
         per_example = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))((w, bias, w2), x)
     for i in range(n):
         params = [leaf(t) for t in (w, bias, w2)]

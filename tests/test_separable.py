@@ -1,11 +1,14 @@
 """pointwise_conv2d and the fused separable_conv2d on every backend against torch's convs in
 float64: forward, every gradient, layouts, odd sizes; gradcheck, opcheck, torch.compile, bad inputs."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dlkernels
-from helpers import DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, as64, assert_close, assert_close_non_finite, grads, leaf
+from helpers import (DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, as64, assert_close, assert_close_non_finite, grads, leaf,
+                     no_vmap_fallback)
 
 
 def _x(shape, dtype, channels_last):
@@ -336,3 +339,46 @@ def test_low_precision(backend, dtype):
     ref = F.conv2d(F.conv2d(x.double(), dw.double(), None, 1, 1, groups=20), pw.double(), b.double())
     assert out.dtype == dtype
     assert_close(out, ref, what="separable", factor=2)
+
+
+@pytest.mark.parametrize("op", ["separable", "pointwise"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_separable_and_pointwise_under_vmap(backend, op, channels_last, ensemble):
+    """torch.vmap over separable_conv2d and pointwise_conv2d equals a loop. Per-example inputs are one
+    batch (no per-example fallback anywhere, per-example gradients of the weights included: the backward
+    runs on the depthwise and matmul rules); an ensemble's weights run example by example."""
+    n, c, o = 3, 3, 4
+    x = torch.randn(n, 2, c, 6, 5, device=DEVICE, dtype=torch.float64)
+    if channels_last:
+        x = x.transpose(-3, -1).contiguous().transpose(-3, -1)
+    dw = torch.randn(*((n,) if ensemble else ()), c, 1, 3, 3, device=DEVICE, dtype=torch.float64)
+    pw = torch.randn(*((n,) if ensemble else ()), o, c, 1, 1, device=DEVICE, dtype=torch.float64)
+    b = torch.randn(*((n,) if ensemble else ()), o, device=DEVICE, dtype=torch.float64)
+    d = 0 if ensemble else None
+    if op == "separable":
+        def f(x_, dw_, pw_, b_):
+            return dlkernels.separable_conv2d(x_, dw_, pw_, b_, 1, 1, backend=backend)
+
+        def ref(x_, dw_, pw_, b_):
+            return F.conv2d(F.conv2d(x_, dw_, None, 1, 1, 1, c), pw_, b_)
+    else:
+        def f(x_, dw_, pw_, b_):
+            return dlkernels.pointwise_conv2d(x_, pw_, b_, backend=backend)
+
+        def ref(x_, dw_, pw_, b_):
+            return F.conv2d(x_, pw_, b_)
+    dims = (0, d, d, d)
+    argnums = (0, 1, 2, 3) if op == "separable" else (0, 2, 3)
+    with no_vmap_fallback() if not ensemble else warnings.catch_warnings():
+        if ensemble:  # (the weights' examples run one by one: torch's fallback warns)
+            warnings.simplefilter("ignore")
+        out = torch.func.vmap(f, in_dims=dims)(x, dw, pw, b)
+        per_example = torch.func.vmap(torch.func.grad(lambda *a: f(*a).sin().sum(), argnums=argnums), in_dims=dims)(
+            x, dw, pw, b)
+    for i in range(n):
+        args = [t[i] if dd == 0 else t for t, dd in zip((x, dw, pw, b), dims)]
+        torch.testing.assert_close(out[i], ref(*args), rtol=1e-9, atol=1e-9)
+        want = torch.func.grad(lambda *a: ref(*a).sin().sum(), argnums=argnums)(*args)
+        for got, wnt in zip(per_example, want):
+            torch.testing.assert_close(got[i], wnt, rtol=1e-9, atol=1e-9)

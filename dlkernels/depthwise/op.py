@@ -113,6 +113,19 @@ def _(input, weight, bias, stride, pad, dilation, out_hw, backend):
     return empty_like_format(input, _out_shape(input, weight, out_hw), V.memory_format(input))
 
 
+# Under torch.vmap the examples' channels become channels of one call (_registration.channels_of_examples):
+# a depthwise conv's channels never mix, so one call computes every example, an ensemble's weights and
+# per-example weight gradients included (instead of torch's fallback: one call an example).
+@depthwise_conv2d_op.register_vmap
+def _(info, in_dims, input, weight, bias, stride, pad, dilation, out_hw, backend):
+    n = info.batch_size
+    y = depthwise_conv2d_op.default(_registration.channels_of_examples(input, in_dims[0], n),
+                                    _registration.per_channel_of_examples(weight, in_dims[1], n),
+                                    _registration.per_channel_of_examples(bias, in_dims[2], n), stride, pad, dilation, out_hw,
+                                    backend)
+    return _registration.examples_of_channels(y, n), 1
+
+
 @_registration.custom_op("dlkernels::depthwise_conv2d_backward", mutates_args=())
 def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor, stride: list[int],
                                  pad: list[int], dilation: list[int], output_mask: list[bool],
@@ -154,6 +167,18 @@ def _(grad_out, input, weight, stride, pad, dilation, output_mask, backend):
     gw = weight.new_empty(weight.shape) if output_mask[1] else input.new_empty(0)
     gb = weight.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
     return gx, gw, gb
+
+
+@depthwise_conv2d_backward_op.register_vmap
+def _(info, in_dims, grad_out, input, weight, stride, pad, dilation, output_mask, backend):
+    n = info.batch_size
+    gx, gw, gb = depthwise_conv2d_backward_op.default(
+        _registration.channels_of_examples(grad_out, in_dims[0], n), _registration.channels_of_examples(input, in_dims[1], n),
+        _registration.per_channel_of_examples(weight, in_dims[2], n), stride, pad, dilation, output_mask, backend)
+    return ((_registration.examples_of_channels(gx, n) if output_mask[0] else gx,
+             gw.reshape(n, -1, *gw.shape[1:]) if output_mask[1] else gw,
+             gb.reshape(n, -1) if output_mask[2] else gb),
+            (1 if output_mask[0] else None, 0 if output_mask[1] else None, 0 if output_mask[2] else None))
 
 
 def _backward_setup(ctx, inputs, output):

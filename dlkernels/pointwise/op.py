@@ -98,6 +98,17 @@ def _(input, weight, bias, backend):
     return empty_like_format(input, (n, weight.shape[0], h, w), V.memory_format(input))
 
 
+@pointwise_conv2d_op.register_vmap
+def _(info, in_dims, input, weight, bias, backend):
+    """Under torch.vmap the examples' images as one batch (per-example gradients: the backward runs on
+    matmul's batched rules); an ensemble's weights example by example."""
+    if in_dims[1] is not None or in_dims[2] is not None:
+        return _registration.vmap_loop(info, in_dims, pointwise_conv2d_op.default, (input, weight, bias, backend))
+    x = input.movedim(in_dims[0], 0)
+    y = pointwise_conv2d_op.default(x.reshape(-1, *x.shape[2:]), weight, bias, backend)
+    return y.reshape(*x.shape[:2], *y.shape[1:]), 0
+
+
 def _setup(ctx, inputs, output):
     input, weight, bias, backend = inputs
     ctx.save_for_backward(input, weight)

@@ -63,6 +63,18 @@ def _(input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, ou
     return empty_like_format(input, shape, V.memory_format(input))
 
 
+@separable_conv2d_op.register_vmap
+def _(info, in_dims, input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, out_hw, backend):
+    """Under torch.vmap the examples' images as one batch (per-example gradients: the backward runs on the
+    depthwise and matmul rules); an ensemble's weights example by example."""
+    args = (input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, out_hw, backend)
+    if any(d is not None for d in in_dims[1:4]):
+        return _registration.vmap_loop(info, in_dims, separable_conv2d_op.default, args)
+    x = input.movedim(in_dims[0], 0)
+    y = separable_conv2d_op.default(x.reshape(-1, *x.shape[2:]), *args[1:])
+    return y.reshape(*x.shape[:2], *y.shape[1:]), 0
+
+
 def _setup(ctx, inputs, output):
     input, dw, pw, bias, stride, pad, dilation, out_hw, backend = inputs
     ctx.save_for_backward(input, dw, pw)
