@@ -509,11 +509,11 @@ def test_batch_norm_under_vmap(backend, layout, training, activation, batched):
         x = x.transpose(-3, -1).contiguous().transpose(-3, -1)
     r = torch.randn(n, *shape, device=DEVICE, dtype=torch.float64) if "residual" in batched else None
     stats = "stats" in batched
-    rm = torch.randn(n, c, device=DEVICE, dtype=torch.float64) if stats else torch.randn(c, device=DEVICE, dtype=torch.float64)
+    rm = torch.randn(*((n,) if stats else ()), c, device=DEVICE, dtype=torch.float64)
     rv = torch.rand(*rm.shape, device=DEVICE, dtype=torch.float64) + 0.5
     if training and not stats:
         rm = rv = None  # one running estimate cannot take a step per example (test_registration checks the error)
-    w = torch.randn(n, c, device=DEVICE, dtype=torch.float64) if "params" in batched else torch.randn(c, device=DEVICE, dtype=torch.float64)
+    w = torch.randn(*((n,) if "params" in batched else ()), c, device=DEVICE, dtype=torch.float64)
     b = torch.randn(*w.shape, device=DEVICE, dtype=torch.float64)
     d_stats = 0 if (stats and rm is not None) else None
     dims = (0, 0 if r is not None else None, d_stats, d_stats, 0 if "params" in batched else None,
@@ -539,8 +539,8 @@ def test_batch_norm_under_vmap(backend, layout, training, activation, batched):
                                       in_dims=in_dims)(x, w, r, rm, rv, b)
     ref_stats = None if saved is None else [t.clone() for t in saved]
     for i in range(n):
-        args = (x[i], pick(w, dims[4], i), pick(r, dims[1], i), pick(ref_stats[0], d_stats, i) if ref_stats else None,
-                pick(ref_stats[1], d_stats, i) if ref_stats else None, pick(b, dims[5], i))
+        stats_i = (None, None) if ref_stats is None else (pick(ref_stats[0], d_stats, i), pick(ref_stats[1], d_stats, i))
+        args = (x[i], pick(w, dims[4], i), pick(r, dims[1], i), *stats_i, pick(b, dims[5], i))
         torch.testing.assert_close(out[i], ref(*args), rtol=1e-9, atol=1e-9)
         want = torch.func.grad(lambda *a: ref(*a).sin().sum(), argnums=(0, 1))(
             *(a.clone() if isinstance(a, torch.Tensor) else a for a in args))

@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _registration
+from .._registration import channels_of_examples, examples_of_channels, per_channel_of_examples
 from .. import _validation as V
 from . import reference
 
@@ -334,14 +335,15 @@ def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 def _(info, in_dims, input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend):
     n = info.batch_size
     out, mean, var, gate = batch_norm_residual_functional_op.default(
-        _registration.channels_of_examples(input, in_dims[0], n),
-        None if residual is None else _registration.channels_of_examples(residual, in_dims[1], n),
-        *(_registration.per_channel_of_examples(t, d, n) for t, d in zip((running_mean, running_var, weight, bias), in_dims[2:6])),
+        channels_of_examples(input, in_dims[0], n),
+        None if residual is None else channels_of_examples(residual, in_dims[1], n),
+        *(per_channel_of_examples(t, d, n) for t, d in zip((running_mean, running_var, weight, bias),
+                                                            in_dims[2:6])),
         training, eps, activation, backend)
     # No relu gate: its bits follow the whole call's layout, not an example's, so the backward takes relu's
     # mask from the output instead (what an empty gate tells _setup)
     stats_dim = 0 if training else None
-    return ((_registration.examples_of_channels(out, n), mean.reshape(n, -1) if training else mean,
+    return ((examples_of_channels(out, n), mean.reshape(n, -1) if training else mean,
              var.reshape(n, -1) if training else var, gate.new_empty(0)), (1, stats_dim, stats_dim, None))
 
 
@@ -429,15 +431,18 @@ def _(info, in_dims, grad_out, out, relu_gate, input, residual, weight, bias, me
     if relu_gate is not None:  # the functional op's rule writes none (its bits have no per-example order)
         raise RuntimeError(f"{OP}: the backward under vmap takes relu's mask from the output, not a relu gate")
     n = info.batch_size
-    images = [None if t is None else _registration.channels_of_examples(t, d, n)
+    images = [None if t is None else channels_of_examples(t, d, n)
               for t, d in zip((grad_out, out, input, residual), (in_dims[0], in_dims[1], in_dims[3], in_dims[4]))]
-    vectors = [_registration.per_channel_of_examples(t, d, n) for t, d in zip((weight, bias, mean, var), in_dims[5:9])]
+    vectors = [per_channel_of_examples(t, d, n) for t, d in zip((weight, bias, mean, var), in_dims[5:9])]
     gx, gr, gw, gb = batch_norm_residual_backward_op.default(
-        images[0], images[1], relu_gate, images[2], images[3], *vectors, eps, training, activation, output_mask, backend)
+        images[0], images[1], relu_gate, images[2], images[3], *vectors, eps, training, activation, output_mask,
+        backend)
     need_w, need_b = output_mask[2] and weight is not None, output_mask[3] and bias is not None
-    return ((_registration.examples_of_channels(gx, n) if output_mask[0] else gx, _registration.examples_of_channels(gr, n) if output_mask[1] else gr,
+    return ((examples_of_channels(gx, n) if output_mask[0] else gx,
+             examples_of_channels(gr, n) if output_mask[1] else gr,
              gw.reshape(n, -1) if need_w else gw, gb.reshape(n, -1) if need_b else gb),
-            (1 if output_mask[0] else None, 1 if output_mask[1] else None, 0 if need_w else None, 0 if need_b else None))
+            (1 if output_mask[0] else None, 1 if output_mask[1] else None, 0 if need_w else None,
+             0 if need_b else None))
 
 
 @batch_norm_residual_backward_op.register_fake

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _registration
+from .._registration import channels_of_examples, examples_of_channels, per_channel_of_examples
 from .. import _validation as V
 from . import reference
 
@@ -119,11 +120,11 @@ def _(input, weight, bias, stride, pad, dilation, out_hw, backend):
 @depthwise_conv2d_op.register_vmap
 def _(info, in_dims, input, weight, bias, stride, pad, dilation, out_hw, backend):
     n = info.batch_size
-    y = depthwise_conv2d_op.default(_registration.channels_of_examples(input, in_dims[0], n),
-                                    _registration.per_channel_of_examples(weight, in_dims[1], n),
-                                    _registration.per_channel_of_examples(bias, in_dims[2], n), stride, pad, dilation, out_hw,
+    y = depthwise_conv2d_op.default(channels_of_examples(input, in_dims[0], n),
+                                    per_channel_of_examples(weight, in_dims[1], n),
+                                    per_channel_of_examples(bias, in_dims[2], n), stride, pad, dilation, out_hw,
                                     backend)
-    return _registration.examples_of_channels(y, n), 1
+    return examples_of_channels(y, n), 1
 
 
 @_registration.custom_op("dlkernels::depthwise_conv2d_backward", mutates_args=())
@@ -173,9 +174,9 @@ def _(grad_out, input, weight, stride, pad, dilation, output_mask, backend):
 def _(info, in_dims, grad_out, input, weight, stride, pad, dilation, output_mask, backend):
     n = info.batch_size
     gx, gw, gb = depthwise_conv2d_backward_op.default(
-        _registration.channels_of_examples(grad_out, in_dims[0], n), _registration.channels_of_examples(input, in_dims[1], n),
-        _registration.per_channel_of_examples(weight, in_dims[2], n), stride, pad, dilation, output_mask, backend)
-    return ((_registration.examples_of_channels(gx, n) if output_mask[0] else gx,
+        channels_of_examples(grad_out, in_dims[0], n), channels_of_examples(input, in_dims[1], n),
+        per_channel_of_examples(weight, in_dims[2], n), stride, pad, dilation, output_mask, backend)
+    return ((examples_of_channels(gx, n) if output_mask[0] else gx,
              gw.reshape(n, -1, *gw.shape[1:]) if output_mask[1] else gw,
              gb.reshape(n, -1) if output_mask[2] else gb),
             (1 if output_mask[0] else None, 0 if output_mask[1] else None, 0 if output_mask[2] else None))
