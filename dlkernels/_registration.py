@@ -117,7 +117,7 @@ def transformable_function(op: torch._ops.OpOverload, name: str, backward: Calla
     ``vmap(grad(...))`` reject ("it must override the setup_context staticmethod"; pytorch issues
     168393, 170834, 179652), and a Function applied inside the op's Autograd kernel is already past
     the transforms' dispatch layer. Here the forward takes no ctx and calls the op itself (through the
-    dispatcher, below the transform's level: a batched tensor meets vmap's fallback there),
+    dispatcher, below the transform's level: a batched tensor meets the op's vmap rule there),
     setup_context is a staticmethod of its own, and vmap's rule over the Function is generated from
     the forward and the backward (both made of dispatcher ops)."""
     def forward(*args):
@@ -246,7 +246,7 @@ _c_apply = torch._C._FunctionBase.__dict__["apply"]  # the C++ classmethod autog
 def eager_apply(function: type[torch.autograd.Function]) -> Callable:
     """``function.apply`` for the calls plain_eager lets through: the C++ apply that
     autograd.Function.apply ends in, without its Python layer, whose one task there (no functorch
-    transform active, no functorch wrapper among the arguments: plain_eager) would be to unwrap the
+    transform active, every tensor with storage of its own: plain_eager) would be to unwrap the
     tensors a finished transform left behind. That layer (a setup_context lookup, a generator over the
     arguments) cost 20-30 us a call after a 64 MiB pass: a bare Function's forward 70-93 -> 49-64 us
     (Zen4). ``function`` must not define setup_context (apply would first bind the forward's default
