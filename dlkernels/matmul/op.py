@@ -243,8 +243,8 @@ def _(info, in_dims, grad_out, out, activation, bias_dim, need_bias, backend):
     pre = g
     if activation:
         o = out.movedim(in_dims[1], 0) if in_dims[1] is not None else out.expand(n, *out.shape)
-        pre = bias_act_backward_op.default(g.reshape(-1, g.shape[-1]), o.reshape(-1, o.shape[-1]), activation, bias_dim,
-                                   False, backend)[0].reshape(g.shape)
+        pre = bias_act_backward_op.default(g.reshape(-1, g.shape[-1]), o.reshape(-1, o.shape[-1]), activation,
+                                           bias_dim, False, backend)[0].reshape(g.shape)
     # the bias runs along per-example dimension -2 + bias_dim (batched: one further), summed over the others
     keep = g.dim() - 2 + bias_dim
     grad_bias = pre.sum(dim=[k for k in range(1, g.dim()) if k != keep]) if need_bias else grad_out.new_empty(0)
