@@ -1,7 +1,5 @@
 """pointwise_conv2d and the fused separable_conv2d on every backend against torch's convs in
 float64: forward, every gradient, layouts, odd sizes; gradcheck, opcheck, torch.compile, bad inputs."""
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -345,9 +343,10 @@ def test_low_precision(backend, dtype):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_separable_and_pointwise_under_vmap(backend, op, channels_last, ensemble):
-    """torch.vmap over separable_conv2d and pointwise_conv2d equals a loop. Per-example inputs are one
-    batch (no per-example fallback anywhere, per-example gradients of the weights included: the backward
-    runs on the depthwise and matmul rules); an ensemble's weights run example by example."""
+    """torch.vmap over separable_conv2d and pointwise_conv2d equals a loop, without torch's per-example
+    fallback anywhere: per-example inputs as one batch (per-example gradients of the weights included:
+    the backward runs on the depthwise and matmul rules), an ensemble's weights as a depthwise call over
+    the examples' channels and a batched GEMM."""
     n, c, o = 3, 3, 4
     x = torch.randn(n, 2, c, 6, 5, device=DEVICE, dtype=torch.float64)
     if channels_last:
@@ -370,9 +369,7 @@ def test_separable_and_pointwise_under_vmap(backend, op, channels_last, ensemble
             return F.conv2d(x_, pw_, b_)
     dims = (0, d, d, d)
     argnums = (0, 1, 2, 3) if op == "separable" else (0, 2, 3)
-    with no_vmap_fallback() if not ensemble else warnings.catch_warnings():
-        if ensemble:  # (the weights' examples run one by one: torch's fallback warns)
-            warnings.simplefilter("ignore")
+    with no_vmap_fallback():
         out = torch.func.vmap(f, in_dims=dims)(x, dw, pw, b)
         per_example = torch.func.vmap(torch.func.grad(lambda *a: f(*a).sin().sum(), argnums=argnums), in_dims=dims)(
             x, dw, pw, b)

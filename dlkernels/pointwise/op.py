@@ -98,15 +98,31 @@ def _(input, weight, bias, backend):
     return empty_like_format(input, (n, weight.shape[0], h, w), V.memory_format(input))
 
 
+def examples_pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], bias_batched: bool, backend: str) -> Tensor:
+    """Each example's 1x1 conv with its own weights (an ensemble under torch.vmap) as one batched GEMM:
+    x (B, N, C, H, W), weight (B, O, C, 1, 1), bias None, (B, O) (bias_batched) or (O,) -> (B, N, O, H, W)."""
+    n, b, c, h, w = x.shape
+    o = weight.shape[1]
+    y = matmul_op.default(weight.reshape(n, 1, o, c), x.reshape(n, b, c, h * w), backend)  # (B, N, O, H*W)
+    if bias is not None:
+        y = y + (bias[:, None, :, None] if bias_batched else bias[:, None])
+    return y.reshape(n, b, o, h, w)
+
+
 @pointwise_conv2d_op.register_vmap
 def _(info, in_dims, input, weight, bias, backend):
     """Under torch.vmap the examples' images as one batch (per-example gradients: the backward runs on
-    matmul's batched rules); an ensemble's weights example by example."""
-    if in_dims[1] is not None or in_dims[2] is not None:
-        return _registration.vmap_loop(info, in_dims, pointwise_conv2d_op.default, (input, weight, bias, backend))
-    x = input.movedim(in_dims[0], 0)
-    y = pointwise_conv2d_op.default(x.reshape(-1, *x.shape[2:]), weight, bias, backend)
-    return y.reshape(*x.shape[:2], *y.shape[1:]), 0
+    matmul's batched rules); an ensemble's weights as one batched GEMM (examples_pointwise)."""
+    n = info.batch_size
+    x = input.movedim(in_dims[0], 0) if in_dims[0] is not None else input.expand(n, *input.shape)
+    if in_dims[1] is None and in_dims[2] is None:
+        y = pointwise_conv2d_op.default(x.reshape(-1, *x.shape[2:]), weight, bias, backend)
+        return y.reshape(*x.shape[:2], *y.shape[1:]), 0
+    check(OP, x[0], weight.select(in_dims[1], 0) if in_dims[1] is not None else weight,
+          bias.select(in_dims[2], 0) if in_dims[2] is not None else bias, backend)
+    w = weight.movedim(in_dims[1], 0) if in_dims[1] is not None else weight.expand(n, *weight.shape)
+    b = bias.movedim(in_dims[2], 0) if in_dims[2] is not None else bias
+    return examples_pointwise(x, w, b, in_dims[2] is not None, backend), 0
 
 
 def _setup(ctx, inputs, output):

@@ -22,6 +22,7 @@ from typing import Optional
 from torch import Tensor
 
 from .. import _dispatch, _registration
+from .._registration import channels_of_examples, examples_of_channels, per_channel_of_examples
 from .. import _validation as V
 from ..depthwise.op import (check_weights, depthwise_conv2d_backward_op, depthwise_conv2d_op, empty_like_format,
                            in_format, no_input_output)
@@ -66,13 +67,26 @@ def _(input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, ou
 @separable_conv2d_op.register_vmap
 def _(info, in_dims, input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, out_hw, backend):
     """Under torch.vmap the examples' images as one batch (per-example gradients: the backward runs on the
-    depthwise and matmul rules); an ensemble's weights example by example."""
-    args = (input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, out_hw, backend)
-    if any(d is not None for d in in_dims[1:4]):
-        return _registration.vmap_loop(info, in_dims, separable_conv2d_op.default, args)
-    x = input.movedim(in_dims[0], 0)
-    y = separable_conv2d_op.default(x.reshape(-1, *x.shape[2:]), *args[1:])
-    return y.reshape(*x.shape[:2], *y.shape[1:]), 0
+    depthwise and matmul rules); an ensemble's weights as two calls, not fused: the depthwise conv over the
+    examples' channels, then the pointwise one as a batched GEMM (pointwise.examples_pointwise)."""
+    n = info.batch_size
+    if all(d is None for d in in_dims[1:4]):
+        x = input.movedim(in_dims[0], 0)
+        y = separable_conv2d_op.default(x.reshape(-1, *x.shape[2:]), depthwise_weight, pointwise_weight, bias,
+                                        stride, pad, dilation, out_hw, backend)
+        return y.reshape(*x.shape[:2], *y.shape[1:]), 0
+    pick = [t.select(d, 0) if d is not None else t for t, d in zip((depthwise_weight, pointwise_weight, bias),
+                                                                    in_dims[1:4])]
+    x0 = input.select(in_dims[0], 0) if in_dims[0] is not None else input
+    _check(x0, *pick, backend)
+    mid = depthwise_conv2d_op.default(channels_of_examples(input, in_dims[0], n),
+                                      per_channel_of_examples(depthwise_weight, in_dims[1], n), None, stride, pad,
+                                      dilation, out_hw, backend)
+    pw = pointwise_weight.movedim(in_dims[2], 0) if in_dims[2] is not None else pointwise_weight.expand(
+        n, *pointwise_weight.shape)
+    b = bias.movedim(in_dims[3], 0) if in_dims[3] is not None else bias
+    return pointwise.examples_pointwise(examples_of_channels(mid, n).movedim(1, 0), pw, b, in_dims[3] is not None,
+                                        backend), 0
 
 
 def _setup(ctx, inputs, output):
