@@ -57,7 +57,9 @@ class Op:
 
     def __call__(self, *args):
         if not plain_eager(args):
-            if self.transformable is not None and transforming():
+            # under a torch.func transform, and in a forward-AD dual level (through the dispatcher the op's
+            # Autograd kernel sees no input requiring grad, and a dual input's tangent was dropped unseen)
+            if self.transformable is not None and (transforming() or forward_ad_level()):
                 return self.transformable.apply(*args)
             return call(self.default, *args)
         if records_autograd_eager(*args):
@@ -169,6 +171,11 @@ def transforming() -> bool:
     return not _is_compiling() and _functorch_level() is not None
 
 
+def forward_ad_level() -> bool:
+    """Whether a forward-mode AD dual level (torch.autograd.forward_ad.dual_level) is open, in eager mode."""
+    return not _is_compiling() and _forward_ad._current_level >= 0
+
+
 def kernel_readable(t: torch.Tensor) -> bool:
     """Whether a kernel can read t's memory: t has storage of its own, unlike a functorch wrapper (a
     transform's tensor, or one kept from a finished transform) or a batched tensor of torch's older vmap
@@ -177,12 +184,12 @@ def kernel_readable(t: torch.Tensor) -> bool:
     return _has_storage(t)
 
 
-def functorch_involved(t: torch.Tensor) -> bool:
-    """Whether t meets torch.func or vmap: a transform is active (transforming) or the kernels cannot read t
-    (kernel_readable; Dynamo cannot ask, and traces no such tensor). Eager helpers with a kernel or an
-    autograd.Function of their own (not a registered op) then run in torch ops, which the transforms
-    differentiate, batch and unwrap."""
-    return transforming() or (not _is_compiling() and not _has_storage(t))
+def needs_torch_ops(t: torch.Tensor) -> bool:
+    """Whether eager helpers with a kernel or an autograd.Function of their own (not a registered op) must
+    run in torch ops for t: a torch.func transform is active (transforming), a forward-AD dual level is
+    open, or the kernels cannot read t (kernel_readable; Dynamo cannot ask, and traces no such tensor).
+    Torch's ops are what the transforms differentiate, batch and unwrap, and carry a dual's tangent."""
+    return transforming() or forward_ad_level() or (not _is_compiling() and not _has_storage(t))
 
 
 def _owning_outputs(fn: Callable) -> Callable:
@@ -207,12 +214,13 @@ def owned(t):
 def plain_eager(args: tuple) -> bool:
     """Whether nothing but autograd would see this call in the dispatcher: eager mode (not traced by
     torch.compile or torch.jit.trace, no dispatch or torch-function mode, no functorch transform, no
-    profiler, no autocast) and every tensor argument a plain, non-meta Tensor or Parameter with memory of its
-    own (kernel_readable). Then ``Op.__call__`` may skip it."""
+    profiler, no autocast, no forward-AD dual level: the kernel body alone dropped a dual input's
+    tangent) and every tensor argument a plain, non-meta Tensor or Parameter with memory of its own
+    (kernel_readable). Then ``Op.__call__`` may skip it."""
     if _is_compiling():  # first: Dynamo folds it to True and traces none of the rest
         return False
     if (_dispatch_modes() or _function_modes() or _tracing_state() is not None or _functorch_level() is not None
-            or _profiler._is_profiler_enabled or _autocast()):
+            or _profiler._is_profiler_enabled or _autocast() or _forward_ad._current_level >= 0):
         return False
     for a in args:
         if isinstance(a, _Tensor) and ((type(a) is not _Tensor and type(a) is not _Parameter) or a.is_meta
@@ -234,6 +242,7 @@ _functorch_level = torch._C._functorch.peek_interpreter_stack
 _has_storage = torch._C._has_storage
 _autocast = torch._C._is_any_autocast_enabled
 _profiler = torch.autograd.profiler
+_forward_ad = torch.autograd.forward_ad  # its level is read on every call (a dual level rebinds it)
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 _grad_enabled = torch.is_grad_enabled  # records_autograd's, bound alike: it runs beside plain_eager

@@ -186,6 +186,33 @@ def test_batched_gradients_equal_a_loop(backend, case):
             torch.testing.assert_close(a[i], b, rtol=1e-5, atol=1e-5, msg=f"{name}: cotangent {i}, input {j}")
 
 
+@pytest.mark.parametrize("case", range(7))
+def test_forward_ad_never_drops_a_tangent(backend, case):
+    """In a forward-AD dual level a dual input's tangent must reach the output or raise: the kernels alone
+    (and the dispatcher's Autograd kernel, which sees no input requiring grad) returned a plain output,
+    silently without the tangent torch's own ops carry. Cases 5 and 6: nn.Conv2d's im2col stem and the
+    strided 1x1 shortcut, which run torch ops there."""
+    if case == 5:
+        fn, inputs = dlkernels.nn.Conv2d(3, 4, 3, 2, 1, backend=backend).to(DEVICE), [_r(2, 3, 7, 6, cl=True)]
+    elif case == 6:
+        fn, inputs = dlkernels.nn.PointwiseConv2d(3, 4, stride=2, backend=backend).to(DEVICE), [_r(2, 3, 7, 6, cl=True)]
+    else:
+        _, fn, inputs, _ = _cases(backend)[case]
+    plain = [t.detach() for t in inputs]
+    tangent = torch.randn_like(plain[0])
+    with torch.autograd.forward_ad.dual_level():
+        try:
+            out = fn(torch.autograd.forward_ad.make_dual(plain[0], tangent), *plain[1:])
+        except NotImplementedError as e:
+            assert "jvp" in str(e)
+            return
+        got = torch.autograd.forward_ad.unpack_dual(out).tangent
+    assert got is not None
+    want = torch.func.jvp(lambda a: fn(a, *plain[1:]), (plain[0],), (tangent,))[1] if case >= 5 else None
+    if want is not None:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_vmap_batch_norm_with_batched_running_stats(backend):
     """An ensemble's batch norms vmapped over (running statistics stacked, one row per model): each model
     normalizes its own batch and updates its own running statistics, as torch's batch norm does, also

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import dlkernels as _dk
 from dlkernels import _dispatch
-from dlkernels._registration import autocast_input, functorch_involved, records_autograd
+from dlkernels._registration import autocast_input, needs_torch_ops, records_autograd
 from dlkernels import _validation as V
 from dlkernels.im2col import nhwc_windows
 
@@ -94,8 +94,9 @@ class Conv2d(_ConvInput, nn.Conv2d):
         ho = (h + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
         g, o = self.groups, self.out_channels
-        # (F.unfold too under torch.func's transforms, whose batched tensors cannot be asked for a layout)
-        if g == 1 and not torch.compiler.is_compiling() and not functorch_involved(x):
+        # (F.unfold too under torch.func's transforms, whose batched tensors cannot be asked for a layout,
+        # and in a forward-AD dual level, where the im2col kernel would drop a tangent)
+        if g == 1 and not torch.compiler.is_compiling() and not needs_torch_ops(x):
             # An NCHW input is copied channels_last: one pass over the input, where F.unfold writes
             # kH*kW times its size, transposed for the GEMM, which copied those columns again in the
             # forward and the backward (ResNet's NCHW stem, 8x3x64x64 k7 s2: 6.9 -> 2.6 ms fwd+bwd;
@@ -198,7 +199,7 @@ class PointwiseConv2d(nn.Conv2d):
         sh, sw = self.stride
         x = input
         if sh != 1 or sw != 1:
-            if input.dim() == 4 and not functorch_involved(input) and V.memory_format(input) == torch.channels_last:
+            if input.dim() == 4 and not needs_torch_ops(input) and V.memory_format(input) == torch.channels_last:
                 # one (N*H*W, C) GEMM on a channels_last copy of the subsample, where the op would copy
                 # the non-contiguous view to NCHW, N batched GEMMs of H*W columns (ResNet's shortcut
                 # 8x256x4x4 -> 512: 0.75 -> 0.06 ms)
