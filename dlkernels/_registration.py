@@ -92,7 +92,16 @@ class Op:
         self.function = type(f"{self.name}_autograd", (torch.autograd.Function,), {
             "forward": staticmethod(forward), "backward": staticmethod(backward)})
         self._apply = eager_apply(self.function)
+        self._autograd = (backward, setup_context)
         self.transformable = transformable_function(self.default, self.name, backward, setup_context)
+
+    def register_jvp(self, jvp: Callable) -> Callable:
+        """``jvp(inputs, output, tangents)`` -> the output's tangent (a tuple for a tuple output; None where
+        an output has none): forward-mode AD through the op (torch.func.jvp, jacfwd, a
+        torch.autograd.forward_ad dual level), on its transformable Function. inputs and output are the
+        primal call's; tangents follow inputs, None where an input has none. After register_autograd."""
+        self.transformable = transformable_function(self.default, self.name, *self._autograd, jvp)
+        return jvp
 
     def register_autocast(self, cast: Callable[[tuple, str], tuple]) -> None:
         """Under torch.autocast on a device type, the op runs on ``cast(args, device_type)`` with that
@@ -111,8 +120,8 @@ class Op:
             _lib.impl(self.name, lambda _keyset, *args, run=run: run(*args), key, with_keyset=True)
 
 
-def transformable_function(op: torch._ops.OpOverload, name: str, backward: Callable,
-                           setup_context: Callable) -> type[torch.autograd.Function]:
+def transformable_function(op: torch._ops.OpOverload, name: str, backward: Callable, setup_context: Callable,
+                           jvp: Callable | None = None) -> type[torch.autograd.Function]:
     """The op's autograd as an ``autograd.Function`` that torch.func's transforms take, applied where one
     is active (``Op.__call__``): the Function torch.library.register_autograd generates takes ctx in its
     forward and calls setup_context from there, which ``torch.func.grad``, ``vjp``, ``jacrev`` and
@@ -125,9 +134,45 @@ def transformable_function(op: torch._ops.OpOverload, name: str, backward: Calla
     def forward(*args):
         return op(*args)
 
-    return type(f"{name}_transformable", (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward), "generate_vmap_rule": True})
+    attrs = {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+             "backward": staticmethod(backward), "generate_vmap_rule": True}
+    if jvp is not None:
+        # the primals reach jvp through save_for_forward (tensors held on ctx would make a reference cycle
+        # through the output's grad_fn), their places in the call as a template of markers
+        def setup(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+            outputs = output if isinstance(output, tuple) else (output,)
+            tensors = [t for t in (*inputs, *outputs) if isinstance(t, torch.Tensor)]
+            ctx.save_for_forward(*tensors)
+            ctx.jvp_call = ([_SAVED if isinstance(t, torch.Tensor) else t for t in inputs],
+                            [_SAVED if isinstance(t, torch.Tensor) else t for t in outputs], isinstance(output, tuple))
+
+        def forward_grad(ctx, *tangents):
+            inputs, outputs, is_tuple = _fill(ctx.jvp_call, iter(ctx.saved_tensors))
+            return jvp(tuple(inputs), tuple(outputs) if is_tuple else outputs[0], tangents)
+
+        attrs.update(setup_context=staticmethod(setup), jvp=staticmethod(forward_grad))
+    return type(f"{name}_transformable", (torch.autograd.Function,), attrs)
+
+
+_SAVED = object()  # a tensor's place in a call template (transformable_function's jvp)
+
+
+def tangent_sum(terms: list, like: torch.Tensor) -> torch.Tensor:
+    """The sum of a jvp's tangent terms (each of like's shape or broadcasting to it), zeros where none."""
+    if not terms:
+        return torch.zeros_like(like)
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total.expand_as(like) if total.shape != like.shape else total
+
+
+def _fill(call, saved):
+    """(inputs, outputs, is_tuple) of a jvp call template, each tensor's place taken from saved in order."""
+    inputs, outputs, is_tuple = call
+    inputs = [next(saved) if t is _SAVED else t for t in inputs]
+    return inputs, [next(saved) if t is _SAVED else t for t in outputs], is_tuple
 
 
 def vmap_loop(info, in_dims: tuple, op: Callable, args: tuple):

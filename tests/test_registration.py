@@ -187,11 +187,12 @@ def test_batched_gradients_equal_a_loop(backend, case):
 
 
 @pytest.mark.parametrize("case", range(7))
-def test_forward_ad_never_drops_a_tangent(backend, case):
-    """In a forward-AD dual level a dual input's tangent must reach the output or raise: the kernels alone
-    (and the dispatcher's Autograd kernel, which sees no input requiring grad) returned a plain output,
-    silently without the tangent torch's own ops carry. Cases 5 and 6: nn.Conv2d's im2col stem and the
-    strided 1x1 shortcut, which run torch ops there."""
+def test_forward_ad_tangents(backend, case):
+    """Forward-mode AD through every op (and nn.Conv2d's im2col stem and the strided 1x1 shortcut, which
+    run torch ops there): a forward_ad dual level and torch.func.jvp give the same tangent, and it is the
+    Jacobian's product, checked against the (separately tested) backward: <v, J t> = <J^T v, t> for random
+    v and t, every input dual. (The kernels alone, and torch.library's Autograd kernel, which sees no input
+    requiring grad, returned the output without its tangent.)"""
     if case == 5:
         fn, inputs = dlkernels.nn.Conv2d(3, 4, 3, 2, 1, backend=backend).to(DEVICE), [_r(2, 3, 7, 6, cl=True)]
     elif case == 6:
@@ -199,18 +200,25 @@ def test_forward_ad_never_drops_a_tangent(backend, case):
     else:
         _, fn, inputs, _ = _cases(backend)[case]
     plain = [t.detach() for t in inputs]
-    tangent = torch.randn_like(plain[0])
-    with torch.autograd.forward_ad.dual_level():
-        try:
-            out = fn(torch.autograd.forward_ad.make_dual(plain[0], tangent), *plain[1:])
-        except NotImplementedError as e:
-            assert "jvp" in str(e)
-            return
-        got = torch.autograd.forward_ad.unpack_dual(out).tangent
-    assert got is not None
-    want = torch.func.jvp(lambda a: fn(a, *plain[1:]), (plain[0],), (tangent,))[1] if case >= 5 else None
-    if want is not None:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    tangents = [torch.randn_like(t) for t in plain]
+    fw = torch.autograd.forward_ad
+    with fw.dual_level():
+        out = fn(*(fw.make_dual(p, t) for p, t in zip(plain, tangents)))
+        t_out = fw.unpack_dual(out).tangent
+    assert t_out is not None and t_out.shape == out.shape
+    _, t_func = torch.func.jvp(fn, tuple(plain), tuple(tangents))
+    torch.testing.assert_close(t_func, t_out, rtol=1e-5, atol=1e-5)
+    v = torch.randn_like(out)
+    leaves = [leaf(p) for p in plain]
+    grads = torch.autograd.grad(fn(*leaves), leaves, v)
+    lhs = (v.double() * t_out.double()).sum()
+    rhs = sum((g.double() * t.double()).sum() for g, t in zip(grads, tangents))
+    # float32 terms: rounding of the order of 1e-6 of the sum of the products' magnitudes
+    torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-5 * float((v * t_out).abs().sum()))
+    # the first input alone dual (the others' tangents None)
+    _, t_first = torch.func.jvp(lambda a: fn(a, *plain[1:]), (plain[0],), (tangents[0],))
+    lhs, rhs = (v.double() * t_first.double()).sum(), (grads[0].double() * tangents[0].double()).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-5 * float((v * t_first).abs().sum()))
 
 
 def test_vmap_batch_norm_with_batched_running_stats(backend):

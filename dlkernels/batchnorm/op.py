@@ -504,6 +504,50 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_gate):
 batch_norm_residual_functional_op.register_autograd(_backward, setup_context=_setup)
 
 
+@batch_norm_residual_functional_op.register_jvp
+def _(inputs, output, tangents):
+    """The output's tangent in torch ops (forward-mode AD is rare and each term is a pass): z = xhat * w +
+    b + r with xhat = (x - mean) * invstd; in training mean and the biased variance are the batch's, so
+    their tangents are mean(t_x) and 2 mean((x - mean) t_x) per channel, in evaluation the running
+    statistics' own. The batch statistics, placeholders and gate are not differentiable (no tangent)."""
+    x, r, running_mean, running_var, w, b, training, eps, activation, _ = inputs
+    out = output[0]
+    t_x, t_r, t_rm, t_rv, t_w, t_b = tangents[:6]
+    if x.numel() == 0:
+        return torch.zeros_like(out), None, None, None
+    dims = [0, *range(2, x.dim())]
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if training:
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, correction=0, keepdim=True)
+        t_mean = None if t_x is None else t_x.mean(dims, keepdim=True)
+        t_var = None if t_x is None else 2 * ((x - mean) * t_x).mean(dims, keepdim=True)
+    else:
+        mean, var = running_mean.view(shape), running_var.view(shape)
+        t_mean = None if t_rm is None else t_rm.view(shape)
+        t_var = None if t_rv is None else t_rv.view(shape)
+    invstd = torch.rsqrt(var + eps)
+    xhat = (x - mean) * invstd
+    t_xhat = []
+    if t_x is not None:
+        t_xhat.append(t_x * invstd)
+    if t_mean is not None:
+        t_xhat.append(-t_mean * invstd)
+    if t_var is not None:
+        t_xhat.append(xhat * (-0.5 * t_var / (var + eps)))
+    scale = 1 if w is None else w.view(shape)
+    terms = [sum(t_xhat[1:], t_xhat[0]) * scale] if t_xhat else []
+    terms += [t for t in (None if t_w is None else xhat * t_w.view(shape), None if t_b is None else t_b.view(shape),
+                          t_r) if t is not None]
+    t_z = _registration.tangent_sum(terms, out)
+    if activation == "relu":
+        t_z = torch.ops.aten.threshold_backward(t_z, out, 0)
+    elif activation == "silu":
+        z = xhat * scale + (0 if b is None else b.view(shape)) + (0 if r is None else r)
+        sig = torch.sigmoid(z)
+        t_z = t_z * sig * (1 + z * (1 - sig))
+    return t_z, None, None, None
+
+
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError(
         "dlkernels::batch_norm_residual_backward is not differentiable; differentiate "

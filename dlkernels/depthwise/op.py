@@ -236,6 +236,19 @@ def _backward(ctx, grad):
 
 
 depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup)
+
+
+@depthwise_conv2d_op.register_jvp
+def _(inputs, output, tangents):
+    """The conv is linear in the input and in the weight: the conv of the input's tangent, plus the conv
+    with the weight's tangent, plus the bias's tangent."""
+    input, weight, bias, stride, pad, dilation, out_hw, backend = inputs
+    t_in, t_w, t_b = tangents[:3]
+    terms = [depthwise_conv2d_op(t, w, None, stride, pad, dilation, out_hw, backend)
+             for t, w in ((t_in, weight), (input, t_w)) if t is not None and w is not None]
+    if t_b is not None:
+        terms.append(t_b.view(1, -1, 1, 1))
+    return _registration.tangent_sum(terms, output)
 depthwise_conv2d_op.register_autocast(_registration.lower_precision)
 
 

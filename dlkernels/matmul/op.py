@@ -175,6 +175,14 @@ def _matmul_backward(ctx, grad):
 
 
 matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+@matmul_op.register_jvp
+def _(inputs, output, tangents):
+    a, b, backend = inputs
+    t_a, t_b = tangents[:2]
+    terms = [matmul_op(x, y, backend) for x, y in ((t_a, b), (a, t_b)) if x is not None and y is not None]
+    return _registration.tangent_sum(terms, output)
 matmul_op.register_autocast(_registration.lower_precision)
 
 
@@ -302,6 +310,20 @@ def _linear_backward(ctx, grad):
 
 
 linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+@linear_op.register_jvp
+def _(inputs, output, tangents):
+    """Linear in the input and in the weight, then relu's mask as torch's relu carries a tangent (zero where
+    the output is <= 0, a NaN output passing it)."""
+    input, weight, bias, activation, backend = inputs
+    t_in, t_w, t_b = tangents[:3]
+    terms = [linear_op(x, w, None, "", backend) for x, w in ((t_in, weight), (input, t_w))
+             if x is not None and w is not None]
+    if t_b is not None:
+        terms.append(t_b)
+    tangent = _registration.tangent_sum(terms, output)
+    return torch.ops.aten.threshold_backward(tangent, output, 0) if activation == "relu" else tangent
 linear_op.register_autocast(_registration.lower_precision)
 
 

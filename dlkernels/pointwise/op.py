@@ -139,6 +139,18 @@ def _backward(ctx, grad):
 
 
 pointwise_conv2d_op.register_autograd(_backward, setup_context=_setup)
+
+
+@pointwise_conv2d_op.register_jvp
+def _(inputs, output, tangents):
+    """Linear in the input and in the weight, as depthwise's."""
+    input, weight, bias, backend = inputs
+    t_in, t_w, t_b = tangents[:3]
+    terms = [pointwise_conv2d_op(t, w, None, backend)
+             for t, w in ((t_in, weight), (input, t_w)) if t is not None and w is not None]
+    if t_b is not None:
+        terms.append(t_b.view(1, -1, 1, 1))
+    return _registration.tangent_sum(terms, output)
 pointwise_conv2d_op.register_autocast(_registration.lower_precision)
 
 

@@ -116,6 +116,22 @@ def _backward(ctx, grad):
 
 
 separable_conv2d_op.register_autograd(_backward, setup_context=_setup)
+
+
+@separable_conv2d_op.register_jvp
+def _(inputs, output, tangents):
+    """Linear in each of input, depthwise weight and pointwise weight: one term each, the last the 1x1
+    conv of the depthwise output by the pointwise weight's tangent, plus the bias's tangent."""
+    input, dw, pw, bias, stride, pad, dilation, out_hw, backend = inputs
+    t_in, t_dw, t_pw, t_b = tangents[:4]
+    terms = [separable_conv2d_op(x, d, pw, None, stride, pad, dilation, out_hw, backend)
+             for x, d in ((t_in, dw), (input, t_dw)) if x is not None and d is not None]
+    if t_pw is not None:
+        mid = depthwise_conv2d_op(input, dw, None, stride, pad, dilation, out_hw, backend)
+        terms.append(pointwise.pointwise_conv2d_op(mid, t_pw, None, backend))
+    if t_b is not None:
+        terms.append(t_b.view(1, -1, 1, 1))
+    return _registration.tangent_sum(terms, output)
 separable_conv2d_op.register_autocast(_registration.lower_precision)
 
 
