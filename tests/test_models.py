@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dlkernels import models
 from dlkernels.models.mini_xception import max_pool_same
-from helpers import KERNEL_BACKENDS
+from helpers import KERNEL_BACKENDS, LARGE_BACKENDS
 
 pytestmark = pytest.mark.usefixtures("on_test_device")
 
@@ -73,6 +73,9 @@ def any_backend(request):
     return request.param
 
 
+# (whole models under torch.func: not on the interpreted Triton kernels, ~20 s a model there; the ops' own
+# torch.func and vmap tests run every backend)
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
 @pytest.mark.parametrize("name", ["mini_xception", "resnet18"])
 def test_vmapped_ensemble_matches_each_model(backend, name):
     """Three models' parameters and buffers stacked (torch.func.stack_module_state) and run at once by vmap
@@ -97,6 +100,7 @@ def test_vmapped_ensemble_matches_each_model(backend, name):
                                        rtol=1e-10, atol=1e-12, msg=k)
 
 
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
 @pytest.mark.parametrize("name", ["mini_xception", "resnet18", "mlp"])
 def test_torch_func_training_step_matches_backward(backend, name):
     """A training step through torch.func (functional_call, grad; the batch norms without running
