@@ -175,14 +175,10 @@ def _fill(call, saved):
     return inputs, [next(saved) if t is _SAVED else t for t in outputs], is_tuple
 
 
-def vmap_loop(info, in_dims: tuple, op: Callable, args: tuple):
-    """``(outputs, out_dims)`` of op run example by example, for a vmap rule (``Op.register_vmap``) where
-    the op has no batched form of its own: what torch's fallback does, outputs stacked on dimension 0."""
-    results = [op(*[a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
-                     for a, d in zip(args, in_dims)]) for i in range(info.batch_size)]
-    if isinstance(results[0], tuple):
-        return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
-    return torch.stack(results), 0
+def examples_first(t: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
+    """A vmap rule's argument with its n examples along dimension 0: t's vmapped dimension moved there, or
+    (dim None: the same for every example) t expanded along a new one (a view either way)."""
+    return t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
 # Ops whose channels never mix (depthwise conv, batch norm) run a vmapped call as one call over the
@@ -190,7 +186,7 @@ def vmap_loop(info, in_dims: tuple, op: Callable, args: tuple):
 # vmapped ones are (N, B*C, ...) and (B*C*m, ...), outputs mapped back alike.
 def channels_of_examples(t: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
     """(N, C, ...) per example, vmapped at dim (None: the same for all n examples) -> (N, n*C, ...)."""
-    t = t.unsqueeze(1).expand(t.shape[0], n, *t.shape[1:]) if dim is None else t.movedim(dim, 1)
+    t = examples_first(t, dim, n).movedim(0, 1)
     return t.reshape(t.shape[0], -1, *t.shape[3:])
 
 
@@ -201,10 +197,7 @@ def examples_of_channels(t: torch.Tensor, n: int) -> torch.Tensor:
 
 def per_channel_of_examples(t: torch.Tensor | None, dim: int | None, n: int) -> torch.Tensor | None:
     """Per-channel weights (C*m, ...) or vectors (C,) per example, vmapped at dim -> (n*C*m, ...)."""
-    if t is None:
-        return None
-    t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
-    return t.reshape(-1, *t.shape[2:])
+    return None if t is None else examples_first(t, dim, n).flatten(0, 1)
 
 
 def transforming() -> bool:

@@ -234,12 +234,10 @@ def _(info, in_dims, running_mean, running_var, mean, var, momentum, count):
             "will be updated in place, were not batched. If you are using a module and do not need eval mode, "
             "set `track_running_stats` to False (torch.func.replace_all_batch_norm_modules_ does it for a model)")
 
-    def front(t, dim, like):  # the vmapped dimension first; an unbatched statistic the same for every example
-        if dim is not None:
-            return t.movedim(dim, 0)
-        return t if like is None else t.expand(info.batch_size, *t.shape)
+    def front(t, dim, running_dim):  # examples first where the running statistic carries them
+        return t if running_dim is None else _registration.examples_first(t, dim, info.batch_size)
 
-    update_running_stats_op.impl(front(running_mean, rm_dim, None), front(running_var, rv_dim, None),
+    update_running_stats_op.impl(front(running_mean, rm_dim, rm_dim), front(running_var, rv_dim, rv_dim),
                                  front(mean, mean_dim, rm_dim), front(var, var_dim, rv_dim), momentum, count)
     return None, None
 

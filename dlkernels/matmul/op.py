@@ -211,12 +211,12 @@ def _(info, in_dims, input, weight, bias, activation, backend):
     weights (batched) one batched GEMM, the bias and relu after it; both instead of one call an example."""
     x_dim, w_dim, b_dim = in_dims[:3]
     n = info.batch_size
-    x = input.movedim(x_dim, 0) if x_dim is not None else input.expand(n, *input.shape)
+    x = _registration.examples_first(input, x_dim, n)
     if w_dim is None and b_dim is None:
         return linear_op.default(x, weight, bias, activation, backend), 0
     _check_linear(x, weight.select(w_dim, 0) if w_dim is not None else weight,
                   bias.select(b_dim, 0) if b_dim is not None else bias, activation, backend)
-    w = weight.movedim(w_dim, 0) if w_dim is not None else weight.expand(n, *weight.shape)
+    w = _registration.examples_first(weight, w_dim, n)
     out = matmul_op.default(x.reshape(n, -1, x.shape[-1]), w.mT, backend)
     if bias is not None:
         out = out + (bias.movedim(b_dim, 0)[:, None] if b_dim is not None else bias)
@@ -247,10 +247,10 @@ def _(info, in_dims, grad_out, out, activation, bias_dim, need_bias, backend):
     """Under torch.vmap (per-example gradients of a linear layer): relu's mask over all the examples' rows
     in one call, each example's bias gradient summed on its own."""
     n = info.batch_size
-    g = grad_out.movedim(in_dims[0], 0) if in_dims[0] is not None else grad_out.expand(n, *grad_out.shape)
+    g = _registration.examples_first(grad_out, in_dims[0], n)
     pre = g
     if activation:
-        o = out.movedim(in_dims[1], 0) if in_dims[1] is not None else out.expand(n, *out.shape)
+        o = _registration.examples_first(out, in_dims[1], n)
         pre = bias_act_backward_op.default(g.reshape(-1, g.shape[-1]), o.reshape(-1, o.shape[-1]), activation,
                                            bias_dim, False, backend)[0].reshape(g.shape)
     # the bias runs along per-example dimension -2 + bias_dim (batched: one further), summed over the others

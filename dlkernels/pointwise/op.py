@@ -114,13 +114,13 @@ def _(info, in_dims, input, weight, bias, backend):
     """Under torch.vmap the examples' images as one batch (per-example gradients: the backward runs on
     matmul's batched rules); an ensemble's weights as one batched GEMM (examples_pointwise)."""
     n = info.batch_size
-    x = input.movedim(in_dims[0], 0) if in_dims[0] is not None else input.expand(n, *input.shape)
+    x = _registration.examples_first(input, in_dims[0], n)
     if in_dims[1] is None and in_dims[2] is None:
         y = pointwise_conv2d_op.default(x.reshape(-1, *x.shape[2:]), weight, bias, backend)
         return y.reshape(*x.shape[:2], *y.shape[1:]), 0
     check(OP, x[0], weight.select(in_dims[1], 0) if in_dims[1] is not None else weight,
           bias.select(in_dims[2], 0) if in_dims[2] is not None else bias, backend)
-    w = weight.movedim(in_dims[1], 0) if in_dims[1] is not None else weight.expand(n, *weight.shape)
+    w = _registration.examples_first(weight, in_dims[1], n)
     b = bias.movedim(in_dims[2], 0) if in_dims[2] is not None else bias
     return examples_pointwise(x, w, b, in_dims[2] is not None, backend), 0
 

@@ -82,8 +82,7 @@ def _(info, in_dims, input, depthwise_weight, pointwise_weight, bias, stride, pa
     mid = depthwise_conv2d_op.default(channels_of_examples(input, in_dims[0], n),
                                       per_channel_of_examples(depthwise_weight, in_dims[1], n), None, stride, pad,
                                       dilation, out_hw, backend)
-    pw = pointwise_weight.movedim(in_dims[2], 0) if in_dims[2] is not None else pointwise_weight.expand(
-        n, *pointwise_weight.shape)
+    pw = _registration.examples_first(pointwise_weight, in_dims[2], n)
     b = bias.movedim(in_dims[3], 0) if in_dims[3] is not None else bias
     return pointwise.examples_pointwise(examples_of_channels(mid, n).movedim(1, 0), pw, b, in_dims[3] is not None,
                                         backend), 0
