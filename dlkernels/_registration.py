@@ -227,7 +227,7 @@ def needs_torch_ops(t: torch.Tensor) -> bool:
     run in torch ops for t: a torch.func transform is active (transforming), a forward-AD dual level is
     open, or the kernels cannot read t (kernel_readable; Dynamo cannot ask, and traces no such tensor).
     Torch's ops are what the transforms differentiate, batch and unwrap, and carry a dual's tangent."""
-    return transforming() or forward_ad_level() or (not _is_compiling() and not _has_storage(t))
+    return transforming() or forward_ad_level() or (not _is_compiling() and not kernel_readable(t))
 
 
 def _owning_outputs(fn: Callable) -> Callable:
