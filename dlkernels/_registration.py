@@ -57,6 +57,8 @@ class Op:
 
     def __call__(self, *args):
         if not plain_eager(args):
+            if _tracing_state() is not None:
+                args = jit_trace_sizes(args)
             # under a torch.func transform, and in a forward-AD dual level (through the dispatcher the op's
             # Autograd kernel sees no input requiring grad, and a dual input's tangent was dropped unseen)
             if self.transformable is not None and (transforming() or forward_ad_level()):
@@ -225,9 +227,21 @@ def kernel_readable(t: torch.Tensor) -> bool:
 def needs_torch_ops(t: torch.Tensor) -> bool:
     """Whether eager helpers with a kernel or an autograd.Function of their own (not a registered op) must
     run in torch ops for t: a torch.func transform is active (transforming), a forward-AD dual level is
-    open, or the kernels cannot read t (kernel_readable; Dynamo cannot ask, and traces no such tensor).
-    Torch's ops are what the transforms differentiate, batch and unwrap, and carry a dual's tangent."""
-    return transforming() or forward_ad_level() or (not _is_compiling() and not kernel_readable(t))
+    open, torch.jit.trace is recording, or the kernels cannot read t (kernel_readable; Dynamo cannot ask,
+    and traces no such tensor). Torch's ops are what the transforms differentiate, batch and unwrap, and
+    carry a dual's tangent; the tracer records torch's ops and registered ops, but never a kernel called
+    from Python: its output would enter the trace as a constant, the same tensor for every later input."""
+    return (transforming() or forward_ad_level() or _tracing_state() is not None
+            or (not _is_compiling() and not kernel_readable(t)))
+
+
+def jit_trace_sizes(args: tuple) -> tuple:
+    """args with the sizes inside list arguments as ints. Under torch.jit.trace a tensor's sizes are 0-dim
+    tensors (so that the trace can follow them), and a SymInt[] argument holding one failed an internal
+    assert of the tracer (TraceTypeManual.cpp: iter->isIntList()). The trace then records the sizes, the
+    output size of a convolution say, as constants, as it does every size Python computes with."""
+    return tuple([int(v) if isinstance(v, torch.Tensor) else v for v in a] if isinstance(a, (list, tuple)) else a
+                 for a in args)
 
 
 def _owning_outputs(fn: Callable) -> Callable:
@@ -399,6 +413,8 @@ class CompositeOp:
     def __call__(self, *args):
         if plain_eager(args):
             return self.eager(*args)
+        if _tracing_state() is not None:
+            args = jit_trace_sizes(args)
         # under a torch.func transform the body itself, whose Op calls apply their transformable Functions
         # (the body run by the dispatcher would call them past the transform's layer)
         return self.impl(*args) if transforming() else self.default(*args)

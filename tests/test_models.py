@@ -1,7 +1,8 @@
 """dlkernels.models: each reference model against its pure-PyTorch twin (same weights, float64):
 outputs, gradients and running statistics on every backend; torchvision's ResNet names and sizes;
-torch.compile(fullgraph=True) equal to eager."""
+torch.compile(fullgraph=True), torch.export and torch.jit.trace equal to eager."""
 import copy
+import io
 
 import pytest
 import torch
@@ -193,6 +194,56 @@ def test_mlp_residual_only_at_equal_widths():
     model = models.mlp(12, [8, 8, 6], 5)
     assert [fc.out_features for fc in model.fcs] == [8, 8, 6]
     assert model.fcs[0].bias is None and model.head.bias is not None
+
+
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+@pytest.mark.parametrize("name", ["mini_xception", "resnet18", "mlp"])
+def test_jit_trace_matches_the_twin(backend, name):
+    """A model traced by torch.jit.trace, saved and loaded, runs a new input as its twin does, in both
+    modes: outputs, gradients and running statistics. Before, dlkernels.nn.Conv2d's im2col kernel entered
+    the trace as a constant (a traced ResNet answered every input with the traced one's windows)."""
+    ours, twin, x = _pair(name, backend)
+    x2 = torch.randn_like(x)
+    for mode in (False, True):
+        ours.train(mode)
+        twin.train(mode)
+        torch.manual_seed(1)
+        traced = torch.jit.trace(ours, x, check_trace=False)  # one step on x (the check would redo it
+        torch.manual_seed(1)                                  # and compare dropout's draws)
+        twin(x)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+        ya, yb = _step(loaded, x2, 2), _step(twin, x2, 2)
+        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-10)
+        for (n, pa), pb in zip(loaded.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-7, atol=1e-9, msg=f"{mode}: {n}")
+        for (n, sa), sb in zip(loaded.state_dict().items(), twin.state_dict().values()):
+            torch.testing.assert_close(sa, sb, rtol=1e-10, atol=1e-12, msg=n)
+        twin.zero_grad()
+
+
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+@pytest.mark.parametrize("name", ["mini_xception", "resnet18", "mlp"])
+def test_export_with_a_dynamic_batch_matches_the_twin(backend, name):
+    """torch.export.export with the batch dimension dynamic: the exported program, run on another batch
+    size, answers as the twin does, in evaluation and in training (where it also steps the running
+    statistics, a mutation the ops' schemas declare)."""
+    ours, twin, x = _pair(name, backend)
+    if name == "mini_xception":  # dropout draws from another RNG stream in an exported program
+        ours.dropout.p = twin.dropout.p = 0.0
+    x2 = torch.randn(x.shape[0] + 2, *x.shape[1:], dtype=x.dtype)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    for mode in (False, True):
+        ours.train(mode)
+        twin.train(mode)
+        program = torch.export.export(ours, (x,), dynamic_shapes=({0: batch},))
+        assert "dlkernels" in str(program.graph)
+        exported = program.module()
+        torch.testing.assert_close(exported(x2), twin(x2), rtol=1e-9, atol=1e-10)
+        for (n, sa), sb in zip(exported.state_dict().items(), twin.state_dict().values()):
+            torch.testing.assert_close(sa, sb, rtol=1e-10, atol=1e-12, msg=n)
 
 
 @pytest.mark.slow
