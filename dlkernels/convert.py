@@ -9,8 +9,9 @@ Other convolutions stay PyTorch's (cuDNN/oneDNN convs are faster than an im2col 
 
 Fusions, through torch.fx: a BatchNorm2d/1d whose output (and nothing else) is added to another
 tensor, and/or then passed through ReLU or SiLU, becomes one BatchNormResidual module call
-``act(bn(x) + other)``. The added tensor is taken to be a residual of the BN output's shape (an add
-of a parameter or constant, which may broadcast, is not fused). A model fx cannot trace keeps its
+``act(bn(x) + other)``. The added tensor may be anything ``+`` takes there: the module fuses it when
+it has the BN output's shape and dtype and otherwise adds it after the batch norm (an SE or FiLM term
+that broadcasts), so no shape need be known here. An add of a parameter or constant is not fused. A model fx cannot trace keeps its
 forward: it still gets the module swaps, with a warning naming the fusions skipped.
 """
 from __future__ import annotations

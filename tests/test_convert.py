@@ -148,6 +148,32 @@ def test_shared_and_non_residual_patterns_are_not_fused():
     _compare(model, converted, torch.randn(2, 3, 4, 4, dtype=torch.float64))
 
 
+class Broadcasts(nn.Module):
+    """Adds to batch norms that convert fuses without seeing shapes: an SE/FiLM term (N, C, 1, 1), a
+    batch norm's (N, C, 1, 1) output added to a whole map, a residual of another dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+        self.bn_se, self.bn_up, self.bn_dtype = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        se = self.fc(x.mean((2, 3)))[:, :, None, None]
+        y = torch.relu(self.bn_se(self.conv(x)) + se)
+        y = F.silu(self.bn_up(x.mean((2, 3), keepdim=True)) + y)
+        return self.bn_dtype(y) + y.float()
+
+
+def test_fused_broadcasting_and_promoting_adds_match(any_backend):
+    """Before, each of these fusions raised the op's residual-shape or dtype error in a model that ran."""
+    torch.manual_seed(0)
+    model = Broadcasts().double()
+    converted, report = convert(model, backend=any_backend)
+    assert sorted(f.split(":")[0] for f in report.fused) == ["bn_dtype", "bn_se", "bn_up"]
+    _compare(model, converted, torch.randn(3, 4, 5, 7, dtype=torch.float64))
+
+
 def test_convert_torch_twin_of_reference_model():
     """A torchvision-style ResNet on PyTorch's modules, converted, gives the model's outputs."""
     from dlkernels import models

@@ -258,9 +258,16 @@ class SeparableConv2d(nn.Module):
         return s + _backend_repr(self.backend)
 
 
+_ACTIVATIONS = {None: lambda t: t, "relu": torch.relu, "silu": F.silu}
+
+
 class _BatchNormResidual:
     """``act(batch_norm(x) + residual)`` with ``_BatchNorm``'s running-statistics bookkeeping
-    (``num_batches_tracked``, ``momentum=None`` cumulative averaging, ``track_running_stats``)."""
+    (``num_batches_tracked``, ``momentum=None`` cumulative averaging, ``track_running_stats``).
+    ``residual`` is whatever ``+`` takes there: of the input's shape and dtype it goes into the fused
+    kernel; one that broadcasts (an SE or FiLM term (N, C, 1, 1)) or of another dtype is added after
+    the batch norm as torch's ``+`` would, then the activation (correct, not fused). So the module stays
+    a drop-in for the expression, as ``dlkernels.convert`` needs: its fusions see no shapes."""
 
     def _init_fused(self, activation: str | None, backend: str | None) -> None:
         if activation not in (None, "relu", "silu"):
@@ -277,11 +284,14 @@ class _BatchNormResidual:
                 momentum = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_stats = not self.training or self.track_running_stats
-        return _dk.batch_norm_residual(
-            input, residual,
+        fused = residual is None or (isinstance(residual, Tensor) and residual.shape == input.shape
+                                     and residual.dtype == input.dtype)
+        out = _dk.batch_norm_residual(
+            input, residual if fused else None,
             self.running_mean if keep_stats else None, self.running_var if keep_stats else None,
             self.weight, self.bias, use_batch_stats, momentum, self.eps,
-            activation=self.activation, backend=self.backend)
+            activation=self.activation if fused else None, backend=self.backend)
+        return out if fused else _ACTIVATIONS[self.activation](out + residual)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
