@@ -217,6 +217,8 @@ def convert(model: nn.Module, *, backend: str | None = None, inplace: bool = Fal
     """
     target = model if inplace else copy.deepcopy(model)
     report = ConversionReport()
+    if _swap(target, backend) is not None:  # the model is one layer (fx would trace into its forward)
+        return _swap_modules(target, backend, report), report
     try:
         graph = _Tracer().trace(target)
     except Exception as err:  # noqa: BLE001 - any tracing failure means: no fusions, swaps only

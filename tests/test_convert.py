@@ -174,6 +174,18 @@ def test_fused_broadcasting_and_promoting_adds_match(any_backend):
     _compare(model, converted, torch.randn(3, 4, 5, 7, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("layer", [nn.Linear(5, 3), nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(4, 6, 1),
+                                   nn.BatchNorm2d(4)], ids=["linear", "depthwise", "pointwise", "batchnorm"])
+def test_a_lone_layer_is_swapped(layer):
+    """A model that is one swappable layer: fx traced into its forward, so nothing was swapped."""
+    model = layer.double()
+    converted, report = convert(model, backend="torch")
+    assert type(converted).__module__ == "dlkernels.nn.modules" and list(report.replaced) == ["(root)"]
+    x = torch.randn(2, 5, dtype=torch.float64) if isinstance(layer, nn.Linear) else \
+        torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    _compare(model, converted, x)
+
+
 def test_convert_torch_twin_of_reference_model():
     """A torchvision-style ResNet on PyTorch's modules, converted, gives the model's outputs."""
     from dlkernels import models
