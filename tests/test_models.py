@@ -250,23 +250,29 @@ def test_export_with_a_dynamic_batch_matches_the_twin(backend, name):
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 @pytest.mark.parametrize("name", list(TINY))
 def test_compile_fullgraph_matches_eager(backend, name):
+    """Also with the batch dimension dynamic: one graph a mode serves another batch size."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     ours, _, x = _pair(name, backend)
+    torch._dynamo.mark_dynamic(x, 0)
+    other = torch.randn(x.shape[0] + 3, *x.shape[1:], dtype=x.dtype)
     compiled = torch.compile(ours, fullgraph=True)
     for mode in (False, True):
         ours.train(mode)
-        with torch.no_grad():
-            torch.manual_seed(2)
-            eager = ours(x)
-            state = {k: v.clone() for k, v in ours.state_dict().items()}
-            torch.manual_seed(2)
-            out = compiled(x)
-        # dropout draws from another RNG stream when compiled: compare the train-mode outputs of
-        # models without dropout only
-        if not (mode and name == "mini_xception"):
-            torch.testing.assert_close(out, eager, rtol=1e-9, atol=1e-10)
-        assert out.shape == eager.shape and torch.isfinite(out).all()
-        if mode:  # the compiled training step updates the running statistics as eager does
-            for k, v in ours.state_dict().items():
-                if k.endswith("num_batches_tracked"):
-                    assert int(v) == int(state[k]) + 1, k
+        for batch in (x, other):
+            with torch.no_grad():
+                torch.manual_seed(2)
+                eager = ours(batch)
+                state = {k: v.clone() for k, v in ours.state_dict().items()}
+                torch.manual_seed(2)
+                out = compiled(batch)
+            # dropout draws from another RNG stream when compiled: compare the train-mode outputs of
+            # models without dropout only
+            if not (mode and name == "mini_xception"):
+                torch.testing.assert_close(out, eager, rtol=1e-9, atol=1e-10)
+            assert out.shape == eager.shape and torch.isfinite(out).all()
+            if mode:  # the compiled training step updates the running statistics as eager does
+                for k, v in ours.state_dict().items():
+                    if k.endswith("num_batches_tracked"):
+                        assert int(v) == int(state[k]) + 1, k
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one a mode, for both batches
