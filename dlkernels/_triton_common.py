@@ -33,13 +33,28 @@ INTERPRET = triton_interpreting()
 MAX_GRID_YZ = 65535
 
 
+def batch_slices(n: int) -> list[slice]:
+    """A batch of n in the slices that a launch with the batch on grid axis 1 or 2 can take
+    (MAX_GRID_YZ each): a launch of 65536 images and more failed on CUDA (invalid argument)."""
+    return [slice(b0, min(n, b0 + MAX_GRID_YZ)) for b0 in range(0, n, MAX_GRID_YZ)]
+
+
 def autotuning() -> bool:
     return not INTERPRET and os.environ.get("DLKERNELS_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 
 def launch(kernel, grid):
-    """``kernel[grid]``: one place to change how every kernel is launched."""
-    return kernel[grid]
+    """``kernel[grid]``: one place to change how every kernel is launched. The grid is checked against
+    CUDA's limit on axes 1 and 2 (MAX_GRID_YZ), here rather than by the driver's "invalid argument",
+    and under the interpreter too, where no limit holds: a launcher that takes the batch on those axes
+    must slice it (batch_slices)."""
+    def checked(meta):
+        g = grid(meta) if callable(grid) else grid
+        if any(v > MAX_GRID_YZ for v in g[1:]):
+            raise RuntimeError(f"dlkernels: the Triton grid {tuple(g)} of {kernel} has more than "
+                               f"{MAX_GRID_YZ} programs on axis 1 or 2")
+        return g
+    return kernel[checked]
 
 
 def quick_bench(kernel_call, quantiles=None):

@@ -1,4 +1,5 @@
-"""Backend choice: keyword > use_backend > DLKERNELS_BACKEND > auto, and clear errors."""
+"""Backend choice: keyword > use_backend > DLKERNELS_BACKEND > auto, and clear errors; the compiled
+extension's facts; the Triton launchers' batch slicing."""
 import pytest
 import torch
 
@@ -138,3 +139,36 @@ def test_compiled_c_extension_refuses_buffers_that_do_not_match(handed_as):
     for call, msg in bad:
         with pytest.raises(ValueError, match="dlkernels._C: .*" + msg):
             call()
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("op", ["depthwise", "separable", "matmul"])
+def test_triton_splits_a_batch_beyond_the_grid_limit(backend, op, monkeypatch):
+    """Launches with the batch on grid axis 1 or 2 go in slices of MAX_GRID_YZ images (65535 on CUDA,
+    2 here, so that 5 images take three launches): forward and gradients equal torch's."""
+    from dlkernels import _triton_common
+
+    monkeypatch.setattr(_triton_common, "MAX_GRID_YZ", 2)
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    if op == "matmul":
+        inputs = [torch.randn(5, 3, 4, device=DEVICE), torch.randn(5, 4, 6, device=DEVICE)]
+        ours, ref = (lambda a, b: dlkernels.matmul(a, b, backend=backend)), torch.matmul
+    elif op == "depthwise":
+        inputs = [torch.randn(5, 3, 6, 7, device=DEVICE).contiguous(memory_format=cl),
+                  torch.randn(6, 1, 3, 3, device=DEVICE)]
+        ours = lambda x, w: dlkernels.depthwise_conv2d(x, w, None, 2, 1, backend=backend)  # noqa: E731
+        ref = lambda x, w: torch.nn.functional.conv2d(x, w, None, 2, 1, groups=3)  # noqa: E731
+    else:
+        inputs = [torch.randn(5, 3, 6, 7, device=DEVICE), torch.randn(3, 1, 3, 3, device=DEVICE),
+                  torch.randn(4, 3, 1, 1, device=DEVICE)]
+        ours = lambda x, dw, pw: dlkernels.separable_conv2d(x, dw, pw, None, 1, 1, backend=backend)  # noqa: E731
+        ref = lambda x, dw, pw: torch.nn.functional.conv2d(  # noqa: E731
+            torch.nn.functional.conv2d(x, dw, None, 1, 1, groups=3), pw)
+    got = [t.clone().requires_grad_() for t in inputs]
+    want = [t.clone().requires_grad_() for t in inputs]
+    out, expected = ours(*got), ref(*want)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    grad = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad(out, got, grad), torch.autograd.grad(expected, want, grad)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)

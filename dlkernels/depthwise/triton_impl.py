@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import _validation as V
-from .._triton_common import TunedKernel, align_of, cdiv, cfg, next_pow2, target_programs
+from .._triton_common import TunedKernel, align_of, batch_slices, cdiv, cfg, next_pow2, target_programs
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -327,14 +327,15 @@ def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw):
     y = new_output(x, (n, c_out, ho, wo), cl)
     kernel = _dw_fwd_cl if cl else _dw_fwd_nchw
     wt, stride_wc, stride_wt = weight_taps(weight, cl)
-    grid = lambda META: (pixel_tiles(ho, wo, META), cdiv(c_out, META["BLOCK_C"]), n)
-    kernel(grid, x, wt, bias if bias is not None else weight, y,
-           c_out, c_out // c, h, w, ho, wo,
-           *x.stride(), y.stride(0), y.stride(1), pixel_stride(y), stride_wc, stride_wt,
-           stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-           KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
-           ALIGN_X=pixel_align(x), ALIGN_Y=pixel_align(y),
-           ALIGN_C=align_of(c_out), WALK=cl and stride[0] == 1 and dilation[0] == 1 and kh <= 3 and kw <= 3)
+    for b in batch_slices(n):
+        grid = lambda META, nb=y[b].shape[0]: (pixel_tiles(ho, wo, META), cdiv(c_out, META["BLOCK_C"]), nb)
+        kernel(grid, x[b], wt, bias if bias is not None else weight, y[b],
+               c_out, c_out // c, h, w, ho, wo,
+               *x.stride(), y.stride(0), y.stride(1), pixel_stride(y), stride_wc, stride_wt,
+               stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
+               KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
+               ALIGN_X=pixel_align(x), ALIGN_Y=pixel_align(y),
+               ALIGN_C=align_of(c_out), WALK=cl and stride[0] == 1 and dilation[0] == 1 and kh <= 3 and kw <= 3)
     return y
 
 
@@ -407,14 +408,15 @@ def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation, *, in_chan
     gx = new_output(grad_y, (n, c, h, w), cl)
     kernel = _dw_bwd_input_cl if cl else _dw_bwd_input_nchw
     wt, stride_wc, stride_wt = weight_taps(weight, cl)
-    grid = lambda META: (pixel_tiles(h, w, META), cdiv(c, META["BLOCK_C"]), n)
-    kernel(grid, grad_y, wt, gx,
-           c, m, h, w, ho, wo,
-           *grad_y.stride(), gx.stride(0), gx.stride(1), pixel_stride(gx), stride_wc, stride_wt,
-           pad[0], pad[1], dilation[0], dilation[1],
-           SH=stride[0], SW=stride[1], KH=kh, KW=kw, ACC=acc_dtype(grad_y.dtype),
-           ALIGN_G=pixel_align(grad_y),
-           ALIGN_X=pixel_align(gx), ALIGN_C=align_of(c))
+    for b in batch_slices(n):
+        grid = lambda META, nb=gx[b].shape[0]: (pixel_tiles(h, w, META), cdiv(c, META["BLOCK_C"]), nb)
+        kernel(grid, grad_y[b], wt, gx[b],
+               c, m, h, w, ho, wo,
+               *grad_y.stride(), gx.stride(0), gx.stride(1), pixel_stride(gx), stride_wc, stride_wt,
+               pad[0], pad[1], dilation[0], dilation[1],
+               SH=stride[0], SW=stride[1], KH=kh, KW=kw, ACC=acc_dtype(grad_y.dtype),
+               ALIGN_G=pixel_align(grad_y),
+               ALIGN_X=pixel_align(gx), ALIGN_C=align_of(c))
     return gx
 
 

@@ -22,7 +22,7 @@ from .._triton_common import INTERPRET
 from .._triton_common import MAX_GRID_YZ as _MAX_GRID_YZ
 from .._triton_common import autotune
 from .._triton_common import launch as _launch
-from .._triton_common import align_of, cdiv, next_pow2, target_programs
+from .._triton_common import align_of, batch_slices, cdiv, next_pow2, target_programs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,15 +267,14 @@ def mm(a: torch.Tensor, b: torch.Tensor, bias, bias_dim: int, activation: str) -
         meta.update(_INTERPRET_CONFIG)
     splits, k_per = _k_splits(nb, m, n, k, a.device)
     meta["SPLIT_K"] = splits > 1
-    for b0 in range(0, nb, _MAX_GRID_YZ):
-        b1 = min(nb, b0 + _MAX_GRID_YZ)
-        sa, sb, sc = a3[b0:b1], b3[b0:b1], c3[b0:b1]
+    for b in batch_slices(nb):
+        sa, sb, sc = a3[b], b3[b], c3[b]
         # fp32 partial tiles (fp64 for float64), summed by _sum_splits with the epilogue
-        part = torch.empty((splits, b1 - b0, m, n), dtype=torch.float64 if meta["ACC_FP64"] else torch.float32,
+        part = torch.empty((splits, sc.shape[0], m, n), dtype=torch.float64 if meta["ACC_FP64"] else torch.float32,
                            device=a.device) if splits > 1 else sc
 
-        def grid(meta_):
-            return (cdiv(m, meta_["BLOCK_M"]) * cdiv(n, meta_["BLOCK_N"]), b1 - b0, splits)
+        def grid(meta_, nb_=sc.shape[0]):
+            return (cdiv(m, meta_["BLOCK_M"]) * cdiv(n, meta_["BLOCK_N"]), nb_, splits)
 
         _launch(kernel, grid)(
             sa, sb, sc, bias if has_bias else sc, part,

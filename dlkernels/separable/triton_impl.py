@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import INTERPRET, TunedKernel, align_of, autotuning, cdiv, cfg, graph_bench
+from .._triton_common import INTERPRET, TunedKernel, align_of, autotuning, batch_slices, cdiv, cfg, graph_bench
 from ..depthwise import triton_impl as depthwise
 from ..depthwise.triton_impl import (acc_dtype, dw_tile, is_channels_last, new_output, pixel_align, pixel_stride,
                                      weight_taps)
@@ -176,13 +176,14 @@ def _fused(x, dw_weight, pw_weight, bias, stride, pad, dilation, out_hw):
     y = new_output(x, (n, o, ho, wo), is_channels_last(x))
     # the depthwise tile spans BLOCK_C channels in either layout: tap-major weights
     dw_t, stride_wc, stride_wt = weight_taps(dw_weight, channel_runs=True)
-    grid = lambda META: (cdiv(o, META["BLOCK_O"]) * cdiv(ho * wo, META["BLOCK_P"]), n)
-    _separable_fwd(grid, x, dw_t, pw_weight, bias if bias is not None else pw_weight, y,
-                   c_mid, o, c_mid // c, h, w, ho, wo,
-                   *x.stride(), y.stride(0), y.stride(1), pixel_stride(y), stride_wc, stride_wt,
-                   stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-                   KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
-                   DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=_bf16_dot_broken(x.dtype),
-                   ALIGN_X=pixel_align(x), ALIGN_Y=pixel_align(y),
-                   ALIGN_CM=align_of(c_mid), ALIGN_O=align_of(o))
+    for b in batch_slices(n):
+        grid = lambda META, nb=y[b].shape[0]: (cdiv(o, META["BLOCK_O"]) * cdiv(ho * wo, META["BLOCK_P"]), nb)
+        _separable_fwd(grid, x[b], dw_t, pw_weight, bias if bias is not None else pw_weight, y[b],
+                       c_mid, o, c_mid // c, h, w, ho, wo,
+                       *x.stride(), y.stride(0), y.stride(1), pixel_stride(y), stride_wc, stride_wt,
+                       stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
+                       KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
+                       DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=_bf16_dot_broken(x.dtype),
+                       ALIGN_X=pixel_align(x), ALIGN_Y=pixel_align(y),
+                       ALIGN_CM=align_of(c_mid), ALIGN_O=align_of(o))
     return y
