@@ -2,7 +2,9 @@
 torch accepts for every op here: the output is empty, the parameters' gradients are zero (sums of no
 terms), batch norm's running statistics stay as they are. Every op and module must do the same on
 every backend, without running a kernel on empty arrays (which raised: "input is empty", an empty
-dimension, or the C++ extension's layout check). Images of height or width 0 stay an error, as in torch."""
+dimension, or the C++ extension's layout check). Images of height or width 0 stay an error, as in torch.
+GEMMs with another empty dimension (K = 0 features, M or N = 0, an empty batch dimension of a batched
+matmul) and batch norm over 0 channels answer as torch's too."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +85,42 @@ def test_empty_images_are_rejected(backend):
         dlkernels.depthwise_conv2d(x, _r(3, 1, 3, 3), None, 1, 2, backend=backend)
     with pytest.raises(ValueError, match="empty spatial dimension"):
         dlkernels.separable_conv2d(x, _r(3, 1, 3, 3), _r(4, 3, 1, 1), None, 1, 2, backend=backend)
+
+
+def _gemm_cases(backend):
+    """(name, ours, torch's, input shapes): GEMMs with an empty dimension other than the batch, which
+    torch answers (K = 0: zeros plus the bias; M or N = 0: an empty result)."""
+    mm = (lambda a, b: dlkernels.matmul(a, b, backend=backend)), torch.matmul
+    lin = (lambda x, w, b: dlkernels.linear(x, w, b, activation="relu", backend=backend),
+           lambda x, w, b: F.relu(F.linear(x, w, b)))
+    return [
+        ("mm K=0", *mm, [(3, 0), (0, 4)]), ("mm M=0", *mm, [(0, 5), (5, 4)]), ("mm N=0", *mm, [(3, 5), (5, 0)]),
+        ("bmm K=0", *mm, [(2, 3, 0), (2, 0, 4)]), ("bmm M=0", *mm, [(2, 0, 5), (5, 4)]),
+        ("bmm N=0", *mm, [(2, 3, 5), (1, 5, 0)]), ("bmm batch 0 of 2", *mm, [(2, 0, 3, 5), (2, 1, 5, 4)]),
+        ("linear K=0", *lin, [(3, 0), (4, 0), (4,)]), ("linear 3-D K=0", *lin, [(2, 3, 0), (4, 0), (4,)]),
+        ("linear N=0", *lin, [(3, 5), (0, 5), (0,)]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_gemms_with_an_empty_dimension(backend, case):
+    name, ours, theirs, shapes = _gemm_cases(backend)[case]
+    inputs = [_r(*s) for s in shapes]
+    out, ref = ours(*inputs), theirs(*inputs)
+    assert out.shape == ref.shape, (name, out.shape, ref.shape)
+    torch.testing.assert_close(out, ref)
+    grad = torch.rand_like(ref)
+    got = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    want = torch.autograd.grad(ref, inputs, grad, allow_unused=True)
+    for t, g, w in zip(inputs, got, want):
+        w = torch.zeros_like(t) if w is None else w
+        assert g is not None and g.shape == t.shape, name
+        torch.testing.assert_close(g, w, msg=name)
+
+
+def test_batch_norm_training_with_no_channels(backend):
+    x, rm, rv = _r(4, 0, 3, 2), torch.zeros(0, dtype=torch.float64), torch.ones(0, dtype=torch.float64)
+    out = dlkernels.batch_norm_residual(x, None, rm, rv, training=True, backend=backend)
+    assert out.shape == x.shape
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert gx.shape == x.shape

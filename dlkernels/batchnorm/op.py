@@ -122,7 +122,7 @@ def _check(x, residual, running_mean, running_var, weight, bias, training: bool,
         raise ValueError(f"{OP}: running_mean and running_var must be defined in evaluation mode")
     if eps < 0 or (training and eps == 0):  # as torch: eps is what keeps a constant channel finite
         raise ValueError(f"{OP}: eps must be {'positive' if training else 'non-negative'}, got {eps}")
-    if training and x.numel() // c == 1:
+    if training and x.shape[0] * math.prod(x.shape[2:]) == 1:  # as torch (with no channels too)
         raise ValueError(f"{OP}: expected more than 1 value per channel when training, got input size "
                          f"{tuple(x.shape)}")
 

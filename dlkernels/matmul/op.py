@@ -19,6 +19,7 @@ Inputs arrive validated (_validation) with one dtype the backend computes in and
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -31,8 +32,18 @@ from . import reference
 FAMILY = "matmul"
 
 
-def _kernels(backend: str, t: Tensor):
-    return _dispatch.kernels(FAMILY, backend, t.device)
+def _kernels(backend: str, *operands: Tensor):
+    """The backend's kernel module, or the torch reference where an operand is empty (M, N, K or a batch
+    of 0: zeros plus the bias, or an empty result): no kernel runs on empty arrays."""
+    for t in operands:
+        if t.numel() == 0:
+            return reference
+    return _dispatch.kernels(FAMILY, backend, operands[0].device)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t as a 2-D (rows, last dimension) tensor: reshape(-1, k), whose -1 is ambiguous when a size is 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,18 +106,18 @@ def _matmul_shape(a: Tensor, b: Tensor) -> list[int]:
 @_registration.custom_op("dlkernels::matmul", mutates_args=())
 def matmul_op(a: Tensor, b: Tensor, backend: str) -> Tensor:
     _check_matmul(a, b, backend)
-    k = _kernels(backend, a)
+    k = _kernels(backend, a, b)
     if a.dim() == 2 and b.dim() == 2:
         return k.mm(a, b, None, 1, "")
     m, kk, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if b.dim() == 2:
         # The batch of a folds into M: one GEMM instead of a loop (the linear-layer case).
-        out = k.mm(a.reshape(-1, kk), b, None, 1, "")
+        out = k.mm(_rows(a), b, None, 1, "")
         return out.reshape(*a.shape[:-2], m, n)
     shape = _matmul_shape(a, b)
     batch = shape[:-2]
-    a3 = a.expand(*batch, m, kk).reshape(-1, m, kk)
-    b3 = b.expand(*batch, kk, n).reshape(-1, kk, n)
+    a3 = a.expand(*batch, m, kk).reshape(math.prod(batch), m, kk)
+    b3 = b.expand(*batch, kk, n).reshape(math.prod(batch), kk, n)
     return k.mm(a3, b3, None, 1, "").reshape(shape)
 
 
@@ -141,7 +152,7 @@ def _backward_ops(backend: str, *tensors):
     keep the ops, which they see and differentiate."""
     if torch.is_grad_enabled() or not _registration.plain_eager(tensors):
         return matmul_op, bias_act_backward_op
-    k = _kernels(backend, tensors[0])
+    k = _kernels(backend, *tensors)
 
     def mm(a, b, backend):
         return k.mm(a, b, None, 1, "") if a.dim() == 2 and b.dim() == 2 else matmul_op(a, b, backend)
@@ -168,7 +179,7 @@ def _matmul_backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         if b.dim() == 2:
             # sum over a's batch inside the GEMM: (B*M, K)^T @ (B*M, N)
-            grad_b = mm(a.reshape(-1, a.shape[-1]).mT, grad.reshape(-1, grad.shape[-1]), ctx.backend)
+            grad_b = mm(_rows(a).mT, _rows(grad), ctx.backend)
         else:
             grad_b = mm(a.mT, grad, ctx.backend).sum_to_size(b.shape)
     return grad_a, grad_b, None
@@ -194,8 +205,8 @@ def linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation:
     _check_linear(input, weight, bias, activation, backend)
     bias = None if bias is None else bias.contiguous()
     if input.dim() == 2:
-        return _kernels(backend, input).mm(input, weight.t(), bias, 1, activation)
-    out = _kernels(backend, input).mm(input.reshape(-1, input.shape[-1]), weight.t(), bias, 1, activation)
+        return _kernels(backend, input, weight).mm(input, weight.t(), bias, 1, activation)
+    out = _kernels(backend, input, weight).mm(_rows(input), weight.t(), bias, 1, activation)
     return out.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -251,7 +262,7 @@ def _(info, in_dims, grad_out, out, activation, bias_dim, need_bias, backend):
     pre = g
     if activation:
         o = _registration.examples_first(out, in_dims[1], n)
-        pre = bias_act_backward_op.default(g.reshape(-1, g.shape[-1]), o.reshape(-1, o.shape[-1]), activation,
+        pre = bias_act_backward_op.default(_rows(g), _rows(o), activation,
                                            bias_dim, False, backend)[0].reshape(g.shape)
     # the bias runs along per-example dimension -2 + bias_dim (batched: one further), summed over the others
     keep = g.dim() - 2 + bias_dim
@@ -291,13 +302,12 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_backward(ctx, grad):
     input, weight, out = ctx.saved_tensors
-    n_out = weight.shape[0]
-    g2 = grad.reshape(-1, n_out)
+    g2 = _rows(grad)
     need_bias = ctx.has_bias and ctx.needs_input_grad[2]
     grad_bias = None
     mm, bias_act = _backward_ops(ctx.backend, grad, input, weight)
     if ctx.activation or need_bias:
-        o2 = out.reshape(-1, n_out) if out is not None else g2
+        o2 = _rows(out) if out is not None else g2
         g_pre, grad_bias = bias_act(g2, o2, ctx.activation, 1, need_bias, ctx.backend)
         g2 = g_pre if ctx.activation else g2
         grad_bias = grad_bias if need_bias else None
@@ -305,7 +315,7 @@ def _linear_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_input = mm(g2, weight, ctx.backend).reshape(input.shape)
     if ctx.needs_input_grad[1]:
-        grad_weight = mm(g2.t(), input.reshape(-1, input.shape[-1]), ctx.backend)
+        grad_weight = mm(g2.t(), _rows(input), ctx.backend)
     return grad_input, grad_weight, grad_bias, None, None
 
 
