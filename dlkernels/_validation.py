@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from ._dispatch import available_backends
+
 # dtypes each backend computes in. Other dtypes are rejected, never silently converted.
 BACKEND_DTYPES = {
     "cpp": (torch.float32, torch.float64),
@@ -68,7 +70,9 @@ def same_device_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch
 def backend_dtype(op: str, backend: str, t: torch.Tensor) -> None:
     allowed = BACKEND_DTYPES[backend]
     if t.dtype not in allowed:
-        raise TypeError(f"{op}: backend {backend!r} computes in {_fmt_dtypes(allowed)}; got {t.dtype}")
+        others = [b for b in available_backends(t.device) if b != backend and t.dtype in BACKEND_DTYPES[b]]
+        hint = f" (backend {' or '.join(map(repr, others))} takes it)" if t.dtype.is_floating_point and others else ""
+        raise TypeError(f"{op}: backend {backend!r} computes in {_fmt_dtypes(allowed)}; got {t.dtype}{hint}")
 
 
 def activation(op: str, family: str, act) -> str:

@@ -172,3 +172,11 @@ def test_triton_splits_a_batch_beyond_the_grid_limit(backend, op, monkeypatch):
     grad = torch.randn_like(expected)
     for a, b in zip(torch.autograd.grad(out, got, grad), torch.autograd.grad(expected, want, grad)):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_a_dtype_the_backend_lacks_names_those_that_take_it():
+    x, w = torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(4, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"backend 'cpp' computes in float32, float64; got torch.bfloat16 "
+                                        r"\(backend .*'torch' takes it\)"):
+        dlkernels.linear(x, w, backend="cpp")
+    assert torch.equal(dlkernels.linear(x, w, backend="torch"), torch.nn.functional.linear(x, w))
