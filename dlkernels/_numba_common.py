@@ -7,6 +7,8 @@ import numba
 import numpy as np
 import torch
 
+from . import _dispatch
+
 # Not fastmath=True: its no-NaN/no-Inf flags let LLVM fold isnan() to False and break NaN
 # propagation. These four still let reductions reassociate and vectorize.
 FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
@@ -16,7 +18,10 @@ pjit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, parallel=Tru
 
 
 def sync_threads() -> None:
-    """Give Numba's own thread pool torch's thread count (torch.set_num_threads is honoured)."""
+    """Give Numba's own thread pool torch's thread count (torch.set_num_threads is honoured). Called
+    before every kernel, so that a forked child that cannot run them says so (_dispatch.numba_fork_error)."""
+    if _dispatch.numba_fork_error is not None:
+        raise RuntimeError(_dispatch.numba_fork_error)
     n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)

@@ -180,3 +180,48 @@ def test_a_dtype_the_backend_lacks_names_those_that_take_it():
                                         r"\(backend .*'torch' takes it\)"):
         dlkernels.linear(x, w, backend="cpp")
     assert torch.equal(dlkernels.linear(x, w, backend="torch"), torch.nn.functional.linear(x, w))
+
+
+_FORKED_WORKERS = """
+import sys, torch
+import dlkernels
+from torch.utils.data import DataLoader, Dataset
+backend, parent_ran_numba = sys.argv[1], sys.argv[2] == "1"
+w = torch.randn(8, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+def item(i):
+    x = torch.randn(4, 8, 32, 32, generator=torch.Generator().manual_seed(i))
+    return dlkernels.depthwise_conv2d(x, w, padding=1, backend=backend).sum()
+class Items(Dataset):
+    def __len__(self): return 4
+    def __getitem__(self, i): return item(i)
+big, wb = torch.randn(8, 64, 56, 56), torch.randn(64, 1, 3, 3)  # the parent's OpenMP threads start
+torch.nn.functional.conv2d(big, wb, groups=64)
+dlkernels.depthwise_conv2d(big, wb, backend="cpp")
+if parent_ran_numba:
+    dlkernels.depthwise_conv2d(big, wb, backend="numba")
+try:
+    got = list(DataLoader(Items(), batch_size=None, num_workers=2, timeout=60, multiprocessing_context="fork"))
+except RuntimeError as e:
+    print("ERROR", e)
+else:
+    print("OK" if all(torch.equal(a, item(i)) for i, a in enumerate(got)) else "MISMATCH")
+"""
+
+
+@pytest.mark.parametrize("backend,parent_ran_numba", [("cpp", False), ("numba", False), ("numba", True)])
+def test_cpu_backends_in_forked_dataloader_workers(backend, parent_ran_numba):
+    """A DataLoader's forked workers, after the parent's OpenMP threads ran: the cpp kernels run there as
+    torch's ops do (on the one thread DataLoader sets); the numba backend's first kernel hung there (GNU
+    OpenMP after fork) and now runs on Numba's workqueue layer, or, where the parent had started Numba's
+    OpenMP threads (which Numba terminates a child for), raises an error that says what to do."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_THREADING_LAYER"}
+    run = subprocess.run([sys.executable, "-c", _FORKED_WORKERS, backend, str(int(parent_ran_numba))],
+                         capture_output=True, text=True, timeout=300, env=env)
+    out = run.stdout.strip() or run.stderr[-2000:]
+    if parent_ran_numba:
+        assert out.startswith("ERROR") and "multiprocessing_context='spawn'" in out, out
+    else:
+        assert out == "OK", out
