@@ -11,8 +11,9 @@ Fusions, through torch.fx: a BatchNorm2d/1d whose output (and nothing else) is a
 tensor, and/or then passed through ReLU or SiLU, becomes one BatchNormResidual module call
 ``act(bn(x) + other)``. The added tensor may be anything ``+`` takes there: the module fuses it when
 it has the BN output's shape and dtype and otherwise adds it after the batch norm (an SE or FiLM term
-that broadcasts), so no shape need be known here. An add of a parameter or constant is not fused. A model fx cannot trace keeps its
-forward: it still gets the module swaps, with a warning naming the fusions skipped.
+that broadcasts), so no shape need be known here. An add of a parameter or constant is not fused. A
+model fx cannot trace keeps its forward: it still gets the module swaps, with a warning naming the
+fusions skipped.
 """
 from __future__ import annotations
 
