@@ -53,18 +53,22 @@ def _step(model, x, seed):
     return y
 
 
+def _assert_same_step(model, twin, ya, yb, mode):
+    """A step's outputs, parameter gradients and state (running statistics) equal the twin's."""
+    torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-10)
+    for (n, pa), pb in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-7, atol=1e-9, msg=f"{mode}: {n}")
+    for (n, sa), sb in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(sa, sb, rtol=1e-10, atol=1e-12, msg=n)
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_model_matches_torch_twin(any_backend, name):
     ours, twin, x = _pair(name, any_backend)
     for mode in (True, False):
         ours.train(mode)
         twin.train(mode)
-        ya, yb = _step(ours, x, 1), _step(twin, x, 1)
-        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-10)
-        for (n, pa), pb in zip(ours.named_parameters(), twin.parameters()):
-            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-7, atol=1e-9, msg=f"{mode}: {n}")
-        for (n, sa), sb in zip(ours.state_dict().items(), twin.state_dict().values()):
-            torch.testing.assert_close(sa, sb, rtol=1e-10, atol=1e-12, msg=n)
+        _assert_same_step(ours, twin, _step(ours, x, 1), _step(twin, x, 1), mode)
         ours.zero_grad()
         twin.zero_grad()
 
@@ -215,12 +219,7 @@ def test_jit_trace_matches_the_twin(backend, name):
         torch.jit.save(traced, buffer)
         buffer.seek(0)
         loaded = torch.jit.load(buffer)
-        ya, yb = _step(loaded, x2, 2), _step(twin, x2, 2)
-        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-10)
-        for (n, pa), pb in zip(loaded.named_parameters(), twin.parameters()):
-            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-7, atol=1e-9, msg=f"{mode}: {n}")
-        for (n, sa), sb in zip(loaded.state_dict().items(), twin.state_dict().values()):
-            torch.testing.assert_close(sa, sb, rtol=1e-10, atol=1e-12, msg=n)
+        _assert_same_step(loaded, twin, _step(loaded, x2, 2), _step(twin, x2, 2), mode)
         twin.zero_grad()
 
 
