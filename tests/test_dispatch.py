@@ -186,7 +186,7 @@ _FORKED_WORKERS = """
 import sys, torch
 import dlkernels
 from torch.utils.data import DataLoader, Dataset
-backend, parent_ran_numba = sys.argv[1], sys.argv[2] == "1"
+backend, parent = sys.argv[1], sys.argv[2]
 w = torch.randn(8, 1, 3, 3, generator=torch.Generator().manual_seed(0))
 def item(i):
     x = torch.randn(4, 8, 32, 32, generator=torch.Generator().manual_seed(i))
@@ -197,7 +197,9 @@ class Items(Dataset):
 big, wb = torch.randn(8, 64, 56, 56), torch.randn(64, 1, 3, 3)  # the parent's OpenMP threads start
 torch.nn.functional.conv2d(big, wb, groups=64)
 dlkernels.depthwise_conv2d(big, wb, backend="cpp")
-if parent_ran_numba:
+if parent == "imported":  # Numba imported, its threads not started
+    import dlkernels.depthwise.numba_impl
+if parent == "ran":
     dlkernels.depthwise_conv2d(big, wb, backend="numba")
 try:
     got = list(DataLoader(Items(), batch_size=None, num_workers=2, timeout=60, multiprocessing_context="fork"))
@@ -208,8 +210,9 @@ else:
 """
 
 
-@pytest.mark.parametrize("backend,parent_ran_numba", [("cpp", False), ("numba", False), ("numba", True)])
-def test_cpu_backends_in_forked_dataloader_workers(backend, parent_ran_numba):
+@pytest.mark.parametrize("backend,parent", [("cpp", "ran"), ("numba", "untouched"), ("numba", "imported"),
+                                            ("numba", "ran")])
+def test_cpu_backends_in_forked_dataloader_workers(backend, parent):
     """A DataLoader's forked workers, after the parent's OpenMP threads ran: the cpp kernels run there as
     torch's ops do (on the one thread DataLoader sets); the numba backend's first kernel hung there (GNU
     OpenMP after fork) and now runs on Numba's workqueue layer, or, where the parent had started Numba's
@@ -218,10 +221,10 @@ def test_cpu_backends_in_forked_dataloader_workers(backend, parent_ran_numba):
     import sys
 
     env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_THREADING_LAYER"}
-    run = subprocess.run([sys.executable, "-c", _FORKED_WORKERS, backend, str(int(parent_ran_numba))],
+    run = subprocess.run([sys.executable, "-c", _FORKED_WORKERS, backend, parent],
                          capture_output=True, text=True, timeout=300, env=env)
     out = run.stdout.strip() or run.stderr[-2000:]
-    if parent_ran_numba:
+    if backend == "numba" and parent == "ran":
         assert out.startswith("ERROR") and "multiprocessing_context='spawn'" in out, out
     else:
         assert out == "OK", out
