@@ -180,7 +180,17 @@ def _device_type(device: torch.device) -> str:
     return "cpu" if device == _CPU else device.type
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)``, without importing torch._dynamo (1.1 s, 40 % of
+    ``import dlkernels``, Zen4) in a process that has not: that function imports it only to set this
+    attribute, which Dynamo reads when it traces a call (tests/test_dispatch.py checks the two agree)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def resolve(family: str, backend: str | None, device: torch.device) -> str:
     """The backend that runs an op of ``family`` on tensors of ``device``.
 

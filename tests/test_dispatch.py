@@ -228,3 +228,23 @@ def test_cpu_backends_in_forked_dataloader_workers(backend, parent):
         assert out.startswith("ERROR") and "multiprocessing_context='spawn'" in out, out
     else:
         assert out == "OK", out
+
+
+def test_resolve_is_marked_constant_as_torch_compiler_marks_a_function():
+    """_dispatch marks resolve itself where torch._dynamo is not imported yet (importing it is 40 % of
+    `import dlkernels`): the mark must be what torch.compiler.assume_constant_result sets."""
+    def f():
+        return 0
+
+    torch.compiler.assume_constant_result(f)
+    assert vars(f) == {"_dynamo_marked_constant": True}
+    assert _dispatch.resolve._dynamo_marked_constant is True
+
+
+def test_import_leaves_torch_dynamo_unimported():
+    import subprocess
+    import sys
+
+    code = "import sys, dlkernels; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120).stdout.strip() == "False"
