@@ -1,5 +1,10 @@
 """Backend choice: keyword > use_backend > DLKERNELS_BACKEND > auto, and clear errors; the compiled
-extension's facts; the Triton launchers' batch slicing."""
+extension's facts; the Triton launchers' batch slicing; the CPU backends in forked workers; what
+`import dlkernels` imports."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -217,10 +222,7 @@ def test_cpu_backends_in_forked_dataloader_workers(backend, parent):
     torch's ops do (on the one thread DataLoader sets); the numba backend's first kernel hung there (GNU
     OpenMP after fork) and now runs on Numba's workqueue layer, or, where the parent had started Numba's
     OpenMP threads (which Numba terminates a child for), raises an error that says what to do."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     run = subprocess.run([sys.executable, "-c", _FORKED_WORKERS, backend, parent],
                          capture_output=True, text=True, timeout=300, env=env)
     out = run.stdout.strip() or run.stderr[-2000:]
@@ -242,9 +244,6 @@ def test_resolve_is_marked_constant_as_torch_compiler_marks_a_function():
 
 
 def test_import_leaves_torch_dynamo_unimported():
-    import subprocess
-    import sys
-
     code = "import sys, dlkernels; print('torch._dynamo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120).stdout.strip() == "False"
