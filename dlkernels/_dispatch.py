@@ -43,27 +43,34 @@ _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("dlkernels_
 # GNU OpenMP cannot start threads in a child forked from a process that used it, and torch and the cpp
 # backend share its runtime: a worker's first parallel Numba kernel hung there (torch's ops and the cpp
 # kernels run on the one thread DataLoader gives a worker). A child whose Numba has not started its
-# threads takes Numba's workqueue layer (fork-safe; not for calls from several threads at once, unless
-# NUMBA_THREADING_LAYER says otherwise); a child whose parent had started Numba's OpenMP threads cannot
+# threads takes Numba's workqueue layer (fork-safe; not for calls from several threads at once), unless
+# NUMBA_THREADING_LAYER says otherwise; a child whose parent had started Numba's OpenMP threads cannot
 # run its kernels at all (Numba terminates it): the numba backend raises numba_fork_error there.
+forked = False  # this process is a child forked from one that imported dlkernels
 numba_fork_error: str | None = None
 
 
-def _after_fork_in_child() -> None:
+def numba_after_fork() -> None:
+    """Numba's threading layer for a forked child: now where Numba is imported, else when the numba
+    backend first imports it (dlkernels/_numba_common.py)."""
     global numba_fork_error
     numba = sys.modules.get("numba")
-    started = numba is not None and getattr(sys.modules.get("numba.np.ufunc.parallel"), "_is_initialized", False)
-    if not started:
+    if numba is None:
+        return
+    if not getattr(sys.modules.get("numba.np.ufunc.parallel"), "_is_initialized", False):
         if "NUMBA_THREADING_LAYER" not in os.environ:  # a layer the user chose stands
-            if numba is None:
-                os.environ["NUMBA_THREADING_LAYER"] = "workqueue"  # read when the child imports Numba
-            else:
-                numba.config.THREADING_LAYER = "workqueue"
+            numba.config.THREADING_LAYER = "workqueue"
     elif numba.threading_layer() == "omp":
         numba_fork_error = (
             "dlkernels: the numba backend cannot run in this process, forked from one whose Numba had started "
             "GNU OpenMP threads (not fork-safe). Start workers with 'spawn' or 'forkserver' (DataLoader("
             "multiprocessing_context='spawn')), or use backend='cpp' in them")
+
+
+def _after_fork_in_child() -> None:
+    global forked
+    forked = True
+    numba_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -17,6 +17,10 @@ jit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True)
 pjit = functools.partial(numba.njit, fastmath=FASTMATH, cache=True, parallel=True)
 
 
+if _dispatch.forked:  # the first numba kernel of a forked child: its threading layer (see there)
+    _dispatch.numba_after_fork()
+
+
 def sync_threads() -> None:
     """Give Numba's own thread pool torch's thread count (torch.set_num_threads is honoured). Called
     before every kernel, so that a forked child that cannot run them says so (_dispatch.numba_fork_error)."""
