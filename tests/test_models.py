@@ -205,7 +205,8 @@ def test_mlp_residual_only_at_equal_widths():
 def test_jit_trace_matches_the_twin(backend, name):
     """A model traced by torch.jit.trace, saved and loaded, runs a new input as its twin does, in both
     modes: outputs, gradients and running statistics. Before, dlkernels.nn.Conv2d's im2col kernel entered
-    the trace as a constant (a traced ResNet answered every input with the traced one's windows)."""
+    the trace as a constant (a traced Conv2d answered every input with the traced one's windows, and
+    tracing a ResNet raised "unordered_map::at")."""
     ours, twin, x = _pair(name, backend)
     x2 = torch.randn_like(x)
     for mode in (False, True):
