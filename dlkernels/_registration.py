@@ -160,13 +160,16 @@ def transformable_function(op: torch._ops.OpOverload, name: str, backward: Calla
 _SAVED = object()  # a tensor's place in a call template (transformable_function's jvp)
 
 
+def product_rule(f: Callable, x, w, t_x, t_w) -> list:
+    """The tangent terms of f(x, w), f linear in each argument: f(t_x, w) and f(x, t_w), where given."""
+    return [f(a, b) for a, b in ((t_x, w), (x, t_w)) if a is not None and b is not None]
+
+
 def tangent_sum(terms: list, like: torch.Tensor) -> torch.Tensor:
     """The sum of a jvp's tangent terms (each of like's shape or broadcasting to it), zeros where none."""
     if not terms:
         return torch.zeros_like(like)
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
+    total = sum(terms[1:], terms[0])
     return total.expand_as(like) if total.shape != like.shape else total
 
 
@@ -175,6 +178,23 @@ def _fill(call, saved):
     inputs, outputs, is_tuple = call
     inputs = [next(saved) if t is _SAVED else t for t in inputs]
     return inputs, [next(saved) if t is _SAVED else t for t in outputs], is_tuple
+
+
+def one_example(t: torch.Tensor | None, dim: int | None) -> torch.Tensor | None:
+    """A vmap rule's argument as one example sees it (for the op's own checks): t itself when unbatched."""
+    return t if t is None or dim is None else t.select(dim, 0)
+
+
+def batched_first(t: torch.Tensor | None, dim: int | None) -> torch.Tensor | None:
+    """A vmap rule's argument with its vmapped dimension first, an unbatched one as it is (it broadcasts)."""
+    return t if t is None or dim is None else t.movedim(dim, 0)
+
+
+def examples_as_batch(call: Callable, input: torch.Tensor, dim: int | None, n: int) -> tuple[torch.Tensor, int]:
+    """A vmap rule for an op of (N, ...) images whose other arguments are unbatched: the examples folded
+    into the batch, one call on (n*N, ...), the output's examples at dimension 0."""
+    x = examples_first(input, dim, n)
+    return call(x.flatten(0, 1)).unflatten(0, x.shape[:2]), 0
 
 
 def examples_first(t: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:

@@ -244,8 +244,8 @@ def _(inputs, output, tangents):
     with the weight's tangent, plus the bias's tangent."""
     input, weight, bias, stride, pad, dilation, out_hw, backend = inputs
     t_in, t_w, t_b = tangents[:3]
-    terms = [depthwise_conv2d_op(t, w, None, stride, pad, dilation, out_hw, backend)
-             for t, w in ((t_in, weight), (input, t_w)) if t is not None and w is not None]
+    terms = _registration.product_rule(
+        lambda x, w: depthwise_conv2d_op(x, w, None, stride, pad, dilation, out_hw, backend), input, weight, t_in, t_w)
     if t_b is not None:
         terms.append(t_b.view(1, -1, 1, 1))
     return _registration.tangent_sum(terms, output)

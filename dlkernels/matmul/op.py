@@ -192,7 +192,7 @@ matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
 def _(inputs, output, tangents):
     a, b, backend = inputs
     t_a, t_b = tangents[:2]
-    terms = [matmul_op(x, y, backend) for x, y in ((t_a, b), (a, t_b)) if x is not None and y is not None]
+    terms = _registration.product_rule(lambda x, y: matmul_op(x, y, backend), a, b, t_a, t_b)
     return _registration.tangent_sum(terms, output)
 matmul_op.register_autocast(_registration.lower_precision)
 
@@ -225,8 +225,8 @@ def _(info, in_dims, input, weight, bias, activation, backend):
     x = _registration.examples_first(input, x_dim, n)
     if w_dim is None and b_dim is None:
         return linear_op.default(x, weight, bias, activation, backend), 0
-    _check_linear(x, weight.select(w_dim, 0) if w_dim is not None else weight,
-                  bias.select(b_dim, 0) if b_dim is not None else bias, activation, backend)
+    _check_linear(x, _registration.one_example(weight, w_dim), _registration.one_example(bias, b_dim), activation,
+                  backend)
     w = _registration.examples_first(weight, w_dim, n)
     out = matmul_op.default(x.reshape(n, -1, x.shape[-1]), w.mT, backend)
     if bias is not None:
@@ -328,8 +328,7 @@ def _(inputs, output, tangents):
     the output is <= 0, a NaN output passing it)."""
     input, weight, bias, activation, backend = inputs
     t_in, t_w, t_b = tangents[:3]
-    terms = [linear_op(x, w, None, "", backend) for x, w in ((t_in, weight), (input, t_w))
-             if x is not None and w is not None]
+    terms = _registration.product_rule(lambda x, w: linear_op(x, w, None, "", backend), input, weight, t_in, t_w)
     if t_b is not None:
         terms.append(t_b)
     tangent = _registration.tangent_sum(terms, output)

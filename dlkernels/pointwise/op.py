@@ -114,14 +114,14 @@ def _(info, in_dims, input, weight, bias, backend):
     """Under torch.vmap the examples' images as one batch (per-example gradients: the backward runs on
     matmul's batched rules); an ensemble's weights as one batched GEMM (examples_pointwise)."""
     n = info.batch_size
-    x = _registration.examples_first(input, in_dims[0], n)
     if in_dims[1] is None and in_dims[2] is None:
-        y = pointwise_conv2d_op.default(x.reshape(-1, *x.shape[2:]), weight, bias, backend)
-        return y.reshape(*x.shape[:2], *y.shape[1:]), 0
-    check(OP, x[0], weight.select(in_dims[1], 0) if in_dims[1] is not None else weight,
-          bias.select(in_dims[2], 0) if in_dims[2] is not None else bias, backend)
+        return _registration.examples_as_batch(lambda x: pointwise_conv2d_op.default(x, weight, bias, backend),
+                                               input, in_dims[0], n)
+    x = _registration.examples_first(input, in_dims[0], n)
+    check(OP, x[0], _registration.one_example(weight, in_dims[1]), _registration.one_example(bias, in_dims[2]),
+          backend)
     w = _registration.examples_first(weight, in_dims[1], n)
-    b = bias.movedim(in_dims[2], 0) if in_dims[2] is not None else bias
+    b = _registration.batched_first(bias, in_dims[2])
     return examples_pointwise(x, w, b, in_dims[2] is not None, backend), 0
 
 
@@ -146,8 +146,8 @@ def _(inputs, output, tangents):
     """Linear in the input and in the weight, as depthwise's."""
     input, weight, bias, backend = inputs
     t_in, t_w, t_b = tangents[:3]
-    terms = [pointwise_conv2d_op(t, w, None, backend)
-             for t, w in ((t_in, weight), (input, t_w)) if t is not None and w is not None]
+    terms = _registration.product_rule(lambda x, w: pointwise_conv2d_op(x, w, None, backend), input, weight, t_in,
+                                       t_w)
     if t_b is not None:
         terms.append(t_b.view(1, -1, 1, 1))
     return _registration.tangent_sum(terms, output)

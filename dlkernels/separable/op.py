@@ -71,19 +71,16 @@ def _(info, in_dims, input, depthwise_weight, pointwise_weight, bias, stride, pa
     examples' channels, then the pointwise one as a batched GEMM (pointwise.examples_pointwise)."""
     n = info.batch_size
     if all(d is None for d in in_dims[1:4]):
-        x = input.movedim(in_dims[0], 0)
-        y = separable_conv2d_op.default(x.reshape(-1, *x.shape[2:]), depthwise_weight, pointwise_weight, bias,
-                                        stride, pad, dilation, out_hw, backend)
-        return y.reshape(*x.shape[:2], *y.shape[1:]), 0
-    pick = [t.select(d, 0) if d is not None else t for t, d in zip((depthwise_weight, pointwise_weight, bias),
-                                                                    in_dims[1:4])]
-    x0 = input.select(in_dims[0], 0) if in_dims[0] is not None else input
-    _check(x0, *pick, backend)
+        return _registration.examples_as_batch(
+            lambda x: separable_conv2d_op.default(x, depthwise_weight, pointwise_weight, bias, stride, pad, dilation,
+                                                  out_hw, backend), input, in_dims[0], n)
+    _check(*(_registration.one_example(t, d) for t, d in zip((input, depthwise_weight, pointwise_weight, bias),
+                                                              in_dims[:4])), backend)
     mid = depthwise_conv2d_op.default(channels_of_examples(input, in_dims[0], n),
                                       per_channel_of_examples(depthwise_weight, in_dims[1], n), None, stride, pad,
                                       dilation, out_hw, backend)
     pw = _registration.examples_first(pointwise_weight, in_dims[2], n)
-    b = bias.movedim(in_dims[3], 0) if in_dims[3] is not None else bias
+    b = _registration.batched_first(bias, in_dims[3])
     return pointwise.examples_pointwise(examples_of_channels(mid, n).movedim(1, 0), pw, b, in_dims[3] is not None,
                                         backend), 0
 
@@ -123,8 +120,8 @@ def _(inputs, output, tangents):
     conv of the depthwise output by the pointwise weight's tangent, plus the bias's tangent."""
     input, dw, pw, bias, stride, pad, dilation, out_hw, backend = inputs
     t_in, t_dw, t_pw, t_b = tangents[:4]
-    terms = [separable_conv2d_op(x, d, pw, None, stride, pad, dilation, out_hw, backend)
-             for x, d in ((t_in, dw), (input, t_dw)) if x is not None and d is not None]
+    terms = _registration.product_rule(
+        lambda x, d: separable_conv2d_op(x, d, pw, None, stride, pad, dilation, out_hw, backend), input, dw, t_in, t_dw)
     if t_pw is not None:
         mid = depthwise_conv2d_op(input, dw, None, stride, pad, dilation, out_hw, backend)
         terms.append(pointwise.pointwise_conv2d_op(mid, t_pw, None, backend))
