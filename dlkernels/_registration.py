@@ -53,6 +53,7 @@ class Op:
         self.impl = impl  # the Python kernel itself (what the dispatcher calls below autograd)
         self.function: type[torch.autograd.Function] | None = None  # its autograd, for eager calls
         self.transformable: type[torch.autograd.Function] | None = None  # the same, for torch.func's transforms
+        self.decomposition: Callable | None = None  # the op in torch ops, for nested forward-mode AD
         self.__doc__ = fn.__doc__
 
     def __call__(self, *args):
@@ -62,7 +63,9 @@ class Op:
             # under a torch.func transform, and in a forward-AD dual level (through the dispatcher the op's
             # Autograd kernel sees no input requiring grad, and a dual input's tangent was dropped unseen)
             if self.transformable is not None and (transforming() or forward_ad_level()):
-                return self.transformable.apply(*args)
+                if nested_forward_ad():
+                    return self._decomposed(*args)
+                return self.transformable.apply(*map(_one_leaf, args))
             return call(self.default, *args)
         if records_autograd_eager(*args):
             if self.function is None:  # no autograd formula: the dispatcher raises torch's error
@@ -105,6 +108,20 @@ class Op:
         self.transformable = transformable_function(self.default, self.name, *self._autograd, jvp)
         return jvp
 
+    def register_decomposition(self, fn: Callable) -> Callable:
+        """``fn(*args)``: the op in torch's differentiable ops (the same outputs, placeholders included),
+        what it runs under nested forward-mode AD (``nested_forward_ad``)."""
+        self.decomposition = fn
+        return fn
+
+    def _decomposed(self, *args):
+        if self.decomposition is None:
+            raise NotImplementedError(
+                f"{self.qualname} under nested forward-mode AD (torch.func.jacfwd of jacfwd, jvp of jvp): "
+                "torch differentiates an autograd.Function's jvp only once (pytorch issue 197867) and this op "
+                "has no torch-op form; take the outer derivative in reverse mode (torch.func.jacrev, hessian)")
+        return self.decomposition(*args)
+
     def register_autocast(self, cast: Callable[[tuple, str], tuple]) -> None:
         """Under torch.autocast on a device type, the op runs on ``cast(args, device_type)`` with that
         device's autocast excluded (what torch.library.register_autocast builds, with a cast that
@@ -139,25 +156,78 @@ def transformable_function(op: torch._ops.OpOverload, name: str, backward: Calla
     attrs = {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
              "backward": staticmethod(backward), "generate_vmap_rule": True}
     if jvp is not None:
-        # the primals reach jvp through save_for_forward (tensors held on ctx would make a reference cycle
-        # through the output's grad_fn), their places in the call as a template of markers
+        # The primals reach jvp through save_for_forward (tensors held on ctx would make a reference cycle
+        # through the output's grad_fn), their places in the call as a template of markers. Both
+        # directions save one tuple, the backward's tensors first: the vmap rule functorch generates keeps
+        # one record of the saved tensors' batch dimensions, the last save's (torch 2.13's CtxCustomSave),
+        # and with two different tuples the other direction read its tensors against it (reverse over
+        # forward and torch.func.jacrev(jacrev) raised "flat_bdims must not be None").
         def setup(ctx, inputs, output):
-            setup_context(ctx, inputs, output)
+            recorder = _SaveRecorder(ctx)
+            setup_context(recorder, inputs, output)
             outputs = output if isinstance(output, tuple) else (output,)
-            tensors = [t for t in (*inputs, *outputs) if isinstance(t, torch.Tensor)]
-            ctx.save_for_forward(*tensors)
+            both = (*recorder.saved, *(t for t in (*inputs, *outputs) if isinstance(t, torch.Tensor)))
+            ctx.save_for_backward(*both)
+            ctx.save_for_forward(*both)
+            ctx.backward_saves = len(recorder.saved)
             ctx.jvp_call = ([_SAVED if isinstance(t, torch.Tensor) else t for t in inputs],
                             [_SAVED if isinstance(t, torch.Tensor) else t for t in outputs], isinstance(output, tuple))
 
+        def backward_of_saved(ctx, *grads):
+            return backward(_BackwardSaves(ctx), *grads)
+
         def forward_grad(ctx, *tangents):
-            inputs, outputs, is_tuple = _fill(ctx.jvp_call, iter(ctx.saved_tensors))
+            inputs, outputs, is_tuple = _fill(ctx.jvp_call, iter(ctx.saved_tensors[ctx.backward_saves:]))
             return jvp(tuple(inputs), tuple(outputs) if is_tuple else outputs[0], tangents)
 
-        attrs.update(setup_context=staticmethod(setup), jvp=staticmethod(forward_grad))
+        attrs.update(setup_context=staticmethod(setup), backward=staticmethod(backward_of_saved),
+                     jvp=staticmethod(forward_grad))
     return type(f"{name}_transformable", (torch.autograd.Function,), attrs)
 
 
 _SAVED = object()  # a tensor's place in a call template (transformable_function's jvp)
+
+
+class _CtxView:
+    """A Function's ctx as an op's setup_context or backward sees it: attributes read and written on the
+    ctx itself, the saved tensors the subclass's (transformable_function's one saved tuple)."""
+
+    def __init__(self, ctx):
+        object.__setattr__(self, "_ctx", ctx)
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._ctx, name, value)
+
+
+class _SaveRecorder(_CtxView):
+    """setup_context's ctx: what it saves for the backward is kept in ``saved``, not saved yet."""
+    saved = ()
+
+    def save_for_backward(self, *tensors):
+        object.__setattr__(self, "saved", tensors)
+
+
+class _BackwardSaves(_CtxView):
+    """The backward's ctx: the saved tensors its setup_context saved, the first of the one tuple."""
+
+    @property
+    def saved_tensors(self):
+        return self._ctx.saved_tensors[:self._ctx.backward_saves]
+
+
+class _Leaf(list):
+    """A list argument (sizes, an output mask) as one leaf of torch's pytrees, which flatten a list into
+    its items. The vmap rule functorch generates for a Function pairs the flattened in_dims of its
+    arguments with their tangents, one an argument: under vmap over jvp (torch.func.hessian's jacfwd over
+    jacrev's batched vjp) an op with list arguments raised there ("leaves has length 8 but the spec refers
+    to a pytree that holds 13 items"). As a list it passes wherever the op's list was taken."""
+
+
+def _one_leaf(a):
+    return _Leaf(a) if type(a) is list else a
 
 
 def product_rule(f: Callable, x, w, t_x, t_w) -> list:
@@ -229,6 +299,20 @@ def transforming() -> bool:
     Dynamo traced a transform, the Function ran its forward on the transform's wrapped tensors, and one
     gradient came out wrong: batch norm's evaluation, torch 2.13)."""
     return not _is_compiling() and _functorch_level() is not None
+
+
+def nested_forward_ad() -> bool:
+    """Whether two or more forward-mode AD levels are open (torch.func.jvp or jacfwd levels: a
+    torch.autograd.forward_ad dual level is the one level they all run on, and cannot nest), as in
+    jacfwd(jacfwd(f)). There an autograd.Function's jvp formula is not itself differentiated by the
+    outer levels: torch.func answers the higher derivatives through it as zero or partial (pytorch
+    issue 197867, open; torch 2.13: the second derivative of a linear with relu, of batch norm, of
+    every op here, silently wrong), so the ops run as torch ops."""
+    return sum(1 for i in (_interpreter_stack() or ()) if i.key() == _JVP) >= 2
+
+
+_interpreter_stack = torch._C._functorch.get_interpreter_stack
+_JVP = torch._C._functorch.TransformType.Jvp
 
 
 def forward_ad_level() -> bool:

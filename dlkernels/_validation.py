@@ -113,10 +113,16 @@ def _is_int(i) -> bool:
     return isinstance(i, int) and not isinstance(i, bool)
 
 
+_is_batched = torch._C._functorch.is_batchedtensor
+
+
 def memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout an op keeps: channels_last when x is channels_last-contiguous (and not also
-    NCHW-contiguous, as tensors with size-1 dims can be), else NCHW (non-contiguous input is copied)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    NCHW-contiguous, as tensors with size-1 dims can be), else NCHW (non-contiguous input is copied).
+    A vmap's batched tensor (met in a backward formula that a generated vmap rule runs, where the layout
+    only picks between equal computations) is NCHW: it cannot tell its layout (torch raises NYI)."""
+    if (x.dim() == 4 and not x.is_contiguous() and not _is_batched(x)
+            and x.is_contiguous(memory_format=torch.channels_last)):
         return torch.channels_last
     return torch.contiguous_format
 

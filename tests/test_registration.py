@@ -3,6 +3,7 @@ directly, under its own autograd.Function; under a torch.func transform through 
 the transforms accept; anywhere else (a dispatch mode, the profiler) through the dispatcher with the
 autograd torch.library registered. All must give the same answer, and everything that watches the
 dispatcher must still see the ops."""
+import functools
 import sys
 
 import pytest
@@ -27,27 +28,33 @@ class Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _r(*shape, cl=False):
-    t = torch.randn(*shape, device=DEVICE)
+def _r(*shape, cl=False, dtype=torch.float32):
+    t = torch.randn(*shape, device=DEVICE, dtype=dtype)
     return t.contiguous(memory_format=torch.channels_last) if cl else t
 
 
-def _cases(backend):
+def _cases(backend, dtype=torch.float32):
     """(name, fn, tensor inputs, stateful tensors): each fn one op's public call, on odd sizes."""
-    rm, rv = torch.randn(5, device=DEVICE), torch.rand(5, device=DEVICE) + 0.5
+    rm, rv = torch.randn(5, device=DEVICE, dtype=dtype), torch.rand(5, device=DEVICE, dtype=dtype) + 0.5
+    draw = functools.partial(_r, dtype=dtype)
     return [
         ("linear", lambda x, w, b: dlkernels.linear(x, w, b, activation="relu", backend=backend),
-         [leaf(_r(7, 3)), leaf(_r(5, 3)), leaf(_r(5))], []),
+         [leaf(draw(7, 3)), leaf(draw(5, 3)), leaf(draw(5))], []),
         ("matmul", lambda a, b: dlkernels.matmul(a, b, backend=backend),
-         [leaf(_r(2, 3, 4)), leaf(_r(4, 5))], []),
+         [leaf(draw(2, 3, 4)), leaf(draw(4, 5))], []),
         ("batch_norm_residual", lambda x, r, w, b: dlkernels.batch_norm_residual(
             x, r, rm, rv, w, b, True, 0.1, 1e-5, activation="silu", backend=backend),
-         [leaf(_r(3, 5, 4, 3, cl=True)), leaf(_r(3, 5, 4, 3, cl=True)), leaf(_r(5)), leaf(_r(5))], [rm, rv]),
+         [leaf(draw(3, 5, 4, 3, cl=True)), leaf(draw(3, 5, 4, 3, cl=True)), leaf(draw(5)), leaf(draw(5))], [rm, rv]),
         ("depthwise_conv2d", lambda x, w, b: dlkernels.depthwise_conv2d(x, w, b, 2, 1, backend=backend),
-         [leaf(_r(2, 3, 7, 5)), leaf(_r(6, 1, 3, 3)), leaf(_r(6))], []),
+         [leaf(draw(2, 3, 7, 5)), leaf(draw(6, 1, 3, 3)), leaf(draw(6))], []),
         ("separable_conv2d", lambda x, dw, pw, b: dlkernels.separable_conv2d(x, dw, pw, b, 1, "same", backend=backend),
-         [leaf(_r(2, 3, 5, 7, cl=True)), leaf(_r(3, 1, 3, 3)), leaf(_r(4, 3, 1, 1)), leaf(_r(4))], []),
+         [leaf(draw(2, 3, 5, 7, cl=True)), leaf(draw(3, 1, 3, 3)), leaf(draw(4, 3, 1, 1)), leaf(draw(4))], []),
+        ("pointwise_conv2d", lambda x, w, b: dlkernels.pointwise_conv2d(x, w, b, backend=backend),
+         [leaf(draw(2, 3, 5, 4, cl=True)), leaf(draw(4, 3, 1, 1)), leaf(draw(4))], []),
     ]
+
+
+OP_CASES = range(6)  # _cases' length
 
 
 def _run(fn, inputs, state):
@@ -65,7 +72,7 @@ def _eager_functions() -> set:
     return {o.function for o in ops if o.function is not None} | {_TrainingEager}
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", OP_CASES)
 def test_eager_path_equals_dispatcher_path(backend, case):
     name, fn, inputs, state = _cases(backend)[case]
     saved = [s.clone() for s in state]
@@ -83,7 +90,7 @@ def test_eager_path_equals_dispatcher_path(backend, case):
         assert torch.equal(a, b), f"{name}: result {i} differs between the two paths"
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", OP_CASES)
 def test_tensor_left_by_a_finished_transform(backend, case):
     """A tensor kept from inside a finished torch.func transform (a dead functorch wrapper) goes through
     the dispatcher, whose functorch layer unwraps it (plain_eager): the output and the other inputs'
@@ -118,7 +125,7 @@ def _cotangent(out):
     return torch.ones_like(out).mul_(0.5).add_(out.detach().sin())
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", OP_CASES)
 def test_torch_func_vjp_and_grad_equal_eager(backend, case):
     """torch.func.vjp and torch.func.grad over each op give eager autograd's output, gradients and running
     statistics (torch.library's own autograd registration is rejected there: "must override the
@@ -141,7 +148,7 @@ def test_torch_func_vjp_and_grad_equal_eager(backend, case):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name}: grad {i}")
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", OP_CASES)
 def test_torch_func_vmap_equals_a_loop(backend, case):
     """torch.vmap over the first input of each op, and per-example gradients (vmap of grad), equal a loop
     over the examples. A training batch norm whose running statistics are not batched raises torch's
@@ -160,16 +167,16 @@ def test_torch_func_vmap_equals_a_loop(backend, case):
     torch.testing.assert_close(per_example, torch.stack(loop), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(len(OP_CASES) + 2))
 def test_batched_gradients_equal_a_loop(backend, case):
     """autograd.grad(is_grads_batched=True) (what jacobian(vectorize=True) and gradcheck's batched check
     run) hands the backward torch's older vmap's batched tensors, which the kernels cannot read: the ops
-    take them through the dispatcher (the cpp backend raised "Cannot access data pointer"). Cases 5 and
-    6: nn.Conv2d's im2col stem and the strided 1x1 shortcut's subsample, Functions of their own."""
-    if case == 5:
+    take them through the dispatcher (the cpp backend raised "Cannot access data pointer"). Cases 6 and
+    7: nn.Conv2d's im2col stem and the strided 1x1 shortcut's subsample, Functions of their own."""
+    if case == 6:
         conv = dlkernels.nn.Conv2d(3, 4, 3, 2, 1, backend=backend).to(DEVICE)
         name, fn, inputs, state = "Conv2d", conv, [leaf(_r(2, 3, 7, 6, cl=True))], []
-    elif case == 6:
+    elif case == 7:
         conv = dlkernels.nn.PointwiseConv2d(3, 4, stride=2, backend=backend).to(DEVICE)
         name, fn, inputs, state = "PointwiseConv2d", conv, [leaf(_r(2, 3, 7, 6, cl=True))], []
     else:
@@ -186,16 +193,16 @@ def test_batched_gradients_equal_a_loop(backend, case):
             torch.testing.assert_close(a[i], b, rtol=1e-5, atol=1e-5, msg=f"{name}: cotangent {i}, input {j}")
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(len(OP_CASES) + 2))
 def test_forward_ad_tangents(backend, case):
     """Forward-mode AD through every op (and nn.Conv2d's im2col stem and the strided 1x1 shortcut, which
     run torch ops there): a forward_ad dual level and torch.func.jvp give the same tangent, and it is the
     Jacobian's product, checked against the (separately tested) backward: <v, J t> = <J^T v, t> for random
     v and t, every input dual. (The kernels alone, and torch.library's Autograd kernel, which sees no input
     requiring grad, returned the output without its tangent.)"""
-    if case == 5:
+    if case == 6:
         fn, inputs = dlkernels.nn.Conv2d(3, 4, 3, 2, 1, backend=backend).to(DEVICE), [_r(2, 3, 7, 6, cl=True)]
-    elif case == 6:
+    elif case == 7:
         fn, inputs = dlkernels.nn.PointwiseConv2d(3, 4, stride=2, backend=backend).to(DEVICE), [_r(2, 3, 7, 6, cl=True)]
     else:
         _, fn, inputs, _ = _cases(backend)[case]
@@ -219,6 +226,119 @@ def test_forward_ad_tangents(backend, case):
     _, t_first = torch.func.jvp(lambda a: fn(a, *plain[1:]), (plain[0],), (tangents[0],))
     lhs, rhs = (v.double() * t_first.double()).sum(), (grads[0].double() * tangents[0].double()).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-5 * float((v * t_first).abs().sum()))
+
+
+_F = torch.func
+# A second derivative of a scalar in every input at once, outer transform over inner: the whole Hessian
+# (torch.func.hessian is forward over reverse) ...
+_SECOND_ORDER = {
+    "fwd-rev": lambda f, n: _F.hessian(f, argnums=n),
+    "rev-fwd": lambda f, n: _F.jacrev(_F.jacfwd(f, argnums=n), argnums=n),
+    "fwd-fwd": lambda f, n: _F.jacfwd(_F.jacfwd(f, argnums=n), argnums=n),
+    "rev-rev": lambda f, n: _F.jacrev(_F.jacrev(f, argnums=n), argnums=n),
+}
+# ... and, on the interpreted Triton kernels, its products with directions d (vmapped over them), by the
+# same modes: a whole Hessian's inner jacfwd or outer jacrev runs a conv of a channel set per input
+# element there (minutes). Forward over forward runs torch ops (nested_forward_ad), whole.
+_SECOND_ORDER_PRODUCT = {
+    "fwd-rev": lambda f, n, p, d: _F.jvp(_F.jacrev(f, argnums=n), p, d)[1],
+    "rev-fwd": lambda f, n, p, d: _F.grad(lambda *q: _F.jvp(f, q, d)[1], argnums=n)(*p),
+    "rev-rev": lambda f, n, p, d: _F.vjp(_F.jacrev(f, argnums=n), *p)[1](d),
+}
+
+
+@pytest.mark.parametrize("order", list(_SECOND_ORDER))
+@pytest.mark.parametrize("case", OP_CASES)
+def test_second_derivatives_equal_torchs(backend, case, order):
+    """Second derivatives through each op by torch.func, in every order of forward and reverse mode, of a
+    scalar of the op's output in every input, float64: the Hessian and running statistics of the function
+    on torch's ops (backend "torch", the same draws), there taken by reverse over reverse
+    (torch.autograd.functional.hessian: torch.func.hessian of F.batch_norm in training gets the block
+    d(grad weight)/d(input) wrong, torch 2.13). Before: hessian raised over depthwise, separable and
+    linear with relu (functorch's generated vmap rule paired the flattened sizes lists with the tangents;
+    two backward ops had no jvp), reverse over forward and reverse over reverse raised over most ops (that
+    rule read the forward's saved tensors with the backward's batch dimensions), and forward over forward
+    answered wrong over every op (pytorch issue 197867)."""
+    products = DEVICE.type == "cpu" and backend == "triton" and order in _SECOND_ORDER_PRODUCT
+    results = []
+    for b in (backend, "torch"):
+        torch.manual_seed(case)
+        name, fn, inputs, state = _cases(b, torch.float64)[case]
+        plain = tuple(t.detach() for t in inputs)
+        argnums = tuple(range(len(plain)))
+        scalar = lambda *a: fn(*a).sin().sum()  # noqa: E731
+        if b == "torch":
+            h = torch.autograd.functional.hessian(scalar, plain)
+        elif products:
+            directions = [torch.randn(2, *p.shape, dtype=p.dtype, device=DEVICE) for p in plain]
+            h = _F.vmap(lambda *d: _SECOND_ORDER_PRODUCT[order](scalar, argnums, plain, d))(*directions)
+        else:
+            h = _SECOND_ORDER[order](scalar, argnums)(*plain)
+        results.append((h, [s.clone() for s in state]))
+    (h, state), (want, want_state) = results
+    if products:
+        want = [sum(torch.einsum("ab,kb->ka", block.reshape(p.numel(), q.numel()), d.reshape(2, -1))
+                    for block, q, d in zip(row, plain, directions)).reshape(2, *p.shape)
+                for row, p in zip(want, plain)]
+    torch.testing.assert_close(h, want, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}, {order}: {m}")
+    torch.testing.assert_close(state, want_state, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_third_derivative_by_nested_forward_equals_torchs(backend, case):
+    """jvp of jvp of grad (the third derivative along two directions u, v) through each op, float64: the
+    central difference along v of the Hessian's product with u, by reverse over reverse on torch's ops
+    (backend "torch", the same draws). Torch's own third derivatives of F.batch_norm in training are
+    wrong (by nested forward mode and by reverse three times, torch 2.13), so not those."""
+    results = []
+    for b in (backend, "torch"):
+        torch.manual_seed(case)
+        name, fn, inputs, _ = _cases(b, torch.float64)[case]
+        plain = tuple(t.detach() for t in inputs)
+        u, v = [tuple(torch.randn_like(p) for p in plain) for _ in range(2)]
+        scalar = lambda *a: fn(*a).sin().sum()  # noqa: E731
+        if b == backend:
+            gradient = _F.grad(scalar, argnums=tuple(range(len(plain))))
+            results.append(_F.jvp(lambda *p: _F.jvp(gradient, p, u)[1], plain, v)[1])
+            continue
+
+        def hessian_u(step):
+            xs = [leaf(p + step * d) for p, d in zip(plain, v)]
+            g = torch.autograd.grad(scalar(*xs), xs, create_graph=True)
+            return torch.autograd.grad(sum((a * d).sum() for a, d in zip(g, u)), xs)
+
+        step = 1e-5
+        results.append([(a - c) / (2 * step) for a, c in zip(hessian_u(step), hessian_u(-step))])
+    # the difference's truncation and rounding: ~1e-10 of the third derivative's scale, 1e-7 allowed
+    torch.testing.assert_close(results[0], results[1], rtol=1e-7, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_torch_op_forms_equal_the_kernels(backend, case, monkeypatch):
+    """What the ops run under nested forward-mode AD (each Op's register_decomposition: torch ops) gives
+    what the kernels give, forward and backward ops alike: a jvp of each op, and a jvp of its vjp in the
+    cotangent (the backward ops run inside that jvp), with the torch forms forced against without."""
+    name, fn, inputs, state = _cases(backend)[case]
+    plain = tuple(t.detach() for t in inputs)
+    tangents = tuple(torch.randn_like(p) for p in plain)
+    saved = [s.clone() for s in state]
+    t_cot = None
+    results = []
+    for forced in (False, True):
+        for s, v in zip(state, saved):
+            s.copy_(v)
+        with monkeypatch.context() as m:
+            m.setattr(_registration, "nested_forward_ad", lambda: forced)
+            out, t_out = _F.jvp(fn, plain, tangents)
+        cot = _cotangent(out)
+        t_cot = torch.randn_like(cot) if t_cot is None else t_cot
+        _, vjp_fn = _F.vjp(fn, *plain)  # on the kernels
+        with monkeypatch.context() as m:
+            m.setattr(_registration, "nested_forward_ad", lambda: forced)
+            grads, t_grads = _F.jvp(vjp_fn, (cot,), (t_cot,))
+        results.append([out, t_out, *grads, *t_grads, *(s.clone() for s in state)])
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}, result {i}: {m}")
 
 
 def test_vmap_batch_norm_with_batched_running_stats(backend):
@@ -261,7 +381,7 @@ def test_no_grad_and_inference_mode_take_the_kernel_directly(backend):
     assert out.is_inference() and torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", OP_CASES)
 def test_jit_trace_records_the_op(backend, case):
     """torch.jit.trace (TorchScript, torch.onnx's older exporter) records each op as a dlkernels:: node, so
     the trace runs other inputs through the kernels: forward, gradients and running statistics equal the

@@ -290,6 +290,29 @@ def _functional(input, residual, running_mean, running_var, weight, bias, traini
 _increment_version = torch.autograd.graph.increment_version
 
 
+@batch_norm_residual_functional_op.register_decomposition
+def _(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend):
+    """The functional op in torch ops (the statistics as the op returns them: not differentiable)."""
+    _check(input, residual, running_mean, running_var, weight, bias, training, eps, activation, backend)
+    if input.numel() == 0:
+        return _functional(input, residual, running_mean, running_var, weight, bias, training, eps, activation,
+                           backend)
+    sdtype = stats_dtype(input.dtype)
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if training:
+        var, mean = torch.var_mean(input, [0, *range(2, input.dim())], correction=0)
+    else:
+        mean, var = running_mean, running_var
+    z = (input - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
+    z = z if weight is None else z * weight.view(shape)
+    z = z if bias is None else z + bias.view(shape)
+    z = z if residual is None else z + residual
+    out = reference.activate(z, activation).to(input.dtype)
+    placeholder = input.new_empty(0, dtype=sdtype)
+    stats = (mean.detach().to(sdtype), var.detach().to(sdtype)) if training else (placeholder, placeholder.clone())
+    return out, *stats, input.new_empty(0, dtype=torch.uint8)
+
+
 def _kernel_vector(t: Tensor, sdtype: torch.dtype) -> bool:
     return t.dtype == sdtype and t.is_contiguous()
 

@@ -108,6 +108,12 @@ def depthwise_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], s
     return in_format(y, fmt)
 
 
+@depthwise_conv2d_op.register_decomposition
+def _(input, weight, bias, stride, pad, dilation, out_hw, backend):
+    check_weights(OP, input, weight, bias, backend)
+    return reference.depthwise_fwd(input, weight, bias, stride, pad, dilation, out_hw)
+
+
 @depthwise_conv2d_op.register_fake
 def _(input, weight, bias, stride, pad, dilation, out_hw, backend):
     check_weights(OP, input, weight, bias, backend)
@@ -160,6 +166,13 @@ def depthwise_conv2d_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor
         if output_mask[2]:
             grad_b = gb
     return grad_x, grad_w, grad_b
+
+
+@depthwise_conv2d_backward_op.register_decomposition
+def _(grad_out, input, weight, stride, pad, dilation, output_mask, backend):
+    gx, gw = reference.depthwise_bwd(grad_out, input, weight, stride, pad, dilation, output_mask[:2])
+    return (gx if output_mask[0] else input.new_empty(0), gw if output_mask[1] else input.new_empty(0),
+            grad_out.sum((0, 2, 3)) if output_mask[2] else input.new_empty(0))
 
 
 @depthwise_conv2d_backward_op.register_fake
@@ -217,6 +230,27 @@ def _double_backward(ctx, v_x, v_w, v_b):
 
 
 depthwise_conv2d_backward_op.register_autograd(_double_backward, setup_context=_backward_setup)
+
+
+@depthwise_conv2d_backward_op.register_jvp
+def _(inputs, output, tangents):
+    """Bilinear again (see _double_backward): grad_input's tangent is the input gradient of grad_out's
+    tangent through the weight plus that of grad_out through the weight's tangent; grad_weight's, the
+    weight gradient of grad_out's tangent against the input plus that of grad_out against the input's
+    tangent; grad_bias's, grad_out's tangent summed. Forward over reverse (torch.func.hessian) needs it."""
+    g, x, w, stride, pad, dilation, output_mask, backend = inputs
+    t_g, t_x, t_w = tangents[:3]
+
+    def grad(i):  # output i of the backward, alone, as a function of what it is bilinear in
+        mask = [j == i for j in range(3)]
+        return lambda g_, a, b: depthwise_conv2d_backward_op(g_, a, b, stride, pad, dilation, mask, backend)[i]
+
+    gx, gw, gb = grad(0), grad(1), grad(2)
+    terms = (_registration.product_rule(lambda g_, w_: gx(g_, x, w_), g, w, t_g, t_w),
+             _registration.product_rule(lambda g_, x_: gw(g_, x_, w), g, x, t_g, t_x),
+             [] if t_g is None else [gb(t_g, x, w)])
+    return tuple(_registration.tangent_sum(t, out) if wanted else torch.zeros_like(out)
+                 for t, out, wanted in zip(terms, output, output_mask))
 
 
 def _setup(ctx, inputs, output):

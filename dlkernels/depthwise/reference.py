@@ -24,8 +24,9 @@ def depthwise_fwd(x, weight, bias, stride, pad, dilation, out_hw) -> Tensor:
     return y[:, :, : out_hw[0], : out_hw[1]]
 
 
-def _backward(grad_y, x, weight, stride, pad, dilation, mask):
-    """aten's convolution_backward on the padded frame (no autograd: kernels run below it)."""
+def depthwise_bwd(grad_y, x, weight, stride, pad, dilation, mask):
+    """(grad_x, grad_weight) by aten's convolution_backward on the padded frame (each None unless asked
+    for in mask): torch ops, which forward-mode AD differentiates to any order."""
     xp = _pad_full(x, pad, x.shape[2:], weight.shape[2:], stride, dilation, grad_y.shape[2:])
     xp = xp[:, :, : (grad_y.shape[2] - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1,
             : (grad_y.shape[3] - 1) * stride[1] + dilation[1] * (weight.shape[3] - 1) + 1]
@@ -43,10 +44,10 @@ def _backward(grad_y, x, weight, stride, pad, dilation, mask):
 def depthwise_bwd_input(grad_y, weight, in_hw, stride, pad, dilation) -> Tensor:
     """Called with a multiplier of 1: grad_y (N, C, Ho, Wo), weight (C, 1, kH, kW)."""
     x = grad_y.new_zeros((grad_y.shape[0], grad_y.shape[1], *in_hw))
-    return _backward(grad_y, x, weight, stride, pad, dilation, (True, False))[0]
+    return depthwise_bwd(grad_y, x, weight, stride, pad, dilation, (True, False))[0]
 
 
 def depthwise_bwd_weight(grad_y, x, kernel_hw, stride, pad, dilation, need_bias):
     weight = x.new_zeros((grad_y.shape[1], 1, *kernel_hw))
-    gw = _backward(grad_y, x, weight, stride, pad, dilation, (False, True))[1]
+    gw = depthwise_bwd(grad_y, x, weight, stride, pad, dilation, (False, True))[1]
     return gw, (grad_y.sum(dim=(0, 2, 3)) if need_bias else None)

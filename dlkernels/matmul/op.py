@@ -210,6 +210,18 @@ def linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation:
     return out.reshape(*input.shape[:-1], weight.shape[0])
 
 
+@matmul_op.register_decomposition
+def _(a, b, backend):
+    _check_matmul(a, b, backend)
+    return reference.matmul(a, b)
+
+
+@linear_op.register_decomposition
+def _(input, weight, bias, activation, backend):
+    _check_linear(input, weight, bias, activation, backend)
+    return reference.linear(input, weight, bias, activation)
+
+
 @linear_op.register_fake
 def _(input, weight, bias, activation, backend):
     _check_linear(input, weight, bias, activation, backend)
@@ -253,6 +265,12 @@ def _(grad_out, out, activation, bias_dim, need_bias, backend):
     return g, grad_out.new_empty(grad_out.shape[-2 + bias_dim] if need_bias else 0)
 
 
+@bias_act_backward_op.register_decomposition
+def _(grad_out, out, activation, bias_dim, need_bias, backend):
+    g, gb = reference.bias_act_backward(grad_out, out, activation, bias_dim, need_bias)
+    return (g if activation else grad_out.new_empty(0)), (gb if need_bias else grad_out.new_empty(0))
+
+
 @bias_act_backward_op.register_vmap
 def _(info, in_dims, grad_out, out, activation, bias_dim, need_bias, backend):
     """Under torch.vmap (per-example gradients of a linear layer): relu's mask over all the examples' rows
@@ -292,6 +310,16 @@ def _bias_act_double_backward(ctx, v_pre, v_bias):
 
 
 bias_act_backward_op.register_autograd(_bias_act_double_backward, setup_context=_bias_act_setup)
+
+
+@bias_act_backward_op.register_jvp
+def _(inputs, output, tangents):
+    """Linear in grad_out, as for the double backward: the op of grad_out's tangent (the placeholders'
+    tangents empty as they are). Forward over reverse (torch.func.hessian) needs it."""
+    grad_out, out, activation, bias_dim, need_bias, backend = inputs
+    if tangents[0] is None:
+        return tuple(torch.zeros_like(o) for o in output)
+    return bias_act_backward_op(tangents[0], out, activation, bias_dim, need_bias, backend)
 
 
 def _linear_setup(ctx, inputs, output):

@@ -91,6 +91,12 @@ def pointwise_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], b
     return forward(k, input, weight.reshape(weight.shape[0], -1), bias)
 
 
+@pointwise_conv2d_op.register_decomposition
+def _(input, weight, bias, backend):
+    check(OP, input, weight, bias, backend)
+    return reference.pointwise_conv2d(input, weight, bias)
+
+
 @pointwise_conv2d_op.register_fake
 def _(input, weight, bias, backend):
     check(OP, input, weight, bias, backend)

@@ -57,6 +57,13 @@ def separable_conv2d_op(input: Tensor, depthwise_weight: Tensor, pointwise_weigh
     return in_format(y, fmt)
 
 
+@separable_conv2d_op.register_decomposition
+def _(input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, out_hw, backend):
+    _check(input, depthwise_weight, pointwise_weight, bias, backend)
+    return reference.separable_fwd(input, depthwise_weight, pointwise_weight.reshape(pointwise_weight.shape[0], -1),
+                                   bias, stride, pad, dilation, out_hw)
+
+
 @separable_conv2d_op.register_fake
 def _(input, depthwise_weight, pointwise_weight, bias, stride, pad, dilation, out_hw, backend):
     _check(input, depthwise_weight, pointwise_weight, bias, backend)
