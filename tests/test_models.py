@@ -144,6 +144,36 @@ def test_torch_func_training_step_matches_backward(backend, name):
                 torch.testing.assert_close(per_example[n][i], p.grad, rtol=1e-9, atol=1e-12, msg=f"{i}: {n}")
 
 
+@pytest.mark.parametrize("backend", LARGE_BACKENDS)
+@pytest.mark.parametrize("name", ["mini_xception", "resnet18", "mlp"])
+def test_hessian_vector_product_matches_the_twin(backend, name):
+    """Forward over reverse through a whole model (jvp of grad of the loss in the parameters: a
+    Hessian-vector product, what second-order optimizers and influence functions take), in both modes
+    (training with the batch norms' running statistics off, as torch.func asks), equals the twin's."""
+    for mode in (False, True):
+        products = []
+        ours, twin, x = _pair(name, backend)
+        for model in (ours, twin):
+            model.train(mode)
+            if name == "mini_xception":
+                model.dropout.p = 0.0
+            if mode:
+                torch.func.replace_all_batch_norm_modules_(model)
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            buffers = dict(model.named_buffers())
+            labels = torch.arange(len(x)) % 3
+
+            def loss(p):
+                return F.cross_entropy(torch.func.functional_call(model, (p, buffers), (x,)), labels)
+
+            torch.manual_seed(5)
+            direction = {k: torch.randn_like(p) for k, p in params.items()}
+            products.append(torch.func.jvp(torch.func.grad(loss), (params,), (direction,))[1])
+        for k, want in products[1].items():
+            torch.testing.assert_close(products[0][k], want, rtol=1e-9, atol=1e-9 * float(want.abs().max()),
+                                       msg=f"{'training' if mode else 'evaluation'}: {k}")
+
+
 @pytest.mark.parametrize("builder,params,last", [
     (models.resnet18, 11_689_512, "layer4.1.bn2.num_batches_tracked"),
     (models.resnet34, 21_797_672, "layer4.2.bn2.num_batches_tracked"),
