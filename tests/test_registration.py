@@ -315,30 +315,33 @@ def test_third_derivative_by_nested_forward_equals_torchs(backend, case):
 
 @pytest.mark.parametrize("case", OP_CASES)
 def test_torch_op_forms_equal_the_kernels(backend, case, monkeypatch):
-    """What the ops run under nested forward-mode AD (each Op's register_decomposition: torch ops) gives
-    what the kernels give, forward and backward ops alike: a jvp of each op, and a jvp of its vjp in the
-    cotangent (the backward ops run inside that jvp), with the torch forms forced against without."""
+    """What each op runs under nested forward-mode AD (Op.register_decomposition: torch ops) gives what its
+    kernels give, on the arguments of every op call that a forward and backward makes (forward and backward
+    ops; recorded under a dispatch mode, where the backward calls its ops rather than their kernels). Every
+    op with autograd has one, so nested forward mode never meets one without."""
     name, fn, inputs, state = _cases(backend)[case]
-    plain = tuple(t.detach() for t in inputs)
-    tangents = tuple(torch.randn_like(p) for p in plain)
-    saved = [s.clone() for s in state]
-    t_cot = None
-    results = []
-    for forced in (False, True):
-        for s, v in zip(state, saved):
-            s.copy_(v)
-        with monkeypatch.context() as m:
-            m.setattr(_registration, "nested_forward_ad", lambda: forced)
-            out, t_out = _F.jvp(fn, plain, tangents)
-        cot = _cotangent(out)
-        t_cot = torch.randn_like(cot) if t_cot is None else t_cot
-        _, vjp_fn = _F.vjp(fn, *plain)  # on the kernels
-        with monkeypatch.context() as m:
-            m.setattr(_registration, "nested_forward_ad", lambda: forced)
-            grads, t_grads = _F.jvp(vjp_fn, (cot,), (t_cot,))
-        results.append([out, t_out, *grads, *t_grads, *(s.clone() for s in state)])
-    for i, (a, b) in enumerate(zip(*results)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}, result {i}: {m}")
+    calls = []
+    original = _registration.Op.__call__
+
+    def recording(op, *args):
+        calls.append((op, args))
+        return original(op, *args)
+
+    with monkeypatch.context() as m, Recorder():
+        m.setattr(_registration.Op, "__call__", recording)
+        _run(fn, inputs, state)
+    checked = set()
+    for op, args in calls:
+        if op.transformable is None:
+            continue
+        assert op.decomposition is not None, f"{op.qualname} has autograd but no torch-op form"
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        got, want = op.decomposition(*args), op.impl(*args)
+        for i, (a, b) in enumerate(zip(*((x,) if isinstance(x, torch.Tensor) else x for x in (got, want)))):
+            assert a.shape == b.shape and a.dtype == b.dtype, f"{op.qualname} output {i}"
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{op.qualname} output {i}: {m}")
+        checked.add(op.name)
+    assert name in checked or f"{name}_functional" in checked, checked
 
 
 def test_vmap_batch_norm_with_batched_running_stats(backend):

@@ -466,6 +466,24 @@ def _(info, in_dims, grad_out, out, relu_gate, input, residual, weight, bias, me
              0 if need_b else None))
 
 
+def _grads_in_torch_ops(grad_out, out, gate, input, residual, weight, bias, mean, var, eps, training, activation):
+    """The four gradients as reference.grads_differentiable gives them (torch ops, differentiable to any
+    order, the statistics recomputed in training), relu's mask from the gate bits or the output."""
+    passes = None
+    if activation == "relu":
+        passes = relu_gate_passes(gate, input) if gate is not None else ~(out <= 0)
+    return reference.grads_differentiable(grad_out, passes, input, residual, weight, bias, mean, var, eps, training,
+                                          activation)
+
+
+@batch_norm_residual_backward_op.register_decomposition
+def _(grad_out, out, relu_gate, input, residual, weight, bias, mean, var, eps, training, activation, output_mask,
+      backend):
+    grads = _grads_in_torch_ops(grad_out, out, relu_gate, input, residual, weight, bias, mean, var, eps, training,
+                                activation)
+    return tuple(g if wanted and g is not None else input.new_empty(0) for g, wanted in zip(grads, output_mask))
+
+
 @batch_norm_residual_backward_op.register_fake
 def _(grad_out, out, relu_gate, input, residual, weight, bias, mean, var, eps, training, activation, output_mask,
       backend):
@@ -502,11 +520,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_gate):
     if torch.is_grad_enabled():
         # create_graph=True: this backward will be differentiated, through the batch statistics too,
         # which the kernels' backward takes as constants: the same gradients in torch ops instead
-        passes = None
-        if ctx.activation == "relu":
-            passes = relu_gate_passes(gate, input) if gate is not None else ~(out <= 0)
-        gx, gr, gw, gb = reference.grads_differentiable(grad_out, passes, input, residual, weight, bias, mean, var,
-                                                        ctx.eps, ctx.training, ctx.activation)
+        gx, gr, gw, gb = _grads_in_torch_ops(grad_out, out, gate, input, residual, weight, bias, mean, var, ctx.eps,
+                                             ctx.training, ctx.activation)
         return (gx if needs[0] else None, gr if need_r else None, None, None, gw if needs[4] else None,
                 gb if needs[5] else None, None, None, None, None)
     # Without an activation grad_residual is grad_out itself (as for eager's add): handing it back
