@@ -100,12 +100,15 @@ class Op:
         self._autograd = (backward, setup_context)
         self.transformable = transformable_function(self.default, self.name, backward, setup_context)
 
-    def register_jvp(self, jvp: Callable) -> Callable:
+    def register_jvp(self, jvp: Callable, *, unread: Callable[[tuple], Iterable[int]] | None = None) -> Callable:
         """``jvp(inputs, output, tangents)`` -> the output's tangent (a tuple for a tuple output; None where
         an output has none): forward-mode AD through the op (torch.func.jvp, jacfwd, a
         torch.autograd.forward_ad dual level), on its transformable Function. inputs and output are the
-        primal call's; tangents follow inputs, None where an input has none. After register_autograd."""
-        self.transformable = transformable_function(self.default, self.name, *self._autograd, jvp)
+        primal call's; tangents follow inputs, None where an input has none. After register_autograd.
+        ``unread(inputs)``: the positions of tensor inputs that jvp does not read for that call (None in
+        its inputs then), which are then not saved: a tensor the caller mutates after the op (a batch
+        norm's running statistics) must not be, or the backward's version check fails."""
+        self.transformable = transformable_function(self.default, self.name, *self._autograd, jvp, unread)
         return jvp
 
     def register_decomposition(self, fn: Callable) -> Callable:
@@ -140,7 +143,8 @@ class Op:
 
 
 def transformable_function(op: torch._ops.OpOverload, name: str, backward: Callable, setup_context: Callable,
-                           jvp: Callable | None = None) -> type[torch.autograd.Function]:
+                           jvp: Callable | None = None, unread: Callable[[tuple], Iterable[int]] | None = None
+                           ) -> type[torch.autograd.Function]:
     """The op's autograd as an ``autograd.Function`` that torch.func's transforms take, applied where one
     is active (``Op.__call__``): the Function torch.library.register_autograd generates takes ctx in its
     forward and calls setup_context from there, which ``torch.func.grad``, ``vjp``, ``jacrev`` and
@@ -166,11 +170,13 @@ def transformable_function(op: torch._ops.OpOverload, name: str, backward: Calla
             recorder = _SaveRecorder(ctx)
             setup_context(recorder, inputs, output)
             outputs = output if isinstance(output, tuple) else (output,)
-            both = (*recorder.saved, *(t for t in (*inputs, *outputs) if isinstance(t, torch.Tensor)))
+            skipped = set(unread(inputs)) if unread is not None else set()
+            read = [None if i in skipped else t for i, t in enumerate(inputs)]
+            both = (*recorder.saved, *(t for t in (*read, *outputs) if isinstance(t, torch.Tensor)))
             ctx.save_for_backward(*both)
             ctx.save_for_forward(*both)
             ctx.backward_saves = len(recorder.saved)
-            ctx.jvp_call = ([_SAVED if isinstance(t, torch.Tensor) else t for t in inputs],
+            ctx.jvp_call = ([_SAVED if isinstance(t, torch.Tensor) else t for t in read],
                             [_SAVED if isinstance(t, torch.Tensor) else t for t in outputs], isinstance(output, tuple))
 
         def backward_of_saved(ctx, *grads):

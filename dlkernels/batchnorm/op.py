@@ -540,8 +540,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_gate):
 batch_norm_residual_functional_op.register_autograd(_backward, setup_context=_setup)
 
 
-@batch_norm_residual_functional_op.register_jvp
-def _(inputs, output, tangents):
+def _jvp(inputs, output, tangents):
     """The output's tangent in torch ops (forward-mode AD is rare and each term is a pass): z = xhat * w +
     b + r with xhat = (x - mean) * invstd; in training mean and the biased variance are the batch's, so
     their tangents are mean(t_x) and 2 mean((x - mean) t_x) per channel, in evaluation the running
@@ -582,6 +581,10 @@ def _(inputs, output, tangents):
         sig = torch.sigmoid(z)
         t_z = t_z * sig * (1 + z * (1 - sig))
     return t_z, None, None, None
+
+
+# in training the jvp does not read the running statistics, which the op updates in place right after
+batch_norm_residual_functional_op.register_jvp(_jvp, unread=lambda inputs: (2, 3) if inputs[6] else ())
 
 
 def _no_double_backward(ctx, *grads):
