@@ -161,21 +161,28 @@ def transformable_function(op: torch._ops.OpOverload, name: str, backward: Calla
              "backward": staticmethod(backward), "generate_vmap_rule": True}
     if jvp is not None:
         # The primals reach jvp through save_for_forward (tensors held on ctx would make a reference cycle
-        # through the output's grad_fn), their places in the call as a template of markers. Both
-        # directions save one tuple, the backward's tensors first: the vmap rule functorch generates keeps
-        # one record of the saved tensors' batch dimensions, the last save's (torch 2.13's CtxCustomSave),
-        # and with two different tuples the other direction read its tensors against it (reverse over
-        # forward and torch.func.jacrev(jacrev) raised "flat_bdims must not be None").
+        # through the output's grad_fn), their places in the call as a template of markers. Under the
+        # vmap rule functorch generates (its ctx a CtxCustomSave) both directions save one tuple, the
+        # backward's tensors first: that rule keeps one record of the saved tensors' batch dimensions, the
+        # last save's (torch 2.13), and with two different tuples the other direction read its tensors
+        # against it (reverse over forward and torch.func.jacrev(jacrev) raised "flat_bdims must not be
+        # None"). Elsewhere the backward saves only its own: an output modified in place after the op
+        # (ReLU(inplace=True)) must not be saved for it, or its version check fails under torch.func.grad.
         def setup(ctx, inputs, output):
             recorder = _SaveRecorder(ctx)
             setup_context(recorder, inputs, output)
             outputs = output if isinstance(output, tuple) else (output,)
             skipped = set(unread(inputs)) if unread is not None else set()
             read = [None if i in skipped else t for i, t in enumerate(inputs)]
-            both = (*recorder.saved, *(t for t in (*read, *outputs) if isinstance(t, torch.Tensor)))
-            ctx.save_for_backward(*both)
-            ctx.save_for_forward(*both)
-            ctx.backward_saves = len(recorder.saved)
+            primals = tuple(t for t in (*read, *outputs) if isinstance(t, torch.Tensor))
+            if isinstance(ctx, _VmapRuleCtx):
+                ctx.save_for_backward(*recorder.saved, *primals)
+                ctx.save_for_forward(*recorder.saved, *primals)
+                ctx.backward_saves = ctx.primals_from = len(recorder.saved)
+            else:
+                ctx.save_for_backward(*recorder.saved)
+                ctx.save_for_forward(*primals)
+                ctx.backward_saves, ctx.primals_from = None, 0
             ctx.jvp_call = ([_SAVED if isinstance(t, torch.Tensor) else t for t in read],
                             [_SAVED if isinstance(t, torch.Tensor) else t for t in outputs], isinstance(output, tuple))
 
@@ -183,7 +190,7 @@ def transformable_function(op: torch._ops.OpOverload, name: str, backward: Calla
             return backward(_BackwardSaves(ctx), *grads)
 
         def forward_grad(ctx, *tangents):
-            inputs, outputs, is_tuple = _fill(ctx.jvp_call, iter(ctx.saved_tensors[ctx.backward_saves:]))
+            inputs, outputs, is_tuple = _fill(ctx.jvp_call, iter(ctx.saved_tensors[ctx.primals_from:]))
             return jvp(tuple(inputs), tuple(outputs) if is_tuple else outputs[0], tangents)
 
         attrs.update(setup_context=staticmethod(setup), backward=staticmethod(backward_of_saved),
@@ -217,11 +224,16 @@ class _SaveRecorder(_CtxView):
 
 
 class _BackwardSaves(_CtxView):
-    """The backward's ctx: the saved tensors its setup_context saved, the first of the one tuple."""
+    """The backward's ctx: the saved tensors its setup_context saved (under a generated vmap rule, the
+    first of the one tuple)."""
 
     @property
     def saved_tensors(self):
-        return self._ctx.saved_tensors[:self._ctx.backward_saves]
+        saved = self._ctx.saved_tensors
+        return saved if self._ctx.backward_saves is None else saved[:self._ctx.backward_saves]
+
+
+_VmapRuleCtx = torch._functorch.autograd_function.CtxCustomSave  # the ctx of functorch's generated vmap rule
 
 
 class _Leaf(list):

@@ -15,6 +15,8 @@ from dlkernels import _registration
 from dlkernels.batchnorm.op import _TrainingEager
 from helpers import DEVICE, KERNEL_BACKENDS, LARGE_BACKENDS, leaf
 
+_F = torch.func
+
 
 class Recorder(TorchDispatchMode):
     """A dispatch mode that passes every op through and notes its name."""
@@ -149,6 +151,34 @@ def test_torch_func_vjp_and_grad_equal_eager(backend, case):
 
 
 @pytest.mark.parametrize("case", OP_CASES)
+def test_torch_func_grad_through_an_in_place_op_after(backend, case):
+    """torch.func.grad where the op's output is modified in place after it (``out += identity``) equals
+    the out-of-place gradient, or raises autograd's version-check error where torch's ops do (linear with
+    relu saves its output, as torch's relu does): the transforms' Function saves for the backward only
+    what the backward reads (saving the output as the jvp's primal too made every op raise)."""
+    results = []
+    for b in (backend, "torch"):
+        name, fn, inputs, state = _cases(b)[case]
+        plain = [t.detach() for t in inputs]
+        saved = [s.clone() for s in state]
+        grads = []
+        for in_place in (True, False):
+            for s, v in zip(state, saved):
+                s.copy_(v)
+            scaled = (lambda y: y.mul_(2)) if in_place else (lambda y: y * 2)
+            try:
+                grads.append(_F.grad(lambda *a: scaled(fn(*a)).sin().sum(), argnums=tuple(range(len(plain))))(*plain))
+            except RuntimeError as e:
+                assert in_place and "modified by an inplace operation" in str(e), e
+                grads.append(None)
+        results.append(grads)
+    (in_place, out_of_place), (torch_in_place, _) = results
+    assert (in_place is None) == (torch_in_place is None), f"{name}: raised {in_place is None}, torch's did not"
+    for i, (a, b) in enumerate(zip(in_place or out_of_place, out_of_place)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name}: grad {i}")
+
+
+@pytest.mark.parametrize("case", OP_CASES)
 def test_torch_func_vmap_equals_a_loop(backend, case):
     """torch.vmap over the first input of each op, and per-example gradients (vmap of grad), equal a loop
     over the examples. A training batch norm whose running statistics are not batched raises torch's
@@ -228,7 +258,6 @@ def test_forward_ad_tangents(backend, case):
     torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-5 * float((v * t_first).abs().sum()))
 
 
-_F = torch.func
 # A second derivative of a scalar in every input at once, outer transform over inner: the whole Hessian
 # (torch.func.hessian is forward over reverse) ...
 _SECOND_ORDER = {
