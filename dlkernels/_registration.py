@@ -63,8 +63,8 @@ class Op:
             # under a torch.func transform, and in a forward-AD dual level (through the dispatcher the op's
             # Autograd kernel sees no input requiring grad, and a dual input's tangent was dropped unseen)
             if self.transformable is not None and (transforming() or forward_ad_level()):
-                if nested_forward_ad():
-                    return self._decomposed(*args)
+                if nested_forward_ad():  # every op with autograd has one (tests/test_registration.py)
+                    return self.decomposition(*args)
                 return self.transformable.apply(*map(_one_leaf, args))
             return call(self.default, *args)
         if records_autograd_eager(*args):
@@ -116,14 +116,6 @@ class Op:
         what it runs under nested forward-mode AD (``nested_forward_ad``)."""
         self.decomposition = fn
         return fn
-
-    def _decomposed(self, *args):
-        if self.decomposition is None:
-            raise NotImplementedError(
-                f"{self.qualname} under nested forward-mode AD (torch.func.jacfwd of jacfwd, jvp of jvp): "
-                "torch differentiates an autograd.Function's jvp only once (pytorch issue 197867) and this op "
-                "has no torch-op form; take the outer derivative in reverse mode (torch.func.jacrev, hessian)")
-        return self.decomposition(*args)
 
     def register_autocast(self, cast: Callable[[tuple, str], tuple]) -> None:
         """Under torch.autocast on a device type, the op runs on ``cast(args, device_type)`` with that

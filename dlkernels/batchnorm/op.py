@@ -297,19 +297,15 @@ def _(input, residual, running_mean, running_var, weight, bias, training, eps, a
     if input.numel() == 0:
         return _functional(input, residual, running_mean, running_var, weight, bias, training, eps, activation,
                            backend)
+    # the kernel contract's torch form (reference.py) on the contract's (N, C, S) views
     sdtype = stats_dtype(input.dtype)
-    shape = [1, -1] + [1] * (input.dim() - 2)
-    if training:
-        var, mean = torch.var_mean(input, [0, *range(2, input.dim())], correction=0)
-    else:
-        mean, var = running_mean, running_var
-    z = (input - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
-    z = z if weight is None else z * weight.view(shape)
-    z = z if bias is None else z + bias.view(shape)
-    z = z if residual is None else z + residual
-    out = reference.activate(z, activation).to(input.dtype)
+    cl = channels_last(input)
+    x3 = as_ncs(input, cl)
+    mean, var = reference.bn_stats(x3) if training else (_to(running_mean, sdtype), _to(running_var, sdtype))
+    out = reference.bn_apply(x3, None if residual is None else as_ncs(residual, cl), mean, var, _to(weight, sdtype),
+                             _to(bias, sdtype), eps, activation).view_as(input)
     placeholder = input.new_empty(0, dtype=sdtype)
-    stats = (mean.detach().to(sdtype), var.detach().to(sdtype)) if training else (placeholder, placeholder.clone())
+    stats = (mean.detach(), var.detach()) if training else (placeholder, placeholder.clone())
     return out, *stats, input.new_empty(0, dtype=torch.uint8)
 
 
